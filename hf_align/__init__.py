@@ -1,0 +1,5 @@
+"""hf-align: fine-grained alignment methods (ALLO, NPO, ALT/Quark, Aligner, AMA) for TRL and PEFT."""
+
+__version__ = "0.1.0.dev0"
+
+from hf_align import trainers  # noqa: E402,F401

@@ -1,0 +1,62 @@
+"""``hf-align`` command line: ``hf-align <command> [--config recipe.yaml] [--field value ...]``.
+
+Each command lives in its own module under ``hf_align.cli`` with a ``main(argv)`` function and is
+listed in :data:`COMMANDS`; this module only dispatches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+
+# name -> (module under hf_align.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("env", "Print versions of hf-align, torch, TRL, PEFT, ... and CUDA/extras availability (for bug reports)."),
+    "quickstart": ("quickstart", "Align the embedded testbed model on CPU and print the reward before and after."),
+    "select-mask": ("select_mask", "Select a neuron mask from saved scores or from two checkpoints (ALLO's recipe)."),
+    "label-tokens": ("label_tokens", "Add key-token weight columns to a preference/forget dataset."),
+    "merge": ("merge", "Average base and aligned weights (linear or partwise AMA), streamed tensor by tensor."),
+    "adaptive-merge": ("adaptive_merge", "Learn per-block averaging ratios on data (adaptive AMA), then merge."),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        "usage: hf-align <command> [options]",
+        "",
+        "Fine-grained alignment methods for the Hugging Face training stack.",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())),
+        "",
+        "options:",
+        "  -h, --help     show this message and exit",
+        "  -V, --version  print the hf-align version and exit",
+        "",
+        "Run `hf-align <command> --help` for a command's options.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from hf_align import __version__
+
+        print(f"hf-align {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"hf-align: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}")
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+import sys
+
+from hf_align.cli import main
+
+
+sys.exit(main())

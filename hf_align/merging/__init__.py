@@ -1,0 +1,1 @@
+"""Model averaging (AMA): linear, partwise and adaptive merges, streamed tensor by tensor."""

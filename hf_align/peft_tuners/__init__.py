@@ -1,0 +1,1 @@
+"""PEFT tuners registered with ``peft`` on import."""

@@ -1,0 +1,30 @@
+import os
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from hf_align.testbed import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh random 4-layer Llama (hidden 64, GQA) with the testbed vocabulary."""
+    from hf_align.testbed import load_random_tiny
+
+    return load_random_tiny("llama")
