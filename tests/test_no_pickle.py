@@ -1,0 +1,59 @@
+"""We never unpickle what a user could hand us: scan the package for unsafe loads."""
+
+import ast
+from pathlib import Path
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_align"
+PICKLE_MODULES = {"pickle", "cPickle", "dill", "joblib", "shelve"}
+
+
+def _dotted(func) -> str:
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if isinstance(func, ast.Name):
+        parts.append(func.id)
+    return ".".join(reversed(parts))
+
+
+def _keyword_is(call: ast.Call, name: str, value) -> bool:
+    return any(kw.arg == name and isinstance(kw.value, ast.Constant) and kw.value.value is value for kw in call.keywords)
+
+
+def scan(source: str, filename: str = "<string>") -> list[str]:
+    """Unsafe deserialisation in ``source``: pickle imports, torch.load without weights_only=True, ..."""
+    problems = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [alias.name for alias in node.names]
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.append(node.module)
+            if any(name.split(".")[0] in PICKLE_MODULES for name in names):
+                problems.append(f"{filename}:{node.lineno}: imports a pickle-based module")
+        elif isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            if name.endswith("torch.load") and not _keyword_is(node, "weights_only", True):
+                problems.append(f"{filename}:{node.lineno}: torch.load without weights_only=True")
+            if name.endswith(("np.load", "numpy.load")) and _keyword_is(node, "allow_pickle", True):
+                problems.append(f"{filename}:{node.lineno}: numpy.load(allow_pickle=True)")
+            if name.endswith("read_pickle"):
+                problems.append(f"{filename}:{node.lineno}: read_pickle")
+    return problems
+
+
+def test_no_unsafe_loads_in_package():
+    problems = [p for path in sorted(PACKAGE.rglob("*.py")) for p in scan(path.read_text(), str(path))]
+    assert not problems, "\n".join(problems)
+
+
+def test_scanner_catches_unsafe_loads():
+    """The scan must be able to fail: known-bad snippets are flagged, safe ones are not."""
+    assert scan("import torch\nstate = torch.load('x.bin')\n")
+    assert scan("import torch\nstate = torch.load('x.bin', weights_only=False)\n")
+    assert scan("import pickle\n")
+    assert scan("from joblib import load\n")
+    assert scan("import numpy as np\nnp.load('x.npy', allow_pickle=True)\n")
+    assert not scan("import torch\nstate = torch.load('x.bin', weights_only=True)\n")
+    assert not scan("from safetensors.torch import load_file\nload_file('x.safetensors')\n")
