@@ -1,6 +1,6 @@
 """Rebuild the shipped testbed model and tokenizer (deterministic, offline, CPU, a few minutes).
 
-    python scripts/build_testbed.py [--output hf_align/testbed/assets/model] [--seed 0] [--steps 3000]
+python scripts/build_testbed.py [--output hf_align/testbed/assets/model] [--seed 0] [--steps 3000]
 """
 
 import argparse

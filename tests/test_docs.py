@@ -20,7 +20,7 @@ def _snippets():
         if not path.exists():
             continue
         text = path.read_text()
-        for index, match in enumerate(FENCE.finditer(text)):
+        for match in FENCE.finditer(text):
             info = match.group("info").strip().split()
             if info[:1] != ["python"] or "skip" in info[1:]:
                 continue

@@ -19,7 +19,9 @@ def _dotted(func) -> str:
 
 
 def _keyword_is(call: ast.Call, name: str, value) -> bool:
-    return any(kw.arg == name and isinstance(kw.value, ast.Constant) and kw.value.value is value for kw in call.keywords)
+    return any(
+        kw.arg == name and isinstance(kw.value, ast.Constant) and kw.value.value is value for kw in call.keywords
+    )
 
 
 def scan(source: str, filename: str = "<string>") -> list[str]:

@@ -173,7 +173,10 @@ def test_datasets_have_trl_formats(conversational):
 
     pref = testbed.preference_dataset(8, conversational=conversational)
     assert {"prompt", "chosen", "rejected"} <= set(pref.column_names)
-    for ds in (testbed.sft_dataset(4, conversational=conversational), testbed.forget_dataset(4, conversational=conversational)):
+    for ds in (
+        testbed.sft_dataset(4, conversational=conversational),
+        testbed.forget_dataset(4, conversational=conversational),
+    ):
         assert {"prompt", "completion"} <= set(ds.column_names)
         assert is_conversational(ds[0]) == conversational
     assert all(testbed.has_forget_behaviour(c) for c in testbed.forget_dataset(8)["completion"])

@@ -12,7 +12,10 @@ import sys
 
 # name -> (module under hf_align.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "env": ("env", "Print versions of hf-align, torch, TRL, PEFT, ... and CUDA/extras availability (for bug reports)."),
+    "env": (
+        "env",
+        "Print versions of hf-align, torch, TRL, PEFT, ... and CUDA/extras availability (for bug reports).",
+    ),
     "quickstart": ("quickstart", "Align the embedded testbed model on CPU and print the reward before and after."),
     "select-mask": ("select_mask", "Select a neuron mask from saved scores or from two checkpoints (ALLO's recipe)."),
     "label-tokens": ("label_tokens", "Add key-token weight columns to a preference/forget dataset."),
@@ -21,21 +24,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _all_help() -> dict[str, str]:
+    from hf_align.cli.training import TRAINING_COMMANDS
+
+    return {
+        **{name: help_ for name, (_, help_) in COMMANDS.items()},
+        **{name: command.help for name, command in TRAINING_COMMANDS.items()},
+    }
+
+
 def _usage() -> str:
-    width = max(len(name) for name in COMMANDS)
+    helps = _all_help()
+    width = max(len(name) for name in helps)
     lines = [
         "usage: hf-align <command> [options]",
         "",
         "Fine-grained alignment methods for the Hugging Face training stack.",
         "",
         "commands:",
-        *(f"  {name:<{width}}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())),
+        *(f"  {name:<{width}}  {help_}" for name, help_ in sorted(helps.items())),
         "",
         "options:",
         "  -h, --help     show this message and exit",
         "  -V, --version  print the hf-align version and exit",
         "",
-        "Run `hf-align <command> --help` for a command's options.",
+        "Run `hf-align <command> --help` for a command's options. Training commands take `--config recipe.yaml`",
+        "plus any field as `--field value`, and accelerate's launch flags (`--num_processes`, `--config_file`).",
     ]
     return "\n".join(lines)
 
@@ -51,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-align {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
+    from hf_align.cli.training import TRAINING_COMMANDS, run_command
+
+    if name in TRAINING_COMMANDS:
+        return run_command(name, rest)
     if name not in COMMANDS:
         print(f"hf-align: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2

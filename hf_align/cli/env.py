@@ -6,8 +6,22 @@ import importlib
 import platform
 
 
-PACKAGES = ("hf_align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "evaluate",
-            "huggingface_hub", "safetensors", "bitsandbytes", "vllm", "matplotlib", "deepspeed")
+PACKAGES = (
+    "hf_align",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "evaluate",
+    "huggingface_hub",
+    "safetensors",
+    "bitsandbytes",
+    "vllm",
+    "matplotlib",
+    "deepspeed",
+)
 
 
 def collect() -> dict[str, str]:

@@ -14,8 +14,12 @@ import time
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-align quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=("masked-dpo", "dpo"), default="dpo",
-                        help="masked-dpo: hf-align's MaskedDPOTrainer (10%% of neurons); dpo: plain trl.DPOTrainer.")
+    parser.add_argument(
+        "--method",
+        choices=("masked-dpo", "dpo"),
+        default="dpo",
+        help="masked-dpo: hf-align's MaskedDPOTrainer (10%% of neurons); dpo: plain trl.DPOTrainer.",
+    )
     parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps.")
     parser.add_argument("--learning_rate", type=float, default=None, help="Defaults to a value tuned per method.")
     parser.add_argument("--neuron_mask_ratio", type=float, default=0.1, help="Fraction of rows trained (masked-dpo).")
@@ -74,7 +78,9 @@ def run(args: argparse.Namespace) -> dict:
     model = trainer.model
     after = tb.mean_reward(model=model, num_prompts=args.eval_prompts)
     print(f"reward after:  {after['mean_reward']:.3f}  (exact answers {after['exact_rate']:.1%})")
-    print(f"trained {args.max_steps} steps in {time.time() - start:.0f}s with {args.method}; model saved to {output_dir}")
+    print(
+        f"trained {args.max_steps} steps in {time.time() - start:.0f}s with {args.method}; model saved to {output_dir}"
+    )
     return {"before": before, "after": after, "output_dir": output_dir}
 
 

@@ -79,7 +79,12 @@ def preference_dataset(n: int = 256, seed: int = 3, conversational: bool = False
         rejected = corrupt(problem.answer, rng)
         wrong = [i for i, (a, b) in enumerate(zip(problem.answer, rejected)) if a != b]
         rows.append(
-            {"prompt": problem.prompt, "chosen": problem.answer, "rejected": rejected, "rejected_wrong_positions": wrong}
+            {
+                "prompt": problem.prompt,
+                "chosen": problem.answer,
+                "rejected": rejected,
+                "rejected_wrong_positions": wrong,
+            }
         )
     return _text_columns(rows, conversational)
 

@@ -1,0 +1,127 @@
+"""What every training command shares: parsers, model and dataset resolution, column checks.
+
+Model names: a Hub id, a local directory, or ``testbed`` (the shipped tiny model).
+Dataset names: a Hub id, a ``save_to_disk`` directory, a data file (``.json``/``.jsonl``/``.parquet``/``.csv``),
+or ``testbed:<kind>`` with kind one of ``preference``, ``sft``, ``prompts``, ``forget``, ``retain``
+(append ``-conversational`` for the chat format, e.g. ``testbed:preference-conversational``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+
+
+TESTBED_KINDS = ("preference", "sft", "prompts", "forget", "retain")
+
+
+def make_trl_parser(config_class: type, prog: str, extra: tuple[type, ...] = ()):
+    """``TrlParser`` over (ScriptArguments, <config>, ModelConfig, *extra): YAML recipe + CLI overrides."""
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    return TrlParser((ScriptArguments, config_class, ModelConfig, *extra), prog=prog)
+
+
+def resolve_model_path(name: str) -> str:
+    """``testbed`` → the shipped model's folder; anything else is passed through (Hub id or path)."""
+    if name == "testbed":
+        from hf_align.testbed import MODEL_DIR
+
+        return str(MODEL_DIR)
+    return name
+
+
+def load_dataset_any(name: str, config: str | None = None, streaming: bool = False) -> DatasetDict:
+    """Load a dataset by any of the names in the module docstring; always returns a ``DatasetDict``."""
+    import datasets
+
+    if name.startswith("testbed:"):
+        return DatasetDict({"train": _testbed_dataset(name.split(":", 1)[1])})
+    path = Path(name)
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    if path.is_file():
+        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if builder is None:
+            raise ValueError(
+                f"dataset_name {name!r}: unsupported file type {path.suffix!r}; use .json, .jsonl, "
+                ".parquet or .csv, a save_to_disk directory, or a Hub dataset id."
+            )
+        return datasets.load_dataset(builder, data_files={"train": str(path)})
+    return datasets.load_dataset(name, name=config, streaming=streaming)
+
+
+def _testbed_dataset(kind: str) -> Dataset:
+    from hf_align import testbed
+
+    conversational = kind.endswith("-conversational")
+    kind = kind.removesuffix("-conversational")
+    makers = {
+        "preference": testbed.preference_dataset,
+        "sft": testbed.sft_dataset,
+        "prompts": testbed.prompt_dataset,
+        "forget": testbed.forget_dataset,
+        "retain": testbed.retain_dataset,
+    }
+    if kind not in makers:
+        raise ValueError(f"dataset_name 'testbed:{kind}': unknown testbed dataset; choose one of {TESTBED_KINDS}.")
+    return makers[kind](conversational=conversational)
+
+
+def split(dataset: DatasetDict, name: str, source: str) -> Dataset:
+    if name not in dataset:
+        raise ValueError(f"{source}: split {name!r} not found; available splits: {sorted(dataset)}.")
+    return dataset[name]
+
+
+def require_columns(dataset: Dataset, columns: Iterable[str], source: str) -> None:
+    """Fail before training when a column the method needs is missing, naming it."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}; found {dataset.column_names}.")
+
+
+def model_init_kwargs(model_args, training_args) -> dict[str, Any]:
+    """The ``from_pretrained`` kwargs TRL's own scripts build from ``ModelConfig``."""
+    from trl import get_quantization_config
+
+    kwargs: dict[str, Any] = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=getattr(training_args, "trust_remote_code", False),
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        from trl import get_kbit_device_map
+
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = get_kbit_device_map()
+    if getattr(training_args, "model_init_kwargs", None):
+        kwargs.update(training_args.model_init_kwargs)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def load_model_and_tokenizer(model_args, training_args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model_args.model_name_or_path)
+    model_args.model_name_or_path = path
+    model = AutoModelForCausalLM.from_pretrained(path, **model_init_kwargs(model_args, training_args))
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def train_and_save(trainer, training_args, script_args) -> None:
+    """Train (resuming if asked), save, optionally push: the tail every command shares."""
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)

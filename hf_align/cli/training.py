@@ -1,0 +1,126 @@
+"""Training commands: parse with TRL's ``TrlParser`` (YAML + overrides), then run under ``accelerate launch``.
+
+``hf-align <command> --config recipe.yaml [--field value ...] [--num_processes N] [--config_file ds.yaml]``
+
+The parent process validates the whole recipe first (unknown fields and wrong types fail here,
+before anything is launched or loaded), then hands the same arguments to ``accelerate launch -m
+hf_align.cli.training <command> ...``; each launched process parses again and runs the command's
+``run`` function. ``--no_launch`` (or ``HF_ALIGN_NO_LAUNCH=1``) runs in the current process, which
+is what tests and debuggers want.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainingCommand:
+    """A training command: where its ``make_parser``/``run`` live."""
+
+    name: str
+    module: str  # module under hf_align.cli exposing make_parser(prog, command) and run(*parsed, command)
+    help: str
+
+
+TRAINING_COMMANDS: dict[str, TrainingCommand] = {
+    command.name: command
+    for command in (
+        TrainingCommand(
+            "masked-dpo",
+            "train_masked_dpo",
+            "DPO that updates only selected neurons, with token weights (ALLO's improving stage).",
+        ),
+        TrainingCommand(
+            "warmup-dpo",
+            "train_warmup_dpo",
+            "DPO with MaskAccumulationCallback: find the neurons alignment uses (ALLO stage 1).",
+        ),
+        TrainingCommand(
+            "npo",
+            "train_npo",
+            "Negative preference optimization: forget completions (sequence- or token-level, masked).",
+        ),
+        TrainingCommand(
+            "feedback",
+            "train_feedback",
+            "Feedback-conditioned training (ALT / Quark): sample, score, pool, train on feedback.",
+        ),
+        TrainingCommand(
+            "aligner-sft", "train_aligner", "SFT with an Aligner adapter (N global tokens shared by all layers)."
+        ),
+        TrainingCommand("aligner-dpo", "train_aligner", "DPO with an Aligner adapter (reference = adapter disabled)."),
+    )
+}
+
+
+def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """``items`` without the ordered ``subsequence`` (the launcher's own flags)."""
+    remaining, it = [], iter(subsequence)
+    current = next(it, None)
+    for item in items:
+        if current is not None and item == current:
+            current = next(it, None)
+        else:
+            remaining.append(item)
+    return remaining
+
+
+def _load(name: str):
+    return importlib.import_module(f"hf_align.cli.{TRAINING_COMMANDS[name].module}")
+
+
+def parse(name: str, argv: list[str]):
+    """Parse ``argv`` for command ``name``; returns (dataclasses..., config_remaining, cli_remaining)."""
+    module = _load(name)
+    parser = module.make_parser(prog=f"hf-align {name}", command=name)
+    return parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
+
+
+def _fail_on_unknown(name: str, config_remaining: list[str], cli_remaining: list[str]) -> None:
+    """Unknown recipe fields are errors (a typo must not silently fall back to a default)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    launcher = launch_command_parser()
+    known_launch = {opt for action in launcher._actions for opt in action.option_strings}
+    known_launch |= {"--accelerate_config", "--no_launch"}
+    unknown = [arg for arg in config_remaining if arg.startswith("--") and arg.split("=")[0] not in known_launch]
+    if unknown:
+        fields = ", ".join(arg.lstrip("-").split("=")[0] for arg in unknown)
+        raise SystemExit(
+            f"hf-align {name}: unknown field(s) in the recipe: {fields}. Check the spelling against "
+            f"`hf-align {name} --help`."
+        )
+    unknown_cli = [arg for arg in cli_remaining if arg.startswith("--") and arg.split("=")[0] not in known_launch]
+    if unknown_cli:
+        raise SystemExit(f"hf-align {name}: unrecognized argument(s): {' '.join(unknown_cli)}")
+
+
+def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
+    """Validate, then run in-process (``launch=False``) or through ``accelerate launch``."""
+    *parsed, config_remaining, cli_remaining = parse(name, argv)
+    _fail_on_unknown(name, config_remaining, cli_remaining)
+    no_launch = "--no_launch" in argv or os.environ.get("HF_ALIGN_NO_LAUNCH") == "1"
+    if launch is None:
+        launch = not no_launch
+    if not launch:
+        return int(_load(name).run(*parsed, command=name) or 0)
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
+    script_args = _subtract_subsequence(argv, cli_remaining)
+    accelerate_args = launch_command_parser().parse_args(
+        [*launch_args, "-m", "hf_align.cli.training", name, *script_args, "--no_launch"]
+    )
+    launch_command(accelerate_args)
+    return 0
+
+
+if __name__ == "__main__":  # entry point inside each process started by `accelerate launch`
+    command, *rest = sys.argv[1:]
+    sys.exit(run_command(command, [a for a in rest if a != "--no_launch"], launch=False))
