@@ -1,0 +1,111 @@
+"""Every recipe in recipes/ runs against the testbed with tiny overrides, so a recipe can't rot.
+
+A recipe names its command in its first line: ``# command: hf-align <command>``.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+HEADER = re.compile(r"^# command: hf-align (?P<command>[a-z-]+)\s*$")
+
+# Testbed stand-ins for each training command's model and data, and a 2-step budget.
+TINY_TRAINING = [
+    "--model_name_or_path", "testbed",
+    "--max_steps", "2",
+    "--per_device_train_batch_size", "2",
+    "--gradient_accumulation_steps", "1",
+    "--bf16", "false",
+    "--use_cpu", "true",
+    "--report_to", "none",
+    "--save_strategy", "no",
+    "--logging_steps", "1",
+    "--disable_tqdm", "true",
+    "--dataloader_num_workers", "0",
+]  # fmt: skip
+TESTBED_DATA = {
+    "masked-dpo": "testbed:preference",
+    "warmup-dpo": "testbed:preference",
+    "aligner-dpo": "testbed:preference",
+    "aligner-sft": "testbed:sft",
+    "npo": "testbed:forget",
+    "feedback": "testbed:prompts",
+}
+
+
+def recipe_command(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    match = HEADER.match(first)
+    assert match, f"{path}: first line must be '# command: hf-align <command>', got {first!r}"
+    return match.group("command")
+
+
+def test_there_are_recipes():
+    assert RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_recipe_is_valid_yaml_with_a_known_command(path):
+    from hf_align.cli import COMMANDS
+    from hf_align.cli.training import TRAINING_COMMANDS
+
+    command = recipe_command(path)
+    assert command in COMMANDS or command in TRAINING_COMMANDS
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+TRAINING_RECIPES = [p for p in RECIPES if recipe_command(p) in TESTBED_DATA]
+
+
+@pytest.mark.parametrize("path", TRAINING_RECIPES, ids=[str(p.relative_to(ROOT)) for p in TRAINING_RECIPES])
+def test_training_recipe_runs_on_the_testbed(path, tmp_path):
+    from hf_align.cli.training import run_command
+
+    command = recipe_command(path)
+    argv = ["--config", str(path), *TINY_TRAINING, "--dataset_name", TESTBED_DATA[command]]
+    argv += ["--output_dir", str(tmp_path / "out")]
+    assert run_command(command, argv, launch=False) == 0
+    assert (tmp_path / "out").exists()
+
+
+def test_recipe_with_unknown_field_fails_before_training(tmp_path):
+    from hf_align.cli.training import run_command
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: testbed\ndataset_name: testbed:sft\nlearnin_rate: 1e-4\n")
+    with pytest.raises(SystemExit, match="learnin_rate"):
+        run_command(
+            "aligner-sft",
+            ["--config", str(bad), "--use_cpu", "true", "--output_dir", str(tmp_path / "o")],
+            launch=False,
+        )
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_with_wrong_type_fails_before_training(tmp_path, capsys):
+    from hf_align.cli.training import run_command
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: testbed\ndataset_name: testbed:sft\naligner_num_tokens: many\n")
+    with pytest.raises(SystemExit):
+        run_command(
+            "aligner-sft",
+            ["--config", str(bad), "--use_cpu", "true", "--output_dir", str(tmp_path / "o")],
+            launch=False,
+        )
+    err = capsys.readouterr().err
+    assert "aligner_num_tokens" in err and "invalid int value: 'many'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_dataset_column_is_named(tmp_path):
+    from hf_align.cli.training import run_command
+
+    argv = ["--model_name_or_path", "testbed", "--dataset_name", "testbed:sft", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['chosen', 'rejected'\]"):
+        run_command("aligner-dpo", [*argv, *TINY_TRAINING[2:]], launch=False)
