@@ -1,0 +1,52 @@
+"""The ``hf-align`` entry point: help, version, env, dispatch, and the accelerate launch path."""
+
+import os
+import subprocess
+import sys
+
+from hf_align import __version__
+from hf_align.cli import COMMANDS, main
+from hf_align.cli.training import TRAINING_COMMANDS
+
+
+def test_help_lists_every_command_with_one_line(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in [*COMMANDS, *TRAINING_COMMANDS]:
+        assert any(line.strip().startswith(name + " ") for line in out.splitlines()), name
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"hf-align {__version__}"
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_env_reports_versions(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    import torch
+    import trl
+
+    assert f"- torch: {torch.__version__}" in out and f"- trl: {trl.__version__}" in out
+    assert "- cuda_available:" in out
+
+
+def test_training_command_runs_through_accelerate_launch(tmp_path):
+    """The real path: `hf-align aligner-sft ...` validates, then re-runs itself under `accelerate launch`."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "hf_align.cli", "aligner-sft",
+        "--cpu", "--num_processes", "1",
+        "--model_name_or_path", "testbed", "--dataset_name", "testbed:sft",
+        "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--bf16", "false",
+        "--report_to", "none", "--save_strategy", "no", "--output_dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_config.json").exists()
