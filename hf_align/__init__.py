@@ -2,7 +2,5 @@
 
 __version__ = "0.1.0.dev0"
 
-from hf_align import (
-    peft_tuners,  # noqa: E402,F401  (registers Aligner with PEFT once peft is imported)
-    trainers,  # noqa: E402,F401
-)
+import hf_align.peft_tuners  # noqa: E402,F401  (registers Aligner with PEFT once peft is imported)
+from hf_align import trainers  # noqa: E402,F401

@@ -57,12 +57,22 @@ def _repeat_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states if groups == 1 else states.repeat_interleave(groups, dim=1)
 
 
+class AlignerGate(nn.Module):
+    """The per-head gate ``g`` of one layer, shape (1, heads, 1, 1), as a module so its key is ``<adapter>.weight``."""
+
+    def __init__(self, num_heads: int, value: float, device: torch.device | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1, num_heads, 1, 1), float(value), dtype=torch.float32, device=device))
+
+
 class AlignerAttention(nn.Module, BaseTunerLayer):
     """Self-attention plus gated attention to the global Aligner tokens.
 
     The tokens of an adapter are stored once, in the ``aligner_tokens`` of its first adapted layer, and
     every adapted layer reads them through ``aligner_token_source`` (a plain dict, so the parameter is not
     registered twice and appears once in ``state_dict``, ``named_parameters`` and the saved adapter).
+    Parameter names look like ``...self_attn.aligner_gate.<adapter>.weight``, the layout TRL's DPOTrainer
+    relies on when it copies a trained ``default`` adapter into a frozen ``ref`` adapter.
     """
 
     adapter_layer_names = ("aligner_tokens", "aligner_gate")
@@ -77,9 +87,9 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
                 f"{', '.join(ATTENTION_SPECS)}."
             )
         self.base_layer = base_layer
-        self.aligner_tokens = nn.ParameterDict({})
-        self.aligner_gate = nn.ParameterDict({})
-        self.aligner_token_source: dict[str, nn.ParameterDict] = {}
+        self.aligner_tokens = nn.ModuleDict({})  # adapter -> nn.Embedding(N, d), only on the first adapted layer
+        self.aligner_gate = nn.ModuleDict({})  # adapter -> AlignerGate
+        self.aligner_token_source: dict[str, nn.ModuleDict] = {}  # adapter -> the owner's aligner_tokens
         self._spec = spec
         self._modeling: ModuleType = sys.modules[type(base_layer).__module__]
         self._disable_adapters = False
@@ -93,13 +103,11 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
         device = attn.k_proj.weight.device
         num_heads = attn.config.num_attention_heads
         hidden_size = attn.config.hidden_size
-        self.aligner_gate[adapter_name] = nn.Parameter(
-            torch.full((1, num_heads, 1, 1), float(config.gate_init), dtype=torch.float32, device=device)
-        )
+        self.aligner_gate[adapter_name] = AlignerGate(num_heads, config.gate_init, device=device)
         if token_owner is None:
-            tokens = torch.empty(config.num_tokens, hidden_size, dtype=torch.float32, device=device)
-            nn.init.normal_(tokens, mean=0.0, std=config.token_init_std)
-            self.aligner_tokens[adapter_name] = nn.Parameter(tokens)
+            tokens = nn.Embedding(config.num_tokens, hidden_size, device=device, dtype=torch.float32)
+            nn.init.normal_(tokens.weight, mean=0.0, std=config.token_init_std)
+            self.aligner_tokens[adapter_name] = tokens
             token_owner = self
         self.aligner_token_source[adapter_name] = token_owner.aligner_tokens
         self.set_adapter(self.active_adapters)
@@ -194,7 +202,7 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
         per forward from the global tokens (no norm, no RoPE, no mask: every position sees all N tokens).
         """
         attn = self.base_layer
-        tokens = self.aligner_token_source[adapter][adapter]
+        tokens = self.aligner_token_source[adapter][adapter].weight
         prefix = tokens.to(device=query_states.device, dtype=input_dtype).unsqueeze(0)  # (1, N, d)
         num_tokens = prefix.shape[1]
         prefix_shape = (1, num_tokens, -1, attn.head_dim)
@@ -211,7 +219,7 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
             scores = torch.matmul(query_states, keys.transpose(2, 3)) * attn.scaling
             probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query_states.dtype)
             mixed = torch.matmul(probs, values)
-        gate = self.aligner_gate[adapter].to(device=query_states.device, dtype=query_states.dtype)
+        gate = self.aligner_gate[adapter].weight.to(device=query_states.device, dtype=query_states.dtype)
         return gate * mixed
 
     def __repr__(self) -> str:

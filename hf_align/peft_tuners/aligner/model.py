@@ -80,5 +80,19 @@ class AlignerModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not automatically trainable
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if not isinstance(new_module, AlignerAttention):  # `unload()` puts the original attention module back
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's deletion, plus: adapters may cover different layers, so the first wrapped layer can end up with
+        no adapter left and PEFT would report none active; fall back to the first remaining adapter like its layers.
+        """
+        super().delete_adapter(adapter_name)
+        if not self.active_adapters and self.peft_config:
+            self.set_adapter(sorted(self.peft_config)[0])
+
     def _check_merge_allowed(self):
         raise ValueError("Aligner cannot be merged into the base weights; use `unload()` to drop it.")
