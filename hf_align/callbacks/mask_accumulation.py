@@ -1,0 +1,390 @@
+"""``MaskAccumulationCallback``: measure which neurons alignment uses during a (warm-up) run.
+
+ALLO's first stage runs a short DPO warm-up and keeps the parameters that moved most. This callback
+records that importance during *any* ``transformers.Trainer`` run (TRL's DPOTrainer/SFTTrainer,
+hf-align's trainers) and writes it as neuron scores (``hf_align.scores``), which
+``NeuronMask.from_scores`` turns into the mask for the later stages.
+
+Two statistics:
+
+* ``method="gradient"``: Σ over optimizer steps of |g| (or g²) per output row (or per entry), read once
+  per optimizer step in ``on_pre_optimizer_step`` — after gradient accumulation and the DDP all-reduce,
+  before the optimizer steps and zeroes the gradients. The Trainer clips gradients *before* that hook,
+  so for ``grad_stage="pre_clip"`` (default) the callback takes clipping over: it sets
+  ``args.max_grad_norm = 0`` for the run, reads the raw gradients, then clips them itself with the
+  original norm (same ``clip_grad_norm_`` semantics; the logged ``grad_norm`` is unchanged; the value is
+  restored at train end). ``grad_stage="post_clip"`` reads the clipped gradients and touches nothing.
+  Needs trainable weights: with a frozen PEFT base the base weights have no gradient — use
+  ``method="weight_diff"``, which scores the merged (base + LoRA delta) weights.
+* ``method="weight_diff"``: |θ_end − θ_start| as ALLO's ``gen_neuron_mask.py``, computed at each save and
+  at train end. θ_start is read tensor by tensor from ``init_path`` (a safetensors checkpoint), or from a
+  snapshot the callback writes at train begin into ``<output_dir>/neuron_scores_init/`` — never kept in
+  memory.
+
+Memory: row scores cost 4 bytes per output row. Element-granularity gradient scores cost one value per
+parameter: 4 bytes (``score_dtype="float32"``) or 2 bytes (``"bfloat16"``/``"float16"``), on the
+parameter's device or in host memory with ``offload_to_cpu=True``.
+
+Files: ``neuron_scores.safetensors`` + ``neuron_scores.json`` in every checkpoint and in ``output_dir`` at
+the end; with ``select_ratio`` also the selected mask in ``<output_dir>/neuron_mask/``. Resuming from a
+checkpoint reloads the running totals, so an interrupted run ends with the same scores as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from hf_align.io import atomic_dir, save_tensors, write_json
+from hf_align.scores import (
+    GRANULARITIES,
+    STATISTICS,
+    CheckpointReader,
+    load_scores,
+    matches_target,
+    plain_name,
+    reduce_magnitude,
+    save_scores,
+    weight_diff_scores,
+)
+
+
+METHODS = ("gradient", "weight_diff")
+GRAD_STAGES = ("pre_clip", "post_clip")
+SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INIT_SNAPSHOT_DIR = "neuron_scores_init"
+MASK_DIR = "neuron_mask"
+_SHARD_BYTES = 1 << 30
+
+
+def effective_weights(model: torch.nn.Module, target: str | Iterable[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(plain name, weight)`` for every base-model parameter; PEFT LoRA layers yield base + delta (merged view)."""
+    for name, param in model.named_parameters():
+        plain = plain_name(name)
+        if plain is None or not matches_target(plain, target):
+            continue
+        weight = param.detach()
+        if ".base_layer." in name and name.endswith(".weight"):
+            module = model.get_submodule(name.rsplit(".base_layer.", 1)[0])
+            lora_a = getattr(module, "lora_A", {})
+            if hasattr(module, "get_delta_weight") and not getattr(module, "merged", False):
+                for adapter in getattr(module, "active_adapters", []):
+                    if adapter in lora_a:
+                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+        yield plain, weight
+
+
+def write_snapshot(directory: str | os.PathLike, model: torch.nn.Module, target=None) -> Path:
+    """Save the model's (effective) weights as sharded safetensors, one shard (≤1 GiB) in host memory at a time."""
+    with atomic_dir(directory, overwrite=True) as tmp:
+        shard: dict[str, torch.Tensor] = {}
+        size, weight_map, index = 0, {}, 0
+
+        def flush():
+            nonlocal shard, size, index
+            if shard:
+                file = f"model-{index:05d}.safetensors"
+                save_tensors(tmp / file, shard)
+                weight_map.update(dict.fromkeys(shard, file))
+                shard, size, index = {}, 0, index + 1
+
+        for name, weight in effective_weights(model, target):
+            shard[name] = weight.detach().to("cpu", copy=True)
+            size += weight.numel() * weight.element_size()
+            if size >= _SHARD_BYTES:
+                flush()
+        flush()
+        write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    return Path(directory)
+
+
+class MaskAccumulationCallback(TrainerCallback):
+    """Accumulate neuron-importance scores during training; write them into every checkpoint and the output dir.
+
+    Args:
+        method: ``"gradient"`` (Σ_steps |grad| per row/entry) or ``"weight_diff"`` (|θ_end − θ_start|, ALLO).
+        granularity: ``"row"`` (one fp32 per output row = neuron) or ``"element"`` (one value per entry).
+        statistic: ``"abs"`` (Σ|x|) or ``"square"`` (Σx²) over the row's entries (and steps).
+        grad_stage: ``"pre_clip"`` or ``"post_clip"`` gradients (gradient method only; see module docs).
+        score_dtype: accumulator dtype for element-granularity gradient scores (``float32``/``bfloat16``/``float16``).
+        offload_to_cpu: keep the accumulators in host memory instead of on the parameter's device.
+        target: which plain-model parameters to score: ``None`` (all), a regex, or a list of module names.
+        init_path: θ_start for ``weight_diff`` (a safetensors file/folder); default: snapshot at train begin.
+        save_to_checkpoints: also write the scores into every ``checkpoint-N`` folder (needed for resuming).
+        select_ratio: if set, write ``NeuronMask.from_scores(scores, select_ratio, ...)`` to ``output_dir/neuron_mask``.
+        select_scope, select, exclude_top, seed: forwarded to ``NeuronMask.from_scores``.
+        resume_from: folder holding the scores to continue from when resuming; default: the checkpoint the
+            Trainer resumes from (``args.resume_from_checkpoint`` or ``output_dir/checkpoint-<global_step>``).
+    """
+
+    def __init__(
+        self,
+        method: str = "gradient",
+        granularity: str = "row",
+        statistic: str = "abs",
+        grad_stage: str = "pre_clip",
+        score_dtype: str = "float32",
+        offload_to_cpu: bool = False,
+        target: str | list[str] | None = None,
+        init_path: str | None = None,
+        save_to_checkpoints: bool = True,
+        select_ratio: float | None = None,
+        select_scope: str = "global",
+        select: str = "top",
+        exclude_top: float = 0.0,
+        seed: int = 0,
+        resume_from: str | None = None,
+    ):
+        _check_choice("method", method, METHODS)
+        _check_choice("granularity", granularity, GRANULARITIES)
+        _check_choice("statistic", statistic, STATISTICS)
+        _check_choice("grad_stage", grad_stage, GRAD_STAGES)
+        _check_choice("score_dtype", score_dtype, tuple(SCORE_DTYPES))
+        if select_ratio is not None and not 0.0 < select_ratio <= 1.0:
+            raise ValueError(f"select_ratio must be in (0, 1], got {select_ratio!r}.")
+        self.method = method
+        self.granularity = granularity
+        self.statistic = statistic
+        self.grad_stage = grad_stage
+        self.score_dtype = score_dtype
+        self.offload_to_cpu = offload_to_cpu
+        self.target = target
+        self.init_path = init_path
+        self.save_to_checkpoints = save_to_checkpoints
+        self.select_ratio = select_ratio
+        self.select_scope = select_scope
+        self.select = select
+        self.exclude_top = exclude_top
+        self.seed = seed
+        self.resume_from = resume_from
+
+        self.totals: dict[str, torch.Tensor] = {}
+        self.num_steps = 0
+        self.skipped_steps = 0
+        self._tracked: list[tuple[str, torch.nn.Parameter]] = []
+        self._max_grad_norm: float | None = None
+        self._args = None
+        self._final_scores: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("MaskAccumulationCallback needs the Trainer to pass `model` to callbacks.")
+        self._check_distributed(args)
+        self._final_scores = None
+        if self.method == "gradient":
+            self._setup_gradient(model, args)
+        else:
+            self._setup_weight_diff(model, args, state)
+        self.totals = self._zero_totals() if self.method == "gradient" else {}
+        self.num_steps = self.skipped_steps = 0
+        if state.global_step > 0:
+            self._restore(args, state)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.method != "gradient":
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if math.isfinite(float(total_norm)):
+            self._accumulate()
+            self.num_steps += 1
+        else:  # an fp16 overflow step that the grad scaler will skip: it must not poison the totals
+            self.skipped_steps += 1
+        if self._max_grad_norm is not None and grads:
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for p in model.parameters() if p.grad is not None], self._max_grad_norm, total_norm
+            )
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not self.save_to_checkpoints or not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            save_scores(checkpoint, self.scores(model), self._meta(state))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._restore_clipping()
+        if not state.is_world_process_zero:
+            return
+        scores = self.scores(model)
+        self._final_scores = scores
+        save_scores(args.output_dir, scores, self._meta(state))
+        if self.select_ratio is not None:
+            self.select_mask(scores).save(Path(args.output_dir) / MASK_DIR)
+
+    # ------------------------------------------------------------------------------------------ public
+    def scores(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Current scores (CPU tensors keyed by plain names); ``weight_diff`` needs the model."""
+        if self.method == "gradient":
+            return {name: total.detach().to("cpu", copy=True) for name, total in self.totals.items()}
+        if model is None:
+            if self._final_scores is not None:
+                return dict(self._final_scores)
+            raise ValueError("weight_diff scores are computed from the model: pass `model`.")
+        init = self._init_reader()
+        return weight_diff_scores(init, effective_weights(model, self.target), self.granularity, self.statistic)
+
+    def select_mask(self, scores: dict[str, torch.Tensor]):
+        """The ``NeuronMask`` chosen from ``scores`` with this callback's selection settings."""
+        from hf_align.masks import NeuronMask
+
+        return NeuronMask.from_scores(
+            scores,
+            self.select_ratio,
+            scope=self.select_scope,
+            select=self.select,
+            exclude_top=self.exclude_top,
+            seed=self.seed,
+        )
+
+    # ------------------------------------------------------------------------------------------ gradient
+    def _setup_gradient(self, model, args) -> None:
+        self._tracked = []
+        frozen = 0
+        for name, param in model.named_parameters():
+            plain = plain_name(name)
+            if plain is None or not matches_target(plain, self.target):
+                continue
+            if param.requires_grad:
+                self._tracked.append((plain, param))
+            else:
+                frozen += 1
+        if not self._tracked:
+            raise ValueError(
+                "MaskAccumulationCallback(method='gradient') found no trainable base-model parameter matching "
+                f"target={self.target!r} ({frozen} matching parameters are frozen). With a PEFT adapter the base "
+                "weights are frozen and get no gradient: use method='weight_diff', which scores the merged weights."
+            )
+        self._max_grad_norm = None
+        if self.grad_stage == "pre_clip" and args.max_grad_norm and args.max_grad_norm > 0:
+            # The Trainer clips before `on_pre_optimizer_step`; we read first, then clip with the same norm.
+            self._max_grad_norm = float(args.max_grad_norm)
+            self._args = args
+            args.max_grad_norm = 0.0
+
+    def _restore_clipping(self) -> None:
+        if self._args is not None and self._max_grad_norm is not None:
+            self._args.max_grad_norm = self._max_grad_norm
+        self._args = None
+        self._max_grad_norm = None
+
+    def _zero_totals(self) -> dict[str, torch.Tensor]:
+        totals = {}
+        for name, param in self._tracked:
+            device = "cpu" if self.offload_to_cpu else param.device
+            if self.granularity == "row":
+                shape, dtype = (param.shape[0] if param.dim() else 1,), torch.float32
+            else:
+                shape, dtype = param.shape, SCORE_DTYPES[self.score_dtype]
+            totals[name] = torch.zeros(shape, dtype=dtype, device=device)
+        return totals
+
+    @torch.no_grad()
+    def _accumulate(self) -> None:
+        for name, param in self._tracked:
+            if param.grad is None:
+                continue
+            total = self.totals[name]
+            contribution = reduce_magnitude(param.grad, self.granularity, self.statistic)
+            total.add_(contribution.to(device=total.device, dtype=total.dtype))
+
+    # --------------------------------------------------------------------------------------- weight diff
+    def _snapshot_dir(self, args) -> Path:
+        return Path(self.init_path) if self.init_path else Path(args.output_dir) / INIT_SNAPSHOT_DIR
+
+    def _setup_weight_diff(self, model, args, state) -> None:
+        self._init_dir = self._snapshot_dir(args)
+        if self.init_path:
+            if not self._init_dir.exists():
+                raise FileNotFoundError(
+                    f"init_path {self.init_path!r} does not exist (expected a safetensors checkpoint)."
+                )
+            return
+        if state.global_step > 0:
+            if not self._init_dir.exists():
+                raise FileNotFoundError(
+                    f"Resuming weight_diff scoring needs the initial snapshot {str(self._init_dir)!r} written at the "
+                    "start of the run; pass init_path= to point at the initial weights."
+                )
+            return
+        if state.is_world_process_zero:
+            write_snapshot(self._init_dir, model, self.target)
+        _barrier()
+
+    def _init_reader(self) -> CheckpointReader:
+        return CheckpointReader(self._init_dir)
+
+    # ------------------------------------------------------------------------------------------ resume
+    def _restore(self, args, state) -> None:
+        if self.method == "weight_diff":
+            return  # weight_diff is stateless: θ_start is on disk, θ_end is the model
+        candidates = [self.resume_from, getattr(args, "resume_from_checkpoint", None)]
+        candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        folder = next(
+            (Path(c) for c in candidates if isinstance(c, str) and (Path(c) / "neuron_scores.json").exists()), None
+        )
+        if folder is None:
+            raise FileNotFoundError(
+                f"Resuming at step {state.global_step} but no neuron scores were found in {[c for c in candidates if c]}; "
+                "the running totals cannot be restored. Pass resume_from=<folder with neuron_scores.safetensors>."
+            )
+        scores, meta = load_scores(folder)
+        for key in ("method", "granularity", "statistic"):
+            if meta.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"Scores in {str(folder)!r} were accumulated with {key}={meta.get(key)!r}, "
+                    f"but this callback uses {key}={getattr(self, key)!r}."
+                )
+        if set(scores) != set(self.totals):
+            missing = sorted(set(self.totals) ^ set(scores))[:5]
+            raise ValueError(f"Scores in {str(folder)!r} cover different parameters than this run (e.g. {missing}).")
+        for name, total in self.totals.items():
+            if scores[name].shape != total.shape:
+                raise ValueError(
+                    f"Score {name!r} in {str(folder)!r} has shape {tuple(scores[name].shape)}, expected {tuple(total.shape)}."
+                )
+            total.copy_(scores[name].to(device=total.device, dtype=total.dtype))
+        self.num_steps = int(meta.get("num_steps", 0))
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _meta(self, state) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "granularity": self.granularity,
+            "statistic": self.statistic,
+            "grad_stage": self.grad_stage if self.method == "gradient" else None,
+            "score_dtype": self.score_dtype if self.granularity == "element" else "float32",
+            "target": self.target,
+            "num_steps": self.num_steps,
+            "skipped_steps": self.skipped_steps,
+            "global_step": int(state.global_step),
+            "init_path": str(self._init_dir) if self.method == "weight_diff" else None,
+        }
+
+    @staticmethod
+    def _check_distributed(args) -> None:
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            raise NotImplementedError(
+                "MaskAccumulationCallback supports single-device and DDP training; DeepSpeed/FSDP shard parameters "
+                "and gradients, so per-parameter scores would cover only one shard. Run the warm-up with DDP, or "
+                "score two saved checkpoints with `hf-align select-mask --init A --trained B`."
+            )
+
+
+def _check_choice(field: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"MaskAccumulationCallback: {field} must be one of {choices}, got {value!r}.")
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,200 @@
+"""Neuron scores: how much each parameter row (or entry) is used by alignment, and their files.
+
+Scores are keyed by the parameter names of the *plain* model (``model.layers.3.mlp.down_proj.weight``),
+like masks (see ``hf_align.masks``): a full-shape tensor scores every entry, a 1-D tensor of length
+``shape[0]`` scores every output row. ``NeuronMask.from_scores`` turns them into a mask.
+
+On disk a score set is ``neuron_scores.safetensors`` (the tensors, with the metadata also in the
+safetensors header so the file describes itself) plus ``neuron_scores.json`` (the same metadata,
+human-readable). Both are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
+
+
+SCORES_FILE = "neuron_scores.safetensors"
+META_FILE = "neuron_scores.json"
+GRANULARITIES = ("row", "element")
+STATISTICS = ("abs", "square")
+
+_PEFT_PREFIX = "base_model.model."
+_ADAPTER_MARKERS = (".lora_", ".lora_magnitude_vector", ".original_module.", ".aligner_", "prompt_encoder.")
+
+
+# --------------------------------------------------------------------------------------------- file IO
+def save_scores(directory: PathLike, scores: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> Path:
+    """Write ``scores`` (fp32/bf16/fp16 tensors, moved to CPU) and ``meta`` into ``directory``.
+
+    Returns the path of the safetensors file. ``meta`` must be JSON-serialisable.
+    """
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError("save_scores: `scores` must be a non-empty dict {parameter name: tensor}.")
+    for name, tensor in scores.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise TypeError(
+                f"save_scores: score {name!r} must be a floating-point tensor, got {type(tensor).__name__}."
+            )
+    meta = dict(meta or {})
+    header = json.dumps(meta, sort_keys=True)  # fails early (before writing) on non-serialisable meta
+    directory = Path(directory)
+    path = directory / SCORES_FILE
+    save_tensors(path, {k: v.detach().cpu() for k, v in scores.items()}, metadata={"hf_align_scores": header})
+    write_json(directory / META_FILE, meta)
+    return path
+
+
+def load_scores(directory: PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a score set written by :func:`save_scores` (``directory`` or the safetensors file itself)."""
+    path = Path(directory)
+    if path.is_dir():
+        path = path / SCORES_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No neuron scores at {str(path)!r}: expected a directory containing {SCORES_FILE} "
+            "(written by MaskAccumulationCallback or hf_align.scores.save_scores)."
+        )
+    scores = load_tensors(path, device=device)
+    meta_path = path.parent / META_FILE
+    if meta_path.exists():
+        meta = read_json(meta_path)
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get("hf_align_scores", "{}"))
+    return scores, meta
+
+
+# ----------------------------------------------------------------------------------------- parameter names
+def plain_name(name: str) -> str | None:
+    """Map a (possibly PEFT-wrapped) parameter name to the plain model's name; ``None`` for adapter weights.
+
+    ``base_model.model.model.layers.0.q_proj.base_layer.weight`` → ``model.layers.0.q_proj.weight``;
+    ``...lm_head.modules_to_save.default.weight`` → ``lm_head.weight``; ``...lora_A.default.weight`` → None.
+    """
+    if any(marker in name for marker in _ADAPTER_MARKERS):
+        return None
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX) :]
+    name = name.replace(".base_layer.", ".")
+    name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+    return name
+
+
+def matches_target(name: str, target: str | Iterable[str] | None) -> bool:
+    """``None``: every parameter; a string: a regular expression searched in the name; a list: name suffixes
+    or module names (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj.weight``)."""
+    if target is None:
+        return True
+    if isinstance(target, str):
+        return re.search(target, name) is not None
+    parts = name.split(".")
+    return any(name.endswith(t) or t in parts for t in target)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def reduce_magnitude(delta: torch.Tensor, granularity: str, statistic: str = "abs") -> torch.Tensor:
+    """|delta| (or delta²) per entry, or summed per output row, in fp32."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
+    if granularity == "element":
+        out = delta.abs() if statistic == "abs" else delta.square()
+        return out.float() if out.dtype != torch.float32 else out
+    rows = delta.reshape(delta.shape[0], -1) if delta.dim() > 0 else delta.reshape(1, 1)
+    if statistic == "abs":
+        return torch.linalg.vector_norm(rows, ord=1, dim=1, dtype=torch.float32)
+    return torch.linalg.vector_norm(rows, ord=2, dim=1, dtype=torch.float32).square()
+
+
+# ------------------------------------------------------------------------------------- streamed checkpoints
+def _checkpoint_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"Checkpoint {str(path)!r} does not exist (expected a directory or .safetensors file)."
+        )
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        return [path / shard for shard in shards]
+    files = sorted(path.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith(("neuron_scores", "neuron_mask", "adapter_model"))]
+    if not files:
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} holds no *.safetensors weights (pickled .bin is not read).")
+    return files
+
+
+class CheckpointReader:
+    """Read one tensor at a time from a safetensors checkpoint (a file, a folder, or a sharded folder)."""
+
+    def __init__(self, path: PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._handles = [safe_open(str(f), framework="pt") for f in _checkpoint_files(self.path)]
+        self._where = {key: handle for handle in self._handles for key in handle.keys()}  # noqa: SIM118
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise KeyError(f"Tensor {name!r} is not in checkpoint {str(self.path)!r}.")
+        return self._where[name].get_tensor(name)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._where:
+            yield name, self.get(name)
+
+
+def weight_diff_scores(
+    init: PathLike | CheckpointReader,
+    trained: PathLike | CheckpointReader | Iterable[tuple[str, torch.Tensor]],
+    granularity: str = "element",
+    statistic: str = "abs",
+    target: str | Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``|θ_trained − θ_init|`` per entry or summed per row, streamed one tensor at a time (ALLO's statistic).
+
+    ``trained`` is a checkpoint or an iterable of ``(plain name, tensor)`` pairs (e.g. a live model's
+    effective weights). Tensors missing from ``init`` are an error; non-float tensors are skipped.
+    """
+    init_reader = init if isinstance(init, CheckpointReader) else CheckpointReader(init)
+    if isinstance(trained, (str, Path)):
+        trained = CheckpointReader(trained)
+    pairs = trained.items() if isinstance(trained, CheckpointReader) else trained
+    scores: dict[str, torch.Tensor] = {}
+    for name, tensor in pairs:
+        if not tensor.is_floating_point() or not matches_target(name, target):
+            continue
+        if name not in init_reader:
+            raise KeyError(
+                f"Parameter {name!r} is missing from the initial checkpoint {str(init_reader.path)!r}; "
+                "both checkpoints must come from the same architecture."
+            )
+        start = init_reader.get(name)
+        if start.shape != tensor.shape:
+            raise ValueError(
+                f"Parameter {name!r} has shape {tuple(tensor.shape)} but {tuple(start.shape)} in {str(init_reader.path)!r}."
+            )
+        delta = tensor.detach().float() - start.to(device=tensor.device, dtype=torch.float32)
+        scores[name] = reduce_magnitude(delta, granularity, statistic).cpu()
+    if not scores:
+        raise ValueError(f"No parameter matched target={target!r}; nothing to score.")
+    return scores
