@@ -1,0 +1,512 @@
+"""DPO that updates only selected neurons and weighs completion tokens (ALLO's improving stage, done lean).
+
+``MaskedDPOTrainer`` is ``trl.DPOTrainer`` plus three narrow additions:
+
+* **Neuron masks** (``hf_align.masks``): the base weights are frozen and trainable deltas exist only at the selected
+  rows/entries (``hf_align.sparse_update.attach_deltas``). The reference policy is the same model with its deltas
+  switched off, so no second copy lives in memory (unless ``ref_model`` is given).
+* **Token weights** (``hf_align.token_weights``): ``chosen_weights`` / ``rejected_weights`` columns turn the sequence
+  log-prob into ``Σ_t w_t log π(y_t|·)`` for policy and reference, live or precomputed.
+* **Dynamic rejected-token selection** (``rejected_token_ratio``): only the ε fraction of rejected tokens with the
+  lowest ``log πθ − log π_ref`` count, as in ALLO's ``gen_mask``.
+
+TRL's ``_compute_loss`` is not copied: weights are applied by wrapping the (fused-LM-head) forward of the models so
+the per-token log-probs TRL sums come back already weighted. Without mask, weights or token ratio the trainer runs
+exactly TRL's code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers.utils import logging
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from hf_align.token_weights import (
+    check_weight_columns,
+    ld_alpha_multiplier,
+    normalize_weight_columns,
+    select_lowest_ratio_tokens,
+    sequence_weights,
+)
+
+
+logger = logging.get_logger(__name__)
+
+DELTAS_DIR = "neuron_deltas"
+"""Sub-directory of a checkpoint holding the deltas + mask (what ``resume_from_checkpoint`` reloads)."""
+
+_PAIR_WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
+
+
+@dataclass
+class MaskedDPOConfig(DPOConfig):
+    """``trl.DPOConfig`` plus neuron-mask and token-weight options (see ``docs/masked_dpo.md``)."""
+
+    neuron_mask_path: str | None = field(
+        default=None,
+        metadata={"help": "Directory of a saved `NeuronMask`; only the selected rows/entries are trained."},
+    )
+    neuron_scores_path: str | None = field(
+        default=None,
+        metadata={"help": "Directory of neuron scores (`hf_align.scores`); with `neuron_mask_ratio` selects a mask."},
+    )
+    neuron_mask_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of scored rows/entries to train when selecting from `neuron_scores_path`."},
+    )
+    neuron_mask_granularity: str = field(
+        default="row",
+        metadata={
+            "help": "Granularity when selecting from full-shape scores: 'row' (one neuron = an output row, cheap) "
+            "or 'element' (individual parameters, as ALLO). 1-D scores are always rows."
+        },
+    )
+    neuron_mask_scope: str = field(
+        default="global",
+        metadata={"help": "Selection threshold over all parameters ('global', as ALLO) or per tensor ('tensor')."},
+    )
+    neuron_mask_select: str = field(
+        default="top",
+        metadata={"help": "Which scores to keep: 'top' (ALLO), or 'bottom' / 'random' for ablations."},
+    )
+    neuron_mask_exclude_top: float = field(
+        default=0.0,
+        metadata={"help": "Exclude the very top fraction of scores (ALLO's band `l`); 0 keeps them."},
+    )
+    rejected_token_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "ALLO's ε: on the rejected side only this fraction of completion tokens with the lowest "
+            "log πθ − log π_ref counts (chosen side sums all tokens). None disables the selection."
+        },
+    )
+    eos_token_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries)."},
+    )
+    save_merged: bool = field(
+        default=True,
+        metadata={
+            "help": "Save a normal transformers checkpoint with deltas merged (loadable without hf_align). False "
+            "saves only the deltas + mask (small; merge later with `hf_align.sparse_update`)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rejected_token_ratio is not None and not 0.0 < self.rejected_token_ratio <= 1.0:
+            raise ValueError(f"rejected_token_ratio must be in (0, 1], got {self.rejected_token_ratio}.")
+        if self.neuron_mask_ratio is not None and not 0.0 < self.neuron_mask_ratio <= 1.0:
+            raise ValueError(f"neuron_mask_ratio must be in (0, 1], got {self.neuron_mask_ratio}.")
+        if self.neuron_mask_granularity not in ("row", "element"):
+            raise ValueError(
+                f"neuron_mask_granularity must be 'row' or 'element', got {self.neuron_mask_granularity!r}."
+            )
+        if (self.neuron_scores_path is None) != (self.neuron_mask_ratio is None):
+            raise ValueError("neuron_scores_path and neuron_mask_ratio go together: give both or neither.")
+        if self.neuron_mask_path is not None and self.neuron_scores_path is not None:
+            raise ValueError("Give either neuron_mask_path or neuron_scores_path + neuron_mask_ratio, not both.")
+        if self.eos_token_weight < 0 or self.eos_token_weight != self.eos_token_weight:
+            raise ValueError(f"eos_token_weight must be a non-negative number, got {self.eos_token_weight}.")
+
+
+@dataclass
+class DataCollatorForWeightedPreference(DataCollatorForPreference):
+    """TRL's preference collator plus ``token_weights``: per-token weights aligned to the shifted labels.
+
+    ``token_weights[i, j]`` weighs the log-prob of ``input_ids[i, j + 1]`` (what the fused LM head returns at ``j``);
+    it is 0 outside the completion and present only when an example carries a weights column.
+    """
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        if not any(name in examples[0] for name in _PAIR_WEIGHT_COLUMNS):
+            return output
+        sl = None
+        if self.max_length is not None:
+            sl = (
+                slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            )
+        rows = []
+        for side in ("chosen", "rejected"):
+            for example in examples:
+                rows.append(
+                    sequence_weights(
+                        len(example["prompt_ids"]),
+                        example.get(f"{side}_weights"),
+                        len(example[f"{side}_ids"]),
+                        sl,
+                    )
+                )
+        width = output["input_ids"].shape[1]
+        weights = torch.zeros(len(rows), width, dtype=torch.float32)
+        for i, row in enumerate(rows):
+            weights[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        output["token_weights"] = weights[:, 1:] * output["completion_mask"][:, 1:]
+        return output
+
+
+class _WeightingState:
+    """What the wrapped forwards apply; inactive outside ``compute_loss`` (generation, saving are untouched)."""
+
+    def __init__(self):
+        self.active = False
+        self.weights: torch.Tensor | None = None  # (2B, L-1) static weights or None (= 1 on the completion)
+        self.ref_token_logps: torch.Tensor | None = None  # set in dynamic-selection mode
+        self.inputs: dict | None = None  # where the reference sums are written in dynamic-selection mode
+        self.trainer: MaskedDPOTrainer | None = None
+        self.captured: torch.Tensor | None = None  # capture mode: the last per-token log-probs
+        self.capture = False
+
+
+def _wrap_fused_forward(module: torch.nn.Module, state: _WeightingState) -> None:
+    """Wrap ``module.forward`` (already TRL's fused-LM-head forward) so its ``log_probs`` come back weighted."""
+    if getattr(module.forward, "_hf_align_weighted", False):
+        return
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        outputs = inner(*args, **kwargs)
+        if not state.active or not kwargs.get("fused_lm_head", False):
+            return outputs
+        outputs.log_probs = state.trainer._weigh_log_probs(outputs.log_probs, kwargs["labels"])
+        return outputs
+
+    forward._hf_align_weighted = True
+    module.forward = forward
+
+
+class _DeltasOffReference(torch.nn.Module):
+    """The policy with its deltas switched off, callable like TRL's reference model; holds no parameters."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_policy", policy)  # not a sub-module: nothing is copied, moved or hashed twice
+        self.config = policy.config
+
+    def forward(self, *args, **kwargs):
+        from hf_align.sparse_update import deltas_disabled
+
+        with deltas_disabled(self._policy):
+            return self._policy(*args, **kwargs)
+
+
+def _resolve_neuron_mask(neuron_mask, args: MaskedDPOConfig):
+    """A ``NeuronMask`` from the trainer argument or the config fields, or None."""
+    if neuron_mask is None and not args.neuron_mask_path and not args.neuron_scores_path:
+        return None
+    from hf_align.masks import NeuronMask
+
+    if neuron_mask is not None and (args.neuron_mask_path or args.neuron_scores_path):
+        raise ValueError("Pass `neuron_mask` or set neuron_mask_path / neuron_scores_path in the config, not both.")
+    if isinstance(neuron_mask, NeuronMask):
+        return neuron_mask
+    if isinstance(neuron_mask, str | os.PathLike):
+        return NeuronMask.load(neuron_mask)
+    if neuron_mask is not None:
+        raise TypeError(
+            f"neuron_mask must be a NeuronMask, a directory path or None, got {type(neuron_mask).__name__}."
+        )
+    if args.neuron_mask_path:
+        return NeuronMask.load(args.neuron_mask_path)
+    if args.neuron_scores_path:
+        from hf_align.scores import load_scores, reduce_magnitude
+
+        scores, _ = load_scores(args.neuron_scores_path)
+        if args.neuron_mask_granularity == "row":
+            scores = {
+                name: (reduce_magnitude(s, "row") if s.dim() == 2 else s)
+                for name, s in scores.items()
+                if s.dim() in (1, 2)
+            }
+        return NeuronMask.from_scores(
+            scores,
+            args.neuron_mask_ratio,
+            scope=args.neuron_mask_scope,
+            select=args.neuron_mask_select,
+            exclude_top=args.neuron_mask_exclude_top,
+            seed=args.seed,
+        )
+    return None
+
+
+class MaskedDPOTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` that trains only the neurons of a ``NeuronMask`` and supports per-token weights.
+
+    Args (beyond ``trl.DPOTrainer``'s):
+        neuron_mask: a ``NeuronMask``, a directory saved with ``NeuronMask.save``, or None (then the config's
+            ``neuron_mask_path`` / ``neuron_scores_path`` + ``neuron_mask_ratio`` are used; with none of them all
+            parameters train, exactly like ``trl.DPOTrainer``).
+    """
+
+    _tag_names = ["trl", "dpo", "hf-align", "masked-dpo"]
+    _name = "MaskedDPO"
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: MaskedDPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        neuron_mask=None,
+        peft_config=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = MaskedDPOConfig("masked-dpo")
+        elif not isinstance(args, MaskedDPOConfig):
+            raise TypeError(f"args must be a MaskedDPOConfig, got {type(args).__name__}.")
+        self._weighting = _WeightingState()
+        self._weighting.trainer = self
+        self.rejected_token_ratio = args.rejected_token_ratio
+        if args.rejected_token_ratio is not None and args.precompute_ref_log_probs:
+            raise ValueError(
+                "rejected_token_ratio needs per-token reference log-probs at every step; it cannot be combined with "
+                "precompute_ref_log_probs=True (TRL stores only sequence sums). Set one of them off."
+            )
+
+        mask = _resolve_neuron_mask(neuron_mask, args)
+        self.neuron_mask = mask
+        uses_deltas_reference = False
+        if mask is not None:
+            if peft_config is not None or is_peft_model(model):
+                raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
+            if isinstance(model, str):
+                from trl.trainer.utils import create_model_from_path
+
+                init_kwargs = dict(args.model_init_kwargs or {})
+                init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+                model = create_model_from_path(model, **init_kwargs)
+            from hf_align.sparse_update import attach_deltas
+
+            mask.validate(model)
+            attach_deltas(model, mask)
+            if ref_model is None and not args.precompute_ref_log_probs:
+                if args.sync_ref_model:
+                    raise ValueError(
+                        "sync_ref_model needs a separate ref_model; with a neuron mask pass one explicitly."
+                    )
+                ref_model = _DeltasOffReference(model)
+                uses_deltas_reference = True
+
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
+        )
+
+        self._use_weighted_collator()
+        if uses_deltas_reference:
+            # TRL patched the stand-in with its fused head; the stand-in must call the policy's own (fused) forward.
+            self.accelerator.unwrap_model(self.ref_model).__dict__.pop("forward", None)
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        _wrap_fused_forward(policy, self._weighting)
+        if self.ref_model is not None and not uses_deltas_reference:
+            _wrap_fused_forward(self.accelerator.unwrap_model(self.ref_model), self._weighting)
+
+        self.trainable_fraction = self._trainable_fraction()
+        logger.warning(f"MaskedDPOTrainer: trainable fraction of parameters = {self.trainable_fraction:.6f}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Data
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        names = dataset.column_names or list(next(iter(dataset)).keys())
+        present = check_weight_columns(names, allowed=_PAIR_WEIGHT_COLUMNS)
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        columns = {name: name.replace("_weights", "_ids") for name in present}
+        return normalize_weight_columns(dataset, columns, self._tokenizer.eos_token_id, args.eos_token_weight)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for name in _PAIR_WEIGHT_COLUMNS:
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
+
+    def _use_weighted_collator(self) -> None:
+        """Swap TRL's default collator for the one that also carries ``token_weights`` (a user collator is kept)."""
+        collator = self.data_collator
+        if type(collator) is DataCollatorForPreference:
+            self.data_collator = DataCollatorForWeightedPreference(
+                pad_token_id=collator.pad_token_id,
+                max_length=collator.max_length,
+                truncation_mode=collator.truncation_mode,
+                pad_to_multiple_of=collator.pad_to_multiple_of,
+                return_tensors=collator.return_tensors,
+            )
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # Precomputed reference sums must be weighted like the policy's: the batches need their token weights.
+        self._use_weighted_collator()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Weighted log-probs
+
+    def _weigh_log_probs(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Apply static weights and, in dynamic mode, ALLO's rejected-token selection to per-token log-probs."""
+        state = self._weighting
+        seq_len = labels.size(1) - 1
+        real = log_probs[:, -seq_len:]  # prompt-learning PEFT prepends virtual positions
+        completion = (labels[:, 1:] != -100).to(real.dtype)
+        weights = state.weights.to(real) if state.weights is not None else completion
+        if state.capture:
+            state.captured = real.detach()
+            return log_probs
+        if state.ref_token_logps is not None:
+            ref = state.ref_token_logps.to(real)
+            half = real.size(0) // 2
+            selected = select_lowest_ratio_tokens(
+                real[half:].detach(), ref[half:], completion[half:], self.rejected_token_ratio
+            )
+            weights = torch.cat([weights[:half], weights[half:] * selected], dim=0)
+            ref_weights = weights
+            multiplier = ld_alpha_multiplier(completion, self.ld_alpha)
+            if multiplier is not None:
+                ref_weights = ref_weights * multiplier.to(ref_weights)
+            ref_sums = (ref * ref_weights).sum(dim=1)
+            state.inputs["ref_chosen_logps"], state.inputs["ref_rejected_logps"] = ref_sums.chunk(2, dim=0)
+        weighted = real * weights
+        if log_probs.size(1) == seq_len:
+            return weighted
+        return torch.cat([log_probs[:, :-seq_len], weighted], dim=1)
+
+    @contextlib.contextmanager
+    def _weights_active(self, weights, ref_token_logps=None, inputs=None):
+        state = self._weighting
+        state.active, state.weights, state.ref_token_logps, state.inputs = True, weights, ref_token_logps, inputs
+        try:
+            yield
+        finally:
+            state.active, state.weights, state.ref_token_logps, state.inputs = False, None, None, None
+
+    def _reference_token_logps(self, inputs: dict) -> torch.Tensor:
+        """Per-token reference log-probs (unweighted) from one reference forward, through TRL's own reference call."""
+        state = self._weighting
+        state.capture = True
+        try:
+            with self._weights_active(None):
+                self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
+            return state.captured
+        finally:
+            state.capture, state.captured = False, None
+
+    def compute_ref_log_probs(self, model, inputs):
+        weights = inputs.pop("token_weights", None) if isinstance(inputs, dict) else None
+        if weights is None or self._weighting.active:
+            return super().compute_ref_log_probs(model, inputs)
+        with self._weights_active(weights):
+            return super().compute_ref_log_probs(model, inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop("token_weights", None)
+        if weights is None and self.rejected_token_ratio is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.rejected_token_ratio is None:
+            with self._weights_active(weights):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Dynamic selection: one reference forward now; TRL then reads the (selected, weighted) reference sums that
+        # the policy forward writes into `inputs`, as if they had been precomputed.
+        ref_token_logps = self._reference_token_logps(inputs)
+        inputs = dict(inputs)
+        half = inputs["input_ids"].size(0) // 2
+        placeholder = torch.zeros(half, device=inputs["input_ids"].device)
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = placeholder, placeholder
+        precompute = self.precompute_ref_logps
+        self.precompute_ref_logps = True
+        try:
+            with self._weights_active(weights, ref_token_logps, inputs):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self.precompute_ref_logps = precompute
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Masks: logging, saving, resuming
+
+    def _trainable_fraction(self) -> float:
+        model = self.accelerator.unwrap_model(self.model)
+        if self.neuron_mask is not None:
+            from hf_align.sparse_update import trainable_fraction
+
+            return float(trainable_fraction(model))
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return trainable / max(total, 1)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            logs["trainable_fraction"] = self.trainable_fraction
+        super().log(logs, start_time)
+
+    def _has_deltas(self) -> bool:
+        if self.neuron_mask is None:
+            return False
+        from hf_align.sparse_update import has_deltas
+
+        return has_deltas(self.accelerator.unwrap_model(self.model))
+
+    def _save_checkpoint(self, model, trial):
+        self._in_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._in_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self._has_deltas():
+            return super()._save(output_dir, state_dict)
+        from hf_align.sparse_update import merged_state_dict, save_deltas
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        in_checkpoint = getattr(self, "_in_checkpoint", False)
+        if self.args.save_merged:
+            model.save_pretrained(output_dir, state_dict=merged_state_dict(model))
+        else:
+            model.config.save_pretrained(output_dir)
+        if in_checkpoint or not self.args.save_merged:
+            # Checkpoints keep the exact deltas so `resume_from_checkpoint` continues from the frozen base + deltas.
+            save_deltas(
+                model, Path(output_dir) / DELTAS_DIR if self.args.save_merged else output_dir, self.neuron_mask
+            )
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._has_deltas():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_deltas_dir(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        if not self._has_deltas():
+            return super()._load_best_model()
+        self._load_deltas_dir(self.state.best_model_checkpoint)
+
+    def _load_deltas_dir(self, checkpoint: str) -> None:
+        from hf_align.sparse_update import load_deltas
+
+        path = Path(checkpoint) / DELTAS_DIR
+        if not path.is_dir():
+            path = Path(checkpoint)
+        load_deltas(self.accelerator.unwrap_model(self.model), path)
