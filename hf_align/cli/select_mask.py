@@ -1,0 +1,148 @@
+"""``hf-align select-mask``: choose the neurons alignment may touch, from scores or from two checkpoints.
+
+From neuron scores (written by ``MaskAccumulationCallback``)::
+
+    hf-align select-mask --scores out/warmup --ratio 0.1 --scope global --output out/mask [--select top] [--plot]
+
+ALLO's recipe (``gen_neuron_mask.py``): score = |θ_trained − θ_init| per entry, one global threshold, keep
+the top ``ratio`` after skipping the top ``exclude_top``; both checkpoints are streamed tensor by tensor::
+
+    hf-align select-mask --init base_model --trained warmup_model --ratio 0.05 [--exclude-top 0.0] --output out/mask
+
+Both write the ``NeuronMask`` into ``--output`` and print how many neurons were selected per module type;
+``--plot`` adds ``selection_heatmap.png`` and ``score_distribution.png`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from hf_align.scores import GRANULARITIES, load_scores, save_scores, weight_diff_scores
+
+
+HEATMAP_FILE = "selection_heatmap.png"
+DISTRIBUTION_FILE = "score_distribution.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-align select-mask",
+        description="Select a neuron mask from saved scores or from two checkpoints (ALLO's recipe).",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scores", help="Folder with neuron_scores.safetensors (MaskAccumulationCallback output).")
+    source.add_argument("--init", help="Initial checkpoint (folder or .safetensors) for |θ_trained − θ_init|.")
+    parser.add_argument("--trained", help="Trained checkpoint (with --init).")
+    parser.add_argument("--ratio", type=float, required=True, help="Fraction of neurons/entries to select, in (0, 1].")
+    parser.add_argument(
+        "--scope", choices=("global", "tensor"), default="global", help="One threshold or one per tensor."
+    )
+    parser.add_argument("--select", choices=("top", "bottom", "random"), default="top", help="Which scores to keep.")
+    parser.add_argument("--exclude-top", type=float, default=0.0, help="Skip this top fraction first (ALLO's l%%).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for --select random.")
+    parser.add_argument(
+        "--granularity", choices=GRANULARITIES, default="element", help="With --init/--trained: per entry or per row."
+    )
+    parser.add_argument("--target", default=None, help="Regex on parameter names to restrict the selection.")
+    parser.add_argument("--output", required=True, help="Folder to write the mask (and plots) into.")
+    parser.add_argument("--plot", action="store_true", help="Also write the heatmap and score-distribution PNGs.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.init and not args.trained:
+        parser.error("--init needs --trained (the checkpoint after the warm-up).")
+    if args.trained and not args.init:
+        parser.error("--trained needs --init.")
+    if not 0.0 < args.ratio <= 1.0:
+        parser.error(f"--ratio must be in (0, 1], got {args.ratio}.")
+    if not 0.0 <= args.exclude_top < 1.0 or args.exclude_top + args.ratio > 1.0:
+        parser.error(f"--exclude-top must be in [0, 1) with exclude-top + ratio ≤ 1, got {args.exclude_top}.")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("hf-align select-mask: --plot needs matplotlib: pip install 'hf-align[plots]'", file=sys.stderr)
+            return 2
+    try:
+        scores = _load_or_compute_scores(args)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"hf-align select-mask: {err}", file=sys.stderr)
+        return 2
+    from hf_align.masks import NeuronMask
+
+    mask = NeuronMask.from_scores(
+        scores, args.ratio, scope=args.scope, select=args.select, exclude_top=args.exclude_top, seed=args.seed
+    )
+    output = Path(args.output)
+    mask.save(output)
+    if args.init:
+        save_scores(output, scores, {"method": "weight_diff", "granularity": args.granularity, "statistic": "abs"})
+    print(format_summary(mask.masks))
+    if args.plot:
+        from hf_align.plots import plot_score_distribution, plot_selection_heatmap
+
+        plot_selection_heatmap(mask, output / HEATMAP_FILE)
+        threshold = selection_threshold(scores, mask.masks) if args.select == "top" else None
+        plot_score_distribution(scores, output / DISTRIBUTION_FILE, threshold=threshold)
+        print(f"plots: {output / HEATMAP_FILE}, {output / DISTRIBUTION_FILE}")
+    print(f"mask written to {output}")
+    return 0
+
+
+def _load_or_compute_scores(args) -> dict[str, torch.Tensor]:
+    if args.scores:
+        scores, _ = load_scores(args.scores)
+        if args.target:
+            scores = {k: v for k, v in scores.items() if re.search(args.target, k)}
+            if not scores:
+                raise ValueError(f"--target {args.target!r} matches no parameter in {args.scores!r}.")
+        return scores
+    return weight_diff_scores(args.init, args.trained, granularity=args.granularity, target=args.target)
+
+
+def module_type(name: str) -> str:
+    """``model.layers.3.mlp.down_proj.weight`` → ``down_proj``; ``model.norm.weight`` → ``norm``."""
+    parts = name.split(".")
+    if parts[-1] in ("weight", "bias") and len(parts) > 1:
+        return parts[-2]
+    return parts[-1]
+
+
+def format_summary(masks: dict[str, torch.Tensor]) -> str:
+    """Per module type: selected / total units (rows or entries, as stored) and the fraction."""
+    selected: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    for name, tensor in masks.items():
+        kind = module_type(name)
+        selected[kind] += int((tensor != 0).sum())
+        total[kind] += tensor.numel()
+    width = max(len("module"), *(len(k) for k in total))
+    lines = [f"{'module':<{width}}  {'selected':>12}  {'total':>12}  fraction"]
+    for kind in sorted(total):
+        lines.append(f"{kind:<{width}}  {selected[kind]:>12,}  {total[kind]:>12,}  {selected[kind] / total[kind]:.4f}")
+    all_selected, all_total = sum(selected.values()), sum(total.values())
+    lines.append(f"{'all':<{width}}  {all_selected:>12,}  {all_total:>12,}  {all_selected / max(all_total, 1):.4f}")
+    return "\n".join(lines)
+
+
+def selection_threshold(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> float | None:
+    """The smallest selected score (where masks and scores have the same shape), for the histogram."""
+    values = []
+    for name, mask in masks.items():
+        score = scores.get(name)
+        if score is not None and score.shape == mask.shape and bool((mask != 0).any()):
+            values.append(score[mask != 0].min())
+    return float(torch.stack(values).min()) if values else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
