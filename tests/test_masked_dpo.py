@@ -80,3 +80,197 @@ def test_no_mask_no_weights_equals_trl(tmp_path, tokenizer, loss_type):
     assert ours_losses[0] != ours_losses[-1]  # it did train
     for (name, a), (_, b) in zip(ours.model.named_parameters(), theirs.model.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token weights and dynamic selection, against formulas written out here
+
+
+def _trainer(tmp_path, tokenizer, dataset, model=None, ref_model="copy", **overrides):
+    model = model if model is not None else _model()
+    return MaskedDPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model) if ref_model == "copy" else ref_model,
+        args=_args(tmp_path, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+
+def _batch(trainer, n=4):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+def _token_logps(model, batch):
+    """Per-token log-probs from plain logits (independent of TRL's fused head), 0 outside the completion."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logps = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return logps * batch["completion_mask"][:, 1:]
+
+
+def _sigmoid_loss(beta, pol, ref, weights):
+    sums = ((pol - ref) * weights).sum(1)
+    chosen, rejected = sums.chunk(2)
+    return -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
+
+
+def _random_weights(example):
+    g = torch.Generator().manual_seed(len(example["chosen"]) * 31 + len(example["rejected"]))
+    return {
+        "chosen_weights": torch.rand(len(example["chosen"]) + 1, generator=g).tolist(),  # + EOS
+        "rejected_weights": torch.rand(len(example["rejected"]), generator=g).tolist(),  # EOS omitted -> 1.0
+    }
+
+
+def _perturbed(model, scale=0.05, seed=1):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return other
+
+
+def test_token_weights_loss_equals_formula(tmp_path, tokenizer):
+    data = _data(8).map(_random_weights)
+    model = _model()
+    ref = _perturbed(model)
+    trainer = _trainer(tmp_path, tokenizer, data, model=model, ref_model=ref)
+    batch = _batch(trainer)
+    weights = batch["token_weights"]
+    # EOS omitted from rejected_weights gets eos_token_weight = 1.0; the chosen EOS keeps its given weight.
+    row = trainer.train_dataset[0]
+    assert len(row["rejected_weights"]) == len(row["rejected_ids"]) and row["rejected_weights"][-1] == 1.0
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    expected = _sigmoid_loss(0.1, _token_logps(model, batch), _token_logps(ref, batch), weights)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    unweighted = _sigmoid_loss(
+        0.1, _token_logps(model, batch), _token_logps(ref, batch), batch["completion_mask"][:, 1:]
+    )
+    assert abs(unweighted.item() - expected.item()) > 1e-4  # the weights matter
+
+
+def test_weights_all_one_equal_unweighted_training(tmp_path, tokenizer):
+    data = _data(8)
+    ones = data.map(
+        lambda ex: {"chosen_weights": [1.0] * (len(ex["chosen"]) + 1), "rejected_weights": [1.0] * len(ex["rejected"])}
+    )
+    plain = _train(MaskedDPOTrainer, _args(tmp_path, max_steps=2), tokenizer, data)
+    weighted = _train(MaskedDPOTrainer, _args(tmp_path, max_steps=2), tokenizer, ones)
+    assert _losses(weighted) == pytest.approx(_losses(plain), abs=1e-6)
+    for a, b in zip(plain.model.parameters(), weighted.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("last_weight", [0.0, 1.0])
+def test_zero_weight_token_changes_nothing(tmp_path, tokenizer, last_weight):
+    """Changing the id of the last rejected token (its log-prob; nothing later conditions on it) is invisible at w=0."""
+    data = _data(8).map(lambda ex: {"rejected_weights": [1.0] * len(ex["rejected"]) + [last_weight]})
+    model = _model()
+    trainer = _trainer(tmp_path, tokenizer, data, model=model, ref_model=_perturbed(model))
+    batch = _batch(trainer)
+    changed = {k: v.clone() for k, v in batch.items()}
+    half = batch["input_ids"].size(0) // 2
+    for i in range(half, 2 * half):
+        last = int(batch["completion_mask"][i].nonzero().max())
+        changed["input_ids"][i, last] = (batch["input_ids"][i, last] + 7) % len(tokenizer)
+
+    def loss_and_grads(b):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, b)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in trainer.model.parameters()]
+
+    loss_a, grads_a = loss_and_grads(dict(batch))
+    loss_b, grads_b = loss_and_grads(changed)
+    if last_weight == 0.0:
+        assert loss_a == loss_b
+        for a, b in zip(grads_a, grads_b, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    else:
+        assert abs(loss_a - loss_b) > 1e-5  # control: the construction does perturb a counted token
+
+
+def _hand_selection(pol, ref, mask, ratio):
+    selected = torch.zeros_like(pol)
+    for i in range(pol.size(0)):
+        idx = [j for j in range(pol.size(1)) if mask[i, j]]
+        values = sorted(float(pol[i, j] - ref[i, j]) for j in idx)
+        k = max(1, math.floor(ratio * len(idx)))
+        for j in idx:
+            if float(pol[i, j] - ref[i, j]) <= values[k - 1]:
+                selected[i, j] = 1.0
+    return selected
+
+
+def test_rejected_token_ratio_equals_hand_computation(tmp_path, tokenizer):
+    data = _data(8)
+    model = _model()
+    ref = _perturbed(model, scale=0.1)
+    trainer = _trainer(tmp_path, tokenizer, data, model=model, ref_model=ref, rejected_token_ratio=0.5)
+    batch = _batch(trainer)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    pol, refl = _token_logps(model, batch), _token_logps(ref, batch)
+    mask = batch["completion_mask"][:, 1:]
+    half = pol.size(0) // 2
+    weights = mask.clone().float()
+    weights[half:] = _hand_selection(pol[half:], refl[half:], mask[half:], 0.5)
+    assert 0 < weights[half:].sum() < mask[half:].sum()  # a real selection happened
+    expected = _sigmoid_loss(0.1, pol, refl, weights)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+    assert metrics["logps/rejected"][-1] == pytest.approx((pol[half:] * weights[half:]).sum(1).mean().item(), abs=1e-5)
+
+
+def test_precomputed_reference_is_weighted(tmp_path, tokenizer):
+    data = _data(8).map(_random_weights)
+    model = _model()
+    live = _trainer(tmp_path, tokenizer, data, model=model)
+    pre = _trainer(
+        tmp_path, tokenizer, data, model=copy.deepcopy(model), ref_model=None, precompute_ref_log_probs=True
+    )
+    batch_live, batch_pre = _batch(live), _batch(pre)
+    assert "ref_chosen_logps" in batch_pre
+    labels = batch_live["input_ids"].masked_fill(batch_live["completion_mask"] == 0, -100)
+    with torch.no_grad():  # TRL's fused per-token log-probs (the wrapper is inactive outside compute_loss)
+        kwargs = {k: batch_live[k] for k in ("input_ids", "attention_mask")}
+        per_token = live.ref_model(**kwargs, labels=labels, fused_lm_head=True).log_probs
+    ref_sums = (per_token * batch_live["token_weights"]).sum(1)
+    torch.testing.assert_close(
+        torch.cat([batch_pre["ref_chosen_logps"], batch_pre["ref_rejected_logps"]]), ref_sums, atol=1e-5, rtol=0
+    )
+    assert live.compute_loss(live.model, dict(batch_live)).item() == pytest.approx(
+        pre.compute_loss(pre.model, dict(batch_pre)).item(), abs=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("rejected_weights", lambda ex: [1.0] * (len(ex["rejected"]) + 3), "rejected_weights.*row 0"),
+        ("chosen_weights", lambda ex: [-1.0] * len(ex["chosen"]), "chosen_weights.*row 0.*non-negative"),
+        ("chosen_weights", lambda ex: [float("nan")] * len(ex["chosen"]), "chosen_weights.*row 0"),
+    ],
+)
+def test_bad_weights_fail_before_training(tmp_path, tokenizer, column, values, message):
+    data = _data(4).map(lambda ex: {column: values(ex)})
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, tokenizer, data)
+
+
+def test_weights_without_text_column_fail(tmp_path, tokenizer):
+    data = _data(4).map(lambda ex: {"completion_weights": [1.0]})
+    with pytest.raises(ValueError, match="completion_weights"):
+        _trainer(tmp_path, tokenizer, data)
+
+
+def test_conversational_data_with_weights_trains(tmp_path, tokenizer):
+    from hf_align.token_weights import char_span_weights
+
+    data = testbed.preference_dataset(8, seed=0, conversational=True)
+    data = data.map(char_span_weights(tokenizer, "rejected_wrong_positions", positions=True))
+    trainer = _train(MaskedDPOTrainer, _args(tmp_path, max_steps=2), tokenizer, data)
+    assert all(math.isfinite(x) for x in _losses(trainer)) and len(_losses(trainer)) == 2
+    row = trainer.train_dataset[1]
+    assert len(row["rejected_weights"]) == len(row["rejected_ids"])

@@ -317,10 +317,7 @@ class MaskedDPOTrainer(DPOTrainer):
         if uses_deltas_reference:
             # TRL patched the stand-in with its fused head; the stand-in must call the policy's own (fused) forward.
             self.accelerator.unwrap_model(self.ref_model).__dict__.pop("forward", None)
-        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        _wrap_fused_forward(policy, self._weighting)
-        if self.ref_model is not None and not uses_deltas_reference:
-            _wrap_fused_forward(self.accelerator.unwrap_model(self.ref_model), self._weighting)
+        self._install_weighting()
 
         self.trainable_fraction = self._trainable_fraction()
         logger.warning(f"MaskedDPOTrainer: trainable fraction of parameters = {self.trainable_fraction:.6f}")
@@ -353,9 +350,18 @@ class MaskedDPOTrainer(DPOTrainer):
                 return_tensors=collator.return_tensors,
             )
 
+    def _install_weighting(self) -> None:
+        """Wrap the fused forwards of policy and (separate) reference so token weights can be applied (idempotent)."""
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        _wrap_fused_forward(policy, self._weighting)
+        ref = self.accelerator.unwrap_model(self.ref_model) if self.ref_model is not None else None
+        if ref is not None and not isinstance(ref, _DeltasOffReference):
+            _wrap_fused_forward(ref, self._weighting)
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # Precomputed reference sums must be weighted like the policy's: the batches need their token weights.
         self._use_weighted_collator()
+        self._install_weighting()
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     # ----------------------------------------------------------------------------------------------------------
