@@ -287,4 +287,4 @@ def ld_alpha_multiplier(shift_completion_mask: torch.Tensor, ld_alpha: float | N
     shared = torch.cat([shared, shared], dim=0).unsqueeze(1)
     shared_mask = (comp_pos > 0) & (comp_pos <= shared)
     tail_mask = comp_pos > shared
-    return shared_mask.float() + ld_alpha * tail_mask.float()
+    return (shared_mask.float() + ld_alpha * tail_mask.float()) * shift_completion_mask
