@@ -184,7 +184,7 @@ def weight_diff_scores(
         if not tensor.is_floating_point() or not matches_target(name, target):
             continue
         if name not in init_reader:
-            raise KeyError(
+            raise ValueError(
                 f"Parameter {name!r} is missing from the initial checkpoint {str(init_reader.path)!r}; "
                 "both checkpoints must come from the same architecture."
             )
