@@ -1,0 +1,343 @@
+"""FeedbackConditionedTrainer (ALT / Quark): masking, loss vs hand computation, errors, resume, testbed learning."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_align import testbed
+from hf_align.data_pool import DataPool
+from hf_align.testbed import load_random_tiny, load_tokenizer
+from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded on the shared CI cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _config(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        num_iterations=2,
+        steps_per_iteration=2,
+        prompts_per_iteration=4,
+        num_generations=2,
+        max_new_tokens=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        seed=0,
+    )
+    base.update(overrides)
+    return FeedbackConditionedConfig(**base)
+
+
+def _tiny():
+    return load_random_tiny("llama", hidden_size=32, num_layers=2, intermediate_size=64)
+
+
+def _offline_dataset():
+    return Dataset.from_dict(
+        {
+            "prompt": ["1+2=", "rev 123=", "4+4=", "rev 98="],
+            "completion": ["3", "321", "9", "89"],
+            "feedback": [1.0, 0.9, 0.0, 0.5],
+        }
+    )
+
+
+def _hand_logps(model, input_ids):
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([input_ids])).logits[0].float(), dim=-1)
+
+
+# ---- tokens, templates, masking ------------------------------------------------------------------------
+
+
+def test_quantile_tokens_added_resized_and_initialised(tmp_path):
+    tokenizer, model = load_tokenizer(), _tiny()
+    old = model.get_input_embeddings().weight.detach().clone()
+    trainer = FeedbackConditionedTrainer(
+        model, _config(tmp_path, num_quantiles=3), _offline_dataset(), processing_class=tokenizer
+    )
+    ids = tokenizer.convert_tokens_to_ids(trainer.feedback_tokens)
+    assert trainer.feedback_tokens == ["<|quantile_0|>", "<|quantile_1|>", "<|quantile_2|>"]
+    weight = trainer.model.get_input_embeddings().weight.detach()
+    assert weight.shape[0] == len(tokenizer) == old.shape[0] + 3
+    torch.testing.assert_close(weight[: old.shape[0]], old)
+    # New rows live where the old rows live (mean ± the old rows' spread) and differ from each other.
+    new = weight[ids]
+    assert torch.all((new - old.mean(0)).abs() <= 6 * old.std(0) + 1e-6)
+    assert len({tuple(row.tolist()) for row in new}) == 3
+    assert tokenizer("<|quantile_1|>1+2=", add_special_tokens=False)["input_ids"][0] == ids[1]  # one atomic token
+
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = load_tokenizer(tmp_path / "saved")
+    assert reloaded.convert_tokens_to_ids("<|quantile_2|>") == ids[2]
+    assert (tmp_path / "saved" / "data_pool" / "pool.parquet").exists()
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_labels_mask_prompt_and_feedback_exactly(tmp_path, conversational):
+    tokenizer = load_tokenizer()
+    config = _config(tmp_path, feedback_type="category", categories=["Good.", "Bad."], kl_coef=0.1)
+    trainer = FeedbackConditionedTrainer(
+        _tiny(),
+        config,
+        Dataset.from_dict({"prompt": ["x"]}),
+        processing_class=tokenizer,
+        feedback_fn=lambda p, c: ["Good."] * len(c),
+    )
+    prompt = [{"role": "user", "content": "12+30="}] if conversational else "12+30="
+    example = trainer.tokenize_example(prompt, "42", "Bad.")
+    if conversational:
+        prefix_text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Bad. 12+30="}], tokenize=False, add_generation_prompt=True
+        )
+        ref_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
+        ref_prefix = tokenizer(ref_text, add_special_tokens=False)["input_ids"]
+    else:
+        prefix = tokenizer("Bad. input: 12+30=")["input_ids"]
+        ref_prefix = tokenizer("input: 12+30=")["input_ids"]
+    completion = tokenizer("42", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert example["input_ids"] == prefix + completion
+    assert example["labels"] == [-100] * len(prefix) + completion
+    assert example["ref_input_ids"] == ref_prefix + completion
+    assert example["ref_labels"] == [-100] * len(ref_prefix) + completion
+    batch = trainer._collate([example, trainer.tokenize_example(prompt, "4200000", "Good.")])
+    assert batch["labels"][0, len(example["labels"]) :].eq(-100).all()  # padding is masked as well
+    assert batch["attention_mask"][0].sum() == len(example["input_ids"])
+
+
+# ---- loss -----------------------------------------------------------------------------------------------
+
+
+def _loss_inputs(trainer, rows):
+    trainer.model.train()
+    return trainer._collate([trainer.tokenize_example(*row) for row in rows])
+
+
+ROWS = [("12+3=", "15", "<|quantile_0|>"), ("rev 4821=", "1284", "<|quantile_4|>")]
+
+
+def test_loss_without_kl_and_entropy_is_conditional_nll(tmp_path):
+    trainer = FeedbackConditionedTrainer(
+        _tiny(), _config(tmp_path, kl_coef=0.0), _offline_dataset(), processing_class=load_tokenizer()
+    )
+    inputs = _loss_inputs(trainer, ROWS)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    total, count = 0.0, 0
+    for prompt, completion, feedback in ROWS:
+        example = trainer.tokenize_example(prompt, completion, feedback)
+        logps = _hand_logps(trainer.model, example["input_ids"])
+        for t, label in enumerate(example["labels"]):
+            if label != -100:
+                total -= logps[t - 1, label].item()
+                count += 1
+    assert count == 2 + 1 + 4 + 1  # completion tokens + EOS, nothing of prompt or feedback
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def _hand_kl(policy, reference, rows, trainer, ref_sees_feedback):
+    total, count = 0.0, 0
+    for prompt, completion, feedback in rows:
+        example = trainer.tokenize_example(prompt, completion, feedback)
+        policy_logps = _hand_logps(policy, example["input_ids"])
+        ref_ids = example["input_ids"] if ref_sees_feedback else example["ref_input_ids"]
+        ref_labels = example["labels"] if ref_sees_feedback else example["ref_labels"]
+        ref_logps = _hand_logps(reference, ref_ids)
+        p_pos = [t - 1 for t, label in enumerate(example["labels"]) if label != -100]
+        q_pos = [t - 1 for t, label in enumerate(ref_labels) if label != -100]
+        for i, j in zip(p_pos, q_pos, strict=True):
+            p, q = policy_logps[i].tolist(), ref_logps[j].tolist()
+            total += sum(math.exp(pv) * (pv - qv) for pv, qv in zip(p, q, strict=True))
+            count += 1
+    return total / count
+
+
+def test_kl_term_matches_hand_computation(tmp_path):
+    tokenizer = load_tokenizer()
+    reference = load_random_tiny("llama", hidden_size=32, num_layers=2, intermediate_size=64, seed=1)
+    reference.resize_token_embeddings(len(tokenizer) + 5)
+    config = _config(tmp_path, kl_coef=0.5, entropy_coef=0.0)
+    trainer = FeedbackConditionedTrainer(
+        _tiny(), config, _offline_dataset(), processing_class=tokenizer, ref_model=reference
+    )
+    inputs = _loss_inputs(trainer, ROWS)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    kl = trainer._metrics["train/kl"][-1]
+    nll = trainer._metrics["train/nll"][-1]
+    expected = _hand_kl(trainer.model, reference, ROWS, trainer, ref_sees_feedback=False)
+    assert kl == pytest.approx(expected, rel=1e-4)
+    assert expected > 0.01
+    assert loss.item() == pytest.approx(nll + 0.5 * kl, rel=1e-5)
+
+
+def test_kl_is_zero_for_identical_policies_and_entropy_matches(tmp_path):
+    config = _config(tmp_path, kl_coef=1.0, entropy_coef=0.3, ref_sees_feedback=True)
+    trainer = FeedbackConditionedTrainer(_tiny(), config, _offline_dataset(), processing_class=load_tokenizer())
+    inputs = _loss_inputs(trainer, ROWS)
+    assert "ref_input_ids" not in inputs  # the reference reads the same conditioned input
+    loss = trainer.compute_loss(trainer.model, inputs)
+    assert trainer._metrics["train/kl"][-1] == pytest.approx(0.0, abs=1e-6)
+    entropies = []
+    for prompt, completion, feedback in ROWS:
+        example = trainer.tokenize_example(prompt, completion, feedback)
+        logps = _hand_logps(trainer.model, example["input_ids"])
+        entropies += [
+            -(logps[t - 1].exp() * logps[t - 1]).sum().item() for t, lab in enumerate(example["labels"]) if lab != -100
+        ]
+    assert trainer._metrics["train/entropy"][-1] == pytest.approx(np.mean(entropies), rel=1e-5)
+    assert loss.item() == pytest.approx(trainer._metrics["train/nll"][-1] - 0.3 * np.mean(entropies), rel=1e-5)
+
+
+# ---- online loop: errors, generate, resume ------------------------------------------------------------
+
+
+PROMPTS = Dataset.from_dict({"prompt": ["1+2=", "3+4=", "rev 123=", "rev 4567=", "10+10="]})
+
+
+def test_unknown_category_is_a_clear_error(tmp_path):
+    config = _config(tmp_path, feedback_type="category", categories=["good", "bad"])
+    trainer = FeedbackConditionedTrainer(
+        _tiny(),
+        config,
+        PROMPTS,
+        processing_class=load_tokenizer(),
+        feedback_fn=lambda p, c: ["good", "meh"] * (len(c) // 2),
+    )
+    with pytest.raises(
+        ValueError, match=r"feedback_fn '<lambda>' returned unknown category 'meh' for completion 1.*\['good', 'bad'\]"
+    ):
+        trainer.train()
+
+
+def test_non_finite_score_is_a_clear_error(tmp_path):
+    def flaky_reward(prompts, completions, **kwargs):
+        return [1.0] * (len(completions) - 1) + [float("nan")]
+
+    trainer = FeedbackConditionedTrainer(
+        _tiny(), _config(tmp_path), PROMPTS, processing_class=load_tokenizer(), reward_funcs=flaky_reward
+    )
+    with pytest.raises(
+        ValueError, match="Reward function 'flaky_reward' returned a non-finite score nan for completion 7"
+    ):
+        trainer.train()
+    with pytest.raises(ValueError, match="non-finite score inf"):
+        FeedbackConditionedTrainer(
+            _tiny(),
+            _config(tmp_path, feedback_type="text"),
+            PROMPTS,
+            processing_class=load_tokenizer(),
+            feedback_fn=lambda p, c: [("ok", math.inf)] * len(c),
+        ).train()
+
+
+def test_text_feedback_loop_conditions_on_top_scoring_feedback(tmp_path):
+    seen = []
+
+    def judge(prompts, completions):
+        return [(f"length {len(c)}", float(len(c))) for c in completions]
+
+    config = _config(tmp_path, feedback_type="text", kl_coef=0.0)
+    trainer = FeedbackConditionedTrainer(
+        _tiny(), config, PROMPTS, processing_class=load_tokenizer(), feedback_fn=judge
+    )
+    original = trainer._sample
+
+    def spy(prompts, feedback, seed, **kw):
+        seen.append(feedback)
+        return original(prompts, feedback, seed, **kw)
+
+    trainer._sample = spy
+    trainer.train()
+    assert seen[0] is None  # iteration 1 samples unconditioned (ALT)
+    assert seen[1] == f"length {int(trainer.pool.score[trainer.pool.iteration == 0].max())}"
+    assert set(trainer.pool.iteration.tolist()) == {0, 1} and len(trainer.pool) == 2 * 4 * 2
+    trainer.generate(["1+2="])
+    assert seen[-1] == trainer.pool.best_text_feedback()
+
+
+def test_generate_conditions_on_best_bin_by_default(tmp_path):
+    trainer = FeedbackConditionedTrainer(
+        _tiny(), _config(tmp_path), _offline_dataset(), processing_class=load_tokenizer()
+    )
+    captured = {}
+    trainer._sample = lambda prompts, feedback, seed, **kw: (
+        captured.update(feedback=feedback) or ([""] * len(prompts), [0])
+    )
+    trainer.generate(["1+2="])
+    assert captured["feedback"] == "<|quantile_0|>"
+    trainer.generate(["1+2="], feedback=4)
+    assert captured["feedback"] == "<|quantile_4|>"
+
+
+def test_checkpoint_resume_restores_the_pool_and_continues_identically(tmp_path):
+    def run(output, resume=None, max_steps=None):
+        config = _config(
+            tmp_path, output_dir=str(tmp_path / output), save_strategy="steps", save_steps=2, num_iterations=2
+        )
+        trainer = FeedbackConditionedTrainer(
+            _tiny(), config, PROMPTS, processing_class=load_tokenizer(), reward_funcs=testbed.reward
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run("full")
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    saved = DataPool.load(checkpoint / "data_pool")
+    assert saved.last_iteration == 0 and len(saved) == 8
+    resumed = run("resumed", resume=str(checkpoint))
+    assert resumed.pool.completion.tolist() == full.pool.completion.tolist()
+    np.testing.assert_array_equal(resumed.pool.score, full.pool.score)
+    assert resumed.pool.rng.bit_generator.state == full.pool.rng.bit_generator.state
+
+
+def test_offline_mode_requires_feedback_columns(tmp_path):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['feedback'\]"):
+        FeedbackConditionedTrainer(
+            _tiny(),
+            _config(tmp_path),
+            Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}),
+            processing_class=load_tokenizer(),
+        )
+
+
+def test_offline_training_runs_as_conditional_sft(tmp_path):
+    config = _config(tmp_path, max_steps=3, kl_coef=0.0)
+    trainer = FeedbackConditionedTrainer(_tiny(), config, _offline_dataset(), processing_class=load_tokenizer())
+    before = copy.deepcopy(trainer.model.state_dict())
+    output = trainer.train()
+    assert output.global_step == 3
+    assert trainer.pool.bins().tolist() == [0, 1, 3, 2]  # scores 1.0, 0.9, 0.0, 0.5: fewer rows than bins
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+
+
+def test_vllm_missing_is_a_clear_import_error(tmp_path):
+    from trl.import_utils import is_vllm_available
+
+    if is_vllm_available():
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ImportError, match="use_vllm=True needs vLLM"):
+        FeedbackConditionedTrainer(
+            _tiny(),
+            _config(tmp_path, use_vllm=True),
+            PROMPTS,
+            processing_class=load_tokenizer(),
+            reward_funcs=testbed.reward,
+        )
