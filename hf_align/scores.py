@@ -169,8 +169,11 @@ def weight_diff_scores(
     granularity: str = "element",
     statistic: str = "abs",
     target: str | Iterable[str] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """``|θ_trained − θ_init|`` per entry or summed per row, streamed one tensor at a time (ALLO's statistic).
+
+    The result lives in host memory: ``dtype``'s size per entry (element granularity) or 4 bytes per row.
 
     ``trained`` is a checkpoint or an iterable of ``(plain name, tensor)`` pairs (e.g. a live model's
     effective weights). Tensors missing from ``init`` are an error; non-float tensors are skipped.
@@ -194,7 +197,8 @@ def weight_diff_scores(
                 f"Parameter {name!r} has shape {tuple(tensor.shape)} but {tuple(start.shape)} in {str(init_reader.path)!r}."
             )
         delta = tensor.detach().float() - start.to(device=tensor.device, dtype=torch.float32)
-        scores[name] = reduce_magnitude(delta, granularity, statistic).cpu()
+        score = reduce_magnitude(delta, granularity, statistic)
+        scores[name] = score.to("cpu", dtype=dtype if granularity == "element" else torch.float32)
     if not scores:
         raise ValueError(f"No parameter matched target={target!r}; nothing to score.")
     return scores

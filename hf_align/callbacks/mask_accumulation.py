@@ -23,7 +23,9 @@ Two statistics:
 
 Memory: row scores cost 4 bytes per output row. Element-granularity gradient scores cost one value per
 parameter: 4 bytes (``score_dtype="float32"``) or 2 bytes (``"bfloat16"``/``"float16"``), on the
-parameter's device or in host memory with ``offload_to_cpu=True``.
+parameter's device or in host memory with ``offload_to_cpu=True``. Element-granularity ``weight_diff``
+keeps nothing during training but builds the scores (``score_dtype`` per parameter) in host memory at
+each save.
 
 Files: ``neuron_scores.safetensors`` + ``neuron_scores.json`` in every checkpoint and in ``output_dir`` at
 the end; with ``select_ratio`` also the selected mask in ``<output_dir>/neuron_mask/``. Resuming from a
@@ -113,7 +115,8 @@ class MaskAccumulationCallback(TrainerCallback):
         granularity: ``"row"`` (one fp32 per output row = neuron) or ``"element"`` (one value per entry).
         statistic: ``"abs"`` (Σ|x|) or ``"square"`` (Σx²) over the row's entries (and steps).
         grad_stage: ``"pre_clip"`` or ``"post_clip"`` gradients (gradient method only; see module docs).
-        score_dtype: accumulator dtype for element-granularity gradient scores (``float32``/``bfloat16``/``float16``).
+        score_dtype: dtype of element-granularity scores (``float32``/``bfloat16``/``float16``): the gradient
+            accumulators, and the weight_diff scores built in host memory at each save.
         offload_to_cpu: keep the accumulators in host memory instead of on the parameter's device.
         target: which plain-model parameters to score: ``None`` (all), a regex, or a list of module names.
         init_path: θ_start for ``weight_diff`` (a safetensors file/folder); default: snapshot at train begin.
@@ -230,7 +233,9 @@ class MaskAccumulationCallback(TrainerCallback):
                 return dict(self._final_scores)
             raise ValueError("weight_diff scores are computed from the model: pass `model`.")
         init = self._init_reader()
-        return weight_diff_scores(init, effective_weights(model, self.target), self.granularity, self.statistic)
+        weights = effective_weights(model, self.target)
+        dtype = SCORE_DTYPES[self.score_dtype]
+        return weight_diff_scores(init, weights, self.granularity, self.statistic, dtype=dtype)
 
     def select_mask(self, scores: dict[str, torch.Tensor]):
         """The ``NeuronMask`` chosen from ``scores`` with this callback's selection settings."""
