@@ -274,3 +274,179 @@ def test_conversational_data_with_weights_trains(tmp_path, tokenizer):
     assert all(math.isfinite(x) for x in _losses(trainer)) and len(_losses(trainer)) == 2
     row = trainer.train_dataset[1]
     assert len(row["rejected_weights"]) == len(row["rejected_ids"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Neuron masks (need hf_align.masks / hf_align.sparse_update)
+
+
+def _mask_api():
+    masks = pytest.importorskip("hf_align.masks")
+    sparse = pytest.importorskip("hf_align.sparse_update")
+    return masks.NeuronMask, sparse
+
+
+def _effective(model, sparse):
+    """Plain parameters of a model with deltas (merged on a copy) or without."""
+    model = copy.deepcopy(model)
+    if sparse.has_deltas(model):
+        model = sparse.merge_deltas(model)
+    return _params(model)
+
+
+def test_full_mask_equals_no_mask(tmp_path, tokenizer):
+    NeuronMask, sparse = _mask_api()
+    data = _data(8)
+    model = _model()
+    plain = _train(MaskedDPOTrainer, _args(tmp_path), tokenizer, data, model=copy.deepcopy(model))
+    full = NeuronMask.full(model, "element")
+    masked = _train(MaskedDPOTrainer, _args(tmp_path), tokenizer, data, model=model, ref_model=None, neuron_mask=full)
+    assert _losses(masked) == pytest.approx(_losses(plain), abs=1e-5)
+    after = _effective(masked.model, sparse)
+    for name, value in _params(plain.model).items():
+        torch.testing.assert_close(after[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("granularity", ["row", "element"])
+def test_sparse_mask_leaves_unselected_bit_identical(tmp_path, tokenizer, granularity):
+    NeuronMask, sparse = _mask_api()
+    model = _model()
+    start = _params(model)
+    mask = NeuronMask.random(model, 0.1, granularity, seed=0)
+    trainer = _train(
+        MaskedDPOTrainer,
+        _args(tmp_path, weight_decay=0.1),
+        tokenizer,
+        _data(8),
+        model=model,
+        ref_model=None,
+        neuron_mask=mask,
+    )
+    assert trainer.trainable_fraction < 0.2
+    after = _effective(trainer.model, sparse)
+    changed = 0
+    for name, value in start.items():
+        selected = mask.masks.get(name)
+        if selected is None:
+            assert torch.equal(after[name], value), name
+            continue
+        keep = ~(selected if selected.shape == value.shape else selected[:, None].expand_as(value))
+        assert torch.equal(after[name][keep], value[keep]), name
+        changed += int((after[name] != value).sum())
+    assert changed > 0
+
+
+def test_step0_update_equals_allo_masked_adamw(tmp_path, tokenizer):
+    NeuronMask, sparse = _mask_api()
+    data = _data(4)  # one batch of 4 = the whole dataset, so both sides see the same pairs
+    model = _model()
+    mask = NeuronMask.random(model, 0.1, "element", seed=0)
+    hp = dict(max_steps=1, learning_rate=1e-3, adam_epsilon=1e-12, weight_decay=0.0)
+    # TRL's full gradient at step 0
+    full = copy.deepcopy(model)
+    trl = DPOTrainer(
+        model=full,
+        ref_model=copy.deepcopy(model),
+        args=_args(tmp_path, cls=DPOConfig, **hp),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    batch = trl.data_collator([trl.train_dataset[i] for i in range(4)])
+    full.train()
+    trl.compute_loss(full, batch).backward()
+    params = [p for n, p in full.named_parameters() if n in mask.masks]
+    optimizer = sparse.MaskedAdamW(
+        [{"params": [p], "mask": mask.masks[n]} for n, p in full.named_parameters() if n in mask.masks],
+        lr=1e-3,
+        eps=1e-12,
+        weight_decay=0.0,
+    )
+    optimizer.step()
+    expected = {n: p.detach() for n, p in full.named_parameters()}
+    ours = _train(
+        MaskedDPOTrainer, _args(tmp_path, **hp), tokenizer, data, model=model, ref_model=None, neuron_mask=mask
+    )
+    after = _effective(ours.model, sparse)
+    assert params
+    for name, selected in mask.masks.items():
+        torch.testing.assert_close(after[name][selected], expected[name][selected], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("save_merged", [True, False])
+def test_save_reload_reproduces_logits(tmp_path, tokenizer, save_merged):
+    NeuronMask, sparse = _mask_api()
+    from transformers import AutoModelForCausalLM
+
+    model = _model()
+    base = copy.deepcopy(model)
+    mask = NeuronMask.random(model, 0.2, "row", seed=0)
+    trainer = _train(
+        MaskedDPOTrainer,
+        _args(tmp_path, save_merged=save_merged, max_steps=2),
+        tokenizer,
+        _data(8),
+        model=model,
+        ref_model=None,
+        neuron_mask=mask,
+    )
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    ids = torch.tensor([tokenizer("12+34=46")["input_ids"]])
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+        if save_merged:
+            reloaded = AutoModelForCausalLM.from_pretrained(str(out))
+        else:
+            reloaded = sparse.attach_deltas(base, mask) or base
+            sparse.load_deltas(base, str(out))
+            reloaded = base
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path, tokenizer):
+    NeuronMask, sparse = _mask_api()
+    model = _model()
+    mask = NeuronMask.random(model, 0.2, "row", seed=0)
+    hp = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    straight = _train(
+        MaskedDPOTrainer,
+        _args(tmp_path / "a", **hp),
+        tokenizer,
+        _data(16),
+        model=copy.deepcopy(model),
+        ref_model=None,
+        neuron_mask=mask,
+    )
+    resumed_trainer = MaskedDPOTrainer(
+        model=copy.deepcopy(model),
+        args=_args(tmp_path / "b", **hp),
+        train_dataset=_data(16),
+        processing_class=tokenizer,
+        neuron_mask=mask,
+    )
+    resumed_trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    a, b = _effective(straight.model, sparse), _effective(resumed_trainer.model, sparse)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    # the checkpoint itself is a normal transformers checkpoint (deltas merged)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "a" / "out" / "checkpoint-2"))
+
+
+def test_masked_dpo_raises_testbed_reward(tmp_path):
+    NeuronMask, _ = _mask_api()
+    tb = testbed.load()
+    before = tb.mean_reward(num_prompts=48)["mean_reward"]
+    mask = NeuronMask.random(tb.model, 0.25, "row", seed=0)
+    args = _args(tmp_path, max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3)
+    trainer = MaskedDPOTrainer(
+        model=tb.model,
+        args=args,
+        train_dataset=tb.preference_dataset(96, seed=11),
+        processing_class=tb.tokenizer,
+        neuron_mask=mask,
+    )
+    trainer.train()
+    after = tb.mean_reward(trainer.model, num_prompts=48)["mean_reward"]
+    assert after > before + 0.02, (before, after)
