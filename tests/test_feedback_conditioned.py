@@ -341,3 +341,51 @@ def test_vllm_missing_is_a_clear_import_error(tmp_path):
             processing_class=load_tokenizer(),
             reward_funcs=testbed.reward,
         )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("os").environ.get("HF_ALIGN_SLOW") != "1", reason="~25 s idle, unreliable margin: HF_ALIGN_SLOW=1"
+)
+def test_testbed_quantile_loop_learns_to_condition_on_the_best_bin(tmp_path):
+    """Online Quark-style loop on the shipped testbed model (a few iterations, small prompt counts).
+
+    Asserted: conditioning on the best bin beats conditioning on the worst bin. Not asserted: beating
+    the starting model. In this budget (4 iterations x 25 steps) self-training on the tiny model's own
+    temperature-1 samples costs more reward than the conditioning gains (best bin ~0.30 vs 0.39 at the
+    start, measured over several settings); see docs/feedback.md. Opt-in (HF_ALIGN_SLOW=1) because the
+    best-vs-worst margin was 0.00-0.12 across settings: not reliable enough for CI.
+    """
+    from hf_align.testbed import score, solve
+    from hf_align.testbed.evaluation import eval_prompts
+
+    tb = testbed.load()
+    config = _config(
+        tmp_path,
+        num_quantiles=2,
+        feedback_template="{feedback}{prompt}",
+        num_iterations=4,
+        steps_per_iteration=25,
+        prompts_per_iteration=64,
+        num_generations=4,
+        max_new_tokens=6,
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        kl_coef=0.0,
+        logging_steps=100,
+    )
+    trainer = FeedbackConditionedTrainer(
+        tb.model, config, tb.prompt_dataset(256), processing_class=tb.tokenizer, reward_funcs=testbed.reward
+    )
+    trainer.train()
+    prompts = eval_prompts(128, seed=1234)
+
+    def mean_reward(feedback):
+        completions = trainer.generate(prompts, feedback=feedback, seed=1)
+        return float(np.mean([score(solve(p), c) for p, c in zip(prompts, completions)]))
+
+    best, worst = mean_reward(0), mean_reward(1)
+    start = trainer.iteration_timings[0]["mean_score"]  # the untrained model's samples (iteration 1)
+    print(f"start {start:.3f}  best bin {best:.3f}  worst bin {worst:.3f}")
+    assert best > worst + 0.03

@@ -152,6 +152,13 @@ class FeedbackConditionedConfig(TrainingArguments):
             "'package.module:function' for a TRL-style callable, anything else a reward model id/path."
         },
     )
+    feedback_fn: str | None = field(
+        default=None,
+        metadata={
+            "help": "Feedback function by name, 'package.module:function' (used when the trainer gets no "
+            "`feedback_fn` argument): returns a category, a text or (category|text, score) per completion."
+        },
+    )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weights of the reward functions (default: all 1); the score is the sum."}
     )
@@ -300,6 +307,8 @@ class FeedbackConditionedTrainer(_BaseTrainer):
                 f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions."
             )
         self.reward_weights = [float(w) for w in weights]
+        if feedback_fn is None and args.feedback_fn:
+            feedback_fn = _import_callable(args.feedback_fn, "feedback_fn")
         self.feedback_fn = feedback_fn
         self.online = bool(self.reward_funcs) or feedback_fn is not None
         if args.feedback_type != "quantile" and self.online and feedback_fn is None:
@@ -818,11 +827,7 @@ def _resolve_reward_funcs(reward_funcs) -> tuple[list, list[str]]:
     resolved, names = [], []
     for func in funcs:
         if isinstance(func, str) and ":" in func and not os.path.exists(func):
-            module_name, _, attr = func.partition(":")
-            try:
-                func = getattr(importlib.import_module(module_name), attr)
-            except (ImportError, AttributeError) as err:
-                raise ValueError(f"reward_funcs entry {module_name}:{attr!r} cannot be imported: {err}") from None
+            func = _import_callable(func, "reward_funcs")
         elif isinstance(func, str):
             func = AutoModelForSequenceClassification.from_pretrained(func, num_labels=1)
             func.eval().requires_grad_(False)
@@ -835,6 +840,20 @@ def _resolve_reward_funcs(reward_funcs) -> tuple[list, list[str]]:
             func.config._name_or_path if isinstance(func, PreTrainedModel) else getattr(func, "__name__", repr(func))
         )
     return resolved, names
+
+
+def _import_callable(spec: str, field_name: str) -> Callable:
+    """``'package.module:function'`` → the function, with an error naming the field and the spec."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        func = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"{field_name} entry {spec!r} cannot be imported ('package.module:function'): {err}"
+        ) from None
+    if not callable(func):
+        raise ValueError(f"{field_name} entry {spec!r} is not callable.")
+    return func
 
 
 def _check_prompt_dataset(dataset):
