@@ -5,7 +5,7 @@ data: the testbed preference set. Each configuration trains a few warm-up steps,
 measured optimizer steps is taken; configurations alternate over ``--rounds`` rounds and the best round
 counts, to damp the noise of a shared machine.
 
-    python benchmarks/mask_accumulation.py [--quick] [--steps 6] [--rounds 2]
+    python benchmarks/mask_accumulation.py [--quick] [--steps 4] [--rounds 1]
 
 Prints a table and writes ``benchmarks/results/mask_accumulation.json``.
 """
@@ -110,8 +110,8 @@ def run_one(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Tiny model, 3 steps: a smoke run.")
-    parser.add_argument("--steps", type=int, default=6, help="Measured optimizer steps per configuration.")
-    parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds; the best round counts.")
+    parser.add_argument("--steps", type=int, default=4, help="Measured optimizer steps per configuration.")
+    parser.add_argument("--rounds", type=int, default=1, help="Alternating rounds; the best round counts.")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args(argv)
     import datasets
