@@ -1,1 +1,36 @@
-"""Model averaging (AMA): linear, partwise and adaptive merges, streamed tensor by tensor."""
+"""Model averaging (AMA): linear, partwise and adaptive merges, streamed tensor by tensor.
+
+θ = α·θ_base + (1−α)·θ_aligned (α weighs the pre-alignment model). ``plan`` decides α per tensor,
+``streaming`` writes the merged checkpoint, ``adaptive`` learns per-block α's on data (imported lazily:
+it needs transformers).
+"""
+
+from hf_align._lazy import lazy_getattr
+
+
+_EXPORTS = {
+    "MergePlan": "plan",
+    "linear_plan": "plan",
+    "partwise_plan": "plan",
+    "parse_pivots": "plan",
+    "parse_alphas": "plan",
+    "tensor_role": "plan",
+    "layer_index": "plan",
+    "Checkpoint": "streaming",
+    "MergeResult": "streaming",
+    "merge_models": "streaming",
+    "merge_tensor": "streaming",
+    "AdaptiveMergeConfig": "adaptive",
+    "AdaptiveMergeTrainer": "adaptive",
+    "InterpolatedLinear": "adaptive",
+    "LearnedAlphas": "adaptive",
+    "block_assignment": "adaptive",
+    "normalized_alphas": "adaptive",
+    "adaptive_plan": "adaptive",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,450 @@
+"""Streaming merge: θ = α·θ_base + (1−α)·θ_aligned, tensor by tensor, for checkpoints of any size.
+
+Why our own safetensors reader/writer: ``safe_open`` memory-maps whole shards, and every page it touches
+counts towards the process' resident memory until the shard is closed; reading each tensor with a plain
+``readinto`` into a fresh buffer, and writing each output tensor as soon as it is computed (the shard layout
+and header are known in advance from the input headers), keeps peak RSS at about two input tensors plus
+one output tensor, whatever the model size. Files are standard safetensors; ``safe_open``/``from_pretrained``
+read them.
+
+The output directory is built in a temporary directory and renamed at the end (``hf_align.io.atomic_dir``);
+every check (architecture, names, shapes, α range) runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hf_align.io import PathLike, atomic_dir, read_json, write_json
+from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
+
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+COPIED_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|"
+    r"merges\.txt|chat_template\..*|.*\.tiktoken|preprocessor_config\.json)$"
+)
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def parse_size(size: int | str) -> int:
+    """``"500MB"``, ``"2GB"``, ``"1.5GiB"``, ``1000`` → bytes."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"max_shard_size must look like '500MB' or '2GB' or a byte count, got {size!r}.")
+        base = 1024 if match.group(3) else 1000
+        unit = match.group(2).upper()
+        value = int(float(match.group(1)) * (base ** ("KMGT".index(unit) + 1) if unit else 1))
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}.")
+    return value
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` → ``torch.bfloat16``; ``None``/``"auto"`` keep the input dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(dtype.lower(), dtype.lower())
+    if name == "auto":
+        return None
+    if name not in ("bfloat16", "float16", "float32", "float64"):
+        raise ValueError(f"dtype must be one of auto, bfloat16, float16, float32, float64; got {dtype!r}.")
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives: file, absolute byte range, dtype and shape (from the safetensors header)."""
+
+    file: Path
+    start: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header (no tensor data is read)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from None
+    base = 8 + length
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in _DTYPES:
+            raise ValueError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {entry['dtype']}.")
+        start, end = entry["data_offsets"]
+        infos[name] = TensorInfo(path, base + start, base + end, _DTYPES[entry["dtype"]], tuple(entry["shape"]))
+    return infos
+
+
+class Checkpoint:
+    """The safetensors tensors of a local HF model directory (sharded or not), read one tensor at a time."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        if self.path.is_file() and self.path.suffix == ".safetensors":
+            files, self.directory = [self.path], self.path.parent
+        elif (self.path / INDEX_FILE).exists():
+            weight_map = read_json(self.path / INDEX_FILE).get("weight_map", {})
+            files, self.directory = [self.path / f for f in dict.fromkeys(weight_map.values())], self.path
+        elif self.path.is_dir():
+            files, self.directory = sorted(self.path.glob("*.safetensors")), self.path
+        else:
+            raise FileNotFoundError(f"Checkpoint {str(self.path)!r} does not exist.")
+        if not files:
+            bins = sorted(p.name for p in self.path.glob("*.bin")) if self.path.is_dir() else []
+            hint = " (found pickle .bin weights: re-save them with save_pretrained(safe_serialization=True))"
+            raise FileNotFoundError(f"No .safetensors weights in {str(self.path)!r}{hint if bins else ''}.")
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            if not file.exists():
+                raise FileNotFoundError(f"{str(file)!r} is listed in {INDEX_FILE} but missing.")
+            self.tensors.update(read_header(file))
+        config = self.directory / "config.json"
+        self.config: dict = read_json(config) if config.exists() else {}
+        self._handles: dict[Path, object] = {}
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh (writable, not memory-mapped) tensor: ``readinto`` straight into its storage."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = open(info.file, "rb", buffering=0)  # noqa: SIM115
+        buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        handle.seek(info.start)
+        read = 0
+        while read < len(view):
+            n = handle.readinto(view[read:])
+            if not n:
+                raise ValueError(f"{str(info.file)!r} is truncated: tensor {name!r} ends early.")
+            read += n
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
+    """Greedy, order-preserving packing; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header is fixed up front; tensors are appended in order."""
+
+    def __init__(self, path: Path, tensors: list[OutputTensor]):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for t in tensors:
+            header[t.name] = {
+                "dtype": _DTYPE_NAMES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + t.nbytes],
+            }
+            offset += t.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.expected = iter(tensors)
+        self.handle = open(path, "wb")  # noqa: SIM115
+        self.handle.write(struct.pack("<Q", len(encoded)) + encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = next(self.expected)
+        if expected.name != name or expected.dtype != tensor.dtype or tuple(tensor.shape) != expected.shape:
+            raise RuntimeError(
+                f"Internal error: shard expected {expected}, got {name} {tensor.dtype} {tuple(tensor.shape)}."
+            )
+        self.handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------------- resolving
+
+
+def resolve_model_dir(name_or_path: PathLike, stack: contextlib.ExitStack, revision: str | None = None) -> Path:
+    """A local directory for a local path or a Hub id; PEFT adapter directories are merged first.
+
+    A Hub id is downloaded with ``huggingface_hub.snapshot_download`` (safetensors + config/tokenizer only).
+    An adapter directory (``adapter_config.json``) is loaded on its base model, ``merge_and_unload``-ed and
+    saved to a temporary directory (this step holds the full model in memory once).
+    """
+    path = Path(name_or_path)
+    if not path.exists():
+        if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+            raise FileNotFoundError(f"Model path {str(name_or_path)!r} does not exist.")
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        path = Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=patterns))
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        return _merge_adapter(path, stack)
+    return path
+
+
+def _merge_adapter(adapter_dir: Path, stack: contextlib.ExitStack) -> Path:
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype="auto").merge_and_unload()
+    target = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hf_align_merged_adapter_")))
+    model.save_pretrained(target)
+    for file in adapter_dir.iterdir():
+        if COPIED_FILES.match(file.name) and file.name != "config.json":
+            shutil.copy2(file, target / file.name)
+    del model
+    return target
+
+
+# --------------------------------------------------------------------------------------------- merging
+
+
+@dataclass
+class MergeResult:
+    output_dir: Path
+    plan: MergePlan
+    num_tensors: int
+    num_shards: int
+    total_bytes: int
+
+
+def validate_pair(base: Checkpoint, aligned: Checkpoint) -> None:
+    """Same architecture, same tensor names and shapes; raise naming the first differences."""
+    base_type, aligned_type = base.config.get("model_type"), aligned.config.get("model_type")
+    if base_type and aligned_type and base_type != aligned_type:
+        raise ValueError(
+            f"Architectures differ: base {str(base.path)!r} is model_type {base_type!r}, aligned "
+            f"{str(aligned.path)!r} is {aligned_type!r}."
+        )
+    only_base = sorted(set(base.tensors) - set(aligned.tensors))
+    only_aligned = sorted(set(aligned.tensors) - set(base.tensors))
+    if only_base or only_aligned:
+        raise ValueError(
+            f"Tensor names differ: missing in aligned {str(aligned.path)!r}: {only_base[:5]}; missing in base "
+            f"{str(base.path)!r}: {only_aligned[:5]}."
+        )
+    shapes = [
+        f"{n}: base {base.tensors[n].shape} vs aligned {aligned.tensors[n].shape}"
+        for n in aligned.tensors
+        if base.tensors[n].shape != aligned.tensors[n].shape
+    ]
+    if shapes:
+        raise ValueError(f"Tensor shapes differ ({len(shapes)}): {shapes[:5]}.")
+
+
+def merge_tensor(
+    base: torch.Tensor | None, aligned: torch.Tensor | None, alpha: float, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """α·base + (1−α)·aligned as ``aligned.lerp_(base, α)`` (α=0/1: the input itself, exactly).
+
+    Same-dtype inputs are merged in place in their own dtype (torch computes lerp of bf16/fp16 in fp32 and
+    rounds once); mixed dtypes go through fp32. Non-float tensors are taken from the side with the larger weight.
+    """
+    if alpha == 0.0 or (aligned is not None and not aligned.is_floating_point() and alpha < 0.5):
+        out = aligned
+    elif alpha == 1.0 or not base.is_floating_point():
+        out = base
+    elif base.dtype == aligned.dtype:
+        out = aligned.lerp_(base, alpha)
+    else:
+        out = aligned.float().lerp_(base.float(), alpha)
+    if dtype is not None and out.is_floating_point() and out.dtype != dtype:
+        out = out.to(dtype)
+    return out
+
+
+def _output_dtype(info: TensorInfo, base_info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
+    if not info.dtype.is_floating_point:
+        return info.dtype
+    if dtype is not None:
+        return dtype
+    return info.dtype  # the aligned model's dtype (mixed inputs are computed in fp32 and cast back)
+
+
+def _copy_side_files(source: Path, target: Path, dtype: torch.dtype | None) -> None:
+    for file in sorted(source.iterdir()):
+        if file.is_file() and COPIED_FILES.match(file.name):
+            shutil.copy2(file, target / file.name)
+    if dtype is not None and (target / "config.json").exists():
+        config = read_json(target / "config.json")
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = str(dtype).removeprefix("torch.")
+        write_json(target / "config.json", config)
+
+
+def merge_models(
+    base: PathLike,
+    aligned: PathLike,
+    output_dir: PathLike,
+    alpha: float | None = None,
+    plan: MergePlan | Callable[[list[str], dict], MergePlan] | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "500MB",
+    overwrite: bool = False,
+    progress: bool = True,
+    revision: str | None = None,
+) -> MergeResult:
+    """Write θ = α·θ_base + (1−α)·θ_aligned to ``output_dir`` (HF layout, sharded), streaming tensor by tensor.
+
+    Give either ``alpha`` (linear) or ``plan``: a :class:`MergePlan` or a function ``(tensor_names, config) →
+    MergePlan`` (how the CLI builds partwise plans once the names are known). ``base``/``aligned``: local
+    directories, ``.safetensors`` files, Hub ids or PEFT adapter directories. Config, generation config and
+    tokenizer files are copied from ``aligned``; the plan is saved as ``merge_plan.json``.
+    Peak memory: about two input tensors plus one output tensor (the largest ones).
+    """
+    if (alpha is None) == (plan is None):
+        raise ValueError("Pass exactly one of alpha (linear merge) or plan (a MergePlan or a plan builder).")
+    out_dtype = parse_dtype(dtype)
+    shard_limit = parse_size(max_shard_size)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FileExistsError(
+            f"Output directory {str(output_dir)!r} already exists and is not empty; pass overwrite=True."
+        )
+    with contextlib.ExitStack() as stack:
+        base_ckpt = stack.enter_context(Checkpoint(resolve_model_dir(base, stack, revision)))
+        aligned_ckpt = stack.enter_context(Checkpoint(resolve_model_dir(aligned, stack, revision)))
+        validate_pair(base_ckpt, aligned_ckpt)
+        names = sorted(
+            aligned_ckpt.tensors, key=lambda n: (str(aligned_ckpt.tensors[n].file), aligned_ckpt.tensors[n].start)
+        )
+        if alpha is not None:
+            plan = linear_plan(names, alpha)
+        elif callable(plan) and not isinstance(plan, MergePlan):
+            plan = plan(names, aligned_ckpt.config)
+        missing = [n for n in names if n not in plan]
+        if missing:
+            raise ValueError(f"The merge plan has no α for tensor(s) {missing[:5]} ({len(missing)} in all).")
+        outputs = [
+            OutputTensor(
+                n,
+                _output_dtype(aligned_ckpt.tensors[n], base_ckpt.tensors[n], out_dtype),
+                aligned_ckpt.tensors[n].shape,
+            )
+            for n in names
+        ]
+        shards = plan_shards(outputs, shard_limit)
+        files = shard_names(len(shards))
+        total = sum(t.nbytes for t in outputs)
+        bar = _progress_bar(total, progress)
+        with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+            for file, shard in zip(files, shards):
+                writer = ShardWriter(tmp / file, shard)
+                try:
+                    for tensor in shard:
+                        a = plan[tensor.name]
+                        base_t = base_ckpt.read(tensor.name) if a != 0.0 else None
+                        aligned_t = aligned_ckpt.read(tensor.name) if a != 1.0 else None
+                        writer.write(tensor.name, merge_tensor(base_t, aligned_t, a, tensor.dtype))
+                        del base_t, aligned_t
+                        bar.update(tensor.nbytes)
+                finally:
+                    writer.close()
+            if len(files) > 1:
+                weight_map = {t.name: file for file, shard in zip(files, shards) for t in shard}
+                write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            _copy_side_files(aligned_ckpt.directory, tmp, out_dtype)
+            plan.save(tmp / PLAN_FILE)
+        bar.close()
+    return MergeResult(output_dir, plan, len(outputs), len(files), total)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not enabled or None)
+
+
+def iter_tensors(path: PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a local checkpoint, one at a time (for checks and benchmarks)."""
+    with Checkpoint(path) as ckpt:
+        for name in ckpt.tensors:
+            yield name, ckpt.read(name)
+
+
+__all__ = [
+    "Checkpoint",
+    "MergeResult",
+    "iter_tensors",
+    "merge_models",
+    "merge_tensor",
+    "parse_dtype",
+    "parse_size",
+    "resolve_model_dir",
+]
