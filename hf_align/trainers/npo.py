@@ -1,0 +1,583 @@
+"""Negative preference optimization (NPO): make the model forget completions, token by token if asked.
+
+``NPOTrainer`` is ``trl.SFTTrainer``'s data and model machinery (prompt-completion tokenization, standard or
+conversational data, PEFT, the fused LM head that returns per-token log-probs without materializing logits) with the
+NPO loss in ``compute_loss``. Losses (``y`` the forget completion, ``w_t`` its token weights, 1 by default):
+
+* ``loss_type="npo"``, ``npo_level="sequence"`` (Zhang et al. 2024, arXiv 2404.05868), per example
+  ``r = Σ_t w_t (log πθ(y_t|·) − log π_ref(y_t|·))`` and ``L = −(2/β) · log σ(−β · r)``, averaged over the batch.
+  At initialization (πθ = π_ref) the loss is exactly ``2·ln 2 / β``; as β → 0 it tends to gradient ascent.
+* ``loss_type="npo"``, ``npo_level="token"`` (ALLO's forgetting stage, RUCAIBox/ALLO ``train/train_forgetting.py``):
+  ``ℓ_t = −w_t · log σ(−β (log πθ(y_t|·) − log π_ref(y_t|·)))``; ``L = Σ_t ℓ_t / #{t : w_t ≠ 0}`` where, as in ALLO,
+  both sums run over the whole micro-batch (not per example).
+* ``loss_type="simnpo"`` (Fan et al. 2024, arXiv 2410.07163), reference-free and length-normalized:
+  ``L = −(2/β) · log σ(−(β/|y|) · Σ_t w_t log πθ(y_t|·) − γ)`` with ``|y| = Σ_t w_t`` (the length when w ≡ 1),
+  averaged over the batch.
+
+Optional retain term on ``retain_dataset`` (added as ``retain_weight · L_retain``): ``retain_loss_type="nll"``
+(mean NLL per retain completion token) or ``"kl"`` (``KL(π_ref ‖ πθ)`` over the vocabulary, mean per retain
+completion token). Retain batches are drawn deterministically from the training step (see ``NPOTrainer``), so
+resuming from a checkpoint sees the same retain batches as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers.utils import logging
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import pad
+
+from hf_align.token_weights import check_weight_columns, normalize_token_weights
+from hf_align.trainers._masking import (
+    NeuronMaskArguments,
+    NeuronMaskTrainerMixin,
+    attach_mask,
+    resolve_neuron_mask,
+    validate_mask_fields,
+)
+
+
+logger = logging.get_logger(__name__)
+
+REF_COLUMN = "ref_token_logps"
+"""Precomputed reference log-probs: one float per position of ``input_ids`` (that token's log-prob; 0 on the prompt)."""
+
+_PER_TOKEN_COLUMNS = ("input_ids", "labels", "token_weights", REF_COLUMN)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Losses (pure functions on per-token log-probs; shapes (B, T), zero outside the completion)
+
+
+def npo_sequence_loss(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, weights: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example NPO loss ``−(2/β) log σ(−β r)`` and the weighted log-ratio ``r = Σ_t w_t (log πθ − log π_ref)``."""
+    logratio = ((policy_logps - ref_logps) * weights).sum(dim=-1)
+    return -(2.0 / beta) * F.logsigmoid(-beta * logratio), logratio
+
+
+def npo_token_loss(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, weights: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """ALLO's token-level NPO: ``Σ_t −w_t log σ(−β (log πθ − log π_ref)) / #{t : w_t ≠ 0}`` over the whole batch."""
+    per_token = -weights * F.logsigmoid(-beta * (policy_logps - ref_logps))
+    return per_token.sum() / (weights != 0).sum().clamp(min=1)
+
+
+def simnpo_loss(policy_logps: torch.Tensor, weights: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Per-example SimNPO loss ``−(2/β) log σ(−(β/|y|) Σ_t w_t log πθ − γ)``, ``|y| = Σ_t w_t``."""
+    length = weights.sum(dim=-1).clamp(min=torch.finfo(policy_logps.dtype).tiny)
+    avg_logp = (policy_logps * weights).sum(dim=-1) / length
+    return -(2.0 / beta) * F.logsigmoid(-beta * avg_logp - gamma)
+
+
+def retain_nll(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per retain completion token."""
+    return -(log_probs * mask).sum() / mask.sum().clamp(min=1)
+
+
+def retain_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``KL(π_ref ‖ πθ)`` over the vocabulary, mean over the positions where ``mask`` is 1."""
+    ref_logp = ref_logits.float().log_softmax(dim=-1)
+    policy_logp = policy_logits.float().log_softmax(dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - policy_logp)).sum(dim=-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class NPOConfig(NeuronMaskArguments, SFTConfig):
+    """``trl.SFTConfig`` (tokenization, truncation, model loading) plus NPO's loss, reference and mask options."""
+
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "NPO/SimNPO temperature β (ALLO and the NPO paper use 0.1). The loss at init is 2·ln2/β."},
+    )
+    loss_type: str = field(
+        default="npo",
+        metadata={"help": "'npo' (with a reference policy) or 'simnpo' (reference-free, length-normalized)."},
+    )
+    npo_level: str = field(
+        default="sequence",
+        metadata={
+            "help": "'sequence': −(2/β)·log σ(−β·Σ_t w_t·logratio_t) per example (NPO paper). 'token': ALLO's "
+            "Σ_t −w_t·log σ(−β·logratio_t) / #{w_t≠0} over the batch."
+        },
+    )
+    simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO's reward margin γ (loss_type='simnpo')."})
+    retain_loss_type: str = field(
+        default="nll",
+        metadata={"help": "Retain term on `retain_dataset`: 'nll' or 'kl' (KL(π_ref‖πθ) per retain token)."},
+    )
+    retain_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the retain term (used only when a retain dataset is given)."}
+    )
+    retain_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Retain examples drawn per forget micro-batch; None uses per_device_train_batch_size."},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference per-token log-probs once before training (stored as the "
+            f"`{REF_COLUMN}` column) so no reference forward runs while training. Without a `ref_model`, the "
+            "policy at initialization is the reference, so no second copy is ever loaded."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size for precomputing; None uses per_device_train_batch_size."}
+    )
+    eos_token_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries)."},
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Disable dropout in the policy and reference (log-ratios must be exact)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in ("npo", "simnpo"):
+            raise ValueError(f"loss_type must be 'npo' or 'simnpo', got {self.loss_type!r}.")
+        if self.npo_level not in ("sequence", "token"):
+            raise ValueError(f"npo_level must be 'sequence' or 'token', got {self.npo_level!r}.")
+        if self.loss_type == "simnpo" and self.npo_level != "sequence":
+            raise ValueError("loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
+        if self.retain_loss_type not in ("nll", "kl"):
+            raise ValueError(f"retain_loss_type must be 'nll' or 'kl', got {self.retain_loss_type!r}.")
+        if not self.beta > 0 or not math.isfinite(self.beta):
+            raise ValueError(f"beta must be a positive number, got {self.beta}.")
+        if self.retain_weight < 0:
+            raise ValueError(f"retain_weight must be non-negative, got {self.retain_weight}.")
+        if self.retain_batch_size is not None and self.retain_batch_size < 1:
+            raise ValueError(f"retain_batch_size must be a positive integer, got {self.retain_batch_size}.")
+        if self.eos_token_weight < 0 or self.eos_token_weight != self.eos_token_weight:
+            raise ValueError(f"eos_token_weight must be a non-negative number, got {self.eos_token_weight}.")
+        if self.packing or self.padding_free:
+            raise ValueError("NPO scores each forget sequence on its own: packing and padding_free must be False.")
+        validate_mask_fields(self)
+
+
+@contextlib.contextmanager
+def _sft_loss_type(args: NPOConfig):
+    """SFTTrainer.__init__ accepts only its own loss types; NPO's `loss_type` is read by this trainer alone."""
+    loss_type = args.loss_type
+    args.loss_type = "nll"
+    try:
+        yield
+    finally:
+        args.loss_type = loss_type
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def to_forget_format(dataset):
+    """A preference dataset whose ``rejected`` is the forget completion → prompt-completion (weights follow)."""
+    names = dataset.column_names or list(next(iter(dataset)).keys())
+    if "rejected" not in names or "completion" in names:
+        return dataset
+    if "prompt" not in names:
+        raise ValueError(
+            "A preference dataset used as forget data needs an explicit 'prompt' column (the forget completion is "
+            "'rejected'); found columns " + str(names) + "."
+        )
+    drop = [c for c in ("chosen", "chosen_weights") if c in names]
+    if drop:
+        dataset = dataset.remove_columns(drop)
+    dataset = dataset.rename_column("rejected", "completion")
+    if "rejected_weights" in names:
+        dataset = dataset.rename_column("rejected_weights", "completion_weights")
+    return dataset
+
+
+@dataclass
+class DataCollatorForWeightedLanguageModeling(DataCollatorForLanguageModeling):
+    """TRL's language-modeling collator plus right-padded ``token_weights`` / ``ref_token_logps`` (aligned to labels)."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        for key in ("token_weights", REF_COLUMN):
+            if key in examples[0]:
+                rows = [torch.tensor(example[key], dtype=torch.float32) for example in examples]
+                output[key] = pad(
+                    rows, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+                )
+        return output
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
+    """Forget completions with NPO / SimNPO, optionally token-weighted, neuron-masked and with a retain term.
+
+    Args (beyond ``trl.SFTTrainer``'s):
+        ref_model: the reference policy. Without it the reference is, in this order: the dataset's
+            ``ref_token_logps`` column or ``precompute_ref_log_probs`` (the policy at init, computed once); the model
+            with its neuron deltas disabled (neuron mask); the model with its adapter disabled (PEFT); otherwise a copy
+            loaded from ``model.config._name_or_path`` (as ``trl.DPOTrainer`` does). SimNPO needs none.
+        train_dataset: forget examples, prompt-completion (standard or conversational), or a preference dataset whose
+            ``rejected`` is the forget completion. ``completion_weights`` / ``rejected_weights`` carry token weights
+            (``hf_align.token_weights`` conventions).
+        retain_dataset: optional data to keep (prompt-completion or language modeling). For forget micro-batch ``k``
+            (``k = global_step · gradient_accumulation_steps + micro-step``) each process takes the next
+            ``retain_batch_size`` rows of a permutation of the retain set seeded by ``seed + cycle`` (a new
+            permutation each pass over it). The draw depends only on ``k``, so resuming is exact.
+        neuron_mask: a ``NeuronMask``, a directory, or None (then the config's mask fields), as ``MaskedDPOTrainer``.
+    """
+
+    _tag_names = ["trl", "hf-align", "npo"]
+    _name = "NPO"
+    _paper = {
+        "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
+        "id": "2404.05868",
+    }
+    loss_is_scaled_for_ga = False  # a per-micro-batch mean, like DPO's; Trainer averages over accumulation steps
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: NPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        retain_dataset: Dataset | None = None,
+        neuron_mask=None,
+        peft_config=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = NPOConfig("npo")
+        elif not isinstance(args, NPOConfig):
+            raise TypeError(f"args must be an NPOConfig, got {type(args).__name__}.")
+        if ref_model is not None and ref_model is model:
+            raise ValueError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
+        mask = resolve_neuron_mask(neuron_mask, args)
+        self.neuron_mask = mask
+        if mask is not None:
+            if peft_config is not None or is_peft_model(model):
+                raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
+            model = attach_mask(model, mask, args)
+
+        with _sft_loss_type(args):
+            super().__init__(
+                model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                peft_config=peft_config,
+                **kwargs,
+            )
+        if type(self.data_collator) is DataCollatorForLanguageModeling:
+            collator = self.data_collator
+            self.data_collator = DataCollatorForWeightedLanguageModeling(
+                pad_token_id=collator.pad_token_id,
+                pad_to_multiple_of=collator.pad_to_multiple_of,
+                return_tensors=collator.return_tensors,
+            )
+        if args.disable_dropout:
+            from trl.trainer.utils import disable_dropout_in_model
+
+            disable_dropout_in_model(self.model)
+
+        self.retain_dataset = self._prepare_retain_dataset(retain_dataset)
+        self._retain_position = (-1, 0)  # (global step, micro-step within it)
+        self._retain_perm: tuple[int, torch.Tensor] | None = None
+
+        self.ref_model = None
+        self._ref_mode = self._choose_reference(ref_model)
+        if args.precompute_ref_log_probs and self._needs_ref_for_forget():
+            self.train_dataset = self._precompute_ref(self.train_dataset, "train")
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._precompute_ref(v, k) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_ref(self.eval_dataset, "eval")
+            if self._ref_mode == "policy" and not self._live_ref_needed():
+                self._ref_mode = "none"
+        self.trainable_fraction = self._trainable_fraction()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Reference
+
+    def _needs_ref_for_forget(self) -> bool:
+        return self.args.loss_type == "npo"
+
+    def _live_ref_needed(self) -> bool:
+        """A reference forward during training: for the forget term without precomputed values, or the KL retain."""
+        in_data = self.train_dataset is not None and REF_COLUMN in (self.train_dataset.column_names or [])
+        forget = self._needs_ref_for_forget() and not in_data
+        return forget or (self.retain_dataset is not None and self.args.retain_loss_type == "kl")
+
+    def _choose_reference(self, ref_model) -> str:
+        if ref_model is not None:
+            self.ref_model = self._prepare_ref_model(ref_model)
+            return "model"
+        if not self._live_ref_needed() and not self.args.precompute_ref_log_probs:
+            return "none"
+        if self.neuron_mask is not None:
+            return "deltas_off"
+        if is_peft_model(self.model):
+            return "adapter_off"
+        if self.args.precompute_ref_log_probs and not (
+            self.retain_dataset is not None and self.args.retain_loss_type == "kl"
+        ):
+            return "policy"  # valid only before the first update: used for precomputing, then dropped
+        from trl.trainer.utils import create_model_from_path, get_config_model_id
+
+        init_kwargs = dict(self.args.model_init_kwargs or {})
+        init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        init_kwargs.setdefault("dtype", self.model.dtype)
+        path = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
+        self.ref_model = self._prepare_ref_model(create_model_from_path(path, **init_kwargs))
+        return "model"
+
+    def _prepare_ref_model(self, ref_model):
+        from trl.models import prepare_deepspeed
+        from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+        if self.args.disable_dropout:
+            disable_dropout_in_model(ref_model)
+        add_fused_lm_head(ref_model)
+        ref_model.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    @contextlib.contextmanager
+    def _reference_context(self):
+        """Yields the module whose forward is the reference policy."""
+        if self._ref_mode == "model":
+            yield self.ref_model
+        elif self._ref_mode == "deltas_off":
+            from hf_align.sparse_update import deltas_disabled
+
+            with deltas_disabled(self.accelerator.unwrap_model(self.model)):
+                yield self.model
+        elif self._ref_mode == "adapter_off":
+            with self.accelerator.unwrap_model(self.model).disable_adapter():
+                yield self.model
+        elif self._ref_mode == "policy":
+            yield self.model
+        else:
+            raise RuntimeError("This NPO configuration has no live reference policy.")
+
+    @staticmethod
+    def _model_inputs(inputs: dict) -> dict:
+        return {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+
+    def _reference_log_probs(self, inputs: dict) -> torch.Tensor:
+        """Per-token reference log-probs, shape ``(B, L-1)`` (0 where the label is -100)."""
+        with torch.no_grad(), self._reference_context() as reference:
+            out = reference(**self._model_inputs(inputs), labels=inputs["labels"], fused_lm_head=True, use_cache=False)
+        return out.log_probs[:, -(inputs["labels"].size(1) - 1) :]
+
+    def _reference_logits(self, inputs: dict) -> torch.Tensor:
+        with torch.no_grad(), self._reference_context() as reference:
+            return reference(**self._model_inputs(inputs), use_cache=False).logits
+
+    def _precompute_ref(self, dataset, name: str):
+        """Add the ``ref_token_logps`` column (one reference forward per row, in order, before training)."""
+        if not isinstance(dataset, Dataset):
+            raise ValueError("precompute_ref_log_probs needs a map-style `datasets.Dataset`, not an IterableDataset.")
+        if REF_COLUMN in dataset.column_names:
+            return dataset
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        columns = [c for c in ("input_ids", "labels") if c in dataset.column_names]
+        loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=self.data_collator)
+        was_training = self.model.training
+        self.model.eval()
+        rows: list[list[float]] = []
+        try:
+            for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=self.args.disable_tqdm):
+                batch = self._prepare_inputs(batch)
+                logps = self._reference_log_probs(batch).float().cpu()
+                lengths = batch["attention_mask"].sum(dim=1).tolist()
+                rows.extend([0.0, *logps[i, : n - 1].tolist()] for i, n in enumerate(lengths))
+        finally:
+            self.model.train(was_training)
+        return dataset.add_column(REF_COLUMN, rows)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Data
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """SFT's tokenization (no truncation yet), then per-token weights checked per row, then truncation."""
+        dataset = to_forget_format(dataset)
+        names = dataset.column_names or list(next(iter(dataset)).keys())
+        present = check_weight_columns(names, allowed=("completion_weights",))
+        untruncated = copy.copy(args)
+        untruncated.max_length, untruncated.shuffle_dataset = None, False
+        dataset = super()._prepare_dataset(
+            dataset, processing_class, untruncated, False, formatting_func, dataset_name
+        )
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        if present:
+            eos_id, eos_weight = self._tokenizer.eos_token_id, args.eos_token_weight
+
+            def expand(example, index):
+                labels = example["labels"]
+                completion_ids = [t for t in labels if t != -100]
+                if len(completion_ids) == len(labels):
+                    raise ValueError(
+                        "Token weights need prompt-completion data with completion_only_loss (labels -100 on the "
+                        "prompt); this example has no prompt tokens."
+                    )
+                weights = iter(
+                    normalize_token_weights(
+                        example["completion_weights"],
+                        completion_ids,
+                        column="completion_weights",
+                        row=index,
+                        eos_token_id=eos_id,
+                        eos_token_weight=eos_weight,
+                    )
+                )
+                return {"token_weights": [0.0 if t == -100 else next(weights) for t in labels]}
+
+            dataset = dataset.map(expand, with_indices=True, remove_columns=["completion_weights"], **map_kwargs)
+        if REF_COLUMN in names:
+            bad = dataset.filter(lambda ex: len(ex[REF_COLUMN]) != len(ex["input_ids"]), **map_kwargs)
+            if len(list(bad.take(1)) if isinstance(bad, IterableDataset) else bad) > 0:
+                raise ValueError(
+                    f"Column {REF_COLUMN!r}: needs one float per token of `input_ids` (0 on the prompt) under the "
+                    "trainer's tokenization; some rows have a different length."
+                )
+        if args.max_length is not None:
+            if args.truncation_mode not in ("keep_start", "keep_end"):
+                raise ValueError(f"Unsupported truncation_mode {args.truncation_mode!r}.")
+            sl = (
+                slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
+            )
+            columns = [c for c in _PER_TOKEN_COLUMNS if c in (dataset.column_names or _PER_TOKEN_COLUMNS)]
+            dataset = dataset.map(lambda ex: {c: ex[c][sl] for c in columns if c in ex}, **map_kwargs)
+            dataset = dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]), **map_kwargs)
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for name in ("token_weights", REF_COLUMN):
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
+
+    def _prepare_retain_dataset(self, retain_dataset):
+        if retain_dataset is None:
+            return None
+        if not isinstance(retain_dataset, Dataset):
+            raise TypeError("retain_dataset must be a map-style `datasets.Dataset` (rows are drawn by index).")
+        names = retain_dataset.column_names
+        drop = [c for c in ("completion_weights", "chosen_weights", "rejected_weights") if c in names]
+        if drop:
+            retain_dataset = retain_dataset.remove_columns(drop)
+        no_shuffle = copy.copy(self.args)
+        no_shuffle.shuffle_dataset = False
+        prepared = SFTTrainer._prepare_dataset(
+            self, retain_dataset, self.processing_class, no_shuffle, False, None, "retain"
+        )
+        prepared = prepared.select_columns(["input_ids", "labels"])
+        batch_size = self.args.retain_batch_size or self.args.per_device_train_batch_size
+        if len(prepared) < batch_size:
+            raise ValueError(f"retain_dataset has {len(prepared)} rows, fewer than one retain batch ({batch_size}).")
+        return prepared
+
+    def _retain_batch(self) -> dict:
+        """The retain batch for the current forget micro-batch; a pure function of (global step, micro-step)."""
+        step, micro = self._retain_position
+        micro = micro + 1 if step == self.state.global_step else 0
+        self._retain_position = (self.state.global_step, micro)
+        draw = self.state.global_step * self.args.gradient_accumulation_steps + micro
+        draw = draw * self.accelerator.num_processes + self.accelerator.process_index
+        batch_size = self.args.retain_batch_size or self.args.per_device_train_batch_size
+        per_cycle = len(self.retain_dataset) // batch_size
+        cycle, position = divmod(draw, per_cycle)
+        if self._retain_perm is None or self._retain_perm[0] != cycle:
+            generator = torch.Generator().manual_seed(self.args.seed + cycle)
+            self._retain_perm = (cycle, torch.randperm(len(self.retain_dataset), generator=generator))
+        indices = self._retain_perm[1][position * batch_size : (position + 1) * batch_size].tolist()
+        return self._prepare_inputs(self.data_collator([self.retain_dataset[i] for i in indices]))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Loss
+
+    def _retain_loss(self, model) -> torch.Tensor:
+        inputs = self._retain_batch()
+        labels = inputs["labels"]
+        mask = (labels[:, 1:] != -100).float()
+        if self.args.retain_loss_type == "nll":
+            out = model(**self._model_inputs(inputs), labels=labels, fused_lm_head=True, use_cache=False)
+            return retain_nll(out.log_probs[:, -mask.size(1) :], mask.to(out.log_probs))
+        logits = model(**self._model_inputs(inputs), use_cache=False).logits[:, -labels.size(1) : -1]
+        ref_logits = self._reference_logits(inputs)[:, -labels.size(1) : -1]
+        return retain_kl(logits, ref_logits, mask.to(logits.device))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        token_weights = inputs.pop("token_weights", None)
+        ref_column = inputs.pop(REF_COLUMN, None)
+        labels = inputs["labels"]
+        outputs = model(**self._model_inputs(inputs), labels=labels, fused_lm_head=True, use_cache=False)
+        logps = outputs.log_probs[:, -(labels.size(1) - 1) :]
+        completion = (labels[:, 1:] != -100).to(logps.dtype)
+        weights = completion if token_weights is None else token_weights[:, 1:].to(logps) * completion
+
+        metrics: dict[str, torch.Tensor] = {}
+        if args.loss_type == "simnpo":
+            per_example = simnpo_loss(logps, weights, args.beta, args.simnpo_gamma)
+            forget_loss = per_example.mean()
+            metrics["forget/avg_logp"] = ((logps * weights).sum(-1) / weights.sum(-1).clamp(min=1e-8)).mean()
+        else:
+            ref = ref_column[:, 1:].to(logps) * completion if ref_column is not None else None
+            if ref is None:
+                ref = self._reference_log_probs(inputs).to(logps)
+            per_example, logratio = npo_sequence_loss(logps, ref, weights, args.beta)
+            if args.npo_level == "sequence":
+                forget_loss = per_example.mean()
+            else:
+                forget_loss = npo_token_loss(logps, ref, weights, args.beta)
+            metrics["forget/logratio"] = logratio.detach().mean()
+        loss = forget_loss
+        if mode == "train" and self.retain_dataset is not None and args.retain_weight > 0:
+            retain = self._retain_loss(model)
+            loss = loss + args.retain_weight * retain
+            metrics["retain/loss"] = retain.detach()
+
+        with torch.no_grad():
+            num_completion = completion.sum().clamp(min=1)
+            metrics["forget/loss"] = forget_loss.detach()
+            metrics["forget/nll"] = -(logps.detach() * completion).sum() / num_completion
+            metrics["forget/weighted_token_fraction"] = (weights != 0).sum() / num_completion
+            for key, value in metrics.items():
+                self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.float()).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs and self.neuron_mask is not None:
+            logs["trainable_fraction"] = self.trainable_fraction
+        super().log(logs, start_time)
