@@ -161,3 +161,20 @@ def test_config_validation(tmp_path):
         _args(tmp_path, reg_type="l2")
     with pytest.raises(ValueError, match="mask_level"):
         _args(tmp_path, mask_level="blockx")
+
+
+def test_adaptive_merge_cli_runs_the_recipe_on_the_testbed(destroyed_middle_block, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_align.cli import main
+
+    base, aligned = destroyed_middle_block
+    argv = [
+        "adaptive-merge", "--config", "recipes/ama/adaptive.yaml", "--model_name_or_path", str(aligned),
+        "--base_model_name_or_path", "testbed", "--dataset_name", "testbed:sft", "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--bf16", "false",
+        "--use_cpu", "true", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert LearnedAlphas.load(tmp_path / "out").mask_level == "block3"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged") is not None

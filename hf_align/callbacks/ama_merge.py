@@ -1,0 +1,89 @@
+"""``AMAMergeCallback``: write the AMA-averaged model θ = α·θ_base + (1−α)·θ_trained during any Trainer run.
+
+After each checkpoint save (``merge_on="save"``), at train end (``"end"``) or both, the callback streams
+``base_model`` and the freshly trained weights through :func:`hf_align.merging.merge_models` with a fixed
+``alpha`` or a plan (a :class:`~hf_align.merging.MergePlan` or a builder ``(names, config) → MergePlan``,
+e.g. ``partial(partwise_plan, pivots="10#20", alphas="0.4|0.3|0.2")``), into ``<checkpoint>/<subdir>`` and
+``<output_dir>/<subdir>``. PEFT checkpoints (adapter folders) are merged into their base first. With
+``push_to_hub`` the merged folder is uploaded with ``huggingface_hub.HfApi.upload_folder``. Needs no mergekit.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from hf_align.io import PathLike
+from hf_align.merging.plan import MergePlan, check_alpha
+
+
+class AMAMergeCallback(TrainerCallback):
+    """Averages each saved checkpoint (and/or the final model) with ``base_model``; see the module docstring."""
+
+    def __init__(
+        self,
+        base_model: PathLike,
+        alpha: float | None = None,
+        plan: MergePlan | Callable | None = None,
+        merge_on: str = "both",
+        subdir: str = "ama_merged",
+        dtype: str | None = None,
+        max_shard_size: int | str = "500MB",
+        push_to_hub: bool = False,
+        hub_repo_id: str | None = None,
+        hub_private: bool | None = None,
+    ):
+        if (alpha is None) == (plan is None):
+            raise ValueError("AMAMergeCallback: pass exactly one of alpha or plan.")
+        if alpha is not None:
+            check_alpha(alpha, "alpha")
+        if merge_on not in ("save", "end", "both"):
+            raise ValueError(f"merge_on must be 'save', 'end' or 'both', got {merge_on!r}.")
+        if push_to_hub and not hub_repo_id:
+            raise ValueError("push_to_hub=True needs hub_repo_id (where the merged model goes).")
+        self.base_model, self.alpha, self.plan = str(base_model), alpha, plan
+        self.merge_on, self.subdir, self.dtype, self.max_shard_size = merge_on, subdir, dtype, max_shard_size
+        self.push_to_hub, self.hub_repo_id, self.hub_private = push_to_hub, hub_repo_id, hub_private
+        self.merged_dirs: list[Path] = []
+
+    def merge(self, trained: PathLike, output_dir: PathLike) -> Path:
+        from hf_align.merging.streaming import merge_models
+
+        result = merge_models(
+            self.base_model, trained, output_dir, alpha=self.alpha, plan=self.plan, dtype=self.dtype,
+            max_shard_size=self.max_shard_size, overwrite=True, progress=False,
+        )  # fmt: skip
+        self.merged_dirs.append(result.output_dir)
+        if self.push_to_hub:
+            self._push(result.output_dir, f"AMA merge of {Path(trained).name}")
+        return result.output_dir
+
+    def _push(self, folder: Path, message: str) -> None:
+        import huggingface_hub
+
+        api = huggingface_hub.HfApi()
+        api.create_repo(self.hub_repo_id, private=self.hub_private, exist_ok=True)
+        api.upload_folder(repo_id=self.hub_repo_id, folder_path=str(folder), commit_message=message)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.merge_on in ("save", "both") and state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                self.merge(checkpoint, checkpoint / self.subdir)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.merge_on not in ("end", "both") or not state.is_world_process_zero or model is None:
+            return control
+        with tempfile.TemporaryDirectory(prefix="hf_align_ama_final_", dir=args.output_dir) as tmp:
+            model.save_pretrained(tmp)  # the final weights may not be on disk yet (save_model comes later)
+            if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+                processing_class.save_pretrained(tmp)
+            self.merge(tmp, Path(args.output_dir) / self.subdir)
+        return control
+
+
+__all__ = ["AMAMergeCallback"]

@@ -1,0 +1,61 @@
+"""AMAMergeCallback writes a loadable averaged model next to each checkpoint and at train end."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def test_callback_writes_loadable_merged_models_and_pushes(tmp_path, tokenizer, monkeypatch):
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from hf_align.callbacks import AMAMergeCallback
+    from hf_align.testbed import load_random_tiny
+
+    model = load_random_tiny("llama", hidden_size=32, num_layers=2, intermediate_size=32)
+    model.save_pretrained(tmp_path / "base")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            uploads.append(("create", repo_id))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploads.append(
+                ("upload", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()))
+            )
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    callback = AMAMergeCallback(tmp_path / "base", alpha=0.25, push_to_hub=True, hub_repo_id="me/ama")
+    ids = tokenizer(["1+2=3"] * 4)["input_ids"]
+    data = [{"input_ids": i, "labels": i} for i in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=2, save_steps=1, save_strategy="steps", learning_rate=1e-2,
+        per_device_train_batch_size=2, use_cpu=True, report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+
+    merged = tmp_path / "out" / "checkpoint-2" / "ama_merged"
+    trained = load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(merged)
+    for name, param in loaded.state_dict().items():
+        torch.testing.assert_close(param, 0.25 * base[name] + 0.75 * trained[name], rtol=0, atol=1e-6)
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ama_merged")
+    torch.testing.assert_close(final.state_dict()["lm_head.weight"], loaded.state_dict()["lm_head.weight"])
+    assert (tmp_path / "out" / "checkpoint-1" / "ama_merged" / "merge_plan.json").exists()
+    assert len(callback.merged_dirs) == 3
+    assert [u[0] for u in uploads] == ["create", "upload"] * 3 and "model.safetensors" in uploads[1][2]
+
+
+def test_callback_arguments_are_checked():
+    from hf_align.callbacks import AMAMergeCallback
+
+    with pytest.raises(ValueError, match="exactly one"):
+        AMAMergeCallback("base")
+    with pytest.raises(ValueError, match="alpha must be in"):
+        AMAMergeCallback("base", alpha=2.0)
+    with pytest.raises(ValueError, match="hub_repo_id"):
+        AMAMergeCallback("base", alpha=0.1, push_to_hub=True)
