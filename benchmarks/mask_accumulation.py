@@ -1,11 +1,17 @@
 """Overhead of MaskAccumulationCallback on a TRL DPO step (target: ≤ 1.05× the step time without it).
 
 Model: a randomly initialised ~50M-parameter Llama with the testbed vocabulary (``--quick``: the tiny one);
-data: the testbed preference set. Each configuration trains a few warm-up steps, then the median of the
-measured optimizer steps is taken; configurations alternate over ``--rounds`` rounds and the best round
-counts, to damp the noise of a shared machine.
+data: the testbed preference set. Two measurements:
 
-    python benchmarks/mask_accumulation.py [--quick] [--steps 4] [--rounds 1]
+* the median DPO optimizer step without the callback (``--steps`` measured after 1 warm-up step), and
+* the callback's per-step work in isolation: ``on_pre_optimizer_step`` on the same model with every gradient
+  filled (median of ``--hook-repeats`` calls); for ``weight_diff`` the cost of one save (scoring |Δθ|).
+
+ratio = (step + hook) / step. Timing the hook in isolation is what makes the number meaningful on a
+shared, noisy CPU; ``--ab`` additionally trains each configuration with the callback in the loop and
+reports the direct A/B ratio (noisy; the default for ``--quick``).
+
+    python benchmarks/mask_accumulation.py [--quick] [--steps 2] [--ab]
 
 Prints a table and writes ``benchmarks/results/mask_accumulation.json``.
 """
@@ -89,6 +95,7 @@ def run_one(
         dataloader_num_workers=0,
         disable_tqdm=True,
         max_length=48,
+        gradient_checkpointing=False,
         seed=0,
     )
     timer = StepTimer()
@@ -107,11 +114,46 @@ def run_one(
     return statistics.median(timer.times[warmup:]), hook
 
 
+class _State:
+    global_step = 0
+    is_world_process_zero = True
+
+
+def hook_seconds(model, callback_kwargs: dict, repeats: int, output_dir: str) -> tuple[float, float]:
+    """(median seconds of the per-step hook, seconds of one save) for a callback on ``model`` with full grads."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=output_dir, report_to="none", use_cpu=not torch.cuda.is_available())
+    callback = MaskAccumulationCallback(**callback_kwargs)
+    callback.on_train_begin(args, _State(), None, model=model)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        callback.on_pre_optimizer_step(args, _State(), None, model=model)
+        _sync()
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    callback.scores(model)
+    save = time.perf_counter() - start
+    args.max_grad_norm = callback._max_grad_norm or args.max_grad_norm
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times), save
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Tiny model, 3 steps: a smoke run.")
-    parser.add_argument("--steps", type=int, default=4, help="Measured optimizer steps per configuration.")
-    parser.add_argument("--rounds", type=int, default=1, help="Alternating rounds; the best round counts.")
+    parser.add_argument("--quick", action="store_true", help="Tiny model: a smoke run (with --ab).")
+    parser.add_argument("--steps", type=int, default=2, help="Measured DPO optimizer steps (after 1 warm-up step).")
+    parser.add_argument("--hook-repeats", type=int, default=5, help="Timed calls of the callback's per-step hook.")
+    parser.add_argument("--ab", action="store_true", help="Also train every configuration with the callback (noisy).")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args(argv)
     import datasets
@@ -119,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
+    steps, ab = (3, True) if args.quick else (args.steps, args.ab)
     sizes = QUICK if args.quick else FULL
     model = testbed.load_random_tiny("llama", **sizes)
     if torch.cuda.is_available():
@@ -127,42 +169,41 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = testbed.load_tokenizer()
     dataset = testbed.preference_dataset(64, seed=0)
     params = sum(p.numel() for p in model.parameters())
-    best: dict[str, tuple[float, float]] = {}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(rounds):
-            for name in args.configs:
-                out = f"{tmp}/{round_}-{name.replace('/', '_')}"
-                step, hook = run_one(model, tokenizer, dataset, CONFIGS[name], steps, 2, out)
-                if name not in best or step < best[name][0]:
-                    best[name] = (step, hook)
-    base = best.get("baseline", (None, 0.0))[0]
-    rows = [
-        {
-            "config": name,
-            "median_step_s": round(step, 4),
-            "ratio_vs_baseline": round(step / base, 4) if base else None,
-            "median_hook_s": round(hook, 5),
-            "ratio_from_hook_time": round(step / (step - hook), 4) if step > hook else None,
-        }
-        for name, (step, hook) in best.items()
-    ]
-    print(
-        f"DPO step, Llama {params / 1e6:.1f}M params, batch 4, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
-    )
-    print(f"{'config':<26} {'median step (s)':>16} {'× baseline':>11} {'hook (s)':>10} {'× (hook time)':>14}")
+        base, _ = run_one(model, tokenizer, dataset, None, steps, 1, f"{tmp}/baseline")
+        for name in args.configs:
+            if CONFIGS[name] is None:
+                continue
+            hook, save = hook_seconds(model, CONFIGS[name], args.hook_repeats, f"{tmp}/hook-{name.replace('/', '_')}")
+            row = {
+                "config": name,
+                "hook_s": round(hook, 5),
+                "save_s": round(save, 4),
+                "ratio": round((base + hook) / base, 4),
+            }
+            if ab:
+                step, _ = run_one(
+                    model, tokenizer, dataset, CONFIGS[name], steps, 1, f"{tmp}/{name.replace('/', '_')}"
+                )
+                row["ab_step_s"], row["ab_ratio"] = round(step, 4), round(step / base, 4)
+            rows.append(row)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"DPO step, Llama {params / 1e6:.1f}M params, batch 4, {device}, baseline step {base:.3f} s")
+    print(f"{'config':<26} {'hook/step (s)':>14} {'save (s)':>9} {'ratio':>7} {'A/B ratio':>10}")
     for row in rows:
         print(
-            f"{row['config']:<26} {row['median_step_s']:>16.4f} {row['ratio_vs_baseline'] or '-':>11} "
-            f"{row['median_hook_s']:>10.5f} {row['ratio_from_hook_time'] or '-':>14}"
+            f"{row['config']:<26} {row['hook_s']:>14.5f} {row['save_s']:>9.3f} {row['ratio']:>7.4f} "
+            f"{row.get('ab_ratio', '-'):>10}"
         )
     result = {
         "benchmark": "mask_accumulation",
         "quick": args.quick,
         "model_params": params,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": device,
         "torch_threads": torch.get_num_threads(),
+        "baseline_step_s": round(base, 4),
         "measured_steps": steps,
-        "rounds": rounds,
         "target_ratio": 1.05,
         "results": rows,
     }
