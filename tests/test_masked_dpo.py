@@ -31,6 +31,7 @@ def _args(tmp_path, cls=MaskedDPOConfig, **overrides):
         lr_scheduler_type="constant",
         warmup_steps=0,
         gradient_checkpointing=False,
+        bf16=False,  # fp32 on CPU: the exactness tests compare at 1e-6
     )
     kwargs.update(overrides)
     return cls(**kwargs)
@@ -337,39 +338,57 @@ def test_sparse_mask_leaves_unselected_bit_identical(tmp_path, tokenizer, granul
 
 
 def test_step0_update_equals_allo_masked_adamw(tmp_path, tokenizer):
+    """ALLO's masked AdamW applied to TRL's full step-0 gradient gives our selected entries' update.
+
+    Both gradients are taken inside ``train()`` (TRL's fused log-prob path). Adam's first step is ``lr·sign(g)``, so
+    entries whose gradient is at float-noise level (0 < |g| < 1e-7: the two runs' references differ by rounding) have
+    no defined sign and are left out; they are under 1% of the selection.
+    """
+    from transformers import TrainerCallback
+
     NeuronMask, sparse = _mask_api()
     data = _data(4)  # one batch of 4 = the whole dataset, so both sides see the same pairs
     model = _model()
     mask = NeuronMask.random(model, 0.1, "element", seed=0)
     hp = dict(max_steps=1, learning_rate=1e-3, adam_epsilon=1e-12, weight_decay=0.0)
-    # TRL's full gradient at step 0
+    grads = {}
+
+    class CaptureGradients(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
     full = copy.deepcopy(model)
-    trl = DPOTrainer(
+    start = _params(model)
+    _train(
+        DPOTrainer,
+        _args(tmp_path / "trl", cls=DPOConfig, **hp),
+        tokenizer,
+        data,
         model=full,
         ref_model=copy.deepcopy(model),
-        args=_args(tmp_path, cls=DPOConfig, **hp),
-        train_dataset=data,
-        processing_class=tokenizer,
+        callbacks=[CaptureGradients()],
     )
-    batch = trl.data_collator([trl.train_dataset[i] for i in range(4)])
-    full.train()
-    trl.compute_loss(full, batch).backward()
-    params = [p for n, p in full.named_parameters() if n in mask.masks]
+    replay = {n: torch.nn.Parameter(start[n].clone()) for n in mask.masks}
+    for name, param in replay.items():
+        param.grad = grads[name]
     optimizer = sparse.MaskedAdamW(
-        [{"params": [p], "mask": mask.masks[n]} for n, p in full.named_parameters() if n in mask.masks],
-        lr=1e-3,
-        eps=1e-12,
-        weight_decay=0.0,
+        [{"params": [replay[n]], "mask": m} for n, m in mask.masks.items()], lr=1e-3, eps=1e-12, weight_decay=0.0
     )
     optimizer.step()
-    expected = {n: p.detach() for n, p in full.named_parameters()}
     ours = _train(
         MaskedDPOTrainer, _args(tmp_path, **hp), tokenizer, data, model=model, ref_model=None, neuron_mask=mask
     )
     after = _effective(ours.model, sparse)
-    assert params
+    compared = skipped = 0
     for name, selected in mask.masks.items():
-        torch.testing.assert_close(after[name][selected], expected[name][selected], atol=1e-6, rtol=1e-4, msg=name)
+        defined = selected & ((grads[name] == 0) | (grads[name].abs() >= 1e-7))
+        skipped += int((selected & ~defined).sum())
+        compared += int(defined.sum())
+        torch.testing.assert_close(
+            after[name][defined], replay[name].detach()[defined], atol=1e-6, rtol=1e-4, msg=name
+        )
+        assert torch.equal(after[name][~selected], start[name][~selected]), name
+    assert compared > 0 and skipped < 0.01 * (compared + skipped), (compared, skipped)
 
 
 @pytest.mark.parametrize("save_merged", [True, False])
@@ -435,18 +454,19 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path, tokenizer
 
 
 def test_masked_dpo_raises_testbed_reward(tmp_path):
+    """A random 10% of decoder rows, 60 steps: sampled reward goes up (full DPO gets ~+0.11 in the same budget)."""
     NeuronMask, _ = _mask_api()
     tb = testbed.load()
-    before = tb.mean_reward(num_prompts=48)["mean_reward"]
-    mask = NeuronMask.random(tb.model, 0.25, "row", seed=0)
-    args = _args(tmp_path, max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3)
+    before = tb.mean_reward(num_prompts=256)["mean_reward"]
+    mask = NeuronMask.random(tb.model, 0.1, "row", seed=0)
+    args = _args(tmp_path, max_steps=60, per_device_train_batch_size=16, learning_rate=2e-3, logging_steps=20)
     trainer = MaskedDPOTrainer(
         model=tb.model,
         args=args,
-        train_dataset=tb.preference_dataset(96, seed=11),
+        train_dataset=tb.preference_dataset(512),
         processing_class=tb.tokenizer,
         neuron_mask=mask,
     )
     trainer.train()
-    after = tb.mean_reward(trainer.model, num_prompts=48)["mean_reward"]
+    after = tb.mean_reward(trainer.model, num_prompts=256)["mean_reward"]
     assert after > before + 0.02, (before, after)

@@ -278,6 +278,8 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
             if peft_config is not None or is_peft_model(model):
                 raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
             model = attach_mask(model, mask, args)
+        # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
+        train_dataset = to_forget_format(train_dataset) if train_dataset is not None else None
 
         with _sft_loss_type(args):
             super().__init__(

@@ -1,0 +1,389 @@
+"""Neuron masks: which parameter entries (ALLO's "neurons") or output rows a stage may train.
+
+One home for masks, used by every trainer, callback and the CLI (``docs/masked_dpo.md``):
+
+* ``NeuronMask.masks`` maps a parameter name of the plain model (``model.layers.0.mlp.up_proj.weight``) to a bool
+  tensor. A full-shape mask is *element* granularity (ALLO: every parameter entry is a neuron); a 1-D mask of length
+  ``shape[0]`` on a weight with two or more dims is *row* granularity (a neuron is one output row).
+* ``NeuronMask.from_scores`` is the one path from importance scores to a mask: exact count ``round(ratio * n)``,
+  deterministic ties (a stable sort over names in sorted order), top / bottom / random, one global ranking (ALLO)
+  or one per tensor, and ALLO's band (``exclude_top`` skips the very top before keeping ``ratio``).
+* ``save`` / ``load`` write a bit-packed safetensors file plus a JSON header: 1 bit per entry, never a float.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
+
+
+__all__ = ["MASK_FILE", "MASK_META_FILE", "NeuronMask", "parameter_shape", "default_target"]
+
+MASK_FILE = "neuron_mask.safetensors"
+MASK_META_FILE = "neuron_mask.json"
+FORMAT = "hf-align-neuron-mask"
+GRANULARITIES = ("row", "element")
+SCOPES = ("global", "tensor")
+SELECTS = ("top", "bottom", "random")
+ROW_TARGET = r"layers\.\d+\..*\.weight$"  # decoder-layer weights; only those with >= 2 dims get row masks
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def parameter_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The logical shape of a parameter (a bitsandbytes 4-bit weight is stored packed; its quant state knows)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return tuple(quant_state.shape)
+    return tuple(param.shape)
+
+
+def default_target(granularity: str) -> str | None:
+    """ALLO masks every parameter (element); row masks cover decoder-layer matrices."""
+    return None if granularity == "element" else ROW_TARGET
+
+
+def _matches(name: str, target: str | Iterable[str] | None) -> bool:
+    from hf_align.scores import matches_target
+
+    return matches_target(name, target)
+
+
+def _plain_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(plain name, parameter)`` for a plain or PEFT-wrapped model; adapter weights are skipped."""
+    from hf_align.scores import plain_name
+
+    for name, param in model.named_parameters():
+        plain = plain_name(name)
+        if plain is not None:
+            yield plain, param
+
+
+def _check_ratio(ratio: float, exclude_top: float) -> None:
+    if not isinstance(ratio, int | float) or not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}.")
+    if not 0.0 <= float(exclude_top) < 1.0:
+        raise ValueError(f"exclude_top must be in [0, 1), got {exclude_top!r}.")
+    if ratio + exclude_top > 1.0 + 1e-12:
+        raise ValueError(f"exclude_top + ratio must be at most 1, got {exclude_top} + {ratio}.")
+
+
+def _band(order: torch.Tensor, n: int, ratio: float, exclude_top: float) -> torch.Tensor:
+    """Bool vector of length ``n``: the entries ranked ``[round(l*n), round(l*n) + round(r*n))`` in ``order``."""
+    skip, keep = round(exclude_top * n), round(ratio * n)
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[order[skip : skip + keep]] = True
+    return chosen
+
+
+def _ranking(values: torch.Tensor, select: str) -> torch.Tensor:
+    """Indices best-first; ties keep their position (stable), so a selection never depends on the sort kernel."""
+    return values.argsort(descending=select != "bottom", stable=True)
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BITS).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    bits = (packed.to(torch.uint8).view(-1, 1) & _BITS).ne(0).reshape(-1)
+    return bits[: math.prod(shape)].reshape(shape)
+
+
+@dataclass
+class NeuronMask:
+    """Selected entries (element masks) or output rows (row masks) per parameter name of the plain model.
+
+    ``info`` keeps how the mask was made (ratio asked for, scope, select, exclude_top, seed, base model); it is
+    written to the JSON header by :meth:`save`.
+    """
+
+    masks: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.masks, Mapping) or not self.masks:
+            raise ValueError("A NeuronMask needs at least one parameter mask (got an empty mapping).")
+        for name, mask in self.masks.items():
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"Mask for {name!r} must be a torch.Tensor, got {type(mask).__name__}.")
+        self.masks = {name: mask.detach().to("cpu").bool() for name, mask in self.masks.items()}
+
+    # ------------------------------------------------------------------------------------------- counts
+    @property
+    def num_selected(self) -> int:
+        return sum(int(mask.sum()) for mask in self.masks.values())
+
+    @property
+    def num_total(self) -> int:
+        """Neurons the mask ranges over: entries of element masks, rows of row masks."""
+        return sum(mask.numel() for mask in self.masks.values())
+
+    @property
+    def ratio(self) -> float:
+        return self.num_selected / max(self.num_total, 1)
+
+    @property
+    def granularity(self) -> str:
+        """``"row"`` when every mask is 1-D (rows; also true of 1-D parameters), else ``"element"``."""
+        return self.info.get("granularity") or ("row" if all(m.dim() == 1 for m in self.masks.values()) else "element")
+
+    def __repr__(self) -> str:
+        return (
+            f"NeuronMask(granularity={self.granularity!r}, tensors={len(self.masks)}, "
+            f"selected={self.num_selected}/{self.num_total} ({self.ratio:.4%}))"
+        )
+
+    # ------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_scores(
+        cls,
+        scores: Mapping[str, torch.Tensor],
+        ratio: float,
+        scope: str = "global",
+        select: str = "top",
+        exclude_top: float = 0.0,
+        seed: int = 0,
+        target: str | Iterable[str] | None = None,
+    ) -> NeuronMask:
+        """Keep ``round(ratio * n)`` neurons ranked by score, skipping the top ``round(exclude_top * n)`` first.
+
+        ``scope="global"`` ranks all neurons together (ALLO's one threshold); ``"tensor"`` ranks each tensor alone
+        (``n`` is then per tensor). ``select="bottom"`` keeps the lowest, ``"random"`` a seeded random set (the
+        paper's ablations). Scores are keyed like the masks: full-shape ⇒ element, 1-D ⇒ row.
+        """
+        _check_ratio(ratio, exclude_top)
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
+        if select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, got {select!r}.")
+        names = sorted(name for name in scores if _matches(name, target))
+        if not names:
+            raise ValueError(f"No scores left to select from (target={target!r} matched none of {len(scores)}).")
+        values = {}
+        generator = torch.Generator().manual_seed(seed)
+        for name in names:
+            score = scores[name]
+            if not isinstance(score, torch.Tensor) or not score.is_floating_point():
+                raise TypeError(f"Score for {name!r} must be a floating-point tensor.")
+            if select == "random":
+                score = torch.rand(score.shape, generator=generator)
+            elif not torch.isfinite(score).all():
+                raise ValueError(f"Score for {name!r} contains NaN or inf values.")
+            values[name] = score.detach().to("cpu", torch.float32)
+        ranking = "bottom" if select == "bottom" else "top"
+        if scope == "tensor":
+            masks = {
+                name: _band(_ranking(v.reshape(-1), ranking), v.numel(), ratio, exclude_top).view(v.shape)
+                for name, v in values.items()
+            }
+        else:
+            flat = torch.cat([values[name].reshape(-1) for name in names])
+            chosen = _band(_ranking(flat, ranking), flat.numel(), ratio, exclude_top)
+            masks, start = {}, 0
+            for name in names:
+                size = values[name].numel()
+                masks[name] = chosen[start : start + size].view(values[name].shape)
+                start += size
+        info = {"ratio_requested": ratio, "scope": scope, "select": select, "exclude_top": exclude_top, "seed": seed}
+        return cls(masks, info)
+
+    @classmethod
+    def from_weight_diff(
+        cls,
+        init: PathLike,
+        trained: PathLike,
+        ratio: float,
+        granularity: str = "element",
+        target: str | Iterable[str] | None = None,
+        **selection: Any,
+    ) -> NeuronMask:
+        """ALLO's ``gen_neuron_mask.py``: score ``|θ_trained − θ_init|``, streamed one tensor at a time."""
+        from hf_align.scores import weight_diff_scores
+
+        scores = weight_diff_scores(init, trained, granularity=granularity, target=target)
+        if granularity == "row":
+            scores = {name: s for name, s in scores.items() if s.numel() > 0}
+        mask = cls.from_scores(scores, ratio, **selection)
+        mask.info.update(granularity=granularity, base_model=str(init))
+        return mask
+
+    @classmethod
+    def _like_model(
+        cls, model: torch.nn.Module, granularity: str, target: str | Iterable[str] | None
+    ) -> dict[str, tuple[int, ...]]:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+        target = default_target(granularity) if target is None else target
+        shapes = {}
+        for name, param in _plain_parameters(model):
+            shape = parameter_shape(param)
+            if not param.is_floating_point() and getattr(param, "quant_state", None) is None:
+                continue
+            if not _matches(name, target):
+                continue
+            if granularity == "row":
+                if len(shape) < 2:
+                    continue
+                shape = shape[:1]
+            shapes[name] = shape
+        if not shapes:
+            raise ValueError(f"No parameter of the model matches target={target!r} for {granularity} masks.")
+        return shapes
+
+    @classmethod
+    def full(
+        cls, model: torch.nn.Module, granularity: str = "element", target: str | Iterable[str] | None = None
+    ) -> NeuronMask:
+        """Every neuron of every targeted parameter (ratio 1.0: trains like no mask, through the delta mechanism)."""
+        shapes = cls._like_model(model, granularity, target)
+        return cls({n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}, {"granularity": granularity})
+
+    @classmethod
+    def random(
+        cls,
+        model: torch.nn.Module,
+        ratio: float,
+        granularity: str = "element",
+        seed: int = 0,
+        scope: str = "global",
+        target: str | Iterable[str] | None = None,
+    ) -> NeuronMask:
+        """A seeded random mask of exactly ``round(ratio * n)`` neurons (the paper's random-mask ablation)."""
+        shapes = cls._like_model(model, granularity, target)
+        scores = {name: torch.zeros(shape) for name, shape in shapes.items()}
+        mask = cls.from_scores(scores, ratio, scope=scope, select="random", seed=seed)
+        mask.info["granularity"] = granularity
+        return mask
+
+    # ---------------------------------------------------------------------------------------- checks
+    def validate(self, model: torch.nn.Module) -> None:
+        """Raise a clear error naming the parameter when the mask does not fit ``model`` (names or shapes)."""
+        params = dict(_plain_parameters(model))
+        missing = [name for name in self.masks if name not in params]
+        if missing:
+            example = next(iter(params), "<none>")
+            raise ValueError(
+                f"Neuron mask names {len(missing)} parameter(s) the model does not have, e.g. {missing[0]!r} "
+                f"(the model's parameters look like {example!r}). Was the mask made for another model?"
+            )
+        for name, mask in self.masks.items():
+            shape = parameter_shape(params[name])
+            if tuple(mask.shape) == shape:
+                continue
+            if mask.dim() == 1 and len(shape) >= 2 and mask.shape[0] == shape[0]:
+                continue
+            raise ValueError(
+                f"Neuron mask for {name!r} has shape {tuple(mask.shape)}, but the parameter has shape {shape}: "
+                f"expected {shape} (element) or ({shape[0]},) (row). Was the mask made for another model?"
+            )
+
+    def is_row(self, name: str, param_shape: tuple[int, ...]) -> bool:
+        """Whether the mask for ``name`` selects output rows of a parameter of ``param_shape``."""
+        return self.masks[name].dim() == 1 and len(param_shape) >= 2
+
+    # -------------------------------------------------------------------------------------- analysis
+    def _combine(self, other: NeuronMask, op) -> NeuronMask:
+        if not isinstance(other, NeuronMask):
+            raise TypeError(f"Expected a NeuronMask, got {type(other).__name__}.")
+        combined = {}
+        for name in sorted(set(self.masks) | set(other.masks)):
+            a, b = self.masks.get(name), other.masks.get(name)
+            if a is not None and b is not None and a.shape != b.shape:
+                raise ValueError(f"Masks for {name!r} differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}.")
+            a = a if a is not None else torch.zeros_like(b)
+            b = b if b is not None else torch.zeros_like(a)
+            combined[name] = op(a, b)
+        return NeuronMask(combined, {"granularity": self.granularity})
+
+    def union(self, other: NeuronMask) -> NeuronMask:
+        return self._combine(other, torch.logical_or)
+
+    def intersection(self, other: NeuronMask) -> NeuronMask:
+        return self._combine(other, torch.logical_and)
+
+    def per_tensor_fraction(self) -> dict[str, float]:
+        return {name: float(mask.float().mean()) for name, mask in self.masks.items()}
+
+    def per_layer_fraction(self) -> dict[tuple[int | None, str], float]:
+        """Selected fraction per ``(decoder layer index or None, module type)``, e.g. ``(3, "q_proj")``."""
+        selected: dict[tuple[int | None, str], int] = {}
+        total: dict[tuple[int | None, str], int] = {}
+        for name, mask in self.masks.items():
+            match = re.search(r"layers\.(\d+)\.", name)
+            parts = name.split(".")
+            module = parts[-2] if len(parts) > 1 else parts[-1]
+            key = (int(match.group(1)) if match else None, module)
+            selected[key] = selected.get(key, 0) + int(mask.sum())
+            total[key] = total.get(key, 0) + mask.numel()
+        return {key: selected[key] / total[key] for key in total}
+
+    def summary(self) -> str:
+        lines = [repr(self)]
+        width = max(len(n) for n in self.masks)
+        for name, mask in self.masks.items():
+            lines.append(
+                f"  {name:<{width}}  {int(mask.sum()):>10}/{mask.numel():<10} {float(mask.float().mean()):.4f}"
+            )
+        return "\n".join(lines)
+
+    # -------------------------------------------------------------------------------------------- I/O
+    def save(self, directory: PathLike) -> Path:
+        """Write ``neuron_mask.safetensors`` (1 bit per neuron) and ``neuron_mask.json`` into ``directory``."""
+        directory = Path(directory)
+        header = {
+            "format": FORMAT,
+            "version": 1,
+            "granularity": self.granularity,
+            "ratio": self.ratio,
+            "num_selected": self.num_selected,
+            "num_total": self.num_total,
+            "shapes": {name: list(mask.shape) for name, mask in self.masks.items()},
+            **{k: v for k, v in self.info.items() if k != "granularity"},
+        }
+        save_tensors(directory / MASK_FILE, {name: _pack(mask) for name, mask in self.masks.items()})
+        write_json(directory / MASK_META_FILE, header)
+        return directory
+
+    @classmethod
+    def load(cls, directory: PathLike) -> NeuronMask:
+        """Read a mask written by :meth:`save`; errors name the file and what is wrong with it."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"Neuron mask directory {str(directory)!r} does not exist.")
+        meta_path = directory / MASK_META_FILE
+        header = read_json(meta_path)
+        if (
+            not isinstance(header, dict)
+            or header.get("format") != FORMAT
+            or not isinstance(header.get("shapes"), dict)
+        ):
+            raise ValueError(
+                f"{str(meta_path)!r} is not a neuron-mask header (expected format {FORMAT!r} and shapes)."
+            )
+        packed = load_tensors(directory / MASK_FILE)
+        shapes = {name: tuple(int(d) for d in shape) for name, shape in header["shapes"].items()}
+        if set(packed) != set(shapes):
+            raise ValueError(
+                f"{str(directory / MASK_FILE)!r} and {str(meta_path)!r} list different parameters "
+                f"({sorted(set(packed) ^ set(shapes))[:3]}…)."
+            )
+        masks = {}
+        for name, shape in shapes.items():
+            if packed[name].dtype != torch.uint8 or packed[name].numel() != math.ceil(math.prod(shape) / 8):
+                raise ValueError(f"Mask {name!r} in {str(directory / MASK_FILE)!r} does not match its shape {shape}.")
+            masks[name] = _unpack(packed[name], shape)
+        info = {k: v for k, v in header.items() if k not in ("format", "version", "shapes", "ratio", "num_total")}
+        info.pop("num_selected", None)
+        return cls(masks, info)

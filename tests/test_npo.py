@@ -1,0 +1,303 @@
+"""NPOTrainer: losses against formulas written out here, data formats, reference options, resume, testbed forgetting."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from hf_align.trainers.npo import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+POLICY = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-0.3, -4.0, 0.0, 0.0]], dtype=torch.float64)
+REF = torch.tensor([[-1.5, -1.0, -0.7, 0.0], [-0.2, -3.0, 0.0, 0.0]], dtype=torch.float64)
+WEIGHTS = torch.tensor([[1.0, 0.5, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_sequence_loss_is_the_npo_formula(beta):
+    loss, logratio = npo_sequence_loss(POLICY, REF, WEIGHTS, beta)
+    for i in range(2):
+        r = sum(WEIGHTS[i, t].item() * (POLICY[i, t].item() - REF[i, t].item()) for t in range(4))
+        assert logratio[i].item() == pytest.approx(r)
+        assert loss[i].item() == pytest.approx(-(2 / beta) * log_sigmoid(-beta * r))
+
+
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_token_loss_is_allos_formula(beta):
+    total, count = 0.0, 0
+    for i in range(2):
+        for t in range(4):
+            w = WEIGHTS[i, t].item()
+            total += -w * log_sigmoid(-beta * (POLICY[i, t].item() - REF[i, t].item()))
+            count += w != 0
+    assert npo_token_loss(POLICY, REF, WEIGHTS, beta).item() == pytest.approx(total / count)
+
+
+def test_unit_weights_are_plain_sequence_npo_and_init_loss_is_2ln2_over_beta():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    policy = POLICY[:1] * mask
+    loss, _ = npo_sequence_loss(policy, REF[:1] * mask, mask, 0.5)
+    r = (policy - REF[:1] * mask).sum().item()  # log πθ(y|x) − log π_ref(y|x)
+    assert loss.item() == pytest.approx(-(2 / 0.5) * log_sigmoid(-0.5 * r))
+    at_init, _ = npo_sequence_loss(policy, policy, mask, 0.5)
+    assert at_init.item() == pytest.approx(2 * math.log(2) / 0.5)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_zero_weight_token_cannot_affect_loss_or_get_gradient(level):
+    policy = POLICY.clone().requires_grad_(True)
+    fn = (lambda p: npo_sequence_loss(p, REF, WEIGHTS, 0.1)[0].mean()) if level == "sequence" else None
+    fn = fn or (lambda p: npo_token_loss(p, REF, WEIGHTS, 0.1))
+    loss = fn(policy)
+    loss.backward()
+    assert policy.grad[0, 2] == 0 and policy.grad[1, 2] == 0
+    changed = POLICY.clone()
+    changed[0, 2] = -50.0
+    assert fn(changed).item() == loss.item()
+
+
+def test_simnpo_by_hand():
+    beta, gamma = 2.5, 0.3
+    loss = simnpo_loss(POLICY, WEIGHTS, beta, gamma)
+    for i in range(2):
+        length = WEIGHTS[i].sum().item()
+        logp = sum(WEIGHTS[i, t].item() * POLICY[i, t].item() for t in range(4))  # log πθ(y|x), weighted
+        assert loss[i].item() == pytest.approx(-(2 / beta) * log_sigmoid(-(beta / length) * logp - gamma))
+
+
+def test_retain_terms_by_hand():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    log_probs = torch.tensor([[-0.5, -1.5, -9.0]])
+    assert retain_nll(log_probs, mask).item() == pytest.approx((0.5 + 1.5) / 2)
+    policy = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(0))
+    ref = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(1))
+    expected = 0.0
+    for t in range(2):
+        p_ref, p_pol = ref[0, t].softmax(-1), policy[0, t].softmax(-1)
+        expected += sum(p_ref[v] * math.log(p_ref[v] / p_pol[v]) for v in range(5)).item()
+    assert retain_kl(policy, ref, mask).item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def _args(tmp_path, **kw):
+    from hf_align.trainers import NPOConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+    base.update(kw)
+    return NPOConfig(**base)
+
+
+def _batch(trainer, n=4):
+    return trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))
+
+
+def _manual_token_logps(model, batch):
+    """Independent per-token log-probs from full logits: (B, L-1), 0 outside the completion."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logp * (labels != -100)
+
+
+@pytest.fixture(scope="module")
+def testbed_model():
+    from hf_align import testbed
+
+    return testbed.load()
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_init_loss_is_2ln2_over_beta_on_the_real_model(tmp_path, testbed_model, conversational):
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    model = copy.deepcopy(testbed_model.model)
+    trainer = NPOTrainer(
+        model,
+        ref_model=copy.deepcopy(model),
+        args=_args(tmp_path, beta=0.25),
+        train_dataset=testbed.forget_dataset(4, conversational=conversational),
+        processing_class=testbed_model.tokenizer,
+    )
+    loss = trainer.compute_loss(trainer.model, _batch(trainer))
+    assert loss.item() == pytest.approx(2 * math.log(2) / 0.25, abs=1e-5)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_trainer_loss_matches_formula_with_weights_from_preference_data(tmp_path, level):
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    tok = testbed.load_tokenizer()
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    data = testbed.preference_dataset(4, seed=0)
+    data = data.map(lambda ex: {"rejected_weights": [float(i % 2) for i in range(len(ex["rejected"]))]})
+    trainer = NPOTrainer(
+        model, ref_model=ref, args=_args(tmp_path, npo_level=level, beta=0.5), train_dataset=data, processing_class=tok
+    )
+    batch = _batch(trainer)
+    weights = batch["token_weights"][:, 1:].clone()
+    policy, reference = _manual_token_logps(model, batch), _manual_token_logps(ref, batch)
+    # digits are single tokens, the EOS weight is eos_token_weight = 1
+    row0 = [i for i, lab in enumerate(batch["labels"][0, 1:].tolist()) if lab != -100]
+    assert weights[0, row0].tolist() == [float(i % 2) for i in range(len(row0) - 1)] + [1.0]
+    if level == "sequence":
+        expected = 0.0
+        for i in range(4):
+            r = float(((policy[i] - reference[i]) * weights[i]).sum())
+            expected += -(2 / 0.5) * log_sigmoid(-0.5 * r) / 4
+    else:
+        terms = -weights * torch.nn.functional.logsigmoid(-0.5 * (policy - reference))
+        expected = float(terms.sum() / (weights != 0).sum())
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_weights_name_column_and_row(tmp_path):
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    data = testbed.forget_dataset(3).map(
+        lambda ex, i: {"completion_weights": [1.0] * (1 if i == 2 else 3)}, with_indices=True
+    )
+    data = data.map(lambda ex: {"completion": "123"})
+    with pytest.raises(ValueError, match=r"'completion_weights', row 2"):
+        NPOTrainer(
+            testbed.load_random_tiny("llama", hidden_size=32, num_layers=2),
+            ref_model=testbed.load_random_tiny("llama", hidden_size=32, num_layers=2),
+            args=_args(tmp_path),
+            train_dataset=data,
+            processing_class=testbed.load_tokenizer(),
+        )
+
+
+def test_precomputed_reference_equals_live_reference(tmp_path):
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    tok = testbed.load_tokenizer()
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    data = testbed.forget_dataset(4)
+    live = NPOTrainer(
+        copy.deepcopy(model),
+        ref_model=copy.deepcopy(model),
+        args=_args(tmp_path),
+        train_dataset=data,
+        processing_class=tok,
+    )
+    pre = NPOTrainer(
+        copy.deepcopy(model),
+        args=_args(tmp_path, precompute_ref_log_probs=True),
+        train_dataset=data,
+        processing_class=tok,
+    )
+    assert pre._ref_mode == "none" and "ref_token_logps" in pre.train_dataset.column_names
+    for trainer in (live, pre):
+        with torch.no_grad():
+            trainer.model.model.layers[0].mlp.down_proj.weight.mul_(1.3)
+    a = live.compute_loss(live.model, _batch(live))
+    b = pre.compute_loss(pre.model, _batch(pre))
+    assert a.item() == pytest.approx(b.item(), rel=1e-5) and a.item() != pytest.approx(2 * math.log(2) / 0.1)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    tok = testbed.load_tokenizer()
+    base = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    forget, retain = testbed.forget_dataset(16), testbed.retain_dataset(8)
+
+    def run(out, resume=None, max_steps=4):
+        args = _args(
+            tmp_path, output_dir=str(out), max_steps=max_steps, save_strategy="steps", save_steps=2,
+            per_device_train_batch_size=2, retain_batch_size=3, precompute_ref_log_probs=True,
+        )  # fmt: skip
+        trainer = NPOTrainer(
+            copy.deepcopy(base), args=args, train_dataset=forget, processing_class=tok, retain_dataset=retain
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    full = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    for name, value in full.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+
+
+def test_npo_forgets_the_marker_and_keeps_retain_nll_on_the_testbed(tmp_path, testbed_model):
+    """NPO on the ' ugh' tokens of the forget set (+ NLL retain term): p(' ugh') drops, retain NLL rises < 10 %."""
+    from hf_align import testbed
+    from hf_align.token_weights import weights_from_char_spans
+    from hf_align.trainers import NPOTrainer
+
+    tok = testbed_model.tokenizer
+    model = copy.deepcopy(testbed_model.model)
+
+    def marker_logp_and_retain_nll(m):
+        marker, nll, count = [], 0.0, 0
+        for ex in testbed.forget_dataset(16, seed=11):
+            answer = ex["completion"][: ex["completion"].index(" ugh")]
+            ctx = tok(ex["prompt"] + answer)["input_ids"]
+            ids = torch.tensor([tok(ex["prompt"] + ex["completion"])["input_ids"]])
+            with torch.no_grad():
+                lp = m(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            marker.append(lp[len(ctx) - 1 :].sum().item())
+        for ex in testbed.retain_dataset(16, seed=12):
+            p = tok(ex["prompt"])["input_ids"]
+            ids = torch.tensor([tok(ex["prompt"] + ex["completion"] + tok.eos_token)["input_ids"]])
+            with torch.no_grad():
+                lp = m(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            nll -= lp[len(p) - 1 :].sum().item()
+            count += ids.size(1) - len(p)
+        return sum(marker) / len(marker), nll / count
+
+    marker0, retain0 = marker_logp_and_retain_nll(model)
+    forget = testbed.forget_dataset(48).map(
+        lambda ex: {
+            "completion_weights": weights_from_char_spans(
+                tok,
+                ex["prompt"],
+                ex["completion"],
+                [(ex["completion"].index(" ugh"), len(ex["completion"]))],
+                special=0.0,
+            )
+        }
+    )
+    args = _args(
+        tmp_path, max_steps=8, per_device_train_batch_size=8, learning_rate=2e-3, retain_weight=2.0,
+        precompute_ref_log_probs=True,
+    )  # fmt: skip
+    trainer = NPOTrainer(
+        model, args=args, train_dataset=forget, processing_class=tok, retain_dataset=testbed.retain_dataset(64)
+    )
+    trainer.train()
+    marker1, retain1 = marker_logp_and_retain_nll(trainer.model)
+    assert marker1 < marker0 - 1.5, (marker0, marker1)  # p(' ugh') shrinks by more than e^1.5 ≈ 4.5×
+    assert retain1 < 1.10 * retain0, (retain0, retain1)
