@@ -1,7 +1,10 @@
-"""``hf-align quickstart``: see alignment happen on a laptop CPU in a few minutes.
+"""``hf-align quickstart``: see alignment happen on a laptop CPU in a minute.
 
-DPO-aligns the embedded testbed model on its own preference pairs and prints the mean reward of
-its samples before and after. Offline; writes only under ``--output_dir``.
+Default (``--method masked-dpo``, ALLO in miniature): a short warm-up DPO with ``MaskAccumulationCallback`` scores
+every decoder row by its accumulated gradient, ``NeuronMask.from_scores`` keeps the top 10 %, and
+``MaskedDPOTrainer`` aligns the embedded testbed model training only those rows. ``--method dpo`` runs plain
+``trl.DPOTrainer`` instead. Prints the mean reward of the model's samples before and after. Offline; writes only
+under ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--method",
         choices=("masked-dpo", "dpo"),
-        default="dpo",
-        help="masked-dpo: hf-align's MaskedDPOTrainer (10%% of neurons); dpo: plain trl.DPOTrainer.",
+        default="masked-dpo",
+        help="masked-dpo: warm-up scores + MaskedDPOTrainer on the top rows (ALLO); dpo: plain trl.DPOTrainer.",
     )
-    parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps.")
+    parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps of the alignment run.")
+    parser.add_argument("--warmup_steps", type=int, default=20, help="Warm-up DPO steps that score the rows.")
     parser.add_argument("--learning_rate", type=float, default=None, help="Defaults to a value tuned per method.")
     parser.add_argument("--neuron_mask_ratio", type=float, default=0.1, help="Fraction of rows trained (masked-dpo).")
     parser.add_argument("--num_pairs", type=int, default=512, help="Preference pairs generated from the testbed task.")
@@ -28,6 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None, help="Where the aligned model goes (default: a temp dir).")
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _warmup_mask(tb, dataset, common: dict, args: argparse.Namespace, output_dir: str):
+    """ALLO's first stage in miniature: a DPO warm-up whose accumulated row gradients pick the mask."""
+    from trl import DPOConfig, DPOTrainer
+
+    from hf_align.callbacks import MaskAccumulationCallback
+
+    callback = MaskAccumulationCallback(method="gradient", granularity="row", select_ratio=args.neuron_mask_ratio)
+    warm = copy.deepcopy(tb.model)
+    config = DPOConfig(**{**common, "output_dir": f"{output_dir}/warmup", "max_steps": args.warmup_steps})
+    config.learning_rate = 5e-4
+    DPOTrainer(
+        model=warm,
+        ref_model=copy.deepcopy(tb.model),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tb.tokenizer,
+        callbacks=[callback],
+    ).train()
+    from hf_align.masks import NeuronMask
+
+    return NeuronMask.load(f"{output_dir}/warmup/neuron_mask")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -46,23 +73,26 @@ def run(args: argparse.Namespace) -> dict:
         max_steps=args.max_steps,
         beta=0.1,
         lr_scheduler_type="constant",
-        logging_steps=10,
+        logging_steps=20,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
         seed=args.seed,
         disable_tqdm=True,
     )
     dataset = tb.preference_dataset(args.num_pairs)
+    start = time.time()
     if args.method == "masked-dpo":
         from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
-        config = MaskedDPOConfig(
-            learning_rate=args.learning_rate or 1e-3,
-            neuron_mask_ratio=args.neuron_mask_ratio,
-            **common,
+        mask = _warmup_mask(tb, dataset, common, args, output_dir)
+        print(f"mask: {mask}", flush=True)
+        config = MaskedDPOConfig(learning_rate=args.learning_rate or 2e-3, **common)
+        trainer = MaskedDPOTrainer(
+            model=tb.model, args=config, train_dataset=dataset, processing_class=tb.tokenizer, neuron_mask=mask
         )
-        trainer = MaskedDPOTrainer(model=tb.model, args=config, train_dataset=dataset, processing_class=tb.tokenizer)
     else:
         config = DPOConfig(learning_rate=args.learning_rate or 5e-4, **common)
         trainer = DPOTrainer(
@@ -72,7 +102,6 @@ def run(args: argparse.Namespace) -> dict:
             train_dataset=dataset,
             processing_class=tb.tokenizer,
         )
-    start = time.time()
     trainer.train()
     trainer.save_model(output_dir)
     model = trainer.model
