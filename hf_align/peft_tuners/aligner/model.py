@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from hf_align.peft_tuners.aligner.config import AlignerConfig
 from hf_align.peft_tuners.aligner.layer import ATTENTION_SPECS, SUPPORTED_MODEL_TYPES, AlignerAttention
+from hf_align.quantization import unpack_cpu_inference_weights
 
 
 class AlignerModel(BaseTuner):
@@ -93,6 +95,11 @@ class AlignerModel(BaseTuner):
         super().delete_adapter(adapter_name)
         if not self.active_adapters and self.peft_config:
             self.set_adapter(sorted(self.peft_config)[0])
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # a 4-bit base repacked for CPU inference would cut the adapter's gradients
+            unpack_cpu_inference_weights(self.model)
+        return super().forward(*args, **kwargs)
 
     def _check_merge_allowed(self):
         raise ValueError("Aligner cannot be merged into the base weights; use `unload()` to drop it.")
