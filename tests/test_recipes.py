@@ -36,6 +36,39 @@ TESTBED_DATA = {
     "npo": "testbed:forget",
     "feedback": "testbed:prompts",
 }
+# Command-specific stand-ins: the feedback loop runs num_iterations × steps_per_iteration steps (= max_steps 2).
+TINY_EXTRA = {
+    "feedback": [
+        "--num_iterations", "1",
+        "--steps_per_iteration", "2",
+        "--prompts_per_iteration", "4",
+        "--num_generations", "2",
+        "--max_new_tokens", "4",
+        "--generation_batch_size", "8",
+    ],
+}  # fmt: skip
+
+# Judges for the category / text recipes (they name none: a judge is the user's), by the testbed's reward.
+JUDGES = """
+from hf_align.testbed import reward
+
+
+def category(prompts, completions):
+    return ["Correct." if r == 1.0 else "Partly correct." if r > 0 else "Wrong." for r in reward(prompts, completions)]
+
+
+def text(prompts, completions):
+    return [(f"{round(100 * r)}% of the digits are right.", r) for r in reward(prompts, completions)]
+"""
+
+
+def _testbed_mask(directory: Path, ratio: float = 0.1) -> str:
+    """A random row mask for the testbed model, standing in for the mask a recipe's earlier stage writes."""
+    from hf_align import testbed
+    from hf_align.masks import NeuronMask
+
+    NeuronMask.random(testbed.load().model, ratio, granularity="row", seed=0).save(directory)
+    return str(directory)
 
 
 def recipe_command(path: Path) -> str:
@@ -63,12 +96,20 @@ TRAINING_RECIPES = [p for p in RECIPES if recipe_command(p) in TESTBED_DATA]
 
 
 @pytest.mark.parametrize("path", TRAINING_RECIPES, ids=[str(p.relative_to(ROOT)) for p in TRAINING_RECIPES])
-def test_training_recipe_runs_on_the_testbed(path, tmp_path):
+def test_training_recipe_runs_on_the_testbed(path, tmp_path, monkeypatch):
     from hf_align.cli.training import run_command
 
     command = recipe_command(path)
     argv = ["--config", str(path), *TINY_TRAINING, "--dataset_name", TESTBED_DATA[command]]
     argv += ["--output_dir", str(tmp_path / "out")]
+    argv += TINY_EXTRA.get(command, [])
+    recipe = yaml.safe_load(path.read_text())
+    if "neuron_mask_path" in recipe:
+        argv += ["--neuron_mask_path", _testbed_mask(tmp_path / "mask")]
+    if "feedback_fn" in recipe and recipe.get("feedback_type") in ("category", "text"):
+        (tmp_path / "recipe_judges.py").write_text(JUDGES)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        argv += ["--feedback_fn", f"recipe_judges:{recipe['feedback_type']}"]
     assert run_command(command, argv, launch=False) == 0
     assert (tmp_path / "out").exists()
 
