@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label-tokens": ("label_tokens", "Add key-token weight columns to a preference/forget dataset."),
     "merge": ("merge", "Average base and aligned weights (linear or partwise AMA), streamed tensor by tensor."),
     "adaptive-merge": ("adaptive_merge", "Learn per-block averaging ratios on data (adaptive AMA), then merge."),
+    "pipeline": ("pipeline", "Run a multi-stage recipe (ALLO: warm-up, masks, forget, improve); resumable."),
 }
 
 

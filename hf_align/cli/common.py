@@ -122,6 +122,7 @@ def train_and_save(trainer, training_args, script_args) -> None:
     """Train (resuming if asked), save, optionally push: the tail every command shares."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history the pipeline summary reads
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
