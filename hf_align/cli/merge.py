@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", help="Hub revision for Hub ids.")
     parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists (atomically).")
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Upload the merged model (with a model card) here.")
+    parser.add_argument("--private", action="store_true", help="With --push_to_hub: create the repo private.")
     return parser
 
 
@@ -107,7 +110,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(result.plan.table())
     print(f"merged {result.num_tensors} tensors into {result.num_shards} shard(s) at {result.output_dir}")
+    if args.push_to_hub:
+        push_merged(args, result)
     return 0
+
+
+def push_merged(args, result, api=None):
+    """Upload the merged folder with a card that records both inputs and the per-tensor-group α's."""
+    from hf_align.hub import build_model_card, push_folder
+
+    alphas = {"alpha": args.alpha} if args.alpha is not None else {"pivots": args.pivots, "alphas": args.alphas}
+    card = build_model_card(
+        title=f"AMA merge of {args.aligned}",
+        method=(
+            "Model averaging (AMA): θ = α·θ_base + (1−α)·θ_aligned, α weighing the pre-alignment model, "
+            "streamed tensor by tensor by hf-align. The full per-tensor plan is in merge_plan.json."
+        ),
+        how_to_load=f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{args.push_to_hub}")',
+        base_model=args.aligned if not Path(args.aligned).exists() else None,
+        hyperparameters={"base": args.base, "aligned": args.aligned, **alphas},
+        citations=["ama"],
+        tags=["merge", "ama"],
+    )
+    return push_folder(result.output_dir, args.push_to_hub, card, private=args.private or None, api=api)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from hf_align.hub import CITATIONS
 from hf_align.token_weights import (
     check_weight_columns,
     ld_alpha_multiplier,
@@ -249,6 +250,11 @@ class MaskedDPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "hf-align", "masked-dpo"]
     _name = "MaskedDPO"
+    _paper = {
+        "title": "Learning to Align by Forgetting and Improving: ALLO, Low-Redundant Alignment",
+        "id": "2406.12606",
+        "citation": CITATIONS["allo"],
+    }
 
     def __init__(
         self,
