@@ -67,10 +67,10 @@ def _plain_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
 
 
 def _check_ratio(ratio: float, exclude_top: float) -> None:
-    if not isinstance(ratio, int | float) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}.")
-    if not 0.0 <= float(exclude_top) < 1.0:
-        raise ValueError(f"exclude_top must be in [0, 1), got {exclude_top!r}.")
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}.")
+    if isinstance(exclude_top, bool) or not isinstance(exclude_top, int | float) or not 0.0 <= exclude_top < 1.0:
+        raise ValueError(f"exclude_top must be a number in [0, 1), got {exclude_top!r}.")
     if ratio + exclude_top > 1.0 + 1e-12:
         raise ValueError(f"exclude_top + ratio must be at most 1, got {exclude_top} + {ratio}.")
 
@@ -177,10 +177,12 @@ class NeuronMask:
             score = scores[name]
             if not isinstance(score, torch.Tensor) or not score.is_floating_point():
                 raise TypeError(f"Score for {name!r} must be a floating-point tensor.")
+            if torch.isnan(score).any():
+                raise ValueError(f"Score for {name!r} contains NaN values; scores must be finite numbers.")
             if select == "random":
                 score = torch.rand(score.shape, generator=generator)
             elif not torch.isfinite(score).all():
-                raise ValueError(f"Score for {name!r} contains NaN or inf values.")
+                raise ValueError(f"Score for {name!r} contains inf values; scores must be finite numbers.")
             values[name] = score.detach().to("cpu", torch.float32)
         ranking = "bottom" if select == "bottom" else "top"
         if scope == "tensor":
@@ -196,6 +198,12 @@ class NeuronMask:
                 size = values[name].numel()
                 masks[name] = chosen[start : start + size].view(values[name].shape)
                 start += size
+        if not any(bool(mask.any()) for mask in masks.values()):
+            total = sum(v.numel() for v in values.values())
+            raise ValueError(
+                f"ratio={ratio} selects no neuron (round(ratio * n) is 0 for n={total} "
+                f"{'per tensor' if scope == 'tensor' else 'in all'}); raise ratio."
+            )
         info = {"ratio_requested": ratio, "scope": scope, "select": select, "exclude_top": exclude_top, "seed": seed}
         return cls(masks, info)
 
@@ -209,12 +217,27 @@ class NeuronMask:
         target: str | Iterable[str] | None = None,
         **selection: Any,
     ) -> NeuronMask:
-        """ALLO's ``gen_neuron_mask.py``: score ``|θ_trained − θ_init|``, streamed one tensor at a time."""
-        from hf_align.scores import weight_diff_scores
+        """ALLO's ``gen_neuron_mask.py``: score ``|θ_trained − θ_init|``, streamed one tensor at a time.
 
-        scores = weight_diff_scores(init, trained, granularity=granularity, target=target)
-        if granularity == "row":
-            scores = {name: s for name, s in scores.items() if s.numel() > 0}
+        Element granularity scores every floating-point tensor by default (ALLO); row granularity the decoder-layer
+        weights with two or more dims (the sum of ``|Δ|`` over each output row). ``target`` narrows either.
+        """
+        from hf_align.scores import CheckpointReader, weight_diff_scores
+
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+        reader = CheckpointReader(init)
+        if target is None:
+            target = default_target(granularity)
+        if granularity == "row":  # a row is an output row of a matrix: 1-D tensors (norms, biases) have none
+            names = [
+                n for n in reader.keys() if _matches(n, target) and len(reader._where[n].get_slice(n).get_shape()) >= 2
+            ]
+            if not names:
+                raise ValueError(f"No tensor with two or more dims in {str(init)!r} matches target={target!r}.")
+            target = [re.escape(n) for n in names]
+            target = "^(" + "|".join(target) + ")$"
+        scores = weight_diff_scores(reader, trained, granularity=granularity, target=target)
         mask = cls.from_scores(scores, ratio, **selection)
         mask.info.update(granularity=granularity, base_model=str(init))
         return mask
@@ -382,8 +405,18 @@ class NeuronMask:
         masks = {}
         for name, shape in shapes.items():
             if packed[name].dtype != torch.uint8 or packed[name].numel() != math.ceil(math.prod(shape) / 8):
-                raise ValueError(f"Mask {name!r} in {str(directory / MASK_FILE)!r} does not match its shape {shape}.")
+                raise ValueError(
+                    f"Mask {name!r} in {str(directory / MASK_FILE)!r} does not match its shape {shape} "
+                    f"(expected {math.ceil(math.prod(shape) / 8)} packed uint8 bytes, got {packed[name].numel()} "
+                    f"{packed[name].dtype})."
+                )
             masks[name] = _unpack(packed[name], shape)
+        expected = header.get("num_selected")
+        if isinstance(expected, int) and expected != sum(int(m.sum()) for m in masks.values()):
+            raise ValueError(
+                f"{str(directory / MASK_FILE)!r} selects {sum(int(m.sum()) for m in masks.values())} neurons but "
+                f"{str(meta_path)!r} says {expected}: the files are corrupt or from different masks."
+            )
         info = {k: v for k, v in header.items() if k not in ("format", "version", "shapes", "ratio", "num_total")}
         info.pop("num_selected", None)
         return cls(masks, info)
