@@ -112,3 +112,17 @@ def test_masked_dpo_push_to_hub_uploads_merged_or_deltas_with_allo_card(tmp_path
         assert "model.safetensors" not in files
     card = (api.uploads[-1][1] / "README.md").read_text()
     assert "MaskedDPO" in card and "2406.12606" in card and "hf-align" in card
+
+
+def test_select_mask_cli_pushes_the_mask(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from hf_align.cli import main
+    from hf_align.scores import save_scores
+
+    api = FakeApi(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    save_scores(tmp_path / "warm", {"model.layers.0.mlp.up_proj.weight": torch.rand(8)}, {"method": "gradient"})
+    argv = ["select-mask", "--scores", str(tmp_path / "warm"), "--ratio", "0.25", "--output", str(tmp_path / "m")]
+    assert main([*argv, "--push_to_hub", "me/mask"]) == 0
+    assert api.repos == [("me/mask", None)] and "neuron_mask.safetensors" in api.files()

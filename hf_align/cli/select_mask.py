@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default=None, help="Regex on parameter names to restrict the selection.")
     parser.add_argument("--output", required=True, help="Folder to write the mask (and plots) into.")
     parser.add_argument("--plot", action="store_true", help="Also write the heatmap and score-distribution PNGs.")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Also upload the mask (with a model card) here.")
     return parser
 
 
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         plot_score_distribution(scores, output / DISTRIBUTION_FILE, threshold=threshold)
         print(f"plots: {output / HEATMAP_FILE}, {output / DISTRIBUTION_FILE}")
     print(f"mask written to {output}")
+    if args.push_to_hub:
+        from hf_align.hub import push_neuron_mask
+
+        push_neuron_mask(mask, args.push_to_hub)
+        print(f"mask pushed to {args.push_to_hub}")
     return 0
 
 
