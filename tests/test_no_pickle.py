@@ -59,3 +59,35 @@ def test_scanner_catches_unsafe_loads():
     assert scan("import numpy as np\nnp.load('x.npy', allow_pickle=True)\n")
     assert not scan("import torch\nstate = torch.load('x.bin', weights_only=True)\n")
     assert not scan("from safetensors.torch import load_file\nload_file('x.safetensors')\n")
+
+
+def test_checkpoints_hold_no_full_pickle(tmp_path):
+    """transformers pickles TrainingArguments into training_args.bin; our trainers write JSON instead, and every
+    other .pt/.pth a checkpoint holds (optimizer, scheduler, RNG) loads with weights_only=True."""
+    import json
+
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    from hf_align import testbed
+    from hf_align.masks import NeuronMask
+    from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
+
+    tb = testbed.load()
+    args = MaskedDPOConfig(
+        output_dir=str(tmp_path), max_steps=2, save_strategy="steps", save_steps=1, per_device_train_batch_size=2,
+        report_to="none", use_cpu=True, bf16=False, disable_tqdm=True, gradient_checkpointing=False,
+    )  # fmt: skip
+    trainer = MaskedDPOTrainer(
+        model=tb.model, args=args, train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer,
+        neuron_mask=NeuronMask.random(tb.model, 0.1, "row", seed=0),
+    )  # fmt: skip
+    trainer.train()
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"))
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        assert not (checkpoint / "training_args.bin").exists()
+        assert json.loads((checkpoint / "training_args.json").read_text())["max_steps"] == 2
+        for path in [*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]:
+            with safe_globals():  # the numpy RNG state: the allowlist transformers itself resumes with
+                torch.load(path, weights_only=True)

@@ -6,6 +6,7 @@ from hf_align._lazy import lazy_getattr
 _EXPORTS = {
     "MaskAccumulationCallback": "mask_accumulation",
     "AMAMergeCallback": "ama_merge",
+    "JsonTrainingArgsCallback": "json_training_args",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

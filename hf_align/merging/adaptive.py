@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
 from hf_align.merging.plan import MergePlan, check_alpha, layer_index
 
@@ -361,6 +362,7 @@ class AdaptiveMergeTrainer(Trainer):
             data_collator = _PadCollator(pad)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=data_collator, **kwargs)  # fmt: skip
+        self.add_callback(JsonTrainingArgsCallback())  # no pickled training_args.bin in checkpoints
 
     def regularizer(self) -> torch.Tensor:
         """Σ over wrapped Linear modules of c(layer)·|α_module − init_val|."""

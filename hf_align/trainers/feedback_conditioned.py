@@ -48,6 +48,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.trainer.base_trainer import _BaseTrainer
 
+from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.data_pool import DataPool
 
 
@@ -368,6 +369,7 @@ class FeedbackConditionedTrainer(_BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self.add_callback(JsonTrainingArgsCallback())  # no pickled training_args.bin in checkpoints
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
         self.vllm_generation = _make_vllm(self) if args.use_vllm else None

@@ -29,6 +29,7 @@ from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.hub import CITATIONS
 from hf_align.token_weights import (
     check_weight_columns,
@@ -319,6 +320,7 @@ class MaskedDPOTrainer(DPOTrainer):
             **kwargs,
         )
 
+        self.add_callback(JsonTrainingArgsCallback())  # no pickled training_args.bin in checkpoints
         self._use_weighted_collator()
         if uses_deltas_reference:
             # TRL patched the stand-in with its fused head; the stand-in must call the policy's own (fused) forward.

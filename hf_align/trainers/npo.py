@@ -37,6 +37,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import pad
 
+from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
 from hf_align.trainers._masking import (
     NeuronMaskArguments,
@@ -292,6 +293,7 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
                 peft_config=peft_config,
                 **kwargs,
             )
+        self.add_callback(JsonTrainingArgsCallback())  # no pickled training_args.bin in checkpoints
         if type(self.data_collator) is DataCollatorForLanguageModeling:
             collator = self.data_collator
             self.data_collator = DataCollatorForWeightedLanguageModeling(
