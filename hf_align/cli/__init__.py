@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Print versions of hf-align, torch, TRL, PEFT, ... and CUDA/extras availability (for bug reports).",
     ),
     "quickstart": ("quickstart", "Align the embedded testbed model on CPU and print the reward before and after."),
+    "eval": ("evaluate", "Evaluate a model: mean reward, win rate and KL vs a reference, retain perplexity, length."),
     "select-mask": ("select_mask", "Select a neuron mask from saved scores or from two checkpoints (ALLO's recipe)."),
     "label-tokens": ("label_tokens", "Add key-token weight columns to a preference/forget dataset."),
     "merge": ("merge", "Average base and aligned weights (linear or partwise AMA), streamed tensor by tensor."),
