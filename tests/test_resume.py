@@ -173,7 +173,11 @@ def test_aligner_sft_resumes_bitwise(tmp_path):
     _assert_resumed_like_full(full, resumed, full_state, _adapter_state(resumed.model))
     assert any(not torch.equal(full_state[n], initial[n]) for n in full_state)  # it trained
     base = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2).state_dict()
-    frozen = {n: v for n, v in resumed.model.get_base_model().state_dict().items() if "aligner_" not in n}
+    frozen = {
+        n.replace(".base_layer.", "."): v
+        for n, v in resumed.model.get_base_model().state_dict().items()
+        if "aligner_" not in n
+    }
     assert set(frozen) == set(base)
     for name, value in frozen.items():  # the base weights are untouched
         assert torch.equal(value, base[name]), name
