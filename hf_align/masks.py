@@ -57,10 +57,21 @@ def _matches(name: str, target: str | Iterable[str] | None) -> bool:
 
 
 def _plain_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(plain name, parameter)`` for a plain or PEFT-wrapped model; adapter weights are skipped."""
+    """``(plain name, parameter)`` for a plain or PEFT-wrapped model; adapter weights and neuron deltas are skipped.
+
+    A weight with attached deltas (``q_proj.parametrizations.weight.original``) keeps its plain name.
+    """
     from hf_align.scores import plain_name
 
     for name, param in model.named_parameters():
+        if ".parametrizations." in name:
+            prefix, rest = name.split(".parametrizations.", 1)
+            attr, tail = rest.split(".", 1)
+            if tail != "original":
+                continue
+            name = f"{prefix}.{attr}"
+        elif name.endswith(".neuron_delta.delta"):
+            continue
         plain = plain_name(name)
         if plain is not None:
             yield plain, param

@@ -11,7 +11,11 @@ state, weight decay moves "frozen" entries and the reference needs a second mode
 * row-masked ``nn.Linear`` layers run one fused autograd function: a single GEMM forward, one for the input
   gradient and a ``k``-row GEMM for ``Δ`` -- the full weight gradient is never formed;
 * :func:`deltas_disabled` switches every delta off: the model *is* its own reference policy, no copy in memory;
-* optimizer state and weight decay only ever touch ``Δ``.
+* optimizer state and weight decay only ever touch ``Δ``;
+* a bitsandbytes 4-bit base (``Linear4bit``) takes row masks like QLoRA takes adapters: the delta lives in the
+  compute dtype and the forward is the 4-bit forward plus ``out[..., rows] += x Δᵀ`` (one ``k``-row GEMM);
+  :func:`merged_state_dict` dequantizes and adds the delta (a full-precision checkpoint). Element masks on a 4-bit
+  weight are refused (its entries cannot move without re-quantizing).
 
 Delta checkpoints are ``neuron_deltas.safetensors`` + the mask (``NeuronMask.save``) in the same folder;
 :func:`merged_state_dict` gives a plain transformers state dict with the deltas folded in.
@@ -47,23 +51,37 @@ __all__ = [
 
 DELTAS_FILE = "neuron_deltas.safetensors"
 _REQUIRES_GRAD_ATTR = "_hf_align_requires_grad"
+_DELTA_CHILD = "neuron_delta"  # a 4-bit Linear's delta holder (a submodule: its weight cannot be parametrized)
+
+
+def _selected_index(mask: torch.Tensor, row: bool) -> torch.Tensor:
+    return mask.nonzero().view(-1) if row else mask.reshape(-1).nonzero().view(-1)
 
 
 class _Delta(torch.nn.Module):
     """Parametrization ``W ↦ W + scatter(Δ)``; ``Δ`` holds only the selected rows (``row``) or entries."""
 
-    def __init__(self, name: str, mask: torch.Tensor, weight: torch.Tensor, row: bool):
+    def __init__(
+        self,
+        name: str,
+        mask: torch.Tensor,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        row: bool,
+    ):
         super().__init__()
         self.param_name = name
         self.row = row
         self.enabled = True
-        index = mask.nonzero().view(-1) if row else mask.reshape(-1).nonzero().view(-1)
-        int32 = weight.numel() < 2**31 and (weight.shape[0] if row else weight.numel()) < 2**31
-        self.register_buffer(
-            "index", index.to(torch.int32 if int32 else torch.int64).to(weight.device), persistent=False
-        )
-        shape = (index.numel(), *weight.shape[1:]) if row else (index.numel(),)
-        self.delta = torch.nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+        index = _selected_index(mask, row)
+        numel = 1
+        for size in shape:
+            numel *= size
+        int32 = numel < 2**31
+        self.register_buffer("index", index.to(torch.int32 if int32 else torch.int64).to(device), persistent=False)
+        delta_shape = (index.numel(), *shape[1:]) if row else (index.numel(),)
+        self.delta = torch.nn.Parameter(torch.zeros(delta_shape, dtype=dtype, device=device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -80,19 +98,24 @@ class _RowDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, index, delta):
         effective = weight.index_add(0, index, delta.to(weight.dtype))
         ctx.save_for_backward(x, weight, index, delta)
-        return F.linear(x, effective.to(x.dtype) if not torch.is_autocast_enabled() else effective, bias)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if torch.is_autocast_enabled(x.device.type):  # F.linear casts both operands like the plain layer would
+            return F.linear(x, effective, bias)
+        return F.linear(x, effective.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, index, delta = ctx.saved_tensors
-        grad_x = grad_delta = None
+        grad_x = grad_bias = grad_delta = None
         if ctx.needs_input_grad[0]:
             effective = weight.index_add(0, index, delta.to(weight.dtype))
             grad_x = (grad_out @ effective.to(grad_out.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[2]:  # a bias with its own (element) delta
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[4]:
             rows = grad_out.index_select(-1, index).reshape(-1, index.numel())
             grad_delta = (rows.t() @ x.reshape(-1, x.shape[-1]).to(rows.dtype)).to(delta.dtype)
-        return grad_x, None, None, None, grad_delta
+        return grad_x, None, grad_bias, None, grad_delta
 
 
 def _row_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +124,54 @@ def _row_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not holder.enabled:
         return F.linear(x, weight, self.bias)
     return _RowDeltaLinear.apply(x, weight, self.bias, holder.index, holder.delta)
+
+
+def _unpack_cpu_inference_layout(module: torch.nn.Module) -> None:
+    """bitsandbytes (CPUs with AVX512-BF16) repacks a ``Linear4bit`` weight the first time it runs in eval mode
+    without gradients and then uses a kernel without autograd; undo that before a forward that records gradients."""
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
+
+
+def _keep_4bit_trainable_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes' CPU inference repacking on every ``Linear4bit`` of ``model`` (undoing it where done).
+
+    Otherwise a layer run once in eval mode without gradients (an evaluation, a generation) would afterwards pass no
+    gradient to the deltas below it, and the base would compute differently with and without gradients. Note the
+    repacking itself is lossy (bitsandbytes 0.50): a weight repacked before attaching is restored to within ~1e-4.
+    """
+    for module in model.modules():
+        if _is_4bit(getattr(module, "weight", None)) and hasattr(module, "support_avx512bf16_for_cpu"):
+            _unpack_cpu_inference_layout(module)
+            module.support_avx512bf16_for_cpu = False
+
+
+def _row_4bit_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``Linear4bit`` forward plus ``out[..., rows] += x Δᵀ``: the 4-bit GEMM and one ``k``-row GEMM."""
+    holder = getattr(self, _DELTA_CHILD)
+    if torch.is_grad_enabled():
+        _unpack_cpu_inference_layout(self)
+    out = type(self).forward(self, x)
+    if not holder.enabled:
+        return out
+    extra = F.linear(x.to(holder.delta.dtype), holder.delta)
+    return out.index_add(-1, holder.index, extra.to(out.dtype))
+
+
+def _is_4bit(param: torch.Tensor) -> bool:
+    return getattr(param, "quant_state", None) is not None
+
+
+def _dequantized(module: torch.nn.Module) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    _unpack_cpu_inference_layout(module)
+    weight = module.weight
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(weight.quant_state.dtype)
 
 
 def _owners(model: torch.nn.Module, param: torch.Tensor) -> list[tuple[torch.nn.Module, str]]:
@@ -122,12 +193,19 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask) -> torch.nn.Module:
         raise ValueError("This model already has neuron deltas attached; merge or remove them first.")
     mask.validate(model)
     params = dict(_plain_parameters(model))
-    for name, param in params.items():
-        if name in mask.masks and getattr(param, "quant_state", None) is not None:
-            raise NotImplementedError(
-                f"Parameter {name!r} is quantized (bitsandbytes 4-bit): neuron deltas on a quantized weight are not "
-                "supported yet. Leave it out of the mask (target=...) or load the base in bf16."
+    for name in mask.masks:
+        param = params[name]
+        if not _is_4bit(param):
+            continue
+        if not mask.is_row(name, parameter_shape(param)):
+            raise ValueError(
+                f"Parameter {name!r} is a bitsandbytes 4-bit weight: an element mask cannot move single entries of a "
+                "quantized weight. Use a row mask (granularity='row') for it, or leave it out of the mask (target=...)."
             )
+        owners = _owners(model, param)
+        if len(owners) != 1 or owners[0][1] != "weight" or not hasattr(owners[0][0], "compute_dtype"):
+            raise ValueError(f"Parameter {name!r} is 4-bit but not the weight of one bitsandbytes Linear4bit layer.")
+    _keep_4bit_trainable_layout(model)
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     model.requires_grad_(False)
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -135,10 +213,18 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask) -> torch.nn.Module:
         if not bool(selected.any()):
             continue  # nothing selected: the parameter just stays frozen
         param = params[name]
-        row = mask.is_row(name, parameter_shape(param))
-        holder = _Delta(name, selected, param, row)
+        shape = parameter_shape(param)
+        row = mask.is_row(name, shape)
+        if _is_4bit(param):
+            module = _owners(model, param)[0][0]
+            dtype = module.compute_dtype or param.quant_state.dtype
+            module.add_module(_DELTA_CHILD, _Delta(name, selected, shape, dtype, param.device, row=True))
+            module.forward = _row_4bit_forward.__get__(module)
+            continue
+        holder = _Delta(name, selected, shape, param.dtype, param.device, row)
         for module, attr in _owners(model, param):
-            fast = row and attr == "weight" and type(module) is torch.nn.Linear and module is not output_embeddings
+            plain_type = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+            fast = row and attr == "weight" and plain_type is torch.nn.Linear and module is not output_embeddings
             parametrize.register_parametrization(module, attr, holder)
             if fast:  # TRL's fused head reads lm_head.weight, not forward
                 module.forward = _row_linear_forward.__get__(module)
@@ -213,8 +299,21 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The plain transformers state dict with the deltas folded in; ``model`` is not changed."""
     merged: dict[str, torch.Tensor] = {}
     by_original: dict[int, torch.Tensor] = {}
+    quantized = {name: module for name, module in model.named_modules() if _is_4bit(getattr(module, "weight", None))}
     with torch.no_grad(), _deltas_enabled(model):
         for key, value in model.state_dict(keep_vars=True).items():
+            prefix = key.rsplit(".weight", 1)[0] if ".weight" in key else None
+            if prefix in quantized and key.startswith(f"{prefix}.weight"):
+                if key == f"{prefix}.weight":  # dequantized (+ delta); the quant-state entries are dropped
+                    module = quantized[prefix]
+                    weight = _dequantized(module)
+                    holder = getattr(module, _DELTA_CHILD, None)
+                    if holder is not None:
+                        weight = weight.index_add(0, holder.index, holder.delta.to(weight.dtype))
+                    merged[key] = weight
+                continue
+            if key.endswith(f"{_DELTA_CHILD}.delta"):
+                continue
             plain = _plain_key(key)
             if plain is None:
                 continue
@@ -229,7 +328,16 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merge_deltas(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold the deltas into the weights and remove them (in place): a plain model again. Returns ``model``."""
+    """Fold the deltas into the weights and remove them (in place): a plain model again. Returns ``model``.
+
+    A 4-bit base cannot take the deltas without re-quantizing: use :func:`merged_state_dict` (full precision).
+    """
+    quantized = [n for n, m in model.named_modules() if isinstance(getattr(m, _DELTA_CHILD, None), _Delta)]
+    if quantized:
+        raise ValueError(
+            f"{quantized[0]!r} is a bitsandbytes 4-bit layer with a neuron delta: it cannot be merged in place "
+            "without re-quantizing. Use merged_state_dict(model) for a full-precision merged checkpoint."
+        )
     folded = {}
     with torch.no_grad(), _deltas_enabled(model):
         for module in list(model.modules()):
@@ -260,17 +368,37 @@ def save_deltas(model: torch.nn.Module, directory: PathLike, mask: NeuronMask) -
     tensors = {h.param_name: h.delta.detach().to("cpu") for h in iter_deltas(model)}
     if not tensors:
         raise ValueError("The model has no neuron deltas to save (attach_deltas was not called).")
+    _check_same_mask(model, mask, "save_deltas: `mask`")
     mask.save(directory)
     save_tensors(directory / DELTAS_FILE, tensors, metadata={"format": "hf-align-neuron-deltas"})
     return directory
+
+
+def _check_same_mask(model: torch.nn.Module, mask: NeuronMask, what: str) -> None:
+    """Raise unless ``mask`` selects exactly the rows/entries the model's deltas sit at."""
+    holders = {h.param_name: h for h in iter_deltas(model)}
+    selected = {name: m for name, m in mask.masks.items() if bool(m.any())}
+    if set(selected) != set(holders):
+        diff = sorted(set(selected) ^ set(holders))
+        raise ValueError(f"{what} selects other parameters than the model's deltas (e.g. {diff[0]!r}).")
+    for name, holder in holders.items():
+        index = _selected_index(selected[name], holder.row)
+        if index.numel() != holder.index.numel() or not torch.equal(index, holder.index.to("cpu", index.dtype)):
+            raise ValueError(
+                f"{what} selects other {'rows' if holder.row else 'entries'} of {name!r} than the model's deltas: "
+                "it is another mask than the one the deltas were attached with."
+            )
 
 
 def load_deltas(model: torch.nn.Module, directory: PathLike) -> torch.nn.Module:
     """Load deltas saved by :func:`save_deltas` (attaching them first with the saved mask when needed)."""
     directory = Path(directory)
     tensors = load_tensors(directory / DELTAS_FILE)
+    saved_mask = NeuronMask.load(directory)
     if not has_deltas(model):
-        attach_deltas(model, NeuronMask.load(directory))
+        attach_deltas(model, saved_mask)
+    else:
+        _check_same_mask(model, saved_mask, f"The mask in {str(directory)!r}")
     holders = {h.param_name: h for h in iter_deltas(model)}
     if set(tensors) != set(holders):
         diff = sorted(set(tensors) ^ set(holders))
