@@ -498,3 +498,25 @@ def test_recipe_typo_in_masked_dpo_mask_field(tmp_path):
     with pytest.raises(SystemExit, match="hf-align masked-dpo: unknown field.*neuron_mask_ration"):
         run_command("masked-dpo", ["--config", str(recipe), *TINY, "--output_dir", str(tmp_path / "o")], launch=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="save_scores writes neuron_scores.safetensors, then neuron_scores.json, not as one unit; after a disk-full "
+    "on the JSON, load_scores silently returns the NEW tensors with the OLD meta (the JSON file wins over the copy "
+    "in the safetensors header), e.g. a wrong num_steps for a resumed MaskAccumulationCallback.",
+)
+def test_disk_full_while_saving_scores_keeps_previous_scores(tmp_path, monkeypatch):
+    from hf_align import scores
+
+    scores.save_scores(tmp_path, {"w": torch.ones(3)}, {"num_steps": 1})
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(scores, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        scores.save_scores(tmp_path, {"w": torch.full((3,), 5.0)}, {"num_steps": 7})
+    monkeypatch.undo()
+    loaded, meta = scores.load_scores(tmp_path)
+    assert torch.equal(loaded["w"], torch.ones(3)) and meta == {"num_steps": 1}
