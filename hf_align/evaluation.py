@@ -301,7 +301,8 @@ def perplexity(
     logps = completion_logprobs(model, tokenizer, rows, batch_size)
     total = -sum(float(lp.double().sum()) for lp in logps)
     count = sum(lp.numel() for lp in logps)
-    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
+    nll = total / count
+    return {"perplexity": math.exp(nll) if nll < 700 else math.inf, "nll": nll, "tokens": count}
 
 
 # ------------------------------------------------------------------------------------------- together
