@@ -4,7 +4,8 @@ Each configuration runs in its own subprocess (so peak RSS is its own), on the s
 with a live reference and with precomputed reference log-probs. Prints a table and writes
 ``benchmarks/results/masked_dpo[_quick].json`` with ratios against the baselines measured in the same run.
 
-    python benchmarks/masked_dpo.py --quick      # tiny model, a few seconds per configuration
+    python benchmarks/masked_dpo.py --quick      # tiny model, a few seconds per configuration (smoke run only)
+    python benchmarks/masked_dpo.py --size medium # ~6M-param Llama, a few minutes in all
     python benchmarks/masked_dpo.py              # ~60M-param Llama, batch 4 x ~192 tokens
 """
 
@@ -39,6 +40,7 @@ CONFIGS = [
 ]
 SIZES = {
     "quick": dict(hidden_size=64, num_layers=2, intermediate_size=128, num_heads=4, num_kv_heads=2, digits=40),
+    "medium": dict(hidden_size=384, num_layers=4, intermediate_size=1024, num_heads=6, num_kv_heads=2, digits=60),
     "full": dict(hidden_size=768, num_layers=8, intermediate_size=2048, num_heads=12, num_kv_heads=4, digits=95),
 }
 
@@ -147,27 +149,28 @@ def run_one(name: str, size: str, precompute: bool, steps: int) -> dict:
         "trainable_bytes": _bytes_of(trainable),
         "optimizer_state_bytes": _bytes_of(state) + _bytes_of(extra),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "num_params": sum(p.numel() for p in model.parameters() if "delta" not in str(type(p))),
+        "num_params": sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".delta")),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny model, for a smoke run (same as --size quick)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="model size (default: full)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    size = "quick" if args.quick else "full"
-    steps = args.steps or (3 if args.quick else 5)
+    size = args.size or ("quick" if args.quick else "full")
+    steps = args.steps or (3 if size == "quick" else 5)
     if args.single:
         print(json.dumps(run_one(args.single, size, args.precompute, steps)))
         return
     results = []
+    load_before = os.getloadavg()
     for precompute in (False, True):
         for name in CONFIGS:
-            command = [sys.executable, __file__, "--single", name, "--steps", str(steps)]
-            command += ["--quick"] if args.quick else []
+            command = [sys.executable, __file__, "--single", name, "--steps", str(steps), "--size", size]
             command += ["--precompute"] if precompute else []
             proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -204,8 +207,14 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from hf_align.io import write_json
 
-    out = ROOT / "benchmarks" / "results" / f"masked_dpo{'_quick' if args.quick else ''}.json"
-    write_json(out, {"size": size, "spec": SIZES[size], "batch": 4, "steps": steps, "results": results})
+    out = ROOT / "benchmarks" / "results" / f"masked_dpo{'' if size == 'full' else '_' + size}.json"
+    load = {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()}
+    print(f"load average before/after: {load['before']} / {load['after']} on {load['cpus']} CPUs")
+    if max(load["before"][0], load["after"][0]) > (os.cpu_count() or 1):
+        print("WARNING: the machine was busy with other work; step times are not comparable.")
+    write_json(
+        out, {"size": size, "spec": SIZES[size], "batch": 4, "steps": steps, "load_average": load, "results": results}
+    )
     print(f"wrote {out}")
 
 
