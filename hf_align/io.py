@@ -80,6 +80,42 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_files(*paths: PathLike) -> Iterator[list[Path]]:
+    """Yield temporary paths beside ``paths``; all replace their targets only when the block succeeds.
+
+    For files that belong together (tensors + their JSON header): a failure while writing any of them (disk full,
+    kill) leaves every previous file untouched. The renames themselves happen back to back at the end; readers
+    detect the one remaining window (a crash between two renames) with a shared save id, see :func:`new_save_id`.
+    """
+    targets = [Path(p) for p in paths]
+    temps = []
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield temps
+        for tmp, target in zip(temps, targets, strict=True):
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        for parent in {t.parent for t in targets}:
+            _fsync_dir(parent)
+    except BaseException:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
+def new_save_id() -> str:
+    """A random id written into both files of a pair, so a reader can tell they come from the same save."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
 def write_json(path: PathLike, data: Any) -> None:
     """Atomically write ``data`` as indented JSON."""
     with atomic_file(path, "w") as handle:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
+from hf_align.io import PathLike, atomic_files, load_tensors, new_save_id, read_json, save_tensors, write_json
 
 
 __all__ = ["MASK_FILE", "MASK_META_FILE", "NeuronMask", "parameter_shape", "default_target"]
@@ -97,6 +97,19 @@ def _band(order: torch.Tensor, n: int, ratio: float, exclude_top: float) -> torc
 def _ranking(values: torch.Tensor, select: str) -> torch.Tensor:
     """Indices best-first; ties keep their position (stable), so a selection never depends on the sort kernel."""
     return values.argsort(descending=select != "bottom", stable=True)
+
+
+def _check_same_save(tensors_path: Path, header_path: Path, save_id: str | None) -> None:
+    """Both files of a pair carry the save id of the save that wrote them (older files carry none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(tensors_path), framework="pt") as handle:
+        stored = (handle.metadata() or {}).get("save_id")
+    if save_id is not None and stored is not None and stored != save_id:
+        raise ValueError(
+            f"{str(tensors_path)!r} and {str(header_path)!r} come from different saves (interrupted write?); "
+            "save again."
+        )
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
@@ -386,8 +399,11 @@ class NeuronMask:
             "shapes": {name: list(mask.shape) for name, mask in self.masks.items()},
             **{k: v for k, v in self.info.items() if k != "granularity"},
         }
-        save_tensors(directory / MASK_FILE, {name: _pack(mask) for name, mask in self.masks.items()})
-        write_json(directory / MASK_META_FILE, header)
+        header["save_id"] = save_id = new_save_id()
+        packed = {name: _pack(mask) for name, mask in self.masks.items()}
+        with atomic_files(directory / MASK_FILE, directory / MASK_META_FILE) as (tensors_tmp, header_tmp):
+            save_tensors(tensors_tmp, packed, metadata={"save_id": save_id})
+            write_json(header_tmp, header)
         return directory
 
     @classmethod
@@ -407,6 +423,7 @@ class NeuronMask:
                 f"{str(meta_path)!r} is not a neuron-mask header (expected format {FORMAT!r} and shapes)."
             )
         packed = load_tensors(directory / MASK_FILE)
+        _check_same_save(directory / MASK_FILE, meta_path, header.get("save_id"))
         shapes = {name: tuple(int(d) for d in shape) for name, shape in header["shapes"].items()}
         if set(packed) != set(shapes):
             raise ValueError(
@@ -428,6 +445,10 @@ class NeuronMask:
                 f"{str(directory / MASK_FILE)!r} selects {sum(int(m.sum()) for m in masks.values())} neurons but "
                 f"{str(meta_path)!r} says {expected}: the files are corrupt or from different masks."
             )
-        info = {k: v for k, v in header.items() if k not in ("format", "version", "shapes", "ratio", "num_total")}
+        info = {
+            k: v
+            for k, v in header.items()
+            if k not in ("format", "version", "shapes", "ratio", "num_total", "save_id")
+        }
         info.pop("num_selected", None)
         return cls(masks, info)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
+from hf_align.io import PathLike, atomic_files, load_tensors, new_save_id, read_json, save_tensors, write_json
 
 
 SCORES_FILE = "neuron_scores.safetensors"
@@ -27,6 +27,7 @@ META_FILE = "neuron_scores.json"
 GRANULARITIES = ("row", "element")
 STATISTICS = ("abs", "square")
 
+_SAVE_ID = "_save_id"  # in neuron_scores.json: which save wrote it (checked against the safetensors header)
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_MARKERS = (".lora_", ".lora_magnitude_vector", ".original_module.", ".aligner_", "prompt_encoder.")
 
@@ -45,11 +46,14 @@ def save_scores(directory: PathLike, scores: dict[str, torch.Tensor], meta: dict
                 f"save_scores: score {name!r} must be a floating-point tensor, got {type(tensor).__name__}."
             )
     meta = dict(meta or {})
+    save_id = new_save_id()
     header = json.dumps(meta, sort_keys=True)  # fails early (before writing) on non-serialisable meta
     directory = Path(directory)
     path = directory / SCORES_FILE
-    save_tensors(path, {k: v.detach().cpu() for k, v in scores.items()}, metadata={"hf_align_scores": header})
-    write_json(directory / META_FILE, meta)
+    tensors = {k: v.detach().cpu() for k, v in scores.items()}
+    with atomic_files(path, directory / META_FILE) as (tensors_tmp, meta_tmp):  # both files or neither
+        save_tensors(tensors_tmp, tensors, metadata={"hf_align_scores": header, "save_id": save_id})
+        write_json(meta_tmp, {**meta, _SAVE_ID: save_id})
     return path
 
 
@@ -64,14 +68,19 @@ def load_scores(directory: PathLike, device: str = "cpu") -> tuple[dict[str, tor
             "(written by MaskAccumulationCallback or hf_align.scores.save_scores)."
         )
     scores = load_tensors(path, device=device)
-    meta_path = path.parent / META_FILE
-    if meta_path.exists():
-        meta = read_json(meta_path)
-    else:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("hf_align_scores", "{}"))
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+    meta_path = path.parent / META_FILE
+    if not meta_path.exists():
+        return scores, json.loads(header.get("hf_align_scores", "{}"))
+    meta = read_json(meta_path)
+    save_id = meta.pop(_SAVE_ID, None)
+    if save_id is not None and header.get("save_id") not in (None, save_id):
+        raise ValueError(
+            f"{str(path)!r} and {str(meta_path)!r} come from different saves (interrupted write?); save again."
+        )
     return scores, meta
 
 

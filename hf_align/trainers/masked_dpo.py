@@ -38,6 +38,7 @@ from hf_align.token_weights import (
     select_lowest_ratio_tokens,
     sequence_weights,
 )
+from hf_align.trainers._data_checks import check_dataset
 
 
 logger = logging.get_logger(__name__)
@@ -284,6 +285,7 @@ class MaskedDPOTrainer(DPOTrainer):
                 "precompute_ref_log_probs=True (TRL stores only sequence sums). Set one of them off."
             )
 
+        check_dataset(train_dataset, "train_dataset")  # columns are checked with the token weights
         mask = _resolve_neuron_mask(neuron_mask, args)
         self.neuron_mask = mask
         uses_deltas_reference = False

@@ -39,6 +39,7 @@ from trl.trainer.utils import pad
 
 from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
+from hf_align.trainers._data_checks import check_dataset
 from hf_align.trainers._masking import (
     NeuronMaskArguments,
     NeuronMaskTrainerMixin,
@@ -188,6 +189,9 @@ def _sft_loss_type(args: NPOConfig):
 # Data
 
 
+FORGET_COLUMNS = (("prompt", "completion"), ("text",), ("messages",))
+
+
 def to_forget_format(dataset):
     """A preference dataset whose ``rejected`` is the forget completion → prompt-completion (weights follow)."""
     names = dataset.column_names or list(next(iter(dataset)).keys())
@@ -281,6 +285,7 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
             model = attach_mask(model, mask, args)
         # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
         train_dataset = to_forget_format(train_dataset) if train_dataset is not None else None
+        check_dataset(train_dataset, "train_dataset (forget data)", FORGET_COLUMNS)
 
         with _sft_loss_type(args):
             super().__init__(
