@@ -45,11 +45,11 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(
             seeds=[0], num_pairs=256, warmup_steps=8, dpo_steps=20, npo_steps=10, npo_eval_every=5,
-            eval_prompts=64, retain_rows=32, alphas=(0.0, 0.5, 1.0),
+            eval_prompts=64, retain_rows=32, alphas=(0.0, 0.5, 1.0), fb_iterations=1, fb_steps=10,
         )  # fmt: skip
     return dict(
         seeds=[0, 1, 2], num_pairs=512, warmup_steps=20, dpo_steps=60, npo_steps=40, npo_eval_every=5,
-        eval_prompts=256, retain_rows=128, alphas=ALPHAS,
+        eval_prompts=256, retain_rows=128, alphas=ALPHAS, fb_iterations=3, fb_steps=20,
     )  # fmt: skip
 
 
@@ -215,6 +215,78 @@ def ama_sweep(tb, evaluator, dpo_model, alphas, tmp: str) -> list:
     return points
 
 
+def train_adapter(tb, data, seed: int, steps: int, out: str, peft_config, lr: float):
+    """DPO on a PEFT adapter (Aligner or LoRA); the reference is the model with the adapter disabled."""
+    from peft import get_peft_model
+    from trl import DPOConfig, DPOTrainer
+
+    import hf_align  # noqa: F401  (registers Aligner with PEFT)
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(tb.model), peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = DPOConfig(learning_rate=lr, **_dpo_common(out, steps, seed))
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tb.tokenizer)
+    trainer.train()
+    return trainer.model.eval(), trainable
+
+
+def adapters(tb, evaluator, data, seed: int, steps: int, tmp: str) -> dict:
+    from peft import LoraConfig
+
+    from hf_align.peft_tuners import AlignerConfig
+
+    configs = {
+        "aligner_n1": (AlignerConfig(num_tokens=1, task_type="CAUSAL_LM"), 1e-2),
+        "aligner_n10": (AlignerConfig(num_tokens=10, task_type="CAUSAL_LM"), 1e-2),
+        "lora_r8": (LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), 2e-3),
+    }
+    out = {}
+    for name, (config, lr) in configs.items():
+        model, trainable = train_adapter(tb, data, seed, steps, f"{tmp}/{name}", config, lr)
+        out[name] = {"trainable_params": trainable, "learning_rate": lr, **evaluator(model)}
+        print(f"  seed {seed} {name}: {out[name]}", flush=True)
+    return out
+
+
+def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
+    """Quark-style quantile feedback: reward of samples conditioned on the best vs the worst bin, per iteration."""
+    from transformers import TrainerCallback
+
+    from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
+
+    config = FeedbackConditionedConfig(
+        output_dir=out, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed,
+        num_iterations=cfg["fb_iterations"], steps_per_iteration=cfg["fb_steps"], prompts_per_iteration=64,
+        num_generations=4, max_new_tokens=6, per_device_train_batch_size=16, learning_rate=1e-3, kl_coef=0.05,
+        num_quantiles=5, feedback_template="{feedback}{prompt}", logging_steps=1000,
+    )  # fmt: skip
+    prompts = evaluator.prompts
+    points: list[dict] = []
+
+    class PerIteration(TrainerCallback):
+        def record(self, step):
+            row = {"step": step}
+            for label, bin_ in (("best", 0), ("worst", config.num_quantiles - 1)):
+                completions = trainer.generate(prompts, feedback=bin_, seed=1234)
+                row[f"reward_{label}"] = statistics.fmean(testbed.reward(prompts, completions))
+            points.append(row)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.record(0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % config.steps_per_iteration == 0:
+                self.record(state.global_step)
+
+    trainer = FeedbackConditionedTrainer(
+        copy.deepcopy(tb.model), config, tb.prompt_dataset(256), processing_class=tb.tokenizer,
+        reward_funcs=testbed.reward, callbacks=[PerIteration()],
+    )  # fmt: skip
+    trainer.train()
+    return points
+
+
 # ----------------------------------------------------------------------------------------------- report
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -243,6 +315,22 @@ def summarize(runs: list[dict]) -> dict:
                 },
             }
             for i, s in enumerate(steps)
+        ]
+    if "adapters" in runs[0]:
+        summary["adapters"] = {
+            m: {
+                k: _mean_std([r["adapters"][m][k] for r in runs])
+                for k in ("mean_reward", "kl", "perplexity", "trainable_params")
+            }
+            for m in runs[0]["adapters"]
+        }
+    if "feedback" in runs[0]:
+        summary["feedback"] = [
+            {
+                "step": p["step"],
+                **{k: _mean_std([r["feedback"][i][k] for r in runs]) for k in ("reward_best", "reward_worst")},
+            }
+            for i, p in enumerate(runs[0]["feedback"])
         ]
     for i, point in enumerate(runs[0]["ama"]):
         summary["ama"][f"{point['alpha']:.1f}"] = {
@@ -296,6 +384,24 @@ def plots(summary: dict, suffix: str) -> list[str]:
             ax.set_yscale("log")
         ax.legend()
     save(fig, f"fidelity{suffix}_npo.png")
+
+    if "feedback" in summary:
+        fig = Figure(figsize=(5, 3.5), dpi=100)
+        ax = fig.add_subplot(1, 1, 1)
+        for key, label in (("reward_best", "conditioned on best bin"), ("reward_worst", "conditioned on worst bin")):
+            curve = summary["feedback"]
+            ax.errorbar(
+                [p["step"] for p in curve],
+                [p[key][0] for p in curve],
+                yerr=[p[key][1] for p in curve],
+                label=label,
+                marker="o",
+                capsize=2,
+            )
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean sampled reward")
+        ax.legend()
+        save(fig, f"fidelity{suffix}_feedback.png")
 
     # AMA Pareto
     fig = Figure(figsize=(5, 4), dpi=100)
@@ -386,6 +492,42 @@ def markdown(report: dict, suffix: str) -> str:
             for k in ("mean_reward", "perplexity", "kl")
         ]
         lines.append(f"| {point['alpha']:.1f} | " + " | ".join(vals) + " |")
+    if "adapters" in summary:
+        start = summary["ablation"]["start"]["mean_reward"][0]
+        lines += [
+            "",
+            "## Aligner vs LoRA (DPO only, no SFT stage)",
+            "",
+            f"`trl.DPOTrainer` on a PEFT adapter, {cfg['dpo_steps']} steps, batch 16, β = 0.1, same pairs as above; "
+            f"reference = adapter disabled. Start-model reward {start:.3f}.",
+            "",
+            "| adapter | trainable params | lr | mean reward | KL(policy‖start) | retain perplexity |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m, v in summary["adapters"].items():
+            cells = [
+                f"{int(v['trainable_params'][0]):,}",
+                f"{runs[0]['adapters'][m]['learning_rate']:g}",
+                _fmt([r["adapters"][m]["mean_reward"] for r in runs]),
+                _fmt([r["adapters"][m]["kl"] for r in runs], 2),
+                _fmt([r["adapters"][m]["perplexity"] for r in runs], 2),
+            ]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if "feedback" in summary:
+        lines += [
+            "",
+            "## Feedback-conditioned training (Quark-style quantiles, 5 bins)",
+            "",
+            f"{cfg['fb_iterations']} iterations × {cfg['fb_steps']} steps, 64 prompts × 4 samples per iteration, "
+            "lr 1e-3, KL 0.05. Reward of samples conditioned on the best bin (0) vs the worst bin (4).",
+            "",
+            "| step | reward given best bin | reward given worst bin |",
+            "|---|---|---|",
+        ]
+        for i, p in enumerate(summary["feedback"]):
+            best = _fmt([r["feedback"][i]["reward_best"] for r in runs])
+            worst = _fmt([r["feedback"][i]["reward_worst"] for r in runs])
+            lines.append(f"| {p['step']} | {best} | {worst} |")
     lines += ["", "## Findings", "", *report.get("findings", []), ""]
     lines += ["Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"]), ""]
     return "\n".join(lines)
@@ -458,6 +600,24 @@ def findings(summary: dict) -> list[str]:
         )
     else:
         out.append("- NPO does **not** keep a lower retain perplexity than gradient ascent at the last step.")
+    if "adapters" in summary:
+        ad = summary["adapters"]
+        out.append(
+            "- Adapters (DPO only): "
+            + ", ".join(
+                f"{m} {v['mean_reward'][0]:.3f} with {int(v['trainable_params'][0]):,} params" for m, v in ad.items()
+            )
+            + f" (full DPO {r('dpo'):.3f}, start {r('start'):.3f})."
+        )
+    if "feedback" in summary:
+        fb = summary["feedback"]
+        gap0 = fb[0]["reward_best"][0] - fb[0]["reward_worst"][0]
+        gap = fb[-1]["reward_best"][0] - fb[-1]["reward_worst"][0]
+        out.append(
+            f"- Feedback conditioning: best-minus-worst-bin reward gap {gap0:+.3f} before training, {gap:+.3f} after "
+            f"{fb[-1]['step']} steps; best-bin reward {fb[0]['reward_best'][0]:.3f} → {fb[-1]['reward_best'][0]:.3f}."
+            + ("" if gap > 0.02 else " The conditioning does **not** separate the bins on this budget.")
+        )
     ama = summary["ama"]
     keys = sorted(ama, key=float)
     rewards = [ama[k]["mean_reward"][0] for k in keys]
@@ -517,6 +677,10 @@ def run_seed(tb, evaluator, seed: int, cfg: dict, tmp: str) -> dict:
         "npo_trainer", lambda: npo_trainer_check(tb, evaluator, seed, cfg["npo_steps"], lr, f"{tmp}/npo")
     )
     result["ama"] = timed("ama", lambda: ama_sweep(tb, evaluator, dpo, cfg["alphas"], tmp))
+    if "adapters" in cfg["sections"]:
+        result["adapters"] = timed("adapters", lambda: adapters(tb, evaluator, data, seed, cfg["dpo_steps"], tmp))
+    if "feedback" in cfg["sections"]:
+        result["feedback"] = timed("feedback", lambda: feedback_quantile(tb, evaluator, seed, cfg, f"{tmp}/feedback"))
     result["timings_s"]["total"] = round(time.time() - t0, 1)
     print(f"seed {seed} done in {result['timings_s']['total']:.0f}s", flush=True)
     return result
@@ -526,12 +690,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and prompts (< 2 min)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
+    parser.add_argument(
+        "--sections", nargs="*", default=["adapters", "feedback"], choices=["adapters", "feedback"],
+        help="optional sections on top of the mask ablation, NPO and AMA",
+    )  # fmt: skip
     parser.add_argument("--unlearn_lr", type=float, default=5e-4, help="lr of NPO and gradient ascent")
     args = parser.parse_args(argv)
     cfg = settings(args.quick)
     if args.seeds:
         cfg["seeds"] = args.seeds
     cfg["unlearn_lr"] = args.unlearn_lr
+    cfg["sections"] = args.sections
     torch.manual_seed(0)
     start = time.time()
     tb = testbed.load()
