@@ -24,6 +24,7 @@ Delta checkpoints are ``neuron_deltas.safetensors`` + the mask (``NeuronMask.sav
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from torch.nn.utils import parametrize
 
 from hf_align.io import PathLike, load_tensors, save_tensors
 from hf_align.masks import NeuronMask, _plain_parameters, parameter_shape
+from hf_align.quantization import keep_4bit_trainable, restore_trainable_layout
 
 
 __all__ = [
@@ -45,7 +47,9 @@ __all__ = [
     "load_deltas",
     "merge_deltas",
     "merged_state_dict",
+    "quantized_training_allowed",
     "save_deltas",
+    "save_model_with_deltas",
     "trainable_fraction",
 ]
 
@@ -126,40 +130,30 @@ def _row_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _RowDeltaLinear.apply(x, weight, self.bias, holder.index, holder.delta)
 
 
-def _unpack_cpu_inference_layout(module: torch.nn.Module) -> None:
-    """bitsandbytes (CPUs with AVX512-BF16) repacks a ``Linear4bit`` weight the first time it runs in eval mode
-    without gradients and then uses a kernel without autograd; undo that before a forward that records gradients."""
-    weight = module.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
-
-
-def _keep_4bit_trainable_layout(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes' CPU inference repacking on every ``Linear4bit`` of ``model`` (undoing it where done).
-
-    Otherwise a layer run once in eval mode without gradients (an evaluation, a generation) would afterwards pass no
-    gradient to the deltas below it, and the base would compute differently with and without gradients. Note the
-    repacking itself is lossy (bitsandbytes 0.50): a weight repacked before attaching is restored to within ~1e-4.
-    """
-    for module in model.modules():
-        if _is_4bit(getattr(module, "weight", None)) and hasattr(module, "support_avx512bf16_for_cpu"):
-            _unpack_cpu_inference_layout(module)
-            module.support_avx512bf16_for_cpu = False
-
-
 def _row_4bit_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``Linear4bit`` forward plus ``out[..., rows] += x Δᵀ``: the 4-bit GEMM and one ``k``-row GEMM."""
     holder = getattr(self, _DELTA_CHILD)
     if torch.is_grad_enabled():
-        _unpack_cpu_inference_layout(self)
+        restore_trainable_layout(self)
     out = type(self).forward(self, x)
     if not holder.enabled:
         return out
-    extra = F.linear(x.to(holder.delta.dtype), holder.delta)
+    # In the activations' dtype (TRL casts trainable params of a quantized model to bf16, as for QLoRA adapters):
+    # the output then equals that of the merged full-precision weights.
+    extra = F.linear(x, holder.delta.to(x.dtype))
     return out.index_add(-1, holder.index, extra.to(out.dtype))
+
+
+def _compute_dtype(model: torch.nn.Module, module: torch.nn.Module) -> torch.dtype:
+    """A 4-bit layer's compute dtype (set on its first forward, else the quantization config's, else fp32), which
+    its delta trains in, as QLoRA's adapters do: never the bf16 storage dtype of the quantized weights."""
+    if getattr(module, "compute_dtype", None) is not None:
+        return module.compute_dtype
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    dtype = getattr(config, "bnb_4bit_compute_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def _is_4bit(param: torch.Tensor) -> bool:
@@ -169,7 +163,7 @@ def _is_4bit(param: torch.Tensor) -> bool:
 def _dequantized(module: torch.nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
-    _unpack_cpu_inference_layout(module)
+    restore_trainable_layout(module)
     weight = module.weight
     return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(weight.quant_state.dtype)
 
@@ -205,7 +199,7 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask) -> torch.nn.Module:
         owners = _owners(model, param)
         if len(owners) != 1 or owners[0][1] != "weight" or not hasattr(owners[0][0], "compute_dtype"):
             raise ValueError(f"Parameter {name!r} is 4-bit but not the weight of one bitsandbytes Linear4bit layer.")
-    _keep_4bit_trainable_layout(model)
+    keep_4bit_trainable(model)
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     model.requires_grad_(False)
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -217,7 +211,7 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask) -> torch.nn.Module:
         row = mask.is_row(name, shape)
         if _is_4bit(param):
             module = _owners(model, param)[0][0]
-            dtype = module.compute_dtype or param.quant_state.dtype
+            dtype = _compute_dtype(model, module)
             module.add_module(_DELTA_CHILD, _Delta(name, selected, shape, dtype, param.device, row=True))
             module.forward = _row_4bit_forward.__get__(module)
             continue
@@ -415,6 +409,64 @@ def load_deltas(model: torch.nn.Module, directory: PathLike) -> torch.nn.Module:
                 )
             holder.delta.copy_(tensors[name])
     return model
+
+
+def save_model_with_deltas(
+    model: torch.nn.Module,
+    output_dir: PathLike,
+    mask: NeuronMask,
+    save_merged: bool = True,
+    keep_deltas: bool = False,
+    deltas_dir: str = "neuron_deltas",
+) -> None:
+    """The trainers' save: a plain transformers checkpoint with the deltas merged (``save_merged``), and/or the
+    deltas + mask (into ``output_dir`` when not merged, else into ``output_dir/deltas_dir`` if ``keep_deltas``).
+
+    A 4-bit base is saved merged in full precision (its compute dtype) with a config that no longer asks for
+    quantization, so ``AutoModelForCausalLM.from_pretrained`` loads it as an ordinary model.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    if save_merged and not quantized:
+        model.save_pretrained(output_dir, state_dict=merged_state_dict(model))
+    elif save_merged:
+        from huggingface_hub import save_torch_state_dict
+
+        state = merged_state_dict(model)
+        config = copy.deepcopy(model.config)
+        del config.quantization_config
+        config.dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+        config.save_pretrained(output_dir)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(output_dir)
+        save_torch_state_dict(state, output_dir, max_shard_size="5GB")
+    else:
+        model.config.save_pretrained(output_dir)
+    if keep_deltas or not save_merged:
+        save_deltas(model, output_dir / deltas_dir if save_merged else output_dir, mask)
+
+
+@contextlib.contextmanager
+def quantized_training_allowed() -> Iterator[None]:
+    """Let ``transformers.Trainer`` accept a quantized model whose trainable parameters are neuron deltas.
+
+    transformers refuses to train a quantized model that has no PEFT adapter; deltas play that role here (they are
+    the only trainable parameters and stay in the compute dtype). Only models with deltas are let through.
+    """
+    import transformers.trainer as hf_trainer
+
+    original = hf_trainer.validate_quantization_for_training
+
+    def validate(model):
+        if not has_deltas(model):
+            original(model)
+
+    hf_trainer.validate_quantization_for_training = validate
+    try:
+        yield
+    finally:
+        hf_trainer.validate_quantization_for_training = original
 
 
 class MaskedAdamW(torch.optim.Optimizer):

@@ -470,3 +470,36 @@ def test_masked_dpo_raises_testbed_reward(tmp_path):
     trainer.train()
     after = tb.mean_reward(trainer.model, num_prompts=256)["mean_reward"]
     assert after > before + 0.02, (before, after)
+
+
+def test_4bit_base_trains_only_deltas_and_saves_a_full_precision_merged_model(tmp_path):
+    """QLoRA-style: a bitsandbytes 4-bit base (run for real on CPU) with row deltas in the compute dtype; the saved
+    model is an ordinary full-precision checkpoint whose logits equal the trained 4-bit model's."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    NeuronMask, sparse = _mask_api()
+    tb = testbed.load()
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(testbed.MODEL_DIR, quantization_config=quantization, device_map="cpu")
+    ids = torch.tensor([tb.tokenizer("12+34=")["input_ids"]])
+    model.train()  # an eval-mode forward would let bitsandbytes repack for its (different) CPU inference kernel
+    with torch.no_grad():
+        start = model(input_ids=ids).logits
+    mask = NeuronMask.random(model, 0.1, "row", seed=0)
+    trainer = _train(
+        MaskedDPOTrainer, _args(tmp_path, max_steps=3), tb.tokenizer, _data(8), model=model, ref_model=None,
+        neuron_mask=mask,
+    )  # fmt: skip
+    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == {
+        n for n, p in trainer.model.named_parameters() if "delta" in n
+    }
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    with torch.no_grad():
+        trained = trainer.model(input_ids=ids).logits
+        with sparse.deltas_disabled(trainer.model):
+            torch.testing.assert_close(trainer.model(input_ids=ids).logits, start, atol=0, rtol=0)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, atol=1e-4, rtol=0)
+    assert (trained - start).abs().max() > 1e-4

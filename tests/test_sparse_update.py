@@ -430,3 +430,32 @@ def test_4bit_element_mask_is_refused_and_partial_targets_work(tiny_dir):
     grads = {h.param_name: h.delta.grad for h in iter_deltas(model)}
     assert any("v_proj" in n for n in grads) and any("norm" in n for n in grads)
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_4bit_layer_repacked_by_an_eval_forward_is_restored_to_the_weights_it_used(tmp_path):
+    """bitsandbytes repacks a Linear4bit for CPU inference after an eval forward without gradients; its own inverse
+    leaves the block scales in the inference layout. keep_4bit_trainable restores data and scales: the dequantized
+    weights equal the original ones up to the bf16 rounding of the scales, and gradients flow again."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from hf_align.quantization import keep_4bit_trainable
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(testbed.MODEL_DIR, quantization_config=quantization, device_map="cpu")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    original = [dequantize_4bit(m.weight.data, m.weight.quant_state).clone() for m in layers]
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    repacked = [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers]
+    restored = keep_4bit_trainable(model)
+    assert restored == sum(repacked)
+    for module, weight in zip(layers, original, strict=True):
+        again = dequantize_4bit(module.weight.data, module.weight.quant_state)
+        torch.testing.assert_close(again, weight, atol=4e-3 * float(weight.abs().max()), rtol=0)
+    embeddings = model.get_input_embeddings().weight
+    embeddings.requires_grad_(True)
+    model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0

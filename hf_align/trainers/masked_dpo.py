@@ -310,17 +310,20 @@ class MaskedDPOTrainer(DPOTrainer):
                 ref_model = _DeltasOffReference(model)
                 uses_deltas_reference = True
 
-        super().__init__(
-            model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            peft_config=peft_config,
-            **kwargs,
-        )
+        from hf_align.sparse_update import quantized_training_allowed
+
+        with quantized_training_allowed() if mask is not None else contextlib.nullcontext():
+            super().__init__(
+                model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                peft_config=peft_config,
+                **kwargs,
+            )
 
         self.add_callback(JsonTrainingArgsCallback())  # no pickled training_args.bin in checkpoints
         self._use_weighted_collator()
@@ -489,23 +492,20 @@ class MaskedDPOTrainer(DPOTrainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._has_deltas():
             return super()._save(output_dir, state_dict)
-        from hf_align.sparse_update import merged_state_dict, save_deltas
+        from hf_align.sparse_update import save_model_with_deltas
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        in_checkpoint = getattr(self, "_in_checkpoint", False)
-        if self.args.save_merged:
-            model.save_pretrained(output_dir, state_dict=merged_state_dict(model))
-        else:
-            model.config.save_pretrained(output_dir)
-        if in_checkpoint or not self.args.save_merged:
-            # Checkpoints keep the exact deltas so `resume_from_checkpoint` continues from the frozen base + deltas.
-            save_deltas(
-                model, Path(output_dir) / DELTAS_DIR if self.args.save_merged else output_dir, self.neuron_mask
-            )
+        # Checkpoints keep the exact deltas so `resume_from_checkpoint` continues from the frozen base + deltas.
+        save_model_with_deltas(
+            self.accelerator.unwrap_model(self.model),
+            output_dir,
+            self.neuron_mask,
+            save_merged=self.args.save_merged,
+            keep_deltas=getattr(self, "_in_checkpoint", False),
+            deltas_dir=DELTAS_DIR,
+        )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 

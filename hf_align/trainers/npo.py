@@ -287,7 +287,9 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
         train_dataset = to_forget_format(train_dataset) if train_dataset is not None else None
         check_dataset(train_dataset, "train_dataset (forget data)", FORGET_COLUMNS)
 
-        with _sft_loss_type(args):
+        from hf_align.sparse_update import quantized_training_allowed
+
+        with _sft_loss_type(args), quantized_training_allowed() if mask is not None else contextlib.nullcontext():
             super().__init__(
                 model,
                 args=args,

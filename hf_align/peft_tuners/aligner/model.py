@@ -10,7 +10,7 @@ from torch import nn
 
 from hf_align.peft_tuners.aligner.config import AlignerConfig
 from hf_align.peft_tuners.aligner.layer import ATTENTION_SPECS, SUPPORTED_MODEL_TYPES, AlignerAttention
-from hf_align.quantization import unpack_cpu_inference_weights
+from hf_align.quantization import keep_4bit_trainable
 
 
 class AlignerModel(BaseTuner):
@@ -98,7 +98,7 @@ class AlignerModel(BaseTuner):
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled():  # a 4-bit base repacked for CPU inference would cut the adapter's gradients
-            unpack_cpu_inference_weights(self.model)
+            keep_4bit_trainable(self.model)
         return super().forward(*args, **kwargs)
 
     def _check_merge_allowed(self):
