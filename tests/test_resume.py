@@ -5,8 +5,9 @@ deltas / a differently seeded adapter), so a checkpoint that is silently not loa
 state, the losses logged after the checkpoint and the frozen base are compared **bitwise** (fp32 on CPU: the
 resumed run replays the same data order, retain draws and optimizer state, so no tolerance is needed).
 
-Covered here: ``NPOTrainer`` (token level, token weights, neuron mask with the deltas-off reference, retain set) and
-Aligner with ``trl.SFTTrainer`` + ``peft.get_peft_model(model, AlignerConfig(...))``. Elsewhere:
+Covered here: ``NPOTrainer`` (token level, token weights, neuron mask with the deltas-off reference, retain set),
+Aligner with ``trl.SFTTrainer`` and ``trl.DPOTrainer`` + ``peft.get_peft_model(model, AlignerConfig(...))``, and
+``AMAMergeCallback``. Elsewhere:
 MaskedDPO (``test_masked_dpo.py``), NPO with precomputed reference (``test_npo.py``), MaskAccumulation
 (``test_mask_accumulation.py``), FeedbackConditioned (``test_feedback_conditioned.py``), the pipeline
 (``test_pipeline.py``).
@@ -199,3 +200,67 @@ def test_aligner_resume_from_a_checkpoint_without_adapter_fails_loudly(tmp_path)
     trainer = SFTTrainer(model=_aligner_model(1), args=args, train_dataset=data, processing_class=tok)
     with pytest.raises(ValueError, match="Can't find a valid checkpoint"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_aligner_dpo_resumes_bitwise(tmp_path):
+    """Aligner + trl.DPOTrainer, reference = adapter disabled: the resumed run ends bitwise like the full one."""
+    from trl import DPOConfig, DPOTrainer
+
+    tok = testbed.load_tokenizer()
+    data = testbed.preference_dataset(12, seed=5)
+
+    def trainer(output_dir, seed):
+        args = DPOConfig(**_common(output_dir, max_length=32, gradient_checkpointing=False, beta=0.1))
+        return DPOTrainer(
+            model=_aligner_model(seed), args=args, train_dataset=data, processing_class=tok, callbacks=[StepCounter()]
+        )
+
+    full = trainer(tmp_path / "full", seed=0)
+    initial = _adapter_state(full.model)
+    full.train()
+    checkpoint = tmp_path / "resumed" / f"checkpoint-{SAVE_AT}"
+    shutil.copytree(tmp_path / "full" / f"checkpoint-{SAVE_AT}", checkpoint)
+    resumed = trainer(tmp_path / "resumed", seed=1)
+    assert any(not torch.equal(v, initial[n]) for n, v in _adapter_state(resumed.model).items())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    full_state = _adapter_state(full.model)
+    _assert_resumed_like_full(full, resumed, full_state, _adapter_state(resumed.model))
+    assert any(not torch.equal(full_state[n], initial[n]) for n in full_state)
+
+
+def test_ama_merge_callback_output_is_the_same_after_a_resume(tmp_path):
+    """AMAMergeCallback keeps no state of its own: the merged model at the end of a resumed run equals the
+    uninterrupted run's, tensor for tensor, and the checkpoint merges are written in both runs."""
+    from safetensors.torch import load_file
+
+    from hf_align.callbacks import AMAMergeCallback
+
+    tok = testbed.load_tokenizer()
+    data = testbed.sft_dataset(12, seed=5)
+    base_dir = tmp_path / "base"
+    testbed.load_random_tiny("llama", hidden_size=32, num_layers=2).save_pretrained(base_dir)
+
+    def trainer(output_dir, seed):
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        if seed:  # a different start: the checkpoint must overwrite it
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01)
+        args = SFTConfig(**_common(output_dir, max_length=32, gradient_checkpointing=False))
+        callbacks = [StepCounter(), AMAMergeCallback(base_model=base_dir, alpha=0.3, merge_on="both")]
+        return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=callbacks)
+
+    full = trainer(tmp_path / "full", seed=0)
+    full.train()
+    checkpoint = tmp_path / "resumed" / f"checkpoint-{SAVE_AT}"
+    shutil.copytree(tmp_path / "full" / f"checkpoint-{SAVE_AT}", checkpoint)
+    resumed = trainer(tmp_path / "resumed", seed=1)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    merged = [load_file(next((tmp_path / run / "ama_merged").glob("*.safetensors"))) for run in ("full", "resumed")]
+    assert merged[0].keys() == merged[1].keys()
+    for name in merged[0]:
+        assert torch.equal(merged[0][name], merged[1][name]), name
+    assert (tmp_path / "resumed" / f"checkpoint-{STEPS}" / "ama_merged").is_dir()
