@@ -90,6 +90,24 @@ def test_quantile_tokens_added_resized_and_initialised(tmp_path):
     assert (tmp_path / "saved" / "data_pool" / "pool.parquet").exists()
 
 
+def test_tokenizer_with_quantile_tokens_and_a_fresh_model_gets_the_rows(tmp_path):
+    """Reusing a tokenizer saved by an earlier run (tokens present) with a fresh model: the rows are added too."""
+    tokenizer = load_tokenizer()
+    FeedbackConditionedTrainer(
+        _tiny(), _config(tmp_path / "a", num_quantiles=3), _offline_dataset(), processing_class=tokenizer
+    )
+    model = _tiny()
+    rows = model.get_input_embeddings().weight.shape[0]
+    trainer = FeedbackConditionedTrainer(
+        model, _config(tmp_path / "b", num_quantiles=3), _offline_dataset(), processing_class=tokenizer
+    )
+    ids = tokenizer.convert_tokens_to_ids(trainer.feedback_tokens)
+    weight = trainer.model.get_input_embeddings().weight.detach()
+    assert min(ids) >= rows and weight.shape[0] == len(tokenizer)
+    assert len({tuple(row.tolist()) for row in weight[ids]}) == 3
+    trainer.train()  # would index out of range without the rows
+
+
 @pytest.mark.parametrize("conversational", [False, True])
 def test_labels_mask_prompt_and_feedback_exactly(tmp_path, conversational):
     tokenizer = load_tokenizer()

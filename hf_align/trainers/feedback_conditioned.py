@@ -785,16 +785,19 @@ def _add_quantile_tokens(model, tokenizer, args: FeedbackConditionedConfig, peft
         return []
     tokens = [args.quantile_token_format.format(i=i) for i in range(args.num_quantiles)]
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
-    if not missing:
+    rows = model.get_input_embeddings().weight.shape[0]
+    # A tokenizer that already has the tokens (e.g. saved by an earlier run) with a model that lacks their rows.
+    unbacked = [t for t in tokens if t not in missing and tokenizer.convert_tokens_to_ids(t) >= rows]
+    if not missing and not unbacked:
         return tokens
     if peft or _is_peft_model(model):
         raise ValueError(
             f"Quantile tokens {missing} are not in the tokenizer, and a PEFT model cannot learn new embedding rows: "
             "add them (and make the embeddings trainable) before wrapping, or use `quantile_words`."
         )
-    tokenizer.add_tokens(missing, special_tokens=True)
-    new_ids = tokenizer.convert_tokens_to_ids(missing)
-    rows = model.get_input_embeddings().weight.shape[0]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    new_ids = tokenizer.convert_tokens_to_ids(missing + unbacked)
     if max(new_ids) >= rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
