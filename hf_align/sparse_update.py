@@ -122,12 +122,50 @@ class _RowDeltaLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, None, grad_delta
 
 
-def _row_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+class _ElementDeltaLinear(torch.autograd.Function):
+    """``y = x (W + scatter(Δ))ᵀ + b`` for element deltas, without keeping the merged weight for backward.
+
+    Autograd through the parametrization would save ``W + scatter(Δ)`` (a full weight copy per layer) until the
+    backward; here it is rebuilt there instead (a memory-bound add), so peak memory stays that of plain training.
+    ``∂Δ`` is the full weight gradient at the selected entries (element masks cannot avoid computing it).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, delta):
+        effective = _element_effective(weight, index, delta)
+        ctx.save_for_backward(x, weight, index, delta)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, effective, bias)
+        return F.linear(x, effective.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, index, delta = ctx.saved_tensors
+        grad_x = grad_bias = grad_delta = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ _element_effective(weight, index, delta).to(grad_out.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
+            grad_delta = grad_weight.reshape(-1).index_select(0, index).to(delta.dtype)
+        return grad_x, None, grad_bias, None, grad_delta
+
+
+def _element_effective(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(-1).index_add(0, index, delta.to(weight.dtype)).view_as(weight)
+
+
+def _delta_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a plain ``nn.Linear`` whose weight has a delta: one fused function instead of the parametrization."""
     holder = self.parametrizations.weight[0]
     weight = self.parametrizations.weight.original
     if not holder.enabled:
         return F.linear(x, weight, self.bias)
-    return _RowDeltaLinear.apply(x, weight, self.bias, holder.index, holder.delta)
+    function = _RowDeltaLinear if holder.row else _ElementDeltaLinear
+    return function.apply(x, weight, self.bias, holder.index, holder.delta)
 
 
 def _row_4bit_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -218,10 +256,10 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask) -> torch.nn.Module:
         holder = _Delta(name, selected, shape, param.dtype, param.device, row)
         for module, attr in _owners(model, param):
             plain_type = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
-            fast = row and attr == "weight" and plain_type is torch.nn.Linear and module is not output_embeddings
+            fast = attr == "weight" and plain_type is torch.nn.Linear and module is not output_embeddings
             parametrize.register_parametrization(module, attr, holder)
-            if fast:  # TRL's fused head reads lm_head.weight, not forward
-                module.forward = _row_linear_forward.__get__(module)
+            if fast:  # TRL's fused head reads lm_head.weight, not forward: it keeps the parametrization
+                module.forward = _delta_linear_forward.__get__(module)
     return model
 
 

@@ -88,6 +88,22 @@ def test_row_function_forward_and_grads_equal_autograd_reference():
     torch.testing.assert_close(grad_bias, grad_out.sum(dim=(0, 1)))
 
 
+def test_element_function_forward_and_grads_equal_autograd_reference():
+    """Element deltas on a Linear: same outputs and gradients as autograd through W + scatter(Δ)."""
+    from hf_align.sparse_update import _ElementDeltaLinear
+
+    weight, bias, _, _, x, grad_out = _row_case()
+    index = torch.tensor([0, 3, 8, 17, 34])
+    delta = (torch.randn(5, generator=torch.Generator().manual_seed(1)) * 0.1).requires_grad_()
+    out = _ElementDeltaLinear.apply(x, weight, bias, index.to(torch.int32), delta)
+    grad_x, grad_delta = torch.autograd.grad(out, (x, delta), grad_out)
+    ref = F.linear(x, weight.reshape(-1).index_add(0, index, delta).view_as(weight), bias)
+    ref_x, ref_delta = torch.autograd.grad(ref, (x, delta), grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_x, ref_x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_delta, ref_delta, rtol=1e-6, atol=1e-6)
+
+
 def test_row_function_under_cpu_bf16_autocast():
     weight, bias, rows, delta, x, grad_out = _row_case()
     with torch.autocast("cpu", dtype=torch.bfloat16):
