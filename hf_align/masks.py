@@ -86,17 +86,52 @@ def _check_ratio(ratio: float, exclude_top: float) -> None:
         raise ValueError(f"exclude_top + ratio must be at most 1, got {exclude_top} + {ratio}.")
 
 
-def _band(order: torch.Tensor, n: int, ratio: float, exclude_top: float) -> torch.Tensor:
-    """Bool vector of length ``n``: the entries ranked ``[round(l*n), round(l*n) + round(r*n))`` in ``order``."""
-    skip, keep = round(exclude_top * n), round(ratio * n)
-    chosen = torch.zeros(n, dtype=torch.bool)
-    chosen[order[skip : skip + keep]] = True
+def _order_keys(values: torch.Tensor, descending: bool) -> torch.Tensor:
+    """int32 keys whose order is the float order (descending: larger first), so ranks can be found by counting."""
+    bits = (values.reshape(-1).float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0: one tie, as in a sort
+    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return keys if descending else ~keys
+
+
+def _first_n(keys: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The ``n`` largest keys over all tensors, ties broken by position (names in order, then flat index).
+
+    The same set a stable descending sort of the concatenation would put first, found by a bisection over the key
+    value (32 counting passes) instead of a sort: no concatenated copy and no int64 index per entry, so selecting
+    among billions of entries needs about 4 bytes per entry (the keys) rather than 16+.
+    """
+    total = sum(k.numel() for k in keys.values())
+    if n <= 0:
+        return {name: torch.zeros(k.numel(), dtype=torch.bool) for name, k in keys.items()}
+    if n >= total:
+        return {name: torch.ones(k.numel(), dtype=torch.bool) for name, k in keys.items()}
+    low, high = -(2**31), 2**31 - 1  # the largest t with count(key >= t) >= n is the n-th largest key
+    while low < high:
+        middle = (low + high + 1) // 2
+        if sum(int((k >= middle).sum()) for k in keys.values()) >= n:
+            low = middle
+        else:
+            high = middle - 1
+    chosen = {name: k > low for name, k in keys.items()}
+    need = n - sum(int(c.sum()) for c in chosen.values())
+    for name, k in keys.items():  # the ties at the threshold, first positions first
+        if need <= 0:
+            break
+        ties = (k == low).nonzero().view(-1)[:need]
+        chosen[name][ties] = True
+        need -= ties.numel()
     return chosen
 
 
-def _ranking(values: torch.Tensor, select: str) -> torch.Tensor:
-    """Indices best-first; ties keep their position (stable), so a selection never depends on the sort kernel."""
-    return values.argsort(descending=select != "bottom", stable=True)
+def _band(keys: dict[str, torch.Tensor], ratio: float, exclude_top: float) -> dict[str, torch.Tensor]:
+    """Ranks ``[round(l·n), round(l·n) + round(r·n))`` of the keys (ALLO's band; l = 0 is a plain top-r)."""
+    total = sum(k.numel() for k in keys.values())
+    skip, keep = round(exclude_top * total), round(ratio * total)
+    upto = _first_n(keys, skip + keep)
+    if skip == 0:
+        return upto
+    above = _first_n(keys, skip)  # the top-n sets are nested: same total order
+    return {name: upto[name] & ~above[name] for name in keys}
 
 
 def _check_same_save(tensors_path: Path, header_path: Path, save_id: str | None) -> None:
@@ -208,20 +243,20 @@ class NeuronMask:
             elif not torch.isfinite(score).all():
                 raise ValueError(f"Score for {name!r} contains inf values; scores must be finite numbers.")
             values[name] = score.detach().to("cpu", torch.float32)
-        ranking = "bottom" if select == "bottom" else "top"
+        descending = select != "bottom"
         if scope == "tensor":
             masks = {
-                name: _band(_ranking(v.reshape(-1), ranking), v.numel(), ratio, exclude_top).view(v.shape)
+                name: _band({name: _order_keys(v, descending)}, ratio, exclude_top)[name].view(v.shape)
                 for name, v in values.items()
             }
         else:
-            flat = torch.cat([values[name].reshape(-1) for name in names])
-            chosen = _band(_ranking(flat, ranking), flat.numel(), ratio, exclude_top)
-            masks, start = {}, 0
-            for name in names:
-                size = values[name].numel()
-                masks[name] = chosen[start : start + size].view(values[name].shape)
-                start += size
+            shapes = {name: v.shape for name, v in values.items()}
+            keys = {}
+            for name in names:  # keys replace the float copies one tensor at a time
+                keys[name] = _order_keys(values.pop(name), descending)
+            chosen = _band(keys, ratio, exclude_top)
+            masks = {name: chosen[name].view(shapes[name]) for name in names}
+            values = {name: keys[name] for name in names}  # for the count in the error below
         if not any(bool(mask.any()) for mask in masks.values()):
             total = sum(v.numel() for v in values.values())
             raise ValueError(

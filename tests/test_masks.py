@@ -289,3 +289,28 @@ def test_from_weight_diff_equals_hand_ranking(tmp_path):
     low_cut = flat.sort(descending=True).values[round(0.01 * flat.numel()) + k - 1]
     for n in names:
         assert torch.equal(band.masks[n], (diff[n] < top_cut) & (diff[n] >= low_cut)), n
+
+
+@pytest.mark.parametrize("select", ["top", "bottom"])
+@pytest.mark.parametrize("exclude_top", [0.0, 0.07])
+def test_selection_equals_a_stable_sort_of_all_scores(select, exclude_top):
+    """The counting selection (no concatenated sort) picks exactly what a stable sort of the concatenation would:
+    negative scores, -0.0 == 0.0, and heavy ties included."""
+    generator = torch.Generator().manual_seed(3)
+    scores = {
+        f"t{i}.weight": (torch.randint(-4, 5, (n,), generator=generator).float() / 2)
+        for i, n in enumerate((37, 5, 64, 1))
+    }
+    scores["t1.weight"][0] = -0.0
+    names = sorted(scores)
+    flat = torch.cat([scores[n] + 0.0 for n in names])
+    for ratio in (0.01, 0.2, 0.5, 0.93):
+        mask = NeuronMask.from_scores(scores, ratio, select=select, exclude_top=exclude_top)
+        order = flat.argsort(descending=select == "top", stable=True)
+        skip, keep = round(exclude_top * flat.numel()), round(ratio * flat.numel())
+        if skip + keep > flat.numel() or keep == 0:
+            continue
+        expected = torch.zeros(flat.numel(), dtype=torch.bool)
+        expected[order[skip : skip + keep]] = True
+        got = torch.cat([mask.masks[n].reshape(-1) for n in names])
+        assert torch.equal(got, expected), (ratio, select, exclude_top)
