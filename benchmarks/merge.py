@@ -57,24 +57,38 @@ for f in sorted(Path(ALIGNED).glob("*.safetensors")):
 
 
 def generate(path: Path, total_bytes: int, seed: int, shard_bytes: int = 250_000_000) -> None:
-    """Llama-like names, 2048×2048 bf16 (8 MB) tensors, written shard by shard."""
+    """A complete Llama checkpoint (so mergekit accepts it too): hidden = intermediate = vocab = 2048, bf16, as many
+    layers as fit in ``total_bytes`` (seven 8 MB matrices each), written shard by shard."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
-    count = max(1, total_bytes // (2048 * 2048 * 2))
-    names = [f"model.layers.{i // 7}.{m}.weight" for i, m in zip(range(count), ["mlp.up_proj", "mlp.gate_proj",
-             "mlp.down_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"] * count)]  # fmt: skip
-    per_shard = max(1, shard_bytes // (2048 * 2048 * 2))
+    size, matrix = 2048, 2048 * 2048 * 2
+    layers = max(1, (total_bytes - 2 * matrix) // (7 * matrix))
+    modules = ["mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"]
+    modules += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    names = ["model.embed_tokens.weight"]
+    for i in range(layers):
+        names += [f"model.layers.{i}.{m}.weight" for m in modules]
+        names += [f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"]
+    names += ["model.norm.weight", "lm_head.weight"]
+    per_shard = max(1, shard_bytes // matrix)
     shards = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
     weight_map = {}
     for s, shard in enumerate(shards):
         file = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: torch.randn(2048, 2048, generator=generator).bfloat16() for n in shard}
+        tensors = {
+            n: torch.randn((size,) if "norm" in n else (size, size), generator=generator).bfloat16() for n in shard
+        }
         save_file(tensors, path / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": count // 7 + 1}))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": size, "intermediate_size": size,
+        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": size,
+        "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
 
 
 def run_worker(name: str, base: Path, aligned: Path, out: Path) -> dict:
