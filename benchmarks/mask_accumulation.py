@@ -22,6 +22,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,9 @@ from hf_align.io import write_json  # noqa: E402
 
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mask_accumulation.json"
-FULL = dict(hidden_size=640, num_layers=10, num_heads=10, num_kv_heads=5, intermediate_size=1728)
+# The MaskedDPO benchmark's model and data (benchmarks/masked_dpo.py "full"): ~50M params, pairs of ~2 x 95 digits.
+FULL = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=2048)
+FULL_DIGITS, FULL_MAX_LENGTH = 95, 256
 QUICK = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128)
 CONFIGS = {
     "baseline": None,
@@ -76,7 +79,7 @@ class StepTimer(TrainerCallback):
 
 
 def run_one(
-    model, tokenizer, dataset, callback_kwargs, steps: int, warmup: int, output_dir: str
+    model, tokenizer, dataset, callback_kwargs, steps: int, warmup: int, output_dir: str, max_length: int = 48
 ) -> tuple[float, float]:
     """(median step seconds, median seconds spent in the callback's per-step hook)."""
     from trl import DPOConfig, DPOTrainer
@@ -94,7 +97,7 @@ def run_one(
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=True,
-        max_length=48,
+        max_length=max_length,
         gradient_checkpointing=False,
         seed=0,
     )
@@ -167,11 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         model = model.cuda()
     tokenizer = testbed.load_tokenizer()
-    dataset = testbed.preference_dataset(64, seed=0)
+    if args.quick:
+        dataset, max_length = testbed.preference_dataset(64, seed=0), 48
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from masked_dpo import _dataset
+
+        dataset, max_length = _dataset(64, FULL_DIGITS), FULL_MAX_LENGTH
     params = sum(p.numel() for p in model.parameters())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base, _ = run_one(model, tokenizer, dataset, None, steps, 1, f"{tmp}/baseline")
+        base, _ = run_one(model, tokenizer, dataset, None, steps, 1, f"{tmp}/baseline", max_length)
         for name in args.configs:
             if CONFIGS[name] is None:
                 continue
@@ -184,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             if ab:
                 step, _ = run_one(
-                    model, tokenizer, dataset, CONFIGS[name], steps, 1, f"{tmp}/{name.replace('/', '_')}"
+                    model, tokenizer, dataset, CONFIGS[name], steps, 1, f"{tmp}/{name.replace('/', '_')}", max_length
                 )
                 row["ab_step_s"], row["ab_ratio"] = round(step, 4), round(step / base, 4)
             rows.append(row)
