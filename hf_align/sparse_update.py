@@ -88,20 +88,30 @@ class _Delta(torch.nn.Module):
         self.delta = torch.nn.Parameter(torch.zeros(delta_shape, dtype=dtype, device=device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
-        if self.row:
-            return weight.index_add(0, self.index, self.delta.to(weight.dtype))
-        return weight.reshape(-1).index_add(0, self.index, self.delta.to(weight.dtype)).view_as(weight)
+        return _effective(weight, self.index, self.delta, self.row) if self.enabled else weight
 
 
-class _RowDeltaLinear(torch.autograd.Function):
-    """``y = x (W + scatter_rows(Δ))ᵀ + b`` with ``∂Δ = g[..., rows]ᵀ x``: the weight gradient is ``k``-row sized."""
+def _effective(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, row: bool) -> torch.Tensor:
+    """``W + scatter(Δ)``: ``Δ`` added at the selected rows (``row``) or flat entries; other entries copied as is."""
+    if row:
+        return weight.index_add(0, index, delta.to(weight.dtype))
+    return weight.reshape(-1).index_add(0, index, delta.to(weight.dtype)).view_as(weight)
+
+
+class _DeltaLinear(torch.autograd.Function):
+    """``y = x (W + scatter(Δ))ᵀ + b`` for a Linear with a row or element delta, in one function.
+
+    The merged weight is not kept for backward (autograd through the parametrization would keep a full weight copy
+    per layer until then); it is rebuilt there instead, a memory-bound add. Row deltas: ``∂Δ = g[..., rows]ᵀ x``, a
+    ``k``-row GEMM instead of the full weight gradient. Element deltas: the full weight gradient at the selected
+    entries (element masks cannot avoid computing it).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, delta):
-        effective = weight.index_add(0, index, delta.to(weight.dtype))
+    def forward(ctx, x, weight, bias, index, delta, row):
+        effective = _effective(weight, index, delta, row)
         ctx.save_for_backward(x, weight, index, delta)
+        ctx.row = row
         ctx.bias_dtype = bias.dtype if bias is not None else None
         if torch.is_autocast_enabled(x.device.type):  # F.linear casts both operands like the plain layer would
             return F.linear(x, effective, bias)
@@ -112,50 +122,20 @@ class _RowDeltaLinear(torch.autograd.Function):
         x, weight, index, delta = ctx.saved_tensors
         grad_x = grad_bias = grad_delta = None
         if ctx.needs_input_grad[0]:
-            effective = weight.index_add(0, index, delta.to(weight.dtype))
+            effective = _effective(weight, index, delta, ctx.row)
             grad_x = (grad_out @ effective.to(grad_out.dtype)).to(x.dtype)
         if ctx.needs_input_grad[2]:  # a bias with its own (element) delta
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[4]:
-            rows = grad_out.index_select(-1, index).reshape(-1, index.numel())
-            grad_delta = (rows.t() @ x.reshape(-1, x.shape[-1]).to(rows.dtype)).to(delta.dtype)
-        return grad_x, None, grad_bias, None, grad_delta
-
-
-class _ElementDeltaLinear(torch.autograd.Function):
-    """``y = x (W + scatter(Δ))ᵀ + b`` for element deltas, without keeping the merged weight for backward.
-
-    Autograd through the parametrization would save ``W + scatter(Δ)`` (a full weight copy per layer) until the
-    backward; here it is rebuilt there instead (a memory-bound add), so peak memory stays that of plain training.
-    ``∂Δ`` is the full weight gradient at the selected entries (element masks cannot avoid computing it).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, index, delta):
-        effective = _element_effective(weight, index, delta)
-        ctx.save_for_backward(x, weight, index, delta)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        if torch.is_autocast_enabled(x.device.type):
-            return F.linear(x, effective, bias)
-        return F.linear(x, effective.to(x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, index, delta = ctx.saved_tensors
-        grad_x = grad_bias = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ _element_effective(weight, index, delta).to(grad_out.dtype)).to(x.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-        if ctx.needs_input_grad[4]:
-            grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
-            grad_delta = grad_weight.reshape(-1).index_select(0, index).to(delta.dtype)
-        return grad_x, None, grad_bias, None, grad_delta
-
-
-def _element_effective(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(-1).index_add(0, index, delta.to(weight.dtype)).view_as(weight)
+            inputs = x.reshape(-1, x.shape[-1])
+            if ctx.row:
+                rows = grad_out.index_select(-1, index).reshape(-1, index.numel())
+                grad_delta = (rows.t() @ inputs.to(rows.dtype)).to(delta.dtype)
+            else:
+                grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+                grad_weight = grad_2d.t() @ inputs.to(grad_2d.dtype)
+                grad_delta = grad_weight.reshape(-1).index_select(0, index).to(delta.dtype)
+        return grad_x, None, grad_bias, None, grad_delta, None
 
 
 def _delta_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -164,15 +144,12 @@ def _delta_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tenso
     weight = self.parametrizations.weight.original
     if not holder.enabled:
         return F.linear(x, weight, self.bias)
-    function = _RowDeltaLinear if holder.row else _ElementDeltaLinear
-    return function.apply(x, weight, self.bias, holder.index, holder.delta)
+    return _DeltaLinear.apply(x, weight, self.bias, holder.index, holder.delta, holder.row)
 
 
 def _row_4bit_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``Linear4bit`` forward plus ``out[..., rows] += x Δᵀ``: the 4-bit GEMM and one ``k``-row GEMM."""
-    holder = getattr(self, _DELTA_CHILD)
-    if torch.is_grad_enabled():
-        restore_trainable_layout(self)
+    holder = getattr(self, _DELTA_CHILD)  # attach_deltas turned bitsandbytes' CPU inference repacking off
     out = type(self).forward(self, x)
     if not holder.enabled:
         return out
@@ -341,7 +318,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                     weight = _dequantized(module)
                     holder = getattr(module, _DELTA_CHILD, None)
                     if holder is not None:
-                        weight = weight.index_add(0, holder.index, holder.delta.to(weight.dtype))
+                        weight = _effective(weight, holder.index, holder.delta, row=True)
                     merged[key] = weight
                 continue
             if key.endswith(f"{_DELTA_CHILD}.delta"):

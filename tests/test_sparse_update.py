@@ -14,7 +14,7 @@ from hf_align.masks import NeuronMask
 from hf_align.sparse_update import (
     DELTAS_FILE,
     MaskedAdamW,
-    _RowDeltaLinear,
+    _DeltaLinear,
     attach_deltas,
     deltas_disabled,
     has_deltas,
@@ -74,7 +74,7 @@ def _row_case(dtype=torch.float32):
 
 def test_row_function_forward_and_grads_equal_autograd_reference():
     weight, bias, rows, delta, x, grad_out = _row_case()
-    out = _RowDeltaLinear.apply(x, weight, bias, rows.to(torch.int32), delta)
+    out = _DeltaLinear.apply(x, weight, bias, rows.to(torch.int32), delta, True)
     grad_x, grad_delta = torch.autograd.grad(out, (x, delta), grad_out)
     ref = F.linear(x, weight.index_add(0, rows, delta), bias)
     ref_x, ref_delta = torch.autograd.grad(ref, (x, delta), grad_out)
@@ -83,19 +83,17 @@ def test_row_function_forward_and_grads_equal_autograd_reference():
     torch.testing.assert_close(grad_delta, ref_delta, rtol=1e-6, atol=1e-6)
     # a bias that trains too (its own element delta) gets the reference gradient
     bias_param = bias.clone().requires_grad_()
-    out = _RowDeltaLinear.apply(x, weight, bias_param, rows, delta)
+    out = _DeltaLinear.apply(x, weight, bias_param, rows, delta, True)
     (grad_bias,) = torch.autograd.grad(out, (bias_param,), grad_out)
     torch.testing.assert_close(grad_bias, grad_out.sum(dim=(0, 1)))
 
 
 def test_element_function_forward_and_grads_equal_autograd_reference():
     """Element deltas on a Linear: same outputs and gradients as autograd through W + scatter(Δ)."""
-    from hf_align.sparse_update import _ElementDeltaLinear
-
     weight, bias, _, _, x, grad_out = _row_case()
     index = torch.tensor([0, 3, 8, 17, 34])
     delta = (torch.randn(5, generator=torch.Generator().manual_seed(1)) * 0.1).requires_grad_()
-    out = _ElementDeltaLinear.apply(x, weight, bias, index.to(torch.int32), delta)
+    out = _DeltaLinear.apply(x, weight, bias, index.to(torch.int32), delta, False)
     grad_x, grad_delta = torch.autograd.grad(out, (x, delta), grad_out)
     ref = F.linear(x, weight.reshape(-1).index_add(0, index, delta).view_as(weight), bias)
     ref_x, ref_delta = torch.autograd.grad(ref, (x, delta), grad_out)
@@ -107,7 +105,7 @@ def test_element_function_forward_and_grads_equal_autograd_reference():
 def test_row_function_under_cpu_bf16_autocast():
     weight, bias, rows, delta, x, grad_out = _row_case()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = _RowDeltaLinear.apply(x, weight, bias, rows, delta)
+        out = _DeltaLinear.apply(x, weight, bias, rows, delta, True)
         ref = F.linear(x, weight.index_add(0, rows, delta), bias)
     assert out.dtype == ref.dtype == torch.bfloat16
     grad_x, grad_delta = torch.autograd.grad(out, (x, delta), grad_out.bfloat16())
