@@ -1,4 +1,4 @@
-"""Saving and resuming a trainer whose model carries neuron deltas: one mixin for MaskedDPO, NPO and the rest."""
+"""Trainer glue for neuron deltas, shared by MaskedDPO, NPO and the rest: attaching them, saving, resuming."""
 
 from __future__ import annotations
 
@@ -6,6 +6,20 @@ from pathlib import Path
 
 
 DELTAS_DIR = "neuron_deltas"
+
+
+def attach_mask(model, mask, args):
+    """Load ``model`` if it is a path (with the config's ``model_init_kwargs``) and attach trainable deltas at the
+    neurons of ``mask`` (which is checked against it); returns the model."""
+    if isinstance(model, str):
+        from trl.trainer.utils import create_model_from_path
+
+        init_kwargs = dict(args.model_init_kwargs or {})
+        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        model = create_model_from_path(model, **init_kwargs)
+    from hf_align.sparse_update import attach_deltas
+
+    return attach_deltas(model, mask)  # validates the mask against the model first
 
 
 class NeuronMaskTrainerMixin:

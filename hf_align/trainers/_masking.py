@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from hf_align.trainers._mask_checkpoints import DELTAS_DIR, NeuronMaskTrainerMixin
+from hf_align.trainers._mask_checkpoints import DELTAS_DIR, NeuronMaskTrainerMixin, attach_mask
 from hf_align.trainers.masked_dpo import MaskedDPOConfig
 from hf_align.trainers.masked_dpo import _resolve_neuron_mask as resolve_neuron_mask
 
@@ -67,18 +67,3 @@ def validate_mask_fields(args) -> None:
         raise ValueError("neuron_scores_path and neuron_mask_ratio go together: give both or neither.")
     if args.neuron_mask_path is not None and args.neuron_scores_path is not None:
         raise ValueError("Give either neuron_mask_path or neuron_scores_path + neuron_mask_ratio, not both.")
-
-
-def attach_mask(model, mask, args):
-    """Load ``model`` if it is a path, check ``mask`` against it and attach trainable deltas; returns the model."""
-    if isinstance(model, str):
-        from trl.trainer.utils import create_model_from_path
-
-        init_kwargs = dict(args.model_init_kwargs or {})
-        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        model = create_model_from_path(model, **init_kwargs)
-    from hf_align.sparse_update import attach_deltas
-
-    mask.validate(model)
-    attach_deltas(model, mask)
-    return model

@@ -38,7 +38,7 @@ from hf_align.token_weights import (
     sequence_weights,
 )
 from hf_align.trainers._data_checks import check_dataset
-from hf_align.trainers._mask_checkpoints import NeuronMaskTrainerMixin
+from hf_align.trainers._mask_checkpoints import NeuronMaskTrainerMixin, attach_mask
 
 
 logger = logging.get_logger(__name__)
@@ -291,16 +291,7 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
         if mask is not None:
             if peft_config is not None or is_peft_model(model):
                 raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
-            if isinstance(model, str):
-                from trl.trainer.utils import create_model_from_path
-
-                init_kwargs = dict(args.model_init_kwargs or {})
-                init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-                model = create_model_from_path(model, **init_kwargs)
-            from hf_align.sparse_update import attach_deltas
-
-            mask.validate(model)
-            attach_deltas(model, mask)
+            model = attach_mask(model, mask, args)
             if ref_model is None and not args.precompute_ref_log_probs:
                 if args.sync_ref_model:
                     raise ValueError(
