@@ -116,6 +116,28 @@ def new_save_id() -> str:
     return uuid.uuid4().hex
 
 
+def safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (empty when it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def check_same_save(
+    tensors_path: PathLike, json_path: PathLike, save_id: str | None, metadata: dict[str, str] | None = None
+) -> None:
+    """Both files of a pair written with :func:`atomic_files` carry one save id; files from older saves carry none.
+
+    ``metadata``: the safetensors header's metadata when the caller already read it.
+    """
+    stored = (metadata if metadata is not None else safetensors_metadata(tensors_path)).get("save_id")
+    if save_id is not None and stored is not None and stored != save_id:
+        raise ValueError(
+            f"{str(tensors_path)!r} and {str(json_path)!r} come from different saves (interrupted write?); save again."
+        )
+
+
 def write_json(path: PathLike, data: Any) -> None:
     """Atomically write ``data`` as indented JSON."""
     with atomic_file(path, "w") as handle:

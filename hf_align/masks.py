@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-from hf_align.io import PathLike, atomic_files, load_tensors, new_save_id, read_json, save_tensors, write_json
+from hf_align.io import (
+    PathLike,
+    atomic_files,
+    check_same_save,
+    load_tensors,
+    new_save_id,
+    read_json,
+    save_tensors,
+    write_json,
+)
 
 
 __all__ = ["MASK_FILE", "MASK_META_FILE", "NeuronMask", "parameter_shape", "default_target"]
@@ -132,19 +141,6 @@ def _band(keys: dict[str, torch.Tensor], ratio: float, exclude_top: float) -> di
         return upto
     above = _first_n(keys, skip)  # the top-n sets are nested: same total order
     return {name: upto[name] & ~above[name] for name in keys}
-
-
-def _check_same_save(tensors_path: Path, header_path: Path, save_id: str | None) -> None:
-    """Both files of a pair carry the save id of the save that wrote them (older files carry none)."""
-    from safetensors import safe_open
-
-    with safe_open(str(tensors_path), framework="pt") as handle:
-        stored = (handle.metadata() or {}).get("save_id")
-    if save_id is not None and stored is not None and stored != save_id:
-        raise ValueError(
-            f"{str(tensors_path)!r} and {str(header_path)!r} come from different saves (interrupted write?); "
-            "save again."
-        )
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
@@ -458,7 +454,7 @@ class NeuronMask:
                 f"{str(meta_path)!r} is not a neuron-mask header (expected format {FORMAT!r} and shapes)."
             )
         packed = load_tensors(directory / MASK_FILE)
-        _check_same_save(directory / MASK_FILE, meta_path, header.get("save_id"))
+        check_same_save(directory / MASK_FILE, meta_path, header.get("save_id"))
         shapes = {name: tuple(int(d) for d in shape) for name, shape in header["shapes"].items()}
         if set(packed) != set(shapes):
             raise ValueError(

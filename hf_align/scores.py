@@ -19,7 +19,17 @@ from typing import Any
 
 import torch
 
-from hf_align.io import PathLike, atomic_files, load_tensors, new_save_id, read_json, save_tensors, write_json
+from hf_align.io import (
+    PathLike,
+    atomic_files,
+    check_same_save,
+    load_tensors,
+    new_save_id,
+    read_json,
+    safetensors_metadata,
+    save_tensors,
+    write_json,
+)
 
 
 SCORES_FILE = "neuron_scores.safetensors"
@@ -68,19 +78,12 @@ def load_scores(directory: PathLike, device: str = "cpu") -> tuple[dict[str, tor
             "(written by MaskAccumulationCallback or hf_align.scores.save_scores)."
         )
     scores = load_tensors(path, device=device)
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
+    header = safetensors_metadata(path)
     meta_path = path.parent / META_FILE
     if not meta_path.exists():
         return scores, json.loads(header.get("hf_align_scores", "{}"))
     meta = read_json(meta_path)
-    save_id = meta.pop(_SAVE_ID, None)
-    if save_id is not None and header.get("save_id") not in (None, save_id):
-        raise ValueError(
-            f"{str(path)!r} and {str(meta_path)!r} come from different saves (interrupted write?); save again."
-        )
+    check_same_save(path, meta_path, meta.pop(_SAVE_ID, None), metadata=header)
     return scores, meta
 
 
