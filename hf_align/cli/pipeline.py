@@ -153,7 +153,7 @@ def stage_argv(
     return argv + _flag_args(args, outputs, training)
 
 
-def run_stage(stage: dict, argv: list[str], directory: Path, launch: bool | None) -> None:
+def run_stage(stage: dict, argv: list[str], launch: bool | None) -> None:
     from hf_align.cli.training import TRAINING_COMMANDS, run_command
 
     if stage["command"] in TRAINING_COMMANDS:
@@ -190,8 +190,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     for stage in recipe["stages"]:
         directory = output_dir / stage["name"]
         marker = directory / STAGE_FILE
-        if marker.exists() and read_json(marker).get("status") == "complete":
-            summary.append({"stage": stage["name"], "status": "skipped (complete)", "seconds": 0.0, "dir": directory})
+        done = read_json(marker) if marker.exists() else {}
+        if done.get("status") == "complete":
+            metric = done.get("metric") or _metric(directory)
+            summary.append(_row(stage, "skipped (complete)", 0.0, directory, metric))
             continue
         argv = stage_argv(stage, path.parent, outputs, defaults, overrides)
         training = stage["command"] in TRAINING_COMMANDS
@@ -204,15 +206,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         write_json(marker, record)
         print(f"[pipeline] {stage['name']}: hf-align {stage['command']} {' '.join(argv)}", flush=True)
         start = time.time()
-        run_stage(stage, argv, directory, launch=False if args.no_launch else None)
-        seconds = time.time() - start
-        write_json(marker, {**record, "status": "complete", "seconds": seconds, "metric": _metric(directory)})
+        run_stage(stage, argv, launch=False if args.no_launch else None)
+        seconds, metric = time.time() - start, _metric(directory)
+        write_json(marker, {**record, "status": "complete", "seconds": seconds, "metric": metric})
         status = f"resumed from {checkpoint.name}" if checkpoint is not None else "ran"
-        summary.append({"stage": stage["name"], "status": status, "seconds": seconds, "dir": directory})
-    for row in summary:
-        row["metric"] = _metric(row["dir"])
+        summary.append(_row(stage, status, seconds, directory, metric))
     _print_summary(summary)
     return summary
+
+
+def _row(stage: dict, status: str, seconds: float, directory: Path, metric: str) -> dict:
+    return {"stage": stage["name"], "status": status, "seconds": seconds, "dir": directory, "metric": metric}
 
 
 def _print_summary(rows: list[dict]) -> None:
