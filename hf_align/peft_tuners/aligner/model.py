@@ -96,9 +96,14 @@ class AlignerModel(BaseTuner):
         if not self.active_adapters and self.peft_config:
             self.set_adapter(sorted(self.peft_config)[0])
 
+    _kept_4bit_trainable = False
+
     def forward(self, *args, **kwargs):
-        if torch.is_grad_enabled():  # a 4-bit base repacked for CPU inference would cut the adapter's gradients
+        # A 4-bit base repacked for CPU inference would cut the adapter's gradients. The first forward that records
+        # gradients restores it and turns the repacking off for good, so later forwards need not walk the model.
+        if torch.is_grad_enabled() and not self._kept_4bit_trainable:
             keep_4bit_trainable(self.model)
+            self._kept_4bit_trainable = True
         return super().forward(*args, **kwargs)
 
     def _check_merge_allowed(self):
