@@ -6,10 +6,8 @@ from collections.abc import Sequence
 
 
 def column_names(dataset) -> list[str]:
-    names = getattr(dataset, "column_names", None)
-    if names is None:  # IterableDataset without features
-        names = list(next(iter(dataset)).keys())
-    return list(names)
+    """A dataset's columns; an IterableDataset without features shows them in its first row."""
+    return list(getattr(dataset, "column_names", None) or next(iter(dataset)).keys())
 
 
 def check_dataset(dataset, name: str, accepted: Sequence[Sequence[str]] | None = None) -> None:

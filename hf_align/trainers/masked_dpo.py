@@ -37,7 +37,7 @@ from hf_align.token_weights import (
     select_lowest_ratio_tokens,
     sequence_weights,
 )
-from hf_align.trainers._data_checks import check_dataset
+from hf_align.trainers._data_checks import check_dataset, column_names
 from hf_align.trainers._mask_checkpoints import NeuronMaskTrainerMixin, attach_mask
 
 
@@ -329,7 +329,7 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
     # Data
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        names = dataset.column_names or list(next(iter(dataset)).keys())
+        names = column_names(dataset)
         present = check_weight_columns(names, allowed=_PAIR_WEIGHT_COLUMNS)
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         columns = {name: name.replace("_weights", "_ids") for name in present}

@@ -39,7 +39,7 @@ from trl.trainer.utils import pad
 
 from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
-from hf_align.trainers._data_checks import check_dataset
+from hf_align.trainers._data_checks import check_dataset, column_names
 from hf_align.trainers._masking import (
     NeuronMaskArguments,
     NeuronMaskTrainerMixin,
@@ -194,7 +194,7 @@ FORGET_COLUMNS = (("prompt", "completion"), ("text",), ("messages",))
 
 def to_forget_format(dataset):
     """A preference dataset whose ``rejected`` is the forget completion → prompt-completion (weights follow)."""
-    names = dataset.column_names or list(next(iter(dataset)).keys())
+    names = column_names(dataset)
     if "rejected" not in names or "completion" in names:
         return dataset
     if "prompt" not in names:
@@ -439,7 +439,7 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """SFT's tokenization (no truncation yet), then per-token weights checked per row, then truncation."""
         dataset = to_forget_format(dataset)
-        names = dataset.column_names or list(next(iter(dataset)).keys())
+        names = column_names(dataset)
         present = check_weight_columns(names, allowed=("completion_weights",))
         untruncated = copy.copy(args)
         untruncated.max_length, untruncated.shuffle_dataset = None, False
