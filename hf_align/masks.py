@@ -252,9 +252,8 @@ class NeuronMask:
                 keys[name] = _order_keys(values.pop(name), descending)
             chosen = _band(keys, ratio, exclude_top)
             masks = {name: chosen[name].view(shapes[name]) for name in names}
-            values = {name: keys[name] for name in names}  # for the count in the error below
         if not any(bool(mask.any()) for mask in masks.values()):
-            total = sum(v.numel() for v in values.values())
+            total = sum(mask.numel() for mask in masks.values())
             raise ValueError(
                 f"ratio={ratio} selects no neuron (round(ratio * n) is 0 for n={total} "
                 f"{'per tensor' if scope == 'tensor' else 'in all'}); raise ratio."
