@@ -18,10 +18,13 @@ def test_callback_writes_loadable_merged_models_and_pushes(tmp_path, tokenizer, 
     uploads = []
 
     class FakeApi:
+        def __init__(self, token=None):
+            pass
+
         def create_repo(self, repo_id, **kwargs):
             uploads.append(("create", repo_id))
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
+        def upload_folder(self, repo_id, folder_path, commit_message, token=None):
             uploads.append(
                 ("upload", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()))
             )

@@ -5,7 +5,7 @@ After each checkpoint save (``merge_on="save"``), at train end (``"end"``) or bo
 ``alpha`` or a plan (a :class:`~hf_align.merging.MergePlan` or a builder ``(names, config) → MergePlan``,
 e.g. ``partial(partwise_plan, pivots="10#20", alphas="0.4|0.3|0.2")``), into ``<checkpoint>/<subdir>`` and
 ``<output_dir>/<subdir>``. PEFT checkpoints (adapter folders) are merged into their base first. With
-``push_to_hub`` the merged folder is uploaded with ``huggingface_hub.HfApi.upload_folder``. Needs no mergekit.
+``push_to_hub`` the merged folder is uploaded with :func:`hf_align.hub.push_folder`. Needs no mergekit.
 """
 
 from __future__ import annotations
@@ -58,15 +58,11 @@ class AMAMergeCallback(TrainerCallback):
         )  # fmt: skip
         self.merged_dirs.append(result.output_dir)
         if self.push_to_hub:
-            self._push(result.output_dir, f"AMA merge of {Path(trained).name}")
+            from hf_align.hub import push_folder
+
+            message = f"AMA merge of {Path(trained).name}"
+            push_folder(result.output_dir, self.hub_repo_id, private=self.hub_private, commit_message=message)
         return result.output_dir
-
-    def _push(self, folder: Path, message: str) -> None:
-        import huggingface_hub
-
-        api = huggingface_hub.HfApi()
-        api.create_repo(self.hub_repo_id, private=self.hub_private, exist_ok=True)
-        api.upload_folder(repo_id=self.hub_repo_id, folder_path=str(folder), commit_message=message)
 
     def on_save(self, args, state, control, **kwargs):
         if self.merge_on in ("save", "both") and state.is_world_process_zero:
