@@ -254,12 +254,12 @@ def has_deltas(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def deltas_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The model with every delta switched off: the frozen base, i.e. the reference policy."""
+def _deltas_switched(model: torch.nn.Module, enabled: bool) -> Iterator[torch.nn.Module]:
+    """Every delta of ``model`` on (``enabled``) or off for the block; each holder's own state comes back after."""
     holders = list(iter_deltas(model))
     states = [h.enabled for h in holders]
     for holder in holders:
-        holder.enabled = False
+        holder.enabled = enabled
     try:
         yield model
     finally:
@@ -267,17 +267,9 @@ def deltas_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             holder.enabled = state
 
 
-@contextlib.contextmanager
-def _deltas_enabled(model: torch.nn.Module) -> Iterator[None]:
-    holders = list(iter_deltas(model))
-    states = [h.enabled for h in holders]
-    for holder in holders:
-        holder.enabled = True
-    try:
-        yield
-    finally:
-        for holder, state in zip(holders, states, strict=True):
-            holder.enabled = state
+def deltas_disabled(model: torch.nn.Module) -> contextlib.AbstractContextManager[torch.nn.Module]:
+    """The model with every delta switched off: the frozen base, i.e. the reference policy."""
+    return _deltas_switched(model, enabled=False)
 
 
 def trainable_fraction(model: torch.nn.Module) -> float:
@@ -309,7 +301,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     merged: dict[str, torch.Tensor] = {}
     by_original: dict[int, torch.Tensor] = {}
     quantized = {name: module for name, module in model.named_modules() if _is_4bit(getattr(module, "weight", None))}
-    with torch.no_grad(), _deltas_enabled(model):
+    with torch.no_grad(), _deltas_switched(model, enabled=True):
         for key, value in model.state_dict(keep_vars=True).items():
             prefix = key.rsplit(".weight", 1)[0] if ".weight" in key else None
             if prefix in quantized and key.startswith(f"{prefix}.weight"):
@@ -348,7 +340,7 @@ def merge_deltas(model: torch.nn.Module) -> torch.nn.Module:
             "without re-quantizing. Use merged_state_dict(model) for a full-precision merged checkpoint."
         )
     folded = {}
-    with torch.no_grad(), _deltas_enabled(model):
+    with torch.no_grad(), _deltas_switched(model, enabled=True):
         for module in list(model.modules()):
             if not parametrize.is_parametrized(module):
                 continue
