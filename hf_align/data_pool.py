@@ -210,6 +210,11 @@ class DataPool:
         """Quantile bin per row over the whole pool (0 = best); for text feedback, bins of the score."""
         return quantile_bins(self.score, self.num_quantiles)
 
+    def bin_counts(self) -> np.ndarray:
+        """Rows per quantile bin (length ``num_quantiles``). Ties share a bin, so a bin can be empty: e.g. when a
+        fifth of the pool or more scores the minimum, the last bin holds nothing and its token is never trained."""
+        return np.bincount(self.bins(), minlength=self.num_quantiles)[: self.num_quantiles]
+
     def groups(self) -> np.ndarray:
         """The feedback group of each row, what balancing equalises: bin, category index or score bin."""
         if self.feedback_type == "quantile":

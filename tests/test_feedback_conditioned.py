@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -361,18 +362,30 @@ def test_vllm_missing_is_a_clear_import_error(tmp_path):
         )
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    __import__("os").environ.get("HF_ALIGN_SLOW") != "1", reason="~25 s idle, unreliable margin: HF_ALIGN_SLOW=1"
-)
-def test_testbed_quantile_loop_learns_to_condition_on_the_best_bin(tmp_path):
-    """Online Quark-style loop on the shipped testbed model (a few iterations, small prompt counts).
+def test_generate_warns_about_a_bin_no_pool_row_is_in(tmp_path):
+    """Tied scores share a bin, so the last bins can stay empty; their tokens never get a training signal."""
+    trainer = FeedbackConditionedTrainer(
+        _tiny(), _config(tmp_path, num_quantiles=3), _offline_dataset(), processing_class=load_tokenizer()
+    )
+    trainer.pool.add(["1+1="] * 4, ["0"] * 4, scores=[0.0] * 4, iteration=1)  # many ties at the minimum
+    counts = trainer.pool.bin_counts()
+    assert counts.tolist() == [np.sum(trainer.pool.bins() == b) for b in range(3)] and counts[2] == 0
+    with pytest.warns(UserWarning, match=r"bin\(s\) \[2\].*use bin 1"):
+        trainer.generate(["1+2="], feedback=2, max_new_tokens=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.generate(["1+2="], feedback=1, max_new_tokens=2)
+    assert not [w for w in caught if "hold no pool rows" in str(w.message)]
 
-    Asserted: conditioning on the best bin beats conditioning on the worst bin. Not asserted: beating
-    the starting model. In this budget (4 iterations x 25 steps) self-training on the tiny model's own
-    temperature-1 samples costs more reward than the conditioning gains (best bin ~0.30 vs 0.39 at the
-    start, measured over several settings); see docs/feedback.md. Opt-in (HF_ALIGN_SLOW=1) because the
-    best-vs-worst margin was 0.00-0.12 across settings: not reliable enough for CI.
+
+def test_testbed_quantile_loop_beats_the_start_and_the_worst_bin(tmp_path):
+    """Online Quark loop on the shipped testbed model, the issue's "must show" (~40 s).
+
+    Measured over seeds 0-3 (docs/feedback.md): conditioned on the best bin the samples score 0.47-0.52
+    after 4 iterations, the untrained model ~0.38, the worst populated bin ~0.2. The quantile token in
+    front of the prompt first *costs* reward (the tiny model only ever saw bare prompts), so the loop needs
+    a few hundred steps on a pool of thousands of samples before the conditioning pays; fewer steps or
+    smaller pools end below the start.
     """
     from hf_align.testbed import score, solve
     from hf_align.testbed.evaluation import eval_prompts
@@ -380,30 +393,36 @@ def test_testbed_quantile_loop_learns_to_condition_on_the_best_bin(tmp_path):
     tb = testbed.load()
     config = _config(
         tmp_path,
-        num_quantiles=2,
+        num_quantiles=5,
         feedback_template="{feedback}{prompt}",
         num_iterations=4,
-        steps_per_iteration=25,
-        prompts_per_iteration=64,
+        steps_per_iteration=150,
+        prompts_per_iteration=256,
         num_generations=4,
         max_new_tokens=6,
-        per_device_train_batch_size=16,
+        per_device_train_batch_size=32,
         learning_rate=1e-3,
         lr_scheduler_type="constant",
         kl_coef=0.0,
-        logging_steps=100,
+        logging_steps=1000,
+        seed=3,
     )
     trainer = FeedbackConditionedTrainer(
-        tb.model, config, tb.prompt_dataset(256), processing_class=tb.tokenizer, reward_funcs=testbed.reward
+        tb.model, config, tb.prompt_dataset(2048), processing_class=tb.tokenizer, reward_funcs=testbed.reward
     )
-    trainer.train()
-    prompts = eval_prompts(128, seed=1234)
+    prompts = eval_prompts(256, seed=1234)
 
     def mean_reward(feedback):
         completions = trainer.generate(prompts, feedback=feedback, seed=1)
         return float(np.mean([score(solve(p), c) for p, c in zip(prompts, completions)]))
 
-    best, worst = mean_reward(0), mean_reward(1)
-    start = trainer.iteration_timings[0]["mean_score"]  # the untrained model's samples (iteration 1)
-    print(f"start {start:.3f}  best bin {best:.3f}  worst bin {worst:.3f}")
-    assert best > worst + 0.03
+    start = mean_reward("")  # "{feedback}{prompt}" with no feedback: the bare prompt, before any training
+    trainer.train()
+    worst_populated = int(np.flatnonzero(trainer.pool.bin_counts())[-1])
+    best, worst = mean_reward(0), mean_reward(worst_populated)
+    first, last = trainer.iteration_timings[0]["mean_score"], trainer.iteration_timings[-1]["mean_score"]
+    print(
+        f"start {start:.3f}  best {best:.3f}  worst (bin {worst_populated}) {worst:.3f}  pool {first:.3f} -> {last:.3f}"
+    )
+    assert best > start + 0.04
+    assert best > worst + 0.1
