@@ -426,3 +426,24 @@ def test_testbed_quantile_loop_beats_the_start_and_the_worst_bin(tmp_path):
     )
     assert best > start + 0.04
     assert best > worst + 0.1
+
+
+def test_reference_copy_stays_the_initial_policy_after_a_trl_trainer_patched_the_model(tmp_path):
+    """TRL's fused LM head makes a plain deepcopy run the original model: the KL reference would track the policy."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = _tiny()
+    add_fused_lm_head(model)  # as left behind by an earlier SFT/DPO run in the same process
+    ids = torch.tensor([[21, 22, 16, 23, 34]])
+    with torch.no_grad():
+        initial = model(input_ids=ids).logits.clone()
+    trainer = FeedbackConditionedTrainer(
+        model, _config(tmp_path, kl_coef=0.5, max_steps=3, learning_rate=1e-2), _offline_dataset(),
+        processing_class=load_tokenizer(),
+    )  # fmt: skip
+    trainer.train()
+    with torch.no_grad():
+        policy, reference = trainer.model(input_ids=ids).logits, trainer.ref_model(input_ids=ids).logits
+    vocab = initial.shape[-1]  # the quantile tokens' rows come after the original vocabulary
+    torch.testing.assert_close(reference[..., :vocab], initial)
+    assert (policy[..., :vocab] - initial).abs().max() > 1e-3

@@ -47,11 +47,10 @@ def make_parser(prog: str | None = None, command: str = "warmup-dpo"):
 
 
 def run(script_args, training_args, model_args, score_args, command: str = "warmup-dpo") -> int:
-    import copy
-
     from trl import DPOTrainer
 
     from hf_align.callbacks import MaskAccumulationCallback
+    from hf_align.trainers._model_copy import independent_copy
 
     source = f"dataset_name {script_args.dataset_name!r}"
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
@@ -67,7 +66,7 @@ def run(script_args, training_args, model_args, score_args, command: str = "warm
         exclude_top=score_args.select_exclude_top,
     )
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
-    ref_model = None if training_args.precompute_ref_log_probs else copy.deepcopy(model)
+    ref_model = None if training_args.precompute_ref_log_probs else independent_copy(model)
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,

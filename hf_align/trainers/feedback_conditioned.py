@@ -51,6 +51,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 
 from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.data_pool import DataPool
+from hf_align.trainers._model_copy import independent_copy
 
 
 POOL_DIR = "data_pool"
@@ -350,7 +351,7 @@ class FeedbackConditionedTrainer(_BaseTrainer):
 
         self.ref_model = None
         if args.kl_coef > 0 and not self._is_peft:
-            ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
+            ref_model = ref_model if ref_model is not None else independent_copy(model)
             ref_model.eval().requires_grad_(False)
             self.ref_model = ref_model
 
