@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hf_align import testbed
@@ -45,11 +46,13 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(
             seeds=[0], num_pairs=256, warmup_steps=8, dpo_steps=20, npo_steps=10, npo_eval_every=5,
-            eval_prompts=64, retain_rows=32, alphas=(0.0, 0.5, 1.0), fb_iterations=1, fb_steps=10,
+            eval_prompts=64, retain_rows=32, alphas=(0.0, 0.5, 1.0), fb_iterations=1, fb_steps=10, fb_prompts=32,
+            allo_forget_steps=5, allo_forget_lr=2e-4, sft_steps=10, ama_prompts=64, ama_steps=5, ama_lr=5e-2,
         )  # fmt: skip
     return dict(
         seeds=[0, 1, 2], num_pairs=512, warmup_steps=20, dpo_steps=60, npo_steps=40, npo_eval_every=5,
-        eval_prompts=256, retain_rows=128, alphas=ALPHAS, fb_iterations=3, fb_steps=20,
+        eval_prompts=256, retain_rows=128, alphas=ALPHAS, fb_iterations=4, fb_steps=150, fb_prompts=256,
+        allo_forget_steps=20, allo_forget_lr=2e-4, sft_steps=60, ama_prompts=512, ama_steps=60, ama_lr=5e-2,
     )  # fmt: skip
 
 
@@ -110,16 +113,45 @@ def warmup_scores(tb, data, seed: int, steps: int, out: str) -> dict:
     return scores
 
 
-def train_masked(tb, data, seed: int, steps: int, out: str, mask, lr: float = 2e-3):
+def train_masked(tb, data, seed: int, steps: int, out: str, mask, lr: float = 2e-3, model=None):
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
+    from hf_align.trainers._model_copy import independent_copy
 
     config = MaskedDPOConfig(learning_rate=lr, **_dpo_common(out, steps, seed))
     trainer = MaskedDPOTrainer(
-        model=copy.deepcopy(tb.model), args=config, train_dataset=data, processing_class=tb.tokenizer,
-        neuron_mask=mask,
+        model=independent_copy(model if model is not None else tb.model), args=config, train_dataset=data,
+        processing_class=tb.tokenizer, neuron_mask=mask,
     )  # fmt: skip
     trainer.train()
     return trainer.model.eval()
+
+
+def allo_pipeline(tb, data, seed: int, cfg: dict, scores: dict, out: str):
+    """ALLO end to end in miniature, the stages of recipes/allo/pipeline.yaml: the warm-up's scores give a forgetting
+    mask (top 5 %) and an improving mask (top 10 %); rewrite-diff labels mark the tokens where a rejected answer
+    differs from the chosen one; token-level NPO forgets those tokens (forgetting mask only), then MaskedDPO improves
+    from the forgetting stage's model (improving mask only)."""
+    from hf_align.key_tokens import label_dataset
+    from hf_align.masks import NeuronMask
+    from hf_align.sparse_update import merge_deltas
+    from hf_align.trainers import NPOConfig, NPOTrainer
+
+    forget_mask = NeuronMask.from_scores(scores, 0.05, select="top")
+    improve_mask = NeuronMask.from_scores(scores, 0.1, select="top")
+    labelled = label_dataset(data, tb.tokenizer, "rewrite_diff")
+    config = NPOConfig(
+        output_dir=f"{out}/forget", per_device_train_batch_size=16, max_steps=cfg["allo_forget_steps"],
+        learning_rate=cfg["allo_forget_lr"], weight_decay=0.0, lr_scheduler_type="constant", beta=0.1,
+        npo_level="token", precompute_ref_log_probs=True, report_to="none", save_strategy="no", use_cpu=True,
+        bf16=False, gradient_checkpointing=False, disable_tqdm=True, logging_steps=1000, seed=seed,
+    )  # fmt: skip
+    trainer = NPOTrainer(
+        copy.deepcopy(tb.model), args=config, train_dataset=labelled, processing_class=tb.tokenizer,
+        neuron_mask=forget_mask,
+    )  # fmt: skip
+    trainer.train()
+    forgot = merge_deltas(trainer.model).eval()
+    return train_masked(tb, data, seed, cfg["dpo_steps"], f"{out}/improve", improve_mask, model=forgot)
 
 
 def _forget_batches(tb, forget, batch_size: int, steps: int, seed: int):
@@ -215,23 +247,104 @@ def ama_sweep(tb, evaluator, dpo_model, alphas, tmp: str) -> list:
     return points
 
 
-def train_adapter(tb, data, seed: int, steps: int, out: str, peft_config, lr: float):
-    """DPO on a PEFT adapter (Aligner or LoRA); the reference is the model with the adapter disabled."""
+PARTWISE = {"partwise 0.4|0.3|0.2": "0.4|0.3|0.2", "partwise 0.2|0.3|0.4": "0.2|0.3|0.4"}
+"""AMA's partwise plans on the testbed's 6 layers (pivots 1#3: layers 0-1, 2-3, 4-5), mean α 0.3 each."""
+
+
+def best_of_n(tb, model, n: int, num_prompts: int, seed: int):
+    """RAFT-style data from the aligned model, AMA's adaptive objective: the best of n samples per prompt."""
+    from datasets import Dataset
+
+    from hf_align.testbed.evaluation import eval_prompts, generate_completions
+
+    prompts = eval_prompts(num_prompts, seed=10_000 + seed)  # not the evaluation prompts
+    samples = [generate_completions(model, tb.tokenizer, prompts, seed=seed * 100 + k) for k in range(n)]
+    rewards = [testbed.reward(prompts, s) for s in samples]
+    best = [max(range(n), key=lambda k, i=i: rewards[k][i]) for i in range(len(prompts))]
+    return Dataset.from_dict({"prompt": prompts, "completion": [samples[best[i]][i] for i in range(len(prompts))]})
+
+
+def ama_variants(tb, evaluator, dpo_model, seed: int, cfg: dict, tmp: str) -> list:
+    """Partwise plans and adaptive α's (learned on best-of-4 samples of the DPO model), merged like the linear sweep."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_align.merging import merge_models, partwise_plan
+    from hf_align.merging.adaptive import AdaptiveMergeConfig, AdaptiveMergeTrainer
+
+    aligned = Path(tmp) / "dpo"  # written by ama_sweep
+    points = []
+    for label, alphas in PARTWISE.items():
+        out = Path(tmp) / label.replace(" ", "_").replace("|", "-")
+        merge_models(
+            tb.path, aligned, out, progress=False,
+            plan=lambda names, config, alphas=alphas: partwise_plan(
+                names, "1#3", alphas, num_layers=config.get("num_hidden_layers")
+            ),
+        )  # fmt: skip
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        points.append({"name": label, "mean_alpha": 0.3, **evaluator(merged)})
+    data = best_of_n(tb, dpo_model, n=4, num_prompts=cfg["ama_prompts"], seed=seed)
+    for init in (0.2, 0.4):
+        args = AdaptiveMergeConfig(
+            output_dir=f"{tmp}/adaptive_{init}", init_val=init, mask_level="block3", learning_rate=cfg["ama_lr"],
+            max_steps=cfg["ama_steps"], per_device_train_batch_size=16, lr_scheduler_type="constant",
+            report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1000, seed=seed,
+        )  # fmt: skip
+        trainer = AdaptiveMergeTrainer(
+            AutoModelForCausalLM.from_pretrained(aligned), base_model=tb.path, args=args, train_dataset=data,
+            processing_class=tb.tokenizer,
+        )  # fmt: skip
+        trainer.train()
+        out = Path(tmp) / f"adaptive_{init}_merged"
+        trainer.merge(out, base=tb.path, aligned=aligned, progress=False)
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        learned = [round(a, 3) for a in trainer.learned_alphas().block_alphas]
+        points.append(
+            {"name": f"adaptive init {init}", "mean_alpha": init, "block_alphas": learned, **evaluator(merged)}
+        )
+    return points
+
+
+def train_adapter(tb, evaluator, data, seed: int, cfg: dict, out: str, peft_config, lr: float) -> dict:
+    """The Aligner paper's two stages on a PEFT adapter (``peft_config=None``: the full model, the baseline): SFT on
+    correct answers, then DPO with the SFT model as the reference. Returns the evaluation after each stage and the
+    trainable parameter count."""
     from peft import get_peft_model
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     import hf_align  # noqa: F401  (registers Aligner with PEFT)
+    from hf_align.trainers._model_copy import independent_copy
 
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(tb.model), peft_config)
+    model = copy.deepcopy(tb.model)
+    if peft_config is not None:
+        model = get_peft_model(model, copy.deepcopy(peft_config))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = DPOConfig(learning_rate=lr, **_dpo_common(out, steps, seed))
-    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tb.tokenizer)
+    sft_args = SFTConfig(
+        output_dir=f"{out}/sft", per_device_train_batch_size=16, max_steps=cfg["sft_steps"], learning_rate=lr,
+        lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to="none", use_cpu=True,
+        bf16=False, gradient_checkpointing=False, seed=seed, disable_tqdm=True,
+    )  # fmt: skip
+    sft_data = tb.sft_dataset(cfg["num_pairs"], seed=200 + seed)
+    SFTTrainer(model=model, args=sft_args, train_dataset=sft_data, processing_class=tb.tokenizer).train()
+    after_sft = evaluator(model.eval())
+    sft_forget = evaluator.forget(model)["forget_rate"]  # the SFT data has no " ugh": a style the adapter can change
+    # Given a PeftModel and no ref_model, TRL freezes a copy of the trained adapter as "ref": the SFT model.
+    reference = None if peft_config is not None else independent_copy(model)
+    config = DPOConfig(learning_rate=lr, **_dpo_common(f"{out}/dpo", cfg["dpo_steps"], seed))
+    trainer = DPOTrainer(
+        model=model, ref_model=reference, args=config, train_dataset=data, processing_class=tb.tokenizer
+    )
     trainer.train()
-    return trainer.model.eval(), trainable
+    after_dpo = evaluator(trainer.model.eval())
+    after_dpo["forget_rate"] = evaluator.forget(trainer.model)["forget_rate"]
+    return {
+        "trainable_params": trainable, "learning_rate": lr, "sft_mean_reward": after_sft["mean_reward"],
+        "sft_perplexity": after_sft["perplexity"], "sft_forget_rate": sft_forget, **after_dpo,
+    }  # fmt: skip
 
 
-def adapters(tb, evaluator, data, seed: int, steps: int, tmp: str) -> dict:
+def adapters(tb, evaluator, data, seed: int, cfg: dict, tmp: str) -> dict:
     from peft import LoraConfig
 
     from hf_align.peft_tuners import AlignerConfig
@@ -240,11 +353,11 @@ def adapters(tb, evaluator, data, seed: int, steps: int, tmp: str) -> dict:
         "aligner_n1": (AlignerConfig(num_tokens=1, task_type="CAUSAL_LM"), 1e-2),
         "aligner_n10": (AlignerConfig(num_tokens=10, task_type="CAUSAL_LM"), 1e-2),
         "lora_r8": (LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), 2e-3),
+        "full_model": (None, 5e-4),
     }
     out = {}
     for name, (config, lr) in configs.items():
-        model, trainable = train_adapter(tb, data, seed, steps, f"{tmp}/{name}", config, lr)
-        out[name] = {"trainable_params": trainable, "learning_rate": lr, **evaluator(model)}
+        out[name] = train_adapter(tb, evaluator, data, seed, cfg, f"{tmp}/{name}", config, lr)
         print(f"  seed {seed} {name}: {out[name]}", flush=True)
     return out
 
@@ -252,8 +365,11 @@ def adapters(tb, evaluator, data, seed: int, steps: int, tmp: str) -> dict:
 def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
     """Quark-style quantile feedback: reward of samples conditioned on the best vs the worst bin, per iteration.
 
-    The trainer adds the quantile tokens to its tokenizer, so it gets a fresh one: reusing a tokenizer that already
-    has them with a fresh model copy fails (the embeddings are not resized for tokens already present).
+    "Worst" is the worst bin that holds pool rows at that moment: tied scores share a bin, so with many
+    zero-reward samples the last bin stays empty and its token is never trained (conditioning on it says
+    nothing about the method). "bare" is the bare prompt, no feedback token: at step 0 it is the start model.
+    The trainer adds the quantile tokens to its tokenizer, so it gets a fresh one: reusing a tokenizer that
+    already has them with a fresh model copy fails (the embeddings are not resized for tokens already present).
     """
     from transformers import TrainerCallback
 
@@ -261,19 +377,25 @@ def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
 
     config = FeedbackConditionedConfig(
         output_dir=out, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed,
-        num_iterations=cfg["fb_iterations"], steps_per_iteration=cfg["fb_steps"], prompts_per_iteration=64,
-        num_generations=4, max_new_tokens=6, per_device_train_batch_size=16, learning_rate=1e-3, kl_coef=0.05,
-        num_quantiles=5, feedback_template="{feedback}{prompt}", logging_steps=1000,
+        num_iterations=cfg["fb_iterations"], steps_per_iteration=cfg["fb_steps"],
+        prompts_per_iteration=cfg["fb_prompts"], num_generations=4, max_new_tokens=6, per_device_train_batch_size=32,
+        learning_rate=1e-3, lr_scheduler_type="constant", kl_coef=0.0, num_quantiles=5,
+        feedback_template="{feedback}{prompt}", logging_steps=1000,
     )  # fmt: skip
     prompts = evaluator.prompts
     points: list[dict] = []
 
+    def reward(feedback) -> float:
+        return statistics.fmean(testbed.reward(prompts, trainer.generate(prompts, feedback=feedback, seed=1234)))
+
     class PerIteration(TrainerCallback):
         def record(self, step):
-            row = {"step": step}
-            for label, bin_ in (("best", 0), ("worst", config.num_quantiles - 1)):
-                completions = trainer.generate(prompts, feedback=bin_, seed=1234)
-                row[f"reward_{label}"] = statistics.fmean(testbed.reward(prompts, completions))
+            counts = trainer.pool.bin_counts() if len(trainer.pool) else np.ones(config.num_quantiles)
+            worst = int(np.flatnonzero(counts)[-1])
+            row = {"step": step, "reward_best": reward(0), "reward_worst": reward(worst), "worst_bin": worst}
+            row["reward_bare"] = reward("")
+            if trainer.iteration_timings:
+                row["pool_mean_score"] = trainer.iteration_timings[-1]["mean_score"]
             points.append(row)
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -284,7 +406,7 @@ def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
                 self.record(state.global_step)
 
     trainer = FeedbackConditionedTrainer(
-        copy.deepcopy(tb.model), config, tb.prompt_dataset(256), processing_class=testbed.load_tokenizer(),
+        copy.deepcopy(tb.model), config, tb.prompt_dataset(2048), processing_class=testbed.load_tokenizer(),
         reward_funcs=testbed.reward, callbacks=[PerIteration()],
     )  # fmt: skip
     trainer.train()
@@ -324,15 +446,25 @@ def summarize(runs: list[dict]) -> dict:
         summary["adapters"] = {
             m: {
                 k: _mean_std([r["adapters"][m][k] for r in runs])
-                for k in ("mean_reward", "kl", "perplexity", "trainable_params")
+                for k in ("sft_mean_reward", "sft_forget_rate", "mean_reward", "kl", "perplexity", "trainable_params")
             }
             for m in runs[0]["adapters"]
+        }
+    if "ama_variants" in runs[0]:
+        summary["ama_variants"] = {
+            p["name"]: {
+                k: _mean_std([r["ama_variants"][i][k] for r in runs]) for k in ("mean_reward", "perplexity", "kl")
+            }
+            for i, p in enumerate(runs[0]["ama_variants"])
         }
     if "feedback" in runs[0]:
         summary["feedback"] = [
             {
                 "step": p["step"],
-                **{k: _mean_std([r["feedback"][i][k] for r in runs]) for k in ("reward_best", "reward_worst")},
+                **{
+                    k: _mean_std([r["feedback"][i][k] for r in runs])
+                    for k in ("reward_best", "reward_worst", "reward_bare")
+                },
             }
             for i, p in enumerate(runs[0]["feedback"])
         ]
@@ -392,7 +524,11 @@ def plots(summary: dict, suffix: str) -> list[str]:
     if "feedback" in summary:
         fig = Figure(figsize=(5, 3.5), dpi=100)
         ax = fig.add_subplot(1, 1, 1)
-        for key, label in (("reward_best", "conditioned on best bin"), ("reward_worst", "conditioned on worst bin")):
+        for key, label in (
+            ("reward_best", "conditioned on best bin"),
+            ("reward_worst", "conditioned on worst populated bin"),
+            ("reward_bare", "bare prompt (no feedback)"),
+        ):
             curve = summary["feedback"]
             ax.errorbar(
                 [p["step"] for p in curve],
@@ -415,9 +551,16 @@ def plots(summary: dict, suffix: str) -> list[str]:
     ax.plot(xs, ys, marker="o")
     for alpha, x, y in zip(summary["ama"], xs, ys):
         ax.annotate(f"α={alpha}", (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    for (name, v), marker in zip(summary.get("ama_variants", {}).items(), ("s", "D", "^", "v", "P")):
+        ax.errorbar(
+            v["perplexity"][0], v["mean_reward"][0], xerr=v["perplexity"][1], yerr=v["mean_reward"][1],
+            marker=marker, linestyle="none", capsize=2, label=name,
+        )  # fmt: skip
+    if "ama_variants" in summary:
+        ax.legend(fontsize=7)
     ax.set_xlabel("retain perplexity (lower is better)")
     ax.set_ylabel("mean sampled reward")
-    ax.set_title("AMA linear: α·start + (1−α)·DPO")
+    ax.set_title("AMA: α·start + (1−α)·DPO (line: linear α)")
     save(fig, f"fidelity{suffix}_ama_pareto.png")
     return written
 
@@ -442,7 +585,12 @@ def markdown(report: dict, suffix: str) -> str:
         "",
         f"{cfg['dpo_steps']} steps, batch 16, β = 0.1, {cfg['num_pairs']} pairs per seed; masks: 10 % of decoder rows "
         f"(top / bottom by the accumulated |gradient| of a {cfg['warmup_steps']}-step warm-up DPO, or random). "
-        "Full DPO lr 5e-4, masked lr 2e-3.",
+        "Full DPO lr 5e-4, masked lr 2e-3. `allo_pipeline` runs ALLO's stages (recipes/allo/pipeline.yaml): "
+        f"forgetting mask = top 5 %, improving mask = top 10 % of the same warm-up scores; rewrite-diff key tokens of "
+        f"the rejected answers; token-level NPO on them for {cfg['allo_forget_steps']} steps (lr "
+        f"{cfg['allo_forget_lr']:g}, forgetting mask only), then MaskedDPO from that model ({cfg['dpo_steps']} steps, "
+        "improving mask only). The forgetting lr was picked from {5e-4, 2e-4, 1e-4} on seed 0 (5e-4 blew up the "
+        "retain perplexity).",
         "",
         "| method | mean reward | win rate vs start | KL(policy‖start) | retain perplexity |",
         "|---|---|---|---|---|",
@@ -499,22 +647,49 @@ def markdown(report: dict, suffix: str) -> str:
             for k in ("mean_reward", "perplexity", "kl")
         ]
         lines.append(f"| {point['alpha']:.1f} | " + " | ".join(vals) + " |")
-    if "adapters" in summary:
-        start = summary["ablation"]["start"]["mean_reward"][0]
+    if "ama_variants" in summary:
         lines += [
             "",
-            "## Aligner vs LoRA (DPO only, no SFT stage)",
+            "Partwise (one α per part of the 6 layers: 0–1 | 2–3 | 4–5; embeddings take the first part's α, the head "
+            f"the last's) and adaptive AMA (per-block α's learned for {cfg['ama_steps']} steps, lr {cfg['ama_lr']:g}, "
+            "block3, ε = 0.2, on best-of-4 samples of the DPO model for "
+            f"{cfg['ama_prompts']} prompts, the mean α fixed at its init):",
             "",
-            f"`trl.DPOTrainer` on a PEFT adapter, {cfg['dpo_steps']} steps, batch 16, β = 0.1, same pairs as above; "
-            f"reference = adapter disabled. Start-model reward {start:.3f}.",
-            "",
-            "| adapter | trainable params | lr | mean reward | KL(policy‖start) | retain perplexity |",
+            "| variant | mean α | mean reward | retain perplexity | KL(policy‖start) | learned block α's (seed 0) |",
             "|---|---|---|---|---|---|",
+        ]
+        for i, point in enumerate(runs[0]["ama_variants"]):
+            vals = [
+                _fmt([r["ama_variants"][i][k] for r in runs], 2 if k != "mean_reward" else 3)
+                for k in ("mean_reward", "perplexity", "kl")
+            ]
+            learned = point.get("block_alphas", "–")
+            name = point["name"].replace("|", "\\|")  # a Markdown table cell
+            lines.append(f"| {name} | {point['mean_alpha']:g} | " + " | ".join(vals) + f" | {learned} |")
+    if "adapters" in summary:
+        start = summary["ablation"]["start"]["mean_reward"][0]
+        forget0 = summary["npo"]["npo"][0]["forget_rate"][0]
+        lines += [
+            "",
+            "## Aligner vs LoRA vs the full model (SFT, then DPO)",
+            "",
+            f"The Aligner paper's two stages on a PEFT adapter: `trl.SFTTrainer` on {cfg['num_pairs']} correct answers "
+            f"({cfg['sft_steps']} steps), then `trl.DPOTrainer` ({cfg['dpo_steps']} steps, batch 16, β = 0.1, same "
+            f"pairs as above) with a frozen copy of the SFT model as the reference; `full_model` trains every weight "
+            f"(the baseline the adapters are measured against). Start-model reward {start:.3f}, "
+            f"` ugh` rate {forget0:.3f}. The SFT answers never end in ` ugh`: dropping it is a change of style, what the "
+            "Aligner paper says a few global tokens can carry; getting the digits right is knowledge.",
+            "",
+            "| adapter | trainable params | lr | reward after SFT | ` ugh` rate after SFT | reward after DPO | "
+            "KL(policy‖start) | retain perplexity |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for m, v in summary["adapters"].items():
             cells = [
                 f"{int(v['trainable_params'][0]):,}",
                 f"{runs[0]['adapters'][m]['learning_rate']:g}",
+                _fmt([r["adapters"][m]["sft_mean_reward"] for r in runs]),
+                _fmt([r["adapters"][m]["sft_forget_rate"] for r in runs]),
                 _fmt([r["adapters"][m]["mean_reward"] for r in runs]),
                 _fmt([r["adapters"][m]["kl"] for r in runs], 2),
                 _fmt([r["adapters"][m]["perplexity"] for r in runs], 2),
@@ -525,29 +700,34 @@ def markdown(report: dict, suffix: str) -> str:
             "",
             "## Feedback-conditioned training (Quark-style quantiles, 5 bins)",
             "",
-            f"{cfg['fb_iterations']} iterations × {cfg['fb_steps']} steps, 64 prompts × 4 samples per iteration, "
-            "lr 1e-3, KL 0.05. Reward of samples conditioned on the best bin (0) vs the worst bin (4).",
+            f"{cfg['fb_iterations']} iterations × {cfg['fb_steps']} steps, {cfg['fb_prompts']} prompts × 4 samples per "
+            "iteration, batch 32, lr 1e-3 constant, no KL. Reward of samples conditioned on the best bin (0), on the "
+            "worst bin that holds pool rows (tied zero rewards leave bin 4 empty), and on the bare prompt; step 0 "
+            'is the start model. "pool" is the mean reward of the samples the loop itself drew in that iteration '
+            "(conditioned on the best bin from the second iteration on).",
             "",
-            "| step | reward given best bin | reward given worst bin |",
-            "|---|---|---|",
+            "| step | reward given best bin | given worst populated bin | bare prompt | pool samples |",
+            "|---|---|---|---|---|",
         ]
         for i, p in enumerate(summary["feedback"]):
-            best = _fmt([r["feedback"][i]["reward_best"] for r in runs])
-            worst = _fmt([r["feedback"][i]["reward_worst"] for r in runs])
-            lines.append(f"| {p['step']} | {best} | {worst} |")
+            cells = [_fmt([r["feedback"][i][k] for r in runs]) for k in ("reward_best", "reward_worst", "reward_bare")]
+            pool = [r["feedback"][i]["pool_mean_score"] for r in runs if "pool_mean_score" in r["feedback"][i]]
+            cells.append(_fmt(pool) if pool else "–")
+            lines.append(f"| {p['step']} | " + " | ".join(cells) + " |")
     lines += ["", "## Findings", "", *report.get("findings", []), ""]
     lines += [
         "## Not shown here / caveats",
         "",
-        "- Aligner and LoRA are trained with DPO only (no SFT stage, reference = adapter disabled) at untuned learning "
-        "rates; a one-seed try at lr 5e-2 for Aligner (N=1: 0.381, N=10: 0.382 on seed 0) did not change the picture. "
-        "The paper runs DPO from an Aligner-SFT reference for much longer: its effect is **not** demonstrated on this budget.",
-        "- The full ALLO pipeline (warm-up → mask → token-level forgetting → masked improving) is not a row yet; the "
-        "mask ablation above is its selection stage.",
+        "- Learning rates are untuned beyond what the text says; the budgets are minutes on CPU, far below the papers'.",
         "- NPO and gradient ascent run without a retain term (the NPO paper usually adds one), to compare the losses "
-        "alone; AMA covers linear α only (partwise and adaptive are not in this report).",
-        "- Feedback-conditioned training is evaluated by conditioning on the best vs the worst bin; on this budget "
-        "(a few short iterations) the bins are not separated.",
+        "alone.",
+        "- Adapters: at these learning rates and 60 SFT steps neither Aligner nor PEFT's own LoRA moves the reward or "
+        "the ` ugh` rate, while full fine-tuning removes the suffix; so the budget, not the Aligner implementation, is "
+        "what stops the adapters here (LoRA at lr 1e-2 diverged in a one-seed try). The Aligner paper's effect is "
+        "**not** demonstrated on this testbed.",
+        "- Feedback conditioning puts a new token in front of every prompt, a context the tiny testbed model never saw: "
+        "alone it lowers the reward (~0.37 → ~0.24 untrained), so the loop first wins that back. Shorter runs "
+        "(≤ 100 steps per iteration, pools of a few hundred samples) end *below* the start model.",
         "",
     ]
     lines += ["Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"]), ""]
@@ -584,6 +764,20 @@ def findings(summary: dict, num_seeds: int) -> list[str]:
         )
         + f" (the paper's claim is top-mask ≥ full DPO; {spread})."
     )
+    if "allo_pipeline" in ab:
+        allo, top = ab["allo_pipeline"]["mean_reward"], ab["masked_top10"]["mean_reward"]
+        verdict = (
+            "above"
+            if allo[0] - allo[1] > top[0] + top[1]
+            else "below"
+            if allo[0] + allo[1] < top[0] - top[1]
+            else "within one std of"
+        )
+        out.append(
+            f"- The full ALLO pipeline (forget with NPO on key tokens, then improve) reaches {allo[0]:.3f} ± {allo[1]:.3f}: "
+            f"{verdict} MaskedDPO with the top-10 % mask alone ({top[0]:.3f} ± {top[1]:.3f}), full DPO {r('dpo'):.3f}; "
+            f"retain perplexity {r('allo_pipeline', 'perplexity'):.2f}."
+        )
     out.append(
         f"- Retain perplexity (alignment tax): start {r('start', 'perplexity'):.2f}, DPO {r('dpo', 'perplexity'):.2f}, "
         f"top-10 % {r('masked_top10', 'perplexity'):.2f}, random {r('masked_random10', 'perplexity'):.2f}, "
@@ -625,22 +819,37 @@ def findings(summary: dict, num_seeds: int) -> list[str]:
     if "adapters" in summary:
         ad = summary["adapters"]
         out.append(
-            "- Adapters (DPO only): "
+            "- Adapters, reward after SFT → after DPO: "
             + ", ".join(
-                f"{m} {v['mean_reward'][0]:.3f} with {int(v['trainable_params'][0]):,} params" for m, v in ad.items()
+                f"{m} {v['sft_mean_reward'][0]:.3f} → {v['mean_reward'][0]:.3f} with {int(v['trainable_params'][0]):,} "
+                "params"
+                for m, v in ad.items()
             )
             + f" (full DPO {r('dpo'):.3f}, start {r('start'):.3f})."
         )
+        forget0 = summary["npo"]["npo"][0]["forget_rate"][0]
+        out.append(
+            f"- Style (the ` ugh` suffix, {forget0:.3f} at the start) after SFT on answers without it: "
+            + ", ".join(f"{m} {v['sft_forget_rate'][0]:.3f} ± {v['sft_forget_rate'][1]:.3f}" for m, v in ad.items())
+            + "."
+        )
     if "feedback" in summary:
         fb = summary["feedback"]
-        gap0 = fb[0]["reward_best"][0] - fb[0]["reward_worst"][0]
-        gap = fb[-1]["reward_best"][0] - fb[-1]["reward_worst"][0]
+        start, best, worst = fb[0]["reward_bare"], fb[-1]["reward_best"], fb[-1]["reward_worst"]
+        gap = best[0] - worst[0]
+        beats_start = best[0] - best[1] > start[0] + start[1]
         out.append(
-            f"- Feedback conditioning: best-minus-worst-bin reward gap {gap0:+.3f} before training, {gap:+.3f} after "
-            f"{fb[-1]['step']} steps; best-bin reward {fb[0]['reward_best'][0]:.3f} → {fb[-1]['reward_best'][0]:.3f}."
-            + ("" if gap > 0.02 else " The conditioning does **not** separate the bins on this budget.")
-            + f" Conditioned rewards start below the unconditioned start model ({r('start'):.3f}): the new quantile "
-            "token shifts the prompt, and a few iterations only partly recover."
+            f"- Feedback conditioning (Quark): after {fb[-1]['step']} steps, samples conditioned on the best bin score "
+            f"{best[0]:.3f} ± {best[1]:.3f}, the start model {start[0]:.3f} ± {start[1]:.3f}, the worst populated bin "
+            f"{worst[0]:.3f} ± {worst[1]:.3f}. "
+            + (
+                "The best bin beats the start model"
+                if beats_start
+                else "The best bin does **not** clearly beat the start"
+            )
+            + (" and is separated from the worst bin" if gap > 0.05 else "; the bins are **not** separated")
+            + " — the Quark claim"
+            + (" holds on this testbed." if beats_start and gap > 0.05 else " is not shown on this budget.")
         )
     ama = summary["ama"]
     keys = sorted(ama, key=float)
@@ -661,6 +870,33 @@ def findings(summary: dict, num_seeds: int) -> list[str]:
         )
         + "."
     )
+    if "ama_variants" in summary:
+        # The linear front at a perplexity: the best reward of a linear α whose perplexity is no higher (the curve
+        # is not monotone in perplexity, so no interpolation). A variant beats it when the gap exceeds both stds.
+        verdicts, above = [], []
+        for name, v in summary["ama_variants"].items():
+            (rew, rew_sd), (ppl, _) = v["mean_reward"], v["perplexity"]
+            # none reachable: the variant's perplexity is below every linear α's; compare with the lowest one
+            reachable = [k for k in keys if ama[k]["perplexity"][0] <= ppl] or [
+                min(keys, key=lambda k: ama[k]["perplexity"][0])
+            ]
+            best = max(reachable, key=lambda k: ama[k]["mean_reward"][0])
+            lin, lin_sd = ama[best]["mean_reward"]
+            verdicts.append(
+                f"{name} {rew:.3f} ± {rew_sd:.3f} at ppl {ppl:.2f} vs linear α={best} {lin:.3f} ± {lin_sd:.3f} "
+                f"(ppl {ama[best]['perplexity'][0]:.2f})"
+            )
+            if rew - rew_sd > lin + lin_sd:
+                above.append(name)
+        out.append(
+            "- AMA variants vs the best linear α at no higher retain perplexity: "
+            + "; ".join(verdicts)
+            + (
+                f". Above the linear front by more than one std: {above}."
+                if above
+                else ". None beats the linear front by more than one std on this testbed."
+            )
+        )
     return out
 
 
@@ -692,6 +928,9 @@ def run_seed(tb, evaluator, seed: int, cfg: dict, tmp: str) -> dict:
         )
         result["ablation"][name] = evaluator(model)
         print(f"  seed {seed} {name}: {result['ablation'][name]}", flush=True)
+    allo = timed("allo_pipeline", lambda: allo_pipeline(tb, data, seed, cfg, scores, f"{tmp}/allo"))
+    result["ablation"]["allo_pipeline"] = evaluator(allo)
+    print(f"  seed {seed} allo_pipeline: {result['ablation']['allo_pipeline']}", flush=True)
     print(f"  seed {seed} dpo: {result['ablation']['dpo']}", flush=True)
     lr = cfg["unlearn_lr"]
     result["unlearning"] = {
@@ -702,8 +941,9 @@ def run_seed(tb, evaluator, seed: int, cfg: dict, tmp: str) -> dict:
         "npo_trainer", lambda: npo_trainer_check(tb, evaluator, seed, cfg["npo_steps"], lr, f"{tmp}/npo")
     )
     result["ama"] = timed("ama", lambda: ama_sweep(tb, evaluator, dpo, cfg["alphas"], tmp))
+    result["ama_variants"] = timed("ama_variants", lambda: ama_variants(tb, evaluator, dpo, seed, cfg, tmp))
     if "adapters" in cfg["sections"]:
-        result["adapters"] = timed("adapters", lambda: adapters(tb, evaluator, data, seed, cfg["dpo_steps"], tmp))
+        result["adapters"] = timed("adapters", lambda: adapters(tb, evaluator, data, seed, cfg, tmp))
     if "feedback" in cfg["sections"]:
         result["feedback"] = timed("feedback", lambda: feedback_quantile(tb, evaluator, seed, cfg, f"{tmp}/feedback"))
     result["timings_s"]["total"] = round(time.time() - t0, 1)
