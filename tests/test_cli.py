@@ -1,8 +1,11 @@
 """The ``hf-align`` entry point: help, version, env, dispatch, and the accelerate launch path."""
 
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from hf_align import __version__
 from hf_align.cli import COMMANDS, main
@@ -50,3 +53,31 @@ def test_training_command_runs_through_accelerate_launch(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_config.json").exists()
+
+
+def test_num_processes_on_a_cpu_only_machine_starts_that_many_processes(tmp_path):
+    """accelerate's CPU launcher starts ONE process without an MPI hostfile; hf-align starts them through torchrun.
+
+    Two processes × per-device batch 2 consume 4 rows a step: 2 steps over 8 rows is one epoch (a single process
+    would report 0.5).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU launch path only applies where no GPU is visible")
+    out = tmp_path / "out"
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
+    cmd = [
+        sys.executable, "-m", "hf_align.cli", "aligner-sft", "--num_processes", "2",
+        "--model_name_or_path", "testbed", "--dataset_name", str(data),
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--bf16", "false", "--report_to", "none",
+        "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out), "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 CPU processes" in result.stdout
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(1.0)

@@ -117,8 +117,30 @@ def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     accelerate_args = launch_command_parser().parse_args(
         [*launch_args, "-m", "hf_align.cli.training", name, *script_args, "--no_launch"]
     )
+    if _needs_cpu_processes(accelerate_args):
+        # accelerate's CPU path starts ONE process without an MPI hostfile; its torchrun path starts them all, and
+        # each one joins a gloo group when its TrainingArguments ask for the CPU.
+        accelerate_args.multi_gpu, accelerate_args.cpu = True, False
+        if not any(args.use_cpu for args in parsed if hasattr(args, "use_cpu")):
+            accelerate_args.training_script_args += ["--use_cpu", "true"]
+        print(
+            f"[hf-align] no GPU: {accelerate_args.num_processes} CPU processes (torch.distributed, gloo)", flush=True
+        )
     launch_command(accelerate_args)
     return 0
+
+
+def _needs_cpu_processes(accelerate_args) -> bool:
+    """``--num_processes N`` (N > 1) on a machine without accelerators and without a launcher choice of its own."""
+    import torch
+
+    if (accelerate_args.num_processes or 1) < 2:
+        return False
+    own_choice = ("multi_gpu", "use_deepspeed", "use_fsdp", "use_megatron_lm", "tpu", "config_file", "mpirun_hostfile")
+    if any(getattr(accelerate_args, flag, None) for flag in own_choice):
+        return False
+    backends = (torch.cuda, getattr(torch, "xpu", None), getattr(torch, "npu", None))
+    return not any(b is not None and b.is_available() for b in backends) and not torch.backends.mps.is_available()
 
 
 if __name__ == "__main__":  # entry point inside each process started by `accelerate launch`
