@@ -393,7 +393,8 @@ def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
             counts = trainer.pool.bin_counts() if len(trainer.pool) else np.ones(config.num_quantiles)
             worst = int(np.flatnonzero(counts)[-1])
             row = {"step": step, "reward_best": reward(0), "reward_worst": reward(worst), "worst_bin": worst}
-            row["reward_bare"] = reward("")
+            completions = trainer.generate(prompts, unconditioned=True, seed=1234)
+            row["reward_bare"] = statistics.fmean(testbed.reward(prompts, completions))
             if trainer.iteration_timings:
                 row["pool_mean_score"] = trainer.iteration_timings[-1]["mean_score"]
             points.append(row)

@@ -416,7 +416,9 @@ def test_testbed_quantile_loop_beats_the_start_and_the_worst_bin(tmp_path):
         completions = trainer.generate(prompts, feedback=feedback, seed=1)
         return float(np.mean([score(solve(p), c) for p, c in zip(prompts, completions)]))
 
-    start = mean_reward("")  # "{feedback}{prompt}" with no feedback: the bare prompt, before any training
+    start = float(  # the bare prompt, before any training
+        np.mean([score(solve(p), c) for p, c in zip(prompts, trainer.generate(prompts, unconditioned=True, seed=1))])
+    )
     trainer.train()
     worst_populated = int(np.flatnonzero(trainer.pool.bin_counts())[-1])
     best, worst = mean_reward(0), mean_reward(worst_populated)
@@ -447,3 +449,17 @@ def test_reference_copy_stays_the_initial_policy_after_a_trl_trainer_patched_the
     vocab = initial.shape[-1]  # the quantile tokens' rows come after the original vocabulary
     torch.testing.assert_close(reference[..., :vocab], initial)
     assert (policy[..., :vocab] - initial).abs().max() > 1e-3
+
+
+def test_generate_unconditioned_renders_the_prompt_without_feedback(tmp_path):
+    config = _config(tmp_path, num_quantiles=2, feedback_template="{feedback} input: {prompt}")
+    trainer = FeedbackConditionedTrainer(_tiny(), config, _offline_dataset(), processing_class=load_tokenizer())
+    seen = []
+    trainer._sample = lambda prompts, feedback, seed, **kw: seen.append((prompts, feedback)) or ([""], [0])
+    trainer.generate(["1+2="], unconditioned=True)
+    assert seen[-1] == (["1+2="], None)
+    assert trainer.render_prompt("1+2=", None) == "input: 1+2="  # the unconditioned template
+    trainer.generate(["1+2="])
+    assert seen[-1] == (["1+2="], "<|quantile_0|>")
+    with pytest.raises(ValueError, match="either feedback or unconditioned"):
+        trainer.generate(["1+2="], feedback=0, unconditioned=True)

@@ -663,11 +663,24 @@ class FeedbackConditionedTrainer(_BaseTrainer):
         ids = [_until_eos(list(c), eos, pad) for c in completion_ids]
         return [self._processing.decode(i, skip_special_tokens=True) for i in ids], [len(i) for i in ids]
 
-    def generate(self, prompts: list, feedback: str | int | list | None = None, **generate_kwargs) -> list[str]:
+    def generate(
+        self,
+        prompts: list,
+        feedback: str | int | list | None = None,
+        unconditioned: bool = False,
+        **generate_kwargs,
+    ) -> list[str]:
         """Completions conditioned on ``feedback`` (default: the best feedback; an int = that quantile bin).
 
+        ``unconditioned=True`` samples from the prompt without any feedback (the form the first iteration samples
+        and the reference sees): the baseline to compare the conditioned samples with.
         ``generate_kwargs`` override the sampling settings, e.g. ``do_sample=False`` for greedy decoding.
         """
+        seed = generate_kwargs.pop("seed", self.args.seed)
+        if unconditioned:
+            if feedback is not None:
+                raise ValueError("generate(): pass either feedback or unconditioned=True, not both.")
+            return self._sample(list(prompts), None, seed=seed, **generate_kwargs)[0]
         if feedback is None:
             feedback = self.best_feedback()
         bins = [
@@ -678,7 +691,6 @@ class FeedbackConditionedTrainer(_BaseTrainer):
             feedback = _quantile_string(self.args, int(feedback))
         if isinstance(feedback, list):
             feedback = [_quantile_string(self.args, f) if isinstance(f, (int, np.integer)) else f for f in feedback]
-        seed = generate_kwargs.pop("seed", self.args.seed)
         return self._sample(list(prompts), feedback, seed=seed, **generate_kwargs)[0]
 
     def _warn_untrained_bins(self, bins: list[int]) -> None:
