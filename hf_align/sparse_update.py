@@ -153,8 +153,8 @@ def _row_4bit_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = type(self).forward(self, x)
     if not holder.enabled:
         return out
-    # In the activations' dtype (TRL casts trainable params of a quantized model to bf16, as for QLoRA adapters):
-    # the output then equals that of the merged full-precision weights.
+    # In the activations' dtype (the delta may be kept in fp32 while the layer computes in bf16): the output then
+    # equals that of the merged full-precision weights.
     extra = F.linear(x, holder.delta.to(x.dtype))
     return out.index_add(-1, holder.index, extra.to(out.dtype))
 
@@ -455,15 +455,18 @@ def save_model_with_deltas(
 
 
 @contextlib.contextmanager
-def quantized_training_allowed() -> Iterator[None]:
+def quantized_training_allowed(model: torch.nn.Module | None = None) -> Iterator[None]:
     """Let ``transformers.Trainer`` accept a quantized model whose trainable parameters are neuron deltas.
 
-    transformers refuses to train a quantized model that has no PEFT adapter; deltas play that role here (they are
-    the only trainable parameters and stay in the compute dtype). Only models with deltas are let through.
+    transformers refuses to train a quantized model that has no PEFT adapter; deltas play that role here. Only
+    models with deltas are let through. TRL's DPO casts every trainable parameter of a quantized model to bf16 (for
+    QLoRA adapters; it spares DoRA's magnitude vector because small Adam updates vanish in bf16, trl#7268). Deltas
+    are weight updates, where that matters as much: the deltas of ``model`` get back the dtype they had on entry.
     """
     import transformers.trainer as hf_trainer
 
     original = hf_trainer.validate_quantization_for_training
+    dtypes = {id(holder): holder.delta.dtype for holder in iter_deltas(model)} if model is not None else {}
 
     def validate(model):
         if not has_deltas(model):
@@ -474,6 +477,10 @@ def quantized_training_allowed() -> Iterator[None]:
         yield
     finally:
         hf_trainer.validate_quantization_for_training = original
+        for holder in iter_deltas(model) if model is not None else ():
+            dtype = dtypes.get(id(holder))
+            if dtype is not None and holder.delta.dtype != dtype:
+                holder.delta.data = holder.delta.data.to(dtype)
 
 
 class MaskedAdamW(torch.optim.Optimizer):

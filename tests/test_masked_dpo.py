@@ -494,6 +494,8 @@ def test_4bit_base_trains_only_deltas_and_saves_a_full_precision_merged_model(tm
     assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == {
         n for n, p in trainer.model.named_parameters() if "delta" in n
     }
+    # TRL casts a quantized model's trainable parameters to bf16 (QLoRA); deltas keep the compute dtype
+    assert {h.delta.dtype for h in sparse.iter_deltas(trainer.model)} == {torch.float32}
     trainer.save_model(str(tmp_path / "final"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
     assert getattr(reloaded.config, "quantization_config", None) is None

@@ -302,7 +302,7 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
 
         from hf_align.sparse_update import quantized_training_allowed
 
-        with quantized_training_allowed() if mask is not None else contextlib.nullcontext():
+        with quantized_training_allowed(model) if mask is not None else contextlib.nullcontext():
             super().__init__(
                 model,
                 ref_model=ref_model,

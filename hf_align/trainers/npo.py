@@ -289,7 +289,7 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
 
         from hf_align.sparse_update import quantized_training_allowed
 
-        with _sft_loss_type(args), quantized_training_allowed() if mask is not None else contextlib.nullcontext():
+        with _sft_loss_type(args), quantized_training_allowed(model) if mask is not None else contextlib.nullcontext():
             super().__init__(
                 model,
                 args=args,
