@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from trl import DPOConfig, DPOTrainer
 
 from hf_align import testbed
@@ -505,3 +506,33 @@ def test_4bit_base_trains_only_deltas_and_saves_a_full_precision_merged_model(tm
             torch.testing.assert_close(trainer.model(input_ids=ids).logits, start, atol=0, rtol=0)
         torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, atol=1e-4, rtol=0)
     assert (trained - start).abs().max() > 1e-4
+
+
+def test_fp32_deltas_on_a_bf16_base_keep_updates_bf16_would_round_away(tmp_path):
+    """neuron_delta_dtype='float32': the deltas and their Adam moments are fp32 on a bf16 model; the merged
+    checkpoint is bf16 again (the base dtype). Updates of lr 1e-4 on deltas that already hold 1.0 are below bf16's
+    resolution there (2^-7 at 1.0): bf16 deltas stay put, fp32 ones move."""
+    NeuronMask, sparse = _mask_api()
+    tb = testbed.load(dtype=torch.bfloat16)
+    mask = NeuronMask.random(tb.model, 0.1, "row", seed=0)
+    moved = {}
+    for dtype in ("float32", "auto"):
+        model = copy.deepcopy(tb.model)
+        args = _args(tmp_path / dtype, max_steps=3, learning_rate=1e-4, neuron_delta_dtype=dtype, bf16=False)
+        trainer = MaskedDPOTrainer(
+            model=model, args=args, train_dataset=_data(12), processing_class=tb.tokenizer, neuron_mask=mask
+        )
+        holders = list(sparse.iter_deltas(trainer.model))
+        assert {h.delta.dtype for h in holders} == {torch.float32 if dtype == "float32" else torch.bfloat16}
+        with torch.no_grad():
+            for holder in holders:
+                holder.delta.fill_(1.0)
+        before = [h.delta.detach().float().clone() for h in holders]
+        trainer.train()
+        moved[dtype] = max((h.delta.float() - b).abs().max().item() for h, b in zip(holders, before))
+        if dtype == "float32":
+            trainer.save_model(str(tmp_path / "final"))
+            weights = load_file(str(tmp_path / "final" / "model.safetensors"))
+            assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert moved["float32"] > 1e-4  # ~3 Adam steps of 1e-4
+    assert moved["auto"] == 0.0  # bf16: 1.0 + 1e-4 rounds back to 1.0

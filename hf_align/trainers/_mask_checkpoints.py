@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 
 DELTAS_DIR = "neuron_deltas"
 
@@ -19,7 +21,8 @@ def attach_mask(model, mask, args):
         model = create_model_from_path(model, **init_kwargs)
     from hf_align.sparse_update import attach_deltas
 
-    return attach_deltas(model, mask)  # validates the mask against the model first
+    dtype = getattr(args, "neuron_delta_dtype", "auto")
+    return attach_deltas(model, mask, None if dtype == "auto" else getattr(torch, dtype))  # validates the mask too
 
 
 class NeuronMaskTrainerMixin:

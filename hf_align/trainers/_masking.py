@@ -31,6 +31,8 @@ __all__ = [
     "validate_mask_fields",
 ]
 
+DELTA_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 MASK_FIELDS = (
     "neuron_mask_path",
     "neuron_scores_path",
@@ -39,6 +41,7 @@ MASK_FIELDS = (
     "neuron_mask_scope",
     "neuron_mask_select",
     "neuron_mask_exclude_top",
+    "neuron_delta_dtype",
     "save_merged",
 )
 
@@ -67,3 +70,5 @@ def validate_mask_fields(args) -> None:
         raise ValueError("neuron_scores_path and neuron_mask_ratio go together: give both or neither.")
     if args.neuron_mask_path is not None and args.neuron_scores_path is not None:
         raise ValueError("Give either neuron_mask_path or neuron_scores_path + neuron_mask_ratio, not both.")
+    if args.neuron_delta_dtype not in DELTA_DTYPES:
+        raise ValueError(f"neuron_delta_dtype must be one of {DELTA_DTYPES}, got {args.neuron_delta_dtype!r}.")

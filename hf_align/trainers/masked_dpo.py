@@ -94,6 +94,13 @@ class MaskedDPOConfig(DPOConfig):
         default=1.0,
         metadata={"help": "Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries)."},
     )
+    neuron_delta_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the trainable deltas: 'auto' (the weights' dtype; a 4-bit layer's compute dtype) or "
+            "'float32' / 'bfloat16' / 'float16'. 'float32' on a bf16 base keeps small updates bf16 would round away."
+        },
+    )
     save_merged: bool = field(
         default=True,
         metadata={
@@ -106,16 +113,9 @@ class MaskedDPOConfig(DPOConfig):
         super().__post_init__()
         if self.rejected_token_ratio is not None and not 0.0 < self.rejected_token_ratio <= 1.0:
             raise ValueError(f"rejected_token_ratio must be in (0, 1], got {self.rejected_token_ratio}.")
-        if self.neuron_mask_ratio is not None and not 0.0 < self.neuron_mask_ratio <= 1.0:
-            raise ValueError(f"neuron_mask_ratio must be in (0, 1], got {self.neuron_mask_ratio}.")
-        if self.neuron_mask_granularity not in ("row", "element"):
-            raise ValueError(
-                f"neuron_mask_granularity must be 'row' or 'element', got {self.neuron_mask_granularity!r}."
-            )
-        if (self.neuron_scores_path is None) != (self.neuron_mask_ratio is None):
-            raise ValueError("neuron_scores_path and neuron_mask_ratio go together: give both or neither.")
-        if self.neuron_mask_path is not None and self.neuron_scores_path is not None:
-            raise ValueError("Give either neuron_mask_path or neuron_scores_path + neuron_mask_ratio, not both.")
+        from hf_align.trainers._masking import validate_mask_fields  # that module imports this one
+
+        validate_mask_fields(self)
         if self.eos_token_weight < 0 or self.eos_token_weight != self.eos_token_weight:
             raise ValueError(f"eos_token_weight must be a non-negative number, got {self.eos_token_weight}.")
 
