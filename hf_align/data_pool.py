@@ -13,6 +13,9 @@ Rules (each one tested against a hand computation in ``tests/test_data_pool.py``
   among its equal-score group (its "min rank" = number of samples with a strictly higher score), so
   the result does not depend on insertion order. ``K = 1`` puts everything in bin 0; with fewer
   samples than bins (``N < K``) sample ``r`` goes to bin ``r`` and the last bins stay empty.
+  ``quantile_rule="quark"`` reproduces Quark's ``data_pool.py`` instead: a stable sort by score (best
+  first; ties in insertion order), chunks of ``N // K`` positions, the remainder -- or everything when
+  ``N < K`` -- in the last bin. Ties can then get different bins, but no bin stays empty once ``N >= K``.
 * **Balanced sampling** draws the same number of rows from every non-empty feedback group (quantile
   bin, category or text-score bin); the ``n % G`` remainder goes to randomly chosen groups. A group
   smaller than its share gives all its rows once, then is topped up with replacement.
@@ -66,6 +69,27 @@ def quantile_bins(scores: np.ndarray, num_quantiles: int) -> np.ndarray:
     return np.where(min_rank < big, min_rank // (q + 1), m + (min_rank - big) // q).astype(np.int64)
 
 
+def quark_quantile_bins(scores: np.ndarray, num_quantiles: int, seq: np.ndarray | None = None) -> np.ndarray:
+    """Quark's binning (``GXimingLu/Quark`` ``data_pool.py``): rank by score, ties by insertion order ``seq``."""
+    if num_quantiles < 1:
+        raise ValueError(f"num_quantiles must be >= 1, got {num_quantiles}.")
+    scores = np.asarray(scores, dtype=np.float64)
+    n = scores.size
+    if not np.all(np.isfinite(scores)):
+        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise ValueError(f"Quantile binning needs finite scores; row {bad} has score {float(scores[bad])!r}.")
+    seq = np.arange(n) if seq is None else np.asarray(seq)
+    position = np.empty(n, dtype=np.int64)
+    position[np.lexsort((seq, -scores))] = np.arange(n)
+    chunk = n // num_quantiles
+    if chunk == 0:
+        return np.full(n, num_quantiles - 1, dtype=np.int64)
+    return np.minimum(position // chunk, num_quantiles - 1)
+
+
+QUANTILE_RULES = ("shared_ties", "quark")
+
+
 def _length_buckets(lengths: np.ndarray, num_buckets: int) -> np.ndarray:
     """Bucket id per length on pool-wide quantile edges (exact lengths when there are few distinct ones)."""
     distinct = np.unique(lengths)
@@ -87,9 +111,12 @@ class DataPool:
         keep: str = "newest",
         max_size: int | None = None,
         seed: int = 0,
+        quantile_rule: str = "shared_ties",
     ):
         if feedback_type not in ("quantile", "category", "text"):
             raise ValueError(f"feedback_type must be 'quantile', 'category' or 'text', got {feedback_type!r}.")
+        if quantile_rule not in QUANTILE_RULES:
+            raise ValueError(f"quantile_rule must be one of {QUANTILE_RULES}, got {quantile_rule!r}.")
         if keep not in ("newest", "best"):
             raise ValueError(f"keep must be 'newest' or 'best', got {keep!r}.")
         if feedback_type == "category" and not categories:
@@ -99,6 +126,7 @@ class DataPool:
                 raise ValueError(f"{name} must be None or >= 1, got {value}.")
         self.feedback_type = feedback_type
         self.num_quantiles = int(num_quantiles)
+        self.quantile_rule = quantile_rule
         self.categories = list(categories or [])
         self.max_per_prompt = max_per_prompt
         self.keep = keep
@@ -208,6 +236,8 @@ class DataPool:
 
     def bins(self) -> np.ndarray:
         """Quantile bin per row over the whole pool (0 = best); for text feedback, bins of the score."""
+        if self.quantile_rule == "quark":
+            return quark_quantile_bins(self.score, self.num_quantiles, self.seq)
         return quantile_bins(self.score, self.num_quantiles)
 
     def bin_counts(self) -> np.ndarray:
@@ -322,6 +352,7 @@ class DataPool:
         return {
             "feedback_type": self.feedback_type,
             "num_quantiles": self.num_quantiles,
+            "quantile_rule": self.quantile_rule,
             "categories": self.categories,
             "max_per_prompt": self.max_per_prompt,
             "keep": self.keep,
@@ -376,6 +407,7 @@ class DataPool:
             keep=meta["keep"],
             max_size=meta["max_size"],
             seed=meta["seed"],
+            quantile_rule=meta.get("quantile_rule", "shared_ties"),  # pools saved before the option existed
         )
         prompts = table["prompt"]
         if meta.get("conversational_prompts"):

@@ -159,3 +159,43 @@ def test_load_rejects_a_truncated_table(tmp_path):
     (tmp_path / "pool.json").write_text((tmp_path / "pool.json").read_text().replace('"num_rows": 1', '"num_rows": 2'))
     with pytest.raises(ValueError, match="pool.parquet.*1 rows"):
         DataPool.load(tmp_path)
+
+
+class _QuarkPoolTranscript:
+    """Quark's DataPool.add (GXimingLu/Quark, data_pool.py) written out: re-sort the whole pool by score, best
+    first, with Python's stable sort; N // K rows per bin token, the remainder in the last bin."""
+
+    def __init__(self, k):
+        self.k, self.rows = k, []
+
+    def add(self, responses, scores):
+        self.rows = sorted([*self.rows, *zip(responses, scores)], key=lambda row: row[1], reverse=True)
+        per_bin = len(self.rows) // self.k
+        positions = [b for b in range(self.k) for _ in range(per_bin)]
+        positions += [self.k - 1] * (len(self.rows) - len(positions))
+        return {response: b for (response, _), b in zip(self.rows, positions)}
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_quark_rule_matches_quarks_data_pool_over_several_adds(k):
+    rng = np.random.default_rng(k)
+    pool, reference = DataPool(num_quantiles=k, quantile_rule="quark"), _QuarkPoolTranscript(k)
+    for step, size in enumerate((2, 7, 11, 4)):  # the first add has fewer rows than bins for k=3 and k=5
+        scores = rng.choice([0.0, 0.25, 0.5, 1.0], size=size).tolist()  # many ties
+        responses = [f"r{step}-{i}" for i in range(size)]
+        pool.add(["p"] * size, responses, scores=scores)
+        expected = reference.add(responses, scores)
+        assert pool.bins().tolist() == [expected[r] for r in pool.completion]
+
+
+def test_quark_rule_fills_every_bin_where_shared_ties_leave_one_empty(tmp_path):
+    scores = [1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    shared, quark = DataPool(num_quantiles=5), DataPool(num_quantiles=5, quantile_rule="quark")
+    for pool in (shared, quark):
+        pool.add(["p"] * len(scores), [str(i) for i in range(len(scores))], scores=scores)
+    assert shared.bin_counts().tolist() == [2, 8, 0, 0, 0]  # the zeros take the bin of their best position (3)
+    assert quark.bin_counts().tolist() == [2, 2, 2, 2, 2]
+    quark.save(tmp_path)
+    assert DataPool.load(tmp_path).quantile_rule == "quark"
+    with pytest.raises(ValueError, match="quantile_rule"):
+        DataPool(quantile_rule="rank")

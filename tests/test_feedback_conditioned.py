@@ -463,3 +463,12 @@ def test_generate_unconditioned_renders_the_prompt_without_feedback(tmp_path):
     assert seen[-1] == (["1+2="], "<|quantile_0|>")
     with pytest.raises(ValueError, match="either feedback or unconditioned"):
         trainer.generate(["1+2="], feedback=0, unconditioned=True)
+
+
+def test_quantile_rule_reaches_the_pool_and_is_checked(tmp_path):
+    config = _config(tmp_path, num_quantiles=3, quantile_rule="quark")
+    trainer = FeedbackConditionedTrainer(_tiny(), config, _offline_dataset(), processing_class=load_tokenizer())
+    assert trainer.pool.quantile_rule == "quark"
+    assert trainer.pool.bins().tolist() == [0, 1, 2, 2]  # scores 1.0, 0.9, 0.0, 0.5: one per bin, rest in the last
+    with pytest.raises(ValueError, match="quantile_rule"):
+        _config(tmp_path, quantile_rule="rank")

@@ -50,7 +50,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl.trainer.base_trainer import _BaseTrainer
 
 from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
-from hf_align.data_pool import DataPool
+from hf_align.data_pool import QUANTILE_RULES, DataPool
 from hf_align.trainers._model_copy import independent_copy
 
 
@@ -69,6 +69,14 @@ class FeedbackConditionedConfig(TrainingArguments):
     )
     num_quantiles: int = field(
         default=5, metadata={"help": "Number of quantile bins K over the whole data pool (bin 0 = best)."}
+    )
+    quantile_rule: str = field(
+        default="shared_ties",
+        metadata={
+            "help": "How scores become bins. 'shared_ties': equal scores share a bin (the last bins can stay empty "
+            "when many samples tie at the bottom); 'quark': Quark's data_pool.py, rank order with ties in insertion "
+            "order, N // K per bin and the remainder in the last bin."
+        },
     )
     quantile_token_format: str = field(
         default="<|quantile_{i}|>",
@@ -197,6 +205,8 @@ class FeedbackConditionedConfig(TrainingArguments):
         super().__post_init__()
         if self.feedback_type not in FEEDBACK_TYPES:
             raise ValueError(f"feedback_type must be one of {FEEDBACK_TYPES}, got {self.feedback_type!r}.")
+        if self.quantile_rule not in QUANTILE_RULES:
+            raise ValueError(f"quantile_rule must be one of {QUANTILE_RULES}, got {self.quantile_rule!r}.")
         if self.num_quantiles < 1:
             raise ValueError(f"num_quantiles must be >= 1, got {self.num_quantiles}.")
         if self.quantile_words is not None and len(self.quantile_words) != self.num_quantiles:
@@ -325,6 +335,7 @@ class FeedbackConditionedTrainer(_BaseTrainer):
             keep=args.pool_keep,
             max_size=args.max_pool_size,
             seed=args.seed,
+            quantile_rule=args.quantile_rule,
         )
         self._processing = tokenizer  # needed by the rendering helpers before super().__init__
         self._args_for_render = args
