@@ -457,7 +457,7 @@ def save_model_with_deltas(
 
 
 @contextlib.contextmanager
-def quantized_training_allowed(model: torch.nn.Module | None = None) -> Iterator[None]:
+def quantized_training_allowed(model: torch.nn.Module | str | None = None) -> Iterator[None]:
     """Let ``transformers.Trainer`` accept a quantized model whose trainable parameters are neuron deltas.
 
     transformers refuses to train a quantized model that has no PEFT adapter; deltas play that role here. Only
@@ -468,7 +468,8 @@ def quantized_training_allowed(model: torch.nn.Module | None = None) -> Iterator
     import transformers.trainer as hf_trainer
 
     original = hf_trainer.validate_quantization_for_training
-    dtypes = {id(holder): holder.delta.dtype for holder in iter_deltas(model)} if model is not None else {}
+    holders = list(iter_deltas(model)) if isinstance(model, torch.nn.Module) else []  # a path: nothing attached
+    dtypes = [holder.delta.dtype for holder in holders]
 
     def validate(model):
         if not has_deltas(model):
@@ -479,9 +480,8 @@ def quantized_training_allowed(model: torch.nn.Module | None = None) -> Iterator
         yield
     finally:
         hf_trainer.validate_quantization_for_training = original
-        for holder in iter_deltas(model) if model is not None else ():
-            dtype = dtypes.get(id(holder))
-            if dtype is not None and holder.delta.dtype != dtype:
+        for holder, dtype in zip(holders, dtypes, strict=True):
+            if holder.delta.dtype != dtype:
                 holder.delta.data = holder.delta.data.to(dtype)
 
 

@@ -10,9 +10,13 @@ import torch
 DELTAS_DIR = "neuron_deltas"
 
 
-def attach_mask(model, mask, args):
+def attach_mask(model, mask, args, peft_config=None):
     """Load ``model`` if it is a path (with the config's ``model_init_kwargs``) and attach trainable deltas at the
-    neurons of ``mask`` (which is checked against it); returns the model."""
+    neurons of ``mask`` (which is checked against it); returns the model. Masks and PEFT adapters exclude each other."""
+    from accelerate.utils import is_peft_model
+
+    if peft_config is not None or is_peft_model(model):
+        raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
     if isinstance(model, str):
         from trl.trainer.utils import create_model_from_path
 

@@ -289,9 +289,7 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
         self.neuron_mask = mask
         uses_deltas_reference = False
         if mask is not None:
-            if peft_config is not None or is_peft_model(model):
-                raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
-            model = attach_mask(model, mask, args)
+            model = attach_mask(model, mask, args, peft_config)
             if ref_model is None and not args.precompute_ref_log_probs:
                 if args.sync_ref_model:
                     raise ValueError(
@@ -302,7 +300,7 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
 
         from hf_align.sparse_update import quantized_training_allowed
 
-        with quantized_training_allowed(model) if mask is not None else contextlib.nullcontext():
+        with quantized_training_allowed(model):
             super().__init__(
                 model,
                 ref_model=ref_model,

@@ -280,16 +280,14 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
         mask = resolve_neuron_mask(neuron_mask, args)
         self.neuron_mask = mask
         if mask is not None:
-            if peft_config is not None or is_peft_model(model):
-                raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
-            model = attach_mask(model, mask, args)
+            model = attach_mask(model, mask, args, peft_config)
         # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
         train_dataset = to_forget_format(train_dataset) if train_dataset is not None else None
         check_dataset(train_dataset, "train_dataset (forget data)", FORGET_COLUMNS)
 
         from hf_align.sparse_update import quantized_training_allowed
 
-        with _sft_loss_type(args), quantized_training_allowed(model) if mask is not None else contextlib.nullcontext():
+        with _sft_loss_type(args), quantized_training_allowed(model):
             super().__init__(
                 model,
                 args=args,
