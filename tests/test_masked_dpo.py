@@ -536,3 +536,22 @@ def test_fp32_deltas_on_a_bf16_base_keep_updates_bf16_would_round_away(tmp_path)
             assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert moved["float32"] > 1e-4  # ~3 Adam steps of 1e-4
     assert moved["auto"] == 0.0  # bf16: 1.0 + 1e-4 rounds back to 1.0
+
+
+@pytest.mark.parametrize("trainer_name", ["MaskedDPOTrainer", "NPOTrainer"])
+def test_a_neuron_mask_and_a_peft_adapter_are_refused_together(tmp_path, trainer_name):
+    from peft import LoraConfig
+
+    import hf_align.trainers as trainers
+
+    NeuronMask, _ = _mask_api()
+    tb = testbed.load()
+    mask = NeuronMask.random(tb.model, 0.1, "row", seed=0)
+    config_cls = trainers.MaskedDPOConfig if trainer_name == "MaskedDPOTrainer" else trainers.NPOConfig
+    args = config_cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    data = _data(4) if trainer_name == "MaskedDPOTrainer" else tb.forget_dataset()
+    with pytest.raises(ValueError, match="neuron mask and a PEFT adapter"):
+        getattr(trainers, trainer_name)(
+            copy.deepcopy(tb.model), args=args, train_dataset=data, processing_class=tb.tokenizer,
+            neuron_mask=mask, peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+        )  # fmt: skip
