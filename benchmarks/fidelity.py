@@ -385,16 +385,17 @@ def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
     prompts = evaluator.prompts
     points: list[dict] = []
 
-    def reward(feedback) -> float:
-        return statistics.fmean(testbed.reward(prompts, trainer.generate(prompts, feedback=feedback, seed=1234)))
+    def reward(**condition) -> float:
+        return statistics.fmean(testbed.reward(prompts, trainer.generate(prompts, seed=1234, **condition)))
 
     class PerIteration(TrainerCallback):
         def record(self, step):
             counts = trainer.pool.bin_counts() if len(trainer.pool) else np.ones(config.num_quantiles)
             worst = int(np.flatnonzero(counts)[-1])
-            row = {"step": step, "reward_best": reward(0), "reward_worst": reward(worst), "worst_bin": worst}
-            completions = trainer.generate(prompts, unconditioned=True, seed=1234)
-            row["reward_bare"] = statistics.fmean(testbed.reward(prompts, completions))
+            row = {
+                "step": step, "reward_best": reward(feedback=0), "reward_worst": reward(feedback=worst),
+                "worst_bin": worst, "reward_bare": reward(unconditioned=True),
+            }  # fmt: skip
             if trainer.iteration_timings:
                 row["pool_mean_score"] = trainer.iteration_timings[-1]["mean_score"]
             points.append(row)
