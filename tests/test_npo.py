@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hf_align.trainers.npo import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
+from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
 
 
 def log_sigmoid(x: float) -> float:

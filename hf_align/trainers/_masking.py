@@ -1,29 +1,34 @@
-"""Trainer-side glue for neuron masks, meant to be shared by every trainer that trains only masked neurons.
+"""The one home of the trainer-side glue for neuron masks, shared by every trainer that trains only masked neurons.
 
-The mechanism itself (freezing, trainable deltas at the selected rows/entries, the deltas-off reference, merging,
-delta checkpoints) lives in :mod:`hf_align.masks` and :mod:`hf_align.sparse_update`. This module only wires it into a
-``transformers.Trainer``: config fields, resolving the mask from those fields, attaching deltas before the trainer is
-built, and saving / resuming checkpoints that hold deltas.
+The mechanism itself (freezing, trainable deltas at the selected rows/entries, merging, delta checkpoints) lives in
+:mod:`hf_align.masks` and :mod:`hf_align.sparse_update`. This module only wires it into a ``transformers.Trainer``:
 
-* :data:`NeuronMaskArguments` -- the mask fields of :class:`~hf_align.trainers.MaskedDPOConfig`, taken from it (same
-  names, defaults and help), so a config class gets them by inheriting.
+* :class:`NeuronMaskArguments` -- the mask config fields; a config gets them by inheriting it before the TRL config
+  (its ``__post_init__`` checks them with :func:`validate_mask_fields`);
+* :func:`resolve_neuron_mask` -- the ``NeuronMask`` from the trainer argument or those fields;
+* :func:`attach_mask` -- load the model if it is a path, attach trainable deltas;
+* :class:`DeltasOffReference` -- the policy with its deltas switched off, as a reference model holding no weights;
 * :class:`NeuronMaskTrainerMixin` -- ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model`` for models with
   deltas; put it before the TRL trainer in the bases.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from hf_align.trainers._mask_checkpoints import DELTAS_DIR, NeuronMaskTrainerMixin, attach_mask
-from hf_align.trainers.masked_dpo import MaskedDPOConfig
-from hf_align.trainers.masked_dpo import _resolve_neuron_mask as resolve_neuron_mask
+import torch
+
+from hf_align.masks import GRANULARITIES, SCOPES, SELECTS
 
 
 __all__ = [
     "DELTAS_DIR",
+    "DELTA_DTYPES",
     "MASK_FIELDS",
+    "DeltasOffReference",
     "NeuronMaskArguments",
     "NeuronMaskTrainerMixin",
     "attach_mask",
@@ -31,44 +36,225 @@ __all__ = [
     "validate_mask_fields",
 ]
 
+DELTAS_DIR = "neuron_deltas"
+"""Sub-directory of a checkpoint holding the deltas + mask (what ``resume_from_checkpoint`` reloads)."""
+
 DELTA_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-MASK_FIELDS = (
-    "neuron_mask_path",
-    "neuron_scores_path",
-    "neuron_mask_ratio",
-    "neuron_mask_granularity",
-    "neuron_mask_scope",
-    "neuron_mask_select",
-    "neuron_mask_exclude_top",
-    "neuron_delta_dtype",
-    "save_merged",
-)
+
+@dataclass
+class NeuronMaskArguments:
+    """Neuron-mask fields of every mask trainer's config; inherit it before the TRL config."""
+
+    neuron_mask_path: str | None = field(
+        default=None,
+        metadata={"help": "Directory of a saved `NeuronMask`; only the selected rows/entries are trained."},
+    )
+    neuron_scores_path: str | None = field(
+        default=None,
+        metadata={"help": "Directory of neuron scores (`hf_align.scores`); with `neuron_mask_ratio` selects a mask."},
+    )
+    neuron_mask_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of scored rows/entries to train when selecting from `neuron_scores_path`."},
+    )
+    neuron_mask_granularity: str = field(
+        default="row",
+        metadata={
+            "help": "Granularity when selecting from full-shape scores: 'row' (one neuron = an output row, cheap) "
+            "or 'element' (individual parameters, as ALLO). 1-D scores are always rows."
+        },
+    )
+    neuron_mask_scope: str = field(
+        default="global",
+        metadata={"help": "Selection threshold over all parameters ('global', as ALLO) or per tensor ('tensor')."},
+    )
+    neuron_mask_select: str = field(
+        default="top",
+        metadata={"help": "Which scores to keep: 'top' (ALLO), or 'bottom' / 'random' for ablations."},
+    )
+    neuron_mask_exclude_top: float = field(
+        default=0.0,
+        metadata={"help": "Exclude the very top fraction of scores (ALLO's band `l`); 0 keeps them."},
+    )
+    neuron_delta_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the trainable deltas: 'auto' (the weights' dtype; a 4-bit layer's compute dtype) or "
+            "'float32' / 'bfloat16' / 'float16'. 'float32' on a bf16 base keeps small updates bf16 would round away."
+        },
+    )
+    save_merged: bool = field(
+        default=True,
+        metadata={
+            "help": "Save a normal transformers checkpoint with deltas merged (loadable without hf_align). False "
+            "saves only the deltas + mask (small; merge later with `hf_align.sparse_update`)."
+        },
+    )
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        validate_mask_fields(self)
 
 
-def _mask_fields_of(config_class: type) -> list[tuple]:
-    hints = typing.get_type_hints(config_class)
-    by_name = {f.name: f for f in dataclasses.fields(config_class)}
-    return [
-        (name, hints[name], dataclasses.field(default=by_name[name].default, metadata=dict(by_name[name].metadata)))
-        for name in MASK_FIELDS
-    ]
+MASK_FIELDS = tuple(name for name in NeuronMaskArguments.__dataclass_fields__)
 
 
-NeuronMaskArguments = dataclasses.make_dataclass("NeuronMaskArguments", _mask_fields_of(MaskedDPOConfig))
-NeuronMaskArguments.__module__ = __name__
-NeuronMaskArguments.__doc__ = "Neuron-mask fields (same as MaskedDPOConfig's); inherit it before the TRL config."
+def _check_choice(args, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(args, name)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
 
 
 def validate_mask_fields(args) -> None:
-    """The checks ``MaskedDPOConfig.__post_init__`` does on the mask fields, for other configs carrying them."""
-    if args.neuron_mask_ratio is not None and not 0.0 < args.neuron_mask_ratio <= 1.0:
-        raise ValueError(f"neuron_mask_ratio must be in (0, 1], got {args.neuron_mask_ratio}.")
-    if args.neuron_mask_granularity not in ("row", "element"):
-        raise ValueError(f"neuron_mask_granularity must be 'row' or 'element', got {args.neuron_mask_granularity!r}.")
-    if (args.neuron_scores_path is None) != (args.neuron_mask_ratio is None):
+    """Check every mask field of ``args`` against the value lists of :mod:`hf_align.masks`."""
+    ratio = args.neuron_mask_ratio
+    if ratio is not None and not (isinstance(ratio, int | float) and 0.0 < ratio <= 1.0):
+        raise ValueError(f"neuron_mask_ratio must be in (0, 1], got {ratio}.")
+    exclude = args.neuron_mask_exclude_top
+    if not (isinstance(exclude, int | float) and math.isfinite(exclude) and 0.0 <= exclude < 1.0):
+        raise ValueError(f"neuron_mask_exclude_top must be in [0, 1), got {exclude}.")
+    _check_choice(args, "neuron_mask_granularity", GRANULARITIES)
+    _check_choice(args, "neuron_mask_scope", SCOPES)
+    _check_choice(args, "neuron_mask_select", SELECTS)
+    _check_choice(args, "neuron_delta_dtype", DELTA_DTYPES)
+    if (args.neuron_scores_path is None) != (ratio is None):
         raise ValueError("neuron_scores_path and neuron_mask_ratio go together: give both or neither.")
     if args.neuron_mask_path is not None and args.neuron_scores_path is not None:
         raise ValueError("Give either neuron_mask_path or neuron_scores_path + neuron_mask_ratio, not both.")
-    if args.neuron_delta_dtype not in DELTA_DTYPES:
-        raise ValueError(f"neuron_delta_dtype must be one of {DELTA_DTYPES}, got {args.neuron_delta_dtype!r}.")
+
+
+def resolve_neuron_mask(neuron_mask, args):
+    """A ``NeuronMask`` from the trainer argument or the config fields, or None."""
+    if neuron_mask is None and not args.neuron_mask_path and not args.neuron_scores_path:
+        return None
+    from hf_align.masks import NeuronMask
+
+    if neuron_mask is not None and (args.neuron_mask_path or args.neuron_scores_path):
+        raise ValueError("Pass `neuron_mask` or set neuron_mask_path / neuron_scores_path in the config, not both.")
+    if isinstance(neuron_mask, NeuronMask):
+        return neuron_mask
+    if isinstance(neuron_mask, str | os.PathLike):
+        return NeuronMask.load(neuron_mask)
+    if neuron_mask is not None:
+        raise TypeError(
+            f"neuron_mask must be a NeuronMask, a directory path or None, got {type(neuron_mask).__name__}."
+        )
+    if args.neuron_mask_path:
+        return NeuronMask.load(args.neuron_mask_path)
+    from hf_align.scores import load_scores, reduce_magnitude
+
+    scores, _ = load_scores(args.neuron_scores_path)
+    if args.neuron_mask_granularity == "row":
+        scores = {
+            name: (reduce_magnitude(s, "row") if s.dim() == 2 else s)
+            for name, s in scores.items()
+            if s.dim() in (1, 2)
+        }
+    return NeuronMask.from_scores(
+        scores,
+        args.neuron_mask_ratio,
+        scope=args.neuron_mask_scope,
+        select=args.neuron_mask_select,
+        exclude_top=args.neuron_mask_exclude_top,
+        seed=args.seed,
+    )
+
+
+def attach_mask(model, mask, args, peft_config=None):
+    """Load ``model`` if it is a path (with the config's ``model_init_kwargs``) and attach trainable deltas at the
+    neurons of ``mask`` (which is checked against it); returns the model. Masks and PEFT adapters exclude each other."""
+    from accelerate.utils import is_peft_model
+
+    if peft_config is not None or is_peft_model(model):
+        raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
+    if isinstance(model, str):
+        from trl.trainer.utils import create_model_from_path
+
+        init_kwargs = dict(args.model_init_kwargs or {})
+        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        model = create_model_from_path(model, **init_kwargs)
+    from hf_align.sparse_update import attach_deltas
+
+    dtype = getattr(args, "neuron_delta_dtype", "auto")
+    return attach_deltas(model, mask, None if dtype == "auto" else getattr(torch, dtype))  # validates the mask too
+
+
+class DeltasOffReference(torch.nn.Module):
+    """The policy with its deltas switched off, callable like TRL's reference model; holds no parameters."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_policy", policy)  # not a sub-module: nothing is copied, moved or hashed twice
+        self.config = policy.config
+
+    def forward(self, *args, **kwargs):
+        from hf_align.sparse_update import deltas_disabled
+
+        with deltas_disabled(self._policy):
+            return self._policy(*args, **kwargs)
+
+
+class NeuronMaskTrainerMixin:
+    """Checkpointing for a trainer whose model carries neuron deltas (``self.neuron_mask`` set, or None).
+
+    Final saves are a normal transformers checkpoint with the deltas merged (``save_merged=True``) or only the
+    deltas + mask; checkpoints always keep the exact deltas under ``neuron_deltas/`` so resuming continues from the
+    frozen base plus deltas.
+    """
+
+    neuron_mask = None
+
+    def _has_deltas(self) -> bool:
+        if self.neuron_mask is None:
+            return False
+        from hf_align.sparse_update import has_deltas
+
+        return has_deltas(self.accelerator.unwrap_model(self.model))
+
+    def _save_checkpoint(self, model, trial):
+        self._in_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._in_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self._has_deltas():
+            return super()._save(output_dir, state_dict)
+        from hf_align.sparse_update import save_model_with_deltas
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        # Checkpoints keep the exact deltas so `resume_from_checkpoint` continues from the frozen base + deltas.
+        save_model_with_deltas(
+            self.accelerator.unwrap_model(self.model),
+            output_dir,
+            self.neuron_mask,
+            save_merged=self.args.save_merged,
+            keep_deltas=getattr(self, "_in_checkpoint", False),
+            deltas_dir=DELTAS_DIR,
+        )
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._has_deltas():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_deltas_dir(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        if not self._has_deltas():
+            return super()._load_best_model()
+        self._load_deltas_dir(self.state.best_model_checkpoint)
+
+    def _load_deltas_dir(self, checkpoint: str) -> None:
+        from hf_align.sparse_update import load_deltas
+
+        path = Path(checkpoint) / DELTAS_DIR
+        if not path.is_dir():
+            path = Path(checkpoint)
+        load_deltas(self.accelerator.unwrap_model(self.model), path)

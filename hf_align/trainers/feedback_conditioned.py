@@ -51,6 +51,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 
 from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.data_pool import QUANTILE_RULES, DataPool
+from hf_align.losses import token_kl
 from hf_align.trainers._model_copy import independent_copy
 
 
@@ -801,11 +802,6 @@ class FeedbackConditionedTrainer(_BaseTrainer):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-
-
-def token_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) per row over the vocabulary: Σ_v p_v (log p_v − log q_v)."""
-    return (logps.exp() * (logps - ref_logps)).sum(-1)
 
 
 def _quantile_string(args: FeedbackConditionedConfig, index: int) -> str:

@@ -18,7 +18,6 @@ exactly TRL's code path.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,6 @@ from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.hub import CITATIONS
 from hf_align.token_weights import (
     check_weight_columns,
@@ -37,52 +35,26 @@ from hf_align.token_weights import (
     select_lowest_ratio_tokens,
     sequence_weights,
 )
+from hf_align.trainers._base import HFAlignTrainerMixin, TokenWeightArguments, upgrade_collator
 from hf_align.trainers._data_checks import check_dataset, column_names
-from hf_align.trainers._mask_checkpoints import NeuronMaskTrainerMixin, attach_mask
+from hf_align.trainers._masking import (
+    DeltasOffReference,
+    NeuronMaskArguments,
+    NeuronMaskTrainerMixin,
+    attach_mask,
+    resolve_neuron_mask,
+)
 
 
 logger = logging.get_logger(__name__)
-
-"""Sub-directory of a checkpoint holding the deltas + mask (what ``resume_from_checkpoint`` reloads)."""
 
 _PAIR_WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
 
 
 @dataclass
-class MaskedDPOConfig(DPOConfig):
+class MaskedDPOConfig(NeuronMaskArguments, TokenWeightArguments, DPOConfig):
     """``trl.DPOConfig`` plus neuron-mask and token-weight options (see ``docs/masked_dpo.md``)."""
 
-    neuron_mask_path: str | None = field(
-        default=None,
-        metadata={"help": "Directory of a saved `NeuronMask`; only the selected rows/entries are trained."},
-    )
-    neuron_scores_path: str | None = field(
-        default=None,
-        metadata={"help": "Directory of neuron scores (`hf_align.scores`); with `neuron_mask_ratio` selects a mask."},
-    )
-    neuron_mask_ratio: float | None = field(
-        default=None,
-        metadata={"help": "Fraction of scored rows/entries to train when selecting from `neuron_scores_path`."},
-    )
-    neuron_mask_granularity: str = field(
-        default="row",
-        metadata={
-            "help": "Granularity when selecting from full-shape scores: 'row' (one neuron = an output row, cheap) "
-            "or 'element' (individual parameters, as ALLO). 1-D scores are always rows."
-        },
-    )
-    neuron_mask_scope: str = field(
-        default="global",
-        metadata={"help": "Selection threshold over all parameters ('global', as ALLO) or per tensor ('tensor')."},
-    )
-    neuron_mask_select: str = field(
-        default="top",
-        metadata={"help": "Which scores to keep: 'top' (ALLO), or 'bottom' / 'random' for ablations."},
-    )
-    neuron_mask_exclude_top: float = field(
-        default=0.0,
-        metadata={"help": "Exclude the very top fraction of scores (ALLO's band `l`); 0 keeps them."},
-    )
     rejected_token_ratio: float | None = field(
         default=None,
         metadata={
@@ -90,34 +62,12 @@ class MaskedDPOConfig(DPOConfig):
             "log πθ − log π_ref counts (chosen side sums all tokens). None disables the selection."
         },
     )
-    eos_token_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries)."},
-    )
-    neuron_delta_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the trainable deltas: 'auto' (the weights' dtype; a 4-bit layer's compute dtype) or "
-            "'float32' / 'bfloat16' / 'float16'. 'float32' on a bf16 base keeps small updates bf16 would round away."
-        },
-    )
-    save_merged: bool = field(
-        default=True,
-        metadata={
-            "help": "Save a normal transformers checkpoint with deltas merged (loadable without hf_align). False "
-            "saves only the deltas + mask (small; merge later with `hf_align.sparse_update`)."
-        },
-    )
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.rejected_token_ratio is not None and not 0.0 < self.rejected_token_ratio <= 1.0:
-            raise ValueError(f"rejected_token_ratio must be in (0, 1], got {self.rejected_token_ratio}.")
-        from hf_align.trainers._masking import validate_mask_fields  # that module imports this one
-
-        validate_mask_fields(self)
-        if self.eos_token_weight < 0 or self.eos_token_weight != self.eos_token_weight:
-            raise ValueError(f"eos_token_weight must be a non-negative number, got {self.eos_token_weight}.")
+        super().__post_init__()  # TRL's checks, then the token-weight and mask fields'
+        ratio = self.rejected_token_ratio
+        if ratio is not None and not (isinstance(ratio, int | float) and 0.0 < ratio <= 1.0):
+            raise ValueError(f"rejected_token_ratio must be in (0, 1], got {ratio}.")
 
 
 @dataclass
@@ -186,61 +136,7 @@ def _wrap_fused_forward(module: torch.nn.Module, state: _WeightingState) -> None
     module.forward = forward
 
 
-class _DeltasOffReference(torch.nn.Module):
-    """The policy with its deltas switched off, callable like TRL's reference model; holds no parameters."""
-
-    def __init__(self, policy: torch.nn.Module):
-        super().__init__()
-        object.__setattr__(self, "_policy", policy)  # not a sub-module: nothing is copied, moved or hashed twice
-        self.config = policy.config
-
-    def forward(self, *args, **kwargs):
-        from hf_align.sparse_update import deltas_disabled
-
-        with deltas_disabled(self._policy):
-            return self._policy(*args, **kwargs)
-
-
-def _resolve_neuron_mask(neuron_mask, args: MaskedDPOConfig):
-    """A ``NeuronMask`` from the trainer argument or the config fields, or None."""
-    if neuron_mask is None and not args.neuron_mask_path and not args.neuron_scores_path:
-        return None
-    from hf_align.masks import NeuronMask
-
-    if neuron_mask is not None and (args.neuron_mask_path or args.neuron_scores_path):
-        raise ValueError("Pass `neuron_mask` or set neuron_mask_path / neuron_scores_path in the config, not both.")
-    if isinstance(neuron_mask, NeuronMask):
-        return neuron_mask
-    if isinstance(neuron_mask, str | os.PathLike):
-        return NeuronMask.load(neuron_mask)
-    if neuron_mask is not None:
-        raise TypeError(
-            f"neuron_mask must be a NeuronMask, a directory path or None, got {type(neuron_mask).__name__}."
-        )
-    if args.neuron_mask_path:
-        return NeuronMask.load(args.neuron_mask_path)
-    if args.neuron_scores_path:
-        from hf_align.scores import load_scores, reduce_magnitude
-
-        scores, _ = load_scores(args.neuron_scores_path)
-        if args.neuron_mask_granularity == "row":
-            scores = {
-                name: (reduce_magnitude(s, "row") if s.dim() == 2 else s)
-                for name, s in scores.items()
-                if s.dim() in (1, 2)
-            }
-        return NeuronMask.from_scores(
-            scores,
-            args.neuron_mask_ratio,
-            scope=args.neuron_mask_scope,
-            select=args.neuron_mask_select,
-            exclude_top=args.neuron_mask_exclude_top,
-            seed=args.seed,
-        )
-    return None
-
-
-class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
+class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
     """``trl.DPOTrainer`` that trains only the neurons of a ``NeuronMask`` and supports per-token weights.
 
     Args (beyond ``trl.DPOTrainer``'s):
@@ -285,7 +181,7 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
             )
 
         check_dataset(train_dataset, "train_dataset")  # columns are checked with the token weights
-        mask = _resolve_neuron_mask(neuron_mask, args)
+        mask = resolve_neuron_mask(neuron_mask, args)
         self.neuron_mask = mask
         uses_deltas_reference = False
         if mask is not None:
@@ -295,7 +191,7 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
                     raise ValueError(
                         "sync_ref_model needs a separate ref_model; with a neuron mask pass one explicitly."
                     )
-                ref_model = _DeltasOffReference(model)
+                ref_model = DeltasOffReference(model)
                 uses_deltas_reference = True
 
         from hf_align.sparse_update import quantized_training_allowed
@@ -313,15 +209,13 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
                 **kwargs,
             )
 
-        self.add_callback(JsonTrainingArgsCallback())  # no pickled training_args.bin in checkpoints
         self._use_weighted_collator()
         if uses_deltas_reference:
             # TRL patched the stand-in with its fused head; the stand-in must call the policy's own (fused) forward.
             self.accelerator.unwrap_model(self.ref_model).__dict__.pop("forward", None)
         self._install_weighting()
 
-        self.trainable_fraction = self._trainable_fraction()
-        logger.warning(f"MaskedDPOTrainer: trainable fraction of parameters = {self.trainable_fraction:.6f}")
+        logger.warning(f"MaskedDPOTrainer: trainable fraction of parameters = {self._set_trainable_fraction():.6f}")
 
     # ----------------------------------------------------------------------------------------------------------
     # Data
@@ -341,22 +235,16 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
 
     def _use_weighted_collator(self) -> None:
         """Swap TRL's default collator for the one that also carries ``token_weights`` (a user collator is kept)."""
-        collator = self.data_collator
-        if type(collator) is DataCollatorForPreference:
-            self.data_collator = DataCollatorForWeightedPreference(
-                pad_token_id=collator.pad_token_id,
-                max_length=collator.max_length,
-                truncation_mode=collator.truncation_mode,
-                pad_to_multiple_of=collator.pad_to_multiple_of,
-                return_tensors=collator.return_tensors,
-            )
+        self.data_collator = upgrade_collator(
+            self.data_collator, DataCollatorForPreference, DataCollatorForWeightedPreference
+        )
 
     def _install_weighting(self) -> None:
         """Wrap the fused forwards of policy and (separate) reference so token weights can be applied (idempotent)."""
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _wrap_fused_forward(policy, self._weighting)
         ref = self.accelerator.unwrap_model(self.ref_model) if self.ref_model is not None else None
-        if ref is not None and not isinstance(ref, _DeltasOffReference):
+        if ref is not None and not isinstance(ref, DeltasOffReference):
             _wrap_fused_forward(ref, self._weighting)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -444,11 +332,3 @@ class MaskedDPOTrainer(NeuronMaskTrainerMixin, DPOTrainer):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self.precompute_ref_logps = precompute
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Masks: logging, saving, resuming
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training and "loss" in logs:
-            logs["trainable_fraction"] = self.trainable_fraction
-        super().log(logs, start_time)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
@@ -37,16 +36,11 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import pad
 
-from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
+from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
+from hf_align.trainers._base import HFAlignTrainerMixin, TokenWeightArguments, upgrade_collator
 from hf_align.trainers._data_checks import check_dataset, column_names
-from hf_align.trainers._masking import (
-    NeuronMaskArguments,
-    NeuronMaskTrainerMixin,
-    attach_mask,
-    resolve_neuron_mask,
-    validate_mask_fields,
-)
+from hf_align.trainers._masking import NeuronMaskArguments, NeuronMaskTrainerMixin, attach_mask, resolve_neuron_mask
 
 
 logger = logging.get_logger(__name__)
@@ -58,51 +52,11 @@ _PER_TOKEN_COLUMNS = ("input_ids", "labels", "token_weights", REF_COLUMN)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Losses (pure functions on per-token log-probs; shapes (B, T), zero outside the completion)
-
-
-def npo_sequence_loss(
-    policy_logps: torch.Tensor, ref_logps: torch.Tensor, weights: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example NPO loss ``−(2/β) log σ(−β r)`` and the weighted log-ratio ``r = Σ_t w_t (log πθ − log π_ref)``."""
-    logratio = ((policy_logps - ref_logps) * weights).sum(dim=-1)
-    return -(2.0 / beta) * F.logsigmoid(-beta * logratio), logratio
-
-
-def npo_token_loss(
-    policy_logps: torch.Tensor, ref_logps: torch.Tensor, weights: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """ALLO's token-level NPO: ``Σ_t −w_t log σ(−β (log πθ − log π_ref)) / #{t : w_t ≠ 0}`` over the whole batch."""
-    per_token = -weights * F.logsigmoid(-beta * (policy_logps - ref_logps))
-    return per_token.sum() / (weights != 0).sum().clamp(min=1)
-
-
-def simnpo_loss(policy_logps: torch.Tensor, weights: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """Per-example SimNPO loss ``−(2/β) log σ(−(β/|y|) Σ_t w_t log πθ − γ)``, ``|y| = Σ_t w_t``."""
-    length = weights.sum(dim=-1).clamp(min=torch.finfo(policy_logps.dtype).tiny)
-    avg_logp = (policy_logps * weights).sum(dim=-1) / length
-    return -(2.0 / beta) * F.logsigmoid(-beta * avg_logp - gamma)
-
-
-def retain_nll(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood per retain completion token."""
-    return -(log_probs * mask).sum() / mask.sum().clamp(min=1)
-
-
-def retain_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``KL(π_ref ‖ πθ)`` over the vocabulary, mean over the positions where ``mask`` is 1."""
-    ref_logp = ref_logits.float().log_softmax(dim=-1)
-    policy_logp = policy_logits.float().log_softmax(dim=-1)
-    kl = (ref_logp.exp() * (ref_logp - policy_logp)).sum(dim=-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Config
 
 
 @dataclass
-class NPOConfig(NeuronMaskArguments, SFTConfig):
+class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
     """``trl.SFTConfig`` (tokenization, truncation, model loading) plus NPO's loss, reference and mask options."""
 
     beta: float = field(
@@ -143,10 +97,6 @@ class NPOConfig(NeuronMaskArguments, SFTConfig):
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size for precomputing; None uses per_device_train_batch_size."}
     )
-    eos_token_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries)."},
-    )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Disable dropout in the policy and reference (log-ratios must be exact)."}
     )
@@ -167,11 +117,8 @@ class NPOConfig(NeuronMaskArguments, SFTConfig):
             raise ValueError(f"retain_weight must be non-negative, got {self.retain_weight}.")
         if self.retain_batch_size is not None and self.retain_batch_size < 1:
             raise ValueError(f"retain_batch_size must be a positive integer, got {self.retain_batch_size}.")
-        if self.eos_token_weight < 0 or self.eos_token_weight != self.eos_token_weight:
-            raise ValueError(f"eos_token_weight must be a non-negative number, got {self.eos_token_weight}.")
         if self.packing or self.padding_free:
             raise ValueError("NPO scores each forget sequence on its own: packing and padding_free must be False.")
-        validate_mask_fields(self)
 
 
 @contextlib.contextmanager
@@ -230,7 +177,7 @@ class DataCollatorForWeightedLanguageModeling(DataCollatorForLanguageModeling):
 # Trainer
 
 
-class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
+class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
     """Forget completions with NPO / SimNPO, optionally token-weighted, neuron-masked and with a retain term.
 
     Args (beyond ``trl.SFTTrainer``'s):
@@ -298,14 +245,9 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
                 peft_config=peft_config,
                 **kwargs,
             )
-        self.add_callback(JsonTrainingArgsCallback())  # no pickled training_args.bin in checkpoints
-        if type(self.data_collator) is DataCollatorForLanguageModeling:
-            collator = self.data_collator
-            self.data_collator = DataCollatorForWeightedLanguageModeling(
-                pad_token_id=collator.pad_token_id,
-                pad_to_multiple_of=collator.pad_to_multiple_of,
-                return_tensors=collator.return_tensors,
-            )
+        self.data_collator = upgrade_collator(
+            self.data_collator, DataCollatorForLanguageModeling, DataCollatorForWeightedLanguageModeling
+        )
         if args.disable_dropout:
             from trl.trainer.utils import disable_dropout_in_model
 
@@ -325,7 +267,7 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
                 self.eval_dataset = self._precompute_ref(self.eval_dataset, "eval")
             if self._ref_mode == "policy" and not self._live_ref_needed():
                 self._ref_mode = "none"
-        self.trainable_fraction = self._trainable_fraction()
+        self._set_trainable_fraction()
 
     # ----------------------------------------------------------------------------------------------------------
     # Reference
@@ -585,8 +527,3 @@ class NPOTrainer(NeuronMaskTrainerMixin, SFTTrainer):
             for key, value in metrics.items():
                 self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.float()).mean().item())
         return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training and "loss" in logs and self.neuron_mask is not None:
-            logs["trainable_fraction"] = self.trainable_fraction
-        super().log(logs, start_time)

@@ -1,0 +1,82 @@
+"""What every hf-align trainer shares, written once: JSON training arguments on every save, collator upgrades,
+``trainable_fraction`` logging and the token-weight config field.
+
+Put :class:`HFAlignTrainerMixin` *first* in a trainer's bases (before ``NeuronMaskTrainerMixin`` and the TRL
+trainer), so its ``_save`` runs around every other save hook and the JSON arguments are written whatever wrote
+the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from hf_align.callbacks.json_training_args import replace_training_args_pickle
+
+
+__all__ = ["HFAlignTrainerMixin", "TokenWeightArguments", "upgrade_collator"]
+
+
+@dataclass
+class TokenWeightArguments:
+    """The token-weight field shared by every trainer that reads ``*_weights`` columns; inherit it before the TRL
+    config (its ``__post_init__`` checks the field, then calls the next one in the MRO)."""
+
+    eos_token_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries)."},
+    )
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        if not (isinstance(self.eos_token_weight, int | float) and math.isfinite(self.eos_token_weight)) or (
+            self.eos_token_weight < 0
+        ):
+            raise ValueError(f"eos_token_weight must be a non-negative number, got {self.eos_token_weight}.")
+
+
+def upgrade_collator(collator, base_class: type, new_class: type):
+    """``new_class`` built with *every* dataclass field of ``collator`` when it is exactly TRL's ``base_class``;
+    any other collator (a user's own) is returned unchanged. Copying all fields keeps options TRL sets that a
+    hand-written field list would drop (e.g. ``return_position_ids`` under sequence parallelism)."""
+    if type(collator) is not base_class:
+        return collator
+    values = {f.name: getattr(collator, f.name) for f in dataclasses.fields(collator) if f.init}
+    return new_class(**values)
+
+
+class HFAlignTrainerMixin:
+    """Shared behaviour of every ``transformers.Trainer`` subclass in hf-align.
+
+    * every ``_save`` (``save_model``, each checkpoint, the DeepSpeed/FSDP gathered saves) leaves
+      ``training_args.json`` and no pickled ``training_args.bin``;
+    * ``self.trainable_fraction`` (set by :meth:`_set_trainable_fraction`) is logged with every training loss.
+    """
+
+    trainable_fraction: float | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            replace_training_args_pickle(output_dir if output_dir is not None else self.args.output_dir, self.args)
+
+    def _set_trainable_fraction(self) -> float:
+        """Trainable parameters over all parameters of the unwrapped model (deltas count as their entries)."""
+        from hf_align.sparse_update import has_deltas, trainable_fraction
+
+        model = self.accelerator.unwrap_model(self.model)
+        if has_deltas(model):
+            fraction = float(trainable_fraction(model))
+        else:
+            total = sum(p.numel() for p in model.parameters())
+            fraction = sum(p.numel() for p in model.parameters() if p.requires_grad) / max(total, 1)
+        self.trainable_fraction = fraction
+        return fraction
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.trainable_fraction is not None and self.model.training and "loss" in logs:
+            logs["trainable_fraction"] = self.trainable_fraction
+        super().log(logs, start_time)
