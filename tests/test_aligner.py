@@ -300,7 +300,7 @@ def test_bf16_base_identity_and_fp32_adapter(tokenizer):
 
 
 def test_4bit_bitsandbytes_base(tmp_path, tokenizer):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     load_random_tiny("llama").save_pretrained(tmp_path)

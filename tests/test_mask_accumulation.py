@@ -197,7 +197,8 @@ def test_weight_diff_snapshot_is_sharded_and_streamed(tmp_path, tiny_model, monk
 
 
 def test_peft_names_and_merged_weight_diff(tmp_path, tiny_model):
-    peft = pytest.importorskip("peft")
+    import peft
+
     model = peft.get_peft_model(tiny_model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     assert plain_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == (
         "model.layers.0.self_attn.q_proj.weight"

@@ -134,16 +134,38 @@ def _perturbed(model, scale=0.05, seed=1):
     return other
 
 
+def _expected_token_weights(tokenizer, raw_rows, tokenized_rows, width):
+    """Token weights built from the dataset rows and the tokenizer alone (not from the collator under test).
+
+    Row ``i`` of the chosen half and ``B + i`` of the rejected half weigh the log-prob of ``input_ids[., j + 1]`` at
+    column ``j``: completion token ``k`` sits at position ``len(prompt) + k``, so its weight goes to column
+    ``len(prompt) + k - 1``. The chosen weights list its EOS; the rejected ones omit it (``eos_token_weight`` = 1).
+    """
+    expected = torch.zeros(2 * len(raw_rows), width)
+    for side, offset in (("chosen", 0), ("rejected", len(raw_rows))):
+        for i, (raw, tokenized) in enumerate(zip(raw_rows, tokenized_rows, strict=True)):
+            completion = tokenizer(raw[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            assert tokenized[f"{side}_ids"] == completion
+            weights = list(raw[f"{side}_weights"]) + ([1.0] if side == "rejected" else [])
+            assert len(weights) == len(completion)
+            start = len(tokenized["prompt_ids"]) - 1
+            expected[offset + i, start : start + len(weights)] = torch.tensor(weights)
+    return expected
+
+
 def test_token_weights_loss_equals_formula(tmp_path, tokenizer):
     data = _data(8).map(_random_weights)
     model = _model()
     ref = _perturbed(model)
     trainer = _trainer(tmp_path, tokenizer, data, model=model, ref_model=ref)
     batch = _batch(trainer)
-    weights = batch["token_weights"]
-    # EOS omitted from rejected_weights gets eos_token_weight = 1.0; the chosen EOS keeps its given weight.
-    row = trainer.train_dataset[0]
-    assert len(row["rejected_weights"]) == len(row["rejected_ids"]) and row["rejected_weights"][-1] == 1.0
+    weights = _expected_token_weights(
+        tokenizer,
+        [data[i] for i in range(4)],
+        [trainer.train_dataset[i] for i in range(4)],
+        batch["input_ids"].size(1) - 1,
+    )
+    torch.testing.assert_close(batch["token_weights"], weights, atol=0, rtol=0)
     loss = trainer.compute_loss(trainer.model, dict(batch))
     expected = _sigmoid_loss(0.1, _token_logps(model, batch), _token_logps(ref, batch), weights)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
@@ -279,13 +301,14 @@ def test_conversational_data_with_weights_trains(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Neuron masks (need hf_align.masks / hf_align.sparse_update)
+# Neuron masks
 
 
 def _mask_api():
-    masks = pytest.importorskip("hf_align.masks")
-    sparse = pytest.importorskip("hf_align.sparse_update")
-    return masks.NeuronMask, sparse
+    from hf_align import sparse_update
+    from hf_align.masks import NeuronMask
+
+    return NeuronMask, sparse_update
 
 
 def _effective(model, sparse):
@@ -476,7 +499,7 @@ def test_masked_dpo_raises_testbed_reward(tmp_path):
 def test_4bit_base_trains_only_deltas_and_saves_a_full_precision_merged_model(tmp_path):
     """QLoRA-style: a bitsandbytes 4-bit base (run for real on CPU) with row deltas in the compute dtype; the saved
     model is an ordinary full-precision checkpoint whose logits equal the trained 4-bit model's."""
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401  (a dev dependency: an import error must fail, not skip)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     NeuronMask, sparse = _mask_api()

@@ -1,7 +1,6 @@
 """Selection from scores, `hf-align select-mask` (both modes), plots, and warm-up → MaskedDPO end to end."""
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -9,11 +8,6 @@ import torch
 from hf_align.cli.select_mask import format_summary, module_type, selection_threshold
 from hf_align.io import save_tensors
 from hf_align.scores import load_scores, save_scores, weight_diff_scores
-
-
-HAS_MASKS = importlib.util.find_spec("hf_align.masks") is not None
-needs_masks = pytest.mark.skipif(not HAS_MASKS, reason="hf_align.masks (NeuronMask) is not available yet")
-HAS_MASKED_DPO = importlib.util.find_spec("hf_align.trainers.masked_dpo") is not None
 
 
 def _checkpoints(tmp_path, model):
@@ -64,7 +58,6 @@ def test_summary_and_threshold():
 
 
 def test_heatmap_and_distribution_pngs(tmp_path):
-    pytest.importorskip("matplotlib")
     from hf_align.plots import plot_score_distribution, plot_selection_heatmap
 
     fractions = {(0, "q_proj"): 0.1, (0, "down_proj"): 0.3, (1, "q_proj"): 0.0, (None, "lm_head"): 0.05}
@@ -92,7 +85,6 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@needs_masks
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_mask_from_scores_hits_the_ratio_exactly_with_ties(scope):
     from hf_align.masks import NeuronMask
@@ -110,9 +102,7 @@ def test_mask_from_scores_hits_the_ratio_exactly_with_ties(scope):
         assert all(torch.equal(first.masks[k].bool(), again.masks[k].bool()) for k in scores)  # deterministic ties
 
 
-@needs_masks
 def test_cli_from_scores_with_plots(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     from hf_align.cli import main
     from hf_align.masks import NeuronMask
 
@@ -132,7 +122,6 @@ def test_cli_from_scores_with_plots(tmp_path, capsys):
         assert (tmp_path / "m" / png).stat().st_size > 1000
 
 
-@needs_masks
 def test_cli_init_trained_is_allos_recipe(tmp_path, tiny_model):
     from hf_align.cli import main
     from hf_align.masks import NeuronMask
@@ -153,8 +142,6 @@ def test_cli_init_trained_is_allos_recipe(tmp_path, tiny_model):
     assert load_scores(tmp_path / "m")[1]["method"] == "weight_diff"
 
 
-@needs_masks
-@pytest.mark.skipif(not HAS_MASKED_DPO, reason="hf_align.trainers.masked_dpo is not available")
 def test_warmup_dpo_then_masked_dpo_end_to_end(tmp_path):
     from trl import DPOConfig, DPOTrainer
 

@@ -450,7 +450,7 @@ def test_4bit_layer_repacked_by_an_eval_forward_is_restored_to_the_weights_it_us
     """bitsandbytes repacks a Linear4bit for CPU inference after an eval forward without gradients; its own inverse
     leaves the block scales in the inference layout. keep_4bit_trainable restores data and scales: the dequantized
     weights equal the original ones up to the bf16 rounding of the scales, and gradients flow again."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
