@@ -91,3 +91,32 @@ def test_checkpoints_hold_no_full_pickle(tmp_path):
         for path in [*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]:
             with safe_globals():  # the numpy RNG state: the allowlist transformers itself resumes with
                 torch.load(path, weights_only=True)
+
+
+def test_python_api_save_model_without_deltas_writes_json_not_pickle(tmp_path):
+    """``save_model()`` called by a user (no mask, so transformers' own ``_save`` writes the weights) leaves
+    training_args.json and no training_args.bin, for each hf-align trainer built on TRL's."""
+    import json
+
+    from hf_align import testbed
+    from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer, NPOConfig, NPOTrainer
+
+    tb = testbed.load()
+    common = dict(
+        max_steps=1, per_device_train_batch_size=2, report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
+        gradient_checkpointing=False, save_strategy="no",
+    )  # fmt: skip
+    dpo = MaskedDPOTrainer(
+        model=testbed.load().model, args=MaskedDPOConfig(output_dir=str(tmp_path / "dpo"), **common),
+        train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer,
+    )  # fmt: skip
+    npo = NPOTrainer(
+        model=testbed.load().model, args=NPOConfig(output_dir=str(tmp_path / "npo"), **common),
+        train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer,
+    )  # fmt: skip
+    for trainer in (dpo, npo):
+        target = tmp_path / f"{trainer.args.output_dir}-saved"
+        trainer.save_model(str(target))
+        assert (target / "model.safetensors").exists()
+        assert not (target / "training_args.bin").exists()
+        assert json.loads((target / "training_args.json").read_text())["max_steps"] == 1
