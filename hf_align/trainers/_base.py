@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hf_align.callbacks.json_training_args import replace_training_args_pickle
 
 
-__all__ = ["HFAlignTrainerMixin", "TokenWeightArguments", "upgrade_collator"]
+__all__ = ["HFAlignTrainerMixin", "TokenWeightArguments", "load_model", "resolve_args", "upgrade_collator"]
 
 
 @dataclass
@@ -36,6 +36,44 @@ class TokenWeightArguments:
             self.eos_token_weight < 0
         ):
             raise ValueError(f"eos_token_weight must be a non-negative number, got {self.eos_token_weight}.")
+
+
+def resolve_args(args, config_class: type, parent_class: type, model, method: str):
+    """The trainer's config, as TRL resolves its own: ``None`` → ``config_class("<model name>-<method>")``; an
+    instance of the parent TRL config (e.g. ``trl.DPOConfig``) → ``config_class`` with every one of its fields
+    copied and hf-align's own fields at their defaults; anything else is refused by name."""
+    if args is None:
+        from trl.trainer.utils import get_config_model_id
+
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return config_class(f"{name.split('/')[-1]}-{method}")
+    if isinstance(args, config_class):
+        return args
+    if isinstance(args, parent_class):
+        return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+    raise TypeError(
+        f"args must be a {config_class.__name__} (or a {parent_class.__name__}, upgraded with hf-align's defaults), "
+        f"got {type(args).__name__}."
+    )
+
+
+def load_model(model, args, like=None):
+    """``model`` itself, or the model at that path / Hub id built as TRL builds a policy from a string: with
+    ``args.model_init_kwargs`` and ``args.trust_remote_code`` (``device_map=None`` under distributed training).
+    ``like``: a loaded policy whose dtype and attention implementation a reference built here follows, as TRL's
+    own reference copy does."""
+    if not isinstance(model, str):
+        return model
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(args.model_init_kwargs or {})
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None
+    if like is not None:
+        kwargs.setdefault("dtype", like.dtype)
+        kwargs.setdefault("attn_implementation", like.config._attn_implementation)
+    return create_model_from_path(model, **kwargs)
 
 
 def upgrade_collator(collator, base_class: type, new_class: type):

@@ -164,19 +164,19 @@ def resolve_neuron_mask(neuron_mask, args):
 
 
 def attach_mask(model, mask, args, peft_config=None):
-    """Load ``model`` if it is a path (with the config's ``model_init_kwargs``) and attach trainable deltas at the
-    neurons of ``mask`` (which is checked against it); returns the model. Masks and PEFT adapters exclude each other."""
+    """Load ``model`` if it is a path (as TRL does, with the config's ``model_init_kwargs``) and attach trainable
+    deltas at the neurons of ``mask`` (which is checked against it); returns the model. Masks and PEFT adapters
+    exclude each other."""
     from accelerate.utils import is_peft_model
 
-    if peft_config is not None or is_peft_model(model):
-        raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
-    if isinstance(model, str):
-        from trl.trainer.utils import create_model_from_path
-
-        init_kwargs = dict(args.model_init_kwargs or {})
-        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        model = create_model_from_path(model, **init_kwargs)
     from hf_align.sparse_update import attach_deltas
+    from hf_align.trainers._base import load_model
+
+    if peft_config is not None:
+        raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
+    model = load_model(model, args)
+    if is_peft_model(model):
+        raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
 
     dtype = getattr(args, "neuron_delta_dtype", "auto")
     return attach_deltas(model, mask, None if dtype == "auto" else getattr(torch, dtype))  # validates the mask too

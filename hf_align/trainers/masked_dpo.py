@@ -35,7 +35,13 @@ from hf_align.token_weights import (
     select_lowest_ratio_tokens,
     sequence_weights,
 )
-from hf_align.trainers._base import HFAlignTrainerMixin, TokenWeightArguments, upgrade_collator
+from hf_align.trainers._base import (
+    HFAlignTrainerMixin,
+    TokenWeightArguments,
+    load_model,
+    resolve_args,
+    upgrade_collator,
+)
 from hf_align.trainers._data_checks import check_dataset, column_names
 from hf_align.trainers._masking import (
     DeltasOffReference,
@@ -167,10 +173,7 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
         peft_config=None,
         **kwargs,
     ):
-        if args is None:
-            args = MaskedDPOConfig("masked-dpo")
-        elif not isinstance(args, MaskedDPOConfig):
-            raise TypeError(f"args must be a MaskedDPOConfig, got {type(args).__name__}.")
+        args = resolve_args(args, MaskedDPOConfig, DPOConfig, model, self._name)
         self._weighting = _WeightingState()
         self._weighting.trainer = self
         self.rejected_token_ratio = args.rejected_token_ratio
@@ -184,6 +187,9 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
         mask = resolve_neuron_mask(neuron_mask, args)
         self.neuron_mask = mask
         uses_deltas_reference = False
+        if isinstance(ref_model, str):  # TRL takes a path for the policy only; a reference path is built alike
+            model = load_model(model, args)
+            ref_model = load_model(ref_model, args, like=model)
         if mask is not None:
             model = attach_mask(model, mask, args, peft_config)
             if ref_model is None and not args.precompute_ref_log_probs:

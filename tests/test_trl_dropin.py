@@ -1,0 +1,82 @@
+"""A TRL user changes one import: hf-align trainers take what TRL's take (a model path, the parent TRL config)."""
+
+import dataclasses
+
+import pytest
+import torch
+import trl
+
+from hf_align import testbed
+from hf_align.masks import NeuronMask
+from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
+from hf_align.trainers._base import resolve_args
+
+
+COMMON = dict(
+    max_steps=1, per_device_train_batch_size=2, report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
+    gradient_checkpointing=False, save_strategy="no", learning_rate=1e-2,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tb = testbed.load()
+    path = tmp_path_factory.mktemp("model")
+    tb.model.save_pretrained(path)
+    tb.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _dpo(tmp_path, **kwargs):
+    tb = testbed.load()
+    kwargs.setdefault("args", MaskedDPOConfig(output_dir=str(tmp_path / "out"), **COMMON))
+    return MaskedDPOTrainer(train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer, **kwargs)
+
+
+def test_masked_dpo_takes_a_model_path_with_a_mask(tmp_path, model_dir):
+    mask = NeuronMask.random(testbed.load().model, 0.1, "row", seed=0)
+    trainer = _dpo(tmp_path, model=model_dir, neuron_mask=mask)
+    trainer.train()
+    assert 0 < trainer.trainable_fraction < 0.2
+    assert type(trainer.ref_model).__name__ == "DeltasOffReference"
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_masked_dpo_takes_a_reference_path(tmp_path, model_dir, with_mask):
+    mask = NeuronMask.random(testbed.load().model, 0.1, "row", seed=0) if with_mask else None
+    trainer = _dpo(tmp_path, model=model_dir, ref_model=model_dir, neuron_mask=mask)
+    trainer.train()
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+    assert reference is not trainer.accelerator.unwrap_model(trainer.model)
+    saved = dict(testbed.load().model.named_parameters())
+    for name, param in reference.named_parameters():  # the reference is the saved model, untouched by training
+        torch.testing.assert_close(param, saved[name], atol=0, rtol=0, msg=name)
+
+
+def test_masked_dpo_upgrades_a_trl_dpo_config(tmp_path):
+    theirs = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, loss_type=["ipo"], max_length=77, **COMMON)
+    trainer = _dpo(tmp_path, model=testbed.load().model, args=theirs)
+    ours = trainer.args
+    assert type(ours) is MaskedDPOConfig
+    assert (ours.output_dir, ours.beta, ours.loss_type, ours.max_length) == (theirs.output_dir, 0.3, ["ipo"], 77)
+    assert (ours.neuron_mask_path, ours.rejected_token_ratio, ours.save_merged) == (None, None, True)
+    for f in dataclasses.fields(trl.DPOConfig):
+        if f.init and f.name not in ("logging_dir",):
+            assert getattr(ours, f.name) == getattr(theirs, f.name), f.name
+
+
+def test_other_configs_are_refused_by_name(tmp_path):
+    with pytest.raises(TypeError, match=r"args must be a MaskedDPOConfig \(or a DPOConfig.*got SFTConfig"):
+        _dpo(tmp_path, model=testbed.load().model, args=trl.SFTConfig(output_dir=str(tmp_path), **COMMON))
+
+
+@dataclasses.dataclass
+class _Config:
+    output_dir: str
+
+
+def test_without_args_the_output_dir_is_named_as_trl_names_it():
+    assert resolve_args(None, _Config, object, "org/my-model", "MaskedDPO").output_dir == "my-model-MaskedDPO"
+    model = testbed.load().model
+    model.config._name_or_path = "/some/where/tiny-llama"
+    assert resolve_args(None, _Config, object, model, "NPO").output_dir == "tiny-llama-NPO"
