@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from hf_align.architectures import ROW_TARGET, layer_index, neuron_axes, neuron_axis, plain_name
 from hf_align.io import (
     PathLike,
     atomic_files,
@@ -42,7 +43,6 @@ FORMAT = "hf-align-neuron-mask"
 GRANULARITIES = ("row", "element")
 SCOPES = ("global", "tensor")
 SELECTS = ("top", "bottom", "random")
-ROW_TARGET = r"layers\.\d+\..*\.weight$"  # decoder-layer weights; only those with >= 2 dims get row masks
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -70,8 +70,6 @@ def _plain_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
 
     A weight with attached deltas (``q_proj.parametrizations.weight.original``) keeps its plain name.
     """
-    from hf_align.scores import plain_name
-
     for name, param in model.named_parameters():
         if ".parametrizations." in name:
             prefix, rest = name.split(".parametrizations.", 1)
@@ -304,6 +302,7 @@ class NeuronMask:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
         target = default_target(granularity) if target is None else target
         shapes = {}
+        axes = neuron_axes(model)
         for name, param in _plain_parameters(model):
             shape = parameter_shape(param)
             if not param.is_floating_point() and getattr(param, "quant_state", None) is None:
@@ -313,7 +312,7 @@ class NeuronMask:
             if granularity == "row":
                 if len(shape) < 2:
                     continue
-                shape = shape[:1]
+                shape = (shape[neuron_axis(axes, name)],)
             shapes[name] = shape
         if not shapes:
             raise ValueError(f"No parameter of the model matches target={target!r} for {granularity} masks.")
@@ -348,6 +347,7 @@ class NeuronMask:
     def validate(self, model: torch.nn.Module) -> None:
         """Raise a clear error naming the parameter when the mask does not fit ``model`` (names or shapes)."""
         params = dict(_plain_parameters(model))
+        axes = neuron_axes(model)
         missing = [name for name in self.masks if name not in params]
         if missing:
             example = next(iter(params), "<none>")
@@ -359,15 +359,17 @@ class NeuronMask:
             shape = parameter_shape(params[name])
             if tuple(mask.shape) == shape:
                 continue
-            if mask.dim() == 1 and len(shape) >= 2 and mask.shape[0] == shape[0]:
+            features = shape[neuron_axis(axes, name)] if len(shape) >= 2 else None
+            if mask.dim() == 1 and mask.shape[0] == features:
                 continue
+            rows = f" or ({features},) (row: one per output feature{', axis 1 of a Conv1D' if name in axes else ''})"
             raise ValueError(
                 f"Neuron mask for {name!r} has shape {tuple(mask.shape)}, but the parameter has shape {shape}: "
-                f"expected {shape} (element) or ({shape[0]},) (row). Was the mask made for another model?"
+                f"expected {shape} (element){rows if features else ''}. Was the mask made for another model?"
             )
 
     def is_row(self, name: str, param_shape: tuple[int, ...]) -> bool:
-        """Whether the mask for ``name`` selects output rows of a parameter of ``param_shape``."""
+        """Whether the mask for ``name`` selects output features ("rows") of a parameter of ``param_shape``."""
         return self.masks[name].dim() == 1 and len(param_shape) >= 2
 
     # -------------------------------------------------------------------------------------- analysis
@@ -398,10 +400,9 @@ class NeuronMask:
         selected: dict[tuple[int | None, str], int] = {}
         total: dict[tuple[int | None, str], int] = {}
         for name, mask in self.masks.items():
-            match = re.search(r"layers\.(\d+)\.", name)
             parts = name.split(".")
             module = parts[-2] if len(parts) > 1 else parts[-1]
-            key = (int(match.group(1)) if match else None, module)
+            key = (layer_index(name), module)
             selected[key] = selected.get(key, 0) + int(mask.sum())
             total[key] = total.get(key, 0) + mask.numel()
         return {key: selected[key] / total[key] for key in total}

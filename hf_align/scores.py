@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from hf_align.architectures import checkpoint_neuron_axes, neuron_axis
+from hf_align.architectures import plain_name as plain_name  # re-exported: its home was here
 from hf_align.io import (
     PathLike,
     atomic_files,
@@ -38,8 +40,6 @@ GRANULARITIES = ("row", "element")
 STATISTICS = ("abs", "square")
 
 _SAVE_ID = "_save_id"  # in neuron_scores.json: which save wrote it (checked against the safetensors header)
-_PEFT_PREFIX = "base_model.model."
-_ADAPTER_MARKERS = (".lora_", ".lora_magnitude_vector", ".original_module.", ".aligner_", "prompt_encoder.")
 
 
 # --------------------------------------------------------------------------------------------- file IO
@@ -88,21 +88,6 @@ def load_scores(directory: PathLike, device: str = "cpu") -> tuple[dict[str, tor
 
 
 # ----------------------------------------------------------------------------------------- parameter names
-def plain_name(name: str) -> str | None:
-    """Map a (possibly PEFT-wrapped) parameter name to the plain model's name; ``None`` for adapter weights.
-
-    ``base_model.model.model.layers.0.q_proj.base_layer.weight`` → ``model.layers.0.q_proj.weight``;
-    ``...lm_head.modules_to_save.default.weight`` → ``lm_head.weight``; ``...lora_A.default.weight`` → None.
-    """
-    if any(marker in name for marker in _ADAPTER_MARKERS):
-        return None
-    if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX) :]
-    name = name.replace(".base_layer.", ".")
-    name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
-    return name
-
-
 def matches_target(name: str, target: str | Iterable[str] | None) -> bool:
     """``None``: every parameter; a string: a regular expression searched in the name; a list: name suffixes
     or module names (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj.weight``)."""
@@ -115,8 +100,9 @@ def matches_target(name: str, target: str | Iterable[str] | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def reduce_magnitude(delta: torch.Tensor, granularity: str, statistic: str = "abs") -> torch.Tensor:
-    """|delta| (or delta²) per entry, or summed per output row, in fp32."""
+def reduce_magnitude(delta: torch.Tensor, granularity: str, statistic: str = "abs", axis: int = 0) -> torch.Tensor:
+    """|delta| (or delta²) per entry, or summed per output feature ("row") in fp32; ``axis`` is the output-feature
+    axis (1 for a GPT-2 ``Conv1D`` weight, see :mod:`hf_align.architectures`)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     if statistic not in STATISTICS:
@@ -124,6 +110,8 @@ def reduce_magnitude(delta: torch.Tensor, granularity: str, statistic: str = "ab
     if granularity == "element":
         out = delta.abs() if statistic == "abs" else delta.square()
         return out.float() if out.dtype != torch.float32 else out
+    if axis and delta.dim() > axis:
+        delta = delta.movedim(axis, 0)
     rows = delta.reshape(delta.shape[0], -1) if delta.dim() > 0 else delta.reshape(1, 1)
     if statistic == "abs":
         return torch.linalg.vector_norm(rows, ord=1, dim=1, dtype=torch.float32)
@@ -182,8 +170,12 @@ def weight_diff_scores(
     statistic: str = "abs",
     target: str | Iterable[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    axes: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``|θ_trained − θ_init|`` per entry or summed per row, streamed one tensor at a time (ALLO's statistic).
+
+    ``axes``: the output-feature axis of each weight not on axis 0 (:func:`hf_align.architectures.neuron_axes`);
+    ``None`` reads it from the initial checkpoint's ``config.json`` (GPT-2's ``Conv1D`` rows are columns).
 
     The result lives in host memory: ``dtype``'s size per entry (element granularity) or 4 bytes per row.
 
@@ -191,6 +183,8 @@ def weight_diff_scores(
     effective weights). Tensors missing from ``init`` are an error; non-float tensors are skipped.
     """
     init_reader = init if isinstance(init, CheckpointReader) else CheckpointReader(init)
+    if axes is None and granularity == "row":
+        axes = checkpoint_neuron_axes(init_reader.path)
     if isinstance(trained, (str, Path)):
         trained = CheckpointReader(trained)
     pairs = trained.items() if isinstance(trained, CheckpointReader) else trained
@@ -209,7 +203,7 @@ def weight_diff_scores(
                 f"Parameter {name!r} has shape {tuple(tensor.shape)} but {tuple(start.shape)} in {str(init_reader.path)!r}."
             )
         delta = tensor.detach().float() - start.to(device=tensor.device, dtype=torch.float32)
-        score = reduce_magnitude(delta, granularity, statistic)
+        score = reduce_magnitude(delta, granularity, statistic, neuron_axis(axes, name))
         scores[name] = score.to("cpu", dtype=dtype if granularity == "element" else torch.float32)
     if not scores:
         raise ValueError(f"No parameter matched target={target!r}; nothing to score.")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from hf_align.architectures import neuron_axes, neuron_axis
 from hf_align.io import PathLike, load_tensors, save_tensors
 from hf_align.masks import NeuronMask, _plain_parameters, parameter_shape
 from hf_align.quantization import keep_4bit_trainable, restore_trainable_layout
@@ -63,7 +64,8 @@ def _selected_index(mask: torch.Tensor, row: bool) -> torch.Tensor:
 
 
 class _Delta(torch.nn.Module):
-    """Parametrization ``W ↦ W + scatter(Δ)``; ``Δ`` holds only the selected rows (``row``) or entries."""
+    """Parametrization ``W ↦ W + scatter(Δ)``; ``Δ`` holds only the selected rows (``row``) or entries. A row is
+    an output feature: along ``axis`` 0 of a Linear weight, axis 1 of a GPT-2 ``Conv1D`` weight (stored in × out)."""
 
     def __init__(
         self,
@@ -73,10 +75,12 @@ class _Delta(torch.nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         row: bool,
+        axis: int = 0,
     ):
         super().__init__()
         self.param_name = name
         self.row = row
+        self.axis = axis if row else 0
         self.enabled = True
         index = _selected_index(mask, row)
         numel = 1
@@ -84,17 +88,24 @@ class _Delta(torch.nn.Module):
             numel *= size
         int32 = numel < 2**31
         self.register_buffer("index", index.to(torch.int32 if int32 else torch.int64).to(device), persistent=False)
-        delta_shape = (index.numel(), *shape[1:]) if row else (index.numel(),)
+        if row:
+            delta_shape = list(shape)
+            delta_shape[self.axis] = index.numel()
+        else:
+            delta_shape = [index.numel()]
         self.delta = torch.nn.Parameter(torch.zeros(delta_shape, dtype=dtype, device=device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _effective(weight, self.index, self.delta, self.row) if self.enabled else weight
+        return _effective(weight, self.index, self.delta, self.row, self.axis) if self.enabled else weight
 
 
-def _effective(weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, row: bool) -> torch.Tensor:
-    """``W + scatter(Δ)``: ``Δ`` added at the selected rows (``row``) or flat entries; other entries copied as is."""
+def _effective(
+    weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, row: bool, axis: int = 0
+) -> torch.Tensor:
+    """``W + scatter(Δ)``: ``Δ`` added at the selected rows (``row``, along ``axis``) or flat entries; other entries
+    copied as is."""
     if row:
-        return weight.index_add(0, index, delta.to(weight.dtype))
+        return weight.index_add(axis, index, delta.to(weight.dtype))
     return weight.reshape(-1).index_add(0, index, delta.to(weight.dtype)).view_as(weight)
 
 
@@ -217,6 +228,7 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask, dtype: torch.dtype |
         if len(owners) != 1 or owners[0][1] != "weight" or not hasattr(owners[0][0], "compute_dtype"):
             raise ValueError(f"Parameter {name!r} is 4-bit but not the weight of one bitsandbytes Linear4bit layer.")
     keep_4bit_trainable(model)
+    axes = neuron_axes(model)
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     model.requires_grad_(False)
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -232,7 +244,7 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask, dtype: torch.dtype |
             module.add_module(_DELTA_CHILD, _Delta(name, selected, shape, delta_dtype, param.device, row=True))
             module.forward = _row_4bit_forward.__get__(module)
             continue
-        holder = _Delta(name, selected, shape, dtype or param.dtype, param.device, row)
+        holder = _Delta(name, selected, shape, dtype or param.dtype, param.device, row, neuron_axis(axes, name))
         for module, attr in _owners(model, param):
             plain_type = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
             fast = attr == "weight" and plain_type is torch.nn.Linear and module is not output_embeddings
@@ -489,7 +501,8 @@ class MaskedAdamW(torch.optim.Optimizer):
     """ALLO's ``MaskAdamW_HF`` re-created for comparison: HF AdamW whose update is multiplied by the mask.
 
     Adam moments are kept for every entry and (decoupled) weight decay moves every entry, as in the reference code.
-    Each param group carries ``"mask"`` (full-shape, or 1-D per output row). Prefer :func:`attach_deltas`.
+    Each param group carries ``"mask"`` (full-shape, or 1-D per output feature along the group's ``"axis"``,
+    default 0; 1 for a ``Conv1D`` weight). Prefer :func:`attach_deltas`.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
@@ -517,7 +530,11 @@ class MaskedAdamW(torch.optim.Optimizer):
                 mask = group["mask"]
                 if mask is not None:
                     mask = mask.to(param.device, param.dtype)
-                    update.mul_(mask if mask.shape == param.shape else mask.view(-1, *([1] * (param.dim() - 1))))
+                    if mask.shape != param.shape:  # one entry per output feature, along the group's "axis"
+                        view = [1] * param.dim()
+                        view[group.get("axis", 0)] = -1
+                        mask = mask.view(view)
+                    update.mul_(mask)
                 param.add_(update, alpha=-step_size)
                 if group["weight_decay"] > 0.0:
                     param.add_(param, alpha=-group["lr"] * group["weight_decay"])

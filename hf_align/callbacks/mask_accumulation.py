@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hf_align.architectures import neuron_axes, neuron_axis
 from hf_align.io import atomic_dir, save_tensors, write_json
 from hf_align.scores import (
     GRANULARITIES,
@@ -235,7 +236,9 @@ class MaskAccumulationCallback(TrainerCallback):
         init = self._init_reader()
         weights = effective_weights(model, self.target)
         dtype = SCORE_DTYPES[self.score_dtype]
-        return weight_diff_scores(init, weights, self.granularity, self.statistic, dtype=dtype)
+        return weight_diff_scores(
+            init, weights, self.granularity, self.statistic, dtype=dtype, axes=neuron_axes(model)
+        )
 
     def select_mask(self, scores: dict[str, torch.Tensor]):
         """The ``NeuronMask`` chosen from ``scores`` with this callback's selection settings."""
@@ -253,6 +256,7 @@ class MaskAccumulationCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------ gradient
     def _setup_gradient(self, model, args) -> None:
         self._tracked = []
+        self._axes = neuron_axes(model)  # a Conv1D weight's output features ("rows") are its columns
         frozen = 0
         for name, param in model.named_parameters():
             plain = plain_name(name)
@@ -286,7 +290,8 @@ class MaskAccumulationCallback(TrainerCallback):
         for name, param in self._tracked:
             device = "cpu" if self.offload_to_cpu else param.device
             if self.granularity == "row":
-                shape, dtype = (param.shape[0] if param.dim() else 1,), torch.float32
+                axis = neuron_axis(self._axes, name)
+                shape, dtype = (param.shape[axis] if param.dim() > axis else 1,), torch.float32
             else:
                 shape, dtype = param.shape, SCORE_DTYPES[self.score_dtype]
             totals[name] = torch.zeros(shape, dtype=dtype, device=device)
@@ -298,7 +303,8 @@ class MaskAccumulationCallback(TrainerCallback):
             if param.grad is None:
                 continue
             total = self.totals[name]
-            contribution = reduce_magnitude(param.grad, self.granularity, self.statistic)
+            axis = neuron_axis(self._axes, name)
+            contribution = reduce_magnitude(param.grad, self.granularity, self.statistic, axis)
             total.add_(contribution.to(device=total.device, dtype=total.dtype))
 
     # --------------------------------------------------------------------------------------- weight diff

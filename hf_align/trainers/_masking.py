@@ -126,8 +126,9 @@ def validate_mask_fields(args) -> None:
         raise ValueError("Give either neuron_mask_path or neuron_scores_path + neuron_mask_ratio, not both.")
 
 
-def resolve_neuron_mask(neuron_mask, args):
-    """A ``NeuronMask`` from the trainer argument or the config fields, or None."""
+def resolve_neuron_mask(neuron_mask, args, model=None):
+    """A ``NeuronMask`` from the trainer argument or the config fields, or None. ``model`` (when loaded) tells
+    which weights have their output features on axis 1 (GPT-2's ``Conv1D``) when element scores become rows."""
     if neuron_mask is None and not args.neuron_mask_path and not args.neuron_scores_path:
         return None
     from hf_align.masks import NeuronMask

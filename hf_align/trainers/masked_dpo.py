@@ -184,12 +184,13 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
             )
 
         check_dataset(train_dataset, "train_dataset")  # columns are checked with the token weights
-        mask = resolve_neuron_mask(neuron_mask, args)
+        if neuron_mask is not None or args.neuron_mask_path or args.neuron_scores_path or isinstance(ref_model, str):
+            model = load_model(model, args)  # a path, built as TRL builds it: the mask is checked against it
+        if isinstance(ref_model, str):  # TRL takes a path for the policy only; a reference path is built alike
+            ref_model = load_model(ref_model, args, like=model)
+        mask = resolve_neuron_mask(neuron_mask, args, model)
         self.neuron_mask = mask
         uses_deltas_reference = False
-        if isinstance(ref_model, str):  # TRL takes a path for the policy only; a reference path is built alike
-            model = load_model(model, args)
-            ref_model = load_model(ref_model, args, like=model)
         if mask is not None:
             model = attach_mask(model, mask, args, peft_config)
             if ref_model is None and not args.precompute_ref_log_probs:
