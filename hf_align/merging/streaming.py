@@ -117,13 +117,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 class Checkpoint:
-    """The safetensors tensors of a local HF model directory (sharded or not), read one tensor at a time."""
+    """The safetensors tensors of a local HF model directory (sharded or not), read one tensor at a time.
+
+    A folder is read the way ``from_pretrained`` reads it: ``model.safetensors`` if present, else the shards of
+    ``model.safetensors.index.json``, else every ``*.safetensors`` file.
+    """
 
     def __init__(self, path: PathLike):
         self.path = Path(path)
         if self.path.is_file() and self.path.suffix == ".safetensors":
             files, self.directory = [self.path], self.path.parent
-        elif (self.path / INDEX_FILE).exists():
+        elif (self.path / SINGLE_FILE).is_file():  # before the index, as transformers' from_pretrained reads them
+            files, self.directory = [self.path / SINGLE_FILE], self.path
+        elif (self.path / INDEX_FILE).is_file():
             weight_map = read_json(self.path / INDEX_FILE).get("weight_map", {})
             files, self.directory = [self.path / f for f in dict.fromkeys(weight_map.values())], self.path
         elif self.path.is_dir():
@@ -312,17 +318,19 @@ def merge_tensor(
 ) -> torch.Tensor:
     """α·base + (1−α)·aligned as ``aligned.lerp_(base, α)`` (α=0/1: the input itself, exactly).
 
-    Same-dtype inputs are merged in place in their own dtype (torch computes lerp of bf16/fp16 in fp32 and
-    rounds once); mixed dtypes go through fp32. Non-float tensors are taken from the side with the larger weight.
+    Computed in the widest of the two input dtypes and ``dtype``, then cast once to ``dtype``: bf16 inputs merged
+    into a float32 output keep float32 precision (not a bf16 result cast up), bf16 into float16 is rounded once
+    (torch computes a bf16/fp16 lerp in fp32 and rounds once). Mixed input dtypes go through the wider one (fp32).
+    Non-float tensors are taken from the side with the larger weight.
     """
     if alpha == 0.0 or (aligned is not None and not aligned.is_floating_point() and alpha < 0.5):
         out = aligned
     elif alpha == 1.0 or not base.is_floating_point():
         out = base
-    elif base.dtype == aligned.dtype:
-        out = aligned.lerp_(base, alpha)
     else:
-        out = aligned.float().lerp_(base.float(), alpha)
+        compute = torch.promote_types(base.dtype, aligned.dtype)
+        compute = compute if dtype is None else torch.promote_types(compute, dtype)
+        out = aligned.to(compute).lerp_(base.to(compute), alpha)
     if dtype is not None and out.is_floating_point() and out.dtype != dtype:
         out = out.to(dtype)
     return out
