@@ -165,6 +165,20 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def scratch_dir(path: PathLike) -> Iterator[Path]:
+    """A temporary directory named after ``path`` (``.<name>.<pid>.<random>.tmp`` beside it), removed on exit.
+
+    For working copies that are never renamed into place (a merged adapter, a model saved to be merged): named
+    like our other temporaries, so the next call removes one that a killed run left behind.
+    """
+    tmp = _temp_beside(Path(path), directory=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_files(*paths: PathLike) -> Iterator[list[Path]]:
     """Yield temporary paths beside ``paths``; all replace their targets only when the block succeeds.
 

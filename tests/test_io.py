@@ -52,3 +52,15 @@ def test_resolve_inside_accepts_files_and_links_inside(tmp_path):
     (tmp_path / "link.json").symlink_to("sub/a.json")
     assert resolve_inside(tmp_path, "sub/a.json") == tmp_path / "sub" / "a.json"
     assert resolve_inside(tmp_path, "link.json") == tmp_path / "link.json"
+
+
+def test_scratch_dir_is_removed_on_exit_and_a_killed_runs_on_the_next_call(tmp_path, dead_pid):
+    from hf_align.io import scratch_dir
+
+    left = tmp_path / f".merged_adapter.{dead_pid}.abcdefgh.tmp"  # what a killed run left
+    (left / "model.safetensors").parent.mkdir()
+    (left / "model.safetensors").write_bytes(b"partial")
+    with scratch_dir(tmp_path / "merged_adapter") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name]
+    assert list(tmp_path.iterdir()) == []

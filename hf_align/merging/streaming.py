@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hf_align.io import PathLike, atomic_dir, read_json, resolve_inside, write_json
+from hf_align.io import PathLike, atomic_dir, read_json, resolve_inside, scratch_dir, write_json
 from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
 
 
@@ -351,7 +351,7 @@ def _merge_adapter(adapter_dir: Path, stack: contextlib.ExitStack) -> Path:
 
     copied = [file for file in side_files(adapter_dir) if file.name != "config.json"]
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype="auto").merge_and_unload()
-    target = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hf_align_merged_adapter_")))
+    target = stack.enter_context(scratch_dir(Path(tempfile.gettempdir()) / "hf_align_merged_adapter"))
     model.save_pretrained(target)
     for file in copied:
         shutil.copy2(file, target / file.name)
