@@ -269,7 +269,7 @@ def ama_variants(tb, evaluator, dpo_model, seed: int, cfg: dict, tmp: str) -> li
     from transformers import AutoModelForCausalLM
 
     from hf_align.merging import merge_models, partwise_plan
-    from hf_align.merging.adaptive import AdaptiveMergeConfig, AdaptiveMergeTrainer
+    from hf_align.trainers import AdaptiveMergeConfig, AdaptiveMergeTrainer
 
     aligned = Path(tmp) / "dpo"  # written by ama_sweep
     points = []

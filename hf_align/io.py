@@ -1,14 +1,19 @@
 """Safe, atomic file output: everything hf-align writes goes through here.
 
 Rules (see DESIGN.md): safetensors + JSON only (never pickle); write to a temporary path next to
-the target, then rename, so a crash or kill never leaves a half-written file or directory.
+the target, then rename, so a crash or kill never leaves a half-written file or directory. Temporary names
+carry the writer's process id (``.<target>.<pid>.<random>.tmp``): the next write of the same target removes the
+ones whose process is gone (a killed run), and nothing else. Readers of a model folder check that every file
+they open stays inside it (:func:`resolve_inside`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +26,87 @@ from safetensors.torch import load_file, save_file
 
 
 PathLike = str | os.PathLike
+logger = logging.getLogger(__name__)
+_RANDOM = "[a-z0-9_]{8}"  # tempfile's random part
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, not ours to signal
+        return True
+    return True
+
+
+def clean_stale_temps(path: PathLike) -> list[Path]:
+    """Remove what our writers left beside ``path`` when their process was killed: ``.<name>.<pid>.<random>.tmp``
+    (a partial file or merge folder) and ``.<name>.<pid>.<random>.old`` (a replaced output not yet deleted), only for
+    processes that no longer run. An ``.old`` folder is kept, with a warning, while ``path`` is missing: a kill
+    between the two renames of :func:`atomic_dir` leaves the previous output in it. Returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.{_RANDOM}\.(tmp|old)")
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in path.parent.iterdir():
+            match = pattern.fullmatch(entry.name)
+            if not match or _process_alive(int(match.group(1))):
+                continue
+            if match.group(2) == "old" and not path.exists():
+                logger.warning(f"{str(entry)!r} holds the previous {path.name!r} of an interrupted write; kept.")
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _temp_beside(path: Path, directory: bool = False, suffix: str = ".tmp") -> Path:
+    """A fresh temporary file (closed) or directory beside ``path``, after removing stale ones of killed runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
+    prefix = f".{path.name}.{os.getpid()}."
+    if directory:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def allowed_roots(folder: PathLike) -> list[Path]:
+    """Where files of ``folder`` may resolve to: the folder itself and, for a Hub cache snapshot
+    (``models--org--name/snapshots/<rev>``, whose files are symlinks into ``../../blobs``), that repo's blobs."""
+    real = Path(folder).resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.count("--") >= 1:
+        blobs = real.parent.parent / "blobs"
+        if blobs.is_dir():
+            roots.append(blobs.resolve())
+    return roots
+
+
+def resolve_inside(folder: PathLike, entry: str, source: PathLike | None = None) -> Path:
+    """``folder / entry``, refusing an entry that leaves the folder: absolute, with ``..``, or a symlink resolving
+    outside it (a Hub cache snapshot's own blobs excepted, see :func:`allowed_roots`). ``source``: the file that
+    named ``entry`` (an index), for the message; without it the message names the file itself."""
+    folder = Path(folder)
+    where = f"{str(source)!r} lists {entry!r}" if source is not None else f"{str(folder / entry)!r}"
+    if not isinstance(entry, str) or not entry or Path(entry).is_absolute() or ".." in Path(entry).parts:
+        raise ValueError(f"{where}: not a relative path inside {str(folder)!r}; refusing to read it.")
+    target = folder / entry
+    if not _inside(target.resolve(), allowed_roots(folder)):
+        raise ValueError(f"{where}, which resolves outside {str(folder)!r} (symlink?); refusing to read it.")
+    return target
 
 
 def _fsync_dir(path: Path) -> None:
@@ -36,10 +122,9 @@ def _fsync_dir(path: Path) -> None:
 def atomic_file(path: PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, mode) as handle:
+        with open(tmp, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -62,13 +147,12 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"Output directory {str(path)!r} already exists and is not empty; pass overwrite=True.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = _temp_beside(path, directory=True)
     try:
         yield tmp
         os.chmod(tmp, 0o755)
         if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            old = _temp_beside(path, directory=True, suffix=".old")
             os.replace(path, old / "previous")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -78,6 +162,20 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_dir(path: PathLike) -> Iterator[Path]:
+    """A temporary directory named after ``path`` (``.<name>.<pid>.<random>.tmp`` beside it), removed on exit.
+
+    For working copies that are never renamed into place (a merged adapter, a model saved to be merged): named
+    like our other temporaries, so the next call removes one that a killed run left behind.
+    """
+    tmp = _temp_beside(Path(path), directory=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -92,10 +190,7 @@ def atomic_files(*paths: PathLike) -> Iterator[list[Path]]:
     temps = []
     try:
         for target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            os.close(fd)
-            temps.append(Path(tmp))
+            temps.append(_temp_beside(target))
         yield temps
         for tmp, target in zip(temps, targets, strict=True):
             os.chmod(tmp, 0o644)
@@ -159,9 +254,7 @@ def read_json(path: PathLike) -> Any:
 def save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write a safetensors file (tensors made contiguous, metadata values as strings)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.chmod(tmp, 0o644)

@@ -112,6 +112,64 @@ def test_bf16_output_dtype_and_mixed_input_dtypes(pair, tmp_path):
         torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def bf16_pair(pair, tmp_path_factory):
+    """The pair stored in bfloat16 (one shard each): every stored value is bf16-representable."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("bf16_pair")
+    for side in pair:
+        AutoModelForCausalLM.from_pretrained(side, dtype=torch.bfloat16).save_pretrained(root / side.name)
+    return root / "base", root / "aligned"
+
+
+def test_float32_output_of_bf16_inputs_is_a_genuine_float32_merge(bf16_pair, tmp_path):
+    """Issue #20: ``--dtype float32`` on bf16 inputs was a bf16 merge cast up (every value bf16-representable)."""
+    base, aligned = bf16_pair
+    alpha = 0.3
+    merge_models(base, aligned, tmp_path / "fp32", alpha=alpha, dtype="float32", progress=False)
+    merged, b, a = _state(tmp_path / "fp32"), _state(base), _state(aligned)
+    not_bf16 = total = 0
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.float32 and b[name].dtype == torch.bfloat16
+        # θ = α·θ_base + (1−α)·θ_aligned in float64, rounded once to float32
+        reference = alpha * b[name].double() + (1 - alpha) * a[name].double()
+        error = (tensor.double() - reference.float().double()).abs()
+        # one float32 rounding of the result and one of α·(θ_base − θ_aligned) at most (lerp's two steps)
+        bound = 2**-23 * (reference.abs() + b[name].double().abs() + a[name].double().abs())
+        assert bool((error <= bound).all()), name
+        not_bf16 += int((tensor.bfloat16().float() != tensor).sum())
+        total += tensor.numel()
+    assert not_bf16 / total > 0.5  # a genuine float32 merge, not bf16 values cast up
+
+    merge_models(base, aligned, tmp_path / "fp16", alpha=alpha, dtype="float16", progress=False)
+    for name, tensor in _state(tmp_path / "fp16").items():  # bf16 → fp16: rounded once (fp32 compute), not twice
+        reference = alpha * b[name].double() + (1 - alpha) * a[name].double()
+        torch.testing.assert_close(tensor.double(), reference, rtol=2**-11, atol=2**-24, msg=name)
+
+
+def test_single_file_is_preferred_over_an_index_like_from_pretrained(pair, tmp_path):
+    """With both ``model.safetensors`` and ``model.safetensors.index.json``, transformers reads the single file."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    base, aligned = pair
+    both = tmp_path / "both"
+    shutil.copytree(aligned, both)  # the index and its shards hold the aligned weights ...
+    save_file(_state(base), both / "model.safetensors", metadata={"format": "pt"})  # ... model.safetensors the base's
+    assert (both / "model.safetensors.index.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(both).state_dict()
+    expected = _state(base)
+    assert all(torch.equal(loaded[n], expected[n]) for n in expected)  # what transformers reads
+
+    with streaming.Checkpoint(both) as ckpt:
+        assert {info.file.name for info in ckpt.tensors.values()} == {"model.safetensors"}
+    merge_models(aligned, both, tmp_path / "out", alpha=0.0, progress=False)  # α = 0: exactly the 'aligned' side
+    merged = _state(tmp_path / "out")
+    assert all(torch.equal(merged[n], expected[n]) for n in expected)
+
+
 def test_merged_checkpoint_loads_with_auto_model(pair, tmp_path):
     from transformers import AutoModelForCausalLM
 

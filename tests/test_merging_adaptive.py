@@ -8,14 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_align.merging.adaptive import (
-    AdaptiveMergeConfig,
-    AdaptiveMergeTrainer,
-    InterpolatedLinear,
-    LearnedAlphas,
-    block_assignment,
-    normalized_alphas,
-)
+from hf_align.merging.adaptive import InterpolatedLinear, LearnedAlphas, block_assignment, normalized_alphas
+from hf_align.trainers import AdaptiveMergeConfig, AdaptiveMergeTrainer
 
 
 def _args(tmp_path, **overrides):
@@ -178,3 +172,50 @@ def test_adaptive_merge_cli_runs_the_recipe_on_the_testbed(destroyed_middle_bloc
     assert main(argv) == 0
     assert LearnedAlphas.load(tmp_path / "out").mask_level == "block3"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged") is not None
+
+
+def test_merging_imports_no_higher_layer():
+    """``merging/`` is core (DESIGN.md): no import of trainers, callbacks, cli or testbed, not even inside a function."""
+    import ast
+    from pathlib import Path
+
+    import hf_align.merging
+
+    forbidden = ("hf_align.trainers", "hf_align.callbacks", "hf_align.cli", "hf_align.testbed")
+    found = []
+    for path in Path(hf_align.merging.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{path.name}: {n}" for n in names if n.startswith(forbidden)]
+    assert found == []
+    assert not hasattr(hf_align.merging, "AdaptiveMergeTrainer")  # it moved to hf_align.trainers
+
+
+def test_trainer_saves_json_args_and_no_pickle_in_checkpoints(tiny_model, tmp_path, tokenizer):
+    """Checkpoints hold the α's and training_args.json (HFAlignTrainerMixin): no model weights, no training_args.bin."""
+    from hf_align import testbed
+
+    base = copy.deepcopy(tiny_model)
+    args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = AdaptiveMergeTrainer(
+        tiny_model, base_model=base, args=args, train_dataset=testbed.sft_dataset(8), processing_class=tokenizer
+    )
+    trainer.train()
+    for checkpoint in (tmp_path / "ama" / "checkpoint-1", tmp_path / "ama" / "checkpoint-2"):
+        names = {p.name for p in checkpoint.iterdir()}
+        assert {"ama_alphas.safetensors", "ama_alphas.json", "training_args.json"} <= names
+        assert "training_args.bin" not in names and not any(n.startswith("model") for n in names), names
+    assert 0 < trainer.trainable_fraction < 1e-2
+
+
+def test_config_is_a_trl_config_with_help_on_every_field(tmp_path):
+    import dataclasses
+
+    from trl.trainer.base_config import _BaseConfig
+
+    args = _args(tmp_path)
+    assert isinstance(args, _BaseConfig)
+    assert [f.name for f in dataclasses.fields(AdaptiveMergeConfig) if not f.metadata.get("help")] == []
+    assert args.bf16 is False and args.mask_level == "block3" and args.learning_rate == 2e-5  # kept defaults

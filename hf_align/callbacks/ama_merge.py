@@ -10,13 +10,12 @@ e.g. ``partial(partwise_plan, pivots="10#20", alphas="0.4|0.3|0.2")``), into ``<
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from hf_align.io import PathLike
+from hf_align.io import PathLike, scratch_dir
 from hf_align.merging.plan import MergePlan, check_alpha
 
 
@@ -74,7 +73,7 @@ class AMAMergeCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.merge_on not in ("end", "both") or not state.is_world_process_zero or model is None:
             return control
-        with tempfile.TemporaryDirectory(prefix="hf_align_ama_final_", dir=args.output_dir) as tmp:
+        with scratch_dir(Path(args.output_dir) / "ama_final") as tmp:  # a killed run leaves it; the next removes it
             model.save_pretrained(tmp)  # the final weights may not be on disk yet (save_model comes later)
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(tmp)

@@ -31,7 +31,7 @@ class MergeOutputArguments:
 
 def make_parser(prog: str = "hf-align adaptive-merge"):
     from hf_align.cli.common import make_trl_parser
-    from hf_align.merging.adaptive import AdaptiveMergeConfig
+    from hf_align.trainers.adaptive_merge import AdaptiveMergeConfig
 
     return make_trl_parser(AdaptiveMergeConfig, prog=prog, extra=(MergeOutputArguments,))
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     script_args, config, model_args, merge_args = parser.parse_args_and_config(argv)
     from hf_align.cli.common import load_dataset_any, resolve_model_path, split
-    from hf_align.merging.adaptive import AdaptiveMergeTrainer
+    from hf_align.trainers.adaptive_merge import AdaptiveMergeTrainer
 
     if not model_args.model_name_or_path:
         parser.error("--model_name_or_path (the aligned model θ1) is required.")

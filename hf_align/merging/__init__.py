@@ -1,8 +1,8 @@
 """Model averaging (AMA): linear, partwise and adaptive merges, streamed tensor by tensor.
 
 θ = α·θ_base + (1−α)·θ_aligned (α weighs the pre-alignment model). ``plan`` decides α per tensor,
-``streaming`` writes the merged checkpoint, ``adaptive`` learns per-block α's on data (imported lazily:
-it needs transformers).
+``streaming`` writes the merged checkpoint, ``adaptive`` holds the math and modules of AMA's learned per-block α's
+(the trainer that learns them is ``hf_align.trainers.AdaptiveMergeTrainer``: core imports no trainers).
 """
 
 from hf_align._lazy import lazy_getattr
@@ -20,8 +20,7 @@ _EXPORTS = {
     "MergeResult": "streaming",
     "merge_models": "streaming",
     "merge_tensor": "streaming",
-    "AdaptiveMergeConfig": "adaptive",
-    "AdaptiveMergeTrainer": "adaptive",
+    "AlphaParameters": "adaptive",
     "InterpolatedLinear": "adaptive",
     "LearnedAlphas": "adaptive",
     "block_assignment": "adaptive",

@@ -17,22 +17,21 @@ Not-Linear tensors (embeddings, norms) are not learned: like the reference (trai
 come from the base model (``non_linear_alpha=1``); set another fixed α if you prefer. With tied embeddings the
 head is the embedding and follows ``non_linear_alpha``. The reference *merge* script ignores the learned head
 α and uses init_val; we use the learned one (what was optimised) unless ``merge_head_alpha`` is given.
+
+This module is the math, the modules and the α file format only; the training loop that learns the α's is
+:class:`hf_align.trainers.AdaptiveMergeTrainer` (core never imports trainers).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainingArguments
 
-from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
 from hf_align.merging.plan import MergePlan, check_alpha, layer_index
 
@@ -222,207 +221,3 @@ def adaptive_plan(learned: LearnedAlphas, names: list[str], merge_head_alpha: fl
         f"{[round(a, 4) for a in learned.block_alphas]}, head {round(head, 4)}"
     )
     return MergePlan(alphas=alphas, groups=groups, description=description)
-
-
-@dataclass
-class AdaptiveMergeConfig(TrainingArguments):
-    """``TrainingArguments`` plus the adaptive AMA knobs; defaults are the paper's recipe."""
-
-    base_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Pre-alignment model θ0 (α weighs it). The aligned model is the trained one."}
-    )
-    mask_level: str = field(
-        default="block3", metadata={"help": "'blockK': K blocks of ⌊L/K⌋ layers (last takes the rest); 'layerwise'."}
-    )
-    init_val: float = field(default=0.2, metadata={"help": "Initial (and mean) block α, in (0, 1)."})
-    epsilon: float = field(default=0.2, metadata={"help": "ε in α_b ∝ σ(s_b)+ε: larger ε, smaller spread."})
-    reg_alpha: float = field(default=1e-4, metadata={"help": "Weight of the L1 penalty Σ_linear c·|α − init_val|."})
-    reg_type: str = field(
-        default="weighted", metadata={"help": "'l1' (c=1) or 'weighted' (c = center_weight/(|layer−center|+1))."}
-    )
-    reg_center: float | None = field(
-        default=None,
-        metadata={"help": "Layer where the weighted penalty peaks (default L/2: the code's 13 for L=26)."},
-    )
-    reg_center_weight: float = field(default=25.0, metadata={"help": "Peak value of the weighted penalty."})
-    non_linear_alpha: float = field(
-        default=1.0, metadata={"help": "Fixed α for embeddings/norms (not learned); 1 = base, as in the reference."}
-    )
-    merge_head_alpha: float | None = field(
-        default=None, metadata={"help": "α for lm_head in the final merge; default the learned one (code: init_val)."}
-    )
-    max_length: int = field(default=512, metadata={"help": "Truncate tokenized examples to this many tokens."})
-    dataset_text_field: str = field(
-        default="text", metadata={"help": "Text column; prompt/completion or messages columns are used if present."}
-    )
-    learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of the raw α parameters."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the data (the paper: 1)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep columns; we tokenize ourselves."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 < self.init_val < 1.0:
-            raise ValueError(f"init_val must be in (0, 1), got {self.init_val}.")
-        if self.epsilon < 0:
-            raise ValueError(f"epsilon must be ≥ 0, got {self.epsilon}.")
-        if self.reg_type not in ("l1", "weighted"):
-            raise ValueError(f"reg_type must be 'l1' or 'weighted', got {self.reg_type!r}.")
-        check_alpha(self.non_linear_alpha, "non_linear_alpha")
-        if self.merge_head_alpha is not None:
-            check_alpha(self.merge_head_alpha, "merge_head_alpha")
-        block_assignment(10**6, self.mask_level)  # validates the syntax
-
-
-def tokenize_dataset(dataset, tokenizer, max_length: int, text_field: str = "text"):
-    """``text`` → LM loss on all tokens; ``prompt``/``completion`` (plain or chat) → loss on the completion."""
-    columns = dataset.column_names
-
-    def encode(example):
-        if "prompt" in columns and "completion" in columns:
-            prompt, completion = example["prompt"], example["completion"]
-            if isinstance(prompt, list):
-                prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-            else:
-                prompt_text, full = prompt, prompt + completion + (tokenizer.eos_token or "")
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
-            labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids) :]
-        elif "messages" in columns:
-            ids = tokenizer.apply_chat_template(example["messages"], tokenize=True)[:max_length]
-            labels = list(ids)
-        elif text_field in columns:
-            ids = tokenizer(example[text_field], add_special_tokens=False)["input_ids"][:max_length]
-            labels = list(ids)
-        else:
-            raise ValueError(
-                f"dataset: need a {text_field!r} column, prompt/completion or messages columns; found {columns}."
-            )
-        return {"input_ids": ids, "labels": labels}
-
-    return dataset.map(encode, remove_columns=columns)
-
-
-class _PadCollator:
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        length = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(features), length), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-class AdaptiveMergeTrainer(Trainer):
-    """Learns AMA's per-block α's on data through the ordinary ``Trainer`` loop (logging, checkpoints, accelerate).
-
-    ``model``: the aligned model θ1 (instance or path); ``base_model``: θ0 (instance or path, default
-    ``args.base_model_name_or_path``). Both are frozen; ``model`` is wrapped in place. Checkpoints and
-    ``save_model`` write only ``ama_alphas.safetensors`` + ``ama_alphas.json``; :meth:`merge` writes the
-    averaged model with the learned α's through the streaming merge.
-    """
-
-    def __init__(self, model, base_model=None, args: AdaptiveMergeConfig | None = None, train_dataset=None,
-                 processing_class=None, data_collator=None, **kwargs):  # fmt: skip
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        args = args or AdaptiveMergeConfig(output_dir="adaptive_merge")
-        self.aligned_path = model if isinstance(model, str | os.PathLike) else getattr(model, "name_or_path", None)
-        if isinstance(model, str | os.PathLike):
-            model = AutoModelForCausalLM.from_pretrained(model)
-        base_model = base_model if base_model is not None else args.base_model_name_or_path
-        if base_model is None:
-            raise ValueError("AdaptiveMergeTrainer needs base_model (or args.base_model_name_or_path): θ0.")
-        self.base_path = (
-            base_model if isinstance(base_model, str | os.PathLike) else getattr(base_model, "name_or_path", None)
-        )
-        if isinstance(base_model, str | os.PathLike):
-            base_model = AutoModelForCausalLM.from_pretrained(base_model, dtype=model.dtype)
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(self.aligned_path or self.base_path)
-        self.alphas, self.wrapped_modules, self.num_layers = wrap_for_adaptive_merge(
-            model, base_model, args.mask_level, args.init_val, args.epsilon, args.non_linear_alpha
-        )
-        self.base_model = base_model  # keeps θ0's Linear weights alive (the wrappers reference them)
-        center = args.reg_center if args.reg_center is not None else self.num_layers / 2
-        self._reg_weights = {
-            name: reg_weight(self.num_layers if block is None else layer_index(f"{name}."), args.reg_type, center,
-                             args.reg_center_weight)
-            for name, block in self.wrapped_modules.items()
-        }  # fmt: skip
-        if train_dataset is not None and "input_ids" not in train_dataset.column_names:
-            train_dataset = tokenize_dataset(train_dataset, processing_class, args.max_length, args.dataset_text_field)
-        if data_collator is None:
-            pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else 0
-            data_collator = _PadCollator(pad)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                         data_collator=data_collator, **kwargs)  # fmt: skip
-        self.add_callback(JsonTrainingArgsCallback())  # no pickled training_args.bin in checkpoints
-
-    def regularizer(self) -> torch.Tensor:
-        """Σ over wrapped Linear modules of c(layer)·|α_module − init_val|."""
-        blocks, head = self.alphas()
-        init = self.args.init_val
-        terms = [
-            self._reg_weights[name] * torch.abs((head if block is None else blocks[block]) - init)
-            for name, block in self.wrapped_modules.items()
-        ]
-        return torch.stack(terms).sum()
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        loss = loss + self.args.reg_alpha * self.regularizer().to(loss.device)
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        with torch.no_grad():
-            blocks, head = self.alphas()
-        logs.update({f"alpha/block_{i}": round(float(a), 6) for i, a in enumerate(blocks)})
-        logs["alpha/lm_head"] = round(float(head), 6)
-        super().log(logs, start_time)
-
-    def learned_alphas(self) -> LearnedAlphas:
-        return LearnedAlphas(
-            init_val=self.args.init_val,
-            epsilon=self.args.epsilon,
-            mask_level=self.args.mask_level,
-            num_layers=self.num_layers,
-            block_params=self.alphas.blocks.detach().float().cpu().tolist(),
-            head_param=float(self.alphas.head.detach()),
-            modules=dict(self.wrapped_modules),
-            non_linear_alpha=self.args.non_linear_alpha,
-        )
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Only the α's (safetensors + JSON) and the tokenizer: the model weights are θ0/θ1, unchanged."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        self.learned_alphas().save(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        write_json(Path(output_dir) / "adaptive_merge_config.json", self.args.to_dict())
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        learned = LearnedAlphas.load(resume_from_checkpoint)
-        with torch.no_grad():
-            self.alphas.blocks.copy_(torch.tensor(learned.block_params))
-            self.alphas.head.fill_(learned.head_param)
-
-    def merge(self, output_dir: PathLike, base: PathLike | None = None, aligned: PathLike | None = None, **kwargs):
-        """Stream-merge θ0 and θ1 from disk with the learned α's (``kwargs`` go to :func:`merge_models`)."""
-        from hf_align.merging.streaming import merge_models
-
-        base, aligned = base or self.base_path, aligned or self.aligned_path
-        if base is None or aligned is None:
-            raise ValueError("merge() needs the base and aligned checkpoints on disk: pass base= and aligned=.")
-        learned = self.learned_alphas()
-        return merge_models(
-            base, aligned, output_dir,
-            plan=lambda names, config: adaptive_plan(learned, names, self.args.merge_head_alpha), **kwargs,
-        )  # fmt: skip

@@ -8,7 +8,8 @@ one output tensor, whatever the model size. Files are standard safetensors; ``sa
 read them.
 
 The output directory is built in a temporary directory and renamed at the end (``hf_align.io.atomic_dir``);
-every check (architecture, names, shapes, α range) runs before anything is written.
+every check (architecture, names, shapes, α range, and what the input folders hold: headers, index entries and
+side files staying inside the folder) runs before anything is written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hf_align.io import PathLike, atomic_dir, read_json, write_json
+from hf_align.io import PathLike, atomic_dir, read_json, resolve_inside, scratch_dir, write_json
 from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
 
 
@@ -96,38 +98,119 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_info(path: Path, name: str, entry: object, base: int, size: int) -> TensorInfo:
+    """One header entry checked against the format and the file: known dtype, non-negative integer shape, a byte
+    range of exactly shape × element size that lies inside the file."""
+    where = f"{str(path)!r}: tensor {name!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ValueError(f"{where}: a header entry needs dtype, shape and data_offsets, got {entry!r:.200}.")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ValueError(f"{where} has unsupported dtype {dtype!r:.50}.")
+
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.200}.")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise ValueError(f"{where}: data_offsets must be [start, end] in bytes, got {offsets!r:.200}.")
+    begin, end = offsets
+    nbytes = math.prod(shape) * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+    if end - begin != nbytes:
+        raise ValueError(
+            f"{where}: shape {shape} {dtype} is {nbytes} bytes but data_offsets {offsets} span {end - begin}."
+        )
+    if base + end > size:
+        raise ValueError(
+            f"{str(path)!r} is truncated: tensor {name!r} ends early (data_offsets {offsets}, "
+            f"{size - base} data bytes in the file)."
+        )
+    return TensorInfo(path, base + begin, base + end, _DTYPES[dtype], tuple(shape))
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header (no tensor data is read)."""
+    """Parse and check one safetensors file's header (no tensor data is read).
+
+    Checked before anything uses it, so a damaged or hostile file fails here with a ``ValueError`` naming it (not a
+    ``MemoryError`` from a huge declared length, a ``KeyError``, or a read of another tensor's bytes later): the
+    header length against the file size, every entry (:func:`_entry_info`) and that no two byte ranges overlap.
+    """
     try:
         with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{str(path)!r} is not a safetensors file: {size} bytes, shorter than its header.")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(
+                    f"{str(path)!r} is not a safetensors file: it declares a {length}-byte header but has {size} bytes"
+                    f" (limit {MAX_HEADER_BYTES})."
+                )
             header = json.loads(handle.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not JSON ({err}).") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not a JSON object.")
     base = 8 + length
-    infos = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in _DTYPES:
-            raise ValueError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {entry['dtype']}.")
-        start, end = entry["data_offsets"]
-        infos[name] = TensorInfo(path, base + start, base + end, _DTYPES[entry["dtype"]], tuple(entry["shape"]))
+    infos = {
+        name: _entry_info(path, name, entry, base, size) for name, entry in header.items() if name != "__metadata__"
+    }
+    ranges = sorted((info.start, info.end, name) for name, info in infos.items() if info.end > info.start)
+    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise ValueError(f"{str(path)!r}: the byte ranges of tensors {first!r} and {second!r} overlap.")
     return infos
 
 
+def index_files(index: Path) -> list[Path]:
+    """The shard files ``model.safetensors.index.json`` names, each checked to stay inside its folder."""
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{str(index)!r}: expected a 'weight_map' object mapping tensor names to shard file names.")
+    return [resolve_inside(index.parent, entry, source=index) for entry in dict.fromkeys(weight_map.values())]
+
+
+def side_files(directory: Path) -> list[Path]:
+    """The config, generation config and tokenizer files of a model folder that a merge copies (``COPIED_FILES``).
+
+    A symlink among them that resolves outside the folder (``tokenizer_config.json -> /some/secret``) is refused,
+    naming it: it would be copied, as a regular file, into the merge output and on to the Hub. Hub cache snapshots,
+    whose files are symlinks into the repo's ``blobs``, are fine (:func:`hf_align.io.allowed_roots`).
+    """
+    return [
+        resolve_inside(directory, file.name)
+        for file in sorted(directory.iterdir())
+        if COPIED_FILES.match(file.name) and file.is_file()
+    ]
+
+
 class Checkpoint:
-    """The safetensors tensors of a local HF model directory (sharded or not), read one tensor at a time."""
+    """The safetensors tensors of a local HF model directory (sharded or not), read one tensor at a time.
+
+    A folder is read the way ``from_pretrained`` reads it: ``model.safetensors`` if present, else the shards of
+    ``model.safetensors.index.json``, else every ``*.safetensors`` file.
+    """
 
     def __init__(self, path: PathLike):
         self.path = Path(path)
         if self.path.is_file() and self.path.suffix == ".safetensors":
             files, self.directory = [self.path], self.path.parent
-        elif (self.path / INDEX_FILE).exists():
-            weight_map = read_json(self.path / INDEX_FILE).get("weight_map", {})
-            files, self.directory = [self.path / f for f in dict.fromkeys(weight_map.values())], self.path
+        elif (self.path / SINGLE_FILE).is_file():  # before the index, as transformers' from_pretrained reads them
+            files, self.directory = [resolve_inside(self.path, SINGLE_FILE)], self.path
+        elif (self.path / INDEX_FILE).is_file():
+            files, self.directory = index_files(self.path / INDEX_FILE), self.path
         elif self.path.is_dir():
-            files, self.directory = sorted(self.path.glob("*.safetensors")), self.path
+            files = [resolve_inside(self.path, p.name) for p in sorted(self.path.glob("*.safetensors"))]
+            self.directory = self.path
         else:
             raise FileNotFoundError(f"Checkpoint {str(self.path)!r} does not exist.")
         if not files:
@@ -138,9 +221,14 @@ class Checkpoint:
         for file in files:
             if not file.exists():
                 raise FileNotFoundError(f"{str(file)!r} is listed in {INDEX_FILE} but missing.")
-            self.tensors.update(read_header(file))
-        config = self.directory / "config.json"
-        self.config: dict = read_json(config) if config.exists() else {}
+            infos = read_header(file)
+            twice = sorted(infos.keys() & self.tensors.keys())
+            if twice:
+                first = self.tensors[twice[0]].file
+                raise ValueError(f"Tensor {twice[0]!r} is stored twice: in {str(first)!r} and {str(file)!r}.")
+            self.tensors.update(infos)
+        has_config = (self.directory / "config.json").exists()
+        self.config: dict = read_json(resolve_inside(self.directory, "config.json")) if has_config else {}
         self._handles: dict[Path, object] = {}
 
     def read(self, name: str) -> torch.Tensor:
@@ -261,12 +349,12 @@ def resolve_model_dir(name_or_path: PathLike, stack: contextlib.ExitStack, revis
 def _merge_adapter(adapter_dir: Path, stack: contextlib.ExitStack) -> Path:
     from peft import AutoPeftModelForCausalLM
 
+    copied = [file for file in side_files(adapter_dir) if file.name != "config.json"]
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype="auto").merge_and_unload()
-    target = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hf_align_merged_adapter_")))
+    target = stack.enter_context(scratch_dir(Path(tempfile.gettempdir()) / "hf_align_merged_adapter"))
     model.save_pretrained(target)
-    for file in adapter_dir.iterdir():
-        if COPIED_FILES.match(file.name) and file.name != "config.json":
-            shutil.copy2(file, target / file.name)
+    for file in copied:
+        shutil.copy2(file, target / file.name)
     del model
     return target
 
@@ -312,17 +400,19 @@ def merge_tensor(
 ) -> torch.Tensor:
     """α·base + (1−α)·aligned as ``aligned.lerp_(base, α)`` (α=0/1: the input itself, exactly).
 
-    Same-dtype inputs are merged in place in their own dtype (torch computes lerp of bf16/fp16 in fp32 and
-    rounds once); mixed dtypes go through fp32. Non-float tensors are taken from the side with the larger weight.
+    Computed in the widest of the two input dtypes and ``dtype``, then cast once to ``dtype``: bf16 inputs merged
+    into a float32 output keep float32 precision (not a bf16 result cast up), bf16 into float16 is rounded once
+    (torch computes a bf16/fp16 lerp in fp32 and rounds once). Mixed input dtypes go through the wider one (fp32).
+    Non-float tensors are taken from the side with the larger weight.
     """
     if alpha == 0.0 or (aligned is not None and not aligned.is_floating_point() and alpha < 0.5):
         out = aligned
     elif alpha == 1.0 or not base.is_floating_point():
         out = base
-    elif base.dtype == aligned.dtype:
-        out = aligned.lerp_(base, alpha)
     else:
-        out = aligned.float().lerp_(base.float(), alpha)
+        compute = torch.promote_types(base.dtype, aligned.dtype)
+        compute = compute if dtype is None else torch.promote_types(compute, dtype)
+        out = aligned.to(compute).lerp_(base.to(compute), alpha)
     if dtype is not None and out.is_floating_point() and out.dtype != dtype:
         out = out.to(dtype)
     return out
@@ -336,10 +426,9 @@ def _output_dtype(info: TensorInfo, base_info: TensorInfo, dtype: torch.dtype | 
     return info.dtype  # the aligned model's dtype (mixed inputs are computed in fp32 and cast back)
 
 
-def _copy_side_files(source: Path, target: Path, dtype: torch.dtype | None) -> None:
-    for file in sorted(source.iterdir()):
-        if file.is_file() and COPIED_FILES.match(file.name):
-            shutil.copy2(file, target / file.name)
+def _copy_side_files(files: list[Path], target: Path, dtype: torch.dtype | None) -> None:
+    for file in files:
+        shutil.copy2(file, target / file.name)
     if dtype is not None and (target / "config.json").exists():
         config = read_json(target / "config.json")
         for key in ("dtype", "torch_dtype"):
@@ -381,6 +470,7 @@ def merge_models(
         base_ckpt = stack.enter_context(Checkpoint(resolve_model_dir(base, stack, revision)))
         aligned_ckpt = stack.enter_context(Checkpoint(resolve_model_dir(aligned, stack, revision)))
         validate_pair(base_ckpt, aligned_ckpt)
+        copied = side_files(aligned_ckpt.directory)  # checked before anything is written
         names = sorted(
             aligned_ckpt.tensors, key=lambda n: (str(aligned_ckpt.tensors[n].file), aligned_ckpt.tensors[n].start)
         )
@@ -419,7 +509,7 @@ def merge_models(
             if len(files) > 1:
                 weight_map = {t.name: file for file, shard in zip(files, shards) for t in shard}
                 write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-            _copy_side_files(aligned_ckpt.directory, tmp, out_dtype)
+            _copy_side_files(copied, tmp, out_dtype)
             plan.save(tmp / PLAN_FILE)
         bar.close()
     return MergeResult(output_dir, plan, len(outputs), len(files), total)

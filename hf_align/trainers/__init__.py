@@ -10,6 +10,8 @@ _EXPORTS = {
     "NPOConfig": "npo",
     "FeedbackConditionedTrainer": "feedback_conditioned",
     "FeedbackConditionedConfig": "feedback_conditioned",
+    "AdaptiveMergeTrainer": "adaptive_merge",
+    "AdaptiveMergeConfig": "adaptive_merge",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
