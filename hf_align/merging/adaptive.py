@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_align.architectures import layer_index
 from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
-from hf_align.merging.plan import MergePlan, check_alpha, layer_index
+from hf_align.merging.plan import MergePlan, check_alpha
 
 
 ALPHAS_TENSORS = "ama_alphas.safetensors"

@@ -23,19 +23,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_align.architectures import layer_index
 from hf_align.io import PathLike, read_json, write_json
 
 
 PLAN_FILE = "merge_plan.json"
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 _EMBED = ("embed_tokens.", "wte.", "embed_in.")
 _HEAD = ("lm_head.", "embed_out.")
-
-
-def layer_index(name: str) -> int | None:
-    """``model.layers.12.self_attn.q_proj.weight`` → 12; ``None`` outside the decoder layers."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
 
 
 def tensor_role(name: str) -> str:

@@ -16,6 +16,7 @@ import torch
 from transformers import Trainer
 from trl.trainer.base_config import _BaseConfig
 
+from hf_align.architectures import layer_index
 from hf_align.io import PathLike, write_json
 from hf_align.merging.adaptive import (
     LearnedAlphas,
@@ -24,7 +25,7 @@ from hf_align.merging.adaptive import (
     reg_weight,
     wrap_for_adaptive_merge,
 )
-from hf_align.merging.plan import check_alpha, layer_index
+from hf_align.merging.plan import check_alpha
 from hf_align.trainers._base import HFAlignTrainerMixin
 
 
