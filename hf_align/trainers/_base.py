@@ -9,33 +9,43 @@ the weights.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from hf_align.callbacks.json_training_args import replace_training_args_pickle
+from hf_align.config_checks import check_config_values
 
 
-__all__ = ["HFAlignTrainerMixin", "TokenWeightArguments", "load_model", "resolve_args", "upgrade_collator"]
+__all__ = [
+    "CheckedConfig",
+    "HFAlignTrainerMixin",
+    "TokenWeightArguments",
+    "load_model",
+    "resolve_args",
+    "upgrade_collator",
+]
 
 
 @dataclass
-class TokenWeightArguments:
+class CheckedConfig:
+    """A base of every hf-align config: every field's type and range is checked (:mod:`hf_align.config_checks`)
+    on the values as given, before the TRL/transformers ``__post_init__`` that comes next in the MRO."""
+
+    def __post_init__(self):
+        check_config_values(self)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+
+@dataclass
+class TokenWeightArguments(CheckedConfig):
     """The token-weight field shared by every trainer that reads ``*_weights`` columns; inherit it before the TRL
-    config (its ``__post_init__`` checks the field, then calls the next one in the MRO)."""
+    config (its range, ``>= 0`` and finite, is checked with every other field)."""
 
     eos_token_weight: float = field(
         default=1.0,
         metadata={"help": "Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries)."},
     )
-
-    def __post_init__(self):
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
-        if not (isinstance(self.eos_token_weight, int | float) and math.isfinite(self.eos_token_weight)) or (
-            self.eos_token_weight < 0
-        ):
-            raise ValueError(f"eos_token_weight must be a non-negative number, got {self.eos_token_weight}.")
 
 
 def resolve_args(args, config_class: type, parent_class: type, model, method: str):

@@ -14,7 +14,6 @@ The mechanism itself (freezing, trainable deltas at the selected rows/entries, m
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hf_align.masks import GRANULARITIES, SCOPES, SELECTS
+from hf_align.trainers._base import CheckedConfig
 
 
 __all__ = [
@@ -43,7 +43,7 @@ DELTA_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class NeuronMaskArguments:
+class NeuronMaskArguments(CheckedConfig):
     """Neuron-mask fields of every mask trainer's config; inherit it before the TRL config."""
 
     neuron_mask_path: str | None = field(
@@ -93,9 +93,7 @@ class NeuronMaskArguments:
     )
 
     def __post_init__(self):
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
+        super().__post_init__()  # every field's type and range, then the TRL config's own checks
         validate_mask_fields(self)
 
 
@@ -109,13 +107,9 @@ def _check_choice(args, name: str, choices: tuple[str, ...]) -> None:
 
 
 def validate_mask_fields(args) -> None:
-    """Check every mask field of ``args`` against the value lists of :mod:`hf_align.masks`."""
+    """Check the mask fields' choices against the value lists of :mod:`hf_align.masks`, and which go together
+    (types and ranges are checked with every other field, :class:`~hf_align.trainers._base.CheckedConfig`)."""
     ratio = args.neuron_mask_ratio
-    if ratio is not None and not (isinstance(ratio, int | float) and 0.0 < ratio <= 1.0):
-        raise ValueError(f"neuron_mask_ratio must be in (0, 1], got {ratio}.")
-    exclude = args.neuron_mask_exclude_top
-    if not (isinstance(exclude, int | float) and math.isfinite(exclude) and 0.0 <= exclude < 1.0):
-        raise ValueError(f"neuron_mask_exclude_top must be in [0, 1), got {exclude}.")
     _check_choice(args, "neuron_mask_granularity", GRANULARITIES)
     _check_choice(args, "neuron_mask_scope", SCOPES)
     _check_choice(args, "neuron_mask_select", SELECTS)
