@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-__all__ = ["RANGES", "Range", "check_config_values"]
+__all__ = ["RANGES", "Range", "check_config_values", "own_fields"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _annotations(config_class: type) -> dict[str, Any]:
     return hints
 
 
-def _own_fields(config_class: type) -> set[str]:
+def own_fields(config_class: type) -> set[str]:
     """Fields that hf-align's classes declare (TRL's own fields may be normalised later by TRL, e.g. a ``loss_type``
     string into a list, so only their numbers and flags are judged here)."""
     return {
@@ -168,7 +168,7 @@ def check_config_values(config) -> None:
     every field; strings and lists of hf-align's own) and the range of every field named in :data:`RANGES`; warn
     when the run cannot learn (``learning_rate == 0``). Raises ``ValueError`` naming the field."""
     hints = _annotations(type(config))
-    own = _own_fields(type(config))
+    own = own_fields(type(config))
     for field in dataclasses.fields(config):
         if not field.init or field.name not in hints:
             continue

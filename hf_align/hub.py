@@ -8,6 +8,7 @@ hyperparameters, how to load, citation.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import textwrap
 from pathlib import Path
@@ -16,7 +17,15 @@ from typing import Any
 from hf_align.io import PathLike, atomic_file
 
 
-__all__ = ["CITATIONS", "build_model_card", "push_folder", "push_neuron_mask"]
+__all__ = [
+    "CITATIONS",
+    "build_model_card",
+    "hub_id",
+    "mask_summary",
+    "push_folder",
+    "push_neuron_mask",
+    "write_model_card",
+]
 
 CITATIONS = {
     "allo": textwrap.dedent("""\
@@ -50,6 +59,57 @@ CITATIONS = {
 }
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The Hub id of a model, never a local path.
+
+    ``name_or_path`` itself when it is no local folder and reads as an id (``org/name``); a Hub cache snapshot
+    (``…/models--org--name/snapshots/<rev>``) gives ``org/name``; another local folder gives the ``base_model`` of
+    its own model card when it has one (a model hf-align or TRL trained from a Hub model); else ``None``.
+    """
+    if not name_or_path:
+        return None
+    text = str(name_or_path)
+    folder = Path(text)
+    if not folder.is_dir():
+        return text if _HUB_ID.match(text) and not text.startswith((".", "/")) else None
+    cached = _CACHE_SNAPSHOT.search(folder.resolve().as_posix())
+    if cached:
+        return f"{cached['org']}/{cached['name']}"
+    readme = folder / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            base = ModelCard.load(readme).data.base_model
+        except Exception:  # a README that is no model card: nothing to learn from it
+            return None
+        base = base[0] if isinstance(base, list) and base else base
+        return base if isinstance(base, str) and _HUB_ID.match(base) else None
+    return None
+
+
+def mask_summary(mask) -> list[str]:
+    """Markdown lines that say what a ``NeuronMask`` trains: granularity, ratio, counts, the fraction per layer."""
+    lines = [
+        "## Neuron mask",
+        "",
+        f"- granularity: `{mask.granularity}` ({'output features' if mask.granularity == 'row' else 'entries'})",
+        f"- selected: {mask.num_selected} of {mask.num_total} ({mask.ratio:.4%})",
+        "",
+        "| layer | module | selected fraction |",
+        "|---|---|---|",
+    ]
+    order = sorted(mask.per_layer_fraction().items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1]))
+    lines += [
+        f"| {'other' if layer is None else layer} | {module} | {fraction:.4f} |" for (layer, module), fraction in order
+    ]
+    return [*lines, ""]
+
+
 def build_model_card(
     title: str,
     method: str,
@@ -60,32 +120,47 @@ def build_model_card(
     citations: list[str] | None = None,
     tags: list[str] | None = None,
     library_name: str = "transformers",
+    sections: list[str] | None = None,
 ):
-    """A ``huggingface_hub.ModelCard`` with hf-align's metadata and sections (unknown citation keys are an error)."""
+    """A ``huggingface_hub.ModelCard`` with hf-align's metadata and sections (unknown citation keys are an error).
+
+    ``base_model`` goes through :func:`hub_id`: a local path never reaches the card. ``sections``: extra
+    Markdown lines (e.g. :func:`mask_summary`) placed before "How to load".
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
-    unknown = sorted(set(citations or []) - set(CITATIONS))
+    unknown = sorted(c for c in set(citations or []) - set(CITATIONS) if not c.lstrip().startswith("@"))
     if unknown:
-        raise ValueError(f"Unknown citation key(s) {unknown}; known: {sorted(CITATIONS)}.")
+        raise ValueError(f"Unknown citation key(s) {unknown}; known: {sorted(CITATIONS)} (or a BibTeX entry).")
+    base_model = hub_id(base_model)
     data = ModelCardData(
         library_name=library_name,
         base_model=base_model,
         datasets=datasets or None,
-        tags=["hf-align", *(tags or [])],
+        tags=list(dict.fromkeys(["hf-align", *(tags or [])])),
     )
     lines = [f"# {title}", "", method, ""]
     if base_model:
-        lines += [f"**Base model:** `{base_model}`", ""]
+        lines += [f"**Base model:** [`{base_model}`](https://huggingface.co/{base_model})", ""]
     if datasets:
         lines += ["**Data:** " + ", ".join(f"`{d}`" for d in datasets), ""]
     if hyperparameters:
         lines += ["## Hyperparameters", "", "| name | value |", "|---|---|"]
         lines += [f"| {key} | `{value}` |" for key, value in sorted(hyperparameters.items())] + [""]
+    lines += list(sections or [])
     lines += ["## How to load", "", "```python", how_to_load.strip(), "```", ""]
     lines += ["Made with [hf-align](https://github.com/hf-align/hf-align).", ""]
     if citations:
-        lines += ["## Citation", "", "```bibtex", *(CITATIONS[key] for key in citations), "```", ""]
+        lines += ["## Citation", "", "```bibtex", *(CITATIONS.get(c, c) for c in citations), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def write_model_card(card, folder: PathLike) -> Path:
+    """Write ``card`` as ``folder/README.md`` (atomically: a half-written card is never left behind)."""
+    path = Path(folder) / "README.md"
+    with atomic_file(path, "w") as handle:
+        handle.write(str(card))
+    return path
 
 
 def push_folder(
@@ -105,8 +180,7 @@ def push_folder(
         raise FileNotFoundError(f"Nothing to push: {str(folder)!r} is not a directory.")
     api = api or HfApi(token=token)
     if card is not None:
-        with atomic_file(folder / "README.md", "w") as handle:
-            handle.write(str(card))
+        write_model_card(card, folder)
     api.create_repo(repo_id, private=private, exist_ok=True, token=token)
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token)
 
@@ -134,6 +208,7 @@ def push_neuron_mask(
         base_model=base_model,
         hyperparameters={**info, "num_selected": mask.num_selected, "num_total": mask.num_total},
         citations=["allo"],
+        sections=mask_summary(mask),
         tags=["neuron-mask", "allo"],
         library_name="hf-align",
     )
