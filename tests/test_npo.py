@@ -1,5 +1,6 @@
 """NPOTrainer: losses against formulas written out here, data formats, reference options, resume, testbed forgetting."""
 
+import contextlib
 import copy
 import math
 
@@ -301,3 +302,54 @@ def test_npo_forgets_the_marker_and_keeps_retain_nll_on_the_testbed(tmp_path, te
     marker1, retain1 = marker_logp_and_retain_nll(trainer.model)
     assert marker1 < marker0 - 1.5, (marker0, marker1)  # p(' ugh') shrinks by more than e^1.5 ≈ 4.5×
     assert retain1 < 1.10 * retain0, (retain0, retain1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NPO's loss selector (npo_loss_type; the old spelling loss_type="npo"/"simnpo" is a deprecated alias)
+
+
+@pytest.mark.parametrize("old", ["npo", "simnpo"])
+def test_old_loss_type_spelling_is_a_deprecated_alias_for_npo_loss_type(tmp_path, old):
+    with pytest.warns(FutureWarning, match="npo_loss_type"):
+        args = _args(tmp_path, loss_type=old)
+    assert (args.npo_loss_type, args.loss_type) == (old, "nll")  # loss_type is SFT's again
+    with pytest.raises(ValueError, match="contradicts"):
+        _args(tmp_path, loss_type="npo", npo_loss_type="simnpo")
+    with pytest.raises(ValueError, match="loss_type must be 'nll', got 'dft'"):
+        _args(tmp_path, loss_type="dft")  # SFT's loss types other than NLL would be silently ignored by NPO
+    with pytest.raises(ValueError, match="npo_loss_type must be 'npo' or 'simnpo', got 'dpo'"):
+        _args(tmp_path, npo_loss_type="dpo")
+
+
+def test_simnpo_trainer_by_either_spelling_is_reference_free_and_matches_the_formula(tmp_path):
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    tok = testbed.load_tokenizer()
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    losses = []
+    for spelling in ({"npo_loss_type": "simnpo"}, {"loss_type": "simnpo"}):
+        with pytest.warns(FutureWarning) if "loss_type" in spelling else contextlib.nullcontext():
+            args = _args(tmp_path, beta=2.0, simnpo_gamma=0.5, **spelling)
+        trainer = NPOTrainer(
+            copy.deepcopy(model), args=args, train_dataset=testbed.forget_dataset(4), processing_class=tok
+        )
+        assert trainer._ref_mode == "none" and trainer.ref_model is None
+        batch = _batch(trainer)
+        completion = (batch["labels"][:, 1:] != -100).float()
+        expected = simnpo_loss(_manual_token_logps(model, batch), completion, 2.0, 0.5).mean()
+        losses.append(trainer.compute_loss(trainer.model, batch).item())
+        assert losses[-1] == pytest.approx(expected.item(), rel=1e-5)
+    assert losses[0] == losses[1]
+
+
+def test_cli_and_recipe_accept_the_old_spelling(tmp_path):
+    from hf_align.cli.train_npo import make_parser
+
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("loss_type: simnpo\n")
+    for argv in (["--loss_type", "simnpo"], ["--config", str(recipe)], ["--npo_loss_type", "simnpo"]):
+        with pytest.warns(FutureWarning) if "--npo_loss_type" not in argv else contextlib.nullcontext():
+            _, args, *_ = make_parser().parse_args_and_config([*common, *argv])
+        assert (args.npo_loss_type, args.loss_type) == ("simnpo", "nll"), argv

@@ -4,13 +4,13 @@
 conversational data, PEFT, the fused LM head that returns per-token log-probs without materializing logits) with the
 NPO loss in ``compute_loss``. Losses (``y`` the forget completion, ``w_t`` its token weights, 1 by default):
 
-* ``loss_type="npo"``, ``npo_level="sequence"`` (Zhang et al. 2024, arXiv 2404.05868), per example
+* ``npo_loss_type="npo"``, ``npo_level="sequence"`` (Zhang et al. 2024, arXiv 2404.05868), per example
   ``r = Σ_t w_t (log πθ(y_t|·) − log π_ref(y_t|·))`` and ``L = −(2/β) · log σ(−β · r)``, averaged over the batch.
   At initialization (πθ = π_ref) the loss is exactly ``2·ln 2 / β``; as β → 0 it tends to gradient ascent.
-* ``loss_type="npo"``, ``npo_level="token"`` (ALLO's forgetting stage, RUCAIBox/ALLO ``train/train_forgetting.py``):
+* ``npo_loss_type="npo"``, ``npo_level="token"`` (ALLO's forgetting stage, RUCAIBox/ALLO ``train/train_forgetting.py``):
   ``ℓ_t = −w_t · log σ(−β (log πθ(y_t|·) − log π_ref(y_t|·)))``; ``L = Σ_t ℓ_t / #{t : w_t ≠ 0}`` where, as in ALLO,
   both sums run over the whole micro-batch (not per example).
-* ``loss_type="simnpo"`` (Fan et al. 2024, arXiv 2410.07163), reference-free and length-normalized:
+* ``npo_loss_type="simnpo"`` (Fan et al. 2024, arXiv 2410.07163), reference-free and length-normalized:
   ``L = −(2/β) · log σ(−(β/|y|) · Σ_t w_t log πθ(y_t|·) − γ)`` with ``|y| = Σ_t w_t`` (the length when w ≡ 1),
   averaged over the batch.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ REF_COLUMN = "ref_token_logps"
 """Precomputed reference log-probs: one float per position of ``input_ids`` (that token's log-prob; 0 on the prompt)."""
 
 _PER_TOKEN_COLUMNS = ("input_ids", "labels", "token_weights", REF_COLUMN)
+_CHOICES = {"npo_loss_type": ("npo", "simnpo"), "npo_level": ("sequence", "token"), "retain_loss_type": ("nll", "kl")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -63,9 +65,17 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
         default=0.1,
         metadata={"help": "NPO/SimNPO temperature β (ALLO and the NPO paper use 0.1). The loss at init is 2·ln2/β."},
     )
-    loss_type: str = field(
+    npo_loss_type: str = field(
         default="npo",
         metadata={"help": "'npo' (with a reference policy) or 'simnpo' (reference-free, length-normalized)."},
+    )
+    loss_type: str = field(
+        default="nll",
+        metadata={
+            "help": "SFTConfig's own loss type; NPO computes its loss itself, so keep 'nll'. 'npo' / 'simnpo' are "
+            "the deprecated spelling of npo_loss_type.",
+            "choices": ["nll", "chunked_nll", "npo", "simnpo"],
+        },
     )
     npo_level: str = field(
         default="sequence",
@@ -74,7 +84,7 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             "Σ_t −w_t·log σ(−β·logratio_t) / #{w_t≠0} over the batch."
         },
     )
-    simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO's reward margin γ (loss_type='simnpo')."})
+    simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO's reward margin γ (npo_loss_type='simnpo')."})
     retain_loss_type: str = field(
         default="nll",
         metadata={"help": "Retain term on `retain_dataset`: 'nll' or 'kl' (KL(π_ref‖πθ) per retain token)."},
@@ -102,15 +112,18 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
     )
 
     def __post_init__(self):
+        if self.loss_type in ("npo", "simnpo"):  # NPO's selector once shadowed SFT's: the old spelling still works
+            if self.npo_loss_type not in ("npo", self.loss_type):
+                raise ValueError(f"loss_type={self.loss_type!r} contradicts npo_loss_type={self.npo_loss_type!r}.")
+            msg = f"NPOConfig(loss_type={self.loss_type!r}) is deprecated: use npo_loss_type (loss_type is SFT's)."
+            warnings.warn(msg, FutureWarning, stacklevel=3)
+            self.npo_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
-        if self.loss_type not in ("npo", "simnpo"):
-            raise ValueError(f"loss_type must be 'npo' or 'simnpo', got {self.loss_type!r}.")
-        if self.npo_level not in ("sequence", "token"):
-            raise ValueError(f"npo_level must be 'sequence' or 'token', got {self.npo_level!r}.")
-        if self.loss_type == "simnpo" and self.npo_level != "sequence":
-            raise ValueError("loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
-        if self.retain_loss_type not in ("nll", "kl"):
-            raise ValueError(f"retain_loss_type must be 'nll' or 'kl', got {self.retain_loss_type!r}.")
+        for name, allowed in {**_CHOICES, "loss_type": ("nll",)}.items():  # SFT's loss_type: NPO has its own loss
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}.")
+        if self.npo_loss_type == "simnpo" and self.npo_level != "sequence":
+            raise ValueError("npo_loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
         if not self.beta > 0 or not math.isfinite(self.beta):
             raise ValueError(f"beta must be a positive number, got {self.beta}.")
         if self.retain_weight < 0:
@@ -119,17 +132,6 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             raise ValueError(f"retain_batch_size must be a positive integer, got {self.retain_batch_size}.")
         if self.packing or self.padding_free:
             raise ValueError("NPO scores each forget sequence on its own: packing and padding_free must be False.")
-
-
-@contextlib.contextmanager
-def _sft_loss_type(args: NPOConfig):
-    """SFTTrainer.__init__ accepts only its own loss types; NPO's `loss_type` is read by this trainer alone."""
-    loss_type = args.loss_type
-    args.loss_type = "nll"
-    try:
-        yield
-    finally:
-        args.loss_type = loss_type
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
 
         from hf_align.sparse_update import quantized_training_allowed
 
-        with _sft_loss_type(args), quantized_training_allowed(model):
+        with quantized_training_allowed(model):
             super().__init__(
                 model,
                 args=args,
@@ -273,7 +275,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
     # Reference
 
     def _needs_ref_for_forget(self) -> bool:
-        return self.args.loss_type == "npo"
+        return self.args.npo_loss_type == "npo"
 
     def _live_ref_needed(self) -> bool:
         """A reference forward during training: for the forget term without precomputed values, or the KL retain."""
@@ -499,7 +501,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         weights = completion if token_weights is None else token_weights[:, 1:].to(logps) * completion
 
         metrics: dict[str, torch.Tensor] = {}
-        if args.loss_type == "simnpo":
+        if args.npo_loss_type == "simnpo":
             per_example = simnpo_loss(logps, weights, args.beta, args.simnpo_gamma)
             forget_loss = per_example.mean()
             metrics["forget/avg_logp"] = ((logps * weights).sum(-1) / weights.sum(-1).clamp(min=1e-8)).mean()
