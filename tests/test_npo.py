@@ -227,6 +227,36 @@ def test_precomputed_reference_equals_live_reference(tmp_path):
     assert a.item() == pytest.approx(b.item(), rel=1e-5) and a.item() != pytest.approx(2 * math.log(2) / 0.1)
 
 
+def test_precomputed_reference_uses_the_mixed_precision_of_the_live_one(tmp_path):
+    """bf16 autocast (CPU): the live reference runs under accelerate's autocast, so the precompute must too (as DPO's
+    ``compute_ref_log_probs``); without it the column differs from the live values by ~1e-3."""
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    tok = testbed.load_tokenizer()
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    data = testbed.forget_dataset(4, seed=3)
+    pre = NPOTrainer(
+        copy.deepcopy(model),
+        args=_args(tmp_path, bf16=True, precompute_ref_log_probs=True),
+        train_dataset=data,
+        processing_class=tok,
+    )
+    live = NPOTrainer(
+        copy.deepcopy(model),
+        ref_model=model,
+        args=_args(tmp_path, bf16=True),
+        train_dataset=data,
+        processing_class=tok,
+    )
+    assert live.accelerator.mixed_precision == "bf16"
+    batch = _batch(pre)
+    column = batch["ref_token_logps"][:, 1:] * (batch["labels"][:, 1:] != -100)
+    expected = live._reference_log_probs(batch)  # the prepared reference model: accelerate's autocast forward
+    assert not torch.equal(expected, _manual_token_logps(model, batch))  # autocast is really on
+    torch.testing.assert_close(column, expected.float(), rtol=0, atol=1e-6)
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     from hf_align import testbed
     from hf_align.trainers import NPOTrainer
