@@ -383,3 +383,41 @@ def test_cli_and_recipe_accept_the_old_spelling(tmp_path):
         with pytest.warns(FutureWarning) if "--npo_loss_type" not in argv else contextlib.nullcontext():
             _, args, *_ = make_parser().parse_args_and_config([*common, *argv])
         assert (args.npo_loss_type, args.loss_type) == ("simnpo", "nll"), argv
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NPO's collator keeps every option of TRL's
+
+
+def test_npo_collator_keeps_every_field_of_trls_collator_including_return_position_ids(tmp_path):
+    """SFTTrainer sets ``return_position_ids`` on its collator (sequence parallelism); NPO's upgrade must keep it."""
+    import dataclasses
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+    from hf_align.trainers.npo import DataCollatorForWeightedLanguageModeling
+
+    tok = testbed.load_tokenizer()
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    trl_collator = DataCollatorForLanguageModeling(
+        pad_token_id=tok.pad_token_id, return_position_ids=True, pad_to_multiple_of=8
+    )
+    data = testbed.preference_dataset(4, seed=0).map(lambda ex: {"rejected_weights": [0.5] * len(ex["rejected"])})
+    trainer = NPOTrainer(
+        model,
+        ref_model=copy.deepcopy(model),
+        args=_args(tmp_path),
+        data_collator=trl_collator,
+        train_dataset=data,
+        processing_class=tok,
+    )
+    collator = trainer.data_collator
+    assert type(collator) is DataCollatorForWeightedLanguageModeling
+    assert dataclasses.asdict(collator) == dataclasses.asdict(trl_collator)
+    batch = _batch(trainer)
+    assert batch["input_ids"].shape[1] % 8 == 0 and batch["token_weights"].shape == batch["input_ids"].shape
+    length = int(batch["attention_mask"][0].sum())
+    assert torch.equal(batch["position_ids"][0, :length], torch.arange(length))
+    assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(2 * math.log(2) / 0.1, abs=1e-5)
