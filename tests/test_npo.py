@@ -257,6 +257,26 @@ def test_precomputed_reference_uses_the_mixed_precision_of_the_live_one(tmp_path
     torch.testing.assert_close(column, expected.float(), rtol=0, atol=1e-6)
 
 
+def test_model_card_cites_the_npo_paper(tmp_path):
+    from hf_align import testbed
+    from hf_align.hub import CITATIONS
+    from hf_align.trainers import NPOTrainer
+
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    trainer = NPOTrainer(
+        model,
+        ref_model=copy.deepcopy(model),
+        args=_args(tmp_path),
+        train_dataset=testbed.forget_dataset(4),
+        processing_class=testbed.load_tokenizer(),
+    )
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert (
+        "2404.05868" in card and CITATIONS["npo"].splitlines()[1].strip() in card and "@article{zhang2024npo" in card
+    )
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     from hf_align import testbed
     from hf_align.trainers import NPOTrainer
