@@ -277,6 +277,36 @@ def test_model_card_cites_the_npo_paper(tmp_path):
     )
 
 
+def test_fsdp_precompute_uses_a_loaded_copy_then_drops_it(tmp_path, testbed_model):
+    """As DPOTrainer: FSDP shards the policy only in ``train``, so the precompute runs on a copy loaded from the
+    policy's path, freed afterwards. FSDP itself needs GPUs; here only the flag is set and the copy is not sharded."""
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    loaded = []
+
+    class FSDPFlagged(NPOTrainer):
+        def _choose_reference(self, ref_model):
+            self.is_fsdp_enabled = True
+            try:
+                return super()._choose_reference(ref_model)
+            finally:
+                self.is_fsdp_enabled = False
+
+        def _prepare_ref_model(self, ref_model):
+            loaded.append(ref_model)
+            self.is_fsdp_enabled = False  # no process group here: place it as without FSDP
+            return super()._prepare_ref_model(ref_model)
+
+    kwargs = dict(train_dataset=testbed.forget_dataset(6), processing_class=testbed_model.tokenizer)
+    args = _args(tmp_path, precompute_ref_log_probs=True)
+    fsdp = FSDPFlagged(copy.deepcopy(testbed_model.model), args=args, **kwargs)
+    plain = NPOTrainer(copy.deepcopy(testbed_model.model), args=args, **kwargs)
+    assert len(loaded) == 1 and loaded[0] is not fsdp.model
+    assert fsdp._ref_mode == plain._ref_mode == "none" and fsdp.ref_model is None
+    assert fsdp.train_dataset["ref_token_logps"][:] == plain.train_dataset["ref_token_logps"][:]
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     from hf_align import testbed
     from hf_align.trainers import NPOTrainer
