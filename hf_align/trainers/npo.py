@@ -142,7 +142,7 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
 FORGET_COLUMNS = (("prompt", "completion"), ("text",), ("messages",))
 
 
-def to_forget_format(dataset):
+def to_forget_format(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
     """A preference dataset whose ``rejected`` is the forget completion → prompt-completion (weights follow)."""
     names = column_names(dataset)
     if "rejected" not in names or "completion" in names:
@@ -206,12 +206,12 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
 
     def __init__(
         self,
-        model,
-        ref_model=None,
+        model: str | torch.nn.Module,
+        ref_model: torch.nn.Module | None = None,
         args: NPOConfig | None = None,
         data_collator=None,
         train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset=None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset] | None = None,
         processing_class=None,
         *,
         retain_dataset: Dataset | None = None,
