@@ -1,5 +1,6 @@
 """NPOTrainer: losses against formulas written out here, data formats, reference options, resume, testbed forgetting."""
 
+import contextlib
 import copy
 import math
 
@@ -226,6 +227,86 @@ def test_precomputed_reference_equals_live_reference(tmp_path):
     assert a.item() == pytest.approx(b.item(), rel=1e-5) and a.item() != pytest.approx(2 * math.log(2) / 0.1)
 
 
+def test_precomputed_reference_uses_the_mixed_precision_of_the_live_one(tmp_path):
+    """bf16 autocast (CPU): the live reference runs under accelerate's autocast, so the precompute must too (as DPO's
+    ``compute_ref_log_probs``); without it the column differs from the live values by ~1e-3."""
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    tok = testbed.load_tokenizer()
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    data = testbed.forget_dataset(4, seed=3)
+    pre = NPOTrainer(
+        copy.deepcopy(model),
+        args=_args(tmp_path, bf16=True, precompute_ref_log_probs=True),
+        train_dataset=data,
+        processing_class=tok,
+    )
+    live = NPOTrainer(
+        copy.deepcopy(model),
+        ref_model=model,
+        args=_args(tmp_path, bf16=True),
+        train_dataset=data,
+        processing_class=tok,
+    )
+    assert live.accelerator.mixed_precision == "bf16"
+    batch = _batch(pre)
+    column = batch["ref_token_logps"][:, 1:] * (batch["labels"][:, 1:] != -100)
+    expected = live._reference_log_probs(batch)  # the prepared reference model: accelerate's autocast forward
+    assert not torch.equal(expected, _manual_token_logps(model, batch))  # autocast is really on
+    torch.testing.assert_close(column, expected.float(), rtol=0, atol=1e-6)
+
+
+def test_model_card_cites_the_npo_paper(tmp_path):
+    from hf_align import testbed
+    from hf_align.hub import CITATIONS
+    from hf_align.trainers import NPOTrainer
+
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    trainer = NPOTrainer(
+        model,
+        ref_model=copy.deepcopy(model),
+        args=_args(tmp_path),
+        train_dataset=testbed.forget_dataset(4),
+        processing_class=testbed.load_tokenizer(),
+    )
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert (
+        "2404.05868" in card and CITATIONS["npo"].splitlines()[1].strip() in card and "@article{zhang2024npo" in card
+    )
+
+
+def test_fsdp_precompute_uses_a_loaded_copy_then_drops_it(tmp_path, testbed_model):
+    """As DPOTrainer: FSDP shards the policy only in ``train``, so the precompute runs on a copy loaded from the
+    policy's path, freed afterwards. FSDP itself needs GPUs; here only the flag is set and the copy is not sharded."""
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    loaded = []
+
+    class FSDPFlagged(NPOTrainer):
+        def _choose_reference(self, ref_model):
+            self.is_fsdp_enabled = True
+            try:
+                return super()._choose_reference(ref_model)
+            finally:
+                self.is_fsdp_enabled = False
+
+        def _prepare_ref_model(self, ref_model):
+            loaded.append(ref_model)
+            self.is_fsdp_enabled = False  # no process group here: place it as without FSDP
+            return super()._prepare_ref_model(ref_model)
+
+    kwargs = dict(train_dataset=testbed.forget_dataset(6), processing_class=testbed_model.tokenizer)
+    args = _args(tmp_path, precompute_ref_log_probs=True)
+    fsdp = FSDPFlagged(copy.deepcopy(testbed_model.model), args=args, **kwargs)
+    plain = NPOTrainer(copy.deepcopy(testbed_model.model), args=args, **kwargs)
+    assert len(loaded) == 1 and loaded[0] is not fsdp.model
+    assert fsdp._ref_mode == plain._ref_mode == "none" and fsdp.ref_model is None
+    assert fsdp.train_dataset["ref_token_logps"][:] == plain.train_dataset["ref_token_logps"][:]
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     from hf_align import testbed
     from hf_align.trainers import NPOTrainer
@@ -301,3 +382,92 @@ def test_npo_forgets_the_marker_and_keeps_retain_nll_on_the_testbed(tmp_path, te
     marker1, retain1 = marker_logp_and_retain_nll(trainer.model)
     assert marker1 < marker0 - 1.5, (marker0, marker1)  # p(' ugh') shrinks by more than e^1.5 ≈ 4.5×
     assert retain1 < 1.10 * retain0, (retain0, retain1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NPO's loss selector (npo_loss_type; the old spelling loss_type="npo"/"simnpo" is a deprecated alias)
+
+
+@pytest.mark.parametrize("old", ["npo", "simnpo"])
+def test_old_loss_type_spelling_is_a_deprecated_alias_for_npo_loss_type(tmp_path, old):
+    with pytest.warns(FutureWarning, match="npo_loss_type"):
+        args = _args(tmp_path, loss_type=old)
+    assert (args.npo_loss_type, args.loss_type) == (old, "nll")  # loss_type is SFT's again
+    with pytest.raises(ValueError, match="contradicts"):
+        _args(tmp_path, loss_type="npo", npo_loss_type="simnpo")
+    with pytest.raises(ValueError, match="loss_type must be 'nll', got 'dft'"):
+        _args(tmp_path, loss_type="dft")  # SFT's loss types other than NLL would be silently ignored by NPO
+    with pytest.raises(ValueError, match="npo_loss_type must be 'npo' or 'simnpo', got 'dpo'"):
+        _args(tmp_path, npo_loss_type="dpo")
+
+
+def test_simnpo_trainer_by_either_spelling_is_reference_free_and_matches_the_formula(tmp_path):
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+
+    tok = testbed.load_tokenizer()
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    losses = []
+    for spelling in ({"npo_loss_type": "simnpo"}, {"loss_type": "simnpo"}):
+        with pytest.warns(FutureWarning) if "loss_type" in spelling else contextlib.nullcontext():
+            args = _args(tmp_path, beta=2.0, simnpo_gamma=0.5, **spelling)
+        trainer = NPOTrainer(
+            copy.deepcopy(model), args=args, train_dataset=testbed.forget_dataset(4), processing_class=tok
+        )
+        assert trainer._ref_mode == "none" and trainer.ref_model is None
+        batch = _batch(trainer)
+        completion = (batch["labels"][:, 1:] != -100).float()
+        expected = simnpo_loss(_manual_token_logps(model, batch), completion, 2.0, 0.5).mean()
+        losses.append(trainer.compute_loss(trainer.model, batch).item())
+        assert losses[-1] == pytest.approx(expected.item(), rel=1e-5)
+    assert losses[0] == losses[1]
+
+
+def test_cli_and_recipe_accept_the_old_spelling(tmp_path):
+    from hf_align.cli.train_npo import make_parser
+
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("loss_type: simnpo\n")
+    for argv in (["--loss_type", "simnpo"], ["--config", str(recipe)], ["--npo_loss_type", "simnpo"]):
+        with pytest.warns(FutureWarning) if "--npo_loss_type" not in argv else contextlib.nullcontext():
+            _, args, *_ = make_parser().parse_args_and_config([*common, *argv])
+        assert (args.npo_loss_type, args.loss_type) == ("simnpo", "nll"), argv
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NPO's collator keeps every option of TRL's
+
+
+def test_npo_collator_keeps_every_field_of_trls_collator_including_return_position_ids(tmp_path):
+    """SFTTrainer sets ``return_position_ids`` on its collator (sequence parallelism); NPO's upgrade must keep it."""
+    import dataclasses
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from hf_align import testbed
+    from hf_align.trainers import NPOTrainer
+    from hf_align.trainers.npo import DataCollatorForWeightedLanguageModeling
+
+    tok = testbed.load_tokenizer()
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    trl_collator = DataCollatorForLanguageModeling(
+        pad_token_id=tok.pad_token_id, return_position_ids=True, pad_to_multiple_of=8
+    )
+    data = testbed.preference_dataset(4, seed=0).map(lambda ex: {"rejected_weights": [0.5] * len(ex["rejected"])})
+    trainer = NPOTrainer(
+        model,
+        ref_model=copy.deepcopy(model),
+        args=_args(tmp_path),
+        data_collator=trl_collator,
+        train_dataset=data,
+        processing_class=tok,
+    )
+    collator = trainer.data_collator
+    assert type(collator) is DataCollatorForWeightedLanguageModeling
+    assert dataclasses.asdict(collator) == dataclasses.asdict(trl_collator)
+    batch = _batch(trainer)
+    assert batch["input_ids"].shape[1] % 8 == 0 and batch["token_weights"].shape == batch["input_ids"].shape
+    length = int(batch["attention_mask"][0].sum())
+    assert torch.equal(batch["position_ids"][0, :length], torch.arange(length))
+    assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(2 * math.log(2) / 0.1, abs=1e-5)

@@ -4,13 +4,13 @@
 conversational data, PEFT, the fused LM head that returns per-token log-probs without materializing logits) with the
 NPO loss in ``compute_loss``. Losses (``y`` the forget completion, ``w_t`` its token weights, 1 by default):
 
-* ``loss_type="npo"``, ``npo_level="sequence"`` (Zhang et al. 2024, arXiv 2404.05868), per example
+* ``npo_loss_type="npo"``, ``npo_level="sequence"`` (Zhang et al. 2024, arXiv 2404.05868), per example
   ``r = Σ_t w_t (log πθ(y_t|·) − log π_ref(y_t|·))`` and ``L = −(2/β) · log σ(−β · r)``, averaged over the batch.
   At initialization (πθ = π_ref) the loss is exactly ``2·ln 2 / β``; as β → 0 it tends to gradient ascent.
-* ``loss_type="npo"``, ``npo_level="token"`` (ALLO's forgetting stage, RUCAIBox/ALLO ``train/train_forgetting.py``):
+* ``npo_loss_type="npo"``, ``npo_level="token"`` (ALLO's forgetting stage, RUCAIBox/ALLO ``train/train_forgetting.py``):
   ``ℓ_t = −w_t · log σ(−β (log πθ(y_t|·) − log π_ref(y_t|·)))``; ``L = Σ_t ℓ_t / #{t : w_t ≠ 0}`` where, as in ALLO,
   both sums run over the whole micro-batch (not per example).
-* ``loss_type="simnpo"`` (Fan et al. 2024, arXiv 2410.07163), reference-free and length-normalized:
+* ``npo_loss_type="simnpo"`` (Fan et al. 2024, arXiv 2410.07163), reference-free and length-normalized:
   ``L = −(2/β) · log σ(−(β/|y|) · Σ_t w_t log πθ(y_t|·) − γ)`` with ``|y| = Σ_t w_t`` (the length when w ≡ 1),
   averaged over the batch.
 
@@ -25,17 +25,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers.utils import logging
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from trl import SFTConfig, SFTTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-from trl.trainer.utils import pad
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
+from hf_align.hub import CITATIONS
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
 from hf_align.trainers._base import HFAlignTrainerMixin, TokenWeightArguments, upgrade_collator
@@ -43,12 +47,11 @@ from hf_align.trainers._data_checks import check_dataset, column_names
 from hf_align.trainers._masking import NeuronMaskArguments, NeuronMaskTrainerMixin, attach_mask, resolve_neuron_mask
 
 
-logger = logging.get_logger(__name__)
-
 REF_COLUMN = "ref_token_logps"
 """Precomputed reference log-probs: one float per position of ``input_ids`` (that token's log-prob; 0 on the prompt)."""
 
 _PER_TOKEN_COLUMNS = ("input_ids", "labels", "token_weights", REF_COLUMN)
+_CHOICES = {"npo_loss_type": ("npo", "simnpo"), "npo_level": ("sequence", "token"), "retain_loss_type": ("nll", "kl")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -63,9 +66,17 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
         default=0.1,
         metadata={"help": "NPO/SimNPO temperature β (ALLO and the NPO paper use 0.1). The loss at init is 2·ln2/β."},
     )
-    loss_type: str = field(
+    npo_loss_type: str = field(
         default="npo",
         metadata={"help": "'npo' (with a reference policy) or 'simnpo' (reference-free, length-normalized)."},
+    )
+    loss_type: str = field(
+        default="nll",
+        metadata={
+            "help": "SFTConfig's own loss type; NPO computes its loss itself, so keep 'nll'. 'npo' / 'simnpo' are "
+            "the deprecated spelling of npo_loss_type.",
+            "choices": ["nll", "chunked_nll", "npo", "simnpo"],
+        },
     )
     npo_level: str = field(
         default="sequence",
@@ -74,7 +85,7 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             "Σ_t −w_t·log σ(−β·logratio_t) / #{w_t≠0} over the batch."
         },
     )
-    simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO's reward margin γ (loss_type='simnpo')."})
+    simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO's reward margin γ (npo_loss_type='simnpo')."})
     retain_loss_type: str = field(
         default="nll",
         metadata={"help": "Retain term on `retain_dataset`: 'nll' or 'kl' (KL(π_ref‖πθ) per retain token)."},
@@ -91,7 +102,7 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
         metadata={
             "help": "Compute the reference per-token log-probs once before training (stored as the "
             f"`{REF_COLUMN}` column) so no reference forward runs while training. Without a `ref_model`, the "
-            "policy at initialization is the reference, so no second copy is ever loaded."
+            "policy at initialization is the reference (under FSDP, as in DPO, a copy used only for the precompute)."
         },
     )
     precompute_ref_batch_size: int | None = field(
@@ -102,15 +113,18 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
     )
 
     def __post_init__(self):
+        if self.loss_type in ("npo", "simnpo"):  # NPO's selector once shadowed SFT's: the old spelling still works
+            if self.npo_loss_type not in ("npo", self.loss_type):
+                raise ValueError(f"loss_type={self.loss_type!r} contradicts npo_loss_type={self.npo_loss_type!r}.")
+            msg = f"NPOConfig(loss_type={self.loss_type!r}) is deprecated: use npo_loss_type (loss_type is SFT's)."
+            warnings.warn(msg, FutureWarning, stacklevel=3)
+            self.npo_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
-        if self.loss_type not in ("npo", "simnpo"):
-            raise ValueError(f"loss_type must be 'npo' or 'simnpo', got {self.loss_type!r}.")
-        if self.npo_level not in ("sequence", "token"):
-            raise ValueError(f"npo_level must be 'sequence' or 'token', got {self.npo_level!r}.")
-        if self.loss_type == "simnpo" and self.npo_level != "sequence":
-            raise ValueError("loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
-        if self.retain_loss_type not in ("nll", "kl"):
-            raise ValueError(f"retain_loss_type must be 'nll' or 'kl', got {self.retain_loss_type!r}.")
+        for name, allowed in {**_CHOICES, "loss_type": ("nll",)}.items():  # SFT's loss_type: NPO has its own loss
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}.")
+        if self.npo_loss_type == "simnpo" and self.npo_level != "sequence":
+            raise ValueError("npo_loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
         if not self.beta > 0 or not math.isfinite(self.beta):
             raise ValueError(f"beta must be a positive number, got {self.beta}.")
         if self.retain_weight < 0:
@@ -121,17 +135,6 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             raise ValueError("NPO scores each forget sequence on its own: packing and padding_free must be False.")
 
 
-@contextlib.contextmanager
-def _sft_loss_type(args: NPOConfig):
-    """SFTTrainer.__init__ accepts only its own loss types; NPO's `loss_type` is read by this trainer alone."""
-    loss_type = args.loss_type
-    args.loss_type = "nll"
-    try:
-        yield
-    finally:
-        args.loss_type = loss_type
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -139,19 +142,16 @@ def _sft_loss_type(args: NPOConfig):
 FORGET_COLUMNS = (("prompt", "completion"), ("text",), ("messages",))
 
 
-def to_forget_format(dataset):
+def to_forget_format(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
     """A preference dataset whose ``rejected`` is the forget completion → prompt-completion (weights follow)."""
     names = column_names(dataset)
     if "rejected" not in names or "completion" in names:
         return dataset
     if "prompt" not in names:
         raise ValueError(
-            "A preference dataset used as forget data needs an explicit 'prompt' column (the forget completion is "
-            "'rejected'); found columns " + str(names) + "."
+            f"Forget data as preference pairs (forget 'rejected') needs a 'prompt' column; found {names}."
         )
-    drop = [c for c in ("chosen", "chosen_weights") if c in names]
-    if drop:
-        dataset = dataset.remove_columns(drop)
+    dataset = dataset.remove_columns([c for c in ("chosen", "chosen_weights") if c in names])
     dataset = dataset.rename_column("rejected", "completion")
     if "rejected_weights" in names:
         dataset = dataset.rename_column("rejected_weights", "completion_weights")
@@ -200,17 +200,18 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
     _paper = {
         "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
         "id": "2404.05868",
+        "citation": CITATIONS["npo"],
     }
     loss_is_scaled_for_ga = False  # a per-micro-batch mean, like DPO's; Trainer averages over accumulation steps
 
     def __init__(
         self,
-        model,
-        ref_model=None,
+        model: str | torch.nn.Module,
+        ref_model: torch.nn.Module | None = None,
         args: NPOConfig | None = None,
         data_collator=None,
         train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset=None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset] | None = None,
         processing_class=None,
         *,
         retain_dataset: Dataset | None = None,
@@ -224,8 +225,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             raise TypeError(f"args must be an NPOConfig, got {type(args).__name__}.")
         if ref_model is not None and ref_model is model:
             raise ValueError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
-        mask = resolve_neuron_mask(neuron_mask, args)
-        self.neuron_mask = mask
+        self.neuron_mask = mask = resolve_neuron_mask(neuron_mask, args)
         if mask is not None:
             model = attach_mask(model, mask, args, peft_config)
         # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
@@ -234,7 +234,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
 
         from hf_align.sparse_update import quantized_training_allowed
 
-        with _sft_loss_type(args), quantized_training_allowed(model):
+        with quantized_training_allowed(model):
             super().__init__(
                 model,
                 args=args,
@@ -249,15 +249,13 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             self.data_collator, DataCollatorForLanguageModeling, DataCollatorForWeightedLanguageModeling
         )
         if args.disable_dropout:
-            from trl.trainer.utils import disable_dropout_in_model
-
             disable_dropout_in_model(self.model)
 
         self.retain_dataset = self._prepare_retain_dataset(retain_dataset)
         self._retain_position = (-1, 0)  # (global step, micro-step within it)
         self._retain_perm: tuple[int, torch.Tensor] | None = None
 
-        self.ref_model = None
+        self.ref_model, self._precompute_engine = None, None
         self._ref_mode = self._choose_reference(ref_model)
         if args.precompute_ref_log_probs and self._needs_ref_for_forget():
             self.train_dataset = self._precompute_ref(self.train_dataset, "train")
@@ -265,15 +263,16 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
                 self.eval_dataset = {k: self._precompute_ref(v, k) for k, v in self.eval_dataset.items()}
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._precompute_ref(self.eval_dataset, "eval")
-            if self._ref_mode == "policy" and not self._live_ref_needed():
-                self._ref_mode = "none"
+            self._precompute_engine = None
+            if ref_model is None and self._ref_mode in ("policy", "model") and not self._live_ref_needed():
+                self.ref_model, self._ref_mode = None, "none"  # the policy at init (or FSDP's stand-in) is done
         self._set_trainable_fraction()
 
     # ----------------------------------------------------------------------------------------------------------
     # Reference
 
     def _needs_ref_for_forget(self) -> bool:
-        return self.args.loss_type == "npo"
+        return self.args.npo_loss_type == "npo"
 
     def _live_ref_needed(self) -> bool:
         """A reference forward during training: for the forget term without precomputed values, or the KL retain."""
@@ -282,6 +281,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         return forget or (self.retain_dataset is not None and self.args.retain_loss_type == "kl")
 
     def _choose_reference(self, ref_model) -> str:
+        """The reference mode (class docstring order); a separate model is loaded and prepared as DPOTrainer does."""
         if ref_model is not None:
             self.ref_model = self._prepare_ref_model(ref_model)
             return "model"
@@ -291,46 +291,49 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             return "deltas_off"
         if is_peft_model(self.model):
             return "adapter_off"
-        if self.args.precompute_ref_log_probs and not (
-            self.retain_dataset is not None and self.args.retain_loss_type == "kl"
-        ):
+        kl_retain = self.retain_dataset is not None and self.args.retain_loss_type == "kl"
+        # FSDP shards the policy only in `train`: as DPOTrainer, precompute with a copy (dropped once done).
+        if self.args.precompute_ref_log_probs and not kl_retain and not self.is_fsdp_enabled:
             return "policy"  # valid only before the first update: used for precomputing, then dropped
         from trl.trainer.utils import create_model_from_path, get_config_model_id
 
         init_kwargs = dict(self.args.model_init_kwargs or {})
+        if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            init_kwargs["device_map"] = None  # "auto" fails under distributed training
+        config = self.accelerator.unwrap_model(self.model).config
         init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
         init_kwargs.setdefault("dtype", self.model.dtype)
-        path = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
-        self.ref_model = self._prepare_ref_model(create_model_from_path(path, **init_kwargs))
+        init_kwargs.setdefault("attn_implementation", config._attn_implementation)
+        self.ref_model = self._prepare_ref_model(create_model_from_path(get_config_model_id(config), **init_kwargs))
         return "model"
 
     def _prepare_ref_model(self, ref_model):
-        from trl.models import prepare_deepspeed
-        from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
-
+        """Dropout off, fused LM head, frozen, then placed (and sharded) for inference exactly as DPOTrainer's."""
         if self.args.disable_dropout:
             disable_dropout_in_model(ref_model)
         add_fused_lm_head(ref_model)
         ref_model.requires_grad_(False)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(ref_model, self.accelerator)
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     @contextlib.contextmanager
-    def _reference_context(self):
-        """Yields the module whose forward is the reference policy."""
+    def _reference_context(self, policy: torch.nn.Module | None = None):
+        """Yields the module whose forward is the reference policy (``policy``: what runs the policy's forward)."""
+        policy = self.model if policy is None else policy
         if self._ref_mode == "model":
             yield self.ref_model
         elif self._ref_mode == "deltas_off":
-            from hf_align.sparse_update import deltas_disabled
+            from hf_align.trainers._masking import DeltasOffReference
 
-            with deltas_disabled(self.accelerator.unwrap_model(self.model)):
-                yield self.model
+            yield DeltasOffReference(policy)  # built per call: it follows `self.model` when Trainer wraps it
         elif self._ref_mode == "adapter_off":
             with self.accelerator.unwrap_model(self.model).disable_adapter():
-                yield self.model
+                yield policy
         elif self._ref_mode == "policy":
-            yield self.model
+            yield policy
         else:
             raise RuntimeError("This NPO configuration has no live reference policy.")
 
@@ -338,9 +341,9 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
     def _model_inputs(inputs: dict) -> dict:
         return {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
 
-    def _reference_log_probs(self, inputs: dict) -> torch.Tensor:
-        """Per-token reference log-probs, shape ``(B, L-1)`` (0 where the label is -100)."""
-        with torch.no_grad(), self._reference_context() as reference:
+    def _reference_log_probs(self, inputs: dict, policy: torch.nn.Module | None = None) -> torch.Tensor:
+        """Per-token reference log-probs ``(B, L-1)``, 0 off the labels; autocast as in training even when precomputed."""
+        with torch.no_grad(), self.accelerator.autocast(), self._reference_context(policy) as reference:
             out = reference(**self._model_inputs(inputs), labels=inputs["labels"], fused_lm_head=True, use_cache=False)
         return out.log_probs[:, -(inputs["labels"].size(1) - 1) :]
 
@@ -348,27 +351,30 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         with torch.no_grad(), self._reference_context() as reference:
             return reference(**self._model_inputs(inputs), use_cache=False).logits
 
-    def _precompute_ref(self, dataset, name: str):
-        """Add the ``ref_token_logps`` column (one reference forward per row, in order, before training)."""
+    def _precompute_ref(self, dataset: Dataset, name: str) -> Dataset:
+        """Add ``ref_token_logps`` as ``DPOTrainer._precompute_ref_logps`` does: a dataloader sharded by accelerate,
+        each rank's rows (padded to a common length) gathered in dataset order, so every rank gets the whole column."""
         if not isinstance(dataset, Dataset):
             raise ValueError("precompute_ref_log_probs needs a map-style `datasets.Dataset`, not an IterableDataset.")
         if REF_COLUMN in dataset.column_names:
             return dataset
-        from torch.utils.data import DataLoader
-        from tqdm.auto import tqdm
-
-        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         columns = [c for c in ("input_ids", "labels") if c in dataset.column_names]
-        loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=self.data_collator)
-        was_training = self.model.training
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        workers, pin = self.args.dataloader_num_workers, self.args.dataloader_pin_memory
+        data = dataset.select_columns(columns)
+        loader = DataLoader(data, batch_size, collate_fn=self.data_collator, num_workers=workers, pin_memory=pin)
+        loader = self.accelerator.prepare(loader)  # sharded over the processes, in order (no shuffling)
+        policy, was_training = self.model, self.model.training
+        # As DPO: under DeepSpeed an inference engine (built once) places the parameters (ZeRO-3: gathers them).
+        if self.is_deepspeed_enabled and self._ref_mode != "model":
+            policy = self._precompute_engine = self._precompute_engine or prepare_deepspeed(policy, self.accelerator)
         self.model.eval()
         rows: list[list[float]] = []
         try:
             for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=self.args.disable_tqdm):
-                batch = self._prepare_inputs(batch)
-                logps = self._reference_log_probs(batch).float().cpu()
-                lengths = batch["attention_mask"].sum(dim=1).tolist()
-                rows.extend([0.0, *logps[i, : n - 1].tolist()] for i, n in enumerate(lengths))
+                logps = self.accelerator.pad_across_processes(self._reference_log_probs(batch, policy).float(), dim=1)
+                logps, lengths = self.accelerator.gather_for_metrics((logps, batch["attention_mask"].sum(dim=1)))
+                rows.extend([0.0, *logps[i, : n - 1].tolist()] for i, n in enumerate(lengths.tolist()))
         finally:
             self.model.train(was_training)
         return dataset.add_column(REF_COLUMN, rows)
@@ -388,7 +394,8 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         )
         map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
         if present:
-            eos_id, eos_weight = self._tokenizer.eos_token_id, args.eos_token_weight
+            kw = dict(column="completion_weights", eos_token_id=self._tokenizer.eos_token_id)
+            kw["eos_token_weight"] = args.eos_token_weight
 
             def expand(example, index):
                 labels = example["labels"]
@@ -398,16 +405,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
                         "Token weights need prompt-completion data with completion_only_loss (labels -100 on the "
                         "prompt); this example has no prompt tokens."
                     )
-                weights = iter(
-                    normalize_token_weights(
-                        example["completion_weights"],
-                        completion_ids,
-                        column="completion_weights",
-                        row=index,
-                        eos_token_id=eos_id,
-                        eos_token_weight=eos_weight,
-                    )
-                )
+                weights = iter(normalize_token_weights(example["completion_weights"], completion_ids, row=index, **kw))
                 return {"token_weights": [0.0 if t == -100 else next(weights) for t in labels]}
 
             dataset = dataset.map(expand, with_indices=True, remove_columns=["completion_weights"], **map_kwargs)
@@ -421,9 +419,8 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         if args.max_length is not None:
             if args.truncation_mode not in ("keep_start", "keep_end"):
                 raise ValueError(f"Unsupported truncation_mode {args.truncation_mode!r}.")
-            sl = (
-                slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
-            )
+            n = args.max_length
+            sl = slice(None, n) if args.truncation_mode == "keep_start" else slice(-n, None)
             columns = [c for c in _PER_TOKEN_COLUMNS if c in (dataset.column_names or _PER_TOKEN_COLUMNS)]
             dataset = dataset.map(lambda ex: {c: ex[c][sl] for c in columns if c in ex}, **map_kwargs)
             dataset = dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]), **map_kwargs)
@@ -433,9 +430,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for name in ("token_weights", REF_COLUMN):
-            if name not in self._signature_columns:
-                self._signature_columns.append(name)
+        self._signature_columns += [c for c in ("token_weights", REF_COLUMN) if c not in self._signature_columns]
 
     def _prepare_retain_dataset(self, retain_dataset):
         if retain_dataset is None:
@@ -444,8 +439,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             raise TypeError("retain_dataset must be a map-style `datasets.Dataset` (rows are drawn by index).")
         names = retain_dataset.column_names
         drop = [c for c in ("completion_weights", "chosen_weights", "rejected_weights") if c in names]
-        if drop:
-            retain_dataset = retain_dataset.remove_columns(drop)
+        retain_dataset = retain_dataset.remove_columns(drop)
         no_shuffle = copy.copy(self.args)
         no_shuffle.shuffle_dataset = False
         prepared = SFTTrainer._prepare_dataset(
@@ -499,19 +493,16 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         weights = completion if token_weights is None else token_weights[:, 1:].to(logps) * completion
 
         metrics: dict[str, torch.Tensor] = {}
-        if args.loss_type == "simnpo":
+        if args.npo_loss_type == "simnpo":
             per_example = simnpo_loss(logps, weights, args.beta, args.simnpo_gamma)
             forget_loss = per_example.mean()
             metrics["forget/avg_logp"] = ((logps * weights).sum(-1) / weights.sum(-1).clamp(min=1e-8)).mean()
         else:
-            ref = ref_column[:, 1:].to(logps) * completion if ref_column is not None else None
-            if ref is None:
-                ref = self._reference_log_probs(inputs).to(logps)
+            live = ref_column is None
+            ref = self._reference_log_probs(inputs).to(logps) if live else ref_column[:, 1:].to(logps) * completion
             per_example, logratio = npo_sequence_loss(logps, ref, weights, args.beta)
-            if args.npo_level == "sequence":
-                forget_loss = per_example.mean()
-            else:
-                forget_loss = npo_token_loss(logps, ref, weights, args.beta)
+            token_level = args.npo_level == "token"
+            forget_loss = npo_token_loss(logps, ref, weights, args.beta) if token_level else per_example.mean()
             metrics["forget/logratio"] = logratio.detach().mean()
         loss = forget_loss
         if mode == "train" and self.retain_dataset is not None and args.retain_weight > 0:
