@@ -80,3 +80,35 @@ def test_without_args_the_output_dir_is_named_as_trl_names_it():
     model = testbed.load().model
     model.config._name_or_path = "/some/where/tiny-llama"
     assert resolve_args(None, _Config, object, model, "NPO").output_dir == "tiny-llama-NPO"
+
+
+def _npo(tmp_path, **kwargs):
+    from hf_align.trainers import NPOConfig, NPOTrainer
+
+    tb = testbed.load()
+    kwargs.setdefault("args", NPOConfig(output_dir=str(tmp_path / "npo"), **COMMON))
+    return NPOTrainer(train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer, **kwargs)
+
+
+def test_npo_takes_a_model_path_with_a_mask_and_a_reference_path(tmp_path, model_dir):
+    mask = NeuronMask.random(testbed.load().model, 0.1, "row", seed=0)
+    trainer = _npo(tmp_path, model=model_dir, neuron_mask=mask)
+    trainer.train()
+    assert 0 < trainer.trainable_fraction < 0.2
+    trainer = _npo(tmp_path, model=model_dir, ref_model=model_dir)
+    trainer.train()
+    saved = dict(testbed.load().model.named_parameters())
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(param, saved[name], atol=0, rtol=0, msg=name)
+
+
+def test_npo_upgrades_a_trl_sft_config(tmp_path):
+    from hf_align.trainers import NPOConfig
+
+    theirs = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_length=99, **COMMON)
+    ours = _npo(tmp_path, model=testbed.load().model, args=theirs).args
+    assert type(ours) is NPOConfig and (ours.output_dir, ours.max_length) == (theirs.output_dir, 99)
+    assert (ours.npo_loss_type, ours.beta, ours.npo_level) == ("npo", 0.1, "sequence")  # NPO's own defaults
+    with pytest.raises(TypeError, match=r"args must be a NPOConfig \(or a SFTConfig.*got DPOConfig"):
+        _npo(tmp_path, model=testbed.load().model, args=trl.DPOConfig(output_dir=str(tmp_path), **COMMON))

@@ -86,6 +86,17 @@ def load_model(model, args, like=None):
     return create_model_from_path(model, **kwargs)
 
 
+def load_policy_and_reference(model, ref_model, args, load_policy: bool):
+    """``(model, ref_model)`` with paths loaded as TRL loads them: the policy when ``load_policy`` (a mask is checked
+    against it) or when the reference is a path (TRL takes a path for the policy only; a reference path is built
+    alike, following the policy's dtype and attention). Paths left here are TRL's to load."""
+    if load_policy or isinstance(ref_model, str):
+        model = load_model(model, args)
+    if isinstance(ref_model, str):
+        ref_model = load_model(ref_model, args, like=model)
+    return model, ref_model
+
+
 def upgrade_collator(collator, base_class: type, new_class: type):
     """``new_class`` built with *every* dataclass field of ``collator`` when it is exactly TRL's ``base_class``;
     any other collator (a user's own) is returned unchanged. Copying all fields keeps options TRL sets that a

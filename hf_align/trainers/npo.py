@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +41,13 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 from hf_align.hub import CITATIONS
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
-from hf_align.trainers._base import HFAlignTrainerMixin, TokenWeightArguments, upgrade_collator
+from hf_align.trainers._base import (
+    HFAlignTrainerMixin,
+    TokenWeightArguments,
+    load_policy_and_reference,
+    resolve_args,
+    upgrade_collator,
+)
 from hf_align.trainers._data_checks import check_dataset, column_names
 from hf_align.trainers._masking import NeuronMaskArguments, NeuronMaskTrainerMixin, attach_mask, resolve_neuron_mask
 
@@ -125,12 +130,6 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
                 raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}.")
         if self.npo_loss_type == "simnpo" and self.npo_level != "sequence":
             raise ValueError("npo_loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
-        if not self.beta > 0 or not math.isfinite(self.beta):
-            raise ValueError(f"beta must be a positive number, got {self.beta}.")
-        if self.retain_weight < 0:
-            raise ValueError(f"retain_weight must be non-negative, got {self.retain_weight}.")
-        if self.retain_batch_size is not None and self.retain_batch_size < 1:
-            raise ValueError(f"retain_batch_size must be a positive integer, got {self.retain_batch_size}.")
         if self.packing or self.padding_free:
             raise ValueError("NPO scores each forget sequence on its own: packing and padding_free must be False.")
 
@@ -219,13 +218,12 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         peft_config=None,
         **kwargs,
     ):
-        if args is None:
-            args = NPOConfig("npo")
-        elif not isinstance(args, NPOConfig):
-            raise TypeError(f"args must be an NPOConfig, got {type(args).__name__}.")
+        args = resolve_args(args, NPOConfig, SFTConfig, model, self._name)
+        wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
+        model, ref_model = load_policy_and_reference(model, ref_model, args, load_policy=wants_mask)
         if ref_model is not None and ref_model is model:
             raise ValueError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
-        self.neuron_mask = mask = resolve_neuron_mask(neuron_mask, args)
+        self.neuron_mask = mask = resolve_neuron_mask(neuron_mask, args, model)
         if mask is not None:
             model = attach_mask(model, mask, args, peft_config)
         # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
