@@ -25,6 +25,23 @@ def make_trl_parser(config_class: type, prog: str, extra: tuple[type, ...] = ())
     return TrlParser((ScriptArguments, config_class, ModelConfig, *extra), prog=prog)
 
 
+def refuse_existing_output(path: str | Path, flag: str, overwrite: bool, names: Iterable[str] | None = None) -> None:
+    """Refuse to replace an existing output unless ``--overwrite`` was given; the error names both flags.
+
+    ``names``: the files a command writes into the folder ``path`` (it touches nothing else there), so only those
+    count; without ``names`` any existing file, or a folder with anything in it, counts.
+    """
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    if names is not None:
+        clashes = sorted(name for name in names if (path / name).exists())
+        if clashes:
+            raise FileExistsError(f"{flag} {str(path)!r} already holds {clashes}; pass --overwrite to replace them.")
+    elif not path.is_dir() or any(path.iterdir()):
+        raise FileExistsError(f"{flag} {str(path)!r} already exists and is not empty; pass --overwrite to replace it.")
+
+
 def resolve_model_path(name: str) -> str:
     """``testbed`` → the shipped model's folder; anything else is passed through (Hub id or path)."""
     if name == "testbed":
