@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
-"""What a bad recipe, argument or path raises (configs check their fields in ``__post_init__``)."""
+"""What a bad recipe, argument or path raises (configs check their fields in ``__post_init__``); also a
+``SystemExit`` with a message (the training commands' unknown recipe fields)."""
 DEBUG_ENV = "HF_ALIGN_DEBUG"
 
 
@@ -72,9 +73,9 @@ def run_guarded(name: str, func: Callable[[], int | None]) -> int:
     """``func()``'s exit code; a user error becomes ``hf-align <name>: <message>`` on stderr and code 2."""
     try:
         return int(func() or 0)
-    except USER_ERRORS as err:
-        if os.environ.get(DEBUG_ENV) == "1":
-            raise
+    except (*USER_ERRORS, SystemExit) as err:
+        if os.environ.get(DEBUG_ENV) == "1" or (isinstance(err, SystemExit) and not isinstance(err.code, str)):
+            raise  # argparse's own exit (usage + code 2 already printed) or --debug
         message = " ".join(str(err).split()) or type(err).__name__
         prefix = f"hf-align {name}: "
         print(message if message.startswith(prefix) else prefix + message, file=sys.stderr, flush=True)

@@ -7,6 +7,13 @@ before anything is launched or loaded), then hands the same arguments to ``accel
 hf_align.cli.training <command> ...``; each launched process parses again and runs the command's
 ``run`` function. ``--no_launch`` (or ``HF_ALIGN_NO_LAUNCH=1``) runs in the current process, which
 is what tests and debuggers want.
+
+Two things a recipe cannot switch on by itself, because a recipe is a file someone may have sent you: its
+``env:`` mapping (TRL's ``TrlParser`` copies it into ``os.environ``, so ``PYTHONPATH`` could make every
+process import a ``sitecustomize.py``) needs ``--allow_recipe_env``, and ``trust_remote_code: true`` (also inside
+``model_init_kwargs``) needs ``--trust_remote_code``, both given on the command line. ``module:function`` names
+in a recipe (``reward_funcs``, ``feedback_fn``) are imported from the installed packages and ``PYTHONPATH``
+only: the current folder is never put on the import path, in-process or in the launched processes.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -80,13 +89,84 @@ def parse(name: str, argv: list[str]):
     return parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
 
 
+ALLOW_RECIPE_ENV = "--allow_recipe_env"
+TRUST_REMOTE_CODE = "--trust_remote_code"
+OWN_SWITCHES = (ALLOW_RECIPE_ENV, "--no_launch")  # hf-align's own flags: not fields, not accelerate's
+
+
+def recipe_permissions(recipe: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, command-line flag) for each thing in ``recipe`` that only a command-line flag may switch on."""
+    needed = []
+    if recipe.get("env"):
+        needed.append(("env", ALLOW_RECIPE_ENV))
+    if _truthy(recipe.get("trust_remote_code")):
+        needed.append(("trust_remote_code", TRUST_REMOTE_CODE))
+    for key, value in recipe.items():
+        if str(key).endswith("init_kwargs") and _truthy(_as_mapping(value).get("trust_remote_code")):
+            needed.append((f"{key}.trust_remote_code", TRUST_REMOTE_CODE))
+    return needed
+
+
+def _as_mapping(value: Any) -> dict:
+    """A ``*_init_kwargs`` value: a mapping in YAML, a JSON string once it is a command-line argument."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "yes", "1")
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The permission flags switched on in ``argv`` (``--trust_remote_code`` alone, ``=true`` or ``true``)."""
+    flags = set()
+    for index, arg in enumerate(argv):
+        flag, sep, value = arg.partition("=")
+        if flag == ALLOW_RECIPE_ENV:
+            flags.add(flag)
+        elif flag == TRUST_REMOTE_CODE:
+            following = argv[index + 1] if index + 1 < len(argv) else "--"
+            value = value if sep else ("true" if following.startswith("--") else following)
+            if _truthy(value):
+                flags.add(flag)
+    return flags
+
+
+def check_permissions(needed: list[tuple[str, str]], flags: set[str], where: str) -> None:
+    """Refuse, in one line naming the key and the flag, what ``where`` asks for without its flag."""
+    for key, flag in needed:
+        if flag not in flags:
+            what = "sets environment variables" if flag == ALLOW_RECIPE_ENV else "runs code from the model folder"
+            raise PermissionError(f"{where}: `{key}` {what}; pass {flag} on the command line to allow it.")
+
+
+def _check_recipe(argv: list[str]) -> None:
+    """The ``--config`` recipe exists and asks for nothing that needs a command-line flag (before TRL applies it)."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return
+    import yaml
+
+    path = Path(argv[argv.index("--config") + 1])
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {str(path)!r}: no such recipe file.")
+    recipe = yaml.safe_load(path.read_text())
+    if isinstance(recipe, dict):
+        check_permissions(recipe_permissions(recipe), given_flags(argv), f"recipe {str(path)!r}")
+
+
 def _fail_on_unknown(name: str, config_remaining: list[str], cli_remaining: list[str]) -> None:
     """Unknown recipe fields are errors (a typo must not silently fall back to a default)."""
     from accelerate.commands.launch import launch_command_parser
 
     launcher = launch_command_parser()
     known_launch = {opt for action in launcher._actions for opt in action.option_strings}
-    known_launch |= {"--accelerate_config", "--no_launch"}
+    known_launch |= {"--accelerate_config", TRUST_REMOTE_CODE, *OWN_SWITCHES}
     unknown = [arg for arg in config_remaining if arg.startswith("--") and arg.split("=")[0] not in known_launch]
     if unknown:
         fields = ", ".join(arg.lstrip("-").split("=")[0] for arg in unknown)
@@ -99,10 +179,21 @@ def _fail_on_unknown(name: str, config_remaining: list[str], cli_remaining: list
         raise SystemExit(f"hf-align {name}: unrecognized argument(s): {' '.join(unknown_cli)}")
 
 
+def _resolve_resume(parsed: list) -> None:
+    """``resume_from_checkpoint`` → the last *complete* checkpoint (or refused), before any model is loaded."""
+    from hf_align.checkpoints import resolve_resume_checkpoint
+
+    for args in parsed:
+        if hasattr(args, "resume_from_checkpoint") and hasattr(args, "output_dir"):
+            args.resume_from_checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+
+
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     """Validate, then run in-process (``launch=False``) or through ``accelerate launch``."""
+    _check_recipe(argv)
     *parsed, config_remaining, cli_remaining = parse(name, argv)
     _fail_on_unknown(name, config_remaining, cli_remaining)
+    _resolve_resume(parsed)
     no_launch = "--no_launch" in argv or os.environ.get("HF_ALIGN_NO_LAUNCH") == "1"
     if launch is None:
         launch = not no_launch
@@ -113,7 +204,8 @@ def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
     launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
-    script_args = _subtract_subsequence(argv, cli_remaining)
+    ours = (TRUST_REMOTE_CODE, ALLOW_RECIPE_ENV)  # kept for the launched processes, which check them again
+    script_args = _subtract_subsequence(argv, [a for a in cli_remaining if a.split("=")[0] not in ours])
     accelerate_args = launch_command_parser().parse_args(
         [*launch_args, "-m", "hf_align.cli.training", name, *script_args, "--no_launch"]
     )
@@ -126,7 +218,19 @@ def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
         print(
             f"[hf-align] no GPU: {accelerate_args.num_processes} CPU processes (torch.distributed, gloo)", flush=True
         )
-    launch_command(accelerate_args)
+    import subprocess
+
+    safe_path = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"  # `python -m` in each process must not put the current folder on sys.path
+    try:
+        launch_command(accelerate_args)
+    except subprocess.CalledProcessError as err:  # the process already printed its one-line error
+        return err.returncode or 1
+    finally:
+        if safe_path is None:
+            os.environ.pop("PYTHONSAFEPATH")
+        else:
+            os.environ["PYTHONSAFEPATH"] = safe_path
     return 0
 
 
@@ -144,5 +248,7 @@ def _needs_cpu_processes(accelerate_args) -> bool:
 
 
 if __name__ == "__main__":  # entry point inside each process started by `accelerate launch`
+    from hf_align.cli import run_guarded
+
     command, *rest = sys.argv[1:]
-    sys.exit(run_command(command, [a for a in rest if a != "--no_launch"], launch=False))
+    sys.exit(run_guarded(command, lambda: run_command(command, [a for a in rest if a != "--no_launch"], launch=False)))
