@@ -375,3 +375,14 @@ def test_the_current_folder_is_not_on_the_import_path_of_python_m_hf_align_cli(t
     env["PYTHONPATH"] += os.pathsep + str(tmp_path)  # asked for explicitly: imported
     subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert (tmp_path / "imported").read_text() == "ran"
+
+
+def test_adaptive_merge_recipe_env_needs_the_flag_too(tmp_path, capsys, monkeypatch):
+    """adaptive-merge parses its recipe with the same TrlParser: the same gate, before TRL applies `env:`."""
+    monkeypatch.delenv(VAR, raising=False)
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(yaml.safe_dump({"env": {VAR: "x"}, "output_dir": str(tmp_path / "out")}))
+    assert main(["adaptive-merge", "--config", str(recipe)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "`env`" in line and "--allow_recipe_env" in line and str(recipe) in line
+    assert VAR not in os.environ and not (tmp_path / "out").exists()

@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from hf_align.checkpoints import last_complete_checkpoint
-from hf_align.cli.training import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions, recipe_permissions
+from hf_align.cli.common import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions, recipe_permissions
 from hf_align.io import read_json, write_json
 
 

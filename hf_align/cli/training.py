@@ -22,8 +22,6 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -89,80 +87,14 @@ def parse(name: str, argv: list[str]):
     return parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
 
 
-ALLOW_RECIPE_ENV = "--allow_recipe_env"
-TRUST_REMOTE_CODE = "--trust_remote_code"
-OWN_SWITCHES = (ALLOW_RECIPE_ENV, "--no_launch")  # hf-align's own flags: not fields, not accelerate's
-
-
-def recipe_permissions(recipe: dict[str, Any]) -> list[tuple[str, str]]:
-    """(key, command-line flag) for each thing in ``recipe`` that only a command-line flag may switch on."""
-    needed = []
-    if recipe.get("env"):
-        needed.append(("env", ALLOW_RECIPE_ENV))
-    if _truthy(recipe.get("trust_remote_code")):
-        needed.append(("trust_remote_code", TRUST_REMOTE_CODE))
-    for key, value in recipe.items():
-        if str(key).endswith("init_kwargs") and _truthy(_as_mapping(value).get("trust_remote_code")):
-            needed.append((f"{key}.trust_remote_code", TRUST_REMOTE_CODE))
-    return needed
-
-
-def _as_mapping(value: Any) -> dict:
-    """A ``*_init_kwargs`` value: a mapping in YAML, a JSON string once it is a command-line argument."""
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _truthy(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "yes", "1")
-
-
-def given_flags(argv: list[str]) -> set[str]:
-    """The permission flags switched on in ``argv`` (``--trust_remote_code`` alone, ``=true`` or ``true``)."""
-    flags = set()
-    for index, arg in enumerate(argv):
-        flag, sep, value = arg.partition("=")
-        if flag == ALLOW_RECIPE_ENV:
-            flags.add(flag)
-        elif flag == TRUST_REMOTE_CODE:
-            following = argv[index + 1] if index + 1 < len(argv) else "--"
-            value = value if sep else ("true" if following.startswith("--") else following)
-            if _truthy(value):
-                flags.add(flag)
-    return flags
-
-
-def check_permissions(needed: list[tuple[str, str]], flags: set[str], where: str) -> None:
-    """Refuse, in one line naming the key and the flag, what ``where`` asks for without its flag."""
-    for key, flag in needed:
-        if flag not in flags:
-            what = "sets environment variables" if flag == ALLOW_RECIPE_ENV else "runs code from the model folder"
-            raise PermissionError(f"{where}: `{key}` {what}; pass {flag} on the command line to allow it.")
-
-
-def _check_recipe(argv: list[str]) -> None:
-    """The ``--config`` recipe exists and asks for nothing that needs a command-line flag (before TRL applies it)."""
-    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
-        return
-    import yaml
-
-    path = Path(argv[argv.index("--config") + 1])
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {str(path)!r}: no such recipe file.")
-    recipe = yaml.safe_load(path.read_text())
-    if isinstance(recipe, dict):
-        check_permissions(recipe_permissions(recipe), given_flags(argv), f"recipe {str(path)!r}")
+OWN_SWITCHES = ("--no_launch",)  # hf-align's own flags: not fields, not accelerate's
 
 
 def _fail_on_unknown(name: str, config_remaining: list[str], cli_remaining: list[str]) -> None:
     """Unknown recipe fields are errors (a typo must not silently fall back to a default)."""
     from accelerate.commands.launch import launch_command_parser
+
+    from hf_align.cli.common import TRUST_REMOTE_CODE
 
     launcher = launch_command_parser()
     known_launch = {opt for action in launcher._actions for opt in action.option_strings}
@@ -190,8 +122,7 @@ def _resolve_resume(parsed: list) -> None:
 
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     """Validate, then run in-process (``launch=False``) or through ``accelerate launch``."""
-    _check_recipe(argv)
-    *parsed, config_remaining, cli_remaining = parse(name, argv)
+    *parsed, config_remaining, cli_remaining = parse(name, argv)  # checks the recipe's permissions first
     _fail_on_unknown(name, config_remaining, cli_remaining)
     _resolve_resume(parsed)
     no_launch = "--no_launch" in argv or os.environ.get("HF_ALIGN_NO_LAUNCH") == "1"
@@ -203,9 +134,11 @@ def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
+    from hf_align.cli.common import TRUST_REMOTE_CODE
+
     launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
-    ours = (TRUST_REMOTE_CODE, ALLOW_RECIPE_ENV)  # kept for the launched processes, which check them again
-    script_args = _subtract_subsequence(argv, [a for a in cli_remaining if a.split("=")[0] not in ours])
+    # --trust_remote_code stays on the launched processes' command line (they check the recipe again)
+    script_args = _subtract_subsequence(argv, [a for a in cli_remaining if a.split("=")[0] != TRUST_REMOTE_CODE])
     accelerate_args = launch_command_parser().parse_args(
         [*launch_args, "-m", "hf_align.cli.training", name, *script_args, "--no_launch"]
     )
