@@ -28,7 +28,9 @@ Rules (each one tested against a hand computation in ``tests/test_data_pool.py``
   best-scoring rows (``keep="best"``, ties → newer first); ``max_size`` then drops the oldest rows.
 
 Everything is vectorised numpy (no Python loop over the pool), the RNG is a seeded numpy
-``Generator`` whose state is saved with the pool (``pool.parquet`` + ``pool.json``, never pickle).
+``Generator`` whose state is saved with the pool (``pool.parquet`` + ``pool.json``, never pickle). Both files
+carry one save id (parquet schema metadata / JSON), so a pool whose two files come from different saves (a crash
+between the two renames) is refused on load instead of mixing one save's rows with another's RNG state.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ from typing import Any
 
 import numpy as np
 
-from hf_align.io import PathLike, atomic_file, read_json, write_json
+from hf_align.io import PathLike, atomic_files, check_same_save, new_save_id, read_json, write_json
 
 
 POOL_TABLE = "pool.parquet"
 POOL_META = "pool.json"
+_SAVE_ID = "save_id"  # in pool.json and in pool.parquet's schema metadata: which save wrote the file
 _NUMERIC = {"score": np.float64, "iteration": np.int64, "length": np.int64, "seq": np.int64}
 
 
@@ -364,7 +367,7 @@ class DataPool:
         }
 
     def save(self, directory: PathLike) -> None:
-        """Write ``pool.parquet`` (rows) and ``pool.json`` (settings + RNG state), each atomically."""
+        """Write ``pool.parquet`` (rows) and ``pool.json`` (settings + RNG state) as one unit, with one save id."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -380,11 +383,14 @@ class DataPool:
                 **{name: pa.array(getattr(self, name)) for name in _NUMERIC},
             }
         )
+        save_id = new_save_id()
+        table = table.replace_schema_metadata({_SAVE_ID: save_id})
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        with atomic_file(directory / POOL_TABLE, "wb") as handle:
-            handle.write(buffer.getvalue())
-        write_json(directory / POOL_META, {**self.state_dict(), "conversational_prompts": conversational})
+        meta = {**self.state_dict(), "conversational_prompts": conversational, _SAVE_ID: save_id}
+        with atomic_files(directory / POOL_TABLE, directory / POOL_META) as (table_tmp, meta_tmp):  # both or neither
+            table_tmp.write_bytes(buffer.getvalue())
+            write_json(meta_tmp, meta)
 
     @classmethod
     def load(cls, directory: PathLike) -> DataPool:
@@ -396,7 +402,10 @@ class DataPool:
         path = directory / POOL_TABLE
         if not path.exists():
             raise FileNotFoundError(f"Expected the data pool table at {str(path)!r}, but it does not exist.")
-        table = pq.read_table(path).to_pydict()
+        arrow_table = pq.read_table(path)
+        stored = {k.decode(): v.decode() for k, v in (arrow_table.schema.metadata or {}).items()}
+        check_same_save(path, directory / POOL_META, meta.get(_SAVE_ID), metadata=stored)
+        table = arrow_table.to_pydict()
         if len(table["score"]) != meta["num_rows"]:
             raise ValueError(f"{str(path)!r} has {len(table['score'])} rows but {POOL_META} says {meta['num_rows']}.")
         pool = cls(

@@ -161,6 +161,33 @@ def test_load_rejects_a_truncated_table(tmp_path):
         DataPool.load(tmp_path)
 
 
+def test_load_refuses_table_and_state_from_different_saves(tmp_path, monkeypatch):
+    """A crash between the two renames of a save leaves the new rows beside the old state (same row count here,
+    so only the save id can tell): the load must refuse, naming both files, not mix them silently."""
+    import os
+
+    first = DataPool()
+    first.add(["p"], ["old"], scores=[1.0])
+    first.save(tmp_path)
+    second = DataPool(seed=7)
+    second.add(["p"], ["new"], scores=[2.0])
+    real_replace = os.replace
+
+    def crash_before_the_state_lands(src, dst):
+        if str(dst) == str(tmp_path / "pool.json"):
+            raise OSError("killed between the two renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_before_the_state_lands)
+    with pytest.raises(OSError, match="killed"):
+        second.save(tmp_path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(ValueError, match=r"pool\.parquet.*pool\.json.*different saves"):
+        DataPool.load(tmp_path)
+    first.save(tmp_path)  # a complete save loads again
+    assert DataPool.load(tmp_path).completion.tolist() == ["old"]
+
+
 class _QuarkPoolTranscript:
     """Quark's DataPool.add (GXimingLu/Quark, data_pool.py) written out: re-sort the whole pool by score, best
     first, with Python's stable sort; N // K rows per bin token, the remainder in the last bin."""

@@ -108,5 +108,6 @@ def test_bad_pipeline_recipes_fail_before_running(tmp_path, capsys, text, messag
     recipe = tmp_path / "p.yaml"
     recipe.write_text(text)
     assert main(["pipeline", str(recipe), "--output_dir", str(tmp_path / "o"), "--model_name_or_path", "x"]) == 2
-    assert message in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()

@@ -264,3 +264,30 @@ def test_ama_merge_callback_output_is_the_same_after_a_resume(tmp_path):
     for name in merged[0]:
         assert torch.equal(merged[0][name], merged[1][name]), name
     assert (tmp_path / "resumed" / f"checkpoint-{STEPS}" / "ama_merged").is_dir()
+
+
+def test_cli_resume_true_skips_a_checkpoint_killed_mid_save(tmp_path):
+    """A kill while the Trainer writes checkpoint-4 leaves it without trainer_state.json (written last);
+    `--resume_from_checkpoint true` must resume from checkpoint-2, say which one it skipped, and finish."""
+    import json
+
+    from hf_align.cli import main
+
+    out = tmp_path / "out"
+    argv = [
+        "aligner-sft", "--no_launch", "--model_name_or_path", "testbed", "--dataset_name", "testbed:sft",
+        "--output_dir", str(out), "--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", str(SAVE_AT),
+        "--per_device_train_batch_size", "2", "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
+        "--logging_steps", "1", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (out / f"checkpoint-{STEPS}" / "trainer_state.json").unlink()  # the kill
+    state = out / f"checkpoint-{SAVE_AT}" / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    saved["log_history"].append({"step": SAVE_AT, "resumed_from_here": 1})  # only a real resume carries it over
+    state.write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match=f"checkpoint-{STEPS}.*trainer_state.json"):
+        assert main([*argv, "--resume_from_checkpoint", "true"]) == 0
+    final = json.loads((out / "trainer_state.json").read_text())
+    assert final["global_step"] == STEPS
+    assert any(entry.get("resumed_from_here") for entry in final["log_history"])

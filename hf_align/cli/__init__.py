@@ -1,13 +1,25 @@
 """``hf-align`` command line: ``hf-align <command> [--config recipe.yaml] [--field value ...]``.
 
 Each command lives in its own module under ``hf_align.cli`` with a ``main(argv)`` function and is
-listed in :data:`COMMANDS`; this module only dispatches.
+listed in :data:`COMMANDS`; this module only dispatches, and turns a user's mistake (a bad field, a missing
+file, an output that exists) into one line on stderr and exit code 2; ``hf-align --debug <command>`` (or
+``HF_ALIGN_DEBUG=1``) shows the traceback instead. The current folder is not on the import path of a command
+(``python -m hf_align.cli`` would put it there): a ``module:function`` in a recipe is imported from installed
+packages and ``PYTHONPATH`` only, whether the command runs in-process or under ``accelerate launch``.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Callable
+
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+"""What a bad recipe, argument or path raises (configs check their fields in ``__post_init__``); also a
+``SystemExit`` with a message (the training commands' unknown recipe fields)."""
+DEBUG_ENV = "HF_ALIGN_DEBUG"
 
 
 # name -> (module under hf_align.cli, one-line help)
@@ -49,6 +61,7 @@ def _usage() -> str:
         "options:",
         "  -h, --help     show this message and exit",
         "  -V, --version  print the hf-align version and exit",
+        "  --debug        (before the command) show the traceback of an error instead of one line",
         "",
         "Run `hf-align <command> --help` for a command's options. Training commands take `--config recipe.yaml`",
         "plus any field as `--field value`, and accelerate's launch flags (`--num_processes`, `--config_file`).",
@@ -56,8 +69,32 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def run_guarded(name: str, func: Callable[[], int | None]) -> int:
+    """``func()``'s exit code; a user error becomes ``hf-align <name>: <message>`` on stderr and code 2."""
+    try:
+        return int(func() or 0)
+    except (*USER_ERRORS, SystemExit) as err:
+        if os.environ.get(DEBUG_ENV) == "1" or (isinstance(err, SystemExit) and not isinstance(err.code, str)):
+            raise  # argparse's own exit (usage + code 2 already printed) or --debug
+        message = " ".join(str(err).split()) or type(err).__name__
+        prefix = f"hf-align {name}: "
+        print(message if message.startswith(prefix) else prefix + message, file=sys.stderr, flush=True)
+        return 2
+
+
+def _drop_implicit_cwd() -> None:
+    """``python -m hf_align.cli`` puts the current folder first on ``sys.path``; the console script does not."""
+    if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
+        sys.path.pop(0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _drop_implicit_cwd()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"]:
+        os.environ[DEBUG_ENV] = "1"  # inherited by the processes `accelerate launch` starts
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -70,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     from hf_align.cli.training import TRAINING_COMMANDS, run_command
 
     if name in TRAINING_COMMANDS:
-        return run_command(name, rest)
+        return run_guarded(name, lambda: run_command(name, rest))
     if name not in COMMANDS:
         print(f"hf-align: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}")
-    return int(module.main(rest) or 0)
+    return run_guarded(name, lambda: module.main(rest))
 
 
 if __name__ == "__main__":

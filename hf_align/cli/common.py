@@ -1,4 +1,9 @@
-"""What every training command shares: parsers, model and dataset resolution, column checks.
+"""What every training command shares: parsers, model and dataset resolution, column checks, recipe permissions.
+
+A recipe is a file someone may have sent you, so two of its keys need a flag on the command line: ``env:`` (TRL's
+``TrlParser`` copies it into ``os.environ``; ``PYTHONPATH`` alone can make every process import a
+``sitecustomize.py``) needs ``--allow_recipe_env``, and ``trust_remote_code: true`` (also inside any
+``*_init_kwargs``) needs ``--trust_remote_code``.
 
 Model names: a Hub id, a local directory, or ``testbed`` (the shipped tiny model).
 Dataset names: a Hub id, a ``save_to_disk`` directory, a data file (``.json``/``.jsonl``/``.parquet``/``.csv``),
@@ -8,6 +13,7 @@ or ``testbed:<kind>`` with kind one of ``preference``, ``sft``, ``prompts``, ``f
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,13 +22,108 @@ from datasets import Dataset, DatasetDict
 
 
 TESTBED_KINDS = ("preference", "sft", "prompts", "forget", "retain")
+ALLOW_RECIPE_ENV = "--allow_recipe_env"
+TRUST_REMOTE_CODE = "--trust_remote_code"
 
 
 def make_trl_parser(config_class: type, prog: str, extra: tuple[type, ...] = ()):
-    """``TrlParser`` over (ScriptArguments, <config>, ModelConfig, *extra): YAML recipe + CLI overrides."""
+    """``TrlParser`` over (ScriptArguments, <config>, ModelConfig, *extra): YAML recipe + CLI overrides.
+
+    Its ``parse_args_and_config`` first runs :func:`check_recipe` (before TRL copies the recipe's ``env:`` into
+    ``os.environ``) and drops ``--allow_recipe_env``, which is hf-align's switch, not a field.
+    """
     from trl import ModelConfig, ScriptArguments, TrlParser
 
-    return TrlParser((ScriptArguments, config_class, ModelConfig, *extra), prog=prog)
+    class CheckedTrlParser(TrlParser):
+        def parse_args_and_config(self, args=None, *rest, **kwargs):
+            args = list(sys.argv[1:] if args is None else args)
+            check_recipe(args)
+            return super().parse_args_and_config([a for a in args if a != ALLOW_RECIPE_ENV], *rest, **kwargs)
+
+    return CheckedTrlParser((ScriptArguments, config_class, ModelConfig, *extra), prog=prog)
+
+
+def recipe_permissions(recipe: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, command-line flag) for each thing in ``recipe`` that only a command-line flag may switch on."""
+    needed = []
+    if recipe.get("env"):
+        needed.append(("env", ALLOW_RECIPE_ENV))
+    if _truthy(recipe.get("trust_remote_code")):
+        needed.append(("trust_remote_code", TRUST_REMOTE_CODE))
+    for key, value in recipe.items():
+        if str(key).endswith("init_kwargs") and _truthy(_as_mapping(value).get("trust_remote_code")):
+            needed.append((f"{key}.trust_remote_code", TRUST_REMOTE_CODE))
+    return needed
+
+
+def _as_mapping(value: Any) -> dict:
+    """A ``*_init_kwargs`` value: a mapping in YAML, a JSON string once it is a command-line argument."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "yes", "1")
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The permission flags switched on in ``argv`` (``--trust_remote_code`` alone, ``=true`` or ``true``)."""
+    flags = set()
+    for index, arg in enumerate(argv):
+        flag, sep, value = arg.partition("=")
+        if flag == ALLOW_RECIPE_ENV:
+            flags.add(flag)
+        elif flag == TRUST_REMOTE_CODE:
+            following = argv[index + 1] if index + 1 < len(argv) else "--"
+            value = value if sep else ("true" if following.startswith("--") else following)
+            if _truthy(value):
+                flags.add(flag)
+    return flags
+
+
+def check_permissions(needed: list[tuple[str, str]], flags: set[str], where: str) -> None:
+    """Refuse, in one line naming the key and the flag, what ``where`` asks for without its flag."""
+    for key, flag in needed:
+        if flag not in flags:
+            what = "sets environment variables" if flag == ALLOW_RECIPE_ENV else "runs code from the model folder"
+            raise PermissionError(f"{where}: `{key}` {what}; pass {flag} on the command line to allow it.")
+
+
+def check_recipe(argv: list[str]) -> None:
+    """The ``--config`` recipe exists and asks for nothing that needs a command-line flag (before TRL applies it)."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return
+    import yaml
+
+    path = Path(argv[argv.index("--config") + 1])
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {str(path)!r}: no such recipe file.")
+    recipe = yaml.safe_load(path.read_text())
+    if isinstance(recipe, dict):
+        check_permissions(recipe_permissions(recipe), given_flags(argv), f"recipe {str(path)!r}")
+
+
+def refuse_existing_output(path: str | Path, flag: str, overwrite: bool, names: Iterable[str] | None = None) -> None:
+    """Refuse to replace an existing output unless ``--overwrite`` was given; the error names both flags.
+
+    ``names``: the files a command writes into the folder ``path`` (it touches nothing else there), so only those
+    count; without ``names`` any existing file, or a folder with anything in it, counts.
+    """
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    if names is not None:
+        clashes = sorted(name for name in names if (path / name).exists())
+        if clashes:
+            raise FileExistsError(f"{flag} {str(path)!r} already holds {clashes}; pass --overwrite to replace them.")
+    elif not path.is_dir() or any(path.iterdir()):
+        raise FileExistsError(f"{flag} {str(path)!r} already exists and is not empty; pass --overwrite to replace it.")
 
 
 def resolve_model_path(name: str) -> str:

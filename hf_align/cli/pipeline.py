@@ -17,24 +17,41 @@ A pipeline recipe lists stages; each runs one hf-align command with its own reci
 ``--model_name_or_path {model}`` and ``--output_dir`` unless their args say otherwise; other commands get
 ``--output``. A stage is complete only once ``pipeline_stage.json`` in its folder says so (written atomically after
 the command returned): re-running skips completed stages and resumes an interrupted training stage from its last
-``checkpoint-*``. Each stage folder keeps its resolved command line in that file. A summary table ends the run.
+``checkpoint-*`` (the last *complete* one, see :mod:`hf_align.checkpoints`). Each stage folder keeps its resolved
+command line in that file. A summary table ends the run.
+
+The pipeline only ever removes a folder it wrote itself: an existing stage folder without its
+``pipeline_stage.json`` is refused, naming it. ``output_dir`` is locked while a pipeline runs (``.pipeline.lock``,
+created exclusively, holding host and pid); a lock left by a dead process on this host is taken over with a
+warning. ``trust_remote_code`` or ``allow_recipe_env`` in the pipeline recipe's ``set``/``args`` is refused unless the
+pipeline itself got ``--trust_remote_code`` / ``--allow_recipe_env``, which it then passes to every training stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import re
 import shutil
+import socket
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from hf_align.checkpoints import last_complete_checkpoint
+from hf_align.cli.common import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions, recipe_permissions
 from hf_align.io import read_json, write_json
 
 
 STAGE_FILE = "pipeline_stage.json"
+LOCK_FILE = ".pipeline.lock"
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 _STAGE_KEYS = {"name", "command", "recipe", "args"}
 _PIPELINE_KEYS = {"output_dir", "model_name_or_path", "set", "stages"}
@@ -53,7 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Give FIELD=VALUE to every training stage (repeatable), e.g. --set max_steps=2.",
     )
     parser.add_argument("--no_launch", action="store_true", help="Run training stages in this process.")
+    parser.add_argument(
+        ALLOW_RECIPE_ENV, action="store_true", help="Let the stage recipes' `env:` set environment variables."
+    )
+    parser.add_argument(
+        TRUST_REMOTE_CODE, action="store_true", help="Let stages load models whose folder ships Python code."
+    )
     return parser
+
+
+class StageFailed(RuntimeError):
+    """A stage's command returned a non-zero exit code (it printed its own error)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def load_pipeline(path: Path) -> dict[str, Any]:
@@ -115,9 +146,71 @@ def _flag_args(args: dict[str, Any], outputs: dict[str, str], training: bool) ->
     return argv
 
 
-def _latest_checkpoint(directory: Path) -> Path | None:
-    checkpoints = [p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
+@contextlib.contextmanager
+def output_lock(output_dir: Path) -> Iterator[Path]:
+    """Hold ``output_dir/.pipeline.lock`` (O_EXCL, host + pid) so two pipelines never write one folder at once."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = output_dir / LOCK_FILE
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    if not _try_create(lock, owner):
+        holder = _lock_holder(lock)
+        if holder.get("host") != owner["host"] or _pid_alive(holder.get("pid")):
+            raise FileExistsError(
+                f"{str(lock)!r} is held by pid {holder.get('pid')} on {holder.get('host')!r}: another pipeline is "
+                "writing this output_dir; wait for it, or delete the lock file if that process is gone."
+            )
+        warnings.warn(
+            f"Taking over the stale lock {str(lock)!r} of pid {holder.get('pid')} (no longer running).", stacklevel=2
+        )
+        lock.unlink(missing_ok=True)
+        if not _try_create(lock, owner):
+            raise FileExistsError(f"{str(lock)!r} was taken by another pipeline just now; wait for it.")
+    try:
+        yield lock
+    finally:
+        if _lock_holder(lock) == owner:
+            lock.unlink(missing_ok=True)
+
+
+def _try_create(lock: Path, owner: dict) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        json.dump(owner, handle)
+    return True
+
+
+def _lock_holder(lock: Path) -> dict:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):  # unreadable or half-written: treat as held by an unknown process
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown holder: never take the lock over
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _check_ours(directory: Path) -> None:
+    """A stage folder that exists with content but without our marker belongs to someone else: refuse."""
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / STAGE_FILE).exists():
+        raise FileExistsError(
+            f"{str(directory)!r} exists and was not written by the pipeline (no {STAGE_FILE}); move it away or "
+            "choose another --output_dir."
+        )
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{str(directory)!r} exists and is not a folder; choose another --output_dir.")
 
 
 def _metric(directory: Path) -> str:
@@ -153,19 +246,31 @@ def stage_argv(
     return argv + _flag_args(args, outputs, training)
 
 
+def _check_recipe_permissions(recipe: dict, path: Path, flags: set[str]) -> None:
+    """``set`` and each stage's ``args`` come from a file: they cannot switch on what needs a command-line flag."""
+    sources = [("set", recipe.get("set") or {})]
+    sources += [(f"stage {stage['name']!r} args", stage.get("args") or {}) for stage in recipe["stages"]]
+    for where, args in sources:
+        needed = recipe_permissions(args)
+        if "allow_recipe_env" in args:
+            needed.append(("allow_recipe_env", ALLOW_RECIPE_ENV))
+        check_permissions(needed, flags, f"{str(path)!r}, {where}")
+
+
 def run_stage(stage: dict, argv: list[str], launch: bool | None) -> None:
+    """Run one stage's command; its own errors print as one line (``run_guarded``), then :class:`StageFailed`."""
+    from hf_align.cli import COMMANDS, run_guarded
     from hf_align.cli.training import TRAINING_COMMANDS, run_command
 
-    if stage["command"] in TRAINING_COMMANDS:
-        code = run_command(stage["command"], argv, launch=launch)
+    name = stage["command"]
+    if name in TRAINING_COMMANDS:
+        code = run_guarded(name, lambda: run_command(name, argv, launch=launch))
     else:
         import importlib
 
-        from hf_align.cli import COMMANDS
-
-        code = importlib.import_module(f"hf_align.cli.{COMMANDS[stage['command']][0]}").main(argv)
+        code = run_guarded(name, lambda: importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}").main(argv))
     if code:
-        raise RuntimeError(f"Stage {stage['name']!r} ({stage['command']}) failed with exit code {code}.")
+        raise StageFailed(f"stage {stage['name']!r} ({stage['command']}) failed with exit code {code}.", int(code))
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -182,13 +287,32 @@ def run(args: argparse.Namespace) -> list[dict]:
         if not sep or not key:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}.")
         overrides[key] = value
+    flags = {flag for flag in (ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE) if getattr(args, flag.lstrip("-"))}
+    _check_recipe_permissions(recipe, path, flags)
     outputs = {"model": str(model), "output_dir": str(output_dir)}
     outputs.update({stage["name"]: str(output_dir / stage["name"]) for stage in recipe["stages"]})
+    with output_lock(output_dir):
+        for stage in recipe["stages"]:  # before anything runs: refuse folders someone else made
+            _check_ours(output_dir / stage["name"])
+        summary = _run_stages(recipe, path, outputs, defaults, overrides, sorted(flags), args.no_launch)
+    _print_summary(summary)
+    return summary
+
+
+def _run_stages(
+    recipe: dict,
+    path: Path,
+    outputs: dict[str, str],
+    defaults: dict[str, str],
+    overrides: dict[str, str],
+    flags: list[str],
+    no_launch: bool,
+) -> list[dict]:
     from hf_align.cli.training import TRAINING_COMMANDS
 
     summary = []
     for stage in recipe["stages"]:
-        directory = output_dir / stage["name"]
+        directory = Path(outputs[stage["name"]])
         marker = directory / STAGE_FILE
         done = read_json(marker) if marker.exists() else {}
         if done.get("status") == "complete":
@@ -197,21 +321,22 @@ def run(args: argparse.Namespace) -> list[dict]:
             continue
         argv = stage_argv(stage, path.parent, outputs, defaults, overrides)
         training = stage["command"] in TRAINING_COMMANDS
-        checkpoint = _latest_checkpoint(directory) if training and directory.exists() else None
+        checkpoint = last_complete_checkpoint(directory) if training else None
+        if training:
+            argv += flags
         if checkpoint is not None:
             argv += ["--resume_from_checkpoint", str(checkpoint)]
         elif directory.exists() and not training:
-            shutil.rmtree(directory)  # a half-written selection or labelling: redo it from scratch
+            shutil.rmtree(directory)  # our own half-written selection or labelling (_check_ours): redo it
         record = {"name": stage["name"], "command": stage["command"], "argv": argv, "status": "running"}
         write_json(marker, record)
         print(f"[pipeline] {stage['name']}: hf-align {stage['command']} {' '.join(argv)}", flush=True)
         start = time.time()
-        run_stage(stage, argv, launch=False if args.no_launch else None)
+        run_stage(stage, argv, launch=False if no_launch else None)
         seconds, metric = time.time() - start, _metric(directory)
         write_json(marker, {**record, "status": "complete", "seconds": seconds, "metric": metric})
         status = f"resumed from {checkpoint.name}" if checkpoint is not None else "ran"
         summary.append(_row(stage, status, seconds, directory, metric))
-    _print_summary(summary)
     return summary
 
 
@@ -228,10 +353,11 @@ def _print_summary(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors in the recipe surface through ``hf_align.cli.run_guarded`` (one line, exit code 2)."""
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"hf-align pipeline: {err}", flush=True)
-        return 2
+    except StageFailed as err:  # the stage printed its own error; say which stage it was
+        print(f"hf-align pipeline: {err}", file=sys.stderr, flush=True)
+        return err.code
     return 0

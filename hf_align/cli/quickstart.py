@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_pairs", type=int, default=512, help="Preference pairs generated from the testbed task.")
     parser.add_argument("--eval_prompts", type=int, default=256, help="Prompts sampled to measure the reward.")
     parser.add_argument("--output_dir", default=None, help="Where the aligned model goes (default: a temp dir).")
+    parser.add_argument("--overwrite", action="store_true", help="Write into an --output_dir that is not empty.")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -61,7 +62,10 @@ def run(args: argparse.Namespace) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from hf_align import testbed
+    from hf_align.cli.common import refuse_existing_output
 
+    if args.output_dir:
+        refuse_existing_output(args.output_dir, "--output_dir", args.overwrite)
     tb = testbed.load()
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="hf-align-quickstart-")
     before = tb.mean_reward(num_prompts=args.eval_prompts)

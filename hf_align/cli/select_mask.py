@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from hf_align.scores import GRANULARITIES, load_scores, save_scores, weight_diff_scores
+from hf_align.scores import GRANULARITIES, SCORES_FILE, load_scores, save_scores, weight_diff_scores
+from hf_align.scores import META_FILE as SCORES_META
 
 
 HEATMAP_FILE = "selection_heatmap.png"
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--target", default=None, help="Regex on parameter names to restrict the selection.")
     parser.add_argument("--output", required=True, help="Folder to write the mask (and plots) into.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace a mask, scores or plots already in --output."
+    )
     parser.add_argument("--plot", action="store_true", help="Also write the heatmap and score-distribution PNGs.")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Also upload the mask (with a model card) here.")
     return parser
@@ -73,11 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("hf-align select-mask: --plot needs matplotlib: pip install 'hf-align[plots]'", file=sys.stderr)
             return 2
-    try:
+    from hf_align.cli.common import refuse_existing_output
+    from hf_align.masks import MASK_FILE, MASK_META_FILE
+
+    written = [MASK_FILE, MASK_META_FILE, *((SCORES_FILE, SCORES_META) if args.init else ())]
+    written += [HEATMAP_FILE, DISTRIBUTION_FILE] if args.plot else []
+    refuse_existing_output(args.output, "--output", args.overwrite, names=written)  # before any work
+    try:  # the other errors print as one line through hf_align.cli.run_guarded
         scores = _load_or_compute_scores(args)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"hf-align select-mask: {err}", file=sys.stderr)
-        return 2
+    except KeyError as err:  # a tensor missing from a checkpoint
+        raise ValueError(err.args[0]) from None
     from hf_align.masks import NeuronMask
 
     mask = NeuronMask.from_scores(

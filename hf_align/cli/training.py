@@ -7,6 +7,13 @@ before anything is launched or loaded), then hands the same arguments to ``accel
 hf_align.cli.training <command> ...``; each launched process parses again and runs the command's
 ``run`` function. ``--no_launch`` (or ``HF_ALIGN_NO_LAUNCH=1``) runs in the current process, which
 is what tests and debuggers want.
+
+Two things a recipe cannot switch on by itself, because a recipe is a file someone may have sent you: its
+``env:`` mapping (TRL's ``TrlParser`` copies it into ``os.environ``, so ``PYTHONPATH`` could make every
+process import a ``sitecustomize.py``) needs ``--allow_recipe_env``, and ``trust_remote_code: true`` (also inside
+``model_init_kwargs``) needs ``--trust_remote_code``, both given on the command line. ``module:function`` names
+in a recipe (``reward_funcs``, ``feedback_fn``) are imported from the installed packages and ``PYTHONPATH``
+only: the current folder is never put on the import path, in-process or in the launched processes.
 """
 
 from __future__ import annotations
@@ -80,13 +87,18 @@ def parse(name: str, argv: list[str]):
     return parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
 
 
+OWN_SWITCHES = ("--no_launch",)  # hf-align's own flags: not fields, not accelerate's
+
+
 def _fail_on_unknown(name: str, config_remaining: list[str], cli_remaining: list[str]) -> None:
     """Unknown recipe fields are errors (a typo must not silently fall back to a default)."""
     from accelerate.commands.launch import launch_command_parser
 
+    from hf_align.cli.common import TRUST_REMOTE_CODE
+
     launcher = launch_command_parser()
     known_launch = {opt for action in launcher._actions for opt in action.option_strings}
-    known_launch |= {"--accelerate_config", "--no_launch"}
+    known_launch |= {"--accelerate_config", TRUST_REMOTE_CODE, *OWN_SWITCHES}
     unknown = [arg for arg in config_remaining if arg.startswith("--") and arg.split("=")[0] not in known_launch]
     if unknown:
         fields = ", ".join(arg.lstrip("-").split("=")[0] for arg in unknown)
@@ -99,10 +111,20 @@ def _fail_on_unknown(name: str, config_remaining: list[str], cli_remaining: list
         raise SystemExit(f"hf-align {name}: unrecognized argument(s): {' '.join(unknown_cli)}")
 
 
+def _resolve_resume(parsed: list) -> None:
+    """``resume_from_checkpoint`` → the last *complete* checkpoint (or refused), before any model is loaded."""
+    from hf_align.checkpoints import resolve_resume_checkpoint
+
+    for args in parsed:
+        if hasattr(args, "resume_from_checkpoint") and hasattr(args, "output_dir"):
+            args.resume_from_checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+
+
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     """Validate, then run in-process (``launch=False``) or through ``accelerate launch``."""
-    *parsed, config_remaining, cli_remaining = parse(name, argv)
+    *parsed, config_remaining, cli_remaining = parse(name, argv)  # checks the recipe's permissions first
     _fail_on_unknown(name, config_remaining, cli_remaining)
+    _resolve_resume(parsed)
     no_launch = "--no_launch" in argv or os.environ.get("HF_ALIGN_NO_LAUNCH") == "1"
     if launch is None:
         launch = not no_launch
@@ -112,8 +134,11 @@ def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
+    from hf_align.cli.common import TRUST_REMOTE_CODE
+
     launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
-    script_args = _subtract_subsequence(argv, cli_remaining)
+    # --trust_remote_code stays on the launched processes' command line (they check the recipe again)
+    script_args = _subtract_subsequence(argv, [a for a in cli_remaining if a.split("=")[0] != TRUST_REMOTE_CODE])
     accelerate_args = launch_command_parser().parse_args(
         [*launch_args, "-m", "hf_align.cli.training", name, *script_args, "--no_launch"]
     )
@@ -126,7 +151,19 @@ def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
         print(
             f"[hf-align] no GPU: {accelerate_args.num_processes} CPU processes (torch.distributed, gloo)", flush=True
         )
-    launch_command(accelerate_args)
+    import subprocess
+
+    safe_path = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"  # `python -m` in each process must not put the current folder on sys.path
+    try:
+        launch_command(accelerate_args)
+    except subprocess.CalledProcessError as err:  # the process already printed its one-line error
+        return err.returncode or 1
+    finally:
+        if safe_path is None:
+            os.environ.pop("PYTHONSAFEPATH")
+        else:
+            os.environ["PYTHONSAFEPATH"] = safe_path
     return 0
 
 
@@ -144,5 +181,7 @@ def _needs_cpu_processes(accelerate_args) -> bool:
 
 
 if __name__ == "__main__":  # entry point inside each process started by `accelerate launch`
+    from hf_align.cli import run_guarded
+
     command, *rest = sys.argv[1:]
-    sys.exit(run_command(command, [a for a in rest if a != "--no_launch"], launch=False))
+    sys.exit(run_guarded(command, lambda: run_command(command, [a for a in rest if a != "--no_launch"], launch=False)))
