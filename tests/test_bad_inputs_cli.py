@@ -386,3 +386,33 @@ def test_adaptive_merge_recipe_env_needs_the_flag_too(tmp_path, capsys, monkeypa
     line = _one_line(capsys.readouterr().err)
     assert "`env`" in line and "--allow_recipe_env" in line and str(recipe) in line
     assert VAR not in os.environ and not (tmp_path / "out").exists()
+
+
+def test_merge_refuses_an_existing_output_naming_the_flag(tmp_path, capsys):
+    from hf_align import testbed
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's notes")
+    argv = ["merge", "--base", str(testbed.MODEL_DIR), "--aligned", str(testbed.MODEL_DIR), "--output", str(out)]
+    assert main([*argv, "--alpha", "0.3", "--no-progress"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--output" in line and "--overwrite" in line and str(out) in line and "overwrite=True" not in line
+    assert (out / "mine.txt").read_text() == "the user's notes" and sorted(p.name for p in out.iterdir()) == [
+        "mine.txt"
+    ]
+
+
+def test_adaptive_merge_refuses_an_existing_merged_output_naming_the_flag(tmp_path, capsys):
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "mine.txt").write_text("keep")
+    argv = [
+        "adaptive-merge", "--model_name_or_path", "testbed", "--base_model_name_or_path", "testbed",
+        "--dataset_name", "testbed:sft", "--output_dir", str(tmp_path / "out"), "--merged_output_dir", str(merged),
+        "--use_cpu", "true", "--report_to", "none",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--merged_output_dir" in line and "--overwrite" in line and str(merged) in line
+    assert (merged / "mine.txt").read_text() == "keep" and not (tmp_path / "out").exists()

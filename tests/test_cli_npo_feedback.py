@@ -1,6 +1,7 @@
 """``hf-align npo``, ``hf-align feedback`` and ``hf-align label-tokens`` end to end on the testbed (in-process)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -123,19 +124,35 @@ def test_npo_on_labeled_data_with_mask_and_retain(tmp_path):
     assert changed > 0
 
 
-def test_npo_bad_field_value_and_columns_are_named(tmp_path):
+def _refused(capsys, argv, pattern):
+    """A user's mistake: exit code 2 and one line on stderr that names it (no traceback)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(pattern, err), err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_npo_bad_field_value_and_columns_are_named(tmp_path, capsys):
     out = tmp_path / "out"
     common = [*TINY, "--output_dir", str(out)]
-    with pytest.raises(SystemExit, match="npo_levl"):
-        main(["npo", *common, "--dataset_name", "testbed:forget", "--npo_levl", "token"])
-    with pytest.raises(ValueError, match="npo_level must be 'sequence' or 'token', got 'word'"):
-        main(["npo", *common, "--dataset_name", "testbed:forget", "--npo_level", "word"])
+    _refused(capsys, ["npo", *common, "--dataset_name", "testbed:forget", "--npo_levl", "token"], "npo_levl")
+    _refused(
+        capsys,
+        ["npo", *common, "--dataset_name", "testbed:forget", "--npo_level", "word"],
+        "npo_level must be 'sequence' or 'token', got 'word'",
+    )
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"question": "1+1=", "answer": "2 ugh"}) + "\n")
-    with pytest.raises(ValueError, match=r"forget data needs the columns prompt/completion.*\['question', 'answer'\]"):
-        main(["npo", *common, "--dataset_name", str(data)])
-    with pytest.raises(ValueError, match=r"retain_dataset_name 'testbed:prompts'.*'completion'"):
-        main(["npo", *common, "--dataset_name", "testbed:forget", "--retain_dataset_name", "testbed:prompts"])
+    _refused(
+        capsys,
+        ["npo", *common, "--dataset_name", str(data)],
+        r"forget data needs the columns prompt/completion.*\['question', 'answer'\]",
+    )
+    _refused(
+        capsys,
+        ["npo", *common, "--dataset_name", "testbed:forget", "--retain_dataset_name", "testbed:prompts"],
+        r"retain_dataset_name 'testbed:prompts'.*'completion'",
+    )
     assert not out.exists()
 
 

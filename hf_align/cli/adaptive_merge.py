@@ -27,6 +27,9 @@ class MergeOutputArguments:
     merge_dtype: str = field(default="auto", metadata={"help": "Output dtype: auto, bfloat16, float16, float32."})
     max_shard_size: str = field(default="500MB", metadata={"help": "Largest output shard, e.g. 500MB, 2GB."})
     skip_merge: bool = field(default=False, metadata={"help": "Only learn and save the α's."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an existing non-empty --merged_output_dir (refused otherwise)."}
+    )
 
 
 def make_parser(prog: str = "hf-align adaptive-merge"):
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     script_args, config, model_args, merge_args = parser.parse_args_and_config(argv)
-    from hf_align.cli.common import load_dataset_any, resolve_model_path, split
+    from hf_align.checkpoints import resolve_resume_checkpoint
+    from hf_align.cli.common import load_dataset_any, refuse_existing_output, resolve_model_path, split
     from hf_align.trainers.adaptive_merge import AdaptiveMergeTrainer
 
     if not model_args.model_name_or_path:
@@ -52,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     aligned = resolve_model_path(model_args.model_name_or_path)
     base = resolve_model_path(config.base_model_name_or_path)
     merged_dir = Path(merge_args.merged_output_dir or Path(config.output_dir) / "merged")
-    if merged_dir.exists() and any(merged_dir.iterdir()) and not merge_args.skip_merge:
-        parser.error(f"--merged_output_dir {str(merged_dir)!r} already exists and is not empty.")
+    if not merge_args.skip_merge:
+        refuse_existing_output(merged_dir, "--merged_output_dir", merge_args.overwrite)
+    resume = resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
     train = split(dataset, script_args.dataset_train_split, f"dataset_name {script_args.dataset_name!r}")
     trainer = AdaptiveMergeTrainer(aligned, base_model=base, args=config, train_dataset=train)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     learned = trainer.learned_alphas()
     print(f"learned α per block: {[round(a, 4) for a in learned.block_alphas]}, lm_head: {learned.head_alpha:.4f}")

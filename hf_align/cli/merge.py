@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             )
 
+    from hf_align.cli.common import refuse_existing_output
+
     try:
+        refuse_existing_output(args.output, "--output", args.overwrite)
         result = merge_models(
             args.base,
             args.aligned,
