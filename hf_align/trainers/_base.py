@@ -218,7 +218,7 @@ def model_card_for(trainer, model_name: str | None = None, dataset_name: str | N
     else:
         base = get_config_model_id(model.config) if hasattr(model, "config") else None
     paper = getattr(trainer, "_paper", {}) or {}
-    method = f"Trained with hf-align's `{type(trainer).__name__}` ({trainer._name})"
+    method = f"Trained with hf-align's `{type(trainer).__name__}` ({getattr(trainer, '_name', 'hf-align')})"
     if paper.get("id"):
         method += f", the method of [{paper['title']}](https://huggingface.co/papers/{paper['id']})"
     repo = trainer.args.hub_model_id or f"./{Path(trainer.args.output_dir).name}"
@@ -227,7 +227,9 @@ def model_card_for(trainer, model_name: str | None = None, dataset_name: str | N
     return build_model_card(
         title=model_name or Path(trainer.args.output_dir).name,
         method=method + ".",
-        how_to_load=_how_to_load(trainer, repo),
+        how_to_load=trainer.card_how_to_load(repo)
+        if hasattr(trainer, "card_how_to_load")
+        else _how_to_load(trainer, repo),
         base_model=base,
         datasets=[dataset_name] if dataset_name else None,
         hyperparameters=_card_hyperparameters(trainer),

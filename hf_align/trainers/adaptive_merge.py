@@ -17,6 +17,7 @@ from transformers import Trainer
 from trl.trainer.base_config import _BaseConfig
 
 from hf_align.architectures import layer_index
+from hf_align.hub import CITATIONS
 from hf_align.io import PathLike, write_json
 from hf_align.merging.adaptive import (
     LearnedAlphas,
@@ -159,6 +160,17 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
     ``save_model`` write only ``ama_alphas.safetensors`` + ``ama_alphas.json``; :meth:`merge` writes the
     averaged model with the learned α's through the streaming merge.
     """
+
+    _name = "AdaptiveMerge"
+    _tag_names = ["hf-align", "ama", "model-merging"]
+    _paper = {"title": "Mitigating the Alignment Tax of RLHF", "id": "2309.06256", "citation": CITATIONS["ama"]}
+
+    def card_how_to_load(self, repo: str) -> str:
+        """The folder holds the learned α's, not a model: merge with them (the model card's snippet)."""
+        return (
+            "from hf_align.merging.adaptive import LearnedAlphas\n\n"
+            f'alphas = LearnedAlphas.load("{repo}")  # then: hf-align adaptive-merge ... or AdaptiveMergeTrainer.merge'
+        )
 
     def __init__(self, model, base_model=None, args: AdaptiveMergeConfig | None = None, train_dataset=None,
                  processing_class=None, data_collator=None, **kwargs):  # fmt: skip
