@@ -23,6 +23,7 @@ The sequence score is ``Σ_t w_t · log π(y_t | x, y_<t)``, for the policy and 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,6 +78,8 @@ def normalize_token_weights(
     """
     if weights is None:
         raise ValueError(f"Column {column!r}, row {row}: weights are missing (None); give one float per token.")
+    if isinstance(weights, str | bytes):  # "1101" would otherwise read as four weights
+        raise ValueError(f"Column {column!r}, row {row}: expected a list of numbers, got the string {weights!r}.")
     try:
         values = [float(w) for w in weights]
     except (TypeError, ValueError):
@@ -127,7 +130,15 @@ def normalize_weight_columns(
         }
 
     kwargs = {"desc": "Checking token weights"} if hasattr(dataset, "num_rows") else {}
-    return dataset.map(_normalize, with_indices=True, **kwargs)
+    dataset = dataset.map(_normalize, with_indices=True, **kwargs)
+    if hasattr(dataset, "num_rows"):
+        for weight_col in columns:
+            if not any(any(w != 0 for w in weights) for weights in dataset[weight_col]):
+                warnings.warn(
+                    f"Column {weight_col!r} is 0 for every token of every row: that side contributes nothing.",
+                    stacklevel=2,
+                )
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------------------------
