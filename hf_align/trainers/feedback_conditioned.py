@@ -272,7 +272,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
     ):
         args = args if args is not None else FeedbackConditionedConfig(output_dir="feedback-conditioned")
         self.args = args  # read by the set-up steps (offline tokenization); Trainer.__init__ sets it again
-        self.format = FeedbackFormat.from_args(args)
+        self.feedback_format = FeedbackFormat.from_args(args)
         model, tokenizer = self._setup_model(model, processing_class, args, peft_config)
         self._setup_feedback_sources(args, reward_funcs, feedback_fn)
         self.pool = DataPool(
@@ -321,14 +321,12 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.feedback_tokens = add_quantile_tokens(
-            model, tokenizer, self.format.tokens, args.seed, peft=peft_config is not None
+            model, tokenizer, self.feedback_format.tokens, args.seed, peft=peft_config is not None
         )
         if peft_config is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        if is_peft_model(model) and args.gradient_checkpointing:
-            model.enable_input_require_grads()  # as TRL's trainers: checkpointed LoRA layers need input grads
         self._processing = tokenizer  # the rendering helpers run before super().__init__ sets processing_class
         return model, tokenizer
 
@@ -384,15 +382,15 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
 
     def render_feedback(self, row_or_bin: dict | int) -> str:
         """The feedback string of a pool row (or of a quantile bin index)."""
-        return self.format.label(row_or_bin)
+        return self.feedback_format.label(row_or_bin)
 
     def best_feedback(self) -> str:
         """What sampling (after iteration 1) and :meth:`generate` condition on by default."""
-        return self.format.best(self.pool)
+        return self.feedback_format.best(self.pool)
 
     def render_prompt(self, prompt: str | list[dict], feedback: str | None) -> str:
         """Conditioned prompt text (``feedback=None``: the unconditioned form)."""
-        return self.format.render(prompt, feedback, self._processing)
+        return self.feedback_format.render(prompt, feedback, self._processing)
 
     def _encode_prefix(self, text: str, conversational: bool) -> list[int]:
         return self._processing(text, add_special_tokens=not conversational)["input_ids"]
@@ -445,7 +443,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
                 prompts, completions, scores=[as_score(v, i, source) for i, v in enumerate(feedback)], iteration=0
             )
         else:
-            parsed = [self.format.parse(v, i, source) for i, v in enumerate(feedback)]
+            parsed = [self.feedback_format.parse(v, i, source) for i, v in enumerate(feedback)]
             pool.add(prompts, completions, feedback=[p[0] for p in parsed], scores=[p[1] for p in parsed], iteration=0)
         start = len(pool) - len(completions)
         rows = pool.rows(np.arange(start, len(pool)))
@@ -549,7 +547,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
             raise ValueError(f"{source} returned {len(outputs)} values for {len(completions)} completions.")
         if self.args.feedback_type == "quantile":
             return [None] * len(outputs), [as_score(v, i, source) for i, v in enumerate(outputs)]
-        parsed = [self.format.parse(v, i, source) for i, v in enumerate(outputs)]
+        parsed = [self.feedback_format.parse(v, i, source) for i, v in enumerate(outputs)]
         return [p[0] for p in parsed], [p[1] for p in parsed]
 
     # ---- generation ----------------------------------------------------------------------------------
@@ -599,7 +597,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
             if feedback is not None:
                 raise ValueError("generate(): pass either feedback or unconditioned=True, not both.")
             return self._sample(list(prompts), None, seed=seed, **generate_kwargs)[0]
-        feedback = self.format.conditioning(feedback, self.pool)
+        feedback = self.feedback_format.conditioning(feedback, self.pool)
         return self._sample(list(prompts), feedback, seed=seed, **generate_kwargs)[0]
 
     # ---- loss ----------------------------------------------------------------------------------------
