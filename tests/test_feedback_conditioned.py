@@ -493,8 +493,10 @@ def test_config_is_trls_base_config_and_saves_json_arguments_only(tmp_path):
     trainer.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "training_args.json").exists()
     assert not (tmp_path / "saved" / "training_args.bin").exists()
-    assert trainer._paper["id"] and "@inproceedings{lu2022quark" in trainer._paper["citation"]
     assert {"alt", "quark"} <= set(trainer._tag_names)
+    trainer.create_model_card()  # TRL's card: the papers' id and BibTeX from _paper
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2205.13636" in card and "@inproceedings{lu2022quark" in card and "lloret2024alt" in card
 
 
 def test_peft_adapter_trains_under_the_default_gradient_checkpointing(tmp_path):
