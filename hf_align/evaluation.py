@@ -2,8 +2,9 @@
 
 The numbers ``hf-align eval`` and ``benchmarks/fidelity.py`` report, as library functions:
 
-* :func:`sample` — seeded, batched temperature sampling (the testbed's ``generate_completions``).
-* :func:`resolve_reward_funcs` — ``"testbed"``, ``"package.module:function"`` or a reward model.
+* :func:`sample` — seeded, batched temperature sampling (:mod:`hf_align.generation`).
+* :func:`resolve_reward_funcs` — ``"testbed"``, ``"package.module:function"`` or a reward model
+  (:mod:`hf_align.rewards`: the same resolution and reward-model scoring as the feedback trainer's).
 * :func:`score_completions` — rewards as TRL's GRPO ``reward_funcs`` see them (summed over functions).
 * :func:`win_rate` — policy vs reference rewards on the same prompts (ties count one half).
 * :func:`sequence_kl` — KL(πθ‖π_ref) estimated on the policy's samples:
@@ -18,126 +19,17 @@ score an in-memory model, an adapter or a merge.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+
+from hf_align.generation import sample
+from hf_align.rewards import RewardFunc, resolve_reward_funcs, reward_name, score_completions
 
 
-RewardFunc = Callable[..., list[float]]
-
-
-# ---------------------------------------------------------------------------------------------- rewards
-def resolve_reward_funcs(specs: str | RewardFunc | Sequence[str | RewardFunc]) -> tuple[list[RewardFunc], list[str]]:
-    """Turn reward names into callables ``f(prompts, completions, **columns) -> list[float]``.
-
-    Names: ``"testbed"`` (the testbed's programmatic reward), ``"package.module:function"`` (any
-    TRL-GRPO-style reward function), or a local folder / Hub id ``owner/name`` of a
-    sequence-classification reward model (one logit). Callables are passed through; anything else is
-    a ``ValueError`` naming the reward.
-    """
-    items = [specs] if isinstance(specs, str) or callable(specs) else list(specs)
-    if not items:
-        raise ValueError("reward: give at least one reward ('testbed', 'package.module:function' or a reward model).")
-    funcs, names = [], []
-    for item in items:
-        if callable(item):
-            funcs.append(item)
-            names.append(getattr(item, "__name__", type(item).__name__))
-            continue
-        if not isinstance(item, str):
-            raise TypeError(f"reward entries must be names or callables; got {type(item).__name__}.")
-        if item == "testbed":
-            from hf_align.testbed import reward
-
-            funcs.append(reward)
-        elif ":" in item and not os.path.exists(item):
-            funcs.append(_import_callable(item))
-        elif os.path.isdir(item) or ("/" in item and not os.path.isabs(item) and not item.startswith(".")):
-            funcs.append(_reward_model_func(item))
-        else:
-            raise ValueError(
-                f"unknown reward {item!r}: expected 'testbed', 'package.module:function', "
-                "a reward-model folder or a Hub id 'owner/name'."
-            )
-        names.append(item)
-    return funcs, names
-
-
-def _import_callable(spec: str) -> RewardFunc:
-    module_name, _, attr = spec.partition(":")
-    try:
-        func = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"reward {spec!r} cannot be imported ('package.module:function'): {err}") from None
-    if not callable(func):
-        raise ValueError(f"reward {spec!r} is not callable.")
-    return func
-
-
-def _reward_model_func(name: str) -> RewardFunc:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"reward {name!r} is not 'testbed', not 'package.module:function' and not a loadable reward model "
-            f"(a folder or Hub id of a sequence-classification model): {str(err).splitlines()[0]}"
-        ) from None
-    model.eval().requires_grad_(False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-    def reward_model(prompts, completions, **_):
-        texts = [_as_text(p) + _as_text(c) for p, c in zip(prompts, completions, strict=True)]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
-        with torch.no_grad():
-            return model(**enc).logits[:, 0].float().tolist()
-
-    reward_model.__name__ = name
-    return reward_model
-
-
-def _as_text(value: Any) -> str:
-    return value[-1]["content"] if isinstance(value, list) else value
-
-
-def score_completions(
-    reward_funcs: Sequence[RewardFunc],
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-    names: Sequence[str] | None = None,
-    **columns: Any,
-) -> tuple[list[float], list[list[float]]]:
-    """Each function's rewards and their sum per completion (TRL GRPO's default weighting: all 1)."""
-    names = list(names) if names is not None else [getattr(f, "__name__", repr(f)) for f in reward_funcs]
-    per_func = []
-    for func, name in zip(reward_funcs, names, strict=True):
-        values = list(func(prompts=list(prompts), completions=list(completions), **columns))
-        if len(values) != len(completions):
-            raise ValueError(f"reward {name!r} returned {len(values)} scores for {len(completions)} completions.")
-        checked = []
-        for i, v in enumerate(values):
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"reward {name!r} returned {values[i]!r} for completion {i}; expected a number."
-                ) from None
-            if not math.isfinite(v):
-                raise ValueError(f"reward {name!r} returned a non-finite score {v!r} for completion {i}.")
-            checked.append(v)
-        per_func.append(checked)
-    totals = [sum(vals) for vals in zip(*per_func)]
-    return totals, per_func
-
-
+# ------------------------------------------------------------------------------------------ comparisons
 def win_rate(policy_rewards: Sequence[float], reference_rewards: Sequence[float]) -> dict[str, float | int]:
     """Pairwise comparison on the same prompts: wins, ties, losses and (wins + ties/2) / n."""
     if len(policy_rewards) != len(reference_rewards):
@@ -163,39 +55,6 @@ def prompt_texts(prompts: Sequence[Any], tokenizer) -> list[str]:
             out.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
         else:
             raise ValueError(f"prompt {i} is a {type(prompt).__name__}; expected a string or a list of messages.")
-    return out
-
-
-def sample(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    seed: int = 0,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    do_sample: bool = True,
-    batch_size: int = 64,
-    progress: bool = False,
-    desc: str = "sampling",
-) -> list[str]:
-    """Completions for ``prompts`` (text), batch ``i`` drawn with seed ``seed + i``: same seed ⇒ same samples."""
-    from hf_align.testbed.evaluation import generate_completions
-
-    out: list[str] = []
-    starts = range(0, len(prompts), batch_size)
-    for i, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
-        out.extend(
-            generate_completions(
-                model,
-                tokenizer,
-                list(prompts[start : start + batch_size]),
-                do_sample=do_sample,
-                temperature=temperature,
-                max_new_tokens=max_new_tokens,
-                seed=seed + i,
-                batch_size=batch_size,
-            )
-        )
     return out
 
 
@@ -351,14 +210,14 @@ def evaluate_model(
 
     def rewards_of(samples: list[str]) -> tuple[list[float], list[list[float]]]:
         shown = [[{"role": "assistant", "content": s}] for s in samples] if conversational else samples
-        return score_completions(reward_funcs, prompts, shown, reward_names, **(reward_columns or {}))
+        return score_completions(reward_funcs, prompts, shown, names=reward_names, **(reward_columns or {}))
 
     if reward_funcs:
         totals, per_func = rewards_of(completions)
         mean = sum(totals) / len(totals)
         result["mean_reward"] = mean
         result["reward_std"] = math.sqrt(sum((x - mean) ** 2 for x in totals) / len(totals))
-        names = list(reward_names) if reward_names else [getattr(f, "__name__", repr(f)) for f in reward_funcs]
+        names = list(reward_names) if reward_names else [reward_name(f) for f in reward_funcs]
         result["rewards"] = {n: sum(v) / len(v) for n, v in zip(names, per_func)}
     if reference_model is not None:
         ref_completions = sample(

@@ -215,3 +215,22 @@ def test_feedback_bad_inputs_are_named(tmp_path):
             + ["--reward_funcs", "hf_align.testbed:reward"]
         )
     assert not out.exists()
+
+
+def test_feedback_reward_specs_resolve_as_in_eval(tmp_path):
+    """The 'testbed' alias and the dotted form work as in `hf-align eval`; an unknown spec is a one-line error
+    naming it, before any sampling (no attempt to fetch 'nosuch' from the Hub)."""
+    out = tmp_path / "out"
+    common = [*TINY, *FEEDBACK_TINY, "--output_dir", str(out), "--dataset_name", "testbed:prompts"]
+    with pytest.raises(ValueError, match=r"^unknown reward_funcs entry 'nosuch': expected 'testbed'[^\n]*$"):
+        main(["feedback", *common, "--reward_funcs", "nosuch"])
+    assert not out.exists()
+    argv = ["feedback", *common, "--reward_funcs", "testbed", "hf_align.testbed.reward", "--num_quantiles", "3"]
+    assert main(argv) == 0
+    from hf_align.data_pool import DataPool
+    from hf_align.testbed import reward
+
+    pool = DataPool.load(out / "data_pool")
+    assert len(pool) == 4 * 2
+    once = reward(pool.prompt.tolist(), pool.completion.tolist())
+    assert pool.score.tolist() == [2 * r for r in once]  # both specs are the testbed reward: the sum of two

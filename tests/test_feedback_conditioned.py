@@ -472,3 +472,51 @@ def test_quantile_rule_reaches_the_pool_and_is_checked(tmp_path):
     assert trainer.pool.bins().tolist() == [0, 1, 2, 2]  # scores 1.0, 0.9, 0.0, 0.5: one per bin, rest in the last
     with pytest.raises(ValueError, match="quantile_rule"):
         _config(tmp_path, quantile_rule="rank")
+
+
+def test_config_is_trls_base_config_and_saves_json_arguments_only(tmp_path):
+    """On TRL's base config (defaults shared with every hf-align trainer); the shared mixin writes
+    training_args.json (no pickle) on every save; the model card knows the papers."""
+    from trl.trainer.base_config import _BaseConfig
+
+    from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
+    from hf_align.trainers._base import HFAlignTrainerMixin
+
+    config = FeedbackConditionedConfig(output_dir=str(tmp_path / "defaults"), report_to="none", use_cpu=True)
+    assert isinstance(config, _BaseConfig)
+    assert config.logging_steps == 10 and config.bf16 is False and config.gradient_checkpointing is True
+    trainer = FeedbackConditionedTrainer(
+        _tiny(), _config(tmp_path, max_steps=1), _offline_dataset(), processing_class=load_tokenizer()
+    )
+    assert type(trainer).__mro__[1] is HFAlignTrainerMixin
+    assert not any(isinstance(cb, JsonTrainingArgsCallback) for cb in trainer.callback_handler.callbacks)
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "training_args.json").exists()
+    assert not (tmp_path / "saved" / "training_args.bin").exists()
+    assert {"alt", "quark"} <= set(trainer._tag_names)
+    trainer.create_model_card()  # TRL's card: the papers' id and BibTeX from _paper
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2205.13636" in card and "@inproceedings{lu2022quark" in card and "lloret2024alt" in card
+
+
+def test_peft_adapter_trains_under_the_default_gradient_checkpointing(tmp_path):
+    """TRL's base config turns gradient checkpointing on: LoRA layers still get gradients (transformers enables
+    input grads when it turns checkpointing on)."""
+    from peft import LoraConfig
+
+    words = ["Excellent.", "Good.", "Mediocre.", "Bad.", "Horrible."]
+    config = _config(
+        tmp_path, max_steps=2, quantile_words=words, kl_coef=0.1, learning_rate=1e-2,
+        gradient_checkpointing_kwargs={"use_reentrant": True},  # the variant that needs input grads
+    )  # fmt: skip
+    assert config.gradient_checkpointing
+    trainer = FeedbackConditionedTrainer(
+        _tiny(), config, _offline_dataset(), processing_class=load_tokenizer(),
+        peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )  # fmt: skip
+    assert trainer.ref_model is None  # the reference is the model with its adapter off
+    before = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora_B" in k}
+    trainer.train()
+    assert trainer.model.base_model.model.is_gradient_checkpointing
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[k], v) for k, v in before.items())

@@ -3,8 +3,9 @@
     hf-align eval --model_name_or_path out/dpo --dataset_name testbed:prompts --reward testbed \\
         --reference_model testbed --retain_dataset testbed:retain --output results.json
 
-* ``--reward``: ``testbed``, ``package.module:function`` (a TRL-GRPO-style ``f(prompts, completions, **kw)``)
-  or a reward-model folder/Hub id; repeat it to sum several.
+* ``--reward``: ``testbed``, ``package.module:function`` or ``package.module.function`` (a TRL-GRPO-style
+  ``f(prompts, completions, **kw)``) or a reward-model folder/Hub id (:mod:`hf_align.rewards`: scored as in
+  TRL's GRPO and in ``hf-align feedback``, chat template included); repeat it to sum several.
 * ``--reference_model``: win rate (its samples on the same prompts with the same seed) and
   KL(policy‖reference) on the policy's samples. With ``--adapter`` and no reference, the base model is the
   reference.
@@ -92,8 +93,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from hf_align.cli.common import resolve_model_path
-    from hf_align.evaluation import evaluate_model, format_table, resolve_reward_funcs
+    from hf_align.evaluation import evaluate_model, format_table
     from hf_align.io import write_json
+    from hf_align.rewards import resolve_reward_funcs
 
     if args.num_prompts is not None and args.num_prompts < 1:
         raise ValueError(f"--num_prompts must be ≥ 1, got {args.num_prompts}.")

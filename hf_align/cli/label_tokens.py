@@ -11,7 +11,7 @@ the trainers tokenize), ready for ``hf-align npo`` (the forget completion is ``r
 
 * ``generative``: ALLO's generative reward model (``--scorer``), teacher-forced on the response after a
   minimal-correction prompt; ``--selection threshold|lowest|probability``.
-* ``package.module:function``: any ``f(prompt, response) -> list[float]``.
+* ``package.module:function`` (or ``package.module.function``): any ``f(prompt, response) -> list[float]``.
 
 ``--dataset`` is a data file (``.json``/``.jsonl``/``.parquet``/``.csv``), a ``save_to_disk`` folder, a Hub id or
 ``testbed:preference``; ``--output`` ends in ``.jsonl``/``.json`` (JSON lines) or ``.parquet`` and is written to a
@@ -21,7 +21,6 @@ temporary file and renamed.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -86,17 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _import_function(spec: str):
-    module_name, _, attr = spec.partition(":")
-    try:
-        func = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"--method {spec!r} cannot be imported ('package.module:function'): {err}") from None
-    if not callable(func):
-        raise ValueError(f"--method {spec!r} is not callable.")
-    return func
-
-
 def _output_format(path: Path, overwrite: bool) -> str:
     fmt = OUTPUT_FORMATS.get(path.suffix)
     if fmt is None:
@@ -124,13 +112,14 @@ def label(args) -> tuple[object, str]:
 
     from hf_align.cli.common import load_dataset_any, resolve_model_path, split
     from hf_align.key_tokens import GenerativeScorer, label_dataset
+    from hf_align.rewards import import_callable
 
     output = Path(args.output)
     fmt = _output_format(output, args.overwrite)
     if args.method in ("rewrite_diff", "generative"):
         method = args.method
-    elif ":" in args.method:
-        method = _import_function(args.method)
+    elif ":" in args.method or "." in args.method:
+        method = import_callable(args.method, "--method")
     else:
         raise ValueError(
             f"--method {args.method!r}: expected 'rewrite_diff', 'generative' or 'package.module:function'."

@@ -1,7 +1,7 @@
 """``hf-align feedback``: feedback-conditioned training (ALT / Quark) with ``FeedbackConditionedTrainer``.
 
-Online (``reward_funcs`` and/or ``feedback_fn`` set, by name ``'package.module:function'``; a reward entry without
-``:`` is a reward-model id or path): ``dataset_name`` holds the prompts to sample from (a ``prompt`` column; other
+Online (``reward_funcs`` and/or ``feedback_fn`` set, by name ``'package.module:function'``; a reward entry can also
+be ``testbed``, ``package.module.function`` or a reward-model folder, see :mod:`hf_align.rewards`): ``dataset_name`` holds the prompts to sample from (a ``prompt`` column; other
 columns reach the reward functions as keyword arguments). The run lasts ``num_iterations × steps_per_iteration``
 optimizer steps; leave ``max_steps`` unset or equal to that product.
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 
-import torch
-
+from hf_align.generation import generate_texts
 from hf_align.testbed.task import has_forget_behaviour, make_problem, score, solve
 
 
@@ -19,37 +18,20 @@ def generate_completions(
     seed: int = 0,
     batch_size: int = 64,
 ) -> list[str]:
-    """Batched generation with left padding; returns decoded completions (special tokens removed)."""
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    outputs: list[str] = []
-    try:
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    do_sample=do_sample,
-                    temperature=temperature if do_sample else None,
-                    top_k=0 if do_sample else None,
-                    top_p=1.0 if do_sample else None,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        torch.random.set_rng_state(generator_state)
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return outputs
+    """Batched generation with left padding, seeded once; decoded completions (special tokens removed).
+
+    The testbed's defaults (10 new tokens) over :func:`hf_align.generation.generate_texts`.
+    """
+    return generate_texts(
+        model,
+        tokenizer,
+        prompts,
+        seed=seed,
+        batch_size=batch_size,
+        do_sample=do_sample,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+    )
 
 
 def eval_prompts(num_prompts: int, seed: int) -> list[str]:

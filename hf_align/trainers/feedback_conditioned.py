@@ -24,11 +24,9 @@ Quark and ALT the reference sees the prompt *without* feedback (``ref_sees_feedb
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import os
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,30 +36,40 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset as TorchDataset
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    TrainingArguments,
-)
+from accelerate.utils import gather_object, is_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.base_config import _BaseConfig
 from trl.trainer.base_trainer import _BaseTrainer
+from trl.trainer.utils import pad
 
-from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback
 from hf_align.data_pool import QUANTILE_RULES, DataPool
+from hf_align.feedback_format import CITATION, FeedbackFormat, add_quantile_tokens
+from hf_align.generation import sample_token_ids, until_eos, vllm_generation
 from hf_align.losses import token_kl
+from hf_align.rewards import (
+    RewardFunc,
+    as_score,
+    import_callable,
+    resolve_reward_funcs,
+    reward_name,
+    score_completions,
+)
+from hf_align.trainers._base import HFAlignTrainerMixin
 from hf_align.trainers._model_copy import independent_copy
 
 
 POOL_DIR = "data_pool"
-FEEDBACK_TYPES = ("quantile", "category", "text")
 
 
 @dataclass
-class FeedbackConditionedConfig(TrainingArguments):
-    """Configuration of :class:`FeedbackConditionedTrainer` (ALT / Quark). Recipes map 1:1 onto these fields."""
+class FeedbackConditionedConfig(_BaseConfig):
+    """Configuration of :class:`FeedbackConditionedTrainer` (ALT / Quark). Recipes map 1:1 onto these fields.
+
+    On TRL's base config like every other hf-align trainer (``logging_steps=10``, ``bf16`` on unless ``fp16``,
+    gradient checkpointing on).
+    """
 
     # ---- feedback -------------------------------------------------------------------------------------
     feedback_type: str = field(
@@ -196,32 +204,23 @@ class FeedbackConditionedConfig(TrainingArguments):
     num_length_buckets: int = field(
         default=8, metadata={"help": "Length buckets (pool-wide quantile edges) used by balance_lengths."}
     )
-    # ---- TrainingArguments defaults suited to this trainer ----------------------------------------------
-    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    # ---- TRL base-config defaults this trainer keeps as they were ----------------------------------------
+    bf16: bool | None = field(
+        default=False,
+        metadata={
+            "help": "bf16 mixed precision. Off by default (unlike TRL's base config): the KL reference is then the "
+            "fp32 initial policy exactly, and sampled pools do not change with autocast. None = on unless fp16."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep dataset columns: reward functions receive them as keyword arguments."}
     )
 
     def __post_init__(self):
         super().__post_init__()
-        if self.feedback_type not in FEEDBACK_TYPES:
-            raise ValueError(f"feedback_type must be one of {FEEDBACK_TYPES}, got {self.feedback_type!r}.")
+        FeedbackFormat.from_args(self)  # checks feedback_type, bins, words, categories and templates
         if self.quantile_rule not in QUANTILE_RULES:
             raise ValueError(f"quantile_rule must be one of {QUANTILE_RULES}, got {self.quantile_rule!r}.")
-        if self.num_quantiles < 1:
-            raise ValueError(f"num_quantiles must be >= 1, got {self.num_quantiles}.")
-        if self.quantile_words is not None and len(self.quantile_words) != self.num_quantiles:
-            raise ValueError(
-                f"quantile_words has {len(self.quantile_words)} entries but num_quantiles is {self.num_quantiles}."
-            )
-        if self.feedback_type == "category" and not self.categories:
-            raise ValueError("feedback_type='category' needs `categories` (the allowed values, best first).")
-        if "{prompt}" not in self.feedback_template or "{feedback}" not in self.feedback_template:
-            raise ValueError(
-                f"feedback_template must contain '{{feedback}}' and '{{prompt}}', got {self.feedback_template!r}."
-            )
-        if "{prompt}" not in self.chat_feedback_template:
-            raise ValueError(f"chat_feedback_template must contain '{{prompt}}', got {self.chat_feedback_template!r}.")
         for name in ("num_iterations", "prompts_per_iteration", "num_generations", "steps_per_iteration"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -231,34 +230,7 @@ class FeedbackConditionedConfig(TrainingArguments):
             raise ValueError("kl_coef and entropy_coef must be >= 0.")
 
 
-class _Placeholders(TorchDataset):
-    """What the HF dataloader iterates in online mode: indices only; batches come from the pool."""
-
-    def __init__(self, length: int):
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> int:
-        return index
-
-
-class _Features(TorchDataset):
-    def __init__(self, features: list[dict[str, list[int]]]):
-        self.features = features
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.features[index]
-
-
-RewardFunc = Callable[..., Sequence[float]] | PreTrainedModel | str
-
-
-class FeedbackConditionedTrainer(_BaseTrainer):
+class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
     """ALT / Quark: learn ``p(completion | feedback, prompt)`` from rewards, categories or text feedback.
 
     Args:
@@ -267,8 +239,8 @@ class FeedbackConditionedTrainer(_BaseTrainer):
         train_dataset: online: prompts (``prompt`` column; other columns go to reward functions as keyword
             arguments); offline (no ``reward_funcs``/``feedback_fn``): ``prompt``, ``completion``, ``feedback``
             columns (for quantiles ``feedback`` holds the score, binned over the dataset).
-        reward_funcs: TRL-GRPO-style ``f(prompts, completions, **kw) -> list[float]`` callables, reward models or
-            names (see ``FeedbackConditionedConfig.reward_funcs``); their weighted sum is the score.
+        reward_funcs: reward specs (:func:`hf_align.rewards.resolve_reward`: TRL-GRPO-style callables, import
+            paths, reward models or their folders); their weighted sum is the score.
         feedback_fn: ``f(prompts, completions) -> list`` of a number (quantile), a category, a text or a
             ``(category|text, score)`` pair.
         ref_model: reference for the KL term; default a frozen copy of the initial policy (PEFT: adapters off).
@@ -277,6 +249,11 @@ class FeedbackConditionedTrainer(_BaseTrainer):
 
     _tag_names = ["trl", "hf-align", "alt", "quark"]
     _name = "FeedbackConditioned"
+    _paper = {
+        "title": "Quark: Controllable Text Generation with Reinforced Unlearning",
+        "id": "2205.13636",
+        "citation": CITATION,
+    }
     loss_is_scaled_for_ga = False
 
     def __init__(
@@ -286,7 +263,7 @@ class FeedbackConditionedTrainer(_BaseTrainer):
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        reward_funcs: RewardFunc | list[RewardFunc] | None = None,
+        reward_funcs: RewardFunc | PreTrainedModel | str | list | None = None,
         feedback_fn: Callable[[list, list[str]], Sequence[Any]] | None = None,
         ref_model: PreTrainedModel | None = None,
         peft_config=None,
@@ -294,40 +271,10 @@ class FeedbackConditionedTrainer(_BaseTrainer):
         optimizers=(None, None),
     ):
         args = args if args is not None else FeedbackConditionedConfig(output_dir="feedback-conditioned")
-        if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        tokenizer = processing_class
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.feedback_tokens = _add_quantile_tokens(model, tokenizer, args, peft=peft_config is not None)
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-        self._is_peft = _is_peft_model(model)
-
-        if reward_funcs is None and args.reward_funcs:
-            reward_funcs = list(args.reward_funcs)
-        self.reward_funcs, self.reward_func_names = _resolve_reward_funcs(reward_funcs)
-        self.reward_processing_classes = [
-            AutoTokenizer.from_pretrained(f.config._name_or_path) if isinstance(f, PreTrainedModel) else None
-            for f in self.reward_funcs
-        ]
-        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions."
-            )
-        self.reward_weights = [float(w) for w in weights]
-        if feedback_fn is None and args.feedback_fn:
-            feedback_fn = _import_callable(args.feedback_fn, "feedback_fn")
-        self.feedback_fn = feedback_fn
-        self.online = bool(self.reward_funcs) or feedback_fn is not None
-        if args.feedback_type != "quantile" and self.online and feedback_fn is None:
-            raise ValueError(f"feedback_type={args.feedback_type!r} needs a `feedback_fn`; reward_funcs give scores.")
-
+        self.args = args  # read by the set-up steps (offline tokenization); Trainer.__init__ sets it again
+        self.feedback_format = FeedbackFormat.from_args(args)
+        model, tokenizer = self._setup_model(model, processing_class, args, peft_config)
+        self._setup_feedback_sources(args, reward_funcs, feedback_fn)
         self.pool = DataPool(
             feedback_type=args.feedback_type,
             num_quantiles=args.num_quantiles,
@@ -338,41 +285,14 @@ class FeedbackConditionedTrainer(_BaseTrainer):
             seed=args.seed,
             quantile_rule=args.quantile_rule,
         )
-        self._processing = tokenizer  # needed by the rendering helpers before super().__init__
-        self._args_for_render = args
-        if self.online:
-            self.prompt_dataset = _check_prompt_dataset(train_dataset)
-            if args.max_steps > 0 and args.max_steps != args.num_iterations * args.steps_per_iteration:
-                raise ValueError(
-                    f"max_steps={args.max_steps} contradicts num_iterations × steps_per_iteration = "
-                    f"{args.num_iterations * args.steps_per_iteration}; leave max_steps unset in online mode."
-                )
-            args.max_steps = args.num_iterations * args.steps_per_iteration
-            trainer_dataset = _Placeholders(
-                args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            )
-        else:
-            if train_dataset is None:
-                raise ValueError(
-                    "Pass `reward_funcs`/`feedback_fn` (online) or a train_dataset with feedback (offline)."
-                )
-            self.prompt_dataset = None
-            trainer_dataset = _Features(self._offline_features(train_dataset, "train_dataset"))
-        if eval_dataset is not None:
-            eval_dataset = _Features(self._offline_features(eval_dataset, "eval_dataset", fill_pool=False))
-
+        trainer_dataset, eval_dataset = self._setup_datasets(args, train_dataset, eval_dataset)
         self.ref_model = None
-        if args.kl_coef > 0 and not self._is_peft:
-            ref_model = ref_model if ref_model is not None else independent_copy(model)
-            ref_model.eval().requires_grad_(False)
-            self.ref_model = ref_model
-
+        if args.kl_coef > 0 and not is_peft_model(model):
+            self.ref_model = (ref_model if ref_model is not None else independent_copy(model)).eval()
+            self.ref_model.requires_grad_(False)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.iteration_timings: list[dict[str, float]] = []
-        self._buffer: list[dict] = []
-        self._buffer_iteration = -1
-        self._buffer_position = 0
-        self._train_started_at: float | None = None
+        self._buffer, self._buffer_iteration, self._buffer_position = [], -1, 0
         super().__init__(
             model=model,
             args=args,
@@ -383,61 +303,109 @@ class FeedbackConditionedTrainer(_BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.add_callback(JsonTrainingArgsCallback())  # no pickled training_args.bin in checkpoints
+        self._set_trainable_fraction()
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-        self.vllm_generation = _make_vllm(self) if args.use_vllm else None
+        self._last_vllm_sync = -1
+        self.vllm_generation = None
+        if args.use_vllm:
+            self.vllm_generation = vllm_generation(self.model, self.accelerator, self.processing_class, args)
+
+    # ---- set-up steps --------------------------------------------------------------------------------
+
+    def _setup_model(self, model, processing_class, args, peft_config):
+        """Load model and tokenizer, give the quantile tokens embedding rows, then wrap with PEFT."""
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        tokenizer = processing_class or AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.feedback_tokens = add_quantile_tokens(
+            model, tokenizer, self.feedback_format.tokens, args.seed, peft=peft_config is not None
+        )
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self._processing = tokenizer  # the rendering helpers run before super().__init__ sets processing_class
+        return model, tokenizer
+
+    def _setup_feedback_sources(self, args, reward_funcs, feedback_fn) -> None:
+        """Resolve reward functions (argument, else config names), their weights and the feedback function."""
+        if reward_funcs is None and args.reward_funcs:
+            reward_funcs = list(args.reward_funcs)
+        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, "reward_funcs entry")
+        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions."
+            )
+        self.reward_weights = [float(w) for w in weights]
+        if feedback_fn is None and args.feedback_fn:
+            feedback_fn = import_callable(args.feedback_fn, "feedback_fn entry")
+        self.feedback_fn = feedback_fn
+        self.online = bool(self.reward_funcs) or feedback_fn is not None
+        if args.feedback_type != "quantile" and self.online and feedback_fn is None:
+            raise ValueError(f"feedback_type={args.feedback_type!r} needs a `feedback_fn`; reward_funcs give scores.")
+
+    def _setup_datasets(self, args, train_dataset, eval_dataset):
+        """Online: the prompt set and index placeholders for the HF dataloader (``max_steps`` fixed by the loop);
+        offline: the tokenized feedback rows (which also fill the pool)."""
+        if self.online:
+            if train_dataset is None or "prompt" not in train_dataset.column_names:
+                cols = None if train_dataset is None else train_dataset.column_names
+                raise ValueError(f"Online mode needs a train_dataset with a 'prompt' column (got columns {cols}).")
+            if len(train_dataset) == 0:
+                raise ValueError("train_dataset is empty: no prompts to sample from.")
+            steps = args.num_iterations * args.steps_per_iteration
+            if args.max_steps > 0 and args.max_steps != steps:
+                raise ValueError(
+                    f"max_steps={args.max_steps} contradicts num_iterations × steps_per_iteration = {steps}; "
+                    "leave max_steps unset in online mode."
+                )
+            args.max_steps = steps
+            self.prompt_dataset = train_dataset
+            batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            trainer_dataset = range(steps * batch)  # indices only: the batches come from the pool
+        else:
+            if train_dataset is None:
+                raise ValueError(
+                    "Pass `reward_funcs`/`feedback_fn` (online) or a train_dataset with feedback (offline)."
+                )
+            self.prompt_dataset = None
+            trainer_dataset = self._offline_features(train_dataset, "train_dataset")
+        if eval_dataset is not None:
+            eval_dataset = self._offline_features(eval_dataset, "eval_dataset", fill_pool=False)
+        return trainer_dataset, eval_dataset
 
     # ---- rendering & tokenization ------------------------------------------------------------------------
 
     def render_feedback(self, row_or_bin: dict | int) -> str:
         """The feedback string of a pool row (or of a quantile bin index)."""
-        args = self._args_for_render
-        if isinstance(row_or_bin, (int, np.integer)):
-            return _quantile_string(args, int(row_or_bin))
-        if args.feedback_type == "quantile":
-            return _quantile_string(args, row_or_bin["bin"])
-        return row_or_bin["feedback"]
+        return self.feedback_format.label(row_or_bin)
 
     def best_feedback(self) -> str:
         """What sampling (after iteration 1) and :meth:`generate` condition on by default."""
-        args = self._args_for_render
-        if args.best_feedback is not None:
-            return args.best_feedback
-        if args.feedback_type == "quantile":
-            return _quantile_string(args, 0)
-        if args.feedback_type == "category":
-            return args.categories[0]
-        return self.pool.best_text_feedback()
+        return self.feedback_format.best(self.pool)
 
     def render_prompt(self, prompt: str | list[dict], feedback: str | None) -> str:
         """Conditioned prompt text (``feedback=None``: the unconditioned form)."""
-        args = self._args_for_render
-        if isinstance(prompt, list):
-            messages = copy.deepcopy(prompt)
-            if feedback is not None:
-                last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-                content = messages[last_user]["content"]
-                messages[last_user]["content"] = args.chat_feedback_template.format(feedback=feedback, prompt=content)
-            return self._processing.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if feedback is None:
-            template = args.unconditioned_template or args.feedback_template.replace("{feedback}", "").lstrip()
-            return template.format(prompt=prompt)
-        return args.feedback_template.format(feedback=feedback, prompt=prompt)
+        return self.feedback_format.render(prompt, feedback, self._processing)
 
     def _encode_prefix(self, text: str, conversational: bool) -> list[int]:
         return self._processing(text, add_special_tokens=not conversational)["input_ids"]
 
     def tokenize_example(self, prompt: str | list[dict], completion: str, feedback: str) -> dict[str, list[int]]:
         """``input_ids``/``labels`` (prefix masked with -100) and, when needed, the reference's unconditioned copy."""
-        tokenizer, args = self._processing, self._args_for_render
+        tokenizer, args = self._processing, self.args
         conversational = isinstance(prompt, list)
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         prefix_ids = self._encode_prefix(self.render_prompt(prompt, feedback), conversational)
         example = _join(prefix_ids, completion_ids, args.max_length)
         if args.kl_coef > 0 and not args.ref_sees_feedback:
             ref_prefix = self._encode_prefix(self.render_prompt(prompt, None), conversational)
-            ref = _join(ref_prefix, completion_ids[: _num_labels(example["labels"])], None)
+            num_labels = sum(1 for label in example["labels"] if label != -100)
+            ref = _join(ref_prefix, completion_ids[:num_labels], None)
             example["ref_input_ids"], example["ref_labels"] = ref["input_ids"], ref["labels"]
         return example
 
@@ -446,15 +414,14 @@ class FeedbackConditionedTrainer(_BaseTrainer):
             return {"placeholder": torch.tensor(features)}
         pad_id = self._processing.pad_token_id
         batch = {}
-        for key, pad in (("input_ids", pad_id), ("labels", -100), ("ref_input_ids", pad_id), ("ref_labels", -100)):
+        for key, value in (("input_ids", pad_id), ("labels", -100), ("ref_input_ids", pad_id), ("ref_labels", -100)):
             if key not in features[0]:
                 continue
-            rows = [f[key] for f in features]
-            width = max(len(r) for r in rows)
-            batch[key] = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+            rows = [torch.tensor(f[key], dtype=torch.long) for f in features]
+            batch[key] = pad(rows, padding_value=value)
             if key.endswith("input_ids"):
-                mask_key = "attention_mask" if key == "input_ids" else "ref_attention_mask"
-                batch[mask_key] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+                mask = pad([torch.ones_like(r) for r in rows], padding_value=0)
+                batch["attention_mask" if key == "input_ids" else "ref_attention_mask"] = mask
         return batch
 
     # ---- offline mode --------------------------------------------------------------------------------
@@ -470,14 +437,13 @@ class FeedbackConditionedTrainer(_BaseTrainer):
         pool.max_per_prompt = pool.max_size = None
         prompts, completions, feedback = dataset["prompt"], dataset["completion"], dataset["feedback"]
         completions = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        if self._args_for_render.feedback_type == "quantile":
-            scores = [_as_score(v, i, f"{name} column 'feedback'") for i, v in enumerate(feedback)]
-            pool.add(prompts, completions, scores=scores, iteration=0)
+        source = f"{name} column 'feedback'"
+        if self.args.feedback_type == "quantile":
+            pool.add(
+                prompts, completions, scores=[as_score(v, i, source) for i, v in enumerate(feedback)], iteration=0
+            )
         else:
-            parsed = [
-                _parse_feedback(v, i, self._args_for_render, f"{name} column 'feedback'")
-                for i, v in enumerate(feedback)
-            ]
+            parsed = [self.feedback_format.parse(v, i, source) for i, v in enumerate(feedback)]
             pool.add(prompts, completions, feedback=[p[0] for p in parsed], scores=[p[1] for p in parsed], iteration=0)
         start = len(pool) - len(completions)
         rows = pool.rows(np.arange(start, len(pool)))
@@ -524,7 +490,7 @@ class FeedbackConditionedTrainer(_BaseTrainer):
         )
         labels, scores = self.score(prompts, completions, **extra)
         t2 = time.perf_counter()
-        gathered = _gather_rows(self.accelerator, list(zip(prompts, completions, labels, scores, lengths)))
+        gathered = gather_object(list(zip(prompts, completions, labels, scores, lengths)))
         prompts, completions, labels, scores, lengths = (
             (list(col) for col in zip(*gathered)) if gathered else ([],) * 5
         )
@@ -570,44 +536,19 @@ class FeedbackConditionedTrainer(_BaseTrainer):
 
     def score(self, prompts: list, completions: list[str], **columns) -> tuple[list, list[float | None]]:
         """Feedback labels (None for pure rewards) and scores; errors name the function and the offending row."""
-        if self.feedback_fn is not None:
-            outputs = list(self.feedback_fn(prompts, completions))
-            name = getattr(self.feedback_fn, "__name__", type(self.feedback_fn).__name__)
-            if len(outputs) != len(completions):
-                raise ValueError(
-                    f"feedback_fn {name!r} returned {len(outputs)} values for {len(completions)} completions."
-                )
-            if self.args.feedback_type == "quantile":
-                return [None] * len(outputs), [_as_score(v, i, f"feedback_fn {name!r}") for i, v in enumerate(outputs)]
-            parsed = [_parse_feedback(v, i, self.args, f"feedback_fn {name!r}") for i, v in enumerate(outputs)]
-            return [p[0] for p in parsed], [p[1] for p in parsed]
-        total = np.zeros(len(completions))
-        for func, name, weight, tok in zip(
-            self.reward_funcs, self.reward_func_names, self.reward_weights, self.reward_processing_classes
-        ):
-            values = self._call_reward(func, tok, prompts, completions, columns)
-            if len(values) != len(completions):
-                raise ValueError(
-                    f"Reward function {name!r} returned {len(values)} rewards for {len(completions)} completions."
-                )
-            values = [_as_score(v, i, f"Reward function {name!r}") for i, v in enumerate(values)]
-            total += weight * np.asarray(values, dtype=np.float64)
-        return [None] * len(completions), total.tolist()
-
-    def _call_reward(self, func, tokenizer, prompts, completions, columns) -> list[float]:
-        if not isinstance(func, PreTrainedModel):
-            return list(func(prompts=prompts, completions=completions, **columns))
-        texts = [
-            (
-                tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
-                if isinstance(p, list)
-                else p + c
+        if self.feedback_fn is None:
+            totals, _ = score_completions(
+                self.reward_funcs, prompts, completions, self.reward_func_names, self.reward_weights, **columns
             )
-            for p, c in zip(prompts, completions)
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(func.device)
-        with torch.inference_mode():
-            return func(**enc).logits[:, 0].float().tolist()
+            return [None] * len(completions), totals
+        outputs = list(self.feedback_fn(prompts, completions))
+        source = f"feedback_fn {reward_name(self.feedback_fn)!r}"
+        if len(outputs) != len(completions):
+            raise ValueError(f"{source} returned {len(outputs)} values for {len(completions)} completions.")
+        if self.args.feedback_type == "quantile":
+            return [None] * len(outputs), [as_score(v, i, source) for i, v in enumerate(outputs)]
+        parsed = [self.feedback_format.parse(v, i, source) for i, v in enumerate(outputs)]
+        return [p[0] for p in parsed], [p[1] for p in parsed]
 
     # ---- generation ----------------------------------------------------------------------------------
 
@@ -621,59 +562,22 @@ class FeedbackConditionedTrainer(_BaseTrainer):
         encoded = [
             self._encode_prefix(self.render_prompt(p, f), isinstance(p, list)) for p, f in zip(prompts, feedbacks)
         ]
+        tokenizer, accelerator = self._processing, self.accelerator
         if self.vllm_generation is not None:
-            return self._sample_vllm(encoded)
-        tokenizer = self._processing
-        from trl.models.utils import unwrap_model_for_generation
-
-        kwargs = {
-            "do_sample": True,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "top_k": args.top_k,
-            "max_new_tokens": args.max_new_tokens,
-            **overrides,
-        }
-        if not kwargs["do_sample"]:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        completions, lengths = [], []
-        device = self.accelerator.device
-        with (
-            unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped,
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-        ):
-            torch.manual_seed(seed + self.accelerator.process_index)
-            was_training = unwrapped.training
-            unwrapped.eval()
-            for start in range(0, len(encoded), args.generation_batch_size):
-                chunk = encoded[start : start + args.generation_batch_size]
-                width = max(len(ids) for ids in chunk)
-                input_ids = torch.tensor(
-                    [[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in chunk], device=device
-                )
-                mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-                out = unwrapped.generate(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    **kwargs,
-                )
-                for row in out[:, width:].tolist():
-                    ids = _until_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                    completions.append(tokenizer.decode(ids, skip_special_tokens=True))
-                    lengths.append(len(ids))
-            unwrapped.train(was_training)
-        return completions, lengths
-
-    def _sample_vllm(self, encoded: list[list[int]]) -> tuple[list[str], list[int]]:
-        if self._last_vllm_sync != self.state.global_step:
-            self.vllm_generation.sync_weights()
-            self._last_vllm_sync = self.state.global_step
-        _, completion_ids, _, _ = self.vllm_generation.generate(prompts=encoded, images=None, num_generations=1)
-        eos, pad = self._processing.eos_token_id, self._processing.pad_token_id
-        ids = [_until_eos(list(c), eos, pad) for c in completion_ids]
-        return [self._processing.decode(i, skip_special_tokens=True) for i in ids], [len(i) for i in ids]
+            if self._last_vllm_sync != self.state.global_step:
+                self.vllm_generation.sync_weights()
+                self._last_vllm_sync = self.state.global_step
+            _, generated, _, _ = self.vllm_generation.generate(prompts=encoded, images=None, num_generations=1)
+            ids = [until_eos(list(c), tokenizer.eos_token_id, tokenizer.pad_token_id) for c in generated]
+        else:
+            settings = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+            with unwrap_model_for_generation(self.model_wrapped, accelerator) as unwrapped:
+                ids = sample_token_ids(
+                    unwrapped, encoded, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                    seed=seed + accelerator.process_index, batch_size=args.generation_batch_size,
+                    device=accelerator.device, **{**settings, "max_new_tokens": args.max_new_tokens, **overrides},
+                )  # fmt: skip
+        return [tokenizer.decode(i, skip_special_tokens=True) for i in ids], [len(i) for i in ids]
 
     def generate(
         self,
@@ -693,31 +597,8 @@ class FeedbackConditionedTrainer(_BaseTrainer):
             if feedback is not None:
                 raise ValueError("generate(): pass either feedback or unconditioned=True, not both.")
             return self._sample(list(prompts), None, seed=seed, **generate_kwargs)[0]
-        if feedback is None:
-            feedback = self.best_feedback()
-        bins = [
-            f for f in (feedback if isinstance(feedback, list) else [feedback]) if isinstance(f, (int, np.integer))
-        ]
-        self._warn_untrained_bins(bins)
-        if isinstance(feedback, (int, np.integer)):
-            feedback = _quantile_string(self.args, int(feedback))
-        if isinstance(feedback, list):
-            feedback = [_quantile_string(self.args, f) if isinstance(f, (int, np.integer)) else f for f in feedback]
+        feedback = self.feedback_format.conditioning(feedback, self.pool)
         return self._sample(list(prompts), feedback, seed=seed, **generate_kwargs)[0]
-
-    def _warn_untrained_bins(self, bins: list[int]) -> None:
-        """Conditioning on a bin no pool row is in uses a token that never got a training signal: say so."""
-        if self.args.feedback_type != "quantile" or not len(self.pool) or not bins:
-            return
-        counts = self.pool.bin_counts()
-        empty = sorted({int(b) for b in bins if 0 <= b < counts.size and counts[b] == 0})
-        if empty:
-            warnings.warn(
-                f"Quantile bin(s) {empty} hold no pool rows (tied scores share a bin; rows per bin: "
-                f"{counts.tolist()}), so conditioning on them uses untrained feedback. For the worst feedback the "
-                f"pool has seen, use bin {int(np.flatnonzero(counts)[-1])}.",
-                stacklevel=3,
-            )
 
     # ---- loss ----------------------------------------------------------------------------------------
 
@@ -804,184 +685,9 @@ class FeedbackConditionedTrainer(_BaseTrainer):
 # ---- helpers ---------------------------------------------------------------------------------------------
 
 
-def _quantile_string(args: FeedbackConditionedConfig, index: int) -> str:
-    if not 0 <= index < args.num_quantiles:
-        raise ValueError(f"Quantile bin {index} is outside 0..{args.num_quantiles - 1}.")
-    if args.quantile_words is not None:
-        return args.quantile_words[index]
-    return args.quantile_token_format.format(i=index)
-
-
-def _add_quantile_tokens(model, tokenizer, args: FeedbackConditionedConfig, peft: bool) -> list[str]:
-    """Add the bin tokens as special tokens and initialise their embedding rows (input and output).
-
-    A new row is the mean of the existing rows plus seeded noise with the existing rows' per-dimension
-    standard deviation: inside the distribution the model knows (like transformers' ``mean_resizing``),
-    yet different per bin, so the bins are distinguishable from the first forward pass. A new token in
-    front of the prompt is still a context the model never saw: on the testbed model it alone lowers
-    the reward from ~0.37 to ~0.24 (zero, mean or copied rows do no better), and training has to win
-    that back before the conditioning pays (see docs/feedback.md).
-    """
-    if args.feedback_type != "quantile" or args.quantile_words is not None:
-        return []
-    tokens = [args.quantile_token_format.format(i=i) for i in range(args.num_quantiles)]
-    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
-    rows = model.get_input_embeddings().weight.shape[0]
-    # A tokenizer that already has the tokens (e.g. saved by an earlier run) with a model that lacks their rows.
-    unbacked = [t for t in tokens if t not in missing and tokenizer.convert_tokens_to_ids(t) >= rows]
-    if not missing and not unbacked:
-        return tokens
-    if peft or _is_peft_model(model):
-        raise ValueError(
-            f"Quantile tokens {missing} are not in the tokenizer, and a PEFT model cannot learn new embedding rows: "
-            "add them (and make the embeddings trainable) before wrapping, or use `quantile_words`."
-        )
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    new_ids = tokenizer.convert_tokens_to_ids(missing + unbacked)
-    if max(new_ids) >= rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        embeddings = [model.get_input_embeddings()]
-        output = model.get_output_embeddings()
-        if output is not None and output.weight is not embeddings[0].weight:
-            embeddings.append(output)
-        old = min(min(new_ids), rows)
-        generator = torch.Generator().manual_seed(args.seed)
-        for module in embeddings:
-            existing = module.weight[:old].float()
-            noise = torch.randn(len(new_ids), existing.shape[1], generator=generator).to(existing.device)
-            new_rows = existing.mean(dim=0) + noise * existing.std(dim=0)
-            module.weight[new_ids] = new_rows.to(module.weight.dtype)
-            if getattr(module, "bias", None) is not None and module.bias.shape[0] > max(new_ids):
-                module.bias[new_ids] = module.bias[:old].mean()
-    return tokens
-
-
-def _is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _resolve_reward_funcs(reward_funcs) -> tuple[list, list[str]]:
-    if reward_funcs is None:
-        return [], []
-    funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-    resolved, names = [], []
-    for func in funcs:
-        if isinstance(func, str) and ":" in func and not os.path.exists(func):
-            func = _import_callable(func, "reward_funcs")
-        elif isinstance(func, str):
-            func = AutoModelForSequenceClassification.from_pretrained(func, num_labels=1)
-            func.eval().requires_grad_(False)
-        elif not callable(func):
-            raise TypeError(
-                f"reward_funcs entries must be callables, reward models or names; got {type(func).__name__}."
-            )
-        resolved.append(func)
-        names.append(
-            func.config._name_or_path if isinstance(func, PreTrainedModel) else getattr(func, "__name__", repr(func))
-        )
-    return resolved, names
-
-
-def _import_callable(spec: str, field_name: str) -> Callable:
-    """``'package.module:function'`` → the function, with an error naming the field and the spec."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        func = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(
-            f"{field_name} entry {spec!r} cannot be imported ('package.module:function'): {err}"
-        ) from None
-    if not callable(func):
-        raise ValueError(f"{field_name} entry {spec!r} is not callable.")
-    return func
-
-
-def _check_prompt_dataset(dataset):
-    if dataset is None or "prompt" not in dataset.column_names:
-        cols = None if dataset is None else dataset.column_names
-        raise ValueError(f"Online mode needs a train_dataset with a 'prompt' column (got columns {cols}).")
-    if len(dataset) == 0:
-        raise ValueError("train_dataset is empty: no prompts to sample from.")
-    return dataset
-
-
-def _as_score(value: Any, index: int, source: str) -> float:
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{source} returned {value!r} for completion {index}; expected a number.") from None
-    if not math.isfinite(score):
-        raise ValueError(f"{source} returned a non-finite score {value!r} for completion {index}.")
-    return score
-
-
-def _parse_feedback(value: Any, index: int, args: FeedbackConditionedConfig, source: str) -> tuple[str, float | None]:
-    label, score = (value[0], value[1]) if isinstance(value, (tuple, list)) and len(value) == 2 else (value, None)
-    if score is not None:
-        score = _as_score(score, index, source)
-    if not isinstance(label, str):
-        raise ValueError(f"{source} returned {value!r} for completion {index}; expected a string or (string, score).")
-    if args.feedback_type == "category" and label not in args.categories:
-        raise ValueError(
-            f"{source} returned unknown category {label!r} for completion {index}; expected one of {args.categories}."
-        )
-    return label, score
-
-
 def _join(prefix: list[int], completion: list[int], max_length: int | None) -> dict[str, list[int]]:
     input_ids = prefix + completion
     labels = [-100] * len(prefix) + completion
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return {"input_ids": input_ids, "labels": labels}
-
-
-def _num_labels(labels: list[int]) -> int:
-    return sum(1 for label in labels if label != -100)
-
-
-def _until_eos(ids: list[int], eos: int, pad: int) -> list[int]:
-    """Generated ids up to and including the first EOS, padding removed."""
-    if eos in ids:
-        ids = ids[: ids.index(eos) + 1]
-    return [i for i in ids if i != pad or i == eos]
-
-
-def _gather_rows(accelerator, rows: list) -> list:
-    if accelerator.num_processes == 1:
-        return rows
-    from accelerate.utils import gather_object
-
-    return gather_object(rows)
-
-
-def _make_vllm(trainer: FeedbackConditionedTrainer):
-    from trl.import_utils import is_vllm_available
-
-    if not is_vllm_available():
-        raise ImportError(
-            "use_vllm=True needs vLLM, which is not installed: `pip install vllm` (or set use_vllm=False)."
-        )
-    from trl.generation.vllm_generation import VLLMGeneration
-
-    args = trainer.args
-    trainer._last_vllm_sync = -1
-    return VLLMGeneration(
-        model=trainer.model,
-        accelerator=trainer.accelerator,
-        processing_class=trainer.processing_class,
-        mode=args.vllm_mode,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        max_num_seqs=args.generation_batch_size,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_completion_length=args.max_new_tokens,
-        logprobs=None,
-    )

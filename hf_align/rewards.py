@@ -1,0 +1,202 @@
+"""Rewards, written once: what a reward spec names, how a reward model scores text, what a valid score is.
+
+``hf-align eval``, :class:`~hf_align.trainers.FeedbackConditionedTrainer` and ``hf-align label-tokens`` all
+resolve their functions here, so one spec means one function everywhere and a reward model gives the same
+number for the same completion whether it scores during training or in an evaluation.
+
+A reward spec is one of
+
+* a callable ``f(prompts, completions, **columns) -> list[float]`` (TRL GRPO's ``reward_funcs`` form);
+* ``"package.module:function"`` or ``"package.module.function"`` (as TRL's GRPO script writes it);
+* an alias from :data:`REWARD_ALIASES` (``"testbed"``), imported by name so core never imports the testbed;
+* a folder (or cached Hub id ``owner/name``) of a one-logit ``AutoModelForSequenceClassification``, or such a
+  model object: scored by :class:`RewardModelScorer` exactly as TRL's GRPO scores with a reward model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+RewardFunc = Callable[..., Sequence[Any]]
+
+REWARD_ALIASES = {"testbed": "hf_align.testbed:reward"}
+"""Short names for reward functions, resolved to their import path on use."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_EXPECTED = "'testbed', 'package.module:function', 'package.module.function' or a reward-model folder"
+
+__all__ = [
+    "REWARD_ALIASES",
+    "RewardFunc",
+    "RewardModelScorer",
+    "as_score",
+    "check_scores",
+    "import_callable",
+    "resolve_reward",
+    "resolve_reward_funcs",
+    "reward_name",
+    "score_completions",
+]
+
+
+def import_callable(spec: str, what: str = "reward") -> Callable:
+    """``'package.module:function'`` or ``'package.module.function'`` → the function; a failure is a one-line
+    ``ValueError`` naming ``what`` (the field or flag) and the spec."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    try:
+        if not module_name or not attr:
+            raise ValueError("no module or no function name")
+        func = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{what} {spec!r} cannot be imported ('package.module:function'): {message}") from None
+    if not callable(func):
+        raise ValueError(f"{what} {spec!r} is not callable.")
+    return func
+
+
+class RewardModelScorer:
+    """A sequence-classification reward model as a reward function, fed exactly what TRL's GRPO feeds it.
+
+    Conversational rows are joined (prompt messages + completion messages) and rendered with the reward
+    tokenizer's chat template through TRL's ``apply_chat_template``; standard rows are ``prompt + completion``.
+    The texts are tokenized with right padding and no extra special tokens, and the first logit is the reward.
+    A string completion of a conversational prompt counts as one assistant message.
+    """
+
+    def __init__(self, model, tokenizer=None, name: str | None = None):
+        from transformers import AutoTokenizer
+        from trl.trainer.utils import get_config_model_id
+
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(get_config_model_id(model.config))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # The model scores the last non-padded token, so it must know the tokenizer's pad id (as GRPO sets it).
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.__name__ = name or get_config_model_id(model.config)
+
+    def texts(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[str]:
+        """The strings the reward model reads, one per (prompt, completion)."""
+        from trl.data_utils import apply_chat_template, is_conversational
+
+        if prompts and is_conversational({"prompt": prompts[0]}):
+            messages = [p + (c if isinstance(c, list) else [{"role": "assistant", "content": c}]) for p, c in
+                        zip(prompts, completions, strict=True)]  # fmt: skip
+            return [apply_chat_template({"messages": m}, self.tokenizer)["text"] for m in messages]
+        return [p + c for p, c in zip(prompts, completions, strict=True)]
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
+        enc = self.tokenizer(
+            text=self.texts(prompts, completions),
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",
+            add_special_tokens=False,
+        ).to(self.model.device)
+        with torch.inference_mode():
+            return self.model(**enc).logits[:, 0].float().tolist()
+
+
+def reward_name(func: Any) -> str:
+    """Display name of a resolved reward function (TRL's ``get_callable_name``)."""
+    from trl.trainer.utils import get_callable_name
+
+    return get_callable_name(func)
+
+
+def resolve_reward(spec: Any, what: str = "reward") -> RewardFunc:
+    """One reward spec (see the module docstring) → a callable ``f(prompts, completions, **columns)``."""
+    from transformers import PreTrainedModel
+
+    if isinstance(spec, PreTrainedModel):
+        return RewardModelScorer(spec)
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"{what} entries must be names, callables or reward models; got {type(spec).__name__}.")
+    spec_path = REWARD_ALIASES.get(spec, spec)
+    if os.path.isdir(spec_path):
+        return _load_reward_model(spec_path, what)
+    if ":" in spec_path or ("." in spec_path and "/" not in spec_path and os.sep not in spec_path):
+        return import_callable(spec_path, what)
+    if _HUB_ID.match(spec_path) and not os.path.exists(spec_path):
+        return _load_reward_model(spec_path, what)  # a Hub id: from the cache when offline
+    raise ValueError(f"unknown {what} {spec!r}: expected {_EXPECTED}.")
+
+
+def _load_reward_model(name: str, what: str) -> RewardModelScorer:
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1)
+        return RewardModelScorer(model, name=name)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{what} {name!r} is not a loadable reward model (expected {_EXPECTED}): {str(err).splitlines()[0]}"
+        ) from None
+
+
+def resolve_reward_funcs(
+    specs: Any | Sequence[Any] | None, what: str = "reward"
+) -> tuple[list[RewardFunc], list[str]]:
+    """Every spec resolved, with its name: the spec itself for strings, the function's or model's name else."""
+    if specs is None:
+        return [], []
+    items = list(specs) if isinstance(specs, list | tuple) else [specs]
+    funcs = [resolve_reward(item, what) for item in items]
+    names = [item if isinstance(item, str) else reward_name(f) for item, f in zip(items, funcs, strict=True)]
+    return funcs, names
+
+
+def as_score(value: Any, index: int, source: str, allow_none: bool = False) -> float | None:
+    """A finite float (or ``None`` where allowed), else a ``ValueError`` naming ``source`` and the row."""
+    if value is None and allow_none:
+        return None
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source} returned {value!r} for completion {index}; expected a number.") from None
+    if not math.isfinite(score):
+        raise ValueError(f"{source} returned a non-finite score {value!r} for completion {index}.")
+    return score
+
+
+def check_scores(values: Sequence[Any], count: int, source: str) -> list[float]:
+    """One finite float per completion from ``source`` (a function's output), or a ``ValueError`` saying why."""
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(f"{source} returned {len(values)} scores for {count} completions.")
+    return [as_score(v, i, source) for i, v in enumerate(values)]
+
+
+def score_completions(
+    reward_funcs: Sequence[RewardFunc],
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    names: Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+    **columns: Any,
+) -> tuple[list[float], list[list[float]]]:
+    """Each function's checked rewards and their weighted sum per completion (TRL GRPO's default weights: 1)."""
+    names = list(names) if names is not None else [reward_name(f) for f in reward_funcs]
+    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(reward_funcs)
+    per_func = [
+        check_scores(func(prompts=list(prompts), completions=list(completions), **columns), len(completions),
+                     f"Reward function {name!r}")
+        for func, name in zip(reward_funcs, names, strict=True)
+    ]  # fmt: skip
+    totals = [sum(w * v for w, v in zip(weights, vals, strict=True)) for vals in zip(*per_func)]
+    return totals, per_func
