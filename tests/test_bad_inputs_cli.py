@@ -416,3 +416,13 @@ def test_adaptive_merge_refuses_an_existing_merged_output_naming_the_flag(tmp_pa
     line = _one_line(capsys.readouterr().err)
     assert "--merged_output_dir" in line and "--overwrite" in line and str(merged) in line
     assert (merged / "mine.txt").read_text() == "keep" and not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_to_replace_a_results_file_naming_the_flag(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text('{"mine": 1}')
+    argv = ["eval", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts", "--output", str(results)]
+    assert main([*argv, "--num_prompts", "2", "--max_new_tokens", "2", "--no_progress"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--output" in line and "--overwrite" in line and str(results) in line
+    assert results.read_text() == '{"mine": 1}'

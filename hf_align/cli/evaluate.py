@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="Sampling seed (batch i uses seed + i).")
-    parser.add_argument("--output", required=True, help="JSON file for the results.")
+    parser.add_argument("--output", required=True, help="JSON file for the results (refused if it exists).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
     return parser
 
@@ -92,11 +93,12 @@ def _load_split(name: str, split_name: str, limit: int | None, source: str, conf
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from hf_align.cli.common import resolve_model_path
+    from hf_align.cli.common import refuse_existing_output, resolve_model_path
     from hf_align.evaluation import evaluate_model, format_table
     from hf_align.io import write_json
     from hf_align.rewards import resolve_reward_funcs
 
+    refuse_existing_output(args.output, "--output", args.overwrite)
     if args.num_prompts is not None and args.num_prompts < 1:
         raise ValueError(f"--num_prompts must be ≥ 1, got {args.num_prompts}.")
     if args.max_new_tokens < 1:

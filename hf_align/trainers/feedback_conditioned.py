@@ -38,12 +38,13 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object, is_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.base_config import _BaseConfig
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import pad
 
+from hf_align.checkpoints import resolve_resume_checkpoint
 from hf_align.data_pool import QUANTILE_RULES, DataPool
 from hf_align.feedback_format import CITATION, FeedbackFormat, add_quantile_tokens
 from hf_align.generation import sample_token_ids, until_eos, vllm_generation
@@ -56,7 +57,7 @@ from hf_align.rewards import (
     reward_name,
     score_completions,
 )
-from hf_align.trainers._base import HFAlignTrainerMixin
+from hf_align.trainers._base import CheckedConfig, HFAlignTrainerMixin
 from hf_align.trainers._model_copy import independent_copy
 
 
@@ -64,7 +65,7 @@ POOL_DIR = "data_pool"
 
 
 @dataclass
-class FeedbackConditionedConfig(_BaseConfig):
+class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
     """Configuration of :class:`FeedbackConditionedTrainer` (ALT / Quark). Recipes map 1:1 onto these fields.
 
     On TRL's base config like every other hf-align trainer (``logging_steps=10``, ``bf16`` on unless ``fp16``,
@@ -664,10 +665,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Run the loop; ``resume_from_checkpoint`` also restores the data pool saved in that checkpoint."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint found in output_dir {self.args.output_dir!r} to resume from.")
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
             pool_dir = Path(resume_from_checkpoint) / POOL_DIR
             if self.online and not pool_dir.exists():
