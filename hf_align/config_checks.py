@@ -60,6 +60,7 @@ RANGES: dict[str, Range] = {
     "retain_weight": NON_NEGATIVE,
     "retain_batch_size": AT_LEAST_ONE,
     "kl_coef": NON_NEGATIVE,
+    "entropy_coef": NON_NEGATIVE,
     # masks
     "neuron_mask_ratio": FRACTION,
     "neuron_mask_exclude_top": Range(0, 1, open_high=True),
@@ -73,7 +74,7 @@ RANGES: dict[str, Range] = {
     "num_generations": AT_LEAST_ONE,
     "generation_batch_size": AT_LEAST_ONE,
     # feedback pool
-    "num_quantiles": Range(2, None),
+    "num_quantiles": AT_LEAST_ONE,
     "num_iterations": AT_LEAST_ONE,
     "prompts_per_iteration": AT_LEAST_ONE,
     "steps_per_iteration": AT_LEAST_ONE,

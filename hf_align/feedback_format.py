@@ -62,6 +62,12 @@ class FeedbackFormat:
             raise ValueError(
                 f"quantile_words has {len(self.quantile_words)} entries but num_quantiles is {self.num_quantiles}."
             )
+        quantile_tokens = self.feedback_type == "quantile" and self.quantile_words is None
+        if quantile_tokens and "{i}" not in self.quantile_token_format:
+            raise ValueError(
+                f"quantile_token_format must contain '{{i}}' (the bin), got {self.quantile_token_format!r}: every "
+                "bin would get the same token."
+            )
         if self.feedback_type == "category" and not self.categories:
             raise ValueError("feedback_type='category' needs `categories` (the allowed values, best first).")
         if "{prompt}" not in self.feedback_template or "{feedback}" not in self.feedback_template:

@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from hf_align.config_checks import RANGES, Range, check_config_values
-from hf_align.trainers import AdaptiveMergeConfig, MaskedDPOConfig, NPOConfig
+from hf_align.trainers import AdaptiveMergeConfig, FeedbackConditionedConfig, MaskedDPOConfig, NPOConfig
 
 
 BASE = dict(use_cpu=True, bf16=False, report_to="none")
@@ -50,6 +50,18 @@ BAD = [
     (NPOConfig, "retain_batch_size", 0, "in [1, inf]"),
     (NPOConfig, "eos_token_weight", math.inf, "a finite number"),
     (NPOConfig, "precompute_ref_log_probs", "no", "true or false"),
+    (FeedbackConditionedConfig, "num_quantiles", 2.7, "an integer"),
+    (FeedbackConditionedConfig, "num_quantiles", 0, "in [1, inf]"),
+    (FeedbackConditionedConfig, "categories", "good", "a list of strings"),
+    (FeedbackConditionedConfig, "top_p", 0.0, "in (0, 1]"),
+    (FeedbackConditionedConfig, "temperature", 0.0, "in (0, inf]"),
+    (FeedbackConditionedConfig, "top_k", -1, "in [0, inf]"),
+    (FeedbackConditionedConfig, "kl_coef", -1.0, "in [0, inf]"),
+    (FeedbackConditionedConfig, "entropy_coef", math.inf, "a finite number"),
+    (FeedbackConditionedConfig, "num_generations", 0, "in [1, inf]"),
+    (FeedbackConditionedConfig, "max_new_tokens", 0, "in [1, inf]"),
+    (FeedbackConditionedConfig, "reward_weights", [1.0, "a"], "a list of numbers"),
+    (FeedbackConditionedConfig, "quantile_words", "Good.", "a list of strings"),
     (AdaptiveMergeConfig, "learning_rate", math.nan, "a finite number"),
     (AdaptiveMergeConfig, "per_device_train_batch_size", -2, "in [1, inf]"),
 ]
@@ -67,10 +79,15 @@ def test_a_bad_field_is_refused_by_name_when_the_config_is_built(tmp_path, confi
     assert not output_dir.exists()  # nothing written
 
 
-@pytest.mark.parametrize("config_class", [MaskedDPOConfig, NPOConfig, AdaptiveMergeConfig])
+@pytest.mark.parametrize("config_class", [MaskedDPOConfig, NPOConfig, AdaptiveMergeConfig, FeedbackConditionedConfig])
 def test_defaults_and_good_values_pass(tmp_path, config_class):
     config_class(output_dir=str(tmp_path), **BASE)
     config_class(output_dir=str(tmp_path), learning_rate=1, max_steps=3, **BASE)  # an int where a float is asked
+
+
+def test_a_quantile_token_format_without_the_bin_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"quantile_token_format must contain '\{i\}'.*'<q>'"):
+        FeedbackConditionedConfig(output_dir=str(tmp_path), quantile_token_format="<q>", **BASE)
 
 
 def test_a_trl_string_that_trl_normalises_is_left_to_trl(tmp_path):

@@ -222,13 +222,8 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
         FeedbackFormat.from_args(self)  # checks feedback_type, bins, words, categories and templates
         if self.quantile_rule not in QUANTILE_RULES:
             raise ValueError(f"quantile_rule must be one of {QUANTILE_RULES}, got {self.quantile_rule!r}.")
-        for name in ("num_iterations", "prompts_per_iteration", "num_generations", "steps_per_iteration"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.pool_keep not in ("newest", "best"):
             raise ValueError(f"pool_keep must be 'newest' or 'best', got {self.pool_keep!r}.")
-        if self.kl_coef < 0 or self.entropy_coef < 0:
-            raise ValueError("kl_coef and entropy_coef must be >= 0.")
 
 
 class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
