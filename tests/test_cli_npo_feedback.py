@@ -3,7 +3,6 @@
 import json
 import re
 
-import pytest
 import torch
 
 from hf_align.cli import main
