@@ -104,3 +104,12 @@ def check_not_truncated_away(before: int, after: int, name: str, args) -> None:
             "raise max_length or truncate from the start (truncation_mode='keep_end')."
         )
     warnings.warn(f"{name}: {before - after} of {before} examples lost their whole completion to {how}.", stacklevel=3)
+
+
+def drop_truncated_away(dataset, has_completion, name: str, args, **map_kwargs):
+    """``dataset.filter(has_completion)`` after truncation, checked by :func:`check_not_truncated_away`."""
+    before = len(dataset) if hasattr(dataset, "num_rows") else None
+    dataset = dataset.filter(has_completion, **map_kwargs)
+    if before is not None:
+        check_not_truncated_away(before, len(dataset), name, args)
+    return dataset

@@ -42,7 +42,7 @@ from hf_align.trainers._base import (
     resolve_args,
     upgrade_collator,
 )
-from hf_align.trainers._data_checks import check_dataset, column_names
+from hf_align.trainers._data_checks import check_dataset, check_not_truncated_away, column_names
 from hf_align.trainers._masking import (
     DeltasOffReference,
     NeuronMaskArguments,
@@ -230,7 +230,10 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         names = column_names(dataset)
         present = check_weight_columns(names, allowed=_PAIR_WEIGHT_COLUMNS)
-        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        before = len(dataset) if hasattr(dataset, "num_rows") else None
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)  # drops truncated rows
+        if before is not None:
+            check_not_truncated_away(before, len(dataset), f"{dataset_name} dataset", args)
         columns = {name: name.replace("_weights", "_ids") for name in present}
         return normalize_weight_columns(dataset, columns, self._tokenizer.eos_token_id, args.eos_token_weight)
 

@@ -48,7 +48,7 @@ from hf_align.trainers._base import (
     resolve_args,
     upgrade_collator,
 )
-from hf_align.trainers._data_checks import check_dataset, column_names
+from hf_align.trainers._data_checks import check_dataset, column_names, drop_truncated_away
 from hf_align.trainers._masking import NeuronMaskArguments, NeuronMaskTrainerMixin, attach_mask, resolve_neuron_mask
 
 
@@ -421,7 +421,8 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             sl = slice(None, n) if args.truncation_mode == "keep_start" else slice(-n, None)
             columns = [c for c in _PER_TOKEN_COLUMNS if c in (dataset.column_names or _PER_TOKEN_COLUMNS)]
             dataset = dataset.map(lambda ex: {c: ex[c][sl] for c in columns if c in ex}, **map_kwargs)
-            dataset = dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]), **map_kwargs)
+            has_completion = lambda ex: any(label != -100 for label in ex["labels"])  # noqa: E731
+            dataset = drop_truncated_away(dataset, has_completion, f"{dataset_name} dataset", args, **map_kwargs)
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
