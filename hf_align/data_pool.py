@@ -43,13 +43,17 @@ from typing import Any
 
 import numpy as np
 
-from hf_align.io import PathLike, atomic_files, check_same_save, new_save_id, read_json, write_json
+from hf_align.io import PathLike, atomic_files, check_same_save, new_save_id, read_json, require_keys, write_json
 
 
 POOL_TABLE = "pool.parquet"
 POOL_META = "pool.json"
 _SAVE_ID = "save_id"  # in pool.json and in pool.parquet's schema metadata: which save wrote the file
 _NUMERIC = {"score": np.float64, "iteration": np.int64, "length": np.int64, "seq": np.int64}
+_META_KEYS = (
+    "num_rows", "feedback_type", "num_quantiles", "categories", "max_per_prompt", "keep", "max_size", "seed",
+    "next_seq", "rng_state",
+)  # fmt: skip
 
 
 def quantile_bins(scores: np.ndarray, num_quantiles: int) -> np.ndarray:
@@ -399,6 +403,7 @@ class DataPool:
 
         directory = Path(directory)
         meta = read_json(directory / POOL_META)
+        require_keys(meta, _META_KEYS, directory / POOL_META)
         path = directory / POOL_TABLE
         if not path.exists():
             raise FileNotFoundError(f"Expected the data pool table at {str(path)!r}, but it does not exist.")
@@ -406,6 +411,7 @@ class DataPool:
         stored = {k.decode(): v.decode() for k, v in (arrow_table.schema.metadata or {}).items()}
         check_same_save(path, directory / POOL_META, meta.get(_SAVE_ID), metadata=stored)
         table = arrow_table.to_pydict()
+        require_keys(table, ("prompt", "completion", "feedback", *_NUMERIC), path, what="column")
         if len(table["score"]) != meta["num_rows"]:
             raise ValueError(f"{str(path)!r} has {len(table['score'])} rows but {POOL_META} says {meta['num_rows']}.")
         pool = cls(

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +249,16 @@ def read_json(path: PathLike) -> Any:
         raise FileNotFoundError(f"Expected a JSON file at {str(path)!r}, but it does not exist.") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+
+
+def require_keys(data: Any, keys: Iterable[str], path: PathLike, what: str = "key") -> None:
+    """``data`` must be a JSON object (or a table's columns) holding every one of ``keys``: one error that names
+    the file and every missing key, instead of a bare ``KeyError`` later."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}.")
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise ValueError(f"{str(path)!r} is missing the {what}(s) {missing}: it was not written by this version.")
 
 
 def save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -141,6 +141,20 @@ def _band(keys: dict[str, torch.Tensor], ratio: float, exclude_top: float) -> di
     return {name: upto[name] & ~above[name] for name in keys}
 
 
+def _header_shapes(header: dict, meta_path: Path) -> dict[str, tuple[int, ...]]:
+    """The ``shapes`` of a mask header, each a list of non-negative integers (errors name the file and the entry)."""
+    shapes = {}
+    for name, shape in header["shapes"].items():
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ValueError(
+                f"{str(meta_path)!r}: shapes[{name!r}] must be a list of non-negative integers, got {shape!r}."
+            )
+        shapes[name] = tuple(shape)
+    return shapes
+
+
 def _pack(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
@@ -453,9 +467,9 @@ class NeuronMask:
             raise ValueError(
                 f"{str(meta_path)!r} is not a neuron-mask header (expected format {FORMAT!r} and shapes)."
             )
+        shapes = _header_shapes(header, meta_path)
         packed = load_tensors(directory / MASK_FILE)
         check_same_save(directory / MASK_FILE, meta_path, header.get("save_id"))
-        shapes = {name: tuple(int(d) for d in shape) for name, shape in header["shapes"].items()}
         if set(packed) != set(shapes):
             raise ValueError(
                 f"{str(directory / MASK_FILE)!r} and {str(meta_path)!r} list different parameters "
@@ -471,7 +485,18 @@ class NeuronMask:
                 )
             masks[name] = _unpack(packed[name], shape)
         expected = header.get("num_selected")
-        if isinstance(expected, int) and expected != sum(int(m.sum()) for m in masks.values()):
+        if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
+            raise ValueError(f"{str(meta_path)!r}: num_selected must be an integer, got {expected!r}.")
+        granularity = header.get("granularity")
+        if granularity is not None and granularity not in GRANULARITIES:
+            raise ValueError(f"{str(meta_path)!r}: granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+        if granularity == "row" and any(m.dim() != 1 for m in masks.values()):
+            name = next(n for n, m in masks.items() if m.dim() != 1)
+            raise ValueError(
+                f"{str(meta_path)!r} says granularity 'row' but mask {name!r} has shape {tuple(masks[name].shape)} "
+                "(a row mask is 1-D: one entry per output feature)."
+            )
+        if expected is not None and expected != sum(int(m.sum()) for m in masks.values()):
             raise ValueError(
                 f"{str(directory / MASK_FILE)!r} selects {sum(int(m.sum()) for m in masks.values())} neurons but "
                 f"{str(meta_path)!r} says {expected}: the files are corrupt or from different masks."

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_align.architectures import layer_index
-from hf_align.io import PathLike, read_json, write_json
+from hf_align.io import PathLike, read_json, require_keys, write_json
 
 
 PLAN_FILE = "merge_plan.json"
@@ -131,10 +131,13 @@ class MergePlan:
     @classmethod
     def load(cls, path: PathLike) -> MergePlan:
         path = Path(path)
-        data = read_json(path / PLAN_FILE if path.is_dir() else path)
-        if not isinstance(data, dict) or not isinstance(data.get("alphas"), dict):
-            raise ValueError(f"{str(path)!r}: a merge plan needs an 'alphas' object mapping tensor names to α.")
-        return cls(alphas=data["alphas"], groups=data.get("groups", {}), description=data.get("description", ""))
+        path = path / PLAN_FILE if path.is_dir() else path
+        data = read_json(path)
+        require_keys(data, ("alphas",), path)
+        if not isinstance(data["alphas"], dict):
+            raise ValueError(f"{str(path)!r}: 'alphas' must be an object mapping tensor names to α.")
+        alphas = {name: check_alpha(alpha, f"{path} alphas[{name!r}]") for name, alpha in data["alphas"].items()}
+        return cls(alphas=alphas, groups=data.get("groups", {}), description=data.get("description", ""))
 
     def __repr__(self) -> str:
         return f"MergePlan({len(self.alphas)} tensors, {self.description!r})"
