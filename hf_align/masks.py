@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,18 @@ def _header_shapes(header: dict, meta_path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _all_equal(scores: Iterable[torch.Tensor]) -> bool:
+    """Whether every entry of every score tensor has one and the same value."""
+    first = None
+    for score in scores:
+        if score.numel() == 0:
+            continue
+        first = score.reshape(-1)[0] if first is None else first
+        if not bool((score == first).all()):
+            return False
+    return first is not None
+
+
 def _pack(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
@@ -186,6 +199,8 @@ class NeuronMask:
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"Mask for {name!r} must be a torch.Tensor, got {type(mask).__name__}.")
         self.masks = {name: mask.detach().to("cpu").bool() for name, mask in self.masks.items()}
+        if not any(bool(mask.any()) for mask in self.masks.values()):
+            warnings.warn("This NeuronMask selects no neuron: training with it changes nothing.", stacklevel=3)
 
     # ------------------------------------------------------------------------------------------- counts
     @property
@@ -251,6 +266,11 @@ class NeuronMask:
             elif not torch.isfinite(score).all():
                 raise ValueError(f"Score for {name!r} contains inf values; scores must be finite numbers.")
             values[name] = score.detach().to("cpu", torch.float32)
+        if select != "random" and _all_equal(values.values()):
+            warnings.warn(
+                "Every score is equal (two identical checkpoints?): the selection is arbitrary, ties go by position.",
+                stacklevel=2,
+            )
         descending = select != "bottom"
         if scope == "tensor":
             masks = {

@@ -86,3 +86,18 @@ def test_a_plan_without_alphas_or_with_a_bad_alpha_is_named(tmp_path):
     _edit(tmp_path / PLAN_FILE, lambda plan: plan["alphas"].update({"a.weight": 1.5}))
     with pytest.raises(ValueError, match=r"alphas\['a.weight'\] must be in \[0, 1\]"):
         MergePlan.load(tmp_path)
+
+
+def test_equal_scores_and_an_empty_mask_warn_that_nothing_meaningful_will_train(tmp_path):
+    import torch
+
+    with pytest.warns(UserWarning, match="Every score is equal"):
+        NeuronMask.from_scores({"a.weight": torch.ones(4, 3), "b.weight": torch.ones(5)}, 0.5)
+    with pytest.warns(UserWarning, match="selects no neuron"):
+        NeuronMask({"a.weight": torch.zeros(4, dtype=torch.bool)})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        NeuronMask.from_scores({"a.weight": torch.arange(12.0).view(4, 3)}, 0.5)  # distinct scores: quiet
+        NeuronMask.from_scores({"a.weight": torch.ones(4, 3)}, 0.5, select="random")  # random ignores the scores
