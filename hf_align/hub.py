@@ -21,6 +21,7 @@ __all__ = [
     "CITATIONS",
     "build_model_card",
     "hub_id",
+    "merge_model_card",
     "mask_summary",
     "push_folder",
     "push_neuron_mask",
@@ -114,13 +115,14 @@ def build_model_card(
     title: str,
     method: str,
     how_to_load: str,
-    base_model: str | None = None,
+    base_model: str | list[str] | None = None,
     datasets: list[str] | None = None,
     hyperparameters: dict[str, Any] | None = None,
     citations: list[str] | None = None,
     tags: list[str] | None = None,
     library_name: str = "transformers",
     sections: list[str] | None = None,
+    base_model_relation: str | None = None,
 ):
     """A ``huggingface_hub.ModelCard`` with hf-align's metadata and sections (unknown citation keys are an error).
 
@@ -132,16 +134,21 @@ def build_model_card(
     unknown = sorted(c for c in set(citations or []) - set(CITATIONS) if not c.lstrip().startswith("@"))
     if unknown:
         raise ValueError(f"Unknown citation key(s) {unknown}; known: {sorted(CITATIONS)} (or a BibTeX entry).")
-    base_model = hub_id(base_model)
+    ids = list(
+        dict.fromkeys(i for i in map(hub_id, base_model if isinstance(base_model, list) else [base_model]) if i)
+    )
+    extra = {"base_model_relation": base_model_relation} if base_model_relation and ids else {}
     data = ModelCardData(
         library_name=library_name,
-        base_model=base_model,
+        base_model=(ids if isinstance(base_model, list) else ids[0]) if ids else None,
         datasets=datasets or None,
         tags=list(dict.fromkeys(["hf-align", *(tags or [])])),
+        **extra,
     )
     lines = [f"# {title}", "", method, ""]
-    if base_model:
-        lines += [f"**Base model:** [`{base_model}`](https://huggingface.co/{base_model})", ""]
+    if ids:
+        links = ", ".join(f"[`{i}`](https://huggingface.co/{i})" for i in ids)
+        lines += [f"**Base model{'s' if len(ids) > 1 else ''}:** {links}", ""]
     if datasets:
         lines += ["**Data:** " + ", ".join(f"`{d}`" for d in datasets), ""]
     if hyperparameters:
@@ -153,6 +160,31 @@ def build_model_card(
     if citations:
         lines += ["## Citation", "", "```bibtex", *(CITATIONS.get(c, c) for c in citations), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def merge_model_card(base: str, aligned: str, plan, repo: str | None = None):
+    """The card of an AMA merge: both inputs as Hub ids when known (a local path never), α per tensor group."""
+    from collections import Counter
+
+    groups = Counter((plan.groups.get(name, "other"), alpha) for name, alpha in plan.alphas.items())
+    lines = ["## α per tensor group", "", "| group | α | tensors |", "|---|---|---|"]
+    lines += [f"| {group} | {alpha:g} | {count} |" for (group, alpha), count in sorted(groups.items())] + [""]
+    name = hub_id(aligned) or Path(str(aligned)).name
+    target = repo or "<this folder>"
+    return build_model_card(
+        title=f"AMA merge of {name}",
+        method=(
+            "Model averaging (AMA): θ = α·θ_base + (1−α)·θ_aligned, α weighing the pre-alignment model, streamed "
+            f"tensor by tensor by hf-align ({plan.description}). The full per-tensor plan is in merge_plan.json."
+        ),
+        how_to_load=f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{target}")',
+        base_model=[aligned, base],
+        base_model_relation="merge",
+        hyperparameters={"base": hub_id(base) or Path(str(base)).name, "aligned": name, "plan": plan.description},
+        citations=["ama"],
+        tags=["merge", "ama"],
+        sections=lines,
+    )
 
 
 def write_model_card(card, folder: PathLike) -> Path:

@@ -80,7 +80,24 @@ def test_merge_cli_pushes_merged_model_with_card(tmp_path, monkeypatch):
     files = api.files()
     assert {"README.md", "config.json", "merge_plan.json"} <= files and any(f.endswith(".safetensors") for f in files)
     card = (api.uploads[0][1] / "README.md").read_text()
-    assert "| alpha | `0.3` |" in card and "2309.06256" in card and "AMA" in card
+    assert "| all | 0.3 |" in card and "linear α=0.3" in card and "2309.06256" in card and "AMA" in card
+    assert model_dir not in card  # a local path never reaches the card
+
+
+def test_a_merge_writes_its_own_card_naming_both_inputs_as_hub_ids(tmp_path):
+    import shutil
+
+    from hf_align.merging import merge_models
+
+    snapshots = {}
+    for name in ("base", "aligned"):
+        snapshots[name] = tmp_path / "hub" / f"models--org--tiny-{name}" / "snapshots" / "0123abc"
+        shutil.copytree(testbed.MODEL_DIR, snapshots[name])
+    merge_models(snapshots["base"], snapshots["aligned"], tmp_path / "merged", alpha=0.25, progress=False)
+    card = (tmp_path / "merged" / "README.md").read_text()
+    meta = _metadata(card)
+    assert meta["base_model"] == ["org/tiny-aligned", "org/tiny-base"] and meta["base_model_relation"] == "merge"
+    assert "| all | 0.25 |" in card and "# AMA merge of org/tiny-aligned" in card and str(tmp_path) not in card
 
 
 @pytest.mark.parametrize("save_merged", [True, False])

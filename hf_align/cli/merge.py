@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -119,22 +118,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def push_merged(args, result, api=None):
-    """Upload the merged folder with a card that records both inputs and the per-tensor-group α's."""
-    from hf_align.hub import build_model_card, push_folder
+    """Upload the merged folder with a card that records both inputs and the α per tensor group."""
+    from hf_align.hub import merge_model_card, push_folder
 
-    alphas = {"alpha": args.alpha} if args.alpha is not None else {"pivots": args.pivots, "alphas": args.alphas}
-    card = build_model_card(
-        title=f"AMA merge of {args.aligned}",
-        method=(
-            "Model averaging (AMA): θ = α·θ_base + (1−α)·θ_aligned, α weighing the pre-alignment model, "
-            "streamed tensor by tensor by hf-align. The full per-tensor plan is in merge_plan.json."
-        ),
-        how_to_load=f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{args.push_to_hub}")',
-        base_model=args.aligned if not Path(args.aligned).exists() else None,
-        hyperparameters={"base": args.base, "aligned": args.aligned, **alphas},
-        citations=["ama"],
-        tags=["merge", "ama"],
-    )
+    card = merge_model_card(args.base, args.aligned, result.plan, repo=args.push_to_hub)
     return push_folder(result.output_dir, args.push_to_hub, card, private=args.private or None, api=api)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from hf_align.hub import merge_model_card, write_model_card
 from hf_align.io import PathLike, atomic_dir, read_json, resolve_inside, scratch_dir, write_json
 from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
 
@@ -511,6 +512,7 @@ def merge_models(
                 write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
             _copy_side_files(copied, tmp, out_dtype)
             plan.save(tmp / PLAN_FILE)
+            write_model_card(merge_model_card(str(base), str(aligned), plan), tmp)  # not the aligned model's card
         bar.close()
     return MergeResult(output_dir, plan, len(outputs), len(files), total)
 
