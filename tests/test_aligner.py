@@ -8,6 +8,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import yaml
 from peft import PeftModel, get_peft_model
 from peft.utils import PeftType
 from safetensors.torch import load_file
@@ -329,3 +330,19 @@ def test_unload_restores_plain_attention_and_merge_is_refused(tokenizer):
     base = peft_model.unload()
     assert not any(isinstance(m, AlignerAttention) for m in base.modules())
     torch.testing.assert_close(_logits(base, batch), expected, atol=0, rtol=0)
+
+
+def test_a_saved_adapter_says_where_users_meet_it_that_it_needs_hf_align(tmp_path):
+    """PEFT has no plugin hook: without `import hf_align` loading fails with KeyError 'ALIGNER'. The saved
+    adapter_config.json and the card's tags say what is needed; with the import it loads."""
+    model = get_peft_model(load_random_tiny("llama", hidden_size=32, num_layers=4), AlignerConfig(num_tokens=1))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "import hf_align" in config["requires"] and "KeyError: 'ALIGNER'" in config["requires"]
+    card = yaml.safe_load((tmp_path / "README.md").read_text().split("---")[1])
+    assert {"hf-align", "aligner"} <= set(card["tags"])
+    script = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
+    without = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert without.returncode != 0 and "KeyError: 'ALIGNER'" in without.stderr
+    with_import = subprocess.run([sys.executable, "-c", "import hf_align; " + script], capture_output=True, text=True)
+    assert with_import.returncode == 0, with_import.stderr

@@ -9,6 +9,7 @@ from peft.utils import PeftType, TaskType
 
 
 ALIGNER_PEFT_TYPE_NAME = "ALIGNER"
+REQUIRES = "pip install hf-align; `import hf_align` before `PeftModel.from_pretrained` (else KeyError: 'ALIGNER')"
 
 
 def ensure_peft_type_member(name: str = ALIGNER_PEFT_TYPE_NAME) -> PeftType:
@@ -77,6 +78,13 @@ class AlignerConfig(PeftConfig):
         metadata={
             "help": "Std of the normal init of the global tokens; 1 matches the RMS-normalised hidden states the "
             "k/v projections normally see (the tokens bypass the layer norm)."
+        },
+    )
+    requires: str = field(
+        default=REQUIRES,
+        metadata={
+            "help": "What loading this adapter needs, written into adapter_config.json for whoever opens it: PEFT has "
+            "no plugin hook, so `PeftModel.from_pretrained` without `import hf_align` fails with KeyError: 'ALIGNER'."
         },
     )
     target_modules: str = field(

@@ -29,6 +29,11 @@ class AlignerModel(BaseTuner):
     # wrapped model) is refused by PEFT; `get_peft_model` is the way in.
     uses_shared_state: bool = True
 
+    def __init__(self, model, config, adapter_name, *args, **kwargs):
+        super().__init__(model, config, adapter_name, *args, **kwargs)
+        if hasattr(self.model, "add_model_tags"):  # PEFT copies the base model's tags into the adapter's card
+            self.model.add_model_tags(["hf-align", "aligner"])
+
     def _prepare_adapter_config(self, peft_config: AlignerConfig, model_config: dict) -> AlignerConfig:
         model_type = model_config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
