@@ -28,7 +28,7 @@ from hf_align.io import PathLike, read_json, require_keys, write_json
 
 
 PLAN_FILE = "merge_plan.json"
-_EMBED = ("embed_tokens.", "wte.", "embed_in.")
+_EMBED = ("embed_tokens.", "wte.", "wpe.", "embed_in.")  # GPT-2: token and position embeddings
 _HEAD = ("lm_head.", "embed_out.")
 
 
