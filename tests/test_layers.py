@@ -156,3 +156,11 @@ def test_every_trainer_subclass_lives_in_trainers():
 def test_line_budgets(relative, budget):
     lines = len((ROOT / relative).read_text().splitlines())
     assert lines <= budget, f"{relative} has {lines} lines (budget {budget})"
+
+
+def test_a_moved_name_says_where_it_lives_now():
+    import hf_align.merging
+
+    with pytest.raises(AttributeError, match=r"AdaptiveMergeTrainer moved: import it from 'hf_align.trainers'"):
+        hf_align.merging.AdaptiveMergeTrainer  # noqa: B018
+    from hf_align.trainers import AdaptiveMergeTrainer  # noqa: F401

@@ -28,7 +28,11 @@ _EXPORTS = {
     "adaptive_plan": "adaptive",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+_MOVED = {  # core imports no trainer: these are only named here, never imported
+    "AdaptiveMergeTrainer": "hf_align.trainers.AdaptiveMergeTrainer",
+    "AdaptiveMergeConfig": "hf_align.trainers.AdaptiveMergeConfig",
+}
+__getattr__ = lazy_getattr(__name__, _EXPORTS, _MOVED)
 
 
 def __dir__():
