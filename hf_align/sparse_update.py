@@ -366,10 +366,27 @@ def merged_state_dict(
     """The plain transformers state dict with the deltas folded in; ``model`` is not changed.
 
     ``state_dict``: the model's full state dict as a sharded engine gathered it (DeepSpeed ZeRO-3, FSDP2), whose
-    live parameters are only slices; the deltas are folded into it instead of into the live weights.
+    live parameters are only slices; the deltas are folded into it instead of into the live weights. Without it,
+    a sharded model is gathered here: under ZeRO-3 / FSDP2 every rank must call this (each gets the full dict).
     """
     if state_dict is not None:
         return _merged_from_state_dict(model, state_dict)
+    params = list(model.parameters())
+    if any(hasattr(p, "full_tensor") for p in params):  # FSDP2: gather the full state dict (a collective)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # on every rank
+        return _merged_from_state_dict(model, full)
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: gather every parameter (a collective), merge live
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {key: value.clone() for key, value in _merged_live(model).items()}
+    return _merged_live(model)
+
+
+def _merged_live(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`merged_state_dict` from the model's own (full) parameters."""
     merged: dict[str, torch.Tensor] = {}
     by_original: dict[int, torch.Tensor] = {}
     quantized = {name: module for name, module in model.named_modules() if _is_4bit(getattr(module, "weight", None))}

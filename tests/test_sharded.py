@@ -109,6 +109,8 @@ WORKER = textwrap.dedent(
     from hf_align import testbed
     from hf_align.callbacks import MaskAccumulationCallback
     from hf_align.masks import NeuronMask, parameter_shape
+    from hf_align.sparse_update import merged_state_dict
+    from safetensors.torch import save_file
     from hf_align.token_weights import char_span_weights
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
@@ -192,6 +194,8 @@ WORKER = textwrap.dedent(
     t.train()
     t.save_model(f"{out}/row/final")
     record("row", t)
+    merged = merged_state_dict(t.accelerator.unwrap_model(t.model))  # the public API, on every rank
+    save_file({k: v.contiguous() for k, v in merged.items()}, f"{out}/row_merged.rank{rank}.safetensors")
 
     # element mask, explicit reference model (a path: built like TRL's own reference); delta-only save
     t = MaskedDPOTrainer(model_dir, ref_model=model_dir, args=config(MaskedDPOConfig, "element", save_merged=False),
@@ -243,8 +247,10 @@ WORKER = textwrap.dedent(
 
     # MaskAccumulationCallback, both methods
     for method in ("gradient", "weight_diff"):
-        callback = MaskAccumulationCallback(method=method, granularity="row", save_to_checkpoints=False)
-        t = DPOTrainer(model_dir, args=config(DPOConfig, method), train_dataset=plain, processing_class=tok,
+        # weight_diff also scores into the step-2 checkpoint (rank 0 writes, every rank joins the gathers)
+        saves = dict(save_strategy="steps", save_steps=2) if method == "weight_diff" else {}
+        callback = MaskAccumulationCallback(method=method, granularity="row", save_to_checkpoints=bool(saves))
+        t = DPOTrainer(model_dir, args=config(DPOConfig, method, **saves), train_dataset=plain, processing_class=tok,
                        callbacks=[callback, CountSteps()])
         t.train()
         record(method, t)
@@ -450,12 +456,14 @@ def test_resume_equals_uninterrupted(data, single, engine):
 @pytest.mark.parametrize("method", ("gradient", "weight_diff"))
 def test_mask_accumulation_scores_equal_one_process(data, single, engine, method):
     sharded = _launch(data, engine)
-    one = load_file(single / method / "neuron_scores.safetensors")
-    two = load_file(sharded / method / "neuron_scores.safetensors")
-    assert set(one) == set(two) and len(one) >= 10
-    assert all(value.sum() > 0 for value in one.values())
-    for key, value in one.items():
-        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    folders = [Path(method)] + ([Path(method) / "checkpoint-2"] if method == "weight_diff" else [])
+    for folder in folders:
+        one = load_file(single / folder / "neuron_scores.safetensors")
+        two = load_file(sharded / folder / "neuron_scores.safetensors")
+        assert set(one) == set(two) and len(one) >= 10
+        assert all(value.sum() > 0 for value in one.values())
+        for key, value in one.items():
+            torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-6, msg=f"{folder}: {key}")
 
 
 def test_zero3_refuses_a_mask_on_lm_head(data, single):
@@ -483,3 +491,16 @@ def test_element_mask_on_every_parameter(data, single, engine):
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=0, atol=WEIGHT_ATOL, msg=key)
     _assert_frozen_rows_identical(b, _initial(data), mask)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_merged_state_dict_gathers_on_every_rank(data, single, engine):
+    sharded = _launch(data, engine)
+    saved = load_file(single / "row" / "final" / "model.safetensors")
+    one = load_file(single / "row_merged.rank0.safetensors")
+    assert set(one) == set(saved) and all(torch.equal(one[k], saved[k]) for k in saved)
+    for rank in (0, 1):
+        two = load_file(sharded / f"row_merged.rank{rank}.safetensors")
+        assert set(two) == set(one)
+        for key, value in one.items():
+            torch.testing.assert_close(two[key], value, rtol=0, atol=WEIGHT_ATOL, msg=key)
