@@ -254,12 +254,11 @@ class MaskAccumulationCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self.save_to_checkpoints:
             return
-        if not state.is_world_process_zero:
-            self._join_gathers(model)
-            return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
-            save_scores(checkpoint, self.scores(model), self._meta(state))
+        if not state.is_world_process_zero or not checkpoint.is_dir():
+            self._join_gathers(model)  # sharded weight_diff: rank 0's gathers need every rank, whatever it writes
+            return
+        save_scores(checkpoint, self.scores(model), self._meta(state))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._restore_clipping()

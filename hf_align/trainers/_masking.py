@@ -318,7 +318,7 @@ class NeuronMaskTrainerMixin:
         self._load_deltas_dir(resume_from_checkpoint)
 
     def _load_best_model(self):
-        if not self._has_deltas():
+        if not self._has_deltas() or _is_sharded(self):  # as in _load_from_checkpoint (not tested sharded)
             return super()._load_best_model()
         self._load_deltas_dir(self.state.best_model_checkpoint)
 
