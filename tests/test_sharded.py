@@ -178,6 +178,7 @@ WORKER = textwrap.dedent(
             "trainable": sorted(n for n, p in params.items() if p.requires_grad),
             "trainable_numel": sum(math.prod(parameter_shape(p)) for p in params.values() if p.requires_grad),
             "optimizer_numel": optimizer_numel(trainer),
+            "reference": type(trainer.ref_model).__name__,
             "steps_run": next(c.n for c in trainer.callback_handler.callbacks if isinstance(c, CountSteps)),
             **extra,
         }
@@ -194,6 +195,14 @@ WORKER = textwrap.dedent(
     t.train()
     t.save_model(f"{out}/row/final")
     record("row", t)
+    if engine == "zero3":  # what the Trainer hands _save when stage3_gather_16bit_weights_on_model_save is off
+        try:
+            t._save(f"{out}/not_gathered", state_dict={})
+            refusal = None
+        except ValueError as error:
+            refusal = str(error)
+        with open(f"{out}/not_gathered_refusal.rank{rank}.json", "w") as f:
+            json.dump({"refusal": refusal}, f)
     merged = merged_state_dict(t.accelerator.unwrap_model(t.model))  # the public API, on every rank
     save_file({k: v.contiguous() for k, v in merged.items()}, f"{out}/row_merged.rank{rank}.safetensors")
 
@@ -379,6 +388,23 @@ def test_only_deltas_train_and_carry_optimizer_state(data, single, engine):
         assert one["optimizer_numel"] == one["trainable_numel"]  # one process: the optimizer holds the deltas only
         total = sum(_info(sharded, name, rank)["optimizer_numel"] for rank in (0, 1))
         assert one["trainable_numel"] <= total <= one["trainable_numel"] + 64  # the deltas' shards (+ padding)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_deltas_off_reference_is_no_second_model(data, single, engine):
+    sharded = _launch(data, engine)
+    for folder in (single, sharded):
+        assert _info(folder, "row")["reference"] == "DeltasOffReference"  # not wrapped in an engine of its own
+        explicit = _info(folder, "element")["reference"]
+        wrapped = {"zero2": "DeepSpeedEngine", "zero3": "DeepSpeedEngine", "fsdp2": "FSDPLlamaForCausalLM"}
+        assert explicit == (wrapped[engine] if folder == sharded else "LlamaForCausalLM")
+
+
+def test_zero3_save_without_gathered_weights_is_refused(data, single):
+    sharded = _launch(data, "zero3")
+    refusal = json.loads((sharded / "not_gathered_refusal.rank0.json").read_text())["refusal"]
+    assert refusal is not None and "zero3_save_16bit_model: true" in refusal
+    assert not (sharded / "not_gathered" / "model.safetensors").exists()
 
 
 def _assert_frozen_rows_identical(merged, initial, mask):
