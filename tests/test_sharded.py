@@ -12,7 +12,8 @@ parent compares:
   delta-only checkpoint;
 * ``resume``: row mask, 4 steps with a checkpoint at step 2, then a second trainer resumes from that checkpoint;
 * ``dpo``: plain ``trl.DPOTrainer`` (the control: the harness itself is sound);
-* ``gradient`` / ``weight_diff``: ``trl.DPOTrainer`` + ``MaskAccumulationCallback``.
+* ``gradient`` / ``weight_diff`` / ``gradient_element``: ``trl.DPOTrainer`` + ``MaskAccumulationCallback`` (row
+  scores; element scores for the gradient method; weight_diff also into a step-2 checkpoint).
 
 The models are a tiny random Llama saved to disk by the parent and loaded *by path* in the worker after the config
 is built, so under ZeRO-3 (``zero3_init_flag``) they are partitioned at load time, as a user's would be.
@@ -255,14 +256,15 @@ WORKER = textwrap.dedent(
     record("dpo", t)
 
     # MaskAccumulationCallback, both methods
-    for method in ("gradient", "weight_diff"):
+    for name in ("gradient", "weight_diff", "gradient_element"):
         # weight_diff also scores into the step-2 checkpoint (rank 0 writes, every rank joins the gathers)
-        saves = dict(save_strategy="steps", save_steps=2) if method == "weight_diff" else {}
-        callback = MaskAccumulationCallback(method=method, granularity="row", save_to_checkpoints=bool(saves))
-        t = DPOTrainer(model_dir, args=config(DPOConfig, method, **saves), train_dataset=plain, processing_class=tok,
+        saves = dict(save_strategy="steps", save_steps=2) if name == "weight_diff" else {}
+        method, granularity = name.removesuffix("_element"), "element" if name.endswith("_element") else "row"
+        callback = MaskAccumulationCallback(method=method, granularity=granularity, save_to_checkpoints=bool(saves))
+        t = DPOTrainer(model_dir, args=config(DPOConfig, name, **saves), train_dataset=plain, processing_class=tok,
                        callbacks=[callback, CountSteps()])
         t.train()
-        record(method, t)
+        record(name, t)
     """
 )
 
@@ -340,7 +342,7 @@ def _initial(data):
     return load_file(data / "model" / "model.safetensors")
 
 
-CONFIGS = ("row", "element", "full4", "resumed", "dpo", "gradient", "weight_diff")
+CONFIGS = ("row", "element", "full4", "resumed", "dpo", "gradient", "weight_diff", "gradient_element")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -479,7 +481,7 @@ def test_resume_equals_uninterrupted(data, single, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("method", ("gradient", "weight_diff"))
+@pytest.mark.parametrize("method", ("gradient", "weight_diff", "gradient_element"))
 def test_mask_accumulation_scores_equal_one_process(data, single, engine, method):
     sharded = _launch(data, engine)
     folders = [Path(method)] + ([Path(method) / "checkpoint-2"] if method == "weight_diff" else [])
