@@ -48,7 +48,12 @@ _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
 def parameter_shape(param: torch.Tensor) -> tuple[int, ...]:
-    """The logical shape of a parameter (a bitsandbytes 4-bit weight is stored packed; its quant state knows)."""
+    """The logical shape of a parameter: a bitsandbytes 4-bit weight is stored packed (its quant state knows), a
+    DeepSpeed ZeRO-3 parameter is partitioned (each rank holds a slice, often ``(0,)``; ``ds_shape`` is the full
+    shape). A DTensor (FSDP2) already reports its global shape."""
+    ds_shape = getattr(param, "ds_shape", None)
+    if ds_shape is not None:
+        return tuple(ds_shape)
     quant_state = getattr(param, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return tuple(quant_state.shape)

@@ -96,7 +96,16 @@ class _Delta(torch.nn.Module):
         self.delta = torch.nn.Parameter(torch.zeros(delta_shape, dtype=dtype, device=device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _effective(weight, self.index, self.delta, self.row, self.axis) if self.enabled else weight
+        if not self.enabled or _is_partitioned(weight):
+            return weight
+        return _effective(weight, self.index, self.delta, self.row, self.axis)
+
+
+def _is_partitioned(weight: torch.Tensor) -> bool:
+    """A ZeRO-3 weight read outside its module's gather (``repr``, a shape query): a slice, as DeepSpeed exposes
+    it; there is nothing to add a delta to (inside a forward the owner has gathered it, see ``attach_deltas``)."""
+    ds_shape = getattr(weight, "ds_shape", None)
+    return ds_shape is not None and tuple(weight.shape) != tuple(ds_shape)
 
 
 def _effective(
@@ -248,7 +257,12 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask, dtype: torch.dtype |
         for module, attr in _owners(model, param):
             plain_type = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
             fast = attr == "weight" and plain_type is torch.nn.Linear and module is not output_embeddings
-            parametrize.register_parametrization(module, attr, holder)
+            # A ZeRO-3 weight is a partitioned slice here: torch's check (one call of the parametrization) would
+            # add the full-shape delta to it; the parametrization keeps shape and dtype by construction.
+            parametrize.register_parametrization(module, attr, holder, unsafe=hasattr(param, "ds_shape"))
+            # DeepSpeed ZeRO-3 gathers a module's *own* parameters around its forward; `original` and the delta
+            # live in child modules whose forward never runs, so the owner gathers its whole subtree instead.
+            module._z3_leaf = True
             if fast:  # TRL's fused head reads lm_head.weight, not forward: it keeps the parametrization
                 module.forward = _delta_linear_forward.__get__(module)
     return model
@@ -288,7 +302,7 @@ def deltas_disabled(model: torch.nn.Module) -> contextlib.AbstractContextManager
 
 def trainable_fraction(model: torch.nn.Module) -> float:
     """Trainable delta entries over the base model's parameter count."""
-    trainable = sum(h.delta.numel() for h in iter_deltas(model))
+    trainable = sum(parameter_shape_numel(h.delta) for h in iter_deltas(model))  # ZeRO-3: full, not the slice
     total = sum(parameter_shape_numel(p) for n, p in model.named_parameters() if not n.endswith(".delta"))
     return trainable / max(total, 1)
 
@@ -310,8 +324,69 @@ def _plain_key(key: str) -> str | None:
     return f"{prefix}.{attr}" if tail == "original" else None
 
 
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The plain transformers state dict with the deltas folded in; ``model`` is not changed."""
+def _delta_entries(model: torch.nn.Module) -> Iterator[tuple[_Delta, str, str, str]]:
+    """``(holder, delta key, original key, plain key)`` for every parametrized owner, as ``model.state_dict()``
+    names them (a tied weight: one entry per owner, the same holder)."""
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for attr, plist in module.parametrizations.items():
+            for i, holder in enumerate(plist):
+                if isinstance(holder, _Delta):
+                    base = f"{prefix}parametrizations.{attr}"
+                    yield holder, f"{base}.{i}.delta", f"{base}.original", f"{prefix}{attr}"
+
+
+def _merged_from_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold the deltas into a *full* state dict of ``model`` (what a sharded engine gathered), using the model only
+    for where each delta sits (its index buffers are never sharded)."""
+    merged: dict[str, torch.Tensor] = {}
+    deltas = {id(h): state_dict[key] for h, key, _, _ in _delta_entries(model) if key in state_dict}
+    for holder, _, original_key, plain in _delta_entries(model):
+        if original_key not in state_dict:  # a tied owner the engine left out of its gathered dict
+            continue
+        if id(holder) not in deltas:
+            raise ValueError(f"The gathered state dict has {original_key!r} but not its neuron delta.")
+        weight = state_dict[original_key].detach()
+        index = holder.index.to(weight.device)
+        merged[plain] = _effective(
+            weight, index, deltas[id(holder)].detach().to(weight.device), holder.row, holder.axis
+        )
+    for key, value in state_dict.items():
+        plain = _plain_key(key)
+        if plain is not None and plain not in merged:
+            merged[plain] = value.detach()
+    return merged
+
+
+def merged_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The plain transformers state dict with the deltas folded in; ``model`` is not changed.
+
+    ``state_dict``: the model's full state dict as a sharded engine gathered it (DeepSpeed ZeRO-3, FSDP2), whose
+    live parameters are only slices; the deltas are folded into it instead of into the live weights. Without it,
+    a sharded model is gathered here: under ZeRO-3 / FSDP2 every rank must call this (each gets the full dict).
+    """
+    if state_dict is not None:
+        return _merged_from_state_dict(model, state_dict)
+    params = list(model.parameters())
+    if any(hasattr(p, "full_tensor") for p in params):  # FSDP2: gather the full state dict (a collective)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # on every rank
+        return _merged_from_state_dict(model, full)
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: gather every parameter (a collective), merge live
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {key: value.clone() for key, value in _merged_live(model).items()}
+    return _merged_live(model)
+
+
+def _merged_live(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`merged_state_dict` from the model's own (full) parameters."""
     merged: dict[str, torch.Tensor] = {}
     by_original: dict[int, torch.Tensor] = {}
     quantized = {name: module for name, module in model.named_modules() if _is_4bit(getattr(module, "weight", None))}
@@ -377,10 +452,25 @@ def merge_deltas(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_deltas(model: torch.nn.Module, directory: PathLike, mask: NeuronMask) -> Path:
-    """Write the deltas (``neuron_deltas.safetensors``) and their mask into ``directory`` (small, push-able)."""
+def save_deltas(
+    model: torch.nn.Module, directory: PathLike, mask: NeuronMask, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write the deltas (``neuron_deltas.safetensors``) and their mask into ``directory`` (small, push-able).
+
+    ``state_dict``: a full state dict gathered by a sharded engine; the deltas are read from it (the live ones are
+    slices under ZeRO-3 / FSDP2).
+    """
     directory = Path(directory)
-    tensors = {h.param_name: h.delta.detach().to("cpu") for h in iter_deltas(model)}
+    if state_dict is None:
+        tensors = {h.param_name: h.delta.detach().to("cpu") for h in iter_deltas(model)}
+    else:
+        tensors = {}
+        for holder, key, _, _ in _delta_entries(model):
+            if holder.param_name not in tensors and key in state_dict:
+                tensors[holder.param_name] = state_dict[key].detach().to("cpu").contiguous()
+        for holder in iter_deltas(model):
+            if holder.param_name not in tensors:
+                raise ValueError(f"The gathered state dict has no neuron delta for {holder.param_name!r}.")
     if not tensors:
         raise ValueError("The model has no neuron deltas to save (attach_deltas was not called).")
     _check_same_mask(model, mask, "save_deltas: `mask`")
@@ -439,18 +529,22 @@ def save_model_with_deltas(
     save_merged: bool = True,
     keep_deltas: bool = False,
     deltas_dir: str = "neuron_deltas",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """The trainers' save: a plain transformers checkpoint with the deltas merged (``save_merged``), and/or the
     deltas + mask (into ``output_dir`` when not merged, else into ``output_dir/deltas_dir`` if ``keep_deltas``).
 
     A 4-bit base is saved merged in full precision (its compute dtype) with a config that no longer asks for
     quantization, so ``AutoModelForCausalLM.from_pretrained`` loads it as an ordinary model.
+
+    ``state_dict``: the full state dict a sharded engine gathered (the Trainer's under ZeRO-3 / FSDP2); merged and
+    delta files are built from it, so they equal a single process's.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     quantized = getattr(model.config, "quantization_config", None) is not None
     if save_merged and not quantized:
-        model.save_pretrained(output_dir, state_dict=merged_state_dict(model))
+        model.save_pretrained(output_dir, state_dict=merged_state_dict(model, state_dict))
     elif save_merged:
         from huggingface_hub import save_torch_state_dict
 
@@ -465,7 +559,7 @@ def save_model_with_deltas(
     else:
         model.config.save_pretrained(output_dir)
     if keep_deltas or not save_merged:
-        save_deltas(model, output_dir / deltas_dir if save_merged else output_dir, mask)
+        save_deltas(model, output_dir / deltas_dir if save_merged else output_dir, mask, state_dict)
 
 
 @contextlib.contextmanager

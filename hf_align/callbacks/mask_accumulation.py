@@ -21,6 +21,13 @@ Two statistics:
   snapshot the callback writes at train begin into ``<output_dir>/neuron_scores_init/`` — never kept in
   memory.
 
+Sharded training (DeepSpeed ZeRO-1/2/3, FSDP2): parameters and gradients are slices, so every score is computed
+from the full tensor, gathered per parameter (a collective every rank joins: the callback calls it on all ranks).
+Under DeepSpeed the optimizer step runs inside ``backward`` (accelerate), before ``on_pre_optimizer_step``: the
+gradients are read in a wrapper around the ZeRO optimizer's ``step`` instead -- reduced, not yet clipped (DeepSpeed
+clips inside that step), so ``grad_stage="pre_clip"`` holds and ``max_grad_norm`` is left alone; ``"post_clip"``
+is refused there. Under FSDP2 the DTensor gradients are gathered in ``on_pre_optimizer_step``.
+
 Memory: row scores cost 4 bytes per output row. Element-granularity gradient scores cost one value per
 parameter: 4 bytes (``score_dtype="float32"``) or 2 bytes (``"bfloat16"``/``"float16"``), on the
 parameter's device or in host memory with ``offload_to_cpu=True``. Element-granularity ``weight_diff``
@@ -46,6 +53,7 @@ from transformers import TrainerCallback
 
 from hf_align.architectures import neuron_axes, neuron_axis
 from hf_align.io import atomic_dir, save_tensors, write_json
+from hf_align.masks import parameter_shape
 from hf_align.scores import (
     GRANULARITIES,
     STATISTICS,
@@ -67,13 +75,38 @@ MASK_DIR = "neuron_mask"
 _SHARD_BYTES = 1 << 30
 
 
+def _is_sharded(param: torch.Tensor) -> bool:
+    """A ZeRO-3 partition or an FSDP2 DTensor: the full tensor must be gathered."""
+    return hasattr(param, "ds_id") or hasattr(param, "full_tensor")
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The full value of ``param`` (a collective for sharded parameters: every rank must call it)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
+    if hasattr(param, "full_tensor"):
+        return param.detach().full_tensor()
+    return param.detach()
+
+
+def is_sharded_model(model: torch.nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ZeRO-3 partition or an FSDP2 DTensor."""
+    return any(_is_sharded(p) for p in model.parameters())
+
+
 def effective_weights(model: torch.nn.Module, target: str | Iterable[str] | None = None) -> Iterator[tuple[str, Any]]:
-    """``(plain name, weight)`` for every base-model parameter; PEFT LoRA layers yield base + delta (merged view)."""
+    """``(plain name, weight)`` for every base-model parameter; PEFT LoRA layers yield base + delta (merged view).
+
+    Sharded parameters (ZeRO-3, FSDP2) are gathered one at a time: every rank must iterate this to the end.
+    """
     for name, param in model.named_parameters():
         plain = plain_name(name)
         if plain is None or not matches_target(plain, target):
             continue
-        weight = param.detach()
+        weight = _full(param)
         if ".base_layer." in name and name.endswith(".weight"):
             module = model.get_submodule(name.rsplit(".base_layer.", 1)[0])
             lora_a = getattr(module, "lora_A", {})
@@ -84,8 +117,15 @@ def effective_weights(model: torch.nn.Module, target: str | Iterable[str] | None
         yield plain, weight
 
 
-def write_snapshot(directory: str | os.PathLike, model: torch.nn.Module, target=None) -> Path:
-    """Save the model's (effective) weights as sharded safetensors, one shard (≤1 GiB) in host memory at a time."""
+def write_snapshot(directory: str | os.PathLike, model: torch.nn.Module, target=None, write: bool = True) -> Path:
+    """Save the model's (effective) weights as sharded safetensors, one shard (≤1 GiB) in host memory at a time.
+
+    ``write=False``: only join the gathers of a sharded model (the other ranks of a ZeRO-3 / FSDP2 run).
+    """
+    if not write:
+        for _ in effective_weights(model, target):
+            pass
+        return Path(directory)
     with atomic_dir(directory, overwrite=True) as tmp:
         shard: dict[str, torch.Tensor] = {}
         size, weight_map, index = 0, {}, 0
@@ -176,15 +216,17 @@ class MaskAccumulationCallback(TrainerCallback):
         self._max_grad_norm: float | None = None
         self._args = None
         self._final_scores: dict[str, torch.Tensor] | None = None
+        self._wrapped_step: tuple[Any, Any] | None = None  # (DeepSpeed ZeRO optimizer, its own step)
+        self._sharded = False
 
     # ------------------------------------------------------------------------------------------ events
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise ValueError("MaskAccumulationCallback needs the Trainer to pass `model` to callbacks.")
-        self._check_distributed(args)
         self._final_scores = None
+        self._sharded = is_sharded_model(model)
         if self.method == "gradient":
-            self._setup_gradient(model, args)
+            self._setup_gradient(model, args, _deepspeed_optimizer(optimizer))
         else:
             self._setup_weight_diff(model, args, state)
         self.totals = self._zero_totals() if self.method == "gradient" else {}
@@ -193,8 +235,10 @@ class MaskAccumulationCallback(TrainerCallback):
             self._restore(args, state)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.method != "gradient":
+        if self.method != "gradient" or self._wrapped_step is not None:  # DeepSpeed: read inside its step
             return
+        if any(hasattr(p.grad, "full_tensor") for p in model.parameters() if p.grad is not None):
+            return self._fsdp_step(model)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if math.isfinite(float(total_norm)):
@@ -208,15 +252,19 @@ class MaskAccumulationCallback(TrainerCallback):
             )
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not self.save_to_checkpoints or not state.is_world_process_zero:
+        if not self.save_to_checkpoints:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
-            save_scores(checkpoint, self.scores(model), self._meta(state))
+        if not state.is_world_process_zero or not checkpoint.is_dir():
+            self._join_gathers(model)  # sharded weight_diff: rank 0's gathers need every rank, whatever it writes
+            return
+        save_scores(checkpoint, self.scores(model), self._meta(state))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._restore_clipping()
+        self._unwrap_step()
         if not state.is_world_process_zero:
+            self._join_gathers(model)
             return
         scores = self.scores(model)
         self._final_scores = scores
@@ -253,8 +301,13 @@ class MaskAccumulationCallback(TrainerCallback):
             seed=self.seed,
         )
 
+    def _join_gathers(self, model) -> None:
+        """On a rank that writes nothing: take part in the per-parameter gathers rank 0's scores need."""
+        if self.method == "weight_diff" and self._sharded and model is not None:
+            write_snapshot("", model, self.target, write=False)
+
     # ------------------------------------------------------------------------------------------ gradient
-    def _setup_gradient(self, model, args) -> None:
+    def _setup_gradient(self, model, args, zero_optimizer=None) -> None:
         self._tracked = []
         self._axes = neuron_axes(model)  # a Conv1D weight's output features ("rows") are its columns
         frozen = 0
@@ -273,11 +326,75 @@ class MaskAccumulationCallback(TrainerCallback):
                 "weights are frozen and get no gradient: use method='weight_diff', which scores the merged weights."
             )
         self._max_grad_norm = None
+        self._unwrap_step()
+        if zero_optimizer is not None:
+            if self.grad_stage == "post_clip":
+                raise ValueError(
+                    "MaskAccumulationCallback(grad_stage='post_clip') cannot run under DeepSpeed: DeepSpeed clips "
+                    "inside its optimizer step, after the last point the gradients can be read. Use "
+                    "grad_stage='pre_clip' (the default), or DDP / FSDP2 for post-clip gradients."
+                )
+            own_step = zero_optimizer.step
+
+            def step(*step_args, **step_kwargs):
+                self._deepspeed_accumulate()
+                return own_step(*step_args, **step_kwargs)
+
+            zero_optimizer.step = step
+            self._wrapped_step = (zero_optimizer, own_step)
+            return
         if self.grad_stage == "pre_clip" and args.max_grad_norm and args.max_grad_norm > 0:
             # The Trainer clips before `on_pre_optimizer_step`; we read first, then clip with the same norm.
             self._max_grad_norm = float(args.max_grad_norm)
             self._args = args
             args.max_grad_norm = 0.0
+
+    def _unwrap_step(self) -> None:
+        if self._wrapped_step is not None:
+            zero_optimizer, _ = self._wrapped_step
+            zero_optimizer.__dict__.pop("step", None)
+            self._wrapped_step = None
+
+    @torch.no_grad()
+    def _deepspeed_accumulate(self) -> None:
+        """Inside DeepSpeed's optimizer step: the reduced full gradients (a collective for ZeRO-2/3 partitions)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {name: safe_get_full_grad(param) for name, param in self._tracked}
+        present = [g for g in grads.values() if g is not None]
+        if present and not math.isfinite(float(torch.nn.utils.get_total_norm(present))):
+            self.skipped_steps += 1  # an fp16 overflow step DeepSpeed will skip
+            return
+        self._add(grads)
+        self.num_steps += 1
+
+    @torch.no_grad()
+    def _fsdp_step(self, model) -> None:
+        """FSDP2: gather each DTensor gradient (all ranks), score, then clip as the Trainer would have."""
+        grads = {
+            name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for name, p in self._tracked
+        }
+        local = [p.grad for p in model.parameters() if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm(local)
+        if hasattr(total_norm, "full_tensor"):
+            total_norm = total_norm.full_tensor()
+        if math.isfinite(float(total_norm)):
+            self._add(grads)
+            self.num_steps += 1
+        else:
+            self.skipped_steps += 1
+        if self._max_grad_norm is not None and local:
+            coef = min(1.0, self._max_grad_norm / (float(total_norm) + 1e-6))  # clip_grads_with_norm_'s clamp
+            for grad in local:
+                grad.mul_(coef)
+
+    def _add(self, grads: dict[str, torch.Tensor | None]) -> None:
+        for name, grad in grads.items():
+            if grad is None:
+                continue
+            total = self.totals[name]
+            contribution = reduce_magnitude(grad, self.granularity, self.statistic, neuron_axis(self._axes, name))
+            total.add_(contribution.to(device=total.device, dtype=total.dtype))
 
     def _restore_clipping(self) -> None:
         if self._args is not None and self._max_grad_norm is not None:
@@ -289,11 +406,12 @@ class MaskAccumulationCallback(TrainerCallback):
         totals = {}
         for name, param in self._tracked:
             device = "cpu" if self.offload_to_cpu else param.device
+            full_shape = parameter_shape(param)  # a ZeRO-3 partition's full shape
             if self.granularity == "row":
                 axis = neuron_axis(self._axes, name)
-                shape, dtype = (param.shape[axis] if param.dim() > axis else 1,), torch.float32
+                shape, dtype = (full_shape[axis] if len(full_shape) > axis else 1,), torch.float32
             else:
-                shape, dtype = param.shape, SCORE_DTYPES[self.score_dtype]
+                shape, dtype = full_shape, SCORE_DTYPES[self.score_dtype]
             totals[name] = torch.zeros(shape, dtype=dtype, device=device)
         return totals
 
@@ -326,8 +444,8 @@ class MaskAccumulationCallback(TrainerCallback):
                     "start of the run; pass init_path= to point at the initial weights."
                 )
             return
-        if state.is_world_process_zero:
-            write_snapshot(self._init_dir, model, self.target)
+        if state.is_world_process_zero or self._sharded:  # sharded: every rank joins the gathers
+            write_snapshot(self._init_dir, model, self.target, write=state.is_world_process_zero)
         _barrier()
 
     def _init_reader(self) -> CheckpointReader:
@@ -381,14 +499,12 @@ class MaskAccumulationCallback(TrainerCallback):
             "init_path": str(self._init_dir) if self.method == "weight_diff" else None,
         }
 
-    @staticmethod
-    def _check_distributed(args) -> None:
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise NotImplementedError(
-                "MaskAccumulationCallback supports single-device and DDP training; DeepSpeed/FSDP shard parameters "
-                "and gradients, so per-parameter scores would cover only one shard. Run the warm-up with DDP, or "
-                "score two saved checkpoints with `hf-align select-mask --init A --trained B`."
-            )
+
+def _deepspeed_optimizer(optimizer) -> Any:
+    """The DeepSpeed ZeRO optimizer behind accelerate's wrapper, or None (no DeepSpeed)."""
+    inner = getattr(optimizer, "optimizer", None)
+    module = type(inner).__module__ if inner is not None else ""
+    return inner if module.startswith("deepspeed.") else None
 
 
 def _check_choice(field: str, value: Any, choices: tuple) -> None:

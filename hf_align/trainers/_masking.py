@@ -14,7 +14,9 @@ The mechanism itself (freezing, trainable deltas at the selected rows/entries, m
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ __all__ = [
     "NeuronMaskArguments",
     "NeuronMaskTrainerMixin",
     "attach_mask",
+    "deltas_reference_unwrapped",
     "resolve_neuron_mask",
     "validate_mask_fields",
 ]
@@ -173,8 +176,32 @@ def attach_mask(model, mask, args, peft_config=None):
     if is_peft_model(model):
         raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
 
+    _refuse_zero3_output_embeddings(model, mask)
     dtype = getattr(args, "neuron_delta_dtype", "auto")
     return attach_deltas(model, mask, None if dtype == "auto" else getattr(torch, dtype))  # validates the mask too
+
+
+def _refuse_zero3_output_embeddings(model, mask) -> None:
+    """ZeRO-3 + a mask on the output embeddings: refused, naming the alternatives.
+
+    TRL's fused LM head reads ``lm_head.weight`` directly (not through ``lm_head``'s forward) and gathers it with
+    ``maybe_gather_lm_head_ctx``, which only handles a ZeRO-3 *parameter*; a delta makes ``weight`` a computed
+    tensor, and the step fails deep inside TRL (``'Tensor' object has no attribute 'ds_status'``).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not is_deepspeed_zero3_enabled():
+        return
+    names = {name for name, param in model.named_parameters() if any(param is p for p in head.parameters())}
+    covered = sorted(name for name in names if name in mask.masks and bool(mask.masks[name].any()))
+    if covered:
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 cannot train neuron deltas on the output embeddings ({covered[0]!r}): TRL's fused LM "
+            "head reads that weight outside the module's forward, where ZeRO-3 gathers only plain parameters. Leave "
+            "it out of the mask (a target on the decoder layers, e.g. hf_align.architectures.ROW_TARGET, the default "
+            "for row masks), or train with DeepSpeed ZeRO-2 or FSDP2."
+        )
 
 
 class DeltasOffReference(torch.nn.Module):
@@ -190,6 +217,37 @@ class DeltasOffReference(torch.nn.Module):
 
         with deltas_disabled(self._policy):
             return self._policy(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def deltas_reference_unwrapped(*modules) -> Iterator[None]:
+    """Let TRL's trainer init pass a :class:`DeltasOffReference` through its reference wrapping unchanged.
+
+    TRL wraps a separate reference in its own engine (``prepare_deepspeed`` / ``prepare_fsdp``). The stand-in holds
+    no parameters -- it calls the policy, which its engine already wraps (ZeRO-3 and FSDP2 gather around each
+    module's forward) -- and DeepSpeed cannot build an engine for a module without parameters (ZeRO-3:
+    ``IndexError`` in ``DeepSpeedZeRoOffload``). ``modules``: where the trainer looks those functions up.
+    """
+    names = ("prepare_deepspeed", "prepare_fsdp")
+    saved = [(module, name, getattr(module, name)) for module in modules for name in names if hasattr(module, name)]
+
+    def passthrough(original):
+        def prepare(model, *args, **kwargs):
+            return model if isinstance(model, DeltasOffReference) else original(model, *args, **kwargs)
+
+        return prepare
+
+    for module, name, original in saved:
+        setattr(module, name, passthrough(original))
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def _is_sharded(trainer) -> bool:
+    return bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
 
 
 class NeuronMaskTrainerMixin:
@@ -224,6 +282,15 @@ class NeuronMaskTrainerMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
+        if state_dict is not None and not state_dict and _is_sharded(self):
+            raise ValueError(
+                "DeepSpeed ZeRO-3 did not gather the weights for saving (stage3_gather_16bit_weights_on_model_save is "
+                "off), so hf-align cannot write the merged or delta checkpoint. Set `zero3_save_16bit_model: true` "
+                "in the accelerate config (or `stage3_gather_16bit_weights_on_model_save: true` in the DeepSpeed "
+                "config)."
+            )
+        # Under ZeRO-3 / FSDP2 the live parameters are slices: the Trainer hands over the full state dict it
+        # gathered, and the merged / delta files are built from that (ZeRO-2 gathers too; DDP / one process: None).
         # Checkpoints keep the exact deltas so `resume_from_checkpoint` continues from the frozen base + deltas.
         save_model_with_deltas(
             self.accelerator.unwrap_model(self.model),
@@ -232,17 +299,20 @@ class NeuronMaskTrainerMixin:
             save_merged=self.args.save_merged,
             keep_deltas=getattr(self, "_in_checkpoint", False),
             deltas_dir=DELTAS_DIR,
+            state_dict=state_dict or None,
         )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not self._has_deltas():
+        # Sharded engines resume from their own (sharded) model checkpoint, which holds the deltas as parameters:
+        # DeepSpeed loads it itself (this hook is not called), FSDP through the Trainer's `load_fsdp_model`.
+        if not self._has_deltas() or _is_sharded(self):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_deltas_dir(resume_from_checkpoint)
 
     def _load_best_model(self):
-        if not self._has_deltas():
+        if not self._has_deltas() or _is_sharded(self):  # as in _load_from_checkpoint (not tested sharded)
             return super()._load_best_model()
         self._load_deltas_dir(self.state.best_model_checkpoint)
 

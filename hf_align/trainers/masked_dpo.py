@@ -48,6 +48,7 @@ from hf_align.trainers._masking import (
     NeuronMaskArguments,
     NeuronMaskTrainerMixin,
     attach_mask,
+    deltas_reference_unwrapped,
     resolve_neuron_mask,
 )
 
@@ -201,9 +202,11 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
                 ref_model = DeltasOffReference(model)
                 uses_deltas_reference = True
 
+        import trl.trainer.dpo_trainer as trl_dpo
+
         from hf_align.sparse_update import quantized_training_allowed
 
-        with quantized_training_allowed(model):
+        with quantized_training_allowed(model), deltas_reference_unwrapped(trl_dpo):
             super().__init__(
                 model,
                 ref_model=ref_model,
