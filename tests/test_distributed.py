@@ -116,6 +116,9 @@ WORKER = textwrap.dedent(
     tensors = {f"weight/{k}": v for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
     tensors.update({f"score/{k}": v for k, v in callback.scores().items()})
     dump("mask_accumulation", trainer, tensors)
+    if torch.distributed.is_initialized():  # a clean gloo teardown (its threads aborted a rank at exit under load)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """
 )
 
