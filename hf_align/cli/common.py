@@ -16,9 +16,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, DatasetDict
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 
 TESTBED_KINDS = ("preference", "sft", "prompts", "forget", "retain")
@@ -128,6 +130,16 @@ def _grouped_help(parser, config_class: type, types: tuple[type, ...], extra: tu
     return formatter.format_help()
 
 
+def add_kebab_aliases(parser) -> None:
+    """Accept ``--max-shard-size`` for every ``--max_shard_size`` option, unlisted: TRL's ``--snake_case`` is the one
+    spelling the help shows across commands; the other keeps old command lines working."""
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            alias = "--" + option[2:].replace("_", "-")
+            if option.startswith("--") and alias != option and alias not in parser._option_string_actions:
+                parser._option_string_actions[alias] = action
+
+
 def recipe_permissions(recipe: dict[str, Any]) -> list[tuple[str, str]]:
     """(key, command-line flag) for each thing in ``recipe`` that only a command-line flag may switch on."""
     needed = []
@@ -223,6 +235,7 @@ def resolve_model_path(name: str) -> str:
 def load_dataset_any(name: str, config: str | None = None, streaming: bool = False) -> DatasetDict:
     """Load a dataset by any of the names in the module docstring; always returns a ``DatasetDict``."""
     import datasets
+    from datasets import DatasetDict
 
     if name.startswith("testbed:"):
         return DatasetDict({"train": _testbed_dataset(name.split(":", 1)[1])})
