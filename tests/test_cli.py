@@ -90,9 +90,9 @@ def test_env_shows_what_trl_env_shows(capsys):
         assert f"- {key}: " in out, key
 
 
-def test_training_help_lists_hf_align_flags_first_then_launch_flags(capsys):
-    with pytest.raises(SystemExit):
-        main(["masked-dpo", "--help"])
+def test_training_help_lists_hf_align_flags_first_then_launch_flags(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ALIGN_CACHE", str(tmp_path))
+    assert main(["masked-dpo", "--help"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
 
@@ -154,3 +154,14 @@ def test_training_runs_in_this_process_without_launch_flags(tmp_path, monkeypatc
     assert main([*argv[:-1], str(tmp_path / "o2"), "--dataset_name", str(tmp_path / "missing.parquet")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hf-align aligner-sft: ")
+
+
+def test_training_help_is_fast_the_second_time(tmp_path):
+    """The help comes from a cache keyed by versions and sources: no torch / TRL import to print it again."""
+    env = {**os.environ, "HF_ALIGN_CACHE": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = "import sys; from hf_align.cli import main; main(['npo', '--help']); print('torch' in sys.modules)"
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert first.stdout.splitlines()[-1] == "True" and second.stdout.splitlines()[-1] == "False"
+    assert first.stdout.removesuffix("True\n") == second.stdout.removesuffix("False\n")
+    assert "--retain_dataset_name" in second.stdout

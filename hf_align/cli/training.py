@@ -23,6 +23,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,48 @@ def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]
 
 def _load(name: str):
     return importlib.import_module(f"hf_align.cli.{TRAINING_COMMANDS[name].module}")
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def _help_cache_file(name: str) -> Path:
+    """Where ``name``'s help is kept, keyed by the versions of the packages that define its fields and by hf-align's
+    own sources (their sizes and modification times), so any change builds it afresh."""
+    import hashlib
+    import importlib.metadata
+
+    import hf_align
+
+    key = [hf_align.__version__, name]
+    for package in ("trl", "transformers", "accelerate", "peft"):
+        try:
+            key.append(importlib.metadata.version(package))
+        except importlib.metadata.PackageNotFoundError:
+            key.append("-")
+    for source in sorted(Path(hf_align.__file__).parent.rglob("*.py")):
+        stat = source.stat()
+        key.append(f"{source.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("HF_ALIGN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "hf_align")
+    return root.expanduser() / "help" / f"{name}-{digest}.txt"
+
+
+def help_text(name: str) -> str:
+    """``hf-align <name> --help``: building it imports torch, transformers and TRL (seconds), so after the first time
+    it comes from a small cache file, without importing them; a cache that cannot be written is skipped."""
+    cache = _help_cache_file(name)
+    if cache.is_file():
+        return cache.read_text()
+    text = _load(name).make_parser(prog=f"hf-align {name}", command=name).format_help()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        os.replace(partial, cache)
+    except OSError:
+        pass
+    return text
 
 
 def parse(name: str, argv: list[str]):
