@@ -84,9 +84,10 @@ def test_trl_recipe_with_mixture_test_split_and_step_eval_runs_with_trl_dpo_and_
     trl_state = json.loads((trl_out / "checkpoint-2" / "trainer_state.json").read_text())
     assert len(_eval_losses(trl_state["log_history"])) == 2
 
-    assert main(["masked-dpo", "--config", str(recipe), "--output_dir", str(ours_out)]) == 0
-    ours = json.loads((ours_out / "trainer_state.json").read_text())
-    assert len(_eval_losses(ours["log_history"])) == 2
+    for command in ("masked-dpo", "warmup-dpo"):
+        assert main([command, "--config", str(recipe), "--output_dir", str(ours_out / command)]) == 0
+        ours = json.loads((ours_out / command / "trainer_state.json").read_text())
+        assert len(_eval_losses(ours["log_history"])) == 2, command
 
 
 @pytest.mark.parametrize("command", ["warmup-dpo", "masked-dpo"])

@@ -1,4 +1,4 @@
-"""What every training command shares: parsers, model and dataset resolution, column checks, recipe permissions.
+"""What every training command shares: TRL's script plumbing (parser, data, model kwargs), recipe permissions.
 
 A recipe is a file someone may have sent you, so two of its keys need a flag on the command line: ``env:`` (TRL's
 ``TrlParser`` copies it into ``os.environ``; ``PYTHONPATH`` alone can make every process import a
@@ -278,7 +278,8 @@ def split(dataset: DatasetDict, name: str, source: str) -> Dataset:
 
 
 def require_columns(dataset: Dataset, columns: Iterable[str], source: str) -> None:
-    """Fail before training when a column the method needs is missing, naming it."""
+    """Fail before training when a column the method needs is missing, naming it (``eval``, ``feedback``; the
+    training commands leave column checks to their trainers)."""
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise ValueError(f"{source}: missing column(s) {missing}; found {dataset.column_names}.")
