@@ -166,3 +166,22 @@ def test_shipped_dpo_baseline_uses_only_trl_fields():
         ["--config", str(path), "--bf16", "false"], return_remaining_strings=True, separate_remaining_strings=True
     )
     assert config_remaining == []
+
+
+def test_dataset_streaming_streams_the_data(tmp_path, monkeypatch):
+    """`dataset_streaming` used to be parsed and ignored; the trainer now gets an IterableDataset."""
+    from hf_align.trainers import MaskedDPOTrainer
+
+    seen = {}
+    original = MaskedDPOTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen["train"] = type(kwargs["train_dataset"]).__name__
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskedDPOTrainer, "__init__", spy)
+    data = _jsonl(tmp_path / "pairs.jsonl", _pairs(8))
+    argv = ["masked-dpo", "--model_name_or_path", "testbed", "--dataset_name", data, "--dataset_streaming", "true"]
+    argv += ["--output_dir", str(tmp_path / "out"), *(f"--{key}={value}" for key, value in TINY.items())]
+    assert main(argv) == 0
+    assert seen["train"] == "IterableDataset"
