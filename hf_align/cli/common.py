@@ -117,7 +117,7 @@ def _grouped_help(parser, config_class: type, types: tuple[type, ...], extra: tu
         ("launch", "launch flags (without one, the command runs in this process)", launch),
         *((name, f"{name} (TRL)", sections.pop(name, [])) for name in ("ScriptArguments", "DatasetMixtureConfig")),
         ("ModelConfig", "ModelConfig (TRL)", sections.pop("ModelConfig", [])),
-        *((name, name, actions) for name, actions in sections.items()),
+        *((name, f"{name} (TRL / transformers training fields)", actions) for name, actions in sections.items()),
     ]
     formatter = parser._get_formatter()
     formatter.add_usage(parser.usage, [], [])
