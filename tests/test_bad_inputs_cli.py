@@ -50,7 +50,7 @@ def no_training(monkeypatch):
 
     calls = []
 
-    def record(script_args, training_args, model_args, command="masked-dpo"):
+    def record(script_args, training_args, model_args, *more, command="masked-dpo"):
         calls.append(training_args)
         return 0
 
@@ -318,7 +318,7 @@ def test_launched_processes_never_get_the_current_folder_on_sys_path(tmp_path, m
     monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
     monkeypatch.delenv("HF_ALIGN_NO_LAUNCH", raising=False)
     argv = [a for a in _training_argv(tmp_path) if a != "--no_launch"] + ["--trust_remote_code", "--allow_recipe_env"]
-    assert run_command("masked-dpo", argv) == 0
+    assert run_command("masked-dpo", [*argv, "--num_processes", "1"]) == 0  # a launch flag: in-process otherwise
     assert seen["safe_path"] == "1" and "PYTHONSAFEPATH" not in os.environ
     assert "--trust_remote_code" in seen["argv"] and "--allow_recipe_env" in seen["argv"]
 

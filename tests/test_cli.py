@@ -81,3 +81,87 @@ def test_num_processes_on_a_cpu_only_machine_starts_that_many_processes(tmp_path
     assert "2 CPU processes" in result.stdout
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["epoch"] == pytest.approx(1.0)
+
+
+def test_env_shows_what_trl_env_shows(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for key in ("accelerate_config", "accelerator(s)", "bitsandbytes", "deepspeed", "liger_kernel", "vllm", "logging"):
+        assert f"- {key}: " in out, key
+
+
+def test_training_help_lists_hf_align_flags_first_then_launch_flags(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ALIGN_CACHE", str(tmp_path))
+    assert main(["masked-dpo", "--help"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+
+    def first(text):
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert (
+        first("hf-align options")
+        < first("  --config RECIPE.yaml")
+        < first("--neuron_mask_path")
+        < first("launch flags (")
+    )
+    assert (
+        first("launch flags (") < first("--num_processes") < first("ScriptArguments (TRL)") < first("--learning_rate")
+    )
+    assert first("--neuron_mask_path") < 60 and "DatasetMixtureConfig (TRL)" in out
+
+
+@pytest.mark.parametrize(
+    ("command", "snake", "kebab"),
+    [("merge", "--no_progress", "--no-progress"), ("select-mask", "--exclude_top", "--exclude-top")],
+)
+def test_one_flag_spelling_with_the_old_one_as_hidden_alias(capsys, command, snake, kebab):
+    import importlib
+
+    from hf_align.cli import COMMANDS
+
+    parser = importlib.import_module(f"hf_align.cli.{COMMANDS[command][0]}").build_parser()
+    help_text = parser.format_help()
+    assert snake in help_text and kebab not in help_text
+    dest = snake.lstrip("-")
+    assert parser._option_string_actions[kebab].dest == dest == parser._option_string_actions[snake].dest
+
+
+def test_training_runs_in_this_process_without_launch_flags(tmp_path, monkeypatch, capsys):
+    """No second Python for a plain run: `accelerate launch` is only used when a launch flag asks for it."""
+    import accelerate.commands.launch as launch
+
+    def no_launch(args):
+        raise AssertionError("launched a child process")
+
+    monkeypatch.setattr(launch, "launch_command", no_launch)
+    monkeypatch.delenv("HF_ALIGN_NO_LAUNCH", raising=False)
+    out = tmp_path / "out"
+    argv = ["aligner-sft", "--model_name_or_path", "testbed", "--dataset_name", "testbed:sft", "--max_steps", "1"]
+    argv += [
+        "--per_device_train_batch_size",
+        "2",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert (out / "adapter_config.json").exists()
+    # and a failure is one line, not two tracebacks
+    assert main([*argv[:-1], str(tmp_path / "o2"), "--dataset_name", str(tmp_path / "missing.parquet")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-align aligner-sft: ")
+
+
+def test_training_help_is_fast_the_second_time(tmp_path):
+    """The help comes from a cache keyed by versions and sources: no torch / TRL import to print it again."""
+    env = {**os.environ, "HF_ALIGN_CACHE": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = "import sys; from hf_align.cli import main; main(['npo', '--help']); print('torch' in sys.modules)"
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert first.stdout.splitlines()[-1] == "True" and second.stdout.splitlines()[-1] == "False"
+    assert first.stdout.removesuffix("True\n") == second.stdout.removesuffix("False\n")
+    assert "--retain_dataset_name" in second.stdout

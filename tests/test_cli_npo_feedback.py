@@ -145,7 +145,7 @@ def test_npo_bad_field_value_and_columns_are_named(tmp_path, capsys):
     _refused(
         capsys,
         ["npo", *common, "--dataset_name", str(data)],
-        r"forget data needs the columns prompt/completion.*\['question', 'answer'\]",
+        r"forget data\) is missing columns: expected prompt\+completion.*\[.question., .answer.\]",  # NPOTrainer's check
     )
     _refused(
         capsys,

@@ -1,10 +1,10 @@
 """`hf-align pipeline`: ALLO's stages on the testbed, skip-when-complete, resume after a kill, clear recipe errors."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from hf_align.cli import main
@@ -21,20 +21,8 @@ TINY = [
 
 
 def _testbed_pipeline(tmp_path: Path) -> Path:
-    """The shipped ALLO pipeline, its stages pointed at testbed data."""
-    recipe = yaml.safe_load((ALLO / "pipeline.yaml").read_text())
-    data = {
-        "warmup": {"dataset_name": "testbed:preference", "score_method": "gradient", "score_granularity": "row"},
-        "labels": {"dataset": "testbed:preference", "tokenizer": "testbed"},
-        "improve": {"dataset_name": "testbed:preference"},
-    }
-    for stage in recipe["stages"]:
-        if stage.get("recipe"):
-            stage["recipe"] = str(ALLO / stage["recipe"])
-        stage["args"] = {**(stage.get("args") or {}), **data.get(stage["name"], {})}
-    path = tmp_path / "pipeline.yaml"
-    path.write_text("# command: hf-align pipeline\n" + yaml.safe_dump(recipe))
-    return path
+    """The shipped testbed form of the ALLO pipeline (the stage recipes are the real-model ones)."""
+    return ALLO / "pipeline_testbed.yaml"
 
 
 def _argv(recipe: Path, out: Path) -> list[str]:
@@ -44,8 +32,9 @@ def _argv(recipe: Path, out: Path) -> list[str]:
     return argv
 
 
-def test_shipped_recipe_is_a_valid_pipeline():
-    recipe = load_pipeline(ALLO / "pipeline.yaml")
+@pytest.mark.parametrize("name", ["pipeline.yaml", "pipeline_testbed.yaml"])
+def test_shipped_recipe_is_a_valid_pipeline(name):
+    recipe = load_pipeline(ALLO / name)
     names = [stage["name"] for stage in recipe["stages"]]
     assert names == ["warmup", "mask_forget", "mask_improve", "labels", "forget", "improve"]
 
@@ -111,3 +100,54 @@ def test_bad_pipeline_recipes_fail_before_running(tmp_path, capsys, text, messag
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def _one_stage(tmp_path: Path, extra: str = "") -> Path:
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(
+        "model_name_or_path: testbed\nstages:\n"
+        "  - {name: train, command: masked-dpo, args: {dataset_name: 'testbed:preference'}}\n" + extra
+    )
+    return recipe
+
+
+def _steps(directory: Path) -> int:
+    return json.loads((directory / "trainer_state.json").read_text())["global_step"]
+
+
+def test_a_completed_stage_whose_arguments_changed_runs_again(tmp_path, capsys):
+    """`--set max_steps=...` used to reuse the old result silently; the marker keeps the resolved arguments."""
+    recipe, out = _one_stage(tmp_path), tmp_path / "out"
+    tiny = [a for item in TINY if not item.startswith(("max_steps", "save_")) for a in ("--set", item)]
+    argv = ["pipeline", str(recipe), "--output_dir", str(out), *tiny, "--set", "save_strategy=no"]
+    assert main([*argv, "--set", "max_steps=1"]) == 0
+    assert _steps(out / "train") == 1
+    assert "--max_steps" in json.loads((out / "train" / STAGE_FILE).read_text())["resolved_args"]
+    assert main([*argv, "--set", "max_steps=2"]) == 0
+    assert "re-running from scratch (its arguments changed)" in capsys.readouterr().out
+    assert _steps(out / "train") == 2
+    assert main([*argv, "--set", "max_steps=2"]) == 0
+    assert "skipped (complete)" in capsys.readouterr().out
+    assert main([*argv, "--set", "max_steps=2", "--force"]) == 0
+    assert "re-running from scratch (--force)" in capsys.readouterr().out
+
+
+def test_a_failed_pipeline_prints_the_summary_of_what_finished(tmp_path, capsys):
+    extra = "  - {name: mask, command: select-mask, args: {scores: '{train}/no_scores_here', ratio: 0.1}}\n"
+    recipe, out = _one_stage(tmp_path, extra), tmp_path / "out"
+    argv = ["pipeline", str(recipe), "--output_dir", str(out), "--set", "max_steps=1", "--set", "save_strategy=no"]
+    argv += [a for item in TINY if not item.startswith(("max_steps", "save_")) for a in ("--set", item)]
+    assert main(argv) != 0
+    captured = capsys.readouterr()
+    rows = [line.split() for line in captured.out.splitlines() if line.startswith(("train ", "mask "))]
+    assert [row[:2] for row in rows] == [["train", "ran"], ["mask", "FAILED"]]
+    assert "stage 'mask' (select-mask) failed" in captured.err
+
+
+def test_set_reaches_one_stage_of_any_command(tmp_path):
+    from hf_align.cli.pipeline import stage_argv
+
+    stage = {"name": "labels", "command": "label-tokens", "args": {"dataset": "hub/data"}}
+    outputs = {"labels": str(tmp_path / "labels")}
+    argv = stage_argv(stage, tmp_path, outputs, {"bf16": "true"}, {"labels.dataset": "testbed:preference", "x": "1"})
+    assert argv == ["--dataset", "testbed:preference", "--output", str(tmp_path / "labels")]

@@ -145,8 +145,9 @@ def test_recipe_with_wrong_type_fails_before_training(tmp_path, capsys):
 
 
 def test_missing_dataset_column_is_named(tmp_path):
+    """TRL's DPOTrainer would fail with a bare KeyError deep in ``datasets.map``; the command names what it needs."""
     from hf_align.cli.training import run_command
 
     argv = ["--model_name_or_path", "testbed", "--dataset_name", "testbed:sft", "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['chosen', 'rejected'\]"):
+    with pytest.raises(ValueError, match=r"missing columns: expected chosen\+rejected; found columns \['prompt'"):
         run_command("aligner-dpo", [*argv, *TINY_TRAINING[2:]], launch=False)

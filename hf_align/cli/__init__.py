@@ -64,7 +64,8 @@ def _usage() -> str:
         "  --debug        (before the command) show the traceback of an error instead of one line",
         "",
         "Run `hf-align <command> --help` for a command's options. Training commands take `--config recipe.yaml`",
-        "plus any field as `--field value`, and accelerate's launch flags (`--num_processes`, `--config_file`).",
+        "(any `trl dpo` / `trl sft` recipe) plus any field as `--field value`, and run in this process unless an",
+        "accelerate launch flag (`--num_processes`, `--config_file`, `--accelerate_config`) is given.",
     ]
     return "\n".join(lines)
 
@@ -104,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-align {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
-    from hf_align.cli.training import TRAINING_COMMANDS, run_command
+    from hf_align.cli.training import HELP_FLAGS, TRAINING_COMMANDS, help_text, run_command
 
+    if name in TRAINING_COMMANDS and any(arg in HELP_FLAGS for arg in rest):
+        print(help_text(name), end="")
+        return 0
     if name in TRAINING_COMMANDS:
         return run_guarded(name, lambda: run_command(name, rest))
     if name not in COMMANDS:

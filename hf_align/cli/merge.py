@@ -14,6 +14,8 @@ import sys
 
 import yaml
 
+from hf_align.cli.common import add_kebab_aliases
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -27,16 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, help="Linear merge: one α in [0, 1] for every tensor.")
     parser.add_argument("--pivots", help="Partwise: inclusive layer pivots, '10,20' or '10#20' → 0–10, 11–20, 21–end.")
     parser.add_argument("--alphas", help="Partwise: one α per part, '0.4,0.3,0.2' or '0.4|0.3|0.2'.")
-    parser.add_argument("--embed-alpha", type=float, help="Partwise: α of the input embeddings (default: first part).")
-    parser.add_argument("--head-alpha", type=float, help="Partwise: α of lm_head and the final norm (default: last).")
-    parser.add_argument("--other-alpha", type=float, help="Partwise: α of tensors no rule covers (default: error).")
+    parser.add_argument("--embed_alpha", type=float, help="Partwise: α of the input embeddings (default: first part).")
+    parser.add_argument("--head_alpha", type=float, help="Partwise: α of lm_head and the final norm (default: last).")
+    parser.add_argument("--other_alpha", type=float, help="Partwise: α of tensors no rule covers (default: error).")
     parser.add_argument("--dtype", default="auto", help="Output dtype: auto (aligned's), bfloat16, float16, float32.")
-    parser.add_argument("--max-shard-size", default="500MB", help="Largest output shard, e.g. 500MB, 2GB.")
+    parser.add_argument("--max_shard_size", default="500MB", help="Largest output shard, e.g. 500MB, 2GB.")
     parser.add_argument("--revision", help="Hub revision for Hub ids.")
     parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists (atomically).")
-    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Upload the merged model (with a model card) here.")
     parser.add_argument("--private", action="store_true", help="With --push_to_hub: create the repo private.")
+    add_kebab_aliases(parser)
     return parser
 
 

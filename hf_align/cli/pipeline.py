@@ -15,10 +15,12 @@ A pipeline recipe lists stages; each runs one hf-align command with its own reci
 
 ``{stage}`` in an argument is that (earlier, or the same) stage's output folder, ``{model}`` the pipeline's model. Training stages get
 ``--model_name_or_path {model}`` and ``--output_dir`` unless their args say otherwise; other commands get
-``--output``. A stage is complete only once ``pipeline_stage.json`` in its folder says so (written atomically after
-the command returned): re-running skips completed stages and resumes an interrupted training stage from its last
-``checkpoint-*`` (the last *complete* one, see :mod:`hf_align.checkpoints`). Each stage folder keeps its resolved
-command line in that file. A summary table ends the run.
+``--output``. ``--set FIELD=VALUE`` reaches every training stage, ``--set STAGE.FIELD=VALUE`` one stage of any
+command. A stage is complete only once ``pipeline_stage.json`` in its folder says so (written atomically after
+the command returned), and that file keeps the stage's resolved arguments: re-running skips a completed stage whose
+resolved arguments are unchanged, re-runs it from scratch (and every stage after it) when they changed, and resumes
+an interrupted training stage from its last ``checkpoint-*`` (the last *complete* one, see
+:mod:`hf_align.checkpoints`); ``--force`` re-runs every stage. A summary table ends the run, a failed one too.
 
 The pipeline only ever removes a folder it wrote itself: an existing stage folder without its
 ``pipeline_stage.json`` is refused, naming it. ``output_dir`` is locked while a pipeline runs (``.pipeline.lock``,
@@ -67,9 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="Give FIELD=VALUE to every training stage (repeatable), e.g. --set max_steps=2.",
+        help="Give FIELD=VALUE to every training stage, or STAGE.FIELD=VALUE to one stage (repeatable), e.g. "
+        "--set max_steps=2 --set labels.max_rows=8.",
     )
-    parser.add_argument("--no_launch", action="store_true", help="Run training stages in this process.")
+    parser.add_argument(
+        "--force", action="store_true", help="Re-run every stage, even completed ones with unchanged arguments."
+    )
+    parser.add_argument("--no_launch", action="store_true", help=argparse.SUPPRESS)  # in-process is the default now
     parser.add_argument(
         ALLOW_RECIPE_ENV, action="store_true", help="Let the stage recipes' `env:` set environment variables."
     )
@@ -236,11 +242,15 @@ def stage_argv(
 
     training = stage["command"] in TRAINING_COMMANDS
     args = dict(stage.get("args") or {})
+    prefix = f"{stage['name']}."
+    own = {key.removeprefix(prefix): value for key, value in overrides.items() if key.startswith(prefix)}
     if training:
-        args = {**defaults, **args, **overrides}
+        common = {key: value for key, value in overrides.items() if "." not in key}
+        args = {**defaults, **args, **common, **own}
         args.setdefault("model_name_or_path", "{model}")
         args.setdefault("output_dir", outputs[stage["name"]])
     else:
+        args.update(own)
         args.setdefault("output", outputs[stage["name"]])
     argv = ["--config", str(recipe_dir / stage["recipe"])] if stage.get("recipe") else []
     return argv + _flag_args(args, outputs, training)
@@ -294,7 +304,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     with output_lock(output_dir):
         for stage in recipe["stages"]:  # before anything runs: refuse folders someone else made
             _check_ours(output_dir / stage["name"])
-        summary = _run_stages(recipe, path, outputs, defaults, overrides, sorted(flags), args.no_launch)
+        summary: list[dict] = []
+        try:
+            _run_stages(recipe, path, outputs, defaults, overrides, sorted(flags), args.force, summary)
+        except BaseException:
+            _print_summary(summary)  # what finished, and which stage failed
+            raise
     _print_summary(summary)
     return summary
 
@@ -306,22 +321,31 @@ def _run_stages(
     defaults: dict[str, str],
     overrides: dict[str, str],
     flags: list[str],
-    no_launch: bool,
-) -> list[dict]:
+    force: bool,
+    summary: list[dict],
+) -> None:
+    """Run (or skip) each stage in order, appending its summary row to ``summary`` as soon as it is known."""
     from hf_align.cli.training import TRAINING_COMMANDS
 
-    summary = []
+    rerun_rest = force  # once a stage re-runs, the stages after it read new inputs: they re-run too
     for stage in recipe["stages"]:
         directory = Path(outputs[stage["name"]])
         marker = directory / STAGE_FILE
         done = read_json(marker) if marker.exists() else {}
-        if done.get("status") == "complete":
+        resolved = stage_argv(stage, path.parent, outputs, defaults, overrides)
+        changed = done.get("resolved_args", resolved) != resolved
+        if done.get("status") == "complete" and not (changed or rerun_rest):
             metric = done.get("metric") or _metric(directory)
             summary.append(_row(stage, "skipped (complete)", 0.0, directory, metric))
             continue
-        argv = stage_argv(stage, path.parent, outputs, defaults, overrides)
         training = stage["command"] in TRAINING_COMMANDS
-        checkpoint = last_complete_checkpoint(directory) if training else None
+        if done and (changed or rerun_rest):
+            why = "--force" if force else "its arguments changed" if changed else "an earlier stage re-ran"
+            print(f"[pipeline] {stage['name']}: re-running from scratch ({why}).", flush=True)
+            shutil.rmtree(directory)  # ours (_check_ours): a stale result or a run with other arguments
+        rerun_rest = True
+        argv = list(resolved)
+        checkpoint = last_complete_checkpoint(directory) if training and directory.exists() else None
         if training:
             argv += flags
         if checkpoint is not None:
@@ -329,15 +353,19 @@ def _run_stages(
         elif directory.exists() and not training:
             shutil.rmtree(directory)  # our own half-written selection or labelling (_check_ours): redo it
         record = {"name": stage["name"], "command": stage["command"], "argv": argv, "status": "running"}
+        record["resolved_args"] = resolved  # what a re-run compares against (without resume and permission flags)
         write_json(marker, record)
         print(f"[pipeline] {stage['name']}: hf-align {stage['command']} {' '.join(argv)}", flush=True)
         start = time.time()
-        run_stage(stage, argv, launch=False if no_launch else None)
+        try:
+            run_stage(stage, argv, launch=None)
+        except BaseException:
+            summary.append(_row(stage, "FAILED", time.time() - start, directory, "-"))
+            raise
         seconds, metric = time.time() - start, _metric(directory)
         write_json(marker, {**record, "status": "complete", "seconds": seconds, "metric": metric})
         status = f"resumed from {checkpoint.name}" if checkpoint is not None else "ran"
         summary.append(_row(stage, status, seconds, directory, metric))
-    return summary
 
 
 def _row(stage: dict, status: str, seconds: float, directory: Path, metric: str) -> dict:

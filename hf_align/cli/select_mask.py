@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from hf_align.cli.common import add_kebab_aliases
 from hf_align.scores import GRANULARITIES, SCORES_FILE, load_scores, save_scores, weight_diff_scores
 from hf_align.scores import META_FILE as SCORES_META
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope", choices=("global", "tensor"), default="global", help="One threshold or one per tensor."
     )
     parser.add_argument("--select", choices=("top", "bottom", "random"), default="top", help="Which scores to keep.")
-    parser.add_argument("--exclude-top", type=float, default=0.0, help="Skip this top fraction first (ALLO's l%%).")
+    parser.add_argument("--exclude_top", type=float, default=0.0, help="Skip this top fraction first (ALLO's l%%).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for --select random.")
     parser.add_argument(
         "--granularity", choices=GRANULARITIES, default="element", help="With --init/--trained: per entry or per row."
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--plot", action="store_true", help="Also write the heatmap and score-distribution PNGs.")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Also upload the mask (with a model card) here.")
+    add_kebab_aliases(parser)
     return parser
 
 

@@ -1,17 +1,14 @@
-"""``hf-align aligner-sft`` / ``hf-align aligner-dpo``: TRL's SFT/DPO trainers with an Aligner adapter."""
+"""``hf-align aligner-sft`` / ``hf-align aligner-dpo``: TRL's SFT/DPO trainers with an Aligner adapter.
+
+They parse what ``trl sft`` / ``trl dpo`` parse plus the ``aligner_`` fields, so TRL's recipes run here (the
+Aligner adapter takes the place of ``--use_peft``'s LoRA).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_align.cli.common import (
-    load_dataset_any,
-    load_model_and_tokenizer,
-    make_trl_parser,
-    require_columns,
-    split,
-    train_and_save,
-)
+from hf_align.cli.common import PREFERENCE_COLUMNS, make_trl_parser, train_command
 
 
 @dataclass
@@ -32,28 +29,24 @@ def _config_class(command: str):
 
 
 def make_parser(prog: str | None = None, command: str = "aligner-sft"):
-    return make_trl_parser(_config_class(command), prog or f"hf-align {command}", extra=(AlignerArguments,))
+    return make_trl_parser(
+        _config_class(command), prog or f"hf-align {command}", extra=(AlignerArguments,), mixture=True
+    )
 
 
-def run(script_args, training_args, model_args, aligner_args, command: str = "aligner-sft") -> int:
-    from peft import get_peft_model
+def run(script_args, training_args, model_args, dataset_args, aligner_args, command: str = "aligner-sft") -> int:
     from trl import DPOTrainer, SFTTrainer
 
     from hf_align.peft_tuners import AlignerConfig
 
-    dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
-    train = split(dataset, script_args.dataset_train_split, f"dataset_name {script_args.dataset_name!r}")
-    needed = ("prompt", "chosen", "rejected") if command == "aligner-dpo" else ()
-    require_columns(train, needed, f"dataset_name {script_args.dataset_name!r}")
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     peft_config = AlignerConfig(
         num_tokens=aligner_args.aligner_num_tokens,
         start_layer=aligner_args.aligner_start_layer,
         layers_to_transform=aligner_args.aligner_layers,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, peft_config)
-    trainer_class = DPOTrainer if command == "aligner-dpo" else SFTTrainer
-    trainer = trainer_class(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
-    train_and_save(trainer, training_args, script_args)
-    return 0
+    dpo = command == "aligner-dpo"
+    trainer_class, columns = (DPOTrainer, PREFERENCE_COLUMNS) if dpo else (SFTTrainer, None)
+    return train_command(
+        trainer_class, script_args, training_args, model_args, dataset_args, columns, peft_config=peft_config
+    )

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_align.cli.common import (
-    load_dataset_any,
-    load_model_and_tokenizer,
-    make_trl_parser,
-    split,
-    train_and_save,
-)
+from hf_align.cli.common import load_dataset_any, make_trl_parser, split, train_command
 
 
 @dataclass
@@ -37,51 +31,25 @@ class NPODataArguments:
     retain_dataset_split: str = field(default="train", metadata={"help": "Split of retain_dataset_name to use."})
 
 
-FORGET_FORMATS = (("prompt", "completion"), ("prompt", "rejected"), ("text",), ("messages",))
-
-
-def check_forget_columns(dataset, source: str) -> None:
-    """The forget data must be in one of the forms NPOTrainer reads; name what was found otherwise."""
-    names = dataset.column_names
-    if not any(all(c in names for c in form) for form in FORGET_FORMATS):
-        forms = " or ".join("/".join(form) for form in FORGET_FORMATS)
-        raise ValueError(f"{source}: forget data needs the columns {forms}; found {names}.")
-
-
 def make_parser(prog: str | None = None, command: str = "npo"):
-    from hf_align.trainers import NPOConfig
+    from hf_align.trainers.npo import NPOConfig
 
-    return make_trl_parser(NPOConfig, prog or f"hf-align {command}", extra=(NPODataArguments,))
+    return make_trl_parser(NPOConfig, prog or f"hf-align {command}", extra=(NPODataArguments,), mixture=True)
 
 
-def run(script_args, training_args, model_args, data_args, command: str = "npo") -> int:
-    from trl import get_peft_config
-
+def run(script_args, training_args, model_args, dataset_args, data_args, command: str = "npo") -> int:
+    """The forget data is TRL's (``dataset_name`` or a ``datasets:`` mixture); NPOTrainer checks the columns."""
     from hf_align.trainers import NPOTrainer
 
-    source = f"dataset_name {script_args.dataset_name!r}"
-    dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
-    train = split(dataset, script_args.dataset_train_split, source)
-    check_forget_columns(train, source)
     retain = None
     if data_args.retain_dataset_name:
-        retain_source = f"retain_dataset_name {data_args.retain_dataset_name!r}"
         retain_all = load_dataset_any(data_args.retain_dataset_name, data_args.retain_dataset_config)
-        retain = split(retain_all, data_args.retain_dataset_split, retain_source)
-        names = retain.column_names
+        source = f"retain_dataset_name {data_args.retain_dataset_name!r}"
+        retain = split(retain_all, data_args.retain_dataset_split, source)
+        names = retain.column_names  # NPOTrainer checks the forget data, not yet the retain data
         if not ("completion" in names or "text" in names or "messages" in names):
             raise ValueError(
-                f"{retain_source}: retain data needs a 'completion' (with 'prompt'), 'text' or 'messages' column; "
+                f"{source}: retain data needs a 'completion' (with 'prompt'), 'text' or 'messages' column; "
                 f"found {names}."
             )
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
-    trainer = NPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        retain_dataset=retain,
-        peft_config=get_peft_config(model_args),
-    )
-    train_and_save(trainer, training_args, script_args)
-    return 0
+    return train_command(NPOTrainer, script_args, training_args, model_args, dataset_args, retain_dataset=retain)

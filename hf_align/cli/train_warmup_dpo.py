@@ -1,17 +1,13 @@
-"""``hf-align warmup-dpo``: TRL's DPO with ``MaskAccumulationCallback`` — ALLO's stage 1 (find the neurons)."""
+"""``hf-align warmup-dpo``: TRL's DPO with ``MaskAccumulationCallback`` — ALLO's stage 1 (find the neurons).
+
+Parses what ``trl dpo`` parses plus the callback's ``score_``/``select_`` fields: every ``trl dpo`` recipe runs here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_align.cli.common import (
-    load_dataset_any,
-    load_model_and_tokenizer,
-    make_trl_parser,
-    require_columns,
-    split,
-    train_and_save,
-)
+from hf_align.cli.common import PREFERENCE_COLUMNS, make_trl_parser, train_command
 
 
 @dataclass
@@ -43,19 +39,14 @@ class NeuronScoreArguments:
 def make_parser(prog: str | None = None, command: str = "warmup-dpo"):
     from trl import DPOConfig
 
-    return make_trl_parser(DPOConfig, prog or f"hf-align {command}", extra=(NeuronScoreArguments,))
+    return make_trl_parser(DPOConfig, prog or f"hf-align {command}", extra=(NeuronScoreArguments,), mixture=True)
 
 
-def run(script_args, training_args, model_args, score_args, command: str = "warmup-dpo") -> int:
+def run(script_args, training_args, model_args, dataset_args, score_args, command: str = "warmup-dpo") -> int:
     from trl import DPOTrainer
 
     from hf_align.callbacks import MaskAccumulationCallback
-    from hf_align.trainers._model_copy import independent_copy
 
-    source = f"dataset_name {script_args.dataset_name!r}"
-    dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
-    train = split(dataset, script_args.dataset_train_split, source)
-    require_columns(train, ("prompt", "chosen", "rejected"), source)
     callback = MaskAccumulationCallback(
         method=score_args.score_method,
         granularity=score_args.score_granularity,
@@ -65,15 +56,6 @@ def run(script_args, training_args, model_args, score_args, command: str = "warm
         select_scope=score_args.select_scope,
         exclude_top=score_args.select_exclude_top,
     )
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
-    ref_model = None if training_args.precompute_ref_log_probs else independent_copy(model)
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=training_args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        callbacks=[callback],
+    return train_command(
+        DPOTrainer, script_args, training_args, model_args, dataset_args, PREFERENCE_COLUMNS, callbacks=[callback]
     )
-    train_and_save(trainer, training_args, script_args)
-    return 0

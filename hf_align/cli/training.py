@@ -1,12 +1,13 @@
-"""Training commands: parse with TRL's ``TrlParser`` (YAML + overrides), then run under ``accelerate launch``.
+"""Training commands: parse with TRL's ``TrlParser`` (YAML + overrides), then run, in this process by default.
 
 ``hf-align <command> --config recipe.yaml [--field value ...] [--num_processes N] [--config_file ds.yaml]``
 
-The parent process validates the whole recipe first (unknown fields and wrong types fail here,
-before anything is launched or loaded), then hands the same arguments to ``accelerate launch -m
-hf_align.cli.training <command> ...``; each launched process parses again and runs the command's
-``run`` function. ``--no_launch`` (or ``HF_ALIGN_NO_LAUNCH=1``) runs in the current process, which
-is what tests and debuggers want.
+The recipe is parsed once (unknown fields and wrong types fail before anything is loaded). Without a launch flag
+(any ``accelerate launch`` flag, e.g. ``--num_processes``, ``--config_file``, or TRL's ``--accelerate_config``) the
+command's ``run`` function runs right here: one Python, one TRL import, one traceback-free error line. With one,
+the same arguments go to ``accelerate launch -m hf_align.cli.training <command> ...`` and each launched process
+parses again and runs ``run``. ``HF_ALIGN_NO_LAUNCH=1`` (or the old ``--no_launch``) runs in this process even
+when a launch flag is given.
 
 Two things a recipe cannot switch on by itself, because a recipe is a file someone may have sent you: its
 ``env:`` mapping (TRL's ``TrlParser`` copies it into ``os.environ``, so ``PYTHONPATH`` could make every
@@ -22,6 +23,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,48 @@ def _load(name: str):
     return importlib.import_module(f"hf_align.cli.{TRAINING_COMMANDS[name].module}")
 
 
+HELP_FLAGS = ("-h", "--help")
+
+
+def _help_cache_file(name: str) -> Path:
+    """Where ``name``'s help is kept, keyed by the versions of the packages that define its fields and by hf-align's
+    own sources (their sizes and modification times), so any change builds it afresh."""
+    import hashlib
+    import importlib.metadata
+
+    import hf_align
+
+    key = [hf_align.__version__, name]
+    for package in ("trl", "transformers", "accelerate", "peft"):
+        try:
+            key.append(importlib.metadata.version(package))
+        except importlib.metadata.PackageNotFoundError:
+            key.append("-")
+    for source in sorted(Path(hf_align.__file__).parent.rglob("*.py")):
+        stat = source.stat()
+        key.append(f"{source.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("HF_ALIGN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "hf_align")
+    return root.expanduser() / "help" / f"{name}-{digest}.txt"
+
+
+def help_text(name: str) -> str:
+    """``hf-align <name> --help``: building it imports torch, transformers and TRL (seconds), so after the first time
+    it comes from a small cache file, without importing them; a cache that cannot be written is skipped."""
+    cache = _help_cache_file(name)
+    if cache.is_file():
+        return cache.read_text()
+    text = _load(name).make_parser(prog=f"hf-align {name}", command=name).format_help()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        os.replace(partial, cache)
+    except OSError:
+        pass
+    return text
+
+
 def parse(name: str, argv: list[str]):
     """Parse ``argv`` for command ``name``; returns (dataclasses..., config_remaining, cli_remaining)."""
     module = _load(name)
@@ -87,18 +131,25 @@ def parse(name: str, argv: list[str]):
     return parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
 
 
-OWN_SWITCHES = ("--no_launch",)  # hf-align's own flags: not fields, not accelerate's
+def _launch_flags() -> set[str]:
+    """Every ``accelerate launch`` option (and TRL's ``--accelerate_config``): what starts a launch."""
+    from accelerate.commands.launch import launch_command_parser
+
+    launcher = launch_command_parser()
+    flags = {opt for action in launcher._actions for opt in action.option_strings if opt.startswith("--")}
+    return (flags - {"--help"}) | {"--accelerate_config"}
+
+
+def _launch_args_given(remaining: list[str]) -> bool:
+    flags = _launch_flags()
+    return any(arg.split("=")[0] in flags for arg in remaining if arg.startswith("--"))
 
 
 def _fail_on_unknown(name: str, config_remaining: list[str], cli_remaining: list[str]) -> None:
     """Unknown recipe fields are errors (a typo must not silently fall back to a default)."""
-    from accelerate.commands.launch import launch_command_parser
-
     from hf_align.cli.common import TRUST_REMOTE_CODE
 
-    launcher = launch_command_parser()
-    known_launch = {opt for action in launcher._actions for opt in action.option_strings}
-    known_launch |= {"--accelerate_config", TRUST_REMOTE_CODE, *OWN_SWITCHES}
+    known_launch = _launch_flags() | {TRUST_REMOTE_CODE}
     unknown = [arg for arg in config_remaining if arg.startswith("--") and arg.split("=")[0] not in known_launch]
     if unknown:
         fields = ", ".join(arg.lstrip("-").split("=")[0] for arg in unknown)
@@ -121,13 +172,13 @@ def _resolve_resume(parsed: list) -> None:
 
 
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
-    """Validate, then run in-process (``launch=False``) or through ``accelerate launch``."""
+    """Validate, then run in-process or through ``accelerate launch`` (``launch=None``: when a launch flag is given)."""
     *parsed, config_remaining, cli_remaining = parse(name, argv)  # checks the recipe's permissions first
     _fail_on_unknown(name, config_remaining, cli_remaining)
     _resolve_resume(parsed)
     no_launch = "--no_launch" in argv or os.environ.get("HF_ALIGN_NO_LAUNCH") == "1"
     if launch is None:
-        launch = not no_launch
+        launch = not no_launch and _launch_args_given(config_remaining + cli_remaining)
     if not launch:
         return int(_load(name).run(*parsed, command=name) or 0)
 
@@ -184,4 +235,4 @@ if __name__ == "__main__":  # entry point inside each process started by `accele
     from hf_align.cli import run_guarded
 
     command, *rest = sys.argv[1:]
-    sys.exit(run_guarded(command, lambda: run_command(command, [a for a in rest if a != "--no_launch"], launch=False)))
+    sys.exit(run_guarded(command, lambda: run_command(command, rest, launch=False)))
