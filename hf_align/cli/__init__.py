@@ -13,13 +13,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
 
-
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
-"""What a bad recipe, argument or path raises (configs check their fields in ``__post_init__``); also a
-``SystemExit`` with a message (the training commands' unknown recipe fields)."""
-DEBUG_ENV = "HF_ALIGN_DEBUG"
+from hf_align.cli.errors import DEBUG_ENV, USER_ERRORS, quiet_optional_kernel_notice, run_guarded  # noqa: F401
 
 
 # name -> (module under hf_align.cli, one-line help)
@@ -70,19 +65,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def run_guarded(name: str, func: Callable[[], int | None]) -> int:
-    """``func()``'s exit code; a user error becomes ``hf-align <name>: <message>`` on stderr and code 2."""
-    try:
-        return int(func() or 0)
-    except (*USER_ERRORS, SystemExit) as err:
-        if os.environ.get(DEBUG_ENV) == "1" or (isinstance(err, SystemExit) and not isinstance(err.code, str)):
-            raise  # argparse's own exit (usage + code 2 already printed) or --debug
-        message = " ".join(str(err).split()) or type(err).__name__
-        prefix = f"hf-align {name}: "
-        print(message if message.startswith(prefix) else prefix + message, file=sys.stderr, flush=True)
-        return 2
-
-
 def _drop_implicit_cwd() -> None:
     """``python -m hf_align.cli`` puts the current folder first on ``sys.path``; the console script does not."""
     if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
@@ -90,6 +72,7 @@ def _drop_implicit_cwd() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_optional_kernel_notice()
     if argv is None:
         _drop_implicit_cwd()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -269,7 +269,8 @@ def _check_recipe_permissions(recipe: dict, path: Path, flags: set[str]) -> None
 
 def run_stage(stage: dict, argv: list[str], launch: bool | None) -> None:
     """Run one stage's command; its own errors print as one line (``run_guarded``), then :class:`StageFailed`."""
-    from hf_align.cli import COMMANDS, run_guarded
+    from hf_align.cli import COMMANDS
+    from hf_align.cli.errors import run_guarded
     from hf_align.cli.training import TRAINING_COMMANDS, run_command
 
     name = stage["command"]

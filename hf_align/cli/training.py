@@ -232,7 +232,8 @@ def _needs_cpu_processes(accelerate_args) -> bool:
 
 
 if __name__ == "__main__":  # entry point inside each process started by `accelerate launch`
-    from hf_align.cli import run_guarded
+    from hf_align.cli.errors import quiet_optional_kernel_notice, run_guarded
 
+    quiet_optional_kernel_notice()
     command, *rest = sys.argv[1:]
     sys.exit(run_guarded(command, lambda: run_command(command, rest, launch=False)))

@@ -1,0 +1,38 @@
+"""How a user's mistake ends a command: one line on stderr and exit code 2 (``--debug`` shows the traceback).
+
+Its own module so that every command module, and the process ``accelerate launch`` starts, can use it without
+importing the dispatcher (``hf_align.cli``) that imports them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+"""What a bad recipe, argument or path raises (configs check their fields in ``__post_init__``); also a
+``SystemExit`` with a message (the training commands' unknown recipe fields)."""
+DEBUG_ENV = "HF_ALIGN_DEBUG"
+
+
+def run_guarded(name: str, func: Callable[[], int | None]) -> int:
+    """``func()``'s exit code; a user error becomes ``hf-align <name>: <message>`` on stderr and code 2."""
+    try:
+        return int(func() or 0)
+    except (*USER_ERRORS, SystemExit) as err:
+        if os.environ.get(DEBUG_ENV) == "1" or (isinstance(err, SystemExit) and not isinstance(err.code, str)):
+            raise  # argparse's own exit (usage + code 2 already printed) or --debug
+        message = " ".join(str(err).split()) or type(err).__name__
+        prefix = f"hf-align {name}: "
+        print(message if message.startswith(prefix) else prefix + message, file=sys.stderr, flush=True)
+        return 2
+
+
+def quiet_optional_kernel_notice() -> None:
+    """bitsandbytes (imported by PEFT) logs, on every import on a CPU with AVX512-BF16, that an optional Hub kernel
+    is missing; on the command line that line would stand before every one-line error."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
