@@ -112,3 +112,25 @@ def test_npo_upgrades_a_trl_sft_config(tmp_path):
     assert (ours.npo_loss_type, ours.beta, ours.npo_level) == ("npo", 0.1, "sequence")  # NPO's own defaults
     with pytest.raises(TypeError, match=r"args must be a NPOConfig \(or a SFTConfig.*got DPOConfig"):
         _npo(tmp_path, model=testbed.load().model, args=trl.DPOConfig(output_dir=str(tmp_path), **COMMON))
+
+
+def test_masked_dpo_takes_a_quantization_config_with_a_model_path_and_a_mask(tmp_path, model_dir):
+    """TRL's `quantization_config=` trainer argument: applied when hf-align loads the path (a mask needs the model
+    first); before, TRL refused it as 'model is already instantiated'."""
+    from transformers import BitsAndBytesConfig
+
+    from hf_align.sparse_update import iter_deltas
+
+    mask = NeuronMask.random(testbed.load().model, 0.1, "row", seed=0)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    trainer = _dpo(tmp_path, model=model_dir, neuron_mask=mask, quantization_config=quant)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert getattr(model, "is_loaded_in_4bit", False)
+    before = [h.delta.detach().clone() for h in iter_deltas(model)]
+    trainer.train()
+    assert any(not torch.equal(a, h.delta) for a, h in zip(before, iter_deltas(model), strict=True))
+    with pytest.raises(ValueError, match="quantization_config is set both"):
+        args = MaskedDPOConfig(
+            output_dir=str(tmp_path / "x"), model_init_kwargs={"quantization_config": quant}, **COMMON
+        )
+        _dpo(tmp_path, model=model_dir, neuron_mask=mask, quantization_config=quant, args=args)

@@ -67,16 +67,22 @@ def resolve_args(args, config_class: type, parent_class: type, model, method: st
     )
 
 
-def load_model(model, args, like=None):
+def load_model(model, args, like=None, quantization_config=None):
     """``model`` itself, or the model at that path / Hub id built as TRL builds a policy from a string: with
-    ``args.model_init_kwargs`` and ``args.trust_remote_code`` (``device_map=None`` under distributed training).
-    ``like``: a loaded policy whose dtype and attention implementation a reference built here follows, as TRL's
-    own reference copy does."""
+    ``args.model_init_kwargs``, the trainer's ``quantization_config`` and ``args.trust_remote_code``
+    (``device_map=None`` under distributed training). ``like``: a loaded policy whose dtype and attention
+    implementation a reference built here follows, as TRL's own reference copy does."""
     if not isinstance(model, str):
         return model
     from trl.trainer.utils import create_model_from_path
 
     kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError(
+                "quantization_config is set both as a trainer argument and in args.model_init_kwargs: set it once."
+            )
+        kwargs["quantization_config"] = quantization_config
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         kwargs["device_map"] = None
@@ -86,14 +92,17 @@ def load_model(model, args, like=None):
     return create_model_from_path(model, **kwargs)
 
 
-def load_policy_and_reference(model, ref_model, args, load_policy: bool):
+def load_policy_and_reference(model, ref_model, args, load_policy: bool, trainer_kwargs: dict):
     """``(model, ref_model)`` with paths loaded as TRL loads them: the policy when ``load_policy`` (a mask is checked
     against it) or when the reference is a path (TRL takes a path for the policy only; a reference path is built
-    alike, following the policy's dtype and attention). Paths left here are TRL's to load."""
-    if load_policy or isinstance(ref_model, str):
-        model = load_model(model, args)
+    alike, following the policy's dtype and attention, quantized alike). ``trainer_kwargs``: the trainer's other
+    keyword arguments; their ``quantization_config`` is applied here when the policy is loaded here (and taken out),
+    else left for TRL, which loads the policy path."""
+    quantization = trainer_kwargs.get("quantization_config")
+    if isinstance(model, str) and (load_policy or isinstance(ref_model, str)):
+        model = load_model(model, args, quantization_config=trainer_kwargs.pop("quantization_config", None))
     if isinstance(ref_model, str):
-        ref_model = load_model(ref_model, args, like=model)
+        ref_model = load_model(ref_model, args, like=model, quantization_config=quantization)
     return model, ref_model
 
 

@@ -38,7 +38,7 @@ from hf_align.token_weights import (
 from hf_align.trainers._base import (
     HFAlignTrainerMixin,
     TokenWeightArguments,
-    load_model,
+    load_policy_and_reference,
     resolve_args,
     upgrade_collator,
 )
@@ -185,10 +185,8 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
             )
 
         check_dataset(train_dataset, "train_dataset")  # columns are checked with the token weights
-        if neuron_mask is not None or args.neuron_mask_path or args.neuron_scores_path or isinstance(ref_model, str):
-            model = load_model(model, args)  # a path, built as TRL builds it: the mask is checked against it
-        if isinstance(ref_model, str):  # TRL takes a path for the policy only; a reference path is built alike
-            ref_model = load_model(ref_model, args, like=model)
+        wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
+        model, ref_model = load_policy_and_reference(model, ref_model, args, wants_mask, kwargs)
         mask = resolve_neuron_mask(neuron_mask, args, model)
         self.neuron_mask = mask
         uses_deltas_reference = False

@@ -220,7 +220,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
     ):
         args = resolve_args(args, NPOConfig, SFTConfig, model, self._name)
         wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
-        model, ref_model = load_policy_and_reference(model, ref_model, args, load_policy=wants_mask)
+        model, ref_model = load_policy_and_reference(model, ref_model, args, wants_mask, kwargs)
         if ref_model is not None and ref_model is model:
             raise ValueError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
         self.neuron_mask = mask = resolve_neuron_mask(neuron_mask, args, model)
