@@ -165,3 +165,15 @@ def test_training_help_is_fast_the_second_time(tmp_path):
     assert first.stdout.splitlines()[-1] == "True" and second.stdout.splitlines()[-1] == "False"
     assert first.stdout.removesuffix("True\n") == second.stdout.removesuffix("False\n")
     assert "--retain_dataset_name" in second.stdout
+
+
+def test_label_tokens_speaks_snake_case_and_still_takes_the_old_spelling():
+    from hf_align.cli.label_tokens import build_parser
+
+    parser = build_parser()
+    shown = parser.format_help()
+    assert "--response_column" in shown and "--max_rows" in shown and "--response-column" not in shown
+    base = ["--dataset", "x.jsonl", "--tokenizer", "t", "--output", "o.jsonl"]
+    old = parser.parse_args([*base, "--response-column", "answer", "--max-rows", "3"])
+    new = parser.parse_args([*base, "--response_column", "answer", "--max_rows", "3"])
+    assert (old.response_column, old.max_rows) == (new.response_column, new.max_rows) == ("answer", 3)

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset", required=True, help="Data file, save_to_disk folder, Hub id, or testbed:preference."
     )
-    parser.add_argument("--dataset-config", default=None, help="Hub dataset configuration name.")
+    parser.add_argument("--dataset_config", default=None, help="Hub dataset configuration name.")
     parser.add_argument("--split", default="train", help="Split to label (default: train).")
     parser.add_argument(
         "--tokenizer",
@@ -50,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="rewrite_diff",
         help="'rewrite_diff' (default), 'generative', or 'package.module:function' returning weights per token.",
     )
-    parser.add_argument("--response-column", default="rejected", help="Column whose tokens are labeled.")
-    parser.add_argument("--rewrite-column", default="chosen", help="rewrite_diff: the corrected rewrite's column.")
+    parser.add_argument("--response_column", default="rejected", help="Column whose tokens are labeled.")
+    parser.add_argument("--rewrite_column", default="chosen", help="rewrite_diff: the corrected rewrite's column.")
     parser.add_argument(
-        "--solution-column", default="chosen", help="generative: column filling {solution} ('' to leave it empty)."
+        "--solution_column", default="chosen", help="generative: column filling {solution} ('' to leave it empty)."
     )
     parser.add_argument(
-        "--output-column", default=None, help="Weight column name (default: <response-column>_weights)."
+        "--output_column", default=None, help="Weight column name (default: <response_column>_weights)."
     )
     parser.add_argument("--key", type=float, default=1.0, help="Weight of a key token.")
     parser.add_argument("--floor", type=float, default=0.0, help="Weight of every other token.")
@@ -64,24 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--alignment", choices=("auto", "diff", "positional"), default="auto", help="rewrite_diff token alignment."
     )
     parser.add_argument(
-        "--mark-insertions", action="store_true", help="rewrite_diff: also mark the token after an insertion."
+        "--mark_insertions", action="store_true", help="rewrite_diff: also mark the token after an insertion."
     )
     parser.add_argument("--scorer", default=None, help="generative: the correcting causal LM (Hub id or folder).")
-    parser.add_argument("--scorer-tokenizer", default=None, help="generative: its tokenizer (default: --scorer).")
+    parser.add_argument("--scorer_tokenizer", default=None, help="generative: its tokenizer (default: --scorer).")
     parser.add_argument(
         "--selection", choices=("threshold", "lowest", "probability"), default="threshold", help="generative."
     )
     parser.add_argument("--threshold", type=float, default=0.5, help="generative: key if p_t < threshold.")
-    parser.add_argument("--lowest-fraction", type=float, default=0.2, help="generative: key = this lowest fraction.")
+    parser.add_argument("--lowest_fraction", type=float, default=0.2, help="generative: key = this lowest fraction.")
     parser.add_argument(
         "--template",
         default=None,
         help="generative: scorer prompt with {problem}, {prediction} and optionally {solution} (default: ALLO's).",
     )
-    parser.add_argument("--max-length", type=int, default=None, help="generative: keep the last N scorer tokens.")
-    parser.add_argument("--batch-size", type=int, default=8, help="generative: scorer batch size.")
-    parser.add_argument("--max-rows", type=int, default=None, help="Label only the first N rows.")
-    parser.add_argument("--num-proc", type=int, default=None, help="Processes for datasets.map.")
+    parser.add_argument("--max_length", type=int, default=None, help="generative: keep the last N scorer tokens.")
+    parser.add_argument("--batch_size", type=int, default=8, help="generative: scorer batch size.")
+    parser.add_argument("--max_rows", type=int, default=None, help="Label only the first N rows.")
+    parser.add_argument("--num_proc", type=int, default=None, help="Processes for datasets.map.")
+    from hf_align.cli.common import add_kebab_aliases
+
+    add_kebab_aliases(parser)  # the old --response-column spelling keeps working, unlisted
     return parser
 
 
@@ -132,7 +135,7 @@ def label(args) -> tuple[object, str]:
         data = data.select(range(min(args.max_rows, len(data))))
     output_column = args.output_column or f"{args.response_column}_weights"
     if output_column in data.column_names:
-        raise ValueError(f"{source}: already has a column {output_column!r}; choose another --output-column.")
+        raise ValueError(f"{source}: already has a column {output_column!r}; choose another --output_column.")
     needed = ["prompt", args.response_column]
     if method == "rewrite_diff":
         needed.append(args.rewrite_column)
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_rows is not None and args.max_rows < 1:
-        parser.error(f"--max-rows must be a positive integer, got {args.max_rows}.")
+        parser.error(f"--max_rows must be a positive integer, got {args.max_rows}.")
     try:
         labeled, column = label(args)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
