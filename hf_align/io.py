@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 _RANDOM = "[a-z0-9_]{8}"  # tempfile's random part
 
 
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
+def process_alive(pid: Any) -> bool:
+    """Whether process ``pid`` of this host still runs; an unknown pid (not a positive integer) counts as alive, so
+    nothing it may own is ever taken over or cleaned."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
@@ -53,7 +55,7 @@ def clean_stale_temps(path: PathLike) -> list[Path]:
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in path.parent.iterdir():
             match = pattern.fullmatch(entry.name)
-            if not match or _process_alive(int(match.group(1))):
+            if not match or process_alive(int(match.group(1))):
                 continue
             if match.group(2) == "old" and not path.exists():
                 logger.warning(f"{str(entry)!r} holds the previous {path.name!r} of an interrupted write; kept.")

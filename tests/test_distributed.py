@@ -26,14 +26,12 @@ gradients with an all-reduce, the single process averages one batch of 4):
 """
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import run_launch
 from safetensors.torch import load_file
 
 
@@ -123,29 +121,8 @@ WORKER = textwrap.dedent(
 )
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        TQDM_DISABLE="1",
-        WANDB_DISABLED="true",
-        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]),
-    )
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
-        env.pop(key, None)
-    return env
-
-
 def _run(cmd, out):
-    out.mkdir()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return out
+    return run_launch(cmd, out, timeout=240)
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ import yaml
 
 from hf_align.checkpoints import last_complete_checkpoint
 from hf_align.cli.common import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions, recipe_permissions
-from hf_align.io import read_json, write_json
+from hf_align.io import process_alive, read_json, write_json
 
 
 STAGE_FILE = "pipeline_stage.json"
@@ -160,7 +160,7 @@ def output_lock(output_dir: Path) -> Iterator[Path]:
     owner = {"host": socket.gethostname(), "pid": os.getpid()}
     if not _try_create(lock, owner):
         holder = _lock_holder(lock)
-        if holder.get("host") != owner["host"] or _pid_alive(holder.get("pid")):
+        if holder.get("host") != owner["host"] or process_alive(holder.get("pid")):
             raise FileExistsError(
                 f"{str(lock)!r} is held by pid {holder.get('pid')} on {holder.get('host')!r}: another pipeline is "
                 "writing this output_dir; wait for it, or delete the lock file if that process is gone."
@@ -194,18 +194,6 @@ def _lock_holder(lock: Path) -> dict:
     except (OSError, ValueError):  # unreadable or half-written: treat as held by an unknown process
         return {}
     return holder if isinstance(holder, dict) else {}
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return True  # unknown holder: never take the lock over
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _check_ours(directory: Path) -> None:
