@@ -152,3 +152,23 @@ def test_masked_dpo_on_gpt2_trains_the_fraction_it_reports(tmp_path, tokenizer):
     for name, selected in mask.masks.items():
         frozen = ~selected
         assert torch.equal(merged[name][:, frozen], original[name][:, frozen]), name
+
+
+def test_element_scores_become_column_rows_for_conv1d_in_the_trainer_config(tmp_path, tokenizer):
+    """``neuron_scores_path`` + ``neuron_mask_granularity='row'`` reduces full-shape scores over the input axis of a
+    Conv1D weight (one score per output feature), with the model the trainer was given."""
+    from hf_align.scores import save_scores
+    from hf_align.trainers import MaskedDPOConfig
+    from hf_align.trainers._masking import resolve_neuron_mask
+
+    model = _gpt2()
+    name = "transformer.h.0.mlp.c_fc.weight"  # (in=16, out=64)
+    scores = {name: torch.zeros(16, 64)}
+    scores[name][:, 5] = 1.0  # output feature 5 is the only one that moved
+    save_scores(tmp_path / "scores", scores)
+    args = MaskedDPOConfig(
+        output_dir=str(tmp_path / "o"), neuron_scores_path=str(tmp_path / "scores"), neuron_mask_ratio=1 / 64,
+        use_cpu=True, bf16=False, report_to="none",
+    )  # fmt: skip
+    mask = resolve_neuron_mask(None, args, model)
+    assert mask.masks[name].shape == (64,) and mask.masks[name].nonzero().view(-1).tolist() == [5]

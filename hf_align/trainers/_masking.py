@@ -142,12 +142,14 @@ def resolve_neuron_mask(neuron_mask, args, model=None):
         )
     if args.neuron_mask_path:
         return NeuronMask.load(args.neuron_mask_path)
+    from hf_align.architectures import neuron_axes, neuron_axis
     from hf_align.scores import load_scores, reduce_magnitude
 
     scores, _ = load_scores(args.neuron_scores_path)
     if args.neuron_mask_granularity == "row":
+        axes = neuron_axes(model) if isinstance(model, torch.nn.Module) else {}
         scores = {
-            name: (reduce_magnitude(s, "row") if s.dim() == 2 else s)
+            name: (reduce_magnitude(s, "row", axis=neuron_axis(axes, name)) if s.dim() == 2 else s)
             for name, s in scores.items()
             if s.dim() in (1, 2)
         }
