@@ -346,3 +346,18 @@ def test_a_saved_adapter_says_where_users_meet_it_that_it_needs_hf_align(tmp_pat
     assert without.returncode != 0 and "KeyError: 'ALIGNER'" in without.stderr
     with_import = subprocess.run([sys.executable, "-c", "import hf_align; " + script], capture_output=True, text=True)
     assert with_import.returncode == 0, with_import.stderr
+
+
+def test_aligner_cli_refuses_an_unsupported_architecture_before_loading_weights(tmp_path, capsys):
+    """The folder holds only a GPT-2 config.json: were weights loaded first, the error would be a missing file."""
+    from transformers import GPT2Config
+
+    from hf_align.cli import main
+
+    GPT2Config(n_layer=2, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    argv = ["aligner-sft", "--model_name_or_path", str(tmp_path / "gpt2"), "--dataset_name", "testbed:sft"]
+    argv += ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none", "--max_steps", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Aligner does not support model_type 'gpt2'" in err and "supported model types: llama" in err
+    assert not (tmp_path / "out").exists()

@@ -45,8 +45,22 @@ def run(script_args, training_args, model_args, dataset_args, aligner_args, comm
         layers_to_transform=aligner_args.aligner_layers,
         task_type="CAUSAL_LM",
     )
+    _check_architecture(peft_config, model_args, training_args)  # from the config alone, before any weight is loaded
     dpo = command == "aligner-dpo"
     trainer_class, columns = (DPOTrainer, PREFERENCE_COLUMNS) if dpo else (SFTTrainer, None)
     return train_command(
         trainer_class, script_args, training_args, model_args, dataset_args, columns, peft_config=peft_config
     )
+
+
+def _check_architecture(peft_config, model_args, training_args) -> None:
+    from transformers import AutoConfig
+
+    from hf_align.cli.common import resolve_model_path
+    from hf_align.peft_tuners.aligner.model import check_model_config
+
+    path = resolve_model_path(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(
+        path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
+    check_model_config(peft_config, config.to_dict())

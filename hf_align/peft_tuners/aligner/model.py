@@ -13,6 +13,22 @@ from hf_align.peft_tuners.aligner.layer import ATTENTION_SPECS, SUPPORTED_MODEL_
 from hf_align.quantization import keep_4bit_trainable
 
 
+def check_model_config(peft_config: AlignerConfig, model_config: dict, fallback_name: str = "?") -> None:
+    """Refuse, by name, a model the adapter cannot wrap -- from its config alone, so the CLI can ask before the
+    weights are loaded: an unsupported ``model_type``, or layers the config does not have."""
+    model_type = model_config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        architectures = model_config.get("architectures") or [fallback_name]
+        raise ValueError(
+            f"Aligner does not support model_type {model_type!r} ({', '.join(architectures)}); "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    num_layers = model_config.get("num_hidden_layers")
+    if not isinstance(num_layers, int):
+        raise ValueError(f"Aligner needs `num_hidden_layers` in the model config, got {num_layers!r}.")
+    peft_config.adapted_layers(num_layers)  # validates start_layer / layers_to_transform against the model
+
+
 class AlignerModel(BaseTuner):
     """Aligner (arXiv 2312.05503) as a PEFT tuner: ``peft.get_peft_model(model, AlignerConfig(...))``.
 
@@ -35,17 +51,7 @@ class AlignerModel(BaseTuner):
             self.model.add_model_tags(["hf-align", "aligner"])
 
     def _prepare_adapter_config(self, peft_config: AlignerConfig, model_config: dict) -> AlignerConfig:
-        model_type = model_config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            architectures = model_config.get("architectures") or [type(self.model).__name__]
-            raise ValueError(
-                f"Aligner does not support model_type {model_type!r} ({', '.join(architectures)}); "
-                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
-            )
-        num_layers = model_config.get("num_hidden_layers")
-        if not isinstance(num_layers, int):
-            raise ValueError(f"Aligner needs `num_hidden_layers` in the model config, got {num_layers!r}.")
-        peft_config.adapted_layers(num_layers)  # validates start_layer / layers_to_transform against the model
+        check_model_config(peft_config, model_config, fallback_name=type(self.model).__name__)
         return peft_config
 
     def _check_target_module_exists(self, peft_config: AlignerConfig, key: str) -> bool:
