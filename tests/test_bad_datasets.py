@@ -99,3 +99,9 @@ def test_all_zero_weights_warn(tmp_path):
     rows = [dict(r, rejected_weights=[0.0] * (len(r["rejected"]) + 1)) for r in _pairs()]  # EOS too
     with pytest.warns(UserWarning, match="'rejected_weights' is 0 for every token of every row"):
         _build(tmp_path, rows)
+
+
+def test_forget_data_in_two_formats_at_once_is_refused(tmp_path):
+    rows = [dict(r, messages=[{"role": "user", "content": r["prompt"]}]) for r in _forget()]
+    with pytest.raises(ValueError, match=r"holds both prompt\+completion and messages: keep the columns of one"):
+        _build(tmp_path, rows, "npo")

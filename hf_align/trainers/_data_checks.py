@@ -86,9 +86,13 @@ def check_dataset(dataset, name: str, accepted: Sequence[Sequence[str]] | None =
     if hasattr(dataset, "__len__") and len(dataset) == 0:
         raise ValueError(f"{name} is empty: it needs at least one example.")
     names = column_names(dataset)
-    if accepted is not None and not any(all(column in names for column in columns) for columns in accepted):
+    matches = [columns for columns in accepted or () if all(column in names for column in columns)]
+    if accepted is not None and not matches:
         options = " or ".join("+".join(columns) for columns in accepted)
         raise ValueError(f"{name} is missing columns: expected {options}; found columns {names}.")
+    if len(matches) > 1:  # e.g. prompt+completion and messages: which one is the data would be a silent guess
+        both = " and ".join("+".join(columns) for columns in matches)
+        raise ValueError(f"{name} holds both {both}: keep the columns of one format and drop the others.")
     check_rows(dataset, name)
 
 
