@@ -164,20 +164,15 @@ def resolve_neuron_mask(neuron_mask, args, model=None):
 
 
 def attach_mask(model, mask, args, peft_config=None):
-    """Load ``model`` if it is a path (as TRL does, with the config's ``model_init_kwargs``) and attach trainable
-    deltas at the neurons of ``mask`` (which is checked against it); returns the model. Masks and PEFT adapters
+    """Attach trainable deltas at the neurons of ``mask`` (which is checked against ``model``); returns the model.
+    A path is loaded before (``_base.load_policy_and_reference``: the mask needs the model). Masks and PEFT adapters
     exclude each other."""
     from accelerate.utils import is_peft_model
 
     from hf_align.sparse_update import attach_deltas
-    from hf_align.trainers._base import load_model
 
-    if peft_config is not None:
+    if peft_config is not None or is_peft_model(model):
         raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
-    model = load_model(model, args)
-    if is_peft_model(model):
-        raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
-
     _refuse_zero3_output_embeddings(model, mask)
     dtype = getattr(args, "neuron_delta_dtype", "auto")
     return attach_deltas(model, mask, None if dtype == "auto" else getattr(torch, dtype))  # validates the mask too

@@ -68,13 +68,7 @@ class MaskedDPOConfig(NeuronMaskArguments, TokenWeightArguments, DPOConfig):
             "help": "ALLO's ε: on the rejected side only this fraction of completion tokens with the lowest "
             "log πθ − log π_ref counts (chosen side sums all tokens). None disables the selection."
         },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()  # TRL's checks, then the token-weight and mask fields'
-        ratio = self.rejected_token_ratio
-        if ratio is not None and not (isinstance(ratio, int | float) and 0.0 < ratio <= 1.0):
-            raise ValueError(f"rejected_token_ratio must be in (0, 1], got {ratio}.")
+    )  # its range, (0, 1], is checked with every other field (CheckedConfig)
 
 
 @dataclass
