@@ -37,11 +37,13 @@ CONFIGS = [
     "masked_row0.1",
     "masked_element0.1",
     "trl_lora_r8",
+    "npo_token_row0.1",
 ]
 SIZES = {
     "quick": dict(hidden_size=64, num_layers=2, intermediate_size=128, num_heads=4, num_kv_heads=2, digits=40),
     "medium": dict(hidden_size=384, num_layers=4, intermediate_size=1024, num_heads=6, num_kv_heads=2, digits=60),
     "full": dict(hidden_size=768, num_layers=8, intermediate_size=2048, num_heads=12, num_kv_heads=4, digits=95),
+    "large": dict(hidden_size=1024, num_layers=16, intermediate_size=2816, num_heads=16, num_kv_heads=4, digits=95),
 }
 
 
@@ -61,9 +63,10 @@ def _bytes_of(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def run_one(name: str, size: str, precompute: bool, steps: int) -> dict:
+def make_trainer(name: str, size: str, precompute: bool, steps: int, callbacks: list, digits: int | None = None):
+    """The configuration ``name`` on the ``size`` model, ready to train ``steps + 2`` steps (shared with
+    ``benchmarks/profile_masked_dpo.py``)."""
     import torch
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from hf_align import testbed
@@ -71,7 +74,8 @@ def run_one(name: str, size: str, precompute: bool, steps: int) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     spec = dict(SIZES[size])
-    digits = spec.pop("digits")
+    digits = digits or spec.pop("digits")
+    spec.pop("digits", None)
     tokenizer = testbed.load_tokenizer()
     model = testbed.load_random_tiny("llama", **spec)
     model.config.max_position_embeddings = 512
@@ -94,17 +98,8 @@ def run_one(name: str, size: str, precompute: bool, steps: int) -> dict:
         gradient_checkpointing=False,
         seed=0,
     )
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.start)
-
     ref = None if precompute else copy.deepcopy(model)
-    kwargs = dict(train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
+    kwargs = dict(train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
     if name in ("trl_full", "trl_lora_r8", "allo_masked_adamw"):
         peft_config = None
         optimizers = (None, None)
@@ -128,6 +123,20 @@ def run_one(name: str, size: str, precompute: bool, steps: int) -> dict:
             optimizers=optimizers,
             **kwargs,
         )
+    elif name == "npo_token_row0.1":  # NPO's forgetting stage on the same pairs: the rejected completions only
+        from hf_align.masks import NeuronMask
+        from hf_align.trainers import NPOConfig, NPOTrainer
+
+        common.pop("precompute_ref_log_probs")
+        forget = data.map(lambda row: {"completion": row["rejected"]}, remove_columns=["chosen", "rejected"])
+        trainer = NPOTrainer(
+            model=model,
+            args=NPOConfig(**common, npo_level="token", precompute_ref_log_probs=precompute),
+            train_dataset=forget,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            neuron_mask=NeuronMask.random(model, 0.1, "row", seed=0),
+        )
     else:
         from hf_align.masks import NeuronMask
 
@@ -137,6 +146,25 @@ def run_one(name: str, size: str, precompute: bool, steps: int) -> dict:
             granularity = "row" if "row" in name else "element"
             mask = NeuronMask.random(model, 0.1, granularity, seed=0)
         trainer = MaskedDPOTrainer(model=model, args=MaskedDPOConfig(**common), neuron_mask=mask, **kwargs)
+    return trainer, model
+
+
+def run_one(name: str, size: str, precompute: bool, steps: int, digits: int | None = None) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    times: list[float] = []
+    cpu_times: list[float] = []
+
+    class Timer(TrainerCallback):  # wall time, and the process's CPU time (less sensitive to other work)
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start, self.cpu = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+            cpu_times.append(time.process_time() - self.cpu)
+
+    trainer, model = make_trainer(name, size, precompute, steps, [Timer()], digits)
     trainer.train()
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
@@ -146,10 +174,115 @@ def run_one(name: str, size: str, precompute: bool, steps: int) -> dict:
         "config": name,
         "reference": "precomputed" if precompute else "live",
         "step_time_s": statistics.median(times[2:]) if len(times) > 2 else statistics.median(times),
+        "step_cpu_s": statistics.median(cpu_times[2:]) if len(cpu_times) > 2 else statistics.median(cpu_times),
         "trainable_bytes": _bytes_of(trainable),
         "optimizer_state_bytes": _bytes_of(state) + _bytes_of(extra),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "num_params": sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".delta")),
+    }
+
+
+def _median_of(rows: list[dict]) -> dict:
+    """One configuration's repeats: the median step time and peak RSS, with every repeat's values kept."""
+    good = [r for r in rows if "error" not in r]
+    if not good:
+        return rows[-1]
+    row = dict(good[0])
+    for key in ("step_time_s", "step_cpu_s", "peak_rss_mb"):
+        row[f"{key}_repeats"] = [r[key] for r in good]
+        row[key] = statistics.median(row[f"{key}_repeats"])
+    row["load_average_1min_repeats"] = [r["load_average_1min"] for r in rows]
+    row.pop("load_average_1min", None)
+    return row
+
+
+def measure(names, size: str, steps: int, repeats: int, precomputes=(False, True), digits: int | None = None):
+    """Each configuration in its own subprocess, ``repeats`` times, interleaved (a change in the machine's load hits
+    every configuration alike); the medians, with every repeat's values and the 1-minute load after each run."""
+    runs: dict[tuple[str, bool], list[dict]] = {}
+    for repeat in range(repeats):
+        for precompute in precomputes:
+            for name in names:
+                command = [sys.executable, __file__, "--single", name, "--steps", str(steps), "--size", size]
+                command += ["--precompute"] if precompute else []
+                command += ["--digits", str(digits)] if digits else []
+                proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    row = {"config": name, "reference": "precomputed" if precompute else "live", "error": reason}
+                else:
+                    row = json.loads(lines[-1])
+                row["load_average_1min"] = os.getloadavg()[0]
+                runs.setdefault((name, precompute), []).append(row)
+                print(f"{size} repeat {repeat + 1}/{repeats}: {row}", flush=True)
+    results = [_median_of(rows) for rows in runs.values()]
+    for row in results:
+        base = {r["config"]: r for r in results if r["reference"] == row["reference"] and "error" not in r}
+        if "error" in row:
+            continue
+        for anchor in ("trl_full", "trl_lora_r8", "masked_row0.1"):
+            if anchor in base:
+                for key in ("step_time_s", "step_cpu_s"):
+                    row[f"{key.removesuffix('_s')}_vs_{anchor}"] = row[key] / base[anchor][key]
+                row[f"peak_rss_vs_{anchor}"] = row["peak_rss_mb"] / base[anchor]["peak_rss_mb"]
+        if "trl_full" in base:
+            full = base["trl_full"]
+            row["train_opt_bytes_vs_trl_full"] = (row["trainable_bytes"] + row["optimizer_state_bytes"]) / (
+                full["trainable_bytes"] + full["optimizer_state_bytes"]
+            )
+    return results
+
+
+# The issue's targets (#20): (config, reference, anchor, bound on the step-time ratio)
+TARGETS = [
+    ("masked_row0.1", "live", "trl_full", 0.80),
+    ("masked_row0.1", "live", "trl_lora_r8", 1.08),
+    ("masked_element0.1", "live", "trl_full", 0.85),
+    ("masked_ratio1.0", "live", "trl_full", 1.03),
+    ("masked_row0.1", "precomputed", "trl_full", 0.80),
+    ("masked_element0.1", "precomputed", "trl_full", 0.85),
+    ("masked_ratio1.0", "precomputed", "trl_full", 1.05),
+    ("npo_token_row0.1", "live", "masked_row0.1", 0.60),
+]
+
+
+def check_targets(results: list[dict]) -> list[dict]:
+    """Each target with the measured ratio (wall time, median of the repeats) and whether it is met; peak RSS of
+    the 10 % masks against LoRA's RSS plus their trainable + optimizer bytes, + 10 %."""
+    found = {(r["config"], r["reference"]): r for r in results if "error" not in r}
+    checks = []
+    for config, reference, anchor, bound in TARGETS:
+        row = found.get((config, reference))
+        value = row.get(f"step_time_vs_{anchor}") if row else None
+        checks.append(
+            {
+                "target": f"{config} ({reference} ref) step <= {bound}x {anchor}",
+                "value": value,
+                "met": value is not None and value <= bound,
+            }
+        )
+    lora = found.get(("trl_lora_r8", "live"))
+    for config in ("masked_row0.1", "masked_element0.1"):
+        row = found.get((config, "live"))
+        if row and lora:
+            extra = (row["trainable_bytes"] + row["optimizer_state_bytes"]) / 2**20
+            bound = 1.10 * (lora["peak_rss_mb"] + extra)
+            checks.append(
+                {
+                    "target": f"{config} peak RSS <= 1.1 x (LoRA RSS + trainable/optimizer MB) = {bound:.0f} MB",
+                    "value": row["peak_rss_mb"],
+                    "met": row["peak_rss_mb"] <= bound,
+                }
+            )
+    return checks
+
+
+def load_record() -> dict:
+    return {
+        "load_average": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        "threads": os.environ.get("BENCH_THREADS", "2"),
     }
 
 
@@ -158,40 +291,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, for a smoke run (same as --size quick)")
     parser.add_argument("--size", choices=sorted(SIZES), default=None, help="model size (default: full)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
+    parser.add_argument("configs", nargs="*", help=f"configurations (default: all of {CONFIGS})")
+    parser.add_argument(
+        "--reference", choices=("live", "precomputed", "both"), default="both", help="reference log-probs"
+    )
+    parser.add_argument("--digits", type=int, default=None, help="digits per answer (default: the size's)")
+    parser.add_argument("--output", help="JSON file (default: benchmarks/results/masked_dpo[_size].json)")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = args.size or ("quick" if args.quick else "full")
     steps = args.steps or (3 if size == "quick" else 5)
     if args.single:
-        print(json.dumps(run_one(args.single, size, args.precompute, steps)))
+        print(json.dumps(run_one(args.single, size, args.precompute, steps, args.digits)))
         return
-    results = []
-    load_before = os.getloadavg()
-    for precompute in (False, True):
-        for name in CONFIGS:
-            command = [sys.executable, __file__, "--single", name, "--steps", str(steps), "--size", size]
-            command += ["--precompute"] if precompute else []
-            proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                results.append({"config": name, "reference": "precomputed" if precompute else "live", "error": reason})
-            else:
-                results.append(json.loads(lines[-1]))
-            print(results[-1], flush=True)
-    for row in results:
-        base = {r["config"]: r for r in results if r["reference"] == row["reference"] and "error" not in r}
-        if "error" in row:
-            continue
-        for anchor in ("trl_full", "trl_lora_r8"):
-            if anchor in base:
-                row[f"step_time_vs_{anchor}"] = row["step_time_s"] / base[anchor]["step_time_s"]
-        if "trl_full" in base:
-            full = base["trl_full"]
-            row["train_opt_bytes_vs_trl_full"] = (row["trainable_bytes"] + row["optimizer_state_bytes"]) / (
-                full["trainable_bytes"] + full["optimizer_state_bytes"]
-            )
+    load_before = load_record()
+    precomputes = {"live": (False,), "precomputed": (True,), "both": (False, True)}[args.reference]
+    results = measure(args.configs or CONFIGS, size, steps, args.repeats, precomputes, args.digits)
     header = f"{'config':22} {'ref':12} {'s/step':>8} {'xfull':>6} {'xlora':>6} {'train+opt MB':>12} {'xfull':>6} {'RSS MB':>8}"
     print(header)
     for r in results:
@@ -204,17 +321,22 @@ def main() -> None:
             f"{r.get('step_time_vs_trl_lora_r8', 0):6.2f} {mb:12.2f} {r.get('train_opt_bytes_vs_trl_full', 0):6.3f} "
             f"{r['peak_rss_mb']:8.0f}"
         )
+    targets = check_targets(results)
+    for check in targets:
+        value = "n/a" if check["value"] is None else f"{check['value']:.3f}"
+        print(f"{'met    ' if check['met'] else 'NOT MET'} {check['target']}: {value}")
     sys.path.insert(0, str(ROOT))
     from hf_align.io import write_json
 
-    out = ROOT / "benchmarks" / "results" / f"masked_dpo{'' if size == 'full' else '_' + size}.json"
-    load = {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()}
-    print(f"load average before/after: {load['before']} / {load['after']} on {load['cpus']} CPUs")
-    if max(load["before"][0], load["after"][0]) > (os.cpu_count() or 1):
+    default = ROOT / "benchmarks" / "results" / f"masked_dpo{'' if size == 'full' else '_' + size}.json"
+    out = Path(args.output) if args.output else default
+    load = {"before": load_before, "after": load_record()}
+    print(f"load average before/after: {load['before']['load_average']} / {load['after']['load_average']}")
+    if max(load["before"]["load_average"][0], load["after"]["load_average"][0]) > (os.cpu_count() or 1):
         print("WARNING: the machine was busy with other work; step times are not comparable.")
-    write_json(
-        out, {"size": size, "spec": SIZES[size], "batch": 4, "steps": steps, "load_average": load, "results": results}
-    )
+    record = {"size": size, "spec": SIZES[size], "digits": args.digits or SIZES[size]["digits"], "batch": 4}
+    record.update(steps=steps, repeats=args.repeats, load_average=load, targets=targets, results=results)
+    write_json(out, record)
     print(f"wrote {out}")
 
 

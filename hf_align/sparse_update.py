@@ -112,49 +112,78 @@ def _effective(
     weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, row: bool, axis: int = 0
 ) -> torch.Tensor:
     """``W + scatter(Δ)``: ``Δ`` added at the selected rows (``row``, along ``axis``) or flat entries; other entries
-    copied as is."""
+    copied as is. A delta that covers every entry is one dense add (the same single rounding, no scatter)."""
+    delta = delta.to(weight.dtype)
+    if delta.numel() == weight.numel():
+        return weight + delta.view_as(weight)
     if row:
-        return weight.index_add(axis, index, delta.to(weight.dtype))
-    return weight.reshape(-1).index_add(0, index, delta.to(weight.dtype)).view_as(weight)
+        return weight.index_add(axis, index, delta)
+    return weight.reshape(-1).index_add(0, index, delta).view_as(weight)
+
+
+@contextlib.contextmanager
+def _delta_in_place(
+    weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, row: bool
+) -> Iterator[torch.Tensor]:
+    """``W`` itself holds ``W + scatter(Δ)`` inside the block (rows along axis 0), then exactly ``W`` again.
+
+    Building the effective weight out of place costs a full copy of ``W`` per forward and per backward (memory
+    traffic and allocator churn); here only the ``k`` selected rows/entries are read, added to and copied back, so
+    the frozen entries never move and the restore is bit-exact. The write goes through ``.data`` (its own version
+    counter): autograd nodes that saved ``W`` see it unchanged by the time they run. A delta covering every entry,
+    or a non-contiguous ``W``, takes the out-of-place add (restoring would copy all of ``W`` anyway).
+    """
+    if delta.numel() == weight.numel() or not weight.is_contiguous():
+        yield _effective(weight, index, delta, row)
+        return
+    flat = weight.data if row else weight.data.view(-1)
+    saved = flat.index_select(0, index)
+    flat.index_add_(0, index, delta.to(flat.dtype))
+    try:
+        yield weight.data
+    finally:
+        flat.index_put_((index,), saved)
 
 
 class _DeltaLinear(torch.autograd.Function):
     """``y = x (W + scatter(Δ))ᵀ + b`` for a Linear with a row or element delta, in one function.
 
-    The merged weight is not kept for backward (autograd through the parametrization would keep a full weight copy
-    per layer until then); it is rebuilt there instead, a memory-bound add. Row deltas: ``∂Δ = g[..., rows]ᵀ x``, a
-    ``k``-row GEMM instead of the full weight gradient. Element deltas: the full weight gradient at the selected
-    entries (element masks cannot avoid computing it).
+    No merged weight is allocated or kept for backward: around each GEMM ``W`` holds ``W + scatter(Δ)`` in place
+    and is restored exactly after (:func:`_delta_in_place`). Row deltas: ``∂Δ = g[..., rows]ᵀ x``, a ``k``-row GEMM
+    instead of the full weight gradient. Element deltas: the full weight gradient at the selected entries (element
+    masks cannot avoid computing it).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, index, delta, row):
-        effective = _effective(weight, index, delta, row)
         ctx.save_for_backward(x, weight, index, delta)
         ctx.row = row
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        if torch.is_autocast_enabled(x.device.type):  # F.linear casts both operands like the plain layer would
-            return F.linear(x, effective, bias)
-        return F.linear(x, effective.to(x.dtype), bias)
+        with _delta_in_place(weight, index, delta, row) as effective:
+            if torch.is_autocast_enabled(x.device.type):  # F.linear casts both operands like the plain layer would
+                return F.linear(x, effective, bias)
+            return F.linear(x, effective.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, index, delta = ctx.saved_tensors
         grad_x = grad_bias = grad_delta = None
         if ctx.needs_input_grad[0]:
-            effective = _effective(weight, index, delta, ctx.row)
-            grad_x = (grad_out @ effective.to(grad_out.dtype)).to(x.dtype)
+            with _delta_in_place(weight, index, delta, ctx.row) as effective:
+                grad_x = (grad_out @ effective.to(grad_out.dtype)).to(x.dtype)
         if ctx.needs_input_grad[2]:  # a bias with its own (element) delta
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[4]:
             inputs = x.reshape(-1, x.shape[-1])
-            if ctx.row:
-                rows = grad_out.index_select(-1, index).reshape(-1, index.numel())
+            grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+            if delta.numel() == weight.numel():  # every entry trains: the weight gradient is the delta's
+                grad_delta = (grad_2d.t() @ inputs.to(grad_2d.dtype)).view_as(delta).to(delta.dtype)
+            elif ctx.row:
+                rows = grad_2d.index_select(-1, index)
                 grad_delta = (rows.t() @ inputs.to(rows.dtype)).to(delta.dtype)
             else:
-                grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
                 grad_weight = grad_2d.t() @ inputs.to(grad_2d.dtype)
-                grad_delta = grad_weight.reshape(-1).index_select(0, index).to(delta.dtype)
+                grad_delta = grad_weight.view(-1).index_select(0, index).to(delta.dtype)
         return grad_x, None, grad_bias, None, grad_delta, None
 
 
@@ -165,6 +194,12 @@ def _delta_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tenso
     if not holder.enabled:
         return F.linear(x, weight, self.bias)
     return _DeltaLinear.apply(x, weight, self.bias, holder.index, holder.delta, holder.row)
+
+
+def _plain_linear_forward(cls: type) -> bool:
+    """``nn.Linear`` or a subclass that keeps its forward (e.g. a model's own ``Linear`` with extra init): the fused
+    function computes exactly that forward. A subclass with its own forward keeps the parametrization."""
+    return issubclass(cls, torch.nn.Linear) and cls.forward is torch.nn.Linear.forward
 
 
 def _row_4bit_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -256,7 +291,7 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask, dtype: torch.dtype |
         holder = _Delta(name, selected, shape, dtype or param.dtype, param.device, row, neuron_axis(axes, name))
         for module, attr in _owners(model, param):
             plain_type = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
-            fast = attr == "weight" and plain_type is torch.nn.Linear and module is not output_embeddings
+            fast = attr == "weight" and _plain_linear_forward(plain_type) and module is not output_embeddings
             # A ZeRO-3 weight is a partitioned slice here: torch's check (one call of the parametrization) would
             # add the full-shape delta to it; the parametrization keeps shape and dtype by construction.
             parametrize.register_parametrization(module, attr, holder, unsafe=hasattr(param, "ds_shape"))

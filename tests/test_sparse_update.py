@@ -102,6 +102,42 @@ def test_element_function_forward_and_grads_equal_autograd_reference():
     torch.testing.assert_close(grad_delta, ref_delta, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("row", [True, False])
+def test_fused_function_leaves_the_frozen_weight_bit_identical_and_other_graphs_valid(row):
+    """The delta is added to W's storage around each GEMM and the selected entries are copied back after: W must
+    come out bit-identical, and a graph that saved W before (a plain forward) must still back-propagate right."""
+    weight, bias, rows, delta, x, grad_out = _row_case()
+    index = rows if row else torch.tensor([0, 3, 8, 17, 34])
+    if not row:
+        delta = (torch.randn(5, generator=torch.Generator().manual_seed(1)) * 0.1).requires_grad_()
+    before = weight.clone()
+    plain_weight = weight.requires_grad_()  # a graph that saves W (for its own gradient) before the fused calls
+    plain = F.linear(x, plain_weight, bias)
+    out = _DeltaLinear.apply(x, weight.detach(), bias, index.to(torch.int32), delta, row)
+    torch.autograd.grad(out, (x, delta), grad_out)
+    assert torch.equal(weight.detach(), before)
+    grad_x, grad_w = torch.autograd.grad(plain, (x, plain_weight), grad_out)
+    torch.testing.assert_close(grad_x, grad_out @ before, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_w, grad_out.reshape(-1, 7).t() @ x.reshape(-1, 5), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("row", [True, False])
+def test_fused_function_with_every_entry_selected_equals_autograd_reference(row):
+    """A ratio-1.0 mask takes the dense path (W + Δ, the weight gradient as Δ's): same values as the scatter."""
+    weight, bias, _, _, x, grad_out = _row_case()
+    index = torch.arange(7 if row else 35, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(2)
+    delta = (torch.randn((7, 5) if row else (35,), generator=generator) * 0.1).requires_grad_()
+    out = _DeltaLinear.apply(x, weight, bias, index, delta, row)
+    grad_x, grad_delta = torch.autograd.grad(out, (x, delta), grad_out)
+    flat = weight.reshape(-1).index_add(0, torch.arange(35), delta.reshape(-1))
+    ref = F.linear(x, flat.view_as(weight), bias)
+    ref_x, ref_delta = torch.autograd.grad(ref, (x, delta), grad_out)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(grad_x, ref_x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_delta, ref_delta, rtol=1e-6, atol=1e-6)
+
+
 def test_row_function_under_cpu_bf16_autocast():
     weight, bias, rows, delta, x, grad_out = _row_case()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -473,3 +509,35 @@ def test_4bit_layer_repacked_by_an_eval_forward_is_restored_to_the_weights_it_us
     embeddings.requires_grad_(True)
     model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
     assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+
+
+class _InitOnlyLinear(torch.nn.Linear):
+    """A model's own Linear that changes only initialisation (its forward is nn.Linear's)."""
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("granularity", ["row", "element"])
+def test_linear_subclasses_take_the_fused_path_only_when_they_keep_linear_forward(granularity):
+    """A subclass with nn.Linear's forward runs the fused function (no full weight gradient); one with its own
+    forward keeps the parametrization, so its own forward still runs. Both equal the hand-merged plain model."""
+    base = _tiny()
+    for layer in base.model.layers:
+        for name, cls in (("q_proj", _InitOnlyLinear), ("v_proj", _ScaledLinear)):
+            old = getattr(layer.self_attn, name)
+            new = cls(old.in_features, old.out_features, bias=old.bias is not None)
+            new.load_state_dict(old.state_dict())
+            setattr(layer.self_attn, name, new)
+    model = copy.deepcopy(base)
+    attach_deltas(model, NeuronMask.random(model, 0.3, granularity, seed=0))
+    _randomize_deltas(model)
+    plain = _plain_copy(base, model)
+    torch.testing.assert_close(model(IDS).logits, plain(IDS).logits, rtol=1e-5, atol=1e-5)
+    q, v = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.v_proj
+    x = torch.randn(3, q.in_features)
+    assert q(x).grad_fn.name() == "_DeltaLinearBackward"
+    assert v(x).grad_fn.name() != "_DeltaLinearBackward"
+    torch.testing.assert_close(v(x), 2.0 * F.linear(x, v.weight), rtol=1e-6, atol=1e-6)

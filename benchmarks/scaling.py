@@ -1,0 +1,121 @@
+"""Scaling curve: full DPO, LoRA r=8 and masked DPO (row / element 10 %) at three model sizes, same tokens per step.
+
+Runs ``benchmarks/masked_dpo.py``'s configurations (each in its own subprocess, ``--repeats`` interleaved runs, the
+median reported) on the ~6M ("medium"), ~50M ("full") and ~190M ("large") Llama with the same data (95-digit
+answers) and batch, with a live reference. Writes ``benchmarks/results/scaling.json`` and ``scaling.png`` (step time,
+step time relative to LoRA, peak RSS and trainable + optimizer bytes against the parameter count).
+
+    python benchmarks/scaling.py                 # ~30 minutes on 2 cores
+    python benchmarks/scaling.py --sizes medium --repeats 1 --steps 1   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from masked_dpo import ROOT, SIZES, load_record, measure  # noqa: E402
+
+
+CONFIGS = ["trl_full", "trl_lora_r8", "masked_row0.1", "masked_element0.1"]
+LABELS = {
+    "trl_full": "full DPO (TRL)",
+    "trl_lora_r8": "LoRA r=8 q,v (TRL+PEFT)",
+    "masked_row0.1": "masked rows 10 %",
+    "masked_element0.1": "masked entries 10 %",
+}
+DIGITS = 95  # the default benchmark's answers: the same tokens per step at every size
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    panels = [
+        ("step_time_s", "step time (s, median)", False),
+        ("step_time_vs_trl_lora_r8", "step time / LoRA r=8's", False),
+        ("peak_rss_mb", "peak RSS (MB)", False),
+        ("train_opt_mb", "trainable + optimizer state (MB)", True),
+    ]
+    for ax, (key, label, log) in zip(axes, panels, strict=True):
+        for config in CONFIGS:
+            rows = sorted(
+                (r for r in results if r["config"] == config and "error" not in r), key=lambda r: r["num_params"]
+            )
+            xs = [r["num_params"] / 1e6 for r in rows]
+            ys = [r[key] for r in rows]
+            lo = [min(r.get(f"{key}_repeats", [r[key]])) for r in rows]
+            hi = [max(r.get(f"{key}_repeats", [r[key]])) for r in rows]
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
+                marker="o",
+                capsize=3,
+                label=LABELS[config],
+            )
+        ax.set_xscale("log")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("DPO step on 2 CPU cores, batch 4 pairs, same tokens per step (bars: min-max over repeats)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["medium", "full", "large"], choices=sorted(SIZES))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration and size (median reported)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after two warm-up steps)")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+    args = parser.parse_args()
+    load_before = load_record()
+    results = []
+    for size in args.sizes:
+        rows = measure(CONFIGS, size, args.steps, args.repeats, (False,), DIGITS)
+        for row in rows:
+            row["size"] = size
+            if "error" not in row:
+                row["train_opt_mb"] = (row["trainable_bytes"] + row["optimizer_state_bytes"]) / 2**20
+                row["train_opt_mb_repeats"] = [row["train_opt_mb"]]
+        results += rows
+    sys.path.insert(0, str(ROOT))
+    from hf_align.io import write_json
+
+    out = Path(args.output)
+    print(f"{'size':8} {'config':20} {'params M':>9} {'s/step':>8} {'xLoRA':>6} {'RSS MB':>8} {'train+opt MB':>12}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['size']:8} {r['config']:20} ERROR {r['error']}")
+            continue
+        print(
+            f"{r['size']:8} {r['config']:20} {r['num_params'] / 1e6:9.1f} {r['step_time_s']:8.3f} "
+            f"{r.get('step_time_vs_trl_lora_r8', 0):6.2f} {r['peak_rss_mb']:8.0f} {r['train_opt_mb']:12.1f}"
+        )
+    record = {
+        "sizes": {s: SIZES[s] for s in args.sizes},
+        "digits": DIGITS,
+        "batch": 4,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "load_average": {"before": load_before, "after": load_record()},
+        "results": results,
+    }
+    write_json(out, record)
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
