@@ -187,7 +187,8 @@ def add_quantile_tokens(model, tokenizer, tokens: list[str], seed: int, peft: bo
     if not tokens:
         return []
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
-    rows = model.get_input_embeddings().weight.shape[0]
+    embedding = model.get_input_embeddings()  # its row count, not the weight's shape: ZeRO-3 partitions the weight
+    rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
     # A tokenizer that already has the tokens (e.g. saved by an earlier run) with a model that lacks their rows.
     unbacked = [t for t in tokens if t not in missing and tokenizer.convert_tokens_to_ids(t) >= rows]
     if not missing and not unbacked:
@@ -196,6 +197,14 @@ def add_quantile_tokens(model, tokenizer, tokens: list[str], seed: int, peft: bo
         raise ValueError(
             f"Quantile tokens {missing} are not in the tokenizer, and a PEFT model cannot learn new embedding rows: "
             "add them (and make the embeddings trainable) before wrapping, or use `quantile_words`."
+        )
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            f"Quantile tokens {missing + unbacked} cannot be added under DeepSpeed ZeRO-3 (the embeddings are "
+            "partitioned at load): use `quantile_words`, or add the tokens before sharding "
+            "(hf_align.feedback_format.add_quantile_tokens on the loaded model, then save model and tokenizer)."
         )
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)

@@ -1,10 +1,11 @@
 """Distributed equivalence: DDP on 2 CPU processes (gloo) vs 1 process with the same global batch.
 
-One worker script (written to ``tmp_path``) trains three tiny-Llama runs for 3 steps each:
+One worker script (written to ``tmp_path``) trains four tiny-Llama runs for 3 steps each:
 
 * ``MaskedDPOTrainer`` with a random 20 % row ``NeuronMask`` and a ``rejected_weights`` column,
 * ``NPOTrainer`` (sequence level, live reference copy, no retain set: retain draws depend on the rank by design),
-* ``trl.DPOTrainer`` with ``MaskAccumulationCallback(method="gradient")``.
+* ``trl.DPOTrainer`` with ``MaskAccumulationCallback(method="gradient")``,
+* ``AdaptiveMergeTrainer`` (layerwise α's of two tiny Llamas; compared: losses and the raw α parameters).
 
 It runs once as a plain ``python`` process with ``per_device_train_batch_size=4`` and once under
 ``torch.distributed.run --nproc_per_node 2`` with ``per_device_train_batch_size=2`` (global batch 4 in both).
@@ -26,6 +27,7 @@ gradients with an all-reduce, the single process averages one batch of 4):
 """
 
 import json
+import math
 import sys
 import textwrap
 
@@ -35,9 +37,10 @@ from launch_helpers import run_launch
 from safetensors.torch import load_file
 
 
-CASES = ("masked_dpo", "npo", "mask_accumulation")
+CASES = ("masked_dpo", "npo", "mask_accumulation", "adaptive_merge")
 WEIGHT_ATOL = 5e-5
 LOSS_ATOL = 1e-5
+AMA_START = math.log(0.2 / 0.8)  # AdaptiveMergeConfig's init_val 0.2 as a raw logit
 
 WORKER = textwrap.dedent(
     """
@@ -114,6 +117,18 @@ WORKER = textwrap.dedent(
     tensors = {f"weight/{k}": v for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
     tensors.update({f"score/{k}": v for k, v in callback.scores().items()})
     dump("mask_accumulation", trainer, tensors)
+    from hf_align.trainers import AdaptiveMergeConfig, AdaptiveMergeTrainer
+
+    args = AdaptiveMergeConfig(
+        output_dir=f"{out_dir}/adaptive_merge", mask_level="layerwise", max_length=64, weight_decay=0.0,
+        **{**{k: v for k, v in common.items() if k != "beta"}, "learning_rate": 5e-2},
+    )
+    aligned = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2, seed=1)
+    trainer = AdaptiveMergeTrainer(
+        aligned, base_model=model(), args=args, train_dataset=testbed.sft_dataset(12, seed=1), processing_class=tok
+    )
+    trainer.train()
+    dump("adaptive_merge", trainer, {"alpha/blocks": trainer.alphas.blocks, "alpha/head": trainer.alphas.head})
     if torch.distributed.is_initialized():  # a clean gloo teardown (its threads aborted a rank at exit under load)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -196,6 +211,10 @@ def test_same_weights_and_identical_replicas(runs, case):
         torch.testing.assert_close(two_rank1[name], two[name], rtol=0, atol=0, msg=f"ranks differ: {name}")
         if name.startswith("score/"):
             torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
+            continue
+        if name.startswith("alpha/"):  # AdaptiveMerge: the raw α parameters (they moved from their start)
+            torch.testing.assert_close(two[name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
+            moved = max(moved, (value - AMA_START).abs().max().item())
             continue
         torch.testing.assert_close(two[name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
         moved = max(moved, (value - init[name.removeprefix("weight/")]).abs().max().item())

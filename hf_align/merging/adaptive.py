@@ -80,11 +80,12 @@ class AlphaParameters(nn.Module):
         super().__init__()
         start = math.log(init_val / (1 - init_val))
         self.blocks = nn.Parameter(torch.full((num_blocks,), start, dtype=torch.float32))
-        self.head = nn.Parameter(torch.tensor(start, dtype=torch.float32))
+        # shape (1,), not a 0-dim scalar: DeepSpeed's engine (ZeRO-1/2) cannot broadcast a 0-dim parameter
+        self.head = nn.Parameter(torch.full((1,), start, dtype=torch.float32))
         self.init_val, self.epsilon = init_val, epsilon
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalized_alphas(self.blocks, self.head, self.init_val, self.epsilon)
+        return normalized_alphas(self.blocks, self.head[0], self.init_val, self.epsilon)
 
 
 class InterpolatedLinear(nn.Module):

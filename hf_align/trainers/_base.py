@@ -20,7 +20,9 @@ __all__ = [
     "HFAlignTrainerMixin",
     "TokenWeightArguments",
     "load_model",
+    "prepare_reference",
     "resolve_args",
+    "tokens_per_process",
     "upgrade_collator",
 ]
 
@@ -104,6 +106,32 @@ def load_policy_and_reference(model, ref_model, args, load_policy: bool, trainer
     if isinstance(ref_model, str):
         ref_model = load_model(ref_model, args, like=model, quantization_config=quantization)
     return model, ref_model
+
+
+def tokens_per_process(trainer, count: int) -> float:
+    """What one process divides its summed per-token loss by, so that the engines' average over processes is the
+    mean over the tokens of *every* process: the one-process mean at the same global batch. That is the global
+    count / the number of processes (``average_tokens_across_devices``, as transformers does for its own losses);
+    the local ``count`` with one process or with that option off."""
+    accelerator = trainer.accelerator
+    if accelerator.num_processes == 1 or not getattr(trainer.args, "average_tokens_across_devices", False):
+        return float(max(count, 1))
+    import torch
+
+    total = accelerator.gather(torch.tensor([float(count)], device=accelerator.device)).sum().item()
+    return max(total, 1.0) / accelerator.num_processes
+
+
+def prepare_reference(trainer, ref_model):
+    """A frozen reference placed (and sharded) for inference as TRL's trainers place theirs: a DeepSpeed inference
+    engine (ZeRO-3: partitioned, gathered around each forward), FSDP, or accelerate's evaluation-mode placement."""
+    from trl.models import prepare_deepspeed, prepare_fsdp
+
+    if trainer.is_deepspeed_enabled:
+        return prepare_deepspeed(ref_model, trainer.accelerator)
+    if trainer.is_fsdp_enabled:
+        return prepare_fsdp(ref_model, trainer.accelerator)
+    return trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
 
 def upgrade_collator(collator, base_class: type, new_class: type):

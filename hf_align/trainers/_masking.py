@@ -163,16 +163,26 @@ def resolve_neuron_mask(neuron_mask, args, model=None):
     )
 
 
-def attach_mask(model, mask, args, peft_config=None):
+def attach_mask(model, mask, args, peft_config=None, second_forward: bool = False):
     """Attach trainable deltas at the neurons of ``mask`` (which is checked against ``model``); returns the model.
     A path is loaded before (``_base.load_policy_and_reference``: the mask needs the model). Masks and PEFT adapters
-    exclude each other."""
+    exclude each other. ``second_forward``: the trainer runs the policy twice with gradients per step (NPO's retain
+    term), which DeepSpeed ZeRO-3 cannot reduce for the masked layers (refused)."""
     from accelerate.utils import is_peft_model
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from hf_align.sparse_update import attach_deltas
 
     if peft_config is not None or is_peft_model(model):
         raise ValueError("A neuron mask and a PEFT adapter cannot be combined: train one or the other.")
+    if second_forward and is_deepspeed_zero3_enabled():
+        # the masked layers are ZeRO-3 leaf modules, whose gradients DeepSpeed reduces in a backward hook that
+        # fires once per forward: a second forward with gradients reduces them twice (AssertionError in stage3.py)
+        raise ValueError(
+            "DeepSpeed ZeRO-3 cannot train a neuron mask with a retain set (two forward passes with gradients per "
+            "step; ZeRO-3 reduces a masked layer's gradients once per forward). Use ZeRO-2 or FSDP2, or drop the "
+            "retain set."
+        )
     _refuse_zero3_output_embeddings(model, mask)
     dtype = getattr(args, "neuron_delta_dtype", "auto")
     return attach_deltas(model, mask, None if dtype == "auto" else getattr(torch, dtype))  # validates the mask too

@@ -43,3 +43,16 @@ def independent_copy(model: torch.nn.Module) -> torch.nn.Module:
         if patched is not None and _refers_to(patched, source):
             del target.__dict__["forward"]
     return clone
+
+
+def reference_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen reference of ``model`` as it is now: :func:`independent_copy`. Under DeepSpeed ZeRO-3 the parameters
+    are partitioned at load (a copy would hold this process's empty shards), so the checkpoint the model came from
+    (``config._name_or_path``) is loaded again, partitioned alike, as TRL builds its own reference."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return independent_copy(model)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model.config._name_or_path, dtype=model.dtype)

@@ -119,6 +119,20 @@ def tokenize_dataset(dataset, tokenizer, max_length: int, text_field: str = "tex
     return dataset.map(encode, remove_columns=columns)
 
 
+def _refuse_sharded_parameters(args) -> None:
+    """ZeRO-3 / FSDP shard parameters; θ0's and θ1's weights are buffers here (only the α's are parameters)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if fsdp or is_deepspeed_zero3_enabled():
+        setup = "FSDP" if fsdp else "DeepSpeed ZeRO-3"
+        raise ValueError(
+            f"AdaptiveMergeTrainer cannot run under {setup}: it holds θ0's and θ1's weights as buffers of the wrapped "
+            f"layers (only the α's train), which {setup} neither shards nor gathers. Learn the α's under DDP or "
+            "DeepSpeed ZeRO-2 (or on one process); the final merge streams from disk either way."
+        )
+
+
 class _PadCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -177,6 +191,7 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         args = args or AdaptiveMergeConfig(output_dir="adaptive_merge")
+        _refuse_sharded_parameters(args)
         self.aligned_path = model if isinstance(model, str | os.PathLike) else getattr(model, "name_or_path", None)
         if isinstance(model, str | os.PathLike):
             model = AutoModelForCausalLM.from_pretrained(model)

@@ -57,8 +57,8 @@ from hf_align.rewards import (
     reward_name,
     score_completions,
 )
-from hf_align.trainers._base import CheckedConfig, HFAlignTrainerMixin
-from hf_align.trainers._model_copy import independent_copy
+from hf_align.trainers._base import CheckedConfig, HFAlignTrainerMixin, prepare_reference, tokens_per_process
+from hf_align.trainers._model_copy import reference_copy
 
 
 POOL_DIR = "data_pool"
@@ -284,7 +284,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         trainer_dataset, eval_dataset = self._setup_datasets(args, train_dataset, eval_dataset)
         self.ref_model = None
         if args.kl_coef > 0 and not is_peft_model(model):
-            self.ref_model = (ref_model if ref_model is not None else independent_copy(model)).eval()
+            self.ref_model = (ref_model if ref_model is not None else reference_copy(model)).eval()
             self.ref_model.requires_grad_(False)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.iteration_timings: list[dict[str, float]] = []
@@ -301,7 +301,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         )
         self._set_trainable_fraction()
         if self.ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+            self.ref_model = prepare_reference(self, self.ref_model)  # ZeRO-3 / FSDP: sharded like TRL's
         self._last_vllm_sync = -1
         self.vllm_generation = None
         if args.use_vllm:
@@ -486,9 +486,12 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         )
         labels, scores = self.score(prompts, completions, **extra)
         t2 = time.perf_counter()
-        gathered = gather_object(list(zip(prompts, completions, labels, scores, lengths)))
-        prompts, completions, labels, scores, lengths = (
-            (list(col) for col in zip(*gathered)) if gathered else ([],) * 5
+        # every rank's rows, in the order one process would add them (the pool's order decides its draws and ties)
+        world, n = self.accelerator.num_processes, args.num_generations
+        order = [(i * world + self.accelerator.process_index) * n + g for i in range(len(local)) for g in range(n)]
+        gathered = sorted(gather_object(list(zip(order, prompts, completions, labels, scores, lengths))))
+        _, prompts, completions, labels, scores, lengths = (
+            (list(col) for col in zip(*gathered)) if gathered else ([],) * 6
         )
         self.pool.add(prompts, completions, feedback=labels, scores=scores, iteration=iteration, lengths=lengths)
         t3 = time.perf_counter()
@@ -604,7 +607,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         mask = labels != -100
         logps = F.log_softmax(logits[:, :-1].float(), dim=-1)[mask]  # (generation tokens, vocab)
         targets = labels[mask]
-        num_tokens = max(int(targets.numel()), 1)
+        num_tokens = tokens_per_process(self, int(targets.numel()))  # every process's tokens: as one process
         nll = -logps.gather(-1, targets[:, None]).squeeze(-1).sum() / num_tokens
         loss = nll
         mode = "train" if model.training else "eval"

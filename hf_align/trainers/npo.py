@@ -225,7 +225,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             raise ValueError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
         self.neuron_mask = mask = resolve_neuron_mask(neuron_mask, args, model)
         if mask is not None:
-            model = attach_mask(model, mask, args, peft_config)
+            model = attach_mask(model, mask, args, peft_config, second_forward=retain_dataset is not None)
         # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
         train_dataset = to_forget_format(train_dataset) if train_dataset is not None else None
         check_dataset(train_dataset, "train_dataset (forget data)", FORGET_COLUMNS)

@@ -57,6 +57,63 @@ def _repeat_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states if groups == 1 else states.repeat_interleave(groups, dim=1)
 
 
+def _register_zero3_external(module: nn.Module, parameter: nn.Parameter) -> None:
+    """DeepSpeed ZeRO-3 gathers a module's own parameters around its forward (and backward); the global tokens of
+    another layer are registered as an external parameter of every layer that reads them, so they are gathered
+    there too. The parameter stays one parameter: one copy, one gradient."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(module, parameter)
+
+
+def _full(tokens: torch.Tensor) -> torch.Tensor:
+    """FSDP2 shards the tokens with their owner (the first adapted layer's unit) and reshards them after its
+    forward: a later layer reads a sharded DTensor, gathered here."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tokens, DTensor):
+            return tokens.full_tensor()
+    return tokens
+
+
+class _AddDeferredGrads(torch.autograd.Function):
+    """The identity; its backward adds the gradients the later layers left in ``pending`` (and empties it)."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, pending: list) -> torch.Tensor:
+        ctx.pending = pending
+        return tokens.view_as(tokens)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        while ctx.pending:
+            grad = grad + ctx.pending.pop()
+        return grad, None
+
+
+def _shared_tokens(embedding: nn.Embedding, owner: bool) -> torch.Tensor:
+    """The global tokens as one layer uses them, with ONE gradient for the parameter per backward.
+
+    The layers after the owner use a detached copy and leave its gradient in a list on the embedding; the owner's
+    use (whose backward runs last: it is the first adapted layer) adds them, so the parameter's gradient is
+    accumulated once, inside its owner: what a sharded engine expects of a parameter of that layer's unit (FSDP2
+    reduce-scatters that unit's gradients; DeepSpeed ZeRO-3 with reentrant checkpointing, which TRL forces for PEFT,
+    would otherwise reduce the parameter once per checkpointed layer and fail)."""
+    weight = embedding.weight
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return _full(weight)
+    pending = embedding.__dict__.setdefault("_aligner_pending_grads", [])
+    if owner:
+        return _AddDeferredGrads.apply(weight, pending)
+    tokens = _full(weight.detach()).requires_grad_()
+    tokens.register_hook(pending.append)  # returns None: the gradient itself is unchanged
+    return tokens
+
+
 class AlignerGate(nn.Module):
     """The per-head gate ``g`` of one layer, shape (1, heads, 1, 1), as a module so its key is ``<adapter>.weight``."""
 
@@ -110,6 +167,8 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
             self.aligner_tokens[adapter_name] = tokens
             token_owner = self
         self.aligner_token_source[adapter_name] = token_owner.aligner_tokens
+        if token_owner is not self:
+            _register_zero3_external(self, token_owner.aligner_tokens[adapter_name].weight)
         self.set_adapter(self.active_adapters)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -202,7 +261,7 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
         per forward from the global tokens (no norm, no RoPE, no mask: every position sees all N tokens).
         """
         attn = self.base_layer
-        tokens = self.aligner_token_source[adapter][adapter].weight
+        tokens = _shared_tokens(self.aligner_token_source[adapter][adapter], owner=adapter in self.aligner_tokens)
         prefix = tokens.to(device=query_states.device, dtype=input_dtype).unsqueeze(0)  # (1, N, d)
         num_tokens = prefix.shape[1]
         prefix_shape = (1, num_tokens, -1, attn.head_dim)
