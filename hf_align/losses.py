@@ -25,11 +25,18 @@ def npo_sequence_loss(
 
 
 def npo_token_loss(
-    policy_logps: torch.Tensor, ref_logps: torch.Tensor, weights: torch.Tensor, beta: float
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    weights: torch.Tensor,
+    beta: float,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ALLO's token-level NPO: ``Σ_t −w_t log σ(−β (log πθ − log π_ref)) / #{t : w_t ≠ 0}`` over the whole batch."""
+    """ALLO's token-level NPO: ``Σ_t −w_t log σ(−β (log πθ − log π_ref)) / #{t : w_t ≠ 0}`` over the whole batch.
+
+    ``count`` replaces the batch's own ``#{t : w_t ≠ 0}`` (several processes: the tokens of every process over
+    their number, so the average over processes is the one-process mean)."""
     per_token = -weights * F.logsigmoid(-beta * (policy_logps - ref_logps))
-    return per_token.sum() / (weights != 0).sum().clamp(min=1)
+    return per_token.sum() / (count if count is not None else (weights != 0).sum().clamp(min=1))
 
 
 def simnpo_loss(policy_logps: torch.Tensor, weights: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -39,17 +46,20 @@ def simnpo_loss(policy_logps: torch.Tensor, weights: torch.Tensor, beta: float, 
     return -(2.0 / beta) * F.logsigmoid(-beta * avg_logp - gamma)
 
 
-def retain_nll(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood per retain completion token."""
-    return -(log_probs * mask).sum() / mask.sum().clamp(min=1)
+def retain_nll(log_probs: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood per retain completion token (``count``: as in :func:`npo_token_loss`)."""
+    return -(log_probs * mask).sum() / (count if count is not None else mask.sum().clamp(min=1))
 
 
-def retain_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``KL(π_ref ‖ πθ)`` over the vocabulary, mean over the positions where ``mask`` is 1."""
+def retain_kl(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``KL(π_ref ‖ πθ)`` over the vocabulary, mean over the positions where ``mask`` is 1 (``count``: as in
+    :func:`npo_token_loss`)."""
     ref_logp = ref_logits.float().log_softmax(dim=-1)
     policy_logp = policy_logits.float().log_softmax(dim=-1)
     kl = (ref_logp.exp() * (ref_logp - policy_logp)).sum(dim=-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return (kl * mask).sum() / (count if count is not None else mask.sum().clamp(min=1))
 
 
 def token_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Distributed equivalence: DDP on 2 CPU processes (gloo) vs 1 process with the same global batch.
 
-One worker script (written to ``tmp_path``) trains four tiny-Llama runs for 3 steps each:
+One worker script (written to ``tmp_path``) trains five tiny-Llama runs for 3 steps each:
 
 * ``MaskedDPOTrainer`` with a random 20 % row ``NeuronMask`` and a ``rejected_weights`` column,
 * ``NPOTrainer`` (sequence level, live reference copy, no retain set: retain draws depend on the rank by design),
+  and at token level on completions of different lengths (each rank's loss divides by every rank's token count),
 * ``trl.DPOTrainer`` with ``MaskAccumulationCallback(method="gradient")``,
 * ``AdaptiveMergeTrainer`` (layerwise α's of two tiny Llamas; compared: losses and the raw α parameters).
 
@@ -37,7 +38,7 @@ from launch_helpers import run_launch
 from safetensors.torch import load_file
 
 
-CASES = ("masked_dpo", "npo", "mask_accumulation", "adaptive_merge")
+CASES = ("masked_dpo", "npo", "npo_token", "mask_accumulation", "adaptive_merge")
 WEIGHT_ATOL = 5e-5
 LOSS_ATOL = 1e-5
 AMA_START = math.log(0.2 / 0.8)  # AdaptiveMergeConfig's init_val 0.2 as a raw logit
@@ -106,6 +107,15 @@ WORKER = textwrap.dedent(
     )
     trainer.train()
     dump("npo", trainer, trainer.accelerator.unwrap_model(trainer.model).state_dict())
+
+    # token level: the completions differ in length, so the two ranks see different token counts per step
+    m = model()
+    trainer = NPOTrainer(
+        m, ref_model=copy.deepcopy(m), args=NPOConfig(output_dir=f"{out_dir}/npo_token", npo_level="token", **common),
+        train_dataset=testbed.forget_dataset(12, seed=0), processing_class=tok,
+    )
+    trainer.train()
+    dump("npo_token", trainer, trainer.accelerator.unwrap_model(trainer.model).state_dict())
 
     m = model()
     callback = MaskAccumulationCallback(method="gradient", granularity="row", save_to_checkpoints=False)

@@ -23,6 +23,7 @@ __all__ = [
     "prepare_reference",
     "resolve_args",
     "tokens_per_process",
+    "global_token_count",
     "upgrade_collator",
 ]
 
@@ -120,6 +121,16 @@ def tokens_per_process(trainer, count: int) -> float:
 
     total = accelerator.gather(torch.tensor([float(count)], device=accelerator.device)).sum().item()
     return max(total, 1.0) / accelerator.num_processes
+
+
+def global_token_count(trainer, selected):
+    """:func:`tokens_per_process` for a boolean/0-1 tensor of the tokens a loss averages over, as a tensor (no host
+    synchronisation); None with one process, where the loss divides by its own count."""
+    accelerator = trainer.accelerator
+    if accelerator.num_processes == 1 or not getattr(trainer.args, "average_tokens_across_devices", False):
+        return None
+    count = (selected != 0).sum().reshape(1).float()
+    return accelerator.gather(count).sum().clamp(min=1) / accelerator.num_processes
 
 
 def prepare_reference(trainer, ref_model):

@@ -34,7 +34,7 @@ from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from trl import SFTConfig, SFTTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.models import prepare_deepspeed
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
@@ -44,7 +44,9 @@ from hf_align.token_weights import check_weight_columns, normalize_token_weights
 from hf_align.trainers._base import (
     HFAlignTrainerMixin,
     TokenWeightArguments,
+    global_token_count,
     load_policy_and_reference,
+    prepare_reference,
     resolve_args,
     upgrade_collator,
 )
@@ -311,11 +313,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             disable_dropout_in_model(ref_model)
         add_fused_lm_head(ref_model)
         ref_model.requires_grad_(False)
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return prepare_reference(self, ref_model)
 
     @contextlib.contextmanager
     def _reference_context(self, policy: torch.nn.Module | None = None):
@@ -473,12 +471,13 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         inputs = self._retain_batch()
         labels = inputs["labels"]
         mask = (labels[:, 1:] != -100).float()
+        count = global_token_count(self, mask)  # several processes: every process's retain tokens
         if self.args.retain_loss_type == "nll":
             out = model(**self._model_inputs(inputs), labels=labels, fused_lm_head=True, use_cache=False)
-            return retain_nll(out.log_probs[:, -mask.size(1) :], mask.to(out.log_probs))
+            return retain_nll(out.log_probs[:, -mask.size(1) :], mask.to(out.log_probs), count)
         logits = model(**self._model_inputs(inputs), use_cache=False).logits[:, -labels.size(1) : -1]
         ref_logits = self._reference_logits(inputs)[:, -labels.size(1) : -1]
-        return retain_kl(logits, ref_logits, mask.to(logits.device))
+        return retain_kl(logits, ref_logits, mask.to(logits.device), count)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -501,7 +500,8 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             ref = self._reference_log_probs(inputs).to(logps) if live else ref_column[:, 1:].to(logps) * completion
             per_example, logratio = npo_sequence_loss(logps, ref, weights, args.beta)
             token_level = args.npo_level == "token"
-            forget_loss = npo_token_loss(logps, ref, weights, args.beta) if token_level else per_example.mean()
+            count = global_token_count(self, weights) if token_level else None  # one process: None
+            forget_loss = npo_token_loss(logps, ref, weights, args.beta, count) if token_level else per_example.mean()
             metrics["forget/logratio"] = logratio.detach().mean()
         loss = forget_loss
         if mode == "train" and self.retain_dataset is not None and args.retain_weight > 0:
