@@ -136,13 +136,22 @@ def _delta_in_place(
     if delta.numel() == weight.numel() or not weight.is_contiguous():
         yield _effective(weight, index, delta, row)
         return
-    flat = weight.data if row else weight.data.view(-1)
-    saved = flat.index_select(0, index)
-    flat.index_add_(0, index, delta.to(flat.dtype))
+    if row:
+        data = weight.data
+        saved = data.index_select(0, index)
+        data.index_add_(0, index, delta.to(data.dtype))
+        try:
+            yield data
+        finally:
+            data.index_put_((index,), saved)
+        return
+    flat, entries = weight.data.view(-1), index.long()  # scattered entries: gather/scatter are the fast kernels
+    saved = flat.gather(0, entries)
+    flat.scatter_add_(0, entries, delta.to(flat.dtype))  # unique entries: one rounded add each, as index_add
     try:
         yield weight.data
     finally:
-        flat.index_put_((index,), saved)
+        flat.scatter_(0, entries, saved)
 
 
 class _DeltaLinear(torch.autograd.Function):
@@ -183,7 +192,7 @@ class _DeltaLinear(torch.autograd.Function):
                 grad_delta = (rows.t() @ inputs.to(rows.dtype)).to(delta.dtype)
             else:
                 grad_weight = grad_2d.t() @ inputs.to(grad_2d.dtype)
-                grad_delta = grad_weight.view(-1).index_select(0, index).to(delta.dtype)
+                grad_delta = grad_weight.view(-1).gather(0, index.long()).to(delta.dtype)
         return grad_x, None, grad_bias, None, grad_delta, None
 
 

@@ -1,8 +1,11 @@
 """How the multi-process tests launch their workers: one environment (offline, one thread, this checkout on the
 import path, no inherited rank variables) and one runner that shows the worker's stderr when it fails."""
 
+import json
 import os
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 
@@ -26,3 +29,114 @@ def run_launch(cmd: list, out: Path, timeout: int = 240, **extra_env: str) -> Pa
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
     return out
+
+
+# The sharded engines as users configure them for `accelerate launch --config_file` (2 processes on this machine).
+ACCELERATE_CONFIGS = {
+    "zero2": """
+        compute_environment: LOCAL_MACHINE
+        distributed_type: DEEPSPEED
+        deepspeed_config:
+          zero_stage: 2
+          offload_optimizer_device: none
+          offload_param_device: none
+        mixed_precision: 'no'
+        num_machines: 1
+        num_processes: 2
+        machine_rank: 0
+        use_cpu: false
+    """,
+    "zero3": """
+        compute_environment: LOCAL_MACHINE
+        distributed_type: DEEPSPEED
+        deepspeed_config:
+          zero_stage: 3
+          zero3_init_flag: true
+          zero3_save_16bit_model: true
+          offload_optimizer_device: none
+          offload_param_device: none
+        mixed_precision: 'no'
+        num_machines: 1
+        num_processes: 2
+        machine_rank: 0
+        use_cpu: false
+    """,
+    "fsdp2": """
+        compute_environment: LOCAL_MACHINE
+        distributed_type: FSDP
+        fsdp_config:
+          fsdp_version: 2
+          fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+          fsdp_reshard_after_forward: true
+          fsdp_state_dict_type: FULL_STATE_DICT
+          fsdp_cpu_ram_efficient_loading: false
+          fsdp_offload_params: false
+        mixed_precision: 'no'
+        num_machines: 1
+        num_processes: 2
+        machine_rank: 0
+        use_cpu: false
+    """,
+}
+
+# The start of every engine worker: its arguments, one thread, no DeepSpeed shm-op build (a 4-minute JIT build, not
+# needed), the config built on the engine's state, and a parameter's elements on this rank.
+WORKER_PRELUDE = textwrap.dedent(
+    """
+    import importlib, json, math, os, sys
+
+    import torch
+
+    out, engine, per_device, data = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    torch.set_num_threads(1)
+    if engine.startswith("zero"):
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+    import accelerate
+
+
+    def on_engine(args):
+        _ = args.device  # builds the CPU/gloo state
+        if engine == "fsdp2":  # test-only: accelerate enables FSDP only for GPU-like distributed types
+            state = accelerate.state.PartialState._shared_state
+            state["distributed_type"] = accelerate.utils.DistributedType.MULTI_GPU
+        return args
+
+
+    def local_numel(param):
+        if hasattr(param, "ds_tensor"):
+            return param.ds_tensor.numel()
+        return param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+    """
+)
+
+
+class EngineLaunches:
+    """One worker script run once as a plain process and once per engine (a launch costs 30-50 s of start-up, so
+    each is launched once per module and shared by its tests). The worker gets ``out engine per_device data``."""
+
+    def __init__(self, data: Path, ports: dict[str, int], timeout: int):
+        self.data, self.ports, self.timeout = data, ports, timeout
+        self.launched: dict[str, Path] = {}
+
+    def single(self) -> Path:
+        cmd = [sys.executable, str(self.data / "worker.py"), str(self.data / "single"), "single", "4", str(self.data)]
+        return run_launch(cmd, self.data / "single", timeout=self.timeout, DS_ACCELERATOR="cpu")
+
+    def engine(self, engine: str) -> Path:
+        if engine not in self.launched:
+            if engine.startswith("zero"):
+                import deepspeed  # noqa: F401  -- a dev dependency: a missing DeepSpeed fails these tests
+
+            config = self.data / f"{engine}.yaml"
+            config.write_text(textwrap.dedent(ACCELERATE_CONFIGS[engine]))
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+            cmd += ["--main_process_port", str(self.ports[engine]), str(self.data / "worker.py")]
+            cmd += [str(self.data / engine), engine, "2", str(self.data)]
+            self.launched[engine] = run_launch(cmd, self.data / engine, timeout=self.timeout, DS_ACCELERATOR="cpu")
+        return self.launched[engine]
+
+
+def read_info(folder: Path, name: str, rank: int = 0) -> dict:
+    """The JSON record a worker wrote for configuration ``name`` on ``rank``."""
+    return json.loads((folder / f"{name}.rank{rank}.json").read_text())

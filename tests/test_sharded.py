@@ -29,13 +29,12 @@ DeepSpeed is a dev dependency: if it cannot be imported these tests fail.
 """
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import run_launch
+from launch_helpers import WORKER_PRELUDE, EngineLaunches, read_info
 from safetensors.torch import load_file
 
 
@@ -44,65 +43,8 @@ WEIGHT_ATOL = 5e-5
 ENGINES = ("zero2", "zero3", "fsdp2")
 PORTS = {"zero2": 29631, "zero3": 29632, "fsdp2": 29633}
 
-ACCELERATE_CONFIGS = {
-    "zero2": """
-        compute_environment: LOCAL_MACHINE
-        distributed_type: DEEPSPEED
-        deepspeed_config:
-          zero_stage: 2
-          offload_optimizer_device: none
-          offload_param_device: none
-        mixed_precision: 'no'
-        num_machines: 1
-        num_processes: 2
-        machine_rank: 0
-        use_cpu: false
-    """,
-    "zero3": """
-        compute_environment: LOCAL_MACHINE
-        distributed_type: DEEPSPEED
-        deepspeed_config:
-          zero_stage: 3
-          zero3_init_flag: true
-          zero3_save_16bit_model: true
-          offload_optimizer_device: none
-          offload_param_device: none
-        mixed_precision: 'no'
-        num_machines: 1
-        num_processes: 2
-        machine_rank: 0
-        use_cpu: false
-    """,
-    "fsdp2": """
-        compute_environment: LOCAL_MACHINE
-        distributed_type: FSDP
-        fsdp_config:
-          fsdp_version: 2
-          fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-          fsdp_reshard_after_forward: true
-          fsdp_state_dict_type: FULL_STATE_DICT
-          fsdp_cpu_ram_efficient_loading: false
-          fsdp_offload_params: false
-        mixed_precision: 'no'
-        num_machines: 1
-        num_processes: 2
-        machine_rank: 0
-        use_cpu: false
-    """,
-}
-
-WORKER = textwrap.dedent(
+WORKER = WORKER_PRELUDE + textwrap.dedent(
     """
-    import importlib, json, math, os, sys
-
-    import torch
-
-    out, engine, per_device, data = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    torch.set_num_threads(1)
-    if engine.startswith("zero"):  # DeepSpeed's optional shared-memory op: a 4-minute JIT build, not needed
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-    import accelerate
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -139,18 +81,7 @@ WORKER = textwrap.dedent(
             seed=0, lr_scheduler_type="constant", beta=0.1, weight_decay=0.1, dataloader_num_workers=0,
         )
         kwargs.update(overrides)
-        args = cls(**kwargs)
-        _ = args.device  # builds the CPU/gloo state
-        if engine == "fsdp2":  # test-only: accelerate enables FSDP only for GPU-like distributed types
-            state = accelerate.state.PartialState._shared_state
-            state["distributed_type"] = accelerate.utils.DistributedType.MULTI_GPU
-        return args
-
-
-    def local_numel(param):
-        if hasattr(param, "ds_tensor"):
-            return param.ds_tensor.numel()
-        return param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+        return on_engine(cls(**kwargs))
 
 
     def optimizer_numel(trainer):
@@ -268,10 +199,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _run(cmd, out):
-    return run_launch(cmd, out, timeout=420, DS_ACCELERATOR="cpu")
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from hf_align import testbed
@@ -289,31 +216,16 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(data):
-    return _run(
-        [sys.executable, str(data / "worker.py"), str(data / "single"), "single", "4", str(data)], data / "single"
-    )
+def launches(data):
+    return EngineLaunches(data, PORTS, timeout=420)
 
 
-_launched: dict[str, Path] = {}
+@pytest.fixture(scope="module")
+def single(launches):
+    return launches.single()
 
 
-def _launch(data, engine):
-    if engine not in _launched:
-        if engine.startswith("zero"):
-            import deepspeed  # noqa: F401  -- a dev dependency: a missing DeepSpeed fails these tests
-
-        config = data / f"{engine}.yaml"
-        config.write_text(textwrap.dedent(ACCELERATE_CONFIGS[engine]))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-        cmd += ["--main_process_port", str(PORTS[engine]), str(data / "worker.py")]
-        cmd += [str(data / engine), engine, "2", str(data)]
-        _launched[engine] = _run(cmd, data / engine)
-    return _launched[engine]
-
-
-def _info(folder, name, rank=0):
-    return json.loads((folder / f"{name}.rank{rank}.json").read_text())
+_info = read_info
 
 
 def _initial(data):
@@ -324,8 +236,8 @@ CONFIGS = ("row", "element", "full4", "resumed", "dpo", "gradient", "weight_diff
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_really_ran_sharded(data, single, engine):
-    sharded = _launch(data, engine)
+def test_really_ran_sharded(data, single, launches, engine):
+    sharded = launches.engine(engine)
     for name in CONFIGS:
         one = _info(single, name)
         assert one["num_processes"] == 1 and one["distributed_type"] == "DistributedType.NO", (name, one)
@@ -348,8 +260,8 @@ def test_really_ran_sharded(data, single, engine):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_same_losses_and_grad_norms(data, single, engine, name):
-    sharded = _launch(data, engine)
+def test_same_losses_and_grad_norms(data, single, launches, engine, name):
+    sharded = launches.engine(engine)
     one, two = _info(single, name), _info(sharded, name)
     assert two["steps"] == one["steps"] and len(one["losses"]) >= 2
     assert two["losses"] == pytest.approx(one["losses"], abs=LOSS_ATOL)
@@ -358,8 +270,8 @@ def test_same_losses_and_grad_norms(data, single, engine, name):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_only_deltas_train_and_carry_optimizer_state(data, single, engine):
-    sharded = _launch(data, engine)
+def test_only_deltas_train_and_carry_optimizer_state(data, single, launches, engine):
+    sharded = launches.engine(engine)
     for name in ("row", "element", "full4", "resumed"):
         one, two = _info(single, name), _info(sharded, name)
         assert one["trainable"] and all(n.endswith(".delta") for n in one["trainable"])
@@ -371,8 +283,8 @@ def test_only_deltas_train_and_carry_optimizer_state(data, single, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_deltas_off_reference_is_no_second_model(data, single, engine):
-    sharded = _launch(data, engine)
+def test_deltas_off_reference_is_no_second_model(data, single, launches, engine):
+    sharded = launches.engine(engine)
     for folder in (single, sharded):
         assert _info(folder, "row")["reference"] == "DeltasOffReference"  # not wrapped in an engine of its own
         explicit = _info(folder, "element")["reference"]
@@ -380,8 +292,8 @@ def test_deltas_off_reference_is_no_second_model(data, single, engine):
         assert explicit == (wrapped[engine] if folder == sharded else "LlamaForCausalLM")
 
 
-def test_zero3_save_without_gathered_weights_is_refused(data, single):
-    sharded = _launch(data, "zero3")
+def test_zero3_save_without_gathered_weights_is_refused(data, single, launches):
+    sharded = launches.engine("zero3")
     refusal = json.loads((sharded / "not_gathered_refusal.rank0.json").read_text())["refusal"]
     assert refusal is not None and "zero3_save_16bit_model: true" in refusal
     assert not (sharded / "not_gathered" / "model.safetensors").exists()
@@ -401,10 +313,10 @@ def _assert_frozen_rows_identical(merged, initial, mask):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", ("row", "full4", "resumed", "dpo"))
-def test_same_merged_checkpoint(data, single, engine, name):
+def test_same_merged_checkpoint(data, single, launches, engine, name):
     from hf_align.masks import NeuronMask
 
-    sharded = _launch(data, engine)
+    sharded = launches.engine(engine)
     one = load_file(single / name / "final" / "model.safetensors")
     two = load_file(sharded / name / "final" / "model.safetensors")
     initial = _initial(data)
@@ -421,11 +333,11 @@ def test_same_merged_checkpoint(data, single, engine, name):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_same_delta_only_checkpoint(data, single, engine):
+def test_same_delta_only_checkpoint(data, single, launches, engine):
     from hf_align.masks import NeuronMask
     from hf_align.sparse_update import DELTAS_FILE
 
-    sharded = _launch(data, engine)
+    sharded = launches.engine(engine)
     for folder in (single, sharded):
         assert not (folder / "element" / "final" / "model.safetensors").exists()
         assert NeuronMask.load(folder / "element" / "final").masks.keys() == (
@@ -440,8 +352,8 @@ def test_same_delta_only_checkpoint(data, single, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_resume_equals_uninterrupted(data, single, engine):
-    sharded = _launch(data, engine)
+def test_resume_equals_uninterrupted(data, single, launches, engine):
+    sharded = launches.engine(engine)
     for folder in (single, sharded):
         full, resumed = _info(folder, "full4"), _info(folder, "resumed")
         assert full["steps_run"] == 4 and resumed["steps_run"] == 2  # the second trainer really resumed at step 2
@@ -460,8 +372,8 @@ def test_resume_equals_uninterrupted(data, single, engine):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("method", ("gradient", "weight_diff", "gradient_element"))
-def test_mask_accumulation_scores_equal_one_process(data, single, engine, method):
-    sharded = _launch(data, engine)
+def test_mask_accumulation_scores_equal_one_process(data, single, launches, engine, method):
+    sharded = launches.engine(engine)
     folders = [Path(method)] + ([Path(method) / "checkpoint-2"] if method == "weight_diff" else [])
     for folder in folders:
         one = load_file(single / folder / "neuron_scores.safetensors")
@@ -472,8 +384,8 @@ def test_mask_accumulation_scores_equal_one_process(data, single, engine, method
             torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-6, msg=f"{folder}: {key}")
 
 
-def test_zero3_refuses_a_mask_on_lm_head(data, single):
-    sharded = _launch(data, "zero3")
+def test_zero3_refuses_a_mask_on_lm_head(data, single, launches):
+    sharded = launches.engine("zero3")
     for rank in (0, 1):
         refusal = json.loads((sharded / f"lm_head_refusal.rank{rank}.json").read_text())["refusal"]
         assert (
@@ -483,10 +395,10 @@ def test_zero3_refuses_a_mask_on_lm_head(data, single):
 
 
 @pytest.mark.parametrize("engine", ("zero2", "fsdp2"))
-def test_element_mask_on_every_parameter(data, single, engine):
+def test_element_mask_on_every_parameter(data, single, launches, engine):
     from hf_align.masks import NeuronMask
 
-    sharded = _launch(data, engine)
+    sharded = launches.engine(engine)
     one, two = _info(single, "all_element"), _info(sharded, "all_element")
     assert two["num_processes"] == 2 and two["local_numel"] <= two["full_numel"]
     assert two["losses"] == pytest.approx(one["losses"], abs=LOSS_ATOL)
@@ -500,8 +412,8 @@ def test_element_mask_on_every_parameter(data, single, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_merged_state_dict_gathers_on_every_rank(data, single, engine):
-    sharded = _launch(data, engine)
+def test_merged_state_dict_gathers_on_every_rank(data, single, launches, engine):
+    sharded = launches.engine(engine)
     saved = load_file(single / "row" / "final" / "model.safetensors")
     one = load_file(single / "row_merged.rank0.safetensors")
     assert set(one) == set(saved) and all(torch.equal(one[k], saved[k]) for k in saved)

@@ -23,15 +23,12 @@ Tolerances as ``tests/test_sharded.py``: losses 1e-5 abs, weights 5e-5 abs, froz
 
 import json
 import math
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import run_launch
+from launch_helpers import WORKER_PRELUDE, EngineLaunches, read_info
 from safetensors.torch import load_file
-from test_sharded import ACCELERATE_CONFIGS
 
 
 LOSS_ATOL = 1e-5
@@ -39,18 +36,8 @@ WEIGHT_ATOL = 5e-5
 ENGINES = ("zero2", "zero3", "fsdp2")
 PORTS = {"zero2": 29641, "zero3": 29642, "fsdp2": 29643}
 
-WORKER = textwrap.dedent(
+WORKER = WORKER_PRELUDE + textwrap.dedent(
     """
-    import importlib, json, math, os, sys
-
-    import torch
-
-    out, engine, per_device, data = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    torch.set_num_threads(1)
-    if engine.startswith("zero"):  # DeepSpeed's optional shared-memory op: a 4-minute JIT build, not needed
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-    import accelerate
     from datasets import load_from_disk
     from safetensors.torch import save_file
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -80,18 +67,7 @@ WORKER = textwrap.dedent(
             seed=0, lr_scheduler_type="constant", weight_decay=0.1, dataloader_num_workers=0,
         )
         kwargs.update(overrides)
-        args = cls(**kwargs)
-        _ = args.device  # builds the CPU/gloo state
-        if engine == "fsdp2":  # test-only: accelerate enables FSDP only for GPU-like distributed types
-            state = accelerate.state.PartialState._shared_state
-            state["distributed_type"] = accelerate.utils.DistributedType.MULTI_GPU
-        return args
-
-
-    def local_numel(param):
-        if hasattr(param, "ds_tensor"):
-            return param.ds_tensor.numel()
-        return param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+        return on_engine(cls(**kwargs))
 
 
     def record(name, trainer, **extra):
@@ -213,10 +189,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _run(cmd, out):
-    return run_launch(cmd, out, timeout=480, DS_ACCELERATOR="cpu")
-
-
 def _equal_length(dataset, tokenizer, length):
     """Rows whose completion is ``length`` tokens: per-rank token means then equal the one-process mean."""
     return dataset.filter(
@@ -250,31 +222,16 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(data):
-    return _run(
-        [sys.executable, str(data / "worker.py"), str(data / "single"), "single", "4", str(data)], data / "single"
-    )
+def launches(data):
+    return EngineLaunches(data, PORTS, timeout=480)
 
 
-_launched: dict[str, Path] = {}
+@pytest.fixture(scope="module")
+def single(launches):
+    return launches.single()
 
 
-def _launch(data, engine):
-    if engine not in _launched:
-        if engine.startswith("zero"):
-            import deepspeed  # noqa: F401  -- a dev dependency: a missing DeepSpeed fails these tests
-
-        config = data / f"{engine}.yaml"
-        config.write_text(textwrap.dedent(ACCELERATE_CONFIGS[engine]))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-        cmd += ["--main_process_port", str(PORTS[engine]), str(data / "worker.py")]
-        cmd += [str(data / engine), engine, "2", str(data)]
-        _launched[engine] = _run(cmd, data / engine)
-    return _launched[engine]
-
-
-def _info(folder, name, rank=0):
-    return json.loads((folder / f"{name}.rank{rank}.json").read_text())
+_info = read_info
 
 
 NPO_RUN = ("npo_seq", "npo_token", "simnpo", "npo_retain", "npo_kl")  # every engine
@@ -288,8 +245,8 @@ def _configs(engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_really_ran_sharded(data, single, engine):
-    sharded = _launch(data, engine)
+def test_really_ran_sharded(data, single, launches, engine):
+    sharded = launches.engine(engine)
     for name in _configs(engine):
         one = _info(single, name)
         assert one["num_processes"] == 1 and one["distributed_type"] == "DistributedType.NO", (name, one)
@@ -312,8 +269,8 @@ def test_really_ran_sharded(data, single, engine):
     "engine, name",
     [(e, n) for e in ENGINES for n in _configs(e) if n != "adaptive_merge"],  # its own test
 )
-def test_same_losses(data, single, engine, name):
-    sharded = _launch(data, engine)
+def test_same_losses(data, single, launches, engine, name):
+    sharded = launches.engine(engine)
     one, two = _info(single, name), _info(sharded, name)
     assert two["steps"] == one["steps"] and len(one["losses"]) >= 3
     assert two["losses"] == pytest.approx(one["losses"], abs=LOSS_ATOL)
@@ -340,10 +297,10 @@ def _assert_same_weights(one, two, initial=None, mask=None):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_npo_same_weights_frozen_entries_identical(data, single, engine):
+def test_npo_same_weights_frozen_entries_identical(data, single, launches, engine):
     from hf_align.masks import NeuronMask
 
-    sharded = _launch(data, engine)
+    sharded = launches.engine(engine)
     initial = load_file(data / "model" / "model.safetensors")
     masks = {"npo_seq": "row_mask", "npo_token": "row_mask", "simnpo": "element_mask", "npo_mask_retain": "row_mask"}
     for name in (n for n in _configs(engine) if n.startswith(("npo", "simnpo"))):
@@ -354,8 +311,8 @@ def test_npo_same_weights_frozen_entries_identical(data, single, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_npo_reference_precomputed_sharded(data, single, engine):
-    sharded = _launch(data, engine)
+def test_npo_reference_precomputed_sharded(data, single, launches, engine):
+    sharded = launches.engine(engine)
     for name in ("npo_seq", "npo_retain", "npo_mask_retain"):
         if name not in _configs(engine):
             continue
@@ -371,8 +328,8 @@ def test_npo_reference_precomputed_sharded(data, single, engine):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", ("aligner_sft", "aligner_dpo"))
-def test_aligner_one_token_parameter_and_same_tokens(data, single, engine, name):
-    sharded = _launch(data, engine)
+def test_aligner_one_token_parameter_and_same_tokens(data, single, launches, engine, name):
+    sharded = launches.engine(engine)
     expected = ["base_model.model.model.layers.0.self_attn.aligner_tokens.default.weight"]
     assert _info(single, name)["token_params"] == expected
     for rank in (0, 1):
@@ -389,8 +346,8 @@ def test_aligner_one_token_parameter_and_same_tokens(data, single, engine, name)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_feedback_pool_identical_and_training_equal(data, single, engine):
-    sharded = _launch(data, engine)
+def test_feedback_pool_identical_and_training_equal(data, single, launches, engine):
+    sharded = launches.engine(engine)
     pool = _info(single, "feedback")["pool"]
     assert len(pool) == 16 and len({row[1] for row in pool}) > 1
     for rank in (0, 1):
@@ -400,8 +357,8 @@ def test_feedback_pool_identical_and_training_equal(data, single, engine):
     _assert_same_weights(one, two, load_file(data / "model" / "model.safetensors"))
 
 
-def test_adaptive_merge_zero2_equal(data, single):
-    sharded = _launch(data, "zero2")
+def test_adaptive_merge_zero2_equal(data, single, launches):
+    sharded = launches.engine("zero2")
     one, two = _info(single, "adaptive_merge"), _info(sharded, "adaptive_merge")
     assert two["losses"] == pytest.approx(one["losses"], abs=LOSS_ATOL) and len(one["losses"]) == 3
     assert two["alphas"] == pytest.approx(one["alphas"], abs=WEIGHT_ATOL)
@@ -411,8 +368,8 @@ def test_adaptive_merge_zero2_equal(data, single):
 
 
 @pytest.mark.parametrize("engine", ("zero3", "fsdp2"))
-def test_adaptive_merge_refused_under_parameter_sharding(data, single, engine):
-    sharded = _launch(data, engine)
+def test_adaptive_merge_refused_under_parameter_sharding(data, single, launches, engine):
+    sharded = launches.engine(engine)
     setup = {"zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP"}[engine]
     for rank in (0, 1):
         refusal = json.loads((sharded / f"adaptive_refusal.rank{rank}.json").read_text())["refusal"]
@@ -420,16 +377,16 @@ def test_adaptive_merge_refused_under_parameter_sharding(data, single, engine):
         assert "DDP or DeepSpeed ZeRO-2" in refusal
 
 
-def test_zero3_refuses_a_mask_with_a_retain_set(data, single):
-    sharded = _launch(data, "zero3")
+def test_zero3_refuses_a_mask_with_a_retain_set(data, single, launches):
+    sharded = launches.engine("zero3")
     for rank in (0, 1):
         refusal = json.loads((sharded / f"npo_mask_retain_refusal.rank{rank}.json").read_text())["refusal"]
         assert refusal is not None and "DeepSpeed ZeRO-3 cannot train a neuron mask with a retain set" in refusal
         assert "Use ZeRO-2 or FSDP2" in refusal
 
 
-def test_zero3_refuses_to_add_quantile_tokens(data, single):
-    sharded = _launch(data, "zero3")
+def test_zero3_refuses_to_add_quantile_tokens(data, single, launches):
+    sharded = launches.engine("zero3")
     for rank in (0, 1):
         refusal = json.loads((sharded / f"quantile_tokens_refusal.rank{rank}.json").read_text())["refusal"]
         assert refusal is not None and "cannot be added under DeepSpeed ZeRO-3" in refusal
