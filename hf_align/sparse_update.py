@@ -421,12 +421,27 @@ def merged_state_dict(
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # on every rank
         return _merged_from_state_dict(model, full)
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: gather every parameter (a collective), merge live
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            return {key: value.clone() for key, value in _merged_live(model).items()}
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: gathered module by module (collectives)
+        return _merged_from_state_dict(model, _zero3_full_state_dict(model))
     return _merged_live(model)
+
+
+def _zero3_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full value, gathered one module at a time: the peak is the result plus one module's
+    parameters, not the whole model gathered at once next to its copy (a 70B model on every rank twice)."""
+    import deepspeed
+
+    full: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([param for _, param in own]):
+            for name, param in own:
+                full[f"{module_name}.{name}" if module_name else name] = param.detach().clone()
+    for key, value in model.state_dict().items():  # buffers (never partitioned)
+        full.setdefault(key, value.detach())
+    return full
 
 
 def _merged_live(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """What only a GPU can break (skipped without CUDA): bf16 delta dtypes, the 4-bit row path on CUDA kernels, no
-host synchronisation in the row-delta hot path, and equality with the CPU result."""
+host synchronisation in the delta hot path (the in-place add and restore), and equality with the CPU result."""
 
 import copy
 
@@ -38,9 +38,16 @@ def test_bf16_base_with_bf16_or_fp32_deltas_matches_its_merged_weights(delta_dty
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=2e-2, rtol=2e-2)
 
 
-def test_row_delta_hot_path_never_synchronises_with_the_host():
+@pytest.mark.parametrize("granularity", ["row", "element"])
+def test_delta_hot_path_never_synchronises_and_leaves_the_base_bit_identical(granularity):
+    """The fused function adds the delta to W in place around each GEMM and copies the entries back (stream-ordered
+    kernels, no host round trip); W must come out bit-identical."""
+    from hf_align.architectures import ROW_TARGET
+
     model = _tiny().to("cuda")
-    attach_deltas(model, NeuronMask.random(model, 0.1, "row", seed=0))
+    attach_deltas(model, NeuronMask.random(model, 0.1, granularity, target=ROW_TARGET, seed=0))
+    _randomize_deltas(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".original")}
     ids = torch.randint(0, 128, (2, 16), device="cuda")
     model(ids).logits.sum().backward()  # warm-up: lazy init may sync once
     torch.cuda.set_sync_debug_mode("error")
@@ -48,6 +55,7 @@ def test_row_delta_hot_path_never_synchronises_with_the_host():
         model(ids).logits.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert frozen and all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
 def test_cuda_forward_and_delta_gradients_equal_the_cpu_result():
