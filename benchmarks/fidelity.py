@@ -12,6 +12,8 @@ fewer steps and prompts (CI smoke, < 2 min). Sections:
   plain NLL ascent written out here, NPO's β → 0 limit).
 * **AMA**: linear α ∈ {0, .2, …, 1} between the start model (α = 1) and the DPO model (α = 0) through
   ``hf_align.merging.merge_models``: reward vs retain perplexity (the Pareto plot).
+* **adapters** (Aligner vs its paper's baselines, one budget for all): ``benchmarks/fidelity_adapters.py``, run once
+  after the seeds (it sweeps lrs and runs its own seeds); it also runs alone, and ``--rewrite`` merges its JSON.
 
 Metrics come from :mod:`hf_align.evaluation` (the ``hf-align eval`` functions): mean reward of one
 temperature-1 sample per prompt (fixed prompts and sampling seed for every model), win rate and KL
@@ -39,6 +41,23 @@ from hf_align.testbed.evaluation import eval_prompts
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def adapters_module():
+    """``benchmarks/fidelity_adapters.py`` (the adapters section), loaded by path: ``benchmarks`` is not a package."""
+    import importlib.util
+    import sys
+
+    if "fidelity_adapters" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "fidelity_adapters", Path(__file__).with_name("fidelity_adapters.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fidelity_adapters"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fidelity_adapters"]
+
+
 ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -47,12 +66,12 @@ def settings(quick: bool) -> dict:
         return dict(
             seeds=[0], num_pairs=256, warmup_steps=8, dpo_steps=20, npo_steps=10, npo_eval_every=5,
             eval_prompts=64, retain_rows=32, alphas=(0.0, 0.5, 1.0), fb_iterations=1, fb_steps=10, fb_prompts=32,
-            allo_forget_steps=5, allo_forget_lr=2e-4, sft_steps=10, ama_prompts=64, ama_steps=5, ama_lr=5e-2,
+            allo_forget_steps=5, allo_forget_lr=2e-4, ama_prompts=64, ama_steps=5, ama_lr=5e-2,
         )  # fmt: skip
     return dict(
         seeds=[0, 1, 2], num_pairs=512, warmup_steps=20, dpo_steps=60, npo_steps=40, npo_eval_every=5,
         eval_prompts=256, retain_rows=128, alphas=ALPHAS, fb_iterations=4, fb_steps=150, fb_prompts=256,
-        allo_forget_steps=20, allo_forget_lr=2e-4, sft_steps=60, ama_prompts=512, ama_steps=60, ama_lr=5e-2,
+        allo_forget_steps=20, allo_forget_lr=2e-4, ama_prompts=512, ama_steps=60, ama_lr=5e-2,
     )  # fmt: skip
 
 
@@ -305,63 +324,6 @@ def ama_variants(tb, evaluator, dpo_model, seed: int, cfg: dict, tmp: str) -> li
     return points
 
 
-def train_adapter(tb, evaluator, data, seed: int, cfg: dict, out: str, peft_config, lr: float) -> dict:
-    """The Aligner paper's two stages on a PEFT adapter (``peft_config=None``: the full model, the baseline): SFT on
-    correct answers, then DPO with the SFT model as the reference. Returns the evaluation after each stage and the
-    trainable parameter count."""
-    from peft import get_peft_model
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
-    import hf_align  # noqa: F401  (registers Aligner with PEFT)
-    from hf_align.trainers._model_copy import independent_copy
-
-    torch.manual_seed(seed)
-    model = copy.deepcopy(tb.model)
-    if peft_config is not None:
-        model = get_peft_model(model, copy.deepcopy(peft_config))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sft_args = SFTConfig(
-        output_dir=f"{out}/sft", per_device_train_batch_size=16, max_steps=cfg["sft_steps"], learning_rate=lr,
-        lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, gradient_checkpointing=False, seed=seed, disable_tqdm=True,
-    )  # fmt: skip
-    sft_data = tb.sft_dataset(cfg["num_pairs"], seed=200 + seed)
-    SFTTrainer(model=model, args=sft_args, train_dataset=sft_data, processing_class=tb.tokenizer).train()
-    after_sft = evaluator(model.eval())
-    sft_forget = evaluator.forget(model)["forget_rate"]  # the SFT data has no " ugh": a style the adapter can change
-    # Given a PeftModel and no ref_model, TRL freezes a copy of the trained adapter as "ref": the SFT model.
-    reference = None if peft_config is not None else independent_copy(model)
-    config = DPOConfig(learning_rate=lr, **_dpo_common(f"{out}/dpo", cfg["dpo_steps"], seed))
-    trainer = DPOTrainer(
-        model=model, ref_model=reference, args=config, train_dataset=data, processing_class=tb.tokenizer
-    )
-    trainer.train()
-    after_dpo = evaluator(trainer.model.eval())
-    after_dpo["forget_rate"] = evaluator.forget(trainer.model)["forget_rate"]
-    return {
-        "trainable_params": trainable, "learning_rate": lr, "sft_mean_reward": after_sft["mean_reward"],
-        "sft_perplexity": after_sft["perplexity"], "sft_forget_rate": sft_forget, **after_dpo,
-    }  # fmt: skip
-
-
-def adapters(tb, evaluator, data, seed: int, cfg: dict, tmp: str) -> dict:
-    from peft import LoraConfig
-
-    from hf_align.peft_tuners import AlignerConfig
-
-    configs = {
-        "aligner_n1": (AlignerConfig(num_tokens=1, task_type="CAUSAL_LM"), 1e-2),
-        "aligner_n10": (AlignerConfig(num_tokens=10, task_type="CAUSAL_LM"), 1e-2),
-        "lora_r8": (LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), 2e-3),
-        "full_model": (None, 5e-4),
-    }
-    out = {}
-    for name, (config, lr) in configs.items():
-        out[name] = train_adapter(tb, evaluator, data, seed, cfg, f"{tmp}/{name}", config, lr)
-        print(f"  seed {seed} {name}: {out[name]}", flush=True)
-    return out
-
-
 def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
     """Quark-style quantile feedback: reward of samples conditioned on the best vs the worst bin, per iteration.
 
@@ -444,14 +406,6 @@ def summarize(runs: list[dict]) -> dict:
             }
             for i, s in enumerate(steps)
         ]
-    if "adapters" in runs[0]:
-        summary["adapters"] = {
-            m: {
-                k: _mean_std([r["adapters"][m][k] for r in runs])
-                for k in ("sft_mean_reward", "sft_forget_rate", "mean_reward", "kl", "perplexity", "trainable_params")
-            }
-            for m in runs[0]["adapters"]
-        }
     if "ama_variants" in runs[0]:
         summary["ama_variants"] = {
             p["name"]: {
@@ -668,35 +622,8 @@ def markdown(report: dict, suffix: str) -> str:
             learned = point.get("block_alphas", "–")
             name = point["name"].replace("|", "\\|")  # a Markdown table cell
             lines.append(f"| {name} | {point['mean_alpha']:g} | " + " | ".join(vals) + f" | {learned} |")
-    if "adapters" in summary:
-        start = summary["ablation"]["start"]["mean_reward"][0]
-        forget0 = summary["npo"]["npo"][0]["forget_rate"][0]
-        lines += [
-            "",
-            "## Aligner vs LoRA vs the full model (SFT, then DPO)",
-            "",
-            f"The Aligner paper's two stages on a PEFT adapter: `trl.SFTTrainer` on {cfg['num_pairs']} correct answers "
-            f"({cfg['sft_steps']} steps), then `trl.DPOTrainer` ({cfg['dpo_steps']} steps, batch 16, β = 0.1, same "
-            f"pairs as above) with a frozen copy of the SFT model as the reference; `full_model` trains every weight "
-            f"(the baseline the adapters are measured against). Start-model reward {start:.3f}, "
-            f"` ugh` rate {forget0:.3f}. The SFT answers never end in ` ugh`: dropping it is a change of style, what the "
-            "Aligner paper says a few global tokens can carry; getting the digits right is knowledge.",
-            "",
-            "| adapter | trainable params | lr | reward after SFT | ` ugh` rate after SFT | reward after DPO | "
-            "KL(policy‖start) | retain perplexity |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for m, v in summary["adapters"].items():
-            cells = [
-                f"{int(v['trainable_params'][0]):,}",
-                f"{runs[0]['adapters'][m]['learning_rate']:g}",
-                _fmt([r["adapters"][m]["sft_mean_reward"] for r in runs]),
-                _fmt([r["adapters"][m]["sft_forget_rate"] for r in runs]),
-                _fmt([r["adapters"][m]["mean_reward"] for r in runs]),
-                _fmt([r["adapters"][m]["kl"] for r in runs], 2),
-                _fmt([r["adapters"][m]["perplexity"] for r in runs], 2),
-            ]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if report.get("adapters"):
+        lines += ["", *adapters_module().markdown(report["adapters"])]
     if "feedback" in summary:
         lines += [
             "",
@@ -723,10 +650,6 @@ def markdown(report: dict, suffix: str) -> str:
         "- Learning rates are untuned beyond what the text says; the budgets are minutes on CPU, far below the papers'.",
         "- NPO and gradient ascent run without a retain term (the NPO paper usually adds one), to compare the losses "
         "alone.",
-        "- Adapters: at these learning rates and 60 SFT steps neither Aligner nor PEFT's own LoRA moves the reward or "
-        "the ` ugh` rate, while full fine-tuning removes the suffix; so the budget, not the Aligner implementation, is "
-        "what stops the adapters here (LoRA at lr 1e-2 diverged in a one-seed try). The Aligner paper's effect is "
-        "**not** demonstrated on this testbed.",
         "- Feedback conditioning puts a new token in front of every prompt, a context the tiny testbed model never saw: "
         "alone it lowers the reward (~0.37 → ~0.24 untrained), so the loop first wins that back. Shorter runs "
         "(≤ 100 steps per iteration, pools of a few hundred samples) end *below* the start model.",
@@ -818,23 +741,6 @@ def findings(summary: dict, num_seeds: int) -> list[str]:
         )
     else:
         out.append("- NPO does **not** keep a lower retain perplexity than gradient ascent at the last step.")
-    if "adapters" in summary:
-        ad = summary["adapters"]
-        out.append(
-            "- Adapters, reward after SFT → after DPO: "
-            + ", ".join(
-                f"{m} {v['sft_mean_reward'][0]:.3f} → {v['mean_reward'][0]:.3f} with {int(v['trainable_params'][0]):,} "
-                "params"
-                for m, v in ad.items()
-            )
-            + f" (full DPO {r('dpo'):.3f}, start {r('start'):.3f})."
-        )
-        forget0 = summary["npo"]["npo"][0]["forget_rate"][0]
-        out.append(
-            f"- Style (the ` ugh` suffix, {forget0:.3f} at the start) after SFT on answers without it: "
-            + ", ".join(f"{m} {v['sft_forget_rate'][0]:.3f} ± {v['sft_forget_rate'][1]:.3f}" for m, v in ad.items())
-            + "."
-        )
     if "feedback" in summary:
         fb = summary["feedback"]
         start, best, worst = fb[0]["reward_bare"], fb[-1]["reward_best"], fb[-1]["reward_worst"]
@@ -944,8 +850,6 @@ def run_seed(tb, evaluator, seed: int, cfg: dict, tmp: str) -> dict:
     )
     result["ama"] = timed("ama", lambda: ama_sweep(tb, evaluator, dpo, cfg["alphas"], tmp))
     result["ama_variants"] = timed("ama_variants", lambda: ama_variants(tb, evaluator, dpo, seed, cfg, tmp))
-    if "adapters" in cfg["sections"]:
-        result["adapters"] = timed("adapters", lambda: adapters(tb, evaluator, data, seed, cfg, tmp))
     if "feedback" in cfg["sections"]:
         result["feedback"] = timed("feedback", lambda: feedback_quantile(tb, evaluator, seed, cfg, f"{tmp}/feedback"))
     result["timings_s"]["total"] = round(time.time() - t0, 1)
@@ -971,9 +875,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.rewrite:
         from hf_align.io import read_json
 
-        old = read_json(RESULTS / f"fidelity{'_quick' if args.quick else ''}.json")
+        suffix = "_quick" if args.quick else ""
+        old = read_json(RESULTS / f"fidelity{suffix}.json")
+        for run in old["runs"]:
+            run.pop("adapters", None)  # the per-seed adapters section this file no longer has
+        section = RESULTS / f"fidelity_adapters{suffix}.json"  # the adapters section's own, newest result
+        adapters = read_json(section) if section.exists() else old.get("adapters")
+        if adapters:
+            adapters = adapters_module().refresh(adapters)  # summary and text from the runs
         report = write_report(
-            old["runs"], old["settings"], args.quick, time.time() - old["wall_s"], old["torch_threads"]
+            old["runs"], old["settings"], args.quick, time.time() - old["wall_s"], old["torch_threads"], adapters
         )
         print(report["markdown"])
         return 0
@@ -993,6 +904,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
             runs.append(run_seed(tb, evaluator, seed, cfg, tmp))
         report = write_report(runs, cfg, args.quick, start)  # after every seed: a killed run keeps what it has
+    if "adapters" in cfg["sections"]:
+        adapters = adapters_module().run_section(args.quick, RESULTS, seeds=args.seeds)
+        report = write_report(runs, cfg, args.quick, start, adapters=adapters)
     print(report["markdown"])
     print(
         f"wrote {RESULTS}/fidelity{'_quick' if args.quick else ''}.json and .md in {(time.time() - start) / 60:.1f} min"
@@ -1000,7 +914,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(math.isfinite(v["mean_reward"][0]) for v in report["summary"]["ablation"].values()) else 1
 
 
-def write_report(runs: list[dict], cfg: dict, quick: bool, start: float, threads: int | None = None) -> dict:
+def write_report(
+    runs: list[dict], cfg: dict, quick: bool, start: float, threads: int | None = None, adapters: dict | None = None
+) -> dict:
     summary = summarize(runs)
     suffix = "_quick" if quick else ""
     args = argparse.Namespace(quick=quick)
@@ -1015,6 +931,10 @@ def write_report(runs: list[dict], cfg: dict, quick: bool, start: float, threads
         "wall_s": time.time() - start,
     }
     report["plots"] = plots(summary, suffix)
+    if adapters:
+        report["adapters"] = adapters
+        adapters_module().plot(adapters, RESULTS / adapters["plot"])
+        report["plots"].append(adapters["plot"])
     report["seeds_completed"] = [r["seed"] for r in runs]
     write_json(RESULTS / f"fidelity{suffix}.json", report)
     text = markdown(report, suffix)

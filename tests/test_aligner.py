@@ -1,5 +1,6 @@
 """Aligner as a PEFT tuner: mechanism against the paper's formula, PEFT integration, generation, quantisation."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -240,6 +241,24 @@ def test_disable_adapter_restores_base(tokenizer):
         torch.testing.assert_close(_logits(peft_model, batch), expected, atol=0, rtol=0)
     torch.testing.assert_close(_logits(peft_model, batch), adapted, atol=0, rtol=0)
     assert (adapted - expected).abs().max() > 1e-3
+
+
+def test_deepcopy_is_an_equal_independent_model(tokenizer):
+    """A frozen reference is often a deepcopy of the policy (trl.create_reference_model, the fidelity benchmark's
+    DPO): the copy gives the same logits, and every adapted layer of the copy reads the copy's own global tokens."""
+    model = get_peft_model(load_random_tiny("llama"), AlignerConfig(num_tokens=2))
+    _perturb_gates(model)
+    batch = _batch(tokenizer)
+    expected = _logits(model, batch)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(_logits(clone, batch), expected, atol=0, rtol=0)
+    layers = [m for m in clone.modules() if isinstance(m, AlignerAttention)]
+    tokens = layers[0].aligner_tokens
+    assert len(layers) == 2 and all(layer.aligner_token_source["default"] is tokens for layer in layers)
+    with torch.no_grad():
+        tokens["default"].weight.add_(1.0)
+    torch.testing.assert_close(_logits(model, batch), expected, atol=0, rtol=0)
+    assert (_logits(clone, batch) - expected).abs().max() > 1e-3
 
 
 def test_two_named_adapters_set_adapter_and_roundtrip(tmp_path, tokenizer):

@@ -148,7 +148,6 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
         self.aligner_gate = nn.ModuleDict({})  # adapter -> AlignerGate
         self.aligner_token_source: dict[str, nn.ModuleDict] = {}  # adapter -> the owner's aligner_tokens
         self._spec = spec
-        self._modeling: ModuleType = sys.modules[type(base_layer).__module__]
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -170,6 +169,12 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
         if token_owner is not self:
             _register_zero3_external(self, token_owner.aligner_tokens[adapter_name].weight)
         self.set_adapter(self.active_adapters)
+
+    @property
+    def _modeling(self) -> ModuleType:
+        """The wrapped attention's modeling module (RoPE, attention functions), looked up rather than stored: a module
+        object in the instance would make the layer impossible to deepcopy or pickle (a frozen reference copy)."""
+        return sys.modules[type(self.base_layer).__module__]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError("Aligner adds attention to learned tokens; it cannot be merged into base weights.")
