@@ -5,13 +5,15 @@ median reported) on the ~6M ("medium"), ~50M ("full") and ~190M ("large") Llama 
 answers) and batch, with a live reference. Writes ``benchmarks/results/scaling.json`` and ``scaling.png`` (step time,
 step time relative to LoRA, peak RSS and trainable + optimizer bytes against the parameter count).
 
-    python benchmarks/scaling.py                 # ~30 minutes on 2 cores
+    python benchmarks/scaling.py                 # 3 repeats, 2 threads
+    BENCH_THREADS=1 python benchmarks/scaling.py --repeats 2 --steps 2   # the committed results: ~16 minutes
     python benchmarks/scaling.py --sizes medium --repeats 1 --steps 1   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -30,7 +32,7 @@ LABELS = {
 DIGITS = 95  # the default benchmark's answers: the same tokens per step at every size
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, threads: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,7 +70,9 @@ def plot(results: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].axhline(1.0, color="grey", lw=0.8)
     axes[0].legend(fontsize=8)
-    fig.suptitle("DPO step on 2 CPU cores, batch 4 pairs, same tokens per step (bars: min-max over repeats)")
+    fig.suptitle(
+        f"DPO step on CPU, {threads} thread(s), batch 4 pairs, same tokens per step (bars: min-max over repeats)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -79,7 +83,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration and size (median reported)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after two warm-up steps)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the existing JSON")
     args = parser.parse_args()
+    out = Path(args.output)
+    if args.plot_only:
+        record = json.loads(out.read_text())
+        plot(record["results"], out.with_suffix(".png"), record["load_average"]["before"]["threads"])
+        return
     load_before = load_record()
     results = []
     for size in args.sizes:
@@ -93,7 +103,6 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from hf_align.io import write_json
 
-    out = Path(args.output)
     print(f"{'size':8} {'config':20} {'params M':>9} {'s/step':>8} {'xLoRA':>6} {'RSS MB':>8} {'train+opt MB':>12}")
     for r in results:
         if "error" in r:
@@ -113,7 +122,7 @@ def main() -> None:
         "results": results,
     }
     write_json(out, record)
-    plot(results, out.with_suffix(".png"))
+    plot(results, out.with_suffix(".png"), load_before["threads"])
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
