@@ -19,11 +19,10 @@ __all__ = [
     "CheckedConfig",
     "HFAlignTrainerMixin",
     "TokenWeightArguments",
+    "global_token_count",
     "load_model",
     "prepare_reference",
     "resolve_args",
-    "tokens_per_process",
-    "global_token_count",
     "upgrade_collator",
 ]
 
@@ -109,23 +108,12 @@ def load_policy_and_reference(model, ref_model, args, load_policy: bool, trainer
     return model, ref_model
 
 
-def tokens_per_process(trainer, count: int) -> float:
+def global_token_count(trainer, selected):
     """What one process divides its summed per-token loss by, so that the engines' average over processes is the
     mean over the tokens of *every* process: the one-process mean at the same global batch. That is the global
-    count / the number of processes (``average_tokens_across_devices``, as transformers does for its own losses);
-    the local ``count`` with one process or with that option off."""
-    accelerator = trainer.accelerator
-    if accelerator.num_processes == 1 or not getattr(trainer.args, "average_tokens_across_devices", False):
-        return float(max(count, 1))
-    import torch
-
-    total = accelerator.gather(torch.tensor([float(count)], device=accelerator.device)).sum().item()
-    return max(total, 1.0) / accelerator.num_processes
-
-
-def global_token_count(trainer, selected):
-    """:func:`tokens_per_process` for a boolean/0-1 tensor of the tokens a loss averages over, as a tensor (no host
-    synchronisation); None with one process, where the loss divides by its own count."""
+    count of nonzero entries of ``selected`` / the number of processes (``average_tokens_across_devices``, as
+    transformers does for its own losses), a tensor (no host synchronisation). None with one process or with that
+    option off: the loss then divides by its own local count."""
     accelerator = trainer.accelerator
     if accelerator.num_processes == 1 or not getattr(trainer.args, "average_tokens_across_devices", False):
         return None

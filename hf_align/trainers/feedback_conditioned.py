@@ -57,7 +57,7 @@ from hf_align.rewards import (
     reward_name,
     score_completions,
 )
-from hf_align.trainers._base import CheckedConfig, HFAlignTrainerMixin, prepare_reference, tokens_per_process
+from hf_align.trainers._base import CheckedConfig, HFAlignTrainerMixin, global_token_count, prepare_reference
 from hf_align.trainers._model_copy import reference_copy
 
 
@@ -607,7 +607,8 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         mask = labels != -100
         logps = F.log_softmax(logits[:, :-1].float(), dim=-1)[mask]  # (generation tokens, vocab)
         targets = labels[mask]
-        num_tokens = tokens_per_process(self, int(targets.numel()))  # every process's tokens: as one process
+        count = global_token_count(self, mask)  # every process's tokens: as one process
+        num_tokens = count if count is not None else max(targets.numel(), 1)
         nll = -logps.gather(-1, targets[:, None]).squeeze(-1).sum() / num_tokens
         loss = nll
         mode = "train" if model.training else "eval"
