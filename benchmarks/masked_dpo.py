@@ -74,8 +74,8 @@ def make_trainer(name: str, size: str, precompute: bool, steps: int, callbacks: 
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     spec = dict(SIZES[size])
-    digits = digits or spec.pop("digits")
-    spec.pop("digits", None)
+    size_digits = spec.pop("digits")
+    digits = digits or size_digits
     tokenizer = testbed.load_tokenizer()
     model = testbed.load_random_tiny("llama", **spec)
     model.config.max_position_embeddings = 512

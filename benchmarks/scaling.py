@@ -98,7 +98,6 @@ def main() -> None:
             row["size"] = size
             if "error" not in row:
                 row["train_opt_mb"] = (row["trainable_bytes"] + row["optimizer_state_bytes"]) / 2**20
-                row["train_opt_mb_repeats"] = [row["train_opt_mb"]]
         results += rows
     sys.path.insert(0, str(ROOT))
     from hf_align.io import write_json

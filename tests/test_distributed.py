@@ -100,22 +100,15 @@ WORKER = textwrap.dedent(
     trainer.train()
     dump("masked_dpo", trainer, merged_state_dict(trainer.accelerator.unwrap_model(trainer.model)))
 
-    m = model()
-    trainer = NPOTrainer(
-        m, ref_model=copy.deepcopy(m), args=NPOConfig(output_dir=f"{out_dir}/npo", npo_level="sequence", **common),
-        train_dataset=testbed.forget_dataset(12, seed=0), processing_class=tok,
-    )
-    trainer.train()
-    dump("npo", trainer, trainer.accelerator.unwrap_model(trainer.model).state_dict())
-
-    # token level: the completions differ in length, so the two ranks see different token counts per step
-    m = model()
-    trainer = NPOTrainer(
-        m, ref_model=copy.deepcopy(m), args=NPOConfig(output_dir=f"{out_dir}/npo_token", npo_level="token", **common),
-        train_dataset=testbed.forget_dataset(12, seed=0), processing_class=tok,
-    )
-    trainer.train()
-    dump("npo_token", trainer, trainer.accelerator.unwrap_model(trainer.model).state_dict())
+    # NPO at both levels; the completions differ in length, so at token level the ranks count different tokens
+    for name, level in (("npo", "sequence"), ("npo_token", "token")):
+        m = model()
+        trainer = NPOTrainer(
+            m, ref_model=copy.deepcopy(m), args=NPOConfig(output_dir=f"{out_dir}/{name}", npo_level=level, **common),
+            train_dataset=testbed.forget_dataset(12, seed=0), processing_class=tok,
+        )
+        trainer.train()
+        dump(name, trainer, trainer.accelerator.unwrap_model(trainer.model).state_dict())
 
     m = model()
     callback = MaskAccumulationCallback(method="gradient", granularity="row", save_to_checkpoints=False)

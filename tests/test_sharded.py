@@ -28,7 +28,6 @@ optimizer-state elements than trainable elements). FSDP on CPU needs accelerate'
 DeepSpeed is a dev dependency: if it cannot be imported these tests fail.
 """
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -294,7 +293,7 @@ def test_deltas_off_reference_is_no_second_model(data, single, launches, engine)
 
 def test_zero3_save_without_gathered_weights_is_refused(data, single, launches):
     sharded = launches.engine("zero3")
-    refusal = json.loads((sharded / "not_gathered_refusal.rank0.json").read_text())["refusal"]
+    refusal = _info(sharded, "not_gathered_refusal")["refusal"]
     assert refusal is not None and "zero3_save_16bit_model: true" in refusal
     assert not (sharded / "not_gathered" / "model.safetensors").exists()
 
@@ -387,7 +386,7 @@ def test_mask_accumulation_scores_equal_one_process(data, single, launches, engi
 def test_zero3_refuses_a_mask_on_lm_head(data, single, launches):
     sharded = launches.engine("zero3")
     for rank in (0, 1):
-        refusal = json.loads((sharded / f"lm_head_refusal.rank{rank}.json").read_text())["refusal"]
+        refusal = _info(sharded, "lm_head_refusal", rank)["refusal"]
         assert (
             refusal is not None and "DeepSpeed ZeRO-3 cannot train neuron deltas on the output embeddings" in refusal
         )

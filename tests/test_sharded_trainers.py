@@ -21,7 +21,6 @@ average per rank (``docs/distributed.md``, known non-equivalences), which equals
 Tolerances as ``tests/test_sharded.py``: losses 1e-5 abs, weights 5e-5 abs, frozen entries bit-identical.
 """
 
-import json
 import math
 import textwrap
 
@@ -372,7 +371,7 @@ def test_adaptive_merge_refused_under_parameter_sharding(data, single, launches,
     sharded = launches.engine(engine)
     setup = {"zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP"}[engine]
     for rank in (0, 1):
-        refusal = json.loads((sharded / f"adaptive_refusal.rank{rank}.json").read_text())["refusal"]
+        refusal = _info(sharded, "adaptive_refusal", rank)["refusal"]
         assert refusal is not None and f"AdaptiveMergeTrainer cannot run under {setup}" in refusal
         assert "DDP or DeepSpeed ZeRO-2" in refusal
 
@@ -380,7 +379,7 @@ def test_adaptive_merge_refused_under_parameter_sharding(data, single, launches,
 def test_zero3_refuses_a_mask_with_a_retain_set(data, single, launches):
     sharded = launches.engine("zero3")
     for rank in (0, 1):
-        refusal = json.loads((sharded / f"npo_mask_retain_refusal.rank{rank}.json").read_text())["refusal"]
+        refusal = _info(sharded, "npo_mask_retain_refusal", rank)["refusal"]
         assert refusal is not None and "DeepSpeed ZeRO-3 cannot train a neuron mask with a retain set" in refusal
         assert "Use ZeRO-2 or FSDP2" in refusal
 
@@ -388,6 +387,6 @@ def test_zero3_refuses_a_mask_with_a_retain_set(data, single, launches):
 def test_zero3_refuses_to_add_quantile_tokens(data, single, launches):
     sharded = launches.engine("zero3")
     for rank in (0, 1):
-        refusal = json.loads((sharded / f"quantile_tokens_refusal.rank{rank}.json").read_text())["refusal"]
+        refusal = _info(sharded, "quantile_tokens_refusal", rank)["refusal"]
         assert refusal is not None and "cannot be added under DeepSpeed ZeRO-3" in refusal
         assert "use `quantile_words`" in refusal
