@@ -499,9 +499,10 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             live = ref_column is None
             ref = self._reference_log_probs(inputs).to(logps) if live else ref_column[:, 1:].to(logps) * completion
             per_example, logratio = npo_sequence_loss(logps, ref, weights, args.beta)
-            token_level = args.npo_level == "token"
-            count = global_token_count(self, weights) if token_level else None  # one process: None
-            forget_loss = npo_token_loss(logps, ref, weights, args.beta, count) if token_level else per_example.mean()
+            if args.npo_level == "token":  # divided by every process's weighted tokens
+                forget_loss = npo_token_loss(logps, ref, weights, args.beta, global_token_count(self, weights))
+            else:
+                forget_loss = per_example.mean()
             metrics["forget/logratio"] = logratio.detach().mean()
         loss = forget_loss
         if mode == "train" and self.retain_dataset is not None and args.retain_weight > 0:
