@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,22 +137,20 @@ def _delta_in_place(
     if delta.numel() == weight.numel() or not weight.is_contiguous():
         yield _effective(weight, index, delta, row)
         return
+    data = weight.data
     if row:
-        data = weight.data
         saved = data.index_select(0, index)
         data.index_add_(0, index, delta.to(data.dtype))
-        try:
-            yield data
-        finally:
-            data.index_put_((index,), saved)
-        return
-    flat, entries = weight.data.view(-1), index.long()  # scattered entries: gather/scatter are the fast kernels
-    saved = flat.gather(0, entries)
-    flat.scatter_add_(0, entries, delta.to(flat.dtype))  # unique entries: one rounded add each, as index_add
+        restore = functools.partial(data.index_put_, (index,), saved)
+    else:  # scattered entries: gather/scatter are the fast kernels
+        flat, entries = data.view(-1), index.long()
+        saved = flat.gather(0, entries)
+        flat.scatter_add_(0, entries, delta.to(flat.dtype))  # unique entries: one rounded add each, as index_add
+        restore = functools.partial(flat.scatter_, 0, entries, saved)
     try:
-        yield weight.data
+        yield data
     finally:
-        flat.scatter_(0, entries, saved)
+        restore()
 
 
 class _DeltaLinear(torch.autograd.Function):
