@@ -110,6 +110,17 @@ WORKER_PRELUDE = textwrap.dedent(
     """
 )
 
+# The end of every engine worker: a clean gloo teardown. Without it a rank's gloo threads can abort the process at
+# exit under load ("terminate called without an active exception", exit -6) after all its work is written.
+WORKER_EPILOGUE = textwrap.dedent(
+    """
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    """
+)
+
 
 class EngineLaunches:
     """One worker script run once as a plain process and once per engine (a launch costs 30-50 s of start-up, so
@@ -118,12 +129,15 @@ class EngineLaunches:
     def __init__(self, data: Path, ports: dict[str, int], timeout: int):
         self.data, self.ports, self.timeout = data, ports, timeout
         self.launched: dict[str, Path] = {}
+        self.failed: dict[str, AssertionError] = {}
 
     def single(self) -> Path:
         cmd = [sys.executable, str(self.data / "worker.py"), str(self.data / "single"), "single", "4", str(self.data)]
         return run_launch(cmd, self.data / "single", timeout=self.timeout, DS_ACCELERATOR="cpu")
 
     def engine(self, engine: str) -> Path:
+        if engine in self.failed:  # the same failure for every test of that engine, not a FileExistsError
+            raise self.failed[engine]
         if engine not in self.launched:
             if engine.startswith("zero"):
                 import deepspeed  # noqa: F401  -- a dev dependency: a missing DeepSpeed fails these tests
@@ -133,7 +147,11 @@ class EngineLaunches:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
             cmd += ["--main_process_port", str(self.ports[engine]), str(self.data / "worker.py")]
             cmd += [str(self.data / engine), engine, "2", str(self.data)]
-            self.launched[engine] = run_launch(cmd, self.data / engine, timeout=self.timeout, DS_ACCELERATOR="cpu")
+            try:
+                self.launched[engine] = run_launch(cmd, self.data / engine, timeout=self.timeout, DS_ACCELERATOR="cpu")
+            except AssertionError as error:
+                self.failed[engine] = error
+                raise
         return self.launched[engine]
 
 

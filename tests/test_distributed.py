@@ -34,7 +34,7 @@ import textwrap
 
 import pytest
 import torch
-from launch_helpers import run_launch
+from launch_helpers import WORKER_EPILOGUE, run_launch
 from safetensors.torch import load_file
 
 
@@ -43,8 +43,9 @@ WEIGHT_ATOL = 5e-5
 LOSS_ATOL = 1e-5
 AMA_START = math.log(0.2 / 0.8)  # AdaptiveMergeConfig's init_val 0.2 as a raw logit
 
-WORKER = textwrap.dedent(
-    """
+WORKER = (
+    textwrap.dedent(
+        """
     import copy, json, os, sys
 
     import torch
@@ -132,10 +133,9 @@ WORKER = textwrap.dedent(
     )
     trainer.train()
     dump("adaptive_merge", trainer, {"alpha/blocks": trainer.alphas.blocks, "alpha/head": trainer.alphas.head})
-    if torch.distributed.is_initialized():  # a clean gloo teardown (its threads aborted a rank at exit under load)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     """
+    )
+    + WORKER_EPILOGUE
 )
 
 

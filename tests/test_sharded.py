@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import WORKER_PRELUDE, EngineLaunches, read_info
+from launch_helpers import WORKER_EPILOGUE, WORKER_PRELUDE, EngineLaunches, read_info
 from safetensors.torch import load_file
 
 
@@ -42,8 +42,10 @@ WEIGHT_ATOL = 5e-5
 ENGINES = ("zero2", "zero3", "fsdp2")
 PORTS = {"zero2": 29631, "zero3": 29632, "fsdp2": 29633}
 
-WORKER = WORKER_PRELUDE + textwrap.dedent(
-    """
+WORKER = (
+    WORKER_PRELUDE
+    + textwrap.dedent(
+        """
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -195,6 +197,8 @@ WORKER = WORKER_PRELUDE + textwrap.dedent(
         t.train()
         record(name, t)
     """
+    )
+    + WORKER_EPILOGUE
 )
 
 

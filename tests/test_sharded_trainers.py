@@ -26,7 +26,7 @@ import textwrap
 
 import pytest
 import torch
-from launch_helpers import WORKER_PRELUDE, EngineLaunches, read_info
+from launch_helpers import WORKER_EPILOGUE, WORKER_PRELUDE, EngineLaunches, read_info
 from safetensors.torch import load_file
 
 
@@ -35,8 +35,10 @@ WEIGHT_ATOL = 5e-5
 ENGINES = ("zero2", "zero3", "fsdp2")
 PORTS = {"zero2": 29641, "zero3": 29642, "fsdp2": 29643}
 
-WORKER = WORKER_PRELUDE + textwrap.dedent(
-    """
+WORKER = (
+    WORKER_PRELUDE
+    + textwrap.dedent(
+        """
     from datasets import load_from_disk
     from safetensors.torch import save_file
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -181,10 +183,9 @@ WORKER = WORKER_PRELUDE + textwrap.dedent(
         t = adaptive("adaptive_merge")
         t.train()
         record("adaptive_merge", t, alphas=t.learned_alphas().block_params + [t.learned_alphas().head_param])
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    """
+"""
+    )
+    + WORKER_EPILOGUE
 )
 
 
