@@ -43,14 +43,22 @@ import copy
 import math
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity_common import HELDOUT_SEED, TEST_SEED  # noqa: E402
+from fidelity_common import below as _below  # noqa: E402
+from fidelity_common import fmt as _f  # noqa: E402
+from fidelity_common import mean_std as _ms  # noqa: E402
+from fidelity_common import prompt_splits as common_splits  # noqa: E402
+
+
 RESULTS = Path(__file__).resolve().parent / "results"
-TEST_SEED, HELDOUT_SEED = 1234, 4321
 SELECT_REWARD_DROP = 0.05
 METHODS = ("aligner_n1", "aligner_n10", "lora_r8", "llama_adapter")
 STYLES = {
@@ -113,15 +121,7 @@ def style_error(prompt: str, completion: str, style: str) -> bool:
 
 def prompt_splits(cfg: dict) -> tuple[list[str], list[str]]:
     """Test prompts (the report's) and held-out prompts (lr selection only), disjoint."""
-    from hf_align.testbed.evaluation import eval_prompts
-
-    test = eval_prompts(cfg["test_prompts"], seed=TEST_SEED)
-    seen, heldout = set(test), []
-    for prompt in eval_prompts(4 * cfg["heldout_prompts"], seed=HELDOUT_SEED):
-        if prompt not in seen and len(heldout) < cfg["heldout_prompts"]:
-            heldout.append(prompt)
-            seen.add(prompt)
-    return test, heldout
+    return common_splits(cfg["test_prompts"], cfg["heldout_prompts"])
 
 
 def encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
@@ -392,10 +392,6 @@ def run(tb, cfg: dict, log=print) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- report
-def _ms(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def ordered(result: dict, style: str) -> list[str]:
     """The methods of a style in the settings' order (a JSON round trip sorts the keys)."""
     return [m for m in result["settings"]["methods"] if m in result["styles"][style]]
@@ -413,15 +409,6 @@ def summarize(result: dict) -> dict:
                 if stage in runs[0]
             }
     return out
-
-
-def _f(v: tuple[float, float], digits: int = 3, n: int = 2) -> str:
-    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if n > 1 else f"{v[0]:.{digits}f}"
-
-
-def _below(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """a below b by more than a's and b's stds together (a weak test with 3 seeds; the text says so)."""
-    return a[0] + a[1] < b[0] - b[1]
 
 
 def versus_lora(s: dict, start: float, method: str, n: int) -> str:
@@ -793,9 +780,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (the first sweeps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--rewrite", action="store_true", help="only rebuild summary, findings and plot from the JSON")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and the plot go")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = rewrite(args.quick) if args.rewrite else run_section(args.quick, seeds=args.seeds)
+    result = (
+        rewrite(args.quick, args.results) if args.rewrite else run_section(args.quick, args.results, seeds=args.seeds)
+    )
     print("\n".join(markdown(result)))
     print(f"section done in {result['wall_s'] / 60:.1f} min; merge it into fidelity.md with "
           f"`python benchmarks/fidelity.py --rewrite{' --quick' if args.quick else ''}`")  # fmt: skip

@@ -1,0 +1,64 @@
+"""What the fidelity sections share: disjoint prompt splits, mean ± std, the separation rule, loading a sibling.
+
+``benchmarks`` is not a package, so the sections load each other (and this file) by path with :func:`sibling`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TEST_SEED, HELDOUT_SEED = 1234, 4321
+"""Prompt seeds: the report's test prompts and the held-out prompts that learning rates are chosen on."""
+
+
+def sibling(name: str):
+    """``benchmarks/<name>.py`` as a module (loaded once)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def prompt_splits(test_prompts: int, heldout_prompts: int) -> tuple[list[str], list[str]]:
+    """Test prompts (the report's) and held-out prompts (lr selection only), disjoint."""
+    from hf_align.testbed.evaluation import eval_prompts
+
+    test = eval_prompts(test_prompts, seed=TEST_SEED)
+    seen, heldout = set(test), []
+    for prompt in eval_prompts(4 * heldout_prompts, seed=HELDOUT_SEED):
+        if prompt not in seen and len(heldout) < heldout_prompts:
+            heldout.append(prompt)
+            seen.add(prompt)
+    return test, heldout
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(v: tuple[float, float], digits: int = 3, n: int = 2) -> str:
+    """``mean ± std`` (the mean alone for a single seed)."""
+    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if n > 1 else f"{v[0]:.{digits}f}"
+
+
+def below(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """a below b by more than a's and b's stds together (a weak test with few seeds; the reports say so)."""
+    return a[0] + a[1] < b[0] - b[1]
+
+
+def verdict(a: tuple[float, float], b: tuple[float, float]) -> str:
+    """A claim "a > b": *shown* when separated that way, *shown not to hold* when separated the other way."""
+    if below(b, a):
+        return "shown"
+    if below(a, b):
+        return "shown not to hold"
+    return "not shown"

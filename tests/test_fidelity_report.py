@@ -1,0 +1,105 @@
+"""The fidelity report's judgement code (benchmarks/fidelity*.py): lr choice, verdicts, prompt splits, AMA's front.
+
+Hand-made summaries with hand-computed verdicts; the end-to-end run is tests/test_fidelity_smoke.py.
+"""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_verdict_needs_the_stds_apart():
+    common = load("fidelity_common")
+    assert common.verdict((0.50, 0.01), (0.40, 0.01)) == "shown"
+    assert common.verdict((0.40, 0.01), (0.50, 0.01)) == "shown not to hold"
+    assert common.verdict((0.50, 0.05), (0.45, 0.01)) == "not shown"  # 0.05 apart < 0.06 of stds
+    assert common.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
+
+
+def test_prompt_splits_are_disjoint_and_the_test_prompts_are_the_evaluation_prompts():
+    from hf_align.testbed.evaluation import eval_prompts
+
+    common = load("fidelity_common")
+    test, heldout = common.prompt_splits(64, 32)
+    assert test == eval_prompts(64, seed=1234) and len(heldout) == 32 and not set(test) & set(heldout)
+
+
+def test_allo_lr_choice_is_the_best_finite_heldout_reward():
+    allo = load("fidelity_allo")
+    assert allo._best({"0.0003": 0.41, "0.001": 0.52, "0.003": 0.30}) == "0.001"
+    assert allo._best({"0.0003": 0.41, "0.001": float("nan")}) == "0.0003"
+
+
+def test_allo_pairs_exclude_the_evaluation_prompts():
+    from hf_align import testbed
+
+    allo = load("fidelity_allo")
+    tb = testbed.load()
+    every = tb.preference_dataset(128, seed=100)
+    banned = set(every["prompt"][:40])
+    pairs = allo.preference_pairs(tb, 64, 0, banned)
+    assert len(pairs) == 64 and not banned & set(pairs["prompt"])
+
+
+def _summary(**rewards):
+    keys = ("mean_reward", "win_rate", "kl", "perplexity")
+    return {m: {k: (v if k == "mean_reward" else (1.0, 0.0)) for k in keys} for m, v in rewards.items()}
+
+
+def test_allo_findings_judge_each_claim_from_the_numbers():
+    allo = load("fidelity_allo")
+    cfg = allo.settings(quick=False)
+    names = [v.name for v in allo.variants(cfg)]
+    rewards = {m: (0.45, 0.01) for m in names}
+    rewards.update(
+        dpo=(0.40, 0.01), mask_top10=(0.50, 0.01), mask_random10=(0.40, 0.01), mask_bottom10=(0.40, 0.01),
+        allo_forget=(0.45, 0.01), allo_epsilon=(0.51, 0.02), allo_full=(0.60, 0.01),
+    )  # fmt: skip
+    rewards["improve_ratio_0.4"] = (0.70, 0.01)  # a larger improving mask is clearly better
+    lrs = {m: "0.001" for m in names} | {"dpo": "0.0001"}
+    result = {
+        "summary": _summary(**rewards), "runs": {"0": {}, "1": {}}, "start": {"test": {"mean_reward": 0.3, "perplexity": 2.0}},
+        "settings": cfg, "lr": lrs, "forget_lr": 3e-4,
+    }  # fmt: skip
+    text = "\n".join(allo.findings(result))
+    assert "top > random > bottom — shown." in text and "random > bottom: not shown" in text
+    assert "alone match or beat full DPO — shown." in text
+    assert "key-token NPO) helps the improving stage — shown not to hold." in text
+    assert "token selection ε helps — not shown." in text  # 0.01 apart, stds 0.03 together
+    assert "Full ALLO beats full DPO (the paper's headline) — shown." in text
+    assert "A small improving mask (≤ 10 %) does as well as a larger one — shown not to hold." in text
+    assert "A small forgetting mask (≤ 10 %) does as well as a larger one — shown." in text
+    assert "edge of the sweep" in text and "dpo (0.0001)" in text and "forgetting stage" not in text
+    result["runs"] = {"0": {}}
+    assert "not shown (a single seed)" in "\n".join(allo.findings(result))
+
+
+def test_ama_variant_is_judged_against_the_best_linear_alpha_at_no_higher_perplexity():
+    fidelity = load("fidelity")
+    linear = {
+        "0.0": {"mean_reward": (0.50, 0.01), "perplexity": (3.0, 0.1)},
+        "0.4": {"mean_reward": (0.48, 0.01), "perplexity": (2.1, 0.1)},
+        "1.0": {"mean_reward": (0.36, 0.00), "perplexity": (2.4, 0.0)},
+    }
+    better = {"mean_reward": (0.52, 0.01), "perplexity": (2.2, 0.1)}  # reachable: α 0.4 (2.1 ≤ 2.2), not α 0 (3.0)
+    assert fidelity._versus_front(linear, better) == ("0.4", "shown")
+    worse = {"mean_reward": (0.40, 0.01), "perplexity": (2.0, 0.1)}  # below every α's ppl: the lowest, α 0.4
+    assert fidelity._versus_front(linear, worse) == ("0.4", "shown not to hold")
+    assert fidelity._dominated(linear) == (["0.0", "0.4", "1.0"], ["1.0"])
