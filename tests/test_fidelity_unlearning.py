@@ -128,7 +128,7 @@ def _trainer(tb, sched, cfg, policy, ref_model=None, **config):
     args = NPOConfig(
         output_dir="unused", per_device_train_batch_size=cfg["batch_size"], max_steps=cfg["steps"],
         train_sampling_strategy="sequential", report_to="none", save_strategy="no", use_cpu=True,
-        bf16=False, disable_tqdm=True, seed=sched.seed, **config,
+        bf16=False, activation_checkpointing=False, disable_tqdm=True, seed=sched.seed, **config,
     )  # fmt: skip
     trainer = NPOTrainer(
         copy.deepcopy(policy), ref_model=ref_model, args=args, train_dataset=forget, retain_dataset=retain,
