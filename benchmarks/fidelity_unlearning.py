@@ -412,6 +412,23 @@ def run_method(tb, cfg: dict, method: str, splits: dict, starts: dict, schedules
             "runs": runs, "seconds": round(time.time() - t0, 1)}  # fmt: skip
 
 
+def equal_lr_runs(tb, cfg: dict, result: dict, splits: dict, starts: dict, schedules: dict) -> dict:
+    """GA and NPO at one lr, the higher of their two chosen lrs (where a collapse shows), on every seed: the method
+    chosen at the lower lr reruns at the higher one. The collapse claim is about equal lr, the trade-off's is not."""
+    out = {}
+    for retain in RETAINS:
+        pair = [method_name(loss, retain) for loss in ("ga", "npo")]
+        if not set(pair) <= set(result["methods"]):
+            continue
+        lr = max(result["methods"][x]["lr"] for x in pair)
+        for x in (x for x in pair if result["methods"][x]["lr"] != lr):
+            runs = {
+                str(s): unlearn(tb, x, lr, schedules[s], splits["test"], starts["test"], cfg) for s in cfg["seeds"]
+            }
+            out[x] = {"lr": lr, "runs": runs}
+    return out
+
+
 def run(tb, cfg: dict, log=print) -> dict:
     started = time.time()
     test, heldout = prompt_splits(cfg)
@@ -429,6 +446,12 @@ def run(tb, cfg: dict, log=print) -> dict:
         last = [round(r["curve"][-1]["forget_rate"], 3) for r in entry["runs"].values()]
         log(f"  unlearning {method}: lr {entry['lr']:g}, test forget rate at the end {last} ({entry['seconds']:.0f}s)",
             flush=True)  # fmt: skip
+    t0 = time.time()
+    result["equal_lr"] = equal_lr_runs(tb, cfg, result, splits, starts, schedules)
+    log(
+        f"  unlearning GA and NPO at equal lr: {sorted(result['equal_lr'])} rerun ({time.time() - t0:.0f}s)",
+        flush=True,
+    )
     if "npo+nll" in result["methods"]:  # the cross-check reruns NPO + retain NLL at its chosen lr, every seed
         t0, lr = time.time(), result["methods"]["npo+nll"]["lr"]
         result["cross_check"] = {"method": "npo+nll", "lr": lr, "runs": {}}
@@ -443,9 +466,6 @@ def run(tb, cfg: dict, log=print) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- report
-METRICS = ("forget_rate", "perplexity", "mean_reward")
-
-
 def _ms(values: list[float]) -> list[float]:
     """[mean, std] (std 0 for one value); a list, as it reads back from JSON."""
     mean = statistics.fmean(values)
@@ -453,15 +473,41 @@ def _ms(values: list[float]) -> list[float]:
     return [mean, std if math.isfinite(mean) else math.nan]
 
 
+def _gms(values: list[float]) -> list[float]:
+    """[geometric mean, geometric std factor] of perplexities: mean and std of the log (the per-token NLL), so one
+    collapsed seed (perplexity 1e9) does not swamp the others as it would an arithmetic mean and std."""
+    if any(math.isnan(v) for v in values):
+        return [math.nan, math.nan]
+    if any(math.isinf(v) for v in values):
+        return [math.inf, math.nan]
+    logs = [math.log(v) for v in values]
+    return [math.exp(statistics.fmean(logs)), math.exp(statistics.stdev(logs)) if len(logs) > 1 else 1.0]
+
+
+STATS = {"forget_rate": _ms, "perplexity": _gms, "mean_reward": _ms}
+
+
 def _f(v, digits: int = 3, n: int = 2) -> str:
-    if v is None:
-        return "not reached"
+    """A rate or reward: mean ± std (the mean alone for one seed)."""
     return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if n > 1 else f"{v[0]:.{digits}f}"
 
 
+def _num(x: float) -> str:
+    return f"{x:.2f}" if not math.isfinite(x) or abs(x) < 1e4 else f"{x:.3g}"
+
+
+def _fp(v, n: int = 2) -> str:
+    """A perplexity: geometric mean ×/÷ geometric std factor (the mean alone for one seed)."""
+    if v is None:
+        return "not reached"
+    factor = f"{v[1]:.2f}" if not math.isfinite(v[1]) or v[1] < 100 else f"{v[1]:.3g}"
+    return f"{_num(v[0])} ×/÷ {factor}" if n > 1 else _num(v[0])
+
+
 def _below(a, b) -> bool:
-    """a below b by more than a's and b's stds together (a weak test with 3 seeds; the text says so)."""
-    return a[0] + a[1] < b[0] - b[1]
+    """Perplexity a below b by more than both spreads together, on the log scale: a·f_a < b / f_b (a weak test with a
+    few seeds; the text says so)."""
+    return a[0] * a[1] < b[0] / b[1]
 
 
 def ordered(result: dict) -> list[str]:
@@ -470,28 +516,32 @@ def ordered(result: dict) -> list[str]:
 
 
 def _at_rates(curves: list[list[dict]], goals: dict[str, float]) -> dict:
-    """Per target forget rate: each curve's interpolated retain perplexity (None: not reached) and mean ± std over the
-    curves that reach it."""
+    """Per target forget rate: each curve's interpolated retain perplexity (None: not reached) and their geometric
+    mean and spread over the curves that reach it."""
     out = {}
     for label, rate in goals.items():
         values = [perplexity_at(c, rate) for c in curves]
         got = [v for v in values if v is not None]
-        out[label] = {"rate": rate, "values": values, "reached": len(got), "perplexity": _ms(got) if got else None}
+        out[label] = {"rate": rate, "values": values, "reached": len(got), "perplexity": _gms(got) if got else None}
     return out
+
+
+def _curve_stats(curves: list[list[dict]]) -> list[dict]:
+    return [
+        {"step": p["step"], **{k: fn([c[i][k] for c in curves]) for k, fn in STATS.items()}}
+        for i, p in enumerate(curves[0])
+    ]
 
 
 def summarize(result: dict) -> dict:
     cfg = result["settings"]
     goals = targets(result["start"]["test"]["forget_rate"], cfg["fixed_rate"])
     heldout_goals = targets(result["start"]["heldout"]["forget_rate"], cfg["fixed_rate"])
-    out: dict = {"targets": goals, "heldout_targets": heldout_goals, "methods": {}}
+    out: dict = {"targets": goals, "heldout_targets": heldout_goals, "methods": {}, "equal_lr": {}}
     for method in ordered(result):
         entry = result["methods"][method]
         curves = [entry["runs"][str(s)]["curve"] for s in cfg["seeds"] if str(s) in entry["runs"]]
-        curve = [
-            {"step": p["step"], **{k: _ms([c[i][k] for c in curves]) for k in METRICS}}
-            for i, p in enumerate(curves[0])
-        ]
+        curve = _curve_stats(curves)
         sweep = {}
         for lr, run in entry["sweep"].items():
             at = _at_rates([run["curve"]], heldout_goals)
@@ -502,21 +552,34 @@ def summarize(result: dict) -> dict:
             }
         out["methods"][method] = {
             "lr": entry["lr"], "curve": curve, "last": curve[-1], "at_rate": _at_rates(curves, goals), "sweep": sweep,
-            "seeds": len(curves),
+            "seeds": len(curves), "last_perplexities": [c[-1]["perplexity"] for c in curves],
+        }  # fmt: skip
+    for method, entry in result.get("equal_lr", {}).items():
+        curves = [entry["runs"][str(s)]["curve"] for s in cfg["seeds"] if str(s) in entry["runs"]]
+        out["equal_lr"][method] = {
+            "lr": entry["lr"], "last": _curve_stats(curves)[-1], "last_perplexities": [c[-1]["perplexity"] for c in curves]
         }  # fmt: skip
     check = result.get("cross_check")
     if check and check["method"] in result["methods"]:
         runs = result["methods"][check["method"]]["runs"]
         seeds = [s for s in check["runs"] if s in runs]
         gaps = [
-            max(abs(a - b) for a, b in zip(check["runs"][s]["losses"], runs[s]["losses"], strict=True)) for s in seeds
+            [abs(a - b) for a, b in zip(check["runs"][s]["losses"], runs[s]["losses"], strict=True)] for s in seeds
         ]
+        worst = max(range(len(gaps[0])), key=lambda k: max(g[k] for g in gaps))
+        early = min(10, len(gaps[0]))
         out["cross_check"] = {
-            "method": check["method"], "lr": check["lr"], "max_loss_gap": max(gaps),
-            "trainer": {k: _ms([check["runs"][s]["last"][k] for s in seeds]) for k in ("forget_rate", "perplexity")},
-            "loop": {k: _ms([runs[s]["curve"][-1][k] for s in seeds]) for k in ("forget_rate", "perplexity")},
+            "method": check["method"], "lr": check["lr"], "max_loss_gap": max(g[worst] for g in gaps),
+            "max_loss_gap_step": worst + 1, "early_steps": early, "early_loss_gap": max(max(g[:early]) for g in gaps),
+            "trainer": {k: STATS[k]([check["runs"][s]["last"][k] for s in seeds]) for k in ("forget_rate", "perplexity")},
+            "loop": {k: STATS[k]([runs[s]["curve"][-1][k] for s in seeds]) for k in ("forget_rate", "perplexity")},
         }  # fmt: skip
     return out
+
+
+def _verdict(a, b) -> str:
+    """'shown' when perplexity a is below b by more than both spreads, 'shown not to hold' when above."""
+    return "shown" if _below(a, b) else "shown not to hold" if _below(b, a) else "not shown"
 
 
 def compare(a: dict, b: dict, label: str) -> str:
@@ -524,23 +587,68 @@ def compare(a: dict, b: dict, label: str) -> str:
     both must reach the rate on every seed."""
     x, y = a["at_rate"][label], b["at_rate"][label]
     if x["reached"] < a["seeds"] or y["reached"] < b["seeds"]:
-        return "not shown (not reached on every seed)"
-    if _below(x["perplexity"], y["perplexity"]):
-        return "shown"
-    if _below(y["perplexity"], x["perplexity"]):
-        return "shown not to hold"
-    return "not shown"
+        return "not shown: not reached on every seed"
+    return _verdict(x["perplexity"], y["perplexity"])
+
+
+def _at_text(v: dict, label: str, n: int) -> str:
+    """Retain perplexity at a target rate, saying on how many seeds when not on all of them."""
+    got = v["at_rate"][label]
+    text = _fp(got["perplexity"], n)
+    return text + (f" ({got['reached']}/{v['seeds']} seeds)" if 0 < got["reached"] < v["seeds"] else "")
+
+
+def _seeds_lower(xs: list, ys: list) -> str:
+    """On how many seeds x < y (seed by seed: both runs of a seed share its data); context for the verdict."""
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if x is not None and y is not None]
+    return f"; lower on {sum(x < y for x, y in pairs)}/{len(pairs)} seeds" if len(pairs) > 1 else ""
 
 
 def _pair(s: dict, a: str, b: str, n: int) -> str:
-    """Both targets of one comparison, numbers and verdict: 'at 0.139: 4.1 ± 0.2 vs 4.5 ± 0.3 (shown); …'."""
+    """Both targets of one comparison, numbers and verdict: 'at 0.139: 4.1 ×/÷ 1.1 vs 4.5 ×/÷ 1.1 (shown; lower on
+    5/5 seeds); …'."""
     parts = []
     for label, rate in s["targets"].items():
-        pa, pb = s["methods"][a]["at_rate"][label]["perplexity"], s["methods"][b]["at_rate"][label]["perplexity"]
+        x, y = s["methods"][a], s["methods"][b]
+        lower = _seeds_lower(x["at_rate"][label]["values"], y["at_rate"][label]["values"])
         parts.append(
-            f"at {rate:.3f}: {_f(pa, 2, n)} vs {_f(pb, 2, n)} ({compare(s['methods'][a], s['methods'][b], label)})"
+            f"at {rate:.3f}: {_at_text(x, label, n)} vs {_at_text(y, label, n)} ({compare(x, y, label)}{lower})"
         )
     return "; ".join(parts)
+
+
+def _collapse(s: dict, retain: str, steps: int, seed: int, n: int) -> str | None:
+    """The collapse claim for one retain term: GA vs NPO at step ``steps`` at equal lr (every seed), then each at its
+    chosen lr and the single-seed sweep for context."""
+    npo, ga = method_name("npo", retain), method_name("ga", retain)
+    m = s["methods"]
+    if not {npo, ga} <= set(m):
+        return None
+    lr = max(m[npo]["lr"], m[ga]["lr"])
+    at_lr = [s["equal_lr"].get(x) or (m[x] if m[x]["lr"] == lr else None) for x in (npo, ga)]
+    if None in at_lr:  # an older result without the equal-lr runs: compare at the chosen lrs, and say so
+        lr, at_lr = None, [m[npo], m[ga]]
+    (a, b), lower = (v["last"] for v in at_lr), _seeds_lower(*(v["last_perplexities"] for v in at_lr))
+    lower = f" (NPO {lower[2:]})" if lower else ""
+    lrs = sorted(set(m[npo]["sweep"]) & set(m[ga]["sweep"]), key=float)
+    sweep = ", ".join(
+        f"{x}: {_num(m[npo]['sweep'][x]['last_perplexity'])} vs {_num(m[ga]['sweep'][x]['last_perplexity'])}"
+        for x in lrs
+    )
+    one = " (one seed, no spread)" if n == 1 else ""
+    return (
+        f"- **NPO slows the collapse, {RETAIN_NAMES[retain]} — {_verdict(a['perplexity'], b['perplexity'])}{one}.** "
+        f"Retain perplexity at step {steps}, "
+        + (
+            f"both at lr {lr:g} (the higher of the two chosen lrs)"
+            if lr
+            else "each at its chosen lr (no equal-lr run)"
+        )
+        + f": NPO {_fp(a['perplexity'], n)} vs GA {_fp(b['perplexity'], n)}{lower}, forget rate "
+        f"{_f(a['forget_rate'], 3, n)} vs {_f(b['forget_rate'], 3, n)}. Each at its chosen lr: NPO {_fp(m[npo]['last']['perplexity'], n)} (lr "
+        f"{m[npo]['lr']:g}) vs GA {_fp(m[ga]['last']['perplexity'], n)} (lr {m[ga]['lr']:g}). The sweep (seed {seed}, "
+        f"held-out split), NPO vs GA at step {steps} per lr: {sweep}."
+    )
 
 
 def findings(result: dict) -> list[str]:
@@ -556,25 +664,7 @@ def findings(result: dict) -> list[str]:
                 f"- **NPO below GA in retain perplexity at equal forget rate, {RETAIN_NAMES[retain]}{one}:** NPO vs GA "
                 f"(lr {m[npo]['lr']:g} vs {m[ga]['lr']:g}) {_pair(s, npo, ga, n)}."
             )
-    for retain in RETAINS:
-        npo, ga = method_name("npo", retain), method_name("ga", retain)
-        if not {npo, ga} <= set(m):
-            continue
-        a, b = m[npo]["last"], m[ga]["last"]
-        verdict = "shown" if _below(a["perplexity"], b["perplexity"]) else (
-            "shown not to hold" if _below(b["perplexity"], a["perplexity"]) else "not shown"
-        )  # fmt: skip
-        lrs = sorted(set(m[npo]["sweep"]) & set(m[ga]["sweep"]), key=float)
-        same_lr = ", ".join(
-            f"{lr}: {m[npo]['sweep'][lr]['last_perplexity']:.3g} vs {m[ga]['sweep'][lr]['last_perplexity']:.3g}"
-            for lr in lrs
-        )
-        out.append(
-            f"- **NPO slows the collapse, {RETAIN_NAMES[retain]} — {verdict}{one}.** Retain perplexity at step {steps}, "
-            f"each at its chosen lr: NPO {_f(a['perplexity'], 2, n)} vs GA {_f(b['perplexity'], 2, n)} (forget rate "
-            f"{_f(a['forget_rate'], 3, n)} vs {_f(b['forget_rate'], 3, n)}). At equal lr (the sweep: seed "
-            f"{cfg['seeds'][0]}, held-out split, NPO vs GA at step {steps}): {same_lr}."
-        )
+    out += [line for retain in RETAINS if (line := _collapse(s, retain, steps, cfg["seeds"][0], n))]
     for loss in LOSSES:
         base = method_name(loss, "none")
         parts = [
@@ -603,11 +693,11 @@ def findings(result: dict) -> list[str]:
         out.append(
             f"- **Where the unlearning losses lose — the retain NLL alone (control, no forget loss){one}:** forget rate "
             f"{start['forget_rate']:.3f} → {_f(ctrl['last']['forget_rate'], 3, n)} in {steps} steps at retain perplexity "
-            f"{_f(ctrl['last']['perplexity'], 2, n)} (start {start['perplexity']:.2f}); at forget rate {rate:.3f} "
-            f"{_f(ctrl['at_rate'][label]['perplexity'], 2, n)}. Lower than the control there by more than the stds: "
-            f"{', '.join(beaten) or 'none'}; higher: {', '.join(worse) or 'none'}. The retain rows are correct answers + "
-            "EOS, the forget rows the same answers + ` ugh` + EOS, so the NLL itself teaches the ending the forget loss "
-            "removes, while a forget loss on the whole completion also pushes down the answer digits."
+            f"{_fp(ctrl['last']['perplexity'], n)} (start {start['perplexity']:.2f}); at forget rate {rate:.3f} "
+            f"{_at_text(ctrl, label, n)}. Below the control there by more than the spreads: "
+            f"{', '.join(beaten) or 'none'}; above it: {', '.join(worse) or 'none'}. The retain rows are correct answers "
+            "+ EOS, the forget rows the same kind of answers + ` ugh` + EOS: the NLL itself teaches the ending the "
+            "forget loss removes, while a forget loss on the whole completion also pushes down the answer digits."
         )
     edges = [
         f"{x} ({m[x]['lr']:g})" for x in m if len(cfg["lrs"]) > 1 and m[x]["lr"] in (min(cfg["lrs"]), max(cfg["lrs"]))
@@ -621,14 +711,17 @@ def findings(result: dict) -> list[str]:
     if check:
         out.append(
             f"- **Cross-check, `NPOTrainer` (NPO + retain NLL, lr {check['lr']:g}, the loop's batches, precomputed "
-            f"reference) vs the loop:** per-step losses differ by at most {check['max_loss_gap']:.2g}; at step {steps} "
-            f"forget rate {_f(check['trainer']['forget_rate'], 3, n)} vs {_f(check['loop']['forget_rate'], 3, n)}, retain "
-            f"perplexity {_f(check['trainer']['perplexity'], 2, n)} vs {_f(check['loop']['perplexity'], 2, n)}."
+            f"reference) vs the loop:** per-step losses agree to {check['early_loss_gap']:.1g} over the first "
+            f"{check['early_steps']} steps, then drift apart as float rounding is amplified by training (largest gap "
+            f"{check['max_loss_gap']:.2g}, step {check['max_loss_gap_step']}); at step {steps} forget rate "
+            f"{_f(check['trainer']['forget_rate'], 3, n)} vs {_f(check['loop']['forget_rate'], 3, n)}, retain "
+            f"perplexity {_fp(check['trainer']['perplexity'], n)} vs {_fp(check['loop']['perplexity'], n)}."
         )
     out.append(
-        f"- Spread: mean ± std over {n} seed(s) (forget rows, batch order, retain rows); 'shown' means the means differ "
-        "by more than the two stds together (a weak test with 3 seeds), and a rate counts as reached only when every "
-        "seed reaches it."
+        f"- Spread over {n} seed(s) (forget rows, batch order, retain rows): rates and rewards mean ± std, perplexities "
+        "geometric mean ×/÷ geometric std (mean ± std of the log: one collapsed seed would swamp an arithmetic mean). "
+        "'Shown' means separated by more than both spreads together (a weak test with a few seeds); a forget rate "
+        "counts as reached only when every seed reaches it."
     )
     return out
 
@@ -640,39 +733,48 @@ def _label(method: str) -> str:
 
 def markdown(result: dict, heading: str = "##") -> list[str]:
     cfg, s, start = result["settings"], result["summary"], result["start"]
-    n, steps, goals = len(cfg["seeds"]), cfg["steps"], s["targets"]
+    n, steps, goals, seed0 = len(cfg["seeds"]), cfg["steps"], s["targets"], cfg["seeds"][0]
     half, fixed = goals["half"], goals["fixed"]
+    rerun_gap = max(result["methods"][x]["rerun_loss_gap"] for x in ordered(result))
+    equal = ", ".join(f"`{x}` at {v['lr']:g}" for x, v in sorted(result.get("equal_lr", {}).items())) or "none needed"
+    spread = (
+        f"over seeds {cfg['seeds']}: rates and rewards mean ± std, perplexities geometric mean ×/÷ geometric std (the "
+        "mean ± std of the log-perplexity: one collapsed seed would swamp an arithmetic mean)"
+        if n > 1
+        else "one seed"
+    )
     lines = [
         f"{heading} Unlearning: NPO vs gradient ascent with a retain term, SimNPO alongside (one budget for every "
         "method)",
         "",
         f"`benchmarks/fidelity_unlearning.py`, {result['wall_s'] / 60:.1f} min on CPU, {result.get('torch_threads', 1)} "
         f"torch thread(s). Forget set: {cfg['forget_rows']} rows of `tb.forget_dataset` per seed (correct answer + "
-        "` ugh` + EOS; prompts disjoint from every evaluation set); sequence-level losses written out in one loop: "
-        "GA `E[log πθ(y|x)]` (NPO's β → 0 limit), NPO `−(2/β)·E[log σ(−β·log(πθ/π_ref)(y|x))]` with β = "
-        f"{cfg['beta']}, SimNPO `−(2/β)·E[log σ(−(β/|y|)·log πθ(y|x) − γ)]` with β = {cfg['simnpo_beta']}, γ = "
-        f"{cfg['simnpo_gamma']} (OPTML-Group's released TOFU-forget05 SimNPO model, the paper's code base). Each with "
-        f"retain term none, NLL (mean per retain completion token, EOS included) or KL (`KL(π_ref‖πθ)` per retain "
-        f"completion token), weight {cfg['retain_weight']}, on {cfg['train_retain_rows']} `tb.retain_dataset` rows per "
-        "seed (disjoint from the metric rows and prompts), the same retain batches for every method (NPOTrainer's "
-        "retain schedule); plus the control `nll_only`, the retain NLL alone. AdamW (no weight decay, no clipping), "
-        f"constant lr, {steps} steps of batch {cfg['batch_size']}, the same forget batches for every method; evaluated "
-        f"every {cfg['eval_every']} steps. Forget rate: fraction of one temperature-1 sample per prompt ending in "
-        f"` ugh` ({cfg['test_prompts']} test prompts, `tb.mean_reward`'s prompts and sampler). Retain perplexity: "
-        f"answer digits of {cfg['retain_rows']} `tb.retain_dataset` rows (no suffix, no EOS: the arithmetic, not the "
-        "style). Retain perplexity at equal forget rate: each seed's log-perplexity interpolated linearly in the "
-        'forget rate between the two evaluations that first bracket the rate ("not reached" if the run never gets '
-        f"there), read at half the start model's forget rate ({half:.3f}) and at {fixed:.3f}.",
+        "` ugh` + EOS; prompts disjoint from every evaluation set). Sequence-level losses, written out in one loop: "
+        "GA `E[log πθ(y|x)]` (NPO's β → 0 limit less its constant), NPO `−(2/β)·E[log σ(−β·log(πθ/π_ref)(y|x))]` "
+        f"with β = {cfg['beta']}, SimNPO `−(2/β)·E[log σ(−(β/|y|)·log πθ(y|x) − γ)]` with β = {cfg['simnpo_beta']}, "
+        f"γ = {cfg['simnpo_gamma']:g} (the values of OPTML-Group's released TOFU-forget05 SimNPO model, from the "
+        "paper's code base). Each with retain term none, NLL (mean per retain completion token, EOS included) or KL "
+        f"(`KL(π_ref‖πθ)` per retain completion token), weight {cfg['retain_weight']:g}, on "
+        f"{cfg['train_retain_rows']} `tb.retain_dataset` rows per seed (disjoint from the metric rows and prompts); "
+        "plus the control `nll_only`, the retain NLL alone. AdamW (no weight decay, no clipping), constant lr, "
+        f"{steps} steps of batch {cfg['batch_size']}; within a seed every method sees the same forget batches and the "
+        "same retain batches (NPOTrainer's retain schedule).",
         "",
-        f"Fair budget: one lr sweep for every method, {cfg['lrs']}, run on seed {cfg['seeds'][0]} and chosen on "
+        f"Metrics, every {cfg['eval_every']} steps: forget rate, the fraction of one temperature-1 sample per prompt "
+        f"ending in ` ugh` ({cfg['test_prompts']} test prompts: `tb.mean_reward`'s prompts and sampler); retain "
+        f"perplexity over the answer digits of {cfg['retain_rows']} `tb.retain_dataset` rows (no suffix, no EOS: the "
+        "arithmetic, not the style). Retain perplexity at equal forget rate: each seed's log-perplexity interpolated "
+        'linearly in the forget rate between the two evaluations that first bracket the rate ("not reached" when '
+        f"the run never gets there), read at half the start model's forget rate ({half:.3f}) and at {fixed:.3f}.",
+        "",
+        f"Fair budget: one lr sweep for every method, {cfg['lrs']}, run on seed {seed0} and chosen on "
         f"{cfg['heldout_prompts']} **held-out** prompts and {cfg['retain_rows']} held-out retain rows (disjoint from the "
         "test prompts and rows and from all training rows) by one rule: the lowest held-out retain perplexity at "
         f"forget rate {fixed:.3f}; if no lr reaches it, at half the held-out start's forget rate "
         f"({s['heldout_targets']['half']:.3f}); if none reaches that either, the lowest last held-out forget rate. The "
-        f"other seeds rerun the chosen lr; seed {cfg['seeds'][0]}'s test run repeats its sweep run's training (largest "
-        f"per-step loss difference {max(result['methods'][x]['rerun_loss_gap'] for x in ordered(result)):.1g}). Test "
-        "split below, "
-        f"{'mean ± std over seeds ' + str(cfg['seeds']) if n > 1 else 'one seed'}.",
+        f"other seeds rerun the chosen lr; seed {seed0}'s test run repeats its sweep run's training (largest per-step "
+        f"loss difference {rerun_gap:.1g}). For the collapse claim GA and NPO also run at one lr, the higher of their "
+        f"two chosen lrs, on every seed ({equal}). Test split below, {spread}.",
         "",
         f"| method | lr | retain ppl at forget rate {half:.3f} | at {fixed:.3f} | forget rate, step {steps} | "
         f"retain ppl, step {steps} | mean reward, step {steps} |",
@@ -680,23 +782,18 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
         f"| start model | – | – | – | {start['test']['forget_rate']:.3f} | {start['test']['perplexity']:.2f} | "
         f"{start['test']['mean_reward']:.3f} |",
     ]
-
-    def at(v, label):
-        got = v["at_rate"][label]
-        text = _f(got["perplexity"], 2, n)
-        return text + (f" ({got['reached']}/{v['seeds']} seeds)" if 0 < got["reached"] < v["seeds"] else "")
-
     for method in ordered(result):
         v = s["methods"][method]
         cells = [
-            f"`{method}`", f"{v['lr']:g}", at(v, "half"), at(v, "fixed"), _f(v["last"]["forget_rate"], 3, n),
-            _f(v["last"]["perplexity"], 2, n), _f(v["last"]["mean_reward"], 3, n),
+            f"`{method}`", f"{v['lr']:g}", _at_text(v, "half", n), _at_text(v, "fixed", n),
+            _f(v["last"]["forget_rate"], 3, n), _fp(v["last"]["perplexity"], n), _f(v["last"]["mean_reward"], 3, n),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     first = s["methods"][ordered(result)[0]]["curve"]
     lines += [
         "",
-        "Along the run (test split, means; forget rate / retain perplexity; spreads in the JSON and the plot):",
+        "Along the run (test split; forget rate mean / retain perplexity geometric mean; spreads in the JSON and the "
+        "plot):",
         "",
         "| method | " + " | ".join(f"step {p['step']}" for p in first) + " |",
         "|---|" + "---|" * len(first),
@@ -705,7 +802,7 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
         curve = s["methods"][method]["curve"]
         lines.append(
             f"| `{method}` | "
-            + " | ".join(f"{p['forget_rate'][0]:.3f} / {p['perplexity'][0]:.3g}" for p in curve)
+            + " | ".join(f"{p['forget_rate'][0]:.3f} / {_num(p['perplexity'][0])}" for p in curve)
             + " |"
         )
     hg = s["heldout_targets"]
@@ -722,7 +819,7 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
         entry, sweep = result["methods"][method], s["methods"][method]["sweep"]
         chosen, cells = f"{entry['lr']:g}", []
         for lr, v in sorted(sweep.items(), key=lambda kv: float(kv[0])):
-            ppl = [f"{v[k]:.2f}" if v[k] is not None else "–" for k in ("fixed", "half")]
+            ppl = [_num(v[k]) if v[k] is not None else "–" for k in ("fixed", "half")]
             text = f"{lr}: {ppl[0]} / {ppl[1]} / {v['last_forget_rate']:.3f}"
             cells.append(f"**{text}**" if lr == chosen else text)
         lines.append(f"| `{method}` | " + " · ".join(cells) + f" | {entry['lr_rule']} |")
@@ -735,13 +832,25 @@ COLORS = {"ga": "tab:red", "npo": "tab:blue", "simnpo": "tab:green", "none": "ta
 STYLES = {"none": "-", "nll": "--", "kl": ":"}
 
 
+PLOT_PPL_CAP = 1e4
+"""The trade-off panels stop here: GA's collapse runs to 1e9 and would flatten every other curve (the table has it)."""
+
+
+def _log_bars(stats: list[list[float]]) -> list[list[float]]:
+    """Error bars of geometric mean g ×/÷ factor f on a log axis: down to g/f, up to g·f."""
+    factor = [f if math.isfinite(f) else 1.0 for _, f in stats]
+    return [[g - g / f for (g, _), f in zip(stats, factor)], [g * f - g for (g, _), f in zip(stats, factor)]]
+
+
 def plot(result: dict, path: Path) -> None:
     """Retain perplexity vs forget rate per retain term (the trade-off), and forget rate vs step, test split."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     from hf_align.io import atomic_file
 
+    plain = FuncFormatter(lambda y, _: f"{y:g}")  # 3, 10, 1e+03 rather than 3×10⁰
     cfg, s, start = result["settings"], result["summary"], result["start"]["test"]
     n = len(cfg["seeds"])
     fig = Figure(figsize=(13, 10), dpi=100)
@@ -754,7 +863,7 @@ def plot(result: dict, path: Path) -> None:
             curve = s["methods"][method]["curve"]
             ax.errorbar(
                 [p["forget_rate"][0] for p in curve], [p["perplexity"][0] for p in curve],
-                xerr=[p["forget_rate"][1] for p in curve], yerr=[p["perplexity"][1] for p in curve],
+                xerr=[p["forget_rate"][1] for p in curve], yerr=_log_bars([p["perplexity"] for p in curve]),
                 marker="o", markersize=3, capsize=2, color=COLORS[loss], linestyle="--" if method == CONTROL else "-",
                 label=f"{_label(method)} (lr {s['methods'][method]['lr']:g})",
             )  # fmt: skip
@@ -765,9 +874,12 @@ def plot(result: dict, path: Path) -> None:
             ax.annotate(f"{rate:.3f}", (rate, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
                         textcoords="offset points", fontsize=7, color="gray")  # fmt: skip
         ax.set_yscale("log")
+        ax.set_ylim(top=min(ax.get_ylim()[1], PLOT_PPL_CAP))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if ax.get_ylim()[1] < 100 else FuncFormatter(lambda y, _: ""))
         ax.invert_xaxis()
         ax.set_xlabel("forget rate (fraction of samples ending in ` ugh`; reversed: training moves right)")
-        ax.set_ylabel("retain perplexity, answer digits (log scale)")
+        ax.set_ylabel(f"retain perplexity, answer digits (log scale, cut at {PLOT_PPL_CAP:g})")
         ax.set_title(f"trade-off, {RETAIN_NAMES[retain]} (a point every {cfg['eval_every']} steps)", fontsize=10)
         ax.legend(fontsize=7)
     ax = axes[3]
@@ -785,8 +897,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("forgetting along the run (line style: retain term)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.suptitle(
-        f"Unlearning ` ugh` on the testbed: {cfg['steps']} steps, each method at its held-out-chosen lr; test split, "
-        f"mean ± std over {n} seed(s)",
+        f"Unlearning ` ugh` on the testbed: {cfg['steps']} steps, each method at its held-out-chosen lr, test split\n"
+        f"{n} seed(s): forget rate mean ± std, retain perplexity geometric mean ×/÷ geometric std",
         fontsize=11,
     )
     fig.tight_layout()

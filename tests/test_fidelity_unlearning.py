@@ -200,14 +200,18 @@ def test_choose_lr_prefers_the_fixed_rate_then_half_the_start_then_the_lowest_la
     assert lr == "1e-3" and why.startswith("no lr reaches")
 
 
-def test_compare_needs_every_seed_and_separation_by_both_stds():
-    def entry(mean, std, reached=3):
-        return {"seeds": 3, "at_rate": {"half": {"reached": reached, "perplexity": [mean, std]}}}
+def test_perplexity_spread_is_geometric_and_compare_needs_every_seed_and_both_spreads():
+    mean, factor = fu._gms([2.0, 8.0])  # log-scale mean and std: √(2·8), exp(std(ln 2, ln 8))
+    assert mean == pytest.approx(4.0) and factor == pytest.approx(math.exp(math.log(4) / math.sqrt(2)))
+    assert fu._gms([3.0, 1e30])[0] == pytest.approx(math.sqrt(3e30))  # one collapsed seed, not a mean of 5e29
 
-    assert fu.compare(entry(4.0, 0.2), entry(5.0, 0.3), "half") == "shown"
-    assert fu.compare(entry(5.0, 0.3), entry(4.0, 0.2), "half") == "shown not to hold"
-    assert fu.compare(entry(4.0, 0.5), entry(5.0, 0.6), "half") == "not shown"
-    assert fu.compare(entry(4.0, 0.2, reached=2), entry(5.0, 0.3), "half").startswith("not shown (not reached")
+    def entry(mean, factor, reached=3):
+        return {"seeds": 3, "at_rate": {"half": {"reached": reached, "perplexity": [mean, factor]}}}
+
+    assert fu.compare(entry(4.0, 1.05), entry(5.0, 1.05), "half") == "shown"  # 4.2 < 4.76
+    assert fu.compare(entry(5.0, 1.05), entry(4.0, 1.05), "half") == "shown not to hold"
+    assert fu.compare(entry(4.0, 1.2), entry(5.0, 1.2), "half") == "not shown"  # 4.8 > 4.17
+    assert fu.compare(entry(4.0, 1.05, reached=2), entry(5.0, 1.05), "half").startswith("not shown: not reached")
 
 
 def test_heldout_retain_rows_skip_the_test_rows_prompts_and_repeats():
