@@ -214,6 +214,20 @@ def test_perplexity_spread_is_geometric_and_compare_needs_every_seed_and_both_sp
     assert fu.compare(entry(4.0, 1.05, reached=2), entry(5.0, 1.05), "half").startswith("not shown: not reached")
 
 
+def test_ga_and_npo_rerun_at_the_higher_of_their_chosen_lrs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fu, "unlearn", lambda tb, method, lr, *rest: calls.append((method, lr)) or {"lr": lr})
+    methods = {"ga": 1e-3, "npo": 3e-4, "ga+nll": 3e-4, "npo+nll": 3e-4, "ga+kl": 1e-4, "npo+kl": 3e-3}
+    result = {"methods": {m: {"lr": lr} for m, lr in methods.items()}}
+    cfg, schedules = {"seeds": [0, 1]}, {0: None, 1: None}
+    out = fu.equal_lr_runs(None, cfg, result, {"test": None}, {"test": None}, schedules)
+    assert calls == [("npo", 1e-3)] * 2 + [("ga+kl", 3e-3)] * 2  # equal chosen lrs (retain NLL): nothing to rerun
+    assert {m: (v["lr"], sorted(v["runs"])) for m, v in out.items()} == {
+        "npo": (1e-3, ["0", "1"]),
+        "ga+kl": (3e-3, ["0", "1"]),
+    }
+
+
 def test_heldout_retain_rows_skip_the_test_rows_prompts_and_repeats():
     class Fake:
         @staticmethod
