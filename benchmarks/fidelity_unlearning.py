@@ -79,11 +79,11 @@ def settings(quick: bool) -> dict:
     )  # fmt: skip
     if quick:
         return dict(
-            common, seeds=[0], lrs=[3e-4, 1e-3], steps=6, eval_every=3, test_prompts=32, heldout_prompts=32,
+            common, seeds=[0], lrs=[3e-4, 1e-3], steps=4, eval_every=2, test_prompts=32, heldout_prompts=32,
             retain_rows=16, train_retain_rows=64,
         )  # fmt: skip
     return dict(
-        common, seeds=[0, 1, 2, 3, 4], lrs=[1e-4, 3e-4, 1e-3, 3e-3], steps=40, test_prompts=256, heldout_prompts=256,
+        common, seeds=[0, 1, 2, 3], lrs=[1e-4, 3e-4, 1e-3, 3e-3], steps=40, test_prompts=256, heldout_prompts=256,
         retain_rows=128, train_retain_rows=256,
     )  # fmt: skip
 
@@ -876,7 +876,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_ylim(top=min(ax.get_ylim()[1], PLOT_PPL_CAP))
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if ax.get_ylim()[1] < 100 else FuncFormatter(lambda y, _: ""))
+        ax.yaxis.set_minor_formatter(plain if ax.get_ylim()[1] < 150 else FuncFormatter(lambda y, _: ""))
         ax.invert_xaxis()
         ax.set_xlabel("forget rate (fraction of samples ending in ` ugh`; reversed: training moves right)")
         ax.set_ylabel(f"retain perplexity, answer digits (log scale, cut at {PLOT_PPL_CAP:g})")
