@@ -53,7 +53,7 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(
             seeds=[0], seed_sets=[[0]], feedback_seeds=[0], num_pairs=256, dpo_steps=20, dpo_lr=5e-4,
-            eval_prompts=64, heldout_prompts=32, retain_rows=32, alphas=(0.0, 0.5, 1.0), fb_iterations=1,
+            eval_prompts=32, heldout_prompts=32, retain_rows=16, alphas=(0.0, 0.5, 1.0), fb_iterations=1,
             fb_steps=10, fb_prompts=32, ama_prompts=64, ama_steps=5, ama_lrs=[5e-2],
         )  # fmt: skip
     return dict(

@@ -51,7 +51,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity_common import HELDOUT_SEED, TEST_SEED  # noqa: E402
+from fidelity_common import HELDOUT_SEED, TEST_SEED, collate, encode, token_logps  # noqa: E402
 from fidelity_common import below as _below  # noqa: E402
 from fidelity_common import fmt as _f  # noqa: E402
 from fidelity_common import mean_std as _ms  # noqa: E402
@@ -124,13 +124,6 @@ def prompt_splits(cfg: dict) -> tuple[list[str], list[str]]:
     return common_splits(cfg["test_prompts"], cfg["heldout_prompts"])
 
 
-def encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
-    """(prompt + completion + EOS ids, prompt length): the standard prompt-completion format, loss on the completion."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p + c, len(p)
-
-
 def sft_rows(tb, cfg: dict, style: str, seed: int, exclude: set[str]) -> list[tuple[list[int], int]]:
     data = tb.sft_dataset(2 * cfg["sft_rows"], seed=200 + seed)
     rows = [(p, c) for p, c in zip(data["prompt"], data["completion"]) if p not in exclude][: cfg["sft_rows"]]
@@ -158,27 +151,6 @@ def batches(rows: list, batch_size: int, steps: int, seed: int):
             order += extra
         idx, order = order[:batch_size], order[batch_size:]
         yield [rows[i] for i in idx]
-
-
-def collate(rows: list[tuple[list[int], int]], pad: int):
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad)
-    labels = torch.full((len(rows), width), -100)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, (seq, plen) in enumerate(rows):
-        ids[b, : len(seq)] = torch.tensor(seq)
-        labels[b, plen : len(seq)] = torch.tensor(seq[plen:])
-        attn[b, : len(seq)] = 1
-    return ids, attn, labels
-
-
-def token_logps(model, ids, attn, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of the labels (shifted) and the mask of scored positions."""
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    target = labels[:, 1:]
-    logps = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    mask = target != -100
-    return logps * mask, mask
 
 
 # -------------------------------------------------------------------------------------------- training

@@ -62,3 +62,36 @@ def verdict(a: tuple[float, float], b: tuple[float, float]) -> str:
     if below(a, b):
         return "shown not to hold"
     return "not shown"
+
+
+def encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+    """(prompt + completion + EOS ids, prompt length): the prompt-completion format, loss on the completion."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + c, len(p)
+
+
+def collate(rows: list[tuple[list[int], int]], pad: int):
+    """Right-padded (input_ids, attention_mask, labels), labels −100 on the prompt and the padding."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad)
+    labels = torch.full((len(rows), width), -100)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, (seq, plen) in enumerate(rows):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        labels[b, plen : len(seq)] = torch.tensor(seq[plen:])
+        attn[b, : len(seq)] = 1
+    return ids, attn, labels
+
+
+def token_logps(model, ids, attn, labels):
+    """Per-token log-probabilities of the labels (shifted), zero off the completion, and the completion mask (float)."""
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = (target != -100).float()
+    logps = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask

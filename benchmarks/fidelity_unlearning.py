@@ -38,6 +38,7 @@ import contextlib
 import copy
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -46,8 +47,13 @@ import torch
 import torch.nn.functional as F
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity_common import HELDOUT_SEED, TEST_SEED, collate, encode, token_logps  # noqa: E402
+from fidelity_common import fmt as _f  # noqa: E402
+from fidelity_common import prompt_splits as common_splits  # noqa: E402
+
+
 RESULTS = Path(__file__).resolve().parent / "results"
-TEST_SEED, HELDOUT_SEED = 1234, 4321
 LOSSES = ("ga", "npo", "simnpo")
 RETAINS = ("none", "nll", "kl")
 CONTROL = "nll_only"
@@ -90,16 +96,8 @@ def settings(quick: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ data
 def prompt_splits(cfg: dict) -> tuple[list[str], list[str]]:
-    """Test prompts (the report's) and held-out prompts (lr selection only), disjoint (as fidelity_adapters)."""
-    from hf_align.testbed.evaluation import eval_prompts
-
-    test = eval_prompts(cfg["test_prompts"], seed=TEST_SEED)
-    seen, heldout = set(test), []
-    for prompt in eval_prompts(4 * cfg["heldout_prompts"], seed=HELDOUT_SEED):
-        if prompt not in seen and len(heldout) < cfg["heldout_prompts"]:
-            heldout.append(prompt)
-            seen.add(prompt)
-    return test, heldout
+    """Test prompts (the report's) and held-out prompts (lr selection only), disjoint."""
+    return common_splits(cfg["test_prompts"], cfg["heldout_prompts"])
 
 
 def retain_metric_rows(tb, cfg: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -126,26 +124,6 @@ def training_rows(dataset_fn, n: int, seed: int, exclude: set[str]) -> list[tupl
     return rows
 
 
-def encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
-    """(prompt + completion + EOS ids, prompt length): the prompt-completion format NPOTrainer uses."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p + c, len(p)
-
-
-def collate(rows: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, labels), labels −100 on the prompt and the padding."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad)
-    labels = torch.full((len(rows), width), -100)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, (seq, plen) in enumerate(rows):
-        ids[b, : len(seq)] = torch.tensor(seq)
-        labels[b, plen : len(seq)] = torch.tensor(seq[plen:])
-        attn[b, : len(seq)] = 1
-    return ids, attn, labels
-
-
 def forget_order(num_rows: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     """Shuffled passes over the forget rows, one index list per step (today's ``_forget_batches`` order)."""
     gen = torch.Generator().manual_seed(seed)
@@ -169,15 +147,6 @@ def retain_order(num_rows: int, batch_size: int, steps: int, seed: int) -> list[
         perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + cycle))
         out.append(perm[position * batch_size : (position + 1) * batch_size].tolist())
     return out
-
-
-def token_logps(model, ids, attn, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of the labels (shifted), zero off the completion, and the completion mask."""
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    target = labels[:, 1:]
-    mask = (target != -100).float()
-    logps = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logps * mask, mask
 
 
 class Schedule(NamedTuple):
@@ -485,11 +454,6 @@ def _gms(values: list[float]) -> list[float]:
 
 
 STATS = {"forget_rate": _ms, "perplexity": _gms, "mean_reward": _ms}
-
-
-def _f(v, digits: int = 3, n: int = 2) -> str:
-    """A rate or reward: mean ± std (the mean alone for one seed)."""
-    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if n > 1 else f"{v[0]:.{digits}f}"
 
 
 def _num(x: float) -> str:
@@ -945,9 +909,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (the first sweeps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--rewrite", action="store_true", help="only rebuild summary, findings and plot from the JSON")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and the plot go")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = rewrite(args.quick) if args.rewrite else run_section(args.quick, seeds=args.seeds)
+    result = (
+        rewrite(args.quick, args.results) if args.rewrite else run_section(args.quick, args.results, seeds=args.seeds)
+    )
     print("\n".join(markdown(result)))
     print(f"section done in {result['wall_s'] / 60:.1f} min")
     finite = all(math.isfinite(v["last"]["forget_rate"][0]) for v in result["summary"]["methods"].values())
