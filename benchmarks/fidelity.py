@@ -533,10 +533,14 @@ def _dominated(ama: dict) -> tuple[list[str], list[str]]:
 
 
 def _versus_front(ama: dict, variant: dict) -> tuple[str, str]:
-    """The best linear α at no higher retain perplexity (the curve is not monotone: no interpolation) and the
-    verdict for "the variant beats it" (none reachable: compare with the lowest-perplexity α)."""
-    ppl = variant["perplexity"][0]
-    reachable = [k for k in ama if ama[k]["perplexity"][0] <= ppl] or [min(ama, key=lambda k: ama[k]["perplexity"][0])]
+    """The best linear α at no higher retain perplexity and the verdict for "the variant beats it".
+
+    "No higher" allows the variant's own perplexity spread (a linear α 0.01 above the variant's mean perplexity is
+    not out of reach); the curve is not monotone, so no interpolation. None reachable: the lowest-perplexity α.
+    """
+    ppl, spread = variant["perplexity"]
+    reachable = [k for k in ama if ama[k]["perplexity"][0] <= ppl + spread]
+    reachable = reachable or [min(ama, key=lambda k: ama[k]["perplexity"][0])]
     best = max(reachable, key=lambda k: ama[k]["mean_reward"][0])
     if below(ama[best]["mean_reward"], variant["mean_reward"]):
         return best, "shown"
@@ -566,7 +570,7 @@ def ama_findings(summary: dict) -> list[str]:
                 f"{fmt(ama[best]['mean_reward'])} (ppl {ama[best]['perplexity'][0]:.2f}): {verdict}"
             )
         out.append(
-            f"- **AMA variants beat the linear front at no higher retain perplexity ({label}):** "
+            f"- **AMA variants beat the linear front at no higher retain perplexity, within the variant's spread ({label}):** "
             + "; ".join(parts)
             + "."
         )
@@ -611,8 +615,19 @@ def findings(summary: dict) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def write_report(runs: list[dict], cfg: dict, quick: bool, wall_s: float, results: Path, jobs: int) -> dict:
-    sections = load_sections(cfg["sections"], quick, results)
+def write_report(
+    runs: list[dict],
+    cfg: dict,
+    quick: bool,
+    wall_s: float,
+    results: Path,
+    jobs: int,
+    finished: list[str] | None = None,
+) -> dict:
+    """``finished``: the sections this run completed (None: every section JSON on disk, what ``--rewrite`` merges); a
+    section that failed or has not finished yet is left out, never replaced by an older run's JSON."""
+    names = cfg["sections"] if finished is None else [n for n in cfg["sections"] if n in finished]
+    sections = load_sections(names, quick, results)
     summary = summarize(runs, cfg)
     suffix = "_quick" if quick else ""
     report = {
@@ -684,9 +699,11 @@ def main(argv: list[str] | None = None) -> int:
         sections = Sections([n for n in args.sections if n in SECTIONS], args.quick, args.seeds, RESULTS, Path(logs))
         sections.poll(jobs - 1)
         runs = run_seeds(cfg, sections, jobs)
-        write_report(runs, cfg, args.quick, time.time() - start, RESULTS, jobs)  # a failed section keeps the rest
+        done = [n for n, rc in sections.returncodes.items() if rc == 0]
+        write_report(runs, cfg, args.quick, time.time() - start, RESULTS, jobs, done)  # a killed run keeps these
         returncodes = sections.wait(jobs)
-    report = write_report(runs, cfg, args.quick, time.time() - start, RESULTS, jobs)
+    done = [n for n, rc in returncodes.items() if rc == 0]
+    report = write_report(runs, cfg, args.quick, time.time() - start, RESULTS, jobs, done)
     print(report["markdown"])
     print(f"wrote {RESULTS}/fidelity{suffix}.json and .md in {(time.time() - start) / 60:.1f} min")
     finite = all(math.isfinite(v["mean_reward"][0]) for s in report["summary"]["ama"].values() for v in s.values())

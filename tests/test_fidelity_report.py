@@ -100,6 +100,29 @@ def test_ama_variant_is_judged_against_the_best_linear_alpha_at_no_higher_perple
     }
     better = {"mean_reward": (0.52, 0.01), "perplexity": (2.2, 0.1)}  # reachable: α 0.4 (2.1 ≤ 2.2), not α 0 (3.0)
     assert fidelity._versus_front(linear, better) == ("0.4", "shown")
+    # α 0.4 is 0.05 above the variant's perplexity, within its spread (0.1): still the comparison, not α 1
+    close = {"mean_reward": (0.48, 0.01), "perplexity": (2.05, 0.1)}
+    assert fidelity._versus_front(linear, close) == ("0.4", "not shown")
     worse = {"mean_reward": (0.40, 0.01), "perplexity": (2.0, 0.1)}  # below every α's ppl: the lowest, α 0.4
     assert fidelity._versus_front(linear, worse) == ("0.4", "shown not to hold")
     assert fidelity._dominated(linear) == (["0.0", "0.4", "1.0"], ["1.0"])
+
+
+def _ama_run(seed, reward):
+    point = {"mean_reward": reward, "perplexity": 2.0, "kl": 0.1, "win_rate": 0.5, "mean_length": 3.0}
+    variants = [{"name": n, "mean_alpha": 0.3, **point} for n in ("partwise 0.4|0.3|0.2", "partwise 0.2|0.3|0.4")]
+    variants += [
+        {"name": f"adaptive init {a}", "mean_alpha": a, "lr": "0.03", "block_alphas": [a, a, a], **point}
+        for a in (0.2, 0.4)
+    ]
+    return {"seed": seed, "ama": [{"alpha": a, **point} for a in (0.0, 1.0)], "ama_variants": variants}
+
+
+def test_a_section_that_did_not_finish_is_left_out_not_replaced_by_an_older_json(tmp_path):
+    fidelity = load("fidelity")
+    (tmp_path / "fidelity_allo.json").write_text("{}")  # an older run's file: must not be read
+    cfg = {**fidelity.settings(quick=False), "sections": ["allo", "feedback"], "seeds": [0, 1], "seed_sets": [[0, 1]]}
+    runs = [_ama_run(0, 0.40), _ama_run(1, 0.44)]
+    report = fidelity.write_report(runs, cfg, False, 60.0, tmp_path, 2, finished=[])
+    assert report["sections"] == {} and "Section `allo` did not finish" in report["markdown"]
+    assert report["summary"]["ama"]["seeds 0–1"]["0.0"]["mean_reward"][0] == pytest.approx(0.42)
