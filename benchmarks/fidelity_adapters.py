@@ -38,7 +38,6 @@ Writes ``benchmarks/results/fidelity_adapters[_quick].json`` and ``fidelity[_qui
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import random
@@ -51,6 +50,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fidelity_common as common  # noqa: E402
 from fidelity_common import HELDOUT_SEED, TEST_SEED, collate, encode, token_logps  # noqa: E402
 from fidelity_common import below as _below  # noqa: E402
 from fidelity_common import fmt as _f  # noqa: E402
@@ -715,18 +715,7 @@ def plot(result: dict, path: Path) -> None:
 
 def run_section(quick: bool, results: Path = RESULTS, seeds: list[int] | None = None, log=print) -> dict:
     """Run; write ``fidelity_adapters[_quick].json`` and ``fidelity[_quick]_adapters.png`` under ``results``."""
-    from hf_align import testbed
-    from hf_align.io import write_json
-
-    cfg = settings(quick)
-    if seeds:
-        cfg["seeds"] = list(seeds)
-    result = run(testbed.load(), cfg, log=log)
-    suffix = "_quick" if quick else ""
-    result["plot"] = f"fidelity{suffix}_adapters.png"
-    plot(result, results / result["plot"])
-    write_json(results / f"fidelity_adapters{suffix}.json", result)
-    return result
+    return common.run_section(sys.modules[__name__], "adapters", quick, results, seeds, log)
 
 
 def refresh(result: dict) -> dict:
@@ -737,34 +726,17 @@ def refresh(result: dict) -> dict:
 
 
 def rewrite(quick: bool, results: Path = RESULTS) -> dict:
-    from hf_align.io import read_json, write_json
-
-    path = results / f"fidelity_adapters{'_quick' if quick else ''}.json"
-    result = refresh(read_json(path))
-    plot(result, results / result["plot"])
-    write_json(path, result)
-    return result
+    return common.rewrite_section(sys.modules[__name__], "adapters", quick, results)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: one seed, two lrs, a few steps (< 30 s)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (the first sweeps)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--rewrite", action="store_true", help="only rebuild summary, findings and plot from the JSON")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and the plot go")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = (
-        rewrite(args.quick, args.results) if args.rewrite else run_section(args.quick, args.results, seeds=args.seeds)
-    )
-    print("\n".join(markdown(result)))
-    print(f"section done in {result['wall_s'] / 60:.1f} min; merge it into fidelity.md with "
-          f"`python benchmarks/fidelity.py --rewrite{' --quick' if args.quick else ''}`")  # fmt: skip
-    return (
-        0
-        if all(math.isfinite(v["sft"]["mean_reward"][0]) for st in result["summary"].values() for v in st.values())
-        else 1
+    return common.section_main(
+        sys.modules[__name__],
+        "adapters",
+        argv,
+        lambda result: all(
+            math.isfinite(v["sft"]["mean_reward"][0]) for st in result["summary"].values() for v in st.values()
+        ),
     )
 
 

@@ -20,7 +20,6 @@ Writes ``benchmarks/results/fidelity_allo[_quick].json`` and ``fidelity[_quick]_
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -28,10 +27,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fidelity_common as common  # noqa: E402
 from fidelity_common import RESULTS, below, fmt, mean_std, prompt_splits, verdict  # noqa: E402
 
 
@@ -578,44 +576,20 @@ def refresh(result: dict) -> dict:
 
 def run_section(quick: bool, results: Path = RESULTS, seeds: list[int] | None = None, log=print) -> dict:
     """Run; write ``fidelity_allo[_quick].json`` and ``fidelity[_quick]_allo.png`` under ``results``."""
-    from hf_align import testbed
-    from hf_align.io import write_json
-
-    cfg = settings(quick)
-    if seeds:
-        cfg["seeds"] = list(seeds)
-    result = refresh(run(testbed.load(), cfg, log=log))
-    suffix = "_quick" if quick else ""
-    result["plot"] = f"fidelity{suffix}_allo.png"
-    plot(result, results / result["plot"])
-    write_json(results / f"fidelity_allo{suffix}.json", result)
-    return result
+    return common.run_section(sys.modules[__name__], "allo", quick, results, seeds, log)
 
 
 def rewrite(quick: bool, results: Path = RESULTS) -> dict:
-    from hf_align.io import read_json, write_json
-
-    path = results / f"fidelity_allo{'_quick' if quick else ''}.json"
-    result = refresh(read_json(path))
-    plot(result, results / result["plot"])
-    write_json(path, result)
-    return result
+    return common.rewrite_section(sys.modules[__name__], "allo", quick, results)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: one seed, two lrs, a few steps")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (the first sweeps)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--rewrite", action="store_true", help="only rebuild summary, findings and plot from the JSON")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and the plot go")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = (
-        rewrite(args.quick, args.results) if args.rewrite else run_section(args.quick, args.results, seeds=args.seeds)
+    return common.section_main(
+        sys.modules[__name__],
+        "allo",
+        argv,
+        lambda result: all(math.isfinite(v["mean_reward"][0]) for v in result["summary"].values()),
     )
-    print("\n".join(markdown(result)))
-    return 0 if all(math.isfinite(v["mean_reward"][0]) for v in result["summary"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -95,3 +95,60 @@ def token_logps(model, ids, attn, labels):
     mask = (target != -100).float()
     logps = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logps * mask, mask
+
+
+# ------------------------------------------------------------------------------------- a section's plumbing
+def section_paths(name: str, quick: bool, results: Path) -> tuple[Path, str]:
+    """A section's JSON path and its plot's file name (``fidelity_<name>[_quick].json``, ``fidelity[_quick]_<name>.png``)."""
+    suffix = "_quick" if quick else ""
+    return results / f"fidelity_{name}{suffix}.json", f"fidelity{suffix}_{name}.png"
+
+
+def run_section(module, name: str, quick: bool, results: Path, seeds: list[int] | None = None, log=print) -> dict:
+    """Run a section module (its ``settings``/``run``/``refresh``/``plot``); write its JSON and plot under ``results``."""
+    from hf_align import testbed
+    from hf_align.io import write_json
+
+    cfg = module.settings(quick)
+    if seeds:
+        cfg["seeds"] = list(seeds)
+    result = module.refresh(module.run(testbed.load(), cfg, log=log))
+    path, result["plot"] = section_paths(name, quick, results)
+    module.plot(result, results / result["plot"])
+    write_json(path, result)
+    return result
+
+
+def rewrite_section(module, name: str, quick: bool, results: Path) -> dict:
+    """Summary, findings and plot rebuilt from a section's JSON (after a change to the report code, no rerun)."""
+    from hf_align.io import read_json, write_json
+
+    path, _ = section_paths(name, quick, results)
+    result = module.refresh(read_json(path))
+    module.plot(result, results / result["plot"])
+    write_json(path, result)
+    return result
+
+
+def section_main(module, name: str, argv: list[str] | None, finite) -> int:
+    """The command line every section script shares; exit 1 when ``finite(result)`` is false (a diverged run)."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: one seed, fewer lrs, a few steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (the first sweeps)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--rewrite", action="store_true", help="only rebuild summary, findings and plot from the JSON")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and the plot go")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.rewrite:
+        result = rewrite_section(module, name, args.quick, args.results)
+    else:
+        result = run_section(module, name, args.quick, args.results, seeds=args.seeds)
+    print("\n".join(module.markdown(result)))
+    print(f"section done in {result['wall_s'] / 60:.1f} min; merge it into fidelity.md with "
+          f"`python benchmarks/fidelity.py --rewrite{' --quick' if args.quick else ''}`")  # fmt: skip
+    return 0 if finite(result) else 1

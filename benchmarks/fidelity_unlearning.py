@@ -33,7 +33,6 @@ Writes ``benchmarks/results/fidelity_unlearning[_quick].json`` and ``fidelity[_q
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import math
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fidelity_common as common  # noqa: E402
 from fidelity_common import HELDOUT_SEED, TEST_SEED, collate, encode, token_logps  # noqa: E402
 from fidelity_common import fmt as _f  # noqa: E402
 from fidelity_common import prompt_splits as common_splits  # noqa: E402
@@ -872,18 +872,7 @@ def plot(result: dict, path: Path) -> None:
 
 def run_section(quick: bool, results: Path = RESULTS, seeds: list[int] | None = None, log=print) -> dict:
     """Run; write ``fidelity_unlearning[_quick].json`` and ``fidelity[_quick]_unlearning.png`` under ``results``."""
-    from hf_align import testbed
-    from hf_align.io import write_json
-
-    cfg = settings(quick)
-    if seeds:
-        cfg["seeds"] = list(seeds)
-    result = run(testbed.load(), cfg, log=log)
-    suffix = "_quick" if quick else ""
-    result["plot"] = f"fidelity{suffix}_unlearning.png"
-    plot(result, results / result["plot"])
-    write_json(results / f"fidelity_unlearning{suffix}.json", result)
-    return result
+    return common.run_section(sys.modules[__name__], "unlearning", quick, results, seeds, log)
 
 
 def refresh(result: dict) -> dict:
@@ -894,31 +883,16 @@ def refresh(result: dict) -> dict:
 
 
 def rewrite(quick: bool, results: Path = RESULTS) -> dict:
-    from hf_align.io import read_json, write_json
-
-    path = results / f"fidelity_unlearning{'_quick' if quick else ''}.json"
-    result = refresh(read_json(path))
-    plot(result, results / result["plot"])
-    write_json(path, result)
-    return result
+    return common.rewrite_section(sys.modules[__name__], "unlearning", quick, results)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: one seed, two lrs, a few steps (< 30 s)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (the first sweeps)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--rewrite", action="store_true", help="only rebuild summary, findings and plot from the JSON")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and the plot go")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = (
-        rewrite(args.quick, args.results) if args.rewrite else run_section(args.quick, args.results, seeds=args.seeds)
+    return common.section_main(
+        sys.modules[__name__],
+        "unlearning",
+        argv,
+        lambda result: all(math.isfinite(v["last"]["forget_rate"][0]) for v in result["summary"]["methods"].values()),
     )
-    print("\n".join(markdown(result)))
-    print(f"section done in {result['wall_s'] / 60:.1f} min")
-    finite = all(math.isfinite(v["last"]["forget_rate"][0]) for v in result["summary"]["methods"].values())
-    return 0 if finite else 1  # a NaN forget rate: a chosen run diverged
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 Hand-made summaries with hand-computed verdicts; the end-to-end run is tests/test_fidelity_smoke.py.
 """
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -15,14 +14,12 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(name):
+    """A benchmarks/ module, loaded the way the sections load each other (``fidelity_common.sibling``)."""
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    import fidelity_common
+
+    return fidelity_common.sibling(name)
 
 
 def test_verdict_needs_the_stds_apart():
