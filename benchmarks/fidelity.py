@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity_common import below, fmt, mean_std, sibling  # noqa: E402
+from fidelity_common import below, best_lr, fmt, mean_std, sibling  # noqa: E402
 
 from hf_align import testbed  # noqa: E402
 from hf_align.io import atomic_file, read_json, write_json  # noqa: E402
@@ -149,10 +150,10 @@ def ama_variants(tb, evaluator, dpo_model, seed: int, cfg: dict, tmp: str, chose
         points.append({"name": label, "mean_alpha": 0.3, **evaluator(merged)})
     data = best_of_n(tb, dpo_model, n=4, num_prompts=cfg["ama_prompts"], seed=seed)
     for init in ADAPTIVE_INITS:
-        lrs = cfg["ama_lrs"] if chosen is None else [float(chosen[f"{init:g}"])]
-        trained = {f"{lr:g}": adaptive_merge(tb, data, aligned, init, lr, seed, cfg, tmp) for lr in lrs}
+        lrs = [f"{lr:g}" for lr in cfg["ama_lrs"]] if chosen is None else [chosen[f"{init:g}"]]
+        trained = {lr: adaptive_merge(tb, data, aligned, init, float(lr), seed, cfg, tmp) for lr in lrs}
         sweep = {lr: evaluator.heldout(model) for lr, (model, _) in trained.items()} if chosen is None else {}
-        lr = max(sweep, key=lambda k: sweep[k] if math.isfinite(sweep[k]) else -1.0) if sweep else f"{lrs[0]:g}"
+        lr = best_lr(sweep) if sweep else lrs[0]
         model, learned = trained[lr]
         point = {"name": f"adaptive init {init}", "mean_alpha": init, "lr": lr, "block_alphas": learned}
         points.append({**point, **({"heldout_sweep": sweep} if sweep else {}), **evaluator(model)})
@@ -270,7 +271,7 @@ class Sections:
         while self.pending and len(self.running) < slots:
             name = self.pending.pop(0)
             log = self.logs / f"{name}.log"
-            env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
             with open(log, "w") as handle:
                 proc = subprocess.Popen(self.command(name), stdout=handle, stderr=subprocess.STDOUT, env=env)
             self.running[name] = (proc, log)
@@ -655,10 +656,8 @@ def write_report(
 
 def run_seeds(cfg: dict, sections: Sections, jobs: int) -> list[dict]:
     """This file's seeds, in this process, while the section scripts use the other slots."""
-    from fidelity_allo import Evaluator
-
     tb = testbed.load()
-    evaluator = Evaluator(tb, cfg["eval_prompts"], cfg["retain_rows"], cfg["heldout_prompts"])
+    evaluator = allo_module().Evaluator(tb, cfg["eval_prompts"], cfg["retain_rows"], cfg["heldout_prompts"])
     runs: list[dict] = []
     for seed in cfg["seeds"]:
         sections.poll(jobs - 1)

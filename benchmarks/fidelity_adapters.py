@@ -58,7 +58,7 @@ from fidelity_common import mean_std as _ms  # noqa: E402
 from fidelity_common import prompt_splits as common_splits  # noqa: E402
 
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 SELECT_REWARD_DROP = 0.05
 METHODS = ("aligner_n1", "aligner_n10", "lora_r8", "llama_adapter")
 STYLES = {

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity_common as common  # noqa: E402
-from fidelity_common import RESULTS, below, fmt, mean_std, prompt_splits, verdict  # noqa: E402
+from fidelity_common import RESULTS, below, best_lr, fmt, mean_std, prompt_splits, verdict  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -216,12 +216,12 @@ class SeedRun:
             self.timings[f"warmup_{score[0]}_{score[1]}"] = round(time.time() - start, 1)
         return self._scores[score]
 
-    def mask(self, v: Variant, ratio: float):
+    def mask(self, v: Variant):
         from hf_align.masks import NeuronMask
 
         if v.select == "random":
-            return NeuronMask.random(self.tb.model, ratio, v.score[1], seed=self.seed)
-        return NeuronMask.from_scores(self.scores(v.score), ratio, select=v.select)
+            return NeuronMask.random(self.tb.model, v.ratio, v.score[1], seed=self.seed)
+        return NeuronMask.from_scores(self.scores(v.score), v.ratio, select=v.select)
 
     def forgot(self, v: Variant, lr: float):
         """The forgetting stage's model for the variant's forgetting ratio at ``lr`` (the start model if none)."""
@@ -229,7 +229,7 @@ class SeedRun:
             return None
         key = (v.forget_ratio, lr)
         if key not in self._forgot:
-            mask = self.mask(Variant("forget", "", ratio=v.forget_ratio), v.forget_ratio)
+            mask = self.mask(Variant("forget", "", ratio=v.forget_ratio))
             out = f"{self.tmp}/forget_{v.forget_ratio:g}_{lr:g}"
             self._forgot[key] = forget_stage(self.tb, self.labelled, self.seed, self.cfg, mask, lr, out)
         return self._forgot[key]
@@ -240,15 +240,9 @@ class SeedRun:
             return train_dpo(self.tb, self.data, self.seed, self.cfg["dpo_steps"], out, lr=lr)
         start = self.forgot(v, forget_lr)
         return train_masked(
-            self.tb, self.data, self.seed, self.cfg["dpo_steps"], out, self.mask(v, v.ratio), lr, model=start,
+            self.tb, self.data, self.seed, self.cfg["dpo_steps"], out, self.mask(v), lr, model=start,
             epsilon=v.epsilon,
         )  # fmt: skip
-
-
-def _best(sweep: dict[str, float]) -> str:
-    """The lr with the highest held-out reward (a diverged run scores NaN and is never chosen)."""
-    finite = {lr: r for lr, r in sweep.items() if math.isfinite(r)} or sweep
-    return max(finite, key=lambda lr: finite[lr])
 
 
 def sweep_seed(run: SeedRun, cfg: dict, log=print) -> dict:
@@ -267,14 +261,14 @@ def sweep_seed(run: SeedRun, cfg: dict, log=print) -> dict:
             for flr in cfg["forget_lrs"]:
                 model = run.train(by_name["allo_forget"], improve_lr, flr)
                 result["forget_lr_sweep"][f"{flr:g}"] = run.evaluator.heldout(model)
-            forget_lr = float(_best(result["forget_lr_sweep"]))
+            forget_lr = float(best_lr(result["forget_lr_sweep"]))
             result["forget_lr"] = forget_lr
             log(f"  seed {run.seed} forgetting lr {forget_lr:g}: {result['forget_lr_sweep']}")
         models = {}
         for lr in cfg["lrs"]:
             models[f"{lr:g}"] = run.train(v, lr, forget_lr)
             result["sweep"].setdefault(v.name, {})[f"{lr:g}"] = run.evaluator.heldout(models[f"{lr:g}"])
-        chosen = _best(result["sweep"][v.name])
+        chosen = best_lr(result["sweep"][v.name])
         result["lr"][v.name] = chosen
         result["test"][v.name] = run.evaluator(models[chosen])
         log(f"  seed {run.seed} {v.name}: lr {chosen} {result['sweep'][v.name]} → {result['test'][v.name]}")

@@ -50,6 +50,14 @@ def fmt(v: tuple[float, float], digits: int = 3, n: int = 2) -> str:
     return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if n > 1 else f"{v[0]:.{digits}f}"
 
 
+def best_lr(sweep: dict[str, float]) -> str:
+    """The lr with the highest held-out reward (a diverged run scores NaN and is never chosen)."""
+    import math
+
+    finite = {lr: r for lr, r in sweep.items() if math.isfinite(r)} or sweep
+    return max(finite, key=lambda lr: finite[lr])
+
+
 def below(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """a below b by more than a's and b's stds together (a weak test with few seeds; the reports say so)."""
     return a[0] + a[1] < b[0] - b[1]

@@ -53,7 +53,7 @@ from fidelity_common import fmt as _f  # noqa: E402
 from fidelity_common import prompt_splits as common_splits  # noqa: E402
 
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 LOSSES = ("ga", "npo", "simnpo")
 RETAINS = ("none", "nll", "kl")
 CONTROL = "nll_only"

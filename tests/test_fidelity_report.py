@@ -38,10 +38,10 @@ def test_prompt_splits_are_disjoint_and_the_test_prompts_are_the_evaluation_prom
     assert test == eval_prompts(64, seed=1234) and len(heldout) == 32 and not set(test) & set(heldout)
 
 
-def test_allo_lr_choice_is_the_best_finite_heldout_reward():
-    allo = load("fidelity_allo")
-    assert allo._best({"0.0003": 0.41, "0.001": 0.52, "0.003": 0.30}) == "0.001"
-    assert allo._best({"0.0003": 0.41, "0.001": float("nan")}) == "0.0003"
+def test_lr_choice_is_the_best_finite_heldout_reward():
+    common = load("fidelity_common")
+    assert common.best_lr({"0.0003": 0.41, "0.001": 0.52, "0.003": 0.30}) == "0.001"
+    assert common.best_lr({"0.0003": 0.41, "0.001": float("nan")}) == "0.0003"
 
 
 def test_allo_pairs_exclude_the_evaluation_prompts():
