@@ -155,6 +155,41 @@ def test_row_function_under_cpu_bf16_autocast():
     torch.testing.assert_close(out.float(), fp32, rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("row", [True, False])
+def test_autocast_input_is_cast_once_and_saved_in_the_autocast_dtype(row):
+    """Layers that read one fp32 activation (q/k/v, gate/up) under bf16 autocast keep one shared bf16 copy of it
+    for backward, not the fp32 input each (twice the bytes); outputs and delta gradients stay plain autocast's."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, generator=generator).requires_grad_()
+    index = torch.tensor([1, 4, 6]) if row else torch.tensor([0, 3, 8, 17, 34])
+    layers = []
+    for _ in range(3):
+        weight = torch.randn(7, 5, generator=generator)
+        delta = (torch.randn(index.numel(), *([5] if row else []), generator=generator) * 0.1).requires_grad_()
+        layers.append((weight, delta))
+    saved_inputs = []
+
+    def pack(tensor):
+        if tuple(tensor.shape) == tuple(x.shape):
+            saved_inputs.append((tensor.dtype, tensor.data_ptr()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [_DeltaLinear.apply(x, w, None, index.to(torch.int32), d, row) for w, d in layers]
+    assert len(saved_inputs) == 3 and {dtype for dtype, _ in saved_inputs} == {torch.bfloat16}
+    assert len({ptr for _, ptr in saved_inputs}) == 1  # one cast, shared
+    merged = [w.index_add(0, index, d) if row else w.reshape(-1).index_add(0, index, d).view_as(w) for w, d in layers]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        refs = [F.linear(x, w) for w in merged]
+    assert all(torch.equal(out, ref) for out, ref in zip(outs, refs, strict=True))
+    grad_out = torch.randn(2, 4, 7, generator=generator).bfloat16()
+    deltas = [d for _, d in layers]
+    grads = torch.autograd.grad(sum((o.float() * grad_out).sum() for o in outs), deltas)
+    ref_grads = torch.autograd.grad(sum((r.float() * grad_out).sum() for r in refs), deltas)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("granularity", ["row", "element"])
 def test_model_with_deltas_equals_plain_model_with_merged_weights(granularity):
     base = _tiny()
