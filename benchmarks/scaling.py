@@ -2,12 +2,13 @@
 
 Runs ``benchmarks/masked_dpo.py``'s configurations (each in its own subprocess, ``--repeats`` interleaved runs, the
 median reported) on the ~6M ("medium"), ~50M ("full") and ~190M ("large") Llama with the same data (95-digit
-answers) and batch, with a live reference. Writes ``benchmarks/results/scaling.json`` and ``scaling.png`` (step time,
-step time relative to LoRA, peak RSS and trainable + optimizer bytes against the parameter count).
+answers) and batch, with a live reference, under the host allocators of ``masked_dpo.py`` (``--allocator``). Writes
+``benchmarks/results/scaling.json`` and ``scaling.png`` (step time, step time relative to LoRA, peak RSS and
+trainable + optimizer bytes against the parameter count; solid lines glibc's defaults, dashed the retaining malloc).
 
-    python benchmarks/scaling.py                 # 3 repeats, 2 threads
-    BENCH_THREADS=1 python benchmarks/scaling.py --repeats 2 --steps 2   # the committed results: ~16 minutes
-    python benchmarks/scaling.py --sizes medium --repeats 1 --steps 1   # a smoke run
+    python benchmarks/scaling.py                 # 3 repeats, 2 threads, both allocators
+    BENCH_THREADS=1 python benchmarks/scaling.py --repeats 2 --steps 2   # the committed results
+    python benchmarks/scaling.py --sizes medium --repeats 1 --steps 1 --allocator glibc   # a smoke run
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from masked_dpo import ROOT, SIZES, load_record, measure  # noqa: E402
+from masked_dpo import ALLOCATORS, ROOT, SIZES, load_record, measure  # noqa: E402
 
 
 CONFIGS = ["trl_full", "trl_lora_r8", "masked_row0.1", "masked_element0.1"]
@@ -45,10 +46,17 @@ def plot(results: list[dict], path: Path, threads: str) -> None:
         ("peak_rss_mb", "peak RSS (MB)", False),
         ("train_opt_mb", "trainable + optimizer state (MB)", True),
     ]
+    allocators = sorted({r.get("allocator", "glibc") for r in results})
+    colors = {config: f"C{i}" for i, config in enumerate(CONFIGS)}
     for ax, (key, label, log) in zip(axes, panels, strict=True):
-        for config in CONFIGS:
+        for config, allocator in ((c, a) for a in allocators for c in CONFIGS):
             rows = sorted(
-                (r for r in results if r["config"] == config and "error" not in r), key=lambda r: r["num_params"]
+                (
+                    r
+                    for r in results
+                    if r["config"] == config and r.get("allocator", "glibc") == allocator and "error" not in r
+                ),
+                key=lambda r: r["num_params"],
             )
             xs = [r["num_params"] / 1e6 for r in rows]
             ys = [r[key] for r in rows]
@@ -60,7 +68,9 @@ def plot(results: list[dict], path: Path, threads: str) -> None:
                 yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
                 marker="o",
                 capsize=3,
-                label=LABELS[config],
+                color=colors[config],
+                linestyle="--" if allocator == "retain" else "-",
+                label=f"{LABELS[config]} ({allocator})",
             )
         ax.set_xscale("log")
         if log:
@@ -82,6 +92,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["medium", "full", "large"], choices=sorted(SIZES))
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration and size (median reported)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after two warm-up steps)")
+    parser.add_argument("--allocator", choices=(*ALLOCATORS, "both"), default="both", help="see masked_dpo.py")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the existing JSON")
     args = parser.parse_args()
@@ -92,8 +103,9 @@ def main() -> None:
         return
     load_before = load_record()
     results = []
+    allocators = ALLOCATORS if args.allocator == "both" else (args.allocator,)
     for size in args.sizes:
-        rows = measure(CONFIGS, size, args.steps, args.repeats, (False,), DIGITS)
+        rows = measure(CONFIGS, size, args.steps, args.repeats, (False,), DIGITS, allocators)
         for row in rows:
             row["size"] = size
             if "error" not in row:
@@ -102,13 +114,16 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from hf_align.io import write_json
 
-    print(f"{'size':8} {'config':20} {'params M':>9} {'s/step':>8} {'xLoRA':>6} {'RSS MB':>8} {'train+opt MB':>12}")
+    print(
+        f"{'size':8} {'config':20} {'alloc':7} {'params M':>9} {'s/step':>8} {'xLoRA':>6} {'RSS MB':>8} "
+        f"{'train+opt MB':>12}"
+    )
     for r in results:
         if "error" in r:
-            print(f"{r['size']:8} {r['config']:20} ERROR {r['error']}")
+            print(f"{r['size']:8} {r['config']:20} {r['allocator']:7} ERROR {r['error']}")
             continue
         print(
-            f"{r['size']:8} {r['config']:20} {r['num_params'] / 1e6:9.1f} {r['step_time_s']:8.3f} "
+            f"{r['size']:8} {r['config']:20} {r['allocator']:7} {r['num_params'] / 1e6:9.1f} {r['step_time_s']:8.3f} "
             f"{r.get('step_time_vs_trl_lora_r8', 0):6.2f} {r['peak_rss_mb']:8.0f} {r['train_opt_mb']:12.1f}"
         )
     record = {
@@ -117,6 +132,7 @@ def main() -> None:
         "batch": 4,
         "steps": args.steps,
         "repeats": args.repeats,
+        "allocators": list(allocators),
         "load_average": {"before": load_before, "after": load_record()},
         "results": results,
     }
