@@ -6,6 +6,7 @@ records the operators with the most self CPU time, the memory they allocate, and
 
     python benchmarks/profile_masked_dpo.py --size quick                 # smoke run, seconds
     python benchmarks/profile_masked_dpo.py masked_row0.1 trl_lora_r8    # the default (~60M) model
+    python benchmarks/profile_masked_dpo.py --allocator retain masked_row0.1 trl_lora_r8   # malloc keeps freed memory
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from masked_dpo import CONFIGS, ROOT, SIZES, make_trainer  # noqa: E402
+from masked_dpo import ALLOCATORS, CONFIGS, RETAIN_ENV, ROOT, SIZES, make_trainer  # noqa: E402
 
 
 TOP = 15
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("configs", nargs="*", default=CONFIGS, help=f"configurations (default: all of {CONFIGS})")
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="model size (default: full)")
     parser.add_argument("--precompute", action="store_true", help="precomputed reference log-probs")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="glibc", help="host allocator (see masked_dpo.py)")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
@@ -84,12 +86,14 @@ def main() -> None:
     for name in args.configs:
         command = [sys.executable, __file__, "--single", name, "--size", args.size]
         command += ["--precompute"] if args.precompute else []
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        env = dict(os.environ, **(RETAIN_ENV if args.allocator == "retain" else {}))
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             print(f"{name}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
             continue
         row = json.loads(lines[-1])
+        row["allocator"] = args.allocator
         results.append(row)
         print(f"\n{name} ({row['reference']} reference): {row['self_cpu_total_ms']:.0f} ms self CPU in one step")
         for op in row["top_ops"]:
@@ -103,6 +107,7 @@ def main() -> None:
     load = {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()}
     suffix = "" if args.size == "full" else f"_{args.size}"
     suffix += "_precomputed" if args.precompute else ""
+    suffix += "_retain" if args.allocator == "retain" else ""
     out = ROOT / "benchmarks" / "results" / f"profile_masked_dpo{suffix}.json"
     write_json(out, {"size": args.size, "spec": SIZES[args.size], "load_average": load, "results": results})
     print(f"load average before/after: {load['before']} / {load['after']}; wrote {out}")
