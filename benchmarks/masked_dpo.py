@@ -332,6 +332,7 @@ def load_record() -> dict:
         "load_average": list(os.getloadavg()),
         "cpus": os.cpu_count(),
         "threads": os.environ.get("BENCH_THREADS", "2"),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
 
 
