@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from masked_dpo import ALLOCATORS, CONFIGS, RETAIN_ENV, ROOT, SIZES, make_trainer  # noqa: E402
+from masked_dpo import ALLOCATORS, CONFIGS, ROOT, SIZES, allocator_env, make_trainer  # noqa: E402
 
 
 TOP = 15
@@ -86,8 +86,7 @@ def main() -> None:
     for name in args.configs:
         command = [sys.executable, __file__, "--single", name, "--size", args.size]
         command += ["--precompute"] if args.precompute else []
-        env = dict(os.environ, **(RETAIN_ENV if args.allocator == "retain" else {}))
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=allocator_env(args.allocator))
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             print(f"{name}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
