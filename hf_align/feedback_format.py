@@ -20,23 +20,7 @@ from hf_align.rewards import as_score
 
 FEEDBACK_TYPES = ("quantile", "category", "text")
 
-CITATION = """\
-@inproceedings{lu2022quark,
-    title     = {{Quark: Controllable Text Generation with Reinforced Unlearning}},
-    author    = {Ximing Lu and Sean Welleck and Jack Hessel and Liwei Jiang and Lianhui Qin and Peter West and
-                 Prithviraj Ammanabrolu and Yejin Choi},
-    booktitle = {Advances in Neural Information Processing Systems},
-    year      = {2022},
-}
-@article{lloret2024alt,
-    title   = {{Towards Aligning Language Models with Textual Feedback}},
-    author  = {Sa{\\"u}c Abadal Lloret and Shehzaad Dhuliawala and Keerthiram Murugesan and Mrinmaya Sachan},
-    journal = {arXiv preprint arXiv:2407.16970},
-    year    = {2024},
-}"""
-"""BibTeX of Quark and ALT (the papers of this format) for model cards; ``hf_align.hub.CITATIONS`` has neither."""
-
-__all__ = ["CITATION", "FEEDBACK_TYPES", "FeedbackFormat", "add_quantile_tokens"]
+__all__ = ["FEEDBACK_TYPES", "FeedbackFormat", "add_quantile_tokens"]
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 import tempfile
-import textwrap
 from pathlib import Path
 from typing import Any
 
+from hf_align.citations import CITATIONS
 from hf_align.io import PathLike, atomic_file
 
 
@@ -27,37 +27,6 @@ __all__ = [
     "push_neuron_mask",
     "write_model_card",
 ]
-
-CITATIONS = {
-    "allo": textwrap.dedent("""\
-        @article{chen2024allo,
-            title   = {{Learning to Align by Forgetting and Improving: ALLO, Low-Redundant Alignment}},
-            author  = {Zhipeng Chen and Kun Zhou and Wayne Xin Zhao and Jingyuan Wang and Ji-Rong Wen},
-            journal = {arXiv preprint arXiv:2406.12606},
-            year    = {2024},
-        }"""),
-    "npo": textwrap.dedent("""\
-        @article{zhang2024npo,
-            title   = {{Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning}},
-            author  = {Ruiqi Zhang and Licong Lin and Yu Bai and Song Mei},
-            journal = {arXiv preprint arXiv:2404.05868},
-            year    = {2024},
-        }"""),
-    "aligner": textwrap.dedent("""\
-        @article{ziheng2023aligner,
-            title   = {{Aligner: One Global Token is Worth Millions of Parameters When Aligning Large Language Models}},
-            author  = {Zhou Ziheng and Yingnian Wu and Song-Chun Zhu and Demetri Terzopoulos},
-            journal = {arXiv preprint arXiv:2312.05503},
-            year    = {2023},
-        }"""),
-    "ama": textwrap.dedent("""\
-        @article{lin2023ama,
-            title   = {{Mitigating the Alignment Tax of RLHF}},
-            author  = {Yong Lin and Hangyu Lin and Wei Xiong and Shizhe Diao and others},
-            journal = {arXiv preprint arXiv:2309.06256},
-            year    = {2023},
-        }"""),
-}
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

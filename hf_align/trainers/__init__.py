@@ -12,6 +12,10 @@ _EXPORTS = {
     "FeedbackConditionedConfig": "feedback_conditioned",
     "AdaptiveMergeTrainer": "adaptive_merge",
     "AdaptiveMergeConfig": "adaptive_merge",
+    "MaskedKTOTrainer": "masked_kto",
+    "MaskedKTOConfig": "masked_kto",
+    "TRAINERS": "registry",
+    "TrainerSpec": "registry",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -1,9 +1,9 @@
 """What every hf-align trainer shares, written once: JSON training arguments on every save, collator upgrades,
 ``trainable_fraction`` logging and the token-weight config field.
 
-Put :class:`HFAlignTrainerMixin` *first* in a trainer's bases (before ``NeuronMaskTrainerMixin`` and the TRL
+:class:`HFAlignTrainerMixin` must come *first* in a trainer's bases (before ``NeuronMaskTrainerMixin`` and the TRL
 trainer), so its ``_save`` runs around every other save hook and the JSON arguments are written whatever wrote
-the weights.
+the weights; defining a class that breaks this order raises ``TypeError`` (:func:`require_before_trainer`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ __all__ = [
     "global_token_count",
     "load_model",
     "prepare_reference",
+    "require_before_trainer",
     "resolve_args",
     "upgrade_collator",
 ]
@@ -143,15 +144,55 @@ def upgrade_collator(collator, base_class: type, new_class: type):
     return new_class(**values)
 
 
+def require_before_trainer(cls: type, mixin: type, *before: type) -> None:
+    """Raise ``TypeError`` unless ``mixin`` precedes, in ``cls``'s MRO, the library trainer (the first
+    ``transformers.Trainer`` subclass defined in transformers or TRL) and every class of ``before``: a mixin's
+    hooks must wrap the library's, which they can only do from in front of it in the MRO."""
+    from transformers import Trainer
+
+    mro = cls.__mro__
+    if Trainer not in mro:
+        return
+    library = next(k for k in mro if issubclass(k, Trainer) and k.__module__.split(".")[0] in ("transformers", "trl"))
+    late = [k for k in (library, *before) if k in mro and mro.index(k) < mro.index(mixin)]
+    if late:
+        names = ", ".join(k.__name__ for k in late)
+        raise TypeError(f"{cls.__name__}: put {mixin.__name__} before {names} in its bases (the MRO order matters).")
+
+
 class HFAlignTrainerMixin:
     """Shared behaviour of every ``transformers.Trainer`` subclass in hf-align.
 
     * every ``_save`` (``save_model``, each checkpoint, the DeepSpeed/FSDP gathered saves) leaves
       ``training_args.json`` and no pickled ``training_args.bin``;
-    * ``self.trainable_fraction`` (set by :meth:`_set_trainable_fraction`) is logged with every training loss.
+    * ``self.trainable_fraction`` (set by :meth:`_set_trainable_fraction`) is logged with every training loss;
+    * token-weight glue: ``extra_signature_columns`` survive ``remove_unused_columns``, and ``weighted_collator``
+      = ``(TRL's collator, ours)`` upgrades TRL's default collator (:meth:`_use_weighted_collator`);
+    * the card's tags and paper come from the trainer registry (:mod:`hf_align.trainers.registry`).
     """
 
     trainable_fraction: float | None = None
+    extra_signature_columns: tuple[str, ...] = ()
+    weighted_collator: tuple[type, type] | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        require_before_trainer(cls, HFAlignTrainerMixin)
+        from hf_align.trainers.registry import TRAINERS
+
+        spec = next((s for s in TRAINERS.values() if s.trainer == f"{cls.__module__}:{cls.__qualname__}"), None)
+        if spec is not None:  # a registered class: TRL's tag/paper attributes are the registry's
+            cls._tag_names, cls._paper = list(spec.tags), spec.paper_dict
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None:
+            self._signature_columns += [c for c in self.extra_signature_columns if c not in self._signature_columns]
+
+    def _use_weighted_collator(self) -> None:
+        """Swap TRL's default collator for the one that also carries token weights (a user's collator is kept)."""
+        if self.weighted_collator is not None:
+            self.data_collator = upgrade_collator(self.data_collator, *self.weighted_collator)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
@@ -247,16 +288,20 @@ def model_card_for(trainer, model_name: str | None = None, dataset_name: str | N
     from trl.trainer.utils import get_config_model_id
 
     from hf_align.hub import build_model_card, mask_summary
+    from hf_align.trainers.registry import spec_for
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     if is_peft_model(model):
         base = next(iter(model.peft_config.values())).base_model_name_or_path
     else:
         base = get_config_model_id(model.config) if hasattr(model, "config") else None
-    paper = getattr(trainer, "_paper", {}) or {}
+    spec = spec_for(type(trainer))
+    paper = spec.paper_dict if spec is not None else getattr(trainer, "_paper", {}) or {}
     method = f"Trained with hf-align's `{type(trainer).__name__}` ({getattr(trainer, '_name', 'hf-align')})"
     if paper.get("id"):
         method += f", the method of [{paper['title']}](https://huggingface.co/papers/{paper['id']})"
+    if spec is not None:
+        method += f". {spec.summary.rstrip('.')} (`hf-align {spec.name}`)"
     repo = trainer.args.hub_model_id or f"./{Path(trainer.args.output_dir).name}"
     mask = getattr(trainer, "neuron_mask", None)
     extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
@@ -270,6 +315,6 @@ def model_card_for(trainer, model_name: str | None = None, dataset_name: str | N
         datasets=[dataset_name] if dataset_name else None,
         hyperparameters=_card_hyperparameters(trainer),
         citations=[paper["citation"]] if paper.get("citation") else None,
-        tags=[*getattr(trainer, "_tag_names", []), *extra_tags],
+        tags=[*(spec.tags if spec is not None else getattr(trainer, "_tag_names", [])), *extra_tags],
         sections=mask_summary(mask) if mask is not None else None,
     )

@@ -17,7 +17,6 @@ from transformers import Trainer
 from trl.trainer.base_config import _BaseConfig
 
 from hf_align.architectures import layer_index
-from hf_align.hub import CITATIONS
 from hf_align.io import PathLike, write_json
 from hf_align.merging.adaptive import (
     LearnedAlphas,
@@ -176,8 +175,6 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
     """
 
     _name = "AdaptiveMerge"
-    _tag_names = ["hf-align", "ama", "model-merging"]
-    _paper = {"title": "Mitigating the Alignment Tax of RLHF", "id": "2309.06256", "citation": CITATIONS["ama"]}
 
     def card_how_to_load(self, repo: str) -> str:
         """The folder holds the learned α's, not a model: merge with them (the model card's snippet)."""

@@ -46,7 +46,7 @@ from trl.trainer.utils import pad
 
 from hf_align.checkpoints import resolve_resume_checkpoint
 from hf_align.data_pool import QUANTILE_RULES, DataPool
-from hf_align.feedback_format import CITATION, FeedbackFormat, add_quantile_tokens
+from hf_align.feedback_format import FeedbackFormat, add_quantile_tokens
 from hf_align.generation import sample_token_ids, until_eos, vllm_generation
 from hf_align.losses import token_kl
 from hf_align.rewards import (
@@ -243,13 +243,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         peft_config: wrap the model with PEFT after the quantile tokens are added.
     """
 
-    _tag_names = ["trl", "hf-align", "alt", "quark"]
-    _name = "FeedbackConditioned"
-    _paper = {
-        "title": "Quark: Controllable Text Generation with Reinforced Unlearning",
-        "id": "2205.13636",
-        "citation": CITATION,
-    }
+    _name = "FeedbackConditioned"  # tags and paper: the registry's "feedback" entry
     loss_is_scaled_for_ga = False
 
     def __init__(

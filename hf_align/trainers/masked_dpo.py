@@ -27,7 +27,6 @@ from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from hf_align.hub import CITATIONS
 from hf_align.token_weights import (
     check_weight_columns,
     ld_alpha_multiplier,
@@ -146,13 +145,7 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
             parameters train, exactly like ``trl.DPOTrainer``).
     """
 
-    _tag_names = ["trl", "dpo", "hf-align", "masked-dpo"]
-    _name = "MaskedDPO"
-    _paper = {
-        "title": "Learning to Align by Forgetting and Improving: ALLO, Low-Redundant Alignment",
-        "id": "2406.12606",
-        "citation": CITATIONS["allo"],
-    }
+    _name = "MaskedDPO"  # tags and paper: the registry's "masked-dpo" entry
 
     def __init__(
         self,

@@ -38,7 +38,6 @@ from trl.models import prepare_deepspeed
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
-from hf_align.hub import CITATIONS
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
 from hf_align.trainers._base import (
@@ -196,13 +195,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         neuron_mask: a ``NeuronMask``, a directory, or None (then the config's mask fields), as ``MaskedDPOTrainer``.
     """
 
-    _tag_names = ["trl", "hf-align", "npo"]
-    _name = "NPO"
-    _paper = {
-        "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
-        "id": "2404.05868",
-        "citation": CITATIONS["npo"],
-    }
+    _name = "NPO"  # tags and paper: the registry's "npo" entry
     loss_is_scaled_for_ga = False  # a per-micro-batch mean, like DPO's; Trainer averages over accumulation steps
 
     def __init__(
