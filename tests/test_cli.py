@@ -1,21 +1,24 @@
 """The ``hf-align`` entry point: help, version, env, dispatch, and the accelerate launch path."""
 
+import dataclasses
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from hf_align import __version__
-from hf_align.cli import COMMANDS, main
-from hf_align.cli.training import TRAINING_COMMANDS
+from hf_align.cli import COMMANDS, all_commands, main
 
 
 def test_help_lists_every_command_with_one_line(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in [*COMMANDS, *TRAINING_COMMANDS]:
+    for name in all_commands():
         assert any(line.strip().startswith(name + " ") for line in out.splitlines()), name
 
 
@@ -90,41 +93,82 @@ def test_env_shows_what_trl_env_shows(capsys):
         assert f"- {key}: " in out, key
 
 
-def test_training_help_lists_hf_align_flags_first_then_launch_flags(capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_ALIGN_CACHE", str(tmp_path))
+def test_training_help_names_hf_align_fields_and_launch_flags(capsys):
     assert main(["masked-dpo", "--help"]) == 0
     out = capsys.readouterr().out
-    lines = out.splitlines()
+    own = next(line for line in out.splitlines() if line.startswith("hf-align's own fields:"))
+    assert "neuron_mask_path" in own and "learning_rate" not in own
+    assert "--neuron_mask_path" in out and "--learning_rate" in out and "--config RECIPE.yaml" in out
+    assert out.index("launch flags (") > out.index("--learning_rate") and "--num_processes N" in out
 
-    def first(text):
-        return next(i for i, line in enumerate(lines) if text in line)
 
-    assert (
-        first("hf-align options")
-        < first("  --config RECIPE.yaml")
-        < first("--neuron_mask_path")
-        < first("launch flags (")
-    )
-    assert (
-        first("launch flags (") < first("--num_processes") < first("ScriptArguments (TRL)") < first("--learning_rate")
-    )
-    assert first("--neuron_mask_path") < 60 and "DatasetMixtureConfig (TRL)" in out
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_takes_help_and_a_config_recipe(command, capsys, tmp_path):
+    """One parser for all: `--help` lists the fields, `--config` is accepted, an unknown key is one line."""
+    assert main([command, "--help"]) == 0
+    assert "--config" in capsys.readouterr().out
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("no_such_field: 1\n")
+    argv = [command, "--config", str(recipe)] if command != "pipeline" else [command, "--no_such_field", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_field" in err[0] and "Traceback" not in err[0], err
 
 
 @pytest.mark.parametrize(
-    ("command", "snake", "kebab"),
-    [("merge", "--no_progress", "--no-progress"), ("select-mask", "--exclude_top", "--exclude-top")],
-)
-def test_one_flag_spelling_with_the_old_one_as_hidden_alias(capsys, command, snake, kebab):
-    import importlib
+    ("command", "old", "new"),
+    [
+        ("select-mask", ["--scores", "S", "--ratio", "0.5", "--exclude-top", "0.1", "--output", "O"],
+         ["--neuron_scores_path", "S", "--neuron_mask_ratio", "0.5", "--neuron_mask_exclude_top", "0.1", "--output_dir", "O"]),
+        ("merge", ["--base", "B", "--aligned", "A", "--output", "O", "--alpha", "0.2"],
+         ["--base_model_name_or_path", "B", "--model_name_or_path", "A", "--output_dir", "O", "--alpha", "0.2"]),
+        ("label-tokens", ["--dataset", "D", "--tokenizer", "T", "--output", "O.jsonl", "--split", "s"],
+         ["--dataset_name", "D", "--model_name_or_path", "T", "--output_file", "O.jsonl", "--dataset_split", "s"]),
+        ("eval", ["--model_name_or_path", "M", "--dataset_name", "D", "--output", "O", "--retain_dataset", "R",
+                  "--retain_split", "s", "--reward", "a", "--reward", "b"],
+         ["--model_name_or_path", "M", "--dataset_name", "D", "--output_file", "O", "--retain_dataset_name", "R",
+          "--retain_dataset_split", "s", "--reward", "a", "b"]),
+        ("warmup-dpo", ["--select_ratio", "0.1", "--select_scope", "tensor", "--select_exclude_top", "0.01"],
+         ["--neuron_mask_ratio", "0.1", "--neuron_mask_scope", "tensor", "--neuron_mask_exclude_top", "0.01"]),
+    ],
+)  # fmt: skip
+def test_old_spellings_parse_as_the_new_ones_with_one_warning_line_each(command, old, new, capsys):
+    from hf_align.cli import training
+    from hf_align.cli.common import CommandParser
 
-    from hf_align.cli import COMMANDS
+    if command in COMMANDS:
+        module = importlib.import_module(f"hf_align.cli.{COMMANDS[command][0]}")
+        types = tuple(t for t in vars(module).values() if isinstance(t, type) and t.__module__ == module.__name__
+                      and dataclasses.is_dataclass(t))  # fmt: skip
+        parser = CommandParser(types, f"hf-align {command}", renamed=module.RENAMED)
+    else:
+        parser = training.make_parser(command)
+        tail = ["--output_dir", "o", "--use_cpu", "true", "--bf16", "false"]
+        old, new = [*old, *tail], [*new, *tail]
+    capsys.readouterr()
+    parsed_old = parser.parse(old)
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert parsed_old == parser.parse(new)
+    renamed = [a for a in old if a.startswith("--") and a not in new and a != "--reward"]
+    assert len(warnings) == len(renamed) and all("FutureWarning" in w and "deprecated" in w for w in warnings)
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    for flag in renamed:
+        assert f"`{command} {flag}`" in changelog, flag
 
-    parser = importlib.import_module(f"hf_align.cli.{COMMANDS[command][0]}").build_parser()
-    help_text = parser.format_help()
-    assert snake in help_text and kebab not in help_text
-    dest = snake.lstrip("-")
-    assert parser._option_string_actions[kebab].dest == dest == parser._option_string_actions[snake].dest
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    from hf_align.cli import env
+    from hf_align.errors import UserError
+
+    monkeypatch.setattr(env, "collect", lambda: (_ for _ in ()).throw(UserError("field x: expected y")))
+    assert main(["env"]) == 2
+    assert capsys.readouterr().err.strip() == "hf-align env: field x: expected y"
+    monkeypatch.setattr(env, "collect", lambda: {}.update(1))  # a genuine bug: TypeError
+    with pytest.raises(TypeError):
+        main(["env"])
+    monkeypatch.setattr(env, "collect", lambda: int("not a number"))  # a bug's plain ValueError: not a user error
+    with pytest.raises(ValueError, match="invalid literal"):
+        main(["env"])
 
 
 def test_training_runs_in_this_process_without_launch_flags(tmp_path, monkeypatch, capsys):
@@ -156,24 +200,9 @@ def test_training_runs_in_this_process_without_launch_flags(tmp_path, monkeypatc
     assert len(err) == 1 and err[0].startswith("hf-align aligner-sft: ")
 
 
-def test_training_help_is_fast_the_second_time(tmp_path):
-    """The help comes from a cache keyed by versions and sources: no torch / TRL import to print it again."""
-    env = {**os.environ, "HF_ALIGN_CACHE": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
-    code = "import sys; from hf_align.cli import main; main(['npo', '--help']); print('torch' in sys.modules)"
-    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert first.stdout.splitlines()[-1] == "True" and second.stdout.splitlines()[-1] == "False"
-    assert first.stdout.removesuffix("True\n") == second.stdout.removesuffix("False\n")
-    assert "--retain_dataset_name" in second.stdout
+def test_cli_uses_no_argparse_private_names():
+    import re
 
-
-def test_label_tokens_speaks_snake_case_and_still_takes_the_old_spelling():
-    from hf_align.cli.label_tokens import build_parser
-
-    parser = build_parser()
-    shown = parser.format_help()
-    assert "--response_column" in shown and "--max_rows" in shown and "--response-column" not in shown
-    base = ["--dataset", "x.jsonl", "--tokenizer", "t", "--output", "o.jsonl"]
-    old = parser.parse_args([*base, "--response-column", "answer", "--max-rows", "3"])
-    new = parser.parse_args([*base, "--response_column", "answer", "--max_rows", "3"])
-    assert (old.response_column, old.max_rows) == (new.response_column, new.max_rows) == ("answer", 3)
+    sources = (Path(__file__).resolve().parents[1] / "hf_align" / "cli").glob("*.py")
+    private = re.compile(r"\._(option_string_actions|actions|action_groups|get_formatter|registries)\b")
+    assert not [str(path) for path in sources if private.search(path.read_text())]

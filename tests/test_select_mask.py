@@ -72,15 +72,12 @@ def test_heatmap_and_distribution_pngs(tmp_path):
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     from hf_align.cli import main
 
-    with pytest.raises(SystemExit):
-        main(["select-mask", "--init", "a", "--ratio", "0.1", "--output", str(tmp_path / "o")])
+    out = ["--output_dir", str(tmp_path / "o")]
+    assert main(["select-mask", "--init", "a", "--neuron_mask_ratio", "0.1", *out]) == 2
     assert "--trained" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["select-mask", "--scores", "a", "--ratio", "1.5", "--output", str(tmp_path / "o")])
-    assert (
-        main(["select-mask", "--scores", str(tmp_path / "none"), "--ratio", "0.1", "--output", str(tmp_path / "o")])
-        == 2
-    )
+    assert main(["select-mask", "--neuron_scores_path", "a", "--neuron_mask_ratio", "1.5", *out]) == 2
+    assert "neuron_mask_ratio" in capsys.readouterr().err
+    assert main(["select-mask", "--neuron_scores_path", str(tmp_path / "none"), "--neuron_mask_ratio", "0.1", *out]) == 2
     assert "neuron_scores.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

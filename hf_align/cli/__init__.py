@@ -1,11 +1,12 @@
 """``hf-align`` command line: ``hf-align <command> [--config recipe.yaml] [--field value ...]``.
 
-Each command lives in its own module under ``hf_align.cli`` with a ``main(argv)`` function and is
-listed in :data:`COMMANDS`; this module only dispatches, and turns a user's mistake (a bad field, a missing
-file, an output that exists) into one line on stderr and exit code 2; ``hf-align --debug <command>`` (or
-``HF_ALIGN_DEBUG=1``) shows the traceback instead. The current folder is not on the import path of a command
-(``python -m hf_align.cli`` would put it there): a ``module:function`` in a recipe is imported from installed
-packages and ``PYTHONPATH`` only, whether the command runs in-process or under ``accelerate launch``.
+One dispatcher, one registry: :data:`COMMANDS` (name → module under ``hf_align.cli``, one-line help) and the
+training commands, one per entry of :data:`hf_align.trainers.registry.TRAINERS`. Every command parses dataclasses
+with TRL's ``TrlParser`` (:class:`hf_align.cli.common.CommandParser`). A user's mistake (a bad field, a missing
+file, an output that exists) is one line on stderr and exit code 2; ``hf-align --debug <command>`` (or
+``HF_ALIGN_DEBUG=1``) shows the traceback instead, and a bug always does. The current folder is not on the import
+path of a command (``python -m hf_align.cli`` would put it there): a ``module:function`` in a recipe is imported
+from installed packages and ``PYTHONPATH`` only, whether the command runs in-process or under ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sys
 from hf_align.cli.errors import DEBUG_ENV, USER_ERRORS, quiet_optional_kernel_notice, run_guarded  # noqa: F401
 
 
-# name -> (module under hf_align.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": (
         "env",
@@ -31,50 +31,54 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "adaptive-merge": ("adaptive_merge", "Learn per-block averaging ratios on data (adaptive AMA), then merge."),
     "pipeline": ("pipeline", "Run a multi-stage recipe (ALLO: warm-up, masks, forget, improve); resumable."),
 }
+"""name -> (module under hf_align.cli with ``main(argv)``, one-line help); the training commands come from the
+trainer registry (:func:`hf_align.cli.training.training_commands`)."""
 
 
-def _all_help() -> dict[str, str]:
-    from hf_align.cli.training import TRAINING_COMMANDS
+def all_commands() -> dict[str, str]:
+    """name → one-line help of every command."""
+    from hf_align.cli.training import training_commands
 
-    return {
-        **{name: help_ for name, (_, help_) in COMMANDS.items()},
-        **{name: command.help for name, command in TRAINING_COMMANDS.items()},
-    }
+    return {**{name: help_ for name, (_, help_) in COMMANDS.items()}, **training_commands()}
+
+
+def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
+    """Run command ``name`` (exceptions propagate; :func:`run_guarded` turns user errors into one line)."""
+    if name in COMMANDS:
+        return int(importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}").main(argv) or 0)
+    from hf_align.cli import training
+
+    return training.run_command(name, argv, launch=launch)
 
 
 def _usage() -> str:
-    helps = _all_help()
+    helps = all_commands()
     width = max(len(name) for name in helps)
-    lines = [
-        "usage: hf-align <command> [options]",
-        "",
-        "Fine-grained alignment methods for the Hugging Face training stack.",
-        "",
-        "commands:",
-        *(f"  {name:<{width}}  {help_}" for name, help_ in sorted(helps.items())),
-        "",
-        "options:",
-        "  -h, --help     show this message and exit",
-        "  -V, --version  print the hf-align version and exit",
-        "  --debug        (before the command) show the traceback of an error instead of one line",
-        "",
-        "Run `hf-align <command> --help` for a command's options. Training commands take `--config recipe.yaml`",
-        "(any `trl dpo` / `trl sft` recipe) plus any field as `--field value`, and run in this process unless an",
-        "accelerate launch flag (`--num_processes`, `--config_file`, `--accelerate_config`) is given.",
-    ]
-    return "\n".join(lines)
-
-
-def _drop_implicit_cwd() -> None:
-    """``python -m hf_align.cli`` puts the current folder first on ``sys.path``; the console script does not."""
-    if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
-        sys.path.pop(0)
+    return "\n".join(
+        [
+            "usage: hf-align <command> [--config RECIPE.yaml] [--field value ...]",
+            "",
+            "Fine-grained alignment methods for the Hugging Face training stack.",
+            "",
+            "commands:",
+            *(f"  {name:<{width}}  {help_}" for name, help_ in sorted(helps.items())),
+            "",
+            "options:",
+            "  -h, --help     show this message and exit",
+            "  -V, --version  print the hf-align version and exit",
+            "  --debug        (before the command) show the traceback of an error instead of one line",
+            "",
+            "Run `hf-align <command> --help` for a command's fields. Every command takes `--config recipe.yaml`; the",
+            "training commands take any `trl dpo` / `trl sft` recipe and run in this process unless an accelerate",
+            "launch flag (`--num_processes`, `--config_file`, `--accelerate_config`) is given.",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_optional_kernel_notice()
-    if argv is None:
-        _drop_implicit_cwd()
+    if argv is None and not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
+        sys.path.pop(0)  # `python -m hf_align.cli` puts the current folder first on sys.path; the console script not
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--debug"]:
         os.environ[DEBUG_ENV] = "1"  # inherited by the processes `accelerate launch` starts
@@ -88,18 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-align {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
-    from hf_align.cli.training import HELP_FLAGS, TRAINING_COMMANDS, help_text, run_command
-
-    if name in TRAINING_COMMANDS and any(arg in HELP_FLAGS for arg in rest):
-        print(help_text(name), end="")
-        return 0
-    if name in TRAINING_COMMANDS:
-        return run_guarded(name, lambda: run_command(name, rest))
-    if name not in COMMANDS:
+    if name not in all_commands():
         print(f"hf-align: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}")
-    return run_guarded(name, lambda: module.main(rest))
+    return run_guarded(name, lambda: run_command(name, rest))
 
 
 if __name__ == "__main__":

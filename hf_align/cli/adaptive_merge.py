@@ -12,9 +12,10 @@ of the aligned model filtered by reward, RAFT-style). Writes the learned α's (`
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hf_align.errors import UserError
 
 
 @dataclass
@@ -32,36 +33,35 @@ class MergeOutputArguments:
     )
 
 
-def make_parser(prog: str = "hf-align adaptive-merge"):
-    from hf_align.cli.common import make_trl_parser
-    from hf_align.trainers.adaptive_merge import AdaptiveMergeConfig
-
-    return make_trl_parser(AdaptiveMergeConfig, prog=prog, extra=(MergeOutputArguments,))
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser()
-    script_args, config, model_args, merge_args = parser.parse_args_and_config(argv)
-    from hf_align.checkpoints import resolve_resume_checkpoint
-    from hf_align.cli.common import load_dataset_any, refuse_existing_output, resolve_model_path, split
-    from hf_align.trainers.adaptive_merge import AdaptiveMergeTrainer
+    from trl import ModelConfig, ScriptArguments
 
-    if not model_args.model_name_or_path:
-        parser.error("--model_name_or_path (the aligned model θ1) is required.")
-    if not config.base_model_name_or_path:
-        parser.error("--base_model_name_or_path (the pre-alignment model θ0) is required.")
-    if not script_args.dataset_name:
-        parser.error("--dataset_name is required.")
-    aligned = resolve_model_path(model_args.model_name_or_path)
-    base = resolve_model_path(config.base_model_name_or_path)
+    from hf_align.cli.common import load_split, parse_command, refuse_existing_output, resolve_model_path
+    from hf_align.trainers.registry import TRAINERS
+
+    spec = TRAINERS["adaptive-merge"]
+    types = (ScriptArguments, spec.config_class(), ModelConfig, MergeOutputArguments)
+    script_args, config, model_args, merge_args = parse_command("hf-align adaptive-merge", types, argv, description=__doc__)
+    for name, value, what in (
+        ("model_name_or_path", model_args.model_name_or_path, "the aligned model θ1"),
+        ("base_model_name_or_path", config.base_model_name_or_path, "the pre-alignment model θ0"),
+        ("dataset_name", script_args.dataset_name, "the data the α's are learned on"),
+    ):
+        if not value:
+            raise UserError(f"--{name} ({what}) is required.")
     merged_dir = Path(merge_args.merged_output_dir or Path(config.output_dir) / "merged")
     if not merge_args.skip_merge:
         refuse_existing_output(merged_dir, "--merged_output_dir", merge_args.overwrite)
+    from hf_align.checkpoints import resolve_resume_checkpoint
+
     resume = resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
-    train = split(dataset, script_args.dataset_train_split, f"dataset_name {script_args.dataset_name!r}")
-    trainer = AdaptiveMergeTrainer(aligned, base_model=base, args=config, train_dataset=train)
+    train = load_split(script_args.dataset_name, script_args.dataset_train_split, "dataset_name", script_args.dataset_config)
+    trainer = spec.trainer_class()(
+        resolve_model_path(model_args.model_name_or_path),
+        base_model=resolve_model_path(config.base_model_name_or_path),
+        args=config,
+        train_dataset=train,
+    )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     learned = trainer.learned_alphas()
@@ -69,15 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if merge_args.skip_merge or not config.should_save:
         return 0
     result = trainer.merge(
-        merged_dir,
-        dtype=merge_args.merge_dtype,
-        max_shard_size=merge_args.max_shard_size,
-        progress=not config.disable_tqdm,
+        merged_dir, dtype=merge_args.merge_dtype, max_shard_size=merge_args.max_shard_size, progress=not config.disable_tqdm
     )
     print(result.plan.table())
     print(f"merged model written to {result.output_dir}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

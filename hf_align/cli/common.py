@@ -1,4 +1,8 @@
-"""What every training command shares: TRL's script plumbing (parser, data, model kwargs), recipe permissions.
+"""What every command shares: TRL's ``TrlParser`` with hf-align's recipe gate and old spellings, data, models.
+
+Every command's options are dataclasses parsed by :class:`CommandParser` (TRL's ``TrlParser``), so every command
+takes ``--config recipe.yaml`` plus any field as ``--field value``, and the same names mean the same thing
+everywhere (``--model_name_or_path``, ``--dataset_name``, ``--output_dir``).
 
 A recipe is a file someone may have sent you, so two of its keys need a flag on the command line: ``env:`` (TRL's
 ``TrlParser`` copies it into ``os.environ``; ``PYTHONPATH`` alone can make every process import a
@@ -13,10 +17,14 @@ or ``testbed:<kind>`` with kind one of ``preference``, ``sft``, ``prompts``, ``f
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from hf_align.errors import UserError
 
 
 if TYPE_CHECKING:
@@ -26,118 +34,116 @@ if TYPE_CHECKING:
 TESTBED_KINDS = ("preference", "sft", "prompts", "forget", "retain")
 ALLOW_RECIPE_ENV = "--allow_recipe_env"
 TRUST_REMOTE_CODE = "--trust_remote_code"
-
-
-LAUNCH_HELP = (
-    (
-        "--num_processes N",
-        "Start N processes through `accelerate launch` (CPU-only machines: torch.distributed, gloo).",
-    ),
-    ("--config_file FILE", "An accelerate config (DeepSpeed, FSDP, multi-GPU); launches through `accelerate launch`."),
-    (
-        "--accelerate_config NAME",
-        "TRL's shipped accelerate configs by name (zero2, zero3, fsdp2, ...) or a file path.",
-    ),
-    (
-        "--multi_gpu, --mixed_precision, ...",
-        "Any other `accelerate launch` flag also launches (see `accelerate launch -h`).",
-    ),
-)
-"""What ``--help`` lists as the launch flags: without any of them a training command runs in this process."""
-
-
-def make_trl_parser(config_class: type, prog: str, extra: tuple[type, ...] = (), mixture: bool = False):
-    """``TrlParser`` over TRL's script tuple (ScriptArguments, <config>, ModelConfig[, DatasetMixtureConfig], *extra).
-
-    ``mixture``: also TRL's ``DatasetMixtureConfig`` (``datasets:``, ``streaming``, ``test_split_size``), as in
-    ``trl dpo``/``trl sft``; ``run`` then receives its instance after ``ModelConfig``. Its ``parse_args_and_config``
-    first runs :func:`check_recipe` (before TRL copies the recipe's ``env:`` into ``os.environ``) and drops
-    ``--allow_recipe_env``, which is hf-align's switch, not a field. Its help lists hf-align's own flags first,
-    then the launch flags, then TRL's groups (data, model, training config).
-    """
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
-
-    mixture_types = (DatasetMixtureConfig,) if mixture else ()
-    types = (ScriptArguments, config_class, ModelConfig, *mixture_types, *extra)
-
-    class CheckedTrlParser(TrlParser):
-        def parse_args_and_config(self, args=None, *rest, **kwargs):
-            args = list(sys.argv[1:] if args is None else args)
-            check_recipe(args)
-            args = [a for a in args if a not in (ALLOW_RECIPE_ENV, *HIDDEN_SWITCHES)]
-            return super().parse_args_and_config(args, *rest, **kwargs)
-
-        def format_help(self) -> str:
-            return _grouped_help(self, config_class, types, extra)
-
-    usage = f"{prog} [--config RECIPE.yaml] [--field value ...] [launch flags]"
-    return CheckedTrlParser(types, prog=prog, usage=usage)
-
-
 HIDDEN_SWITCHES = ("--no_launch",)
 """Accepted for old command lines, not listed: training commands run in this process unless a launch flag is given."""
 
 
-def _grouped_help(parser, config_class: type, types: tuple[type, ...], extra: tuple[type, ...]) -> str:
-    """Help in sections, hf-align's first: its own flags, launch flags, then TRL's data, model and training fields."""
-    import argparse
-    import dataclasses
-
-    parent = next((c for c in config_class.__mro__ if c.__module__.startswith(("trl.", "transformers."))), object)
-    inherited = {f.name for f in dataclasses.fields(parent)} if dataclasses.is_dataclass(parent) else set()
-    own = {f.name for f in dataclasses.fields(config_class)} - inherited
-    own |= {f.name for t in extra for f in dataclasses.fields(t)}
-    owner: dict[str, str] = {}
-    for dataclass_type in types:
-        for f in dataclasses.fields(dataclass_type):
-            owner.setdefault(f.name, "own" if f.name in own else dataclass_type.__name__)
-    sections: dict[str, list] = {}
-    for action in parser._actions:
-        if action.dest != "help":
-            sections.setdefault(owner.get(action.dest, "own"), []).append(action)
-
-    scratch, hidden = argparse.ArgumentParser(add_help=False), argparse.SUPPRESS
-    head = [
-        scratch.add_argument("-h", "--help", action="store_true", default=hidden, help="Show this message and exit."),
-        scratch.add_argument(
-            "--config", metavar="RECIPE.yaml", default=hidden, help="A YAML recipe: any field below as a key."
-        ),
-        scratch.add_argument(
-            ALLOW_RECIPE_ENV, action="store_true", default=hidden, help="Let the recipe's `env:` set variables."
-        ),
-    ]
-    launch = [
-        scratch.add_argument(flag, dest=f"launch{i}", default=hidden, help=text)
-        for i, (flag, text) in enumerate(LAUNCH_HELP)
-    ]
-    for action in launch:
-        action.option_strings, action.metavar, action.nargs = [action.option_strings[0]], argparse.SUPPRESS, 0
-    titles = [
-        ("own", f"hf-align options ({parser.prog}'s own fields)", head + sections.pop("own", [])),
-        ("launch", "launch flags (without one, the command runs in this process)", launch),
-        *((name, f"{name} (TRL)", sections.pop(name, [])) for name in ("ScriptArguments", "DatasetMixtureConfig")),
-        ("ModelConfig", "ModelConfig (TRL)", sections.pop("ModelConfig", [])),
-        *((name, f"{name} (TRL / transformers training fields)", actions) for name, actions in sections.items()),
-    ]
-    formatter = parser._get_formatter()
-    formatter.add_usage(parser.usage, [], [])
-    formatter.add_text(parser.description)
-    for _, title, actions in titles:
-        if actions:
-            formatter.start_section(title)
-            formatter.add_arguments(actions)
-            formatter.end_section()
-    return formatter.format_help()
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the description/epilog as written."""
 
 
-def add_kebab_aliases(parser) -> None:
-    """Accept ``--max-shard-size`` for every ``--max_shard_size`` option, unlisted: TRL's ``--snake_case`` is the one
-    spelling the help shows across commands; the other keeps old command lines working."""
-    for action in list(parser._actions):
-        for option in list(action.option_strings):
-            alias = "--" + option[2:].replace("_", "-")
-            if option.startswith("--") and alias != option and alias not in parser._option_string_actions:
-                parser._option_string_actions[alias] = action
+class CommandParser:
+    """``TrlParser`` over ``types`` with hf-align's recipe gate and one release of deprecated spellings.
+
+    Before TRL reads the recipe, :func:`check_recipe` refuses what needs a command-line flag. ``renamed``
+    (``{"--old": "--new"}``) and any kebab-case spelling (``--max-shard-size``) of a field are rewritten to the
+    field's name with a one-line warning, on the command line and as recipe keys.
+    """
+
+    def __init__(
+        self,
+        types: tuple[type, ...],
+        prog: str,
+        renamed: dict[str, str] | None = None,
+        strict: bool = True,
+        **kwargs: Any,
+    ):
+        from trl import TrlParser
+
+        parser = self
+
+        class _Parser(TrlParser):
+            def set_defaults_with_config(self, **config):
+                unknown = super().set_defaults_with_config(**{parser.modern(k, "key"): v for k, v in config.items()})
+                if strict and unknown:  # before argparse asks for a required field the recipe may have misspelt
+                    names = ", ".join(arg[2:] for arg in unknown[::2])
+                    raise UserError(f"unknown field(s) in the recipe: {names}; see `{prog} --help`.")
+                return unknown
+
+            def error(self, message: str):  # argparse's documented hook: one line instead of usage + message
+                raise UserError(f"{message}; see `{prog} --help`.")
+
+        self.command = prog.removeprefix("hf-align ")
+        self.renamed = dict(renamed or {})
+        fields = [f for t in types for f in dataclasses.fields(t)]
+        self.fields = {f.name for f in fields}
+        self.list_flags = {f"--{f.name}" for f in fields if "list[" in str(f.type).lower()}
+        usage = f"{prog} [--config RECIPE.yaml] [--field value ...]"
+        self.parser = _Parser(types, prog=prog, usage=kwargs.pop("usage", usage), formatter_class=_HelpFormatter, **kwargs)
+
+    def format_help(self) -> str:
+        return self.parser.format_help()
+
+    def modern(self, name: str, kind: str = "flag") -> str:
+        """The current spelling of flag ``--name`` (``kind='flag'``) or of recipe key ``name`` (``kind='key'``).
+
+        Kebab-case flags stay as they are (``HfArgumentParser`` accepts both spellings); a kebab-case recipe key,
+        which the old ``merge`` recipe loader accepted, is renamed with a warning.
+        """
+        flag = name if kind == "flag" else f"--{name}"
+        snake = "--" + flag[2:].replace("-", "_")
+        new = self.renamed.get(snake) or (snake if kind == "key" and snake != flag else None)
+        if new is None:
+            return name
+        old, new = (flag, new) if kind == "flag" else (f"recipe key {name!r}", new[2:])
+        print(
+            f"FutureWarning: hf-align {self.command}: {old} is deprecated, use {new} instead (the old spelling goes "
+            "in the next release).",
+            file=sys.stderr,
+            flush=True,
+        )
+        return new
+
+    def modernize(self, argv: list[str]) -> list[str]:
+        """``argv`` with current spellings, and each list field's repeated flag (``--reward a --reward b``, the
+        old argparse ``append`` style) joined into one (``--reward a b``)."""
+        out: list[Any] = []
+        lists: dict[str, list[str]] = {}
+        current: list[str] | None = None
+        for arg in argv:
+            if arg.startswith("--"):
+                name, sep, value = arg.partition("=")
+                arg, current = self.modern(name) + sep + value, None
+                if arg in self.list_flags:
+                    if arg not in lists:
+                        out += [arg, lists.setdefault(arg, [])]
+                    current = lists[arg]
+                    continue
+            (out if current is None else current).append(arg)
+        return [item for entry in out for item in (entry if isinstance(entry, list) else [entry])]
+
+    def parse(self, argv: list[str] | None = None, remaining: bool = False) -> tuple:
+        """The dataclass instances (``remaining``: then the recipe's and the command line's unknown strings).
+
+        A ``ValueError`` raised while parsing (a field's check, TRL's config checks) is the user's: a
+        :class:`~hf_align.errors.UserError`.
+        """
+        argv = list(sys.argv[1:] if argv is None else argv)
+        check_recipe(argv)
+        drop = (*HIDDEN_SWITCHES, *((ALLOW_RECIPE_ENV,) if "allow_recipe_env" not in self.fields else ()))
+        argv = self.modernize([arg for arg in argv if arg not in drop])
+        kwargs = {"return_remaining_strings": True, "separate_remaining_strings": True} if remaining else {}
+        try:
+            return self.parser.parse_args_and_config(argv, **kwargs)
+        except UserError:
+            raise
+        except ValueError as err:
+            raise UserError(str(err)) from err
+
+
+def parse_command(prog: str, types: tuple[type, ...], argv: list[str] | None, **kwargs: Any) -> tuple:
+    """Parse a non-training command: every field known, ``--config`` allowed; one line on a mistake."""
+    return CommandParser(types, prog, **kwargs).parse(argv)
 
 
 def recipe_permissions(recipe: dict[str, Any]) -> list[tuple[str, str]]:
@@ -246,7 +252,7 @@ def load_dataset_any(name: str, config: str | None = None, streaming: bool = Fal
     if path.is_file():
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
         if builder is None:
-            raise ValueError(
+            raise UserError(
                 f"dataset_name {name!r}: unsupported file type {path.suffix!r}; use .json, .jsonl, "
                 ".parquet or .csv, a save_to_disk directory, or a Hub dataset id."
             )
@@ -267,146 +273,28 @@ def _testbed_dataset(kind: str) -> Dataset:
         "retain": testbed.retain_dataset,
     }
     if kind not in makers:
-        raise ValueError(f"dataset_name 'testbed:{kind}': unknown testbed dataset; choose one of {TESTBED_KINDS}.")
+        raise UserError(f"dataset_name 'testbed:{kind}': unknown testbed dataset; choose one of {TESTBED_KINDS}.")
     return makers[kind](conversational=conversational)
 
 
 def split(dataset: DatasetDict, name: str, source: str) -> Dataset:
     if name not in dataset:
-        raise ValueError(f"{source}: split {name!r} not found; available splits: {sorted(dataset)}.")
+        raise UserError(f"{source}: split {name!r} not found; available splits: {sorted(dataset)}.")
     return dataset[name]
 
 
-def require_columns(dataset: Dataset, columns: Iterable[str], source: str) -> None:
-    """Fail before training when a column the method needs is missing, naming it (``eval``, ``feedback``; the
-    training commands leave column checks to their trainers)."""
+def load_split(name: str, split_name: str, source: str, config: str | None = None, limit: int | None = None):
+    """One split of a dataset named as in the module docstring, its first ``limit`` rows; an empty one is refused."""
+    dataset = split(load_dataset_any(name, config), split_name, f"{source} {name!r}")
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        raise UserError(f"{source} {name!r}: no rows in split {split_name!r}.")
+    return dataset
+
+
+def require_columns(dataset: Dataset, columns: Iterable[str], source: str, hint: str = "") -> None:
+    """Fail before any model is loaded when a column is missing, naming it (the trainers check their own data)."""
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"{source}: missing column(s) {missing}; found {dataset.column_names}.")
-
-
-def model_init_kwargs(model_args, training_args) -> dict[str, Any]:
-    """The ``from_pretrained`` kwargs TRL's own scripts build from ``ModelConfig`` (``trl/scripts/dpo.py``), plus
-    ``quantization_config`` (TRL's ``get_quantization_config``) when ``--load_in_4bit``/``--load_in_8bit`` asks for it:
-    as in TRL, no ``device_map`` is forced (TRL's model loading picks it)."""
-    from trl import get_quantization_config
-
-    kwargs: dict[str, Any] = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=getattr(training_args, "trust_remote_code", False),
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    quantization = get_quantization_config(model_args)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-    if getattr(training_args, "model_init_kwargs", None):
-        kwargs.update(training_args.model_init_kwargs)
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def trainer_model(model_args, training_args) -> str:
-    """The model path to hand a trainer, which builds it as TRL does from ``training_args.model_init_kwargs``.
-
-    The kwargs (with the quantization config: TRL's trainers fold a ``quantization_config`` argument into the same
-    dict) go through the config rather than a trainer argument, so hf-align's trainers, which may load the model
-    themselves to check a mask against it, build exactly the same model.
-    """
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
-    return model_args.model_name_or_path
-
-
-def load_model_and_tokenizer(model_args, training_args):
-    """A loaded model and tokenizer, for commands that need the objects before the trainer does."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model_path(model_args.model_name_or_path)
-    model_args.model_name_or_path = path
-    model = AutoModelForCausalLM.from_pretrained(path, **model_init_kwargs(model_args, training_args))
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def load_training_data(script_args, dataset_args, training_args) -> tuple[Any, Any]:
-    """(train, eval) as ``trl dpo``/``trl sft`` choose them: TRL's ``get_dataset`` for a ``datasets:`` mixture (with
-    ``test_split_size``), else ``dataset_name`` (any name in the module docstring, ``dataset_streaming`` honoured);
-    the eval split ``dataset_test_split`` only when ``eval_strategy`` is not ``no``."""
-    from trl import get_dataset
-
-    mixture = getattr(dataset_args, "datasets", None)
-    if mixture:
-        if script_args.dataset_name:
-            import warnings
-
-            warnings.warn("Both `datasets` and `dataset_name` are given: `datasets` is used.", stacklevel=2)
-        dataset, source = get_dataset(dataset_args), "the `datasets` mixture"
-    elif script_args.dataset_name:
-        dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
-        source = f"dataset_name {script_args.dataset_name!r}"
-    else:
-        raise ValueError("Either `datasets` (a mixture) or `dataset_name` must be provided.")
-    train = split(dataset, script_args.dataset_train_split, source)
-    if training_args.eval_strategy == "no":
-        return train, None
-    hint = " (set test_split_size with a `datasets` mixture, or dataset_test_split)"
-    return train, split(dataset, script_args.dataset_test_split, f"{source} (evaluation){hint}")
-
-
-PREFERENCE_COLUMNS = (("chosen", "rejected"),)
-"""What TRL's DPOTrainer needs: ``prompt`` is optional (an implicit prompt is extracted from the pair)."""
-
-
-def train_command(
-    trainer_class, script_args, training_args, model_args, dataset_args, columns=None, **trainer_kwargs
-) -> int:
-    """What every training command does, as TRL's scripts do: data, a model path built by the trainer, the PEFT
-    config from ``ModelConfig`` (unless the command gives its own), train, save.
-
-    ``columns``: for TRL's own trainers, which fail on a missing column with a bare ``KeyError`` deep in
-    ``datasets.map``, the column sets they accept (hf-align's trainers check their data themselves).
-    """
-    from trl import get_peft_config
-
-    from hf_align.trainers._data_checks import check_dataset
-
-    train, evaluation = load_training_data(script_args, dataset_args, training_args)
-    if columns is not None:
-        check_dataset(train, "train_dataset", columns)
-        check_dataset(evaluation, "eval_dataset", columns)
-    trainer_kwargs.setdefault("peft_config", get_peft_config(model_args))
-    trainer = trainer_class(
-        model=trainer_model(model_args, training_args),
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        **trainer_kwargs,
-    )
-    if script_args.ignore_bias_buffers:  # TRL's scripts' DDP work-around for boolean buffers
-        import torch
-
-        trainer.model._ddp_params_and_buffers_to_ignore = [
-            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
-        ]
-    train_and_save(trainer, training_args, script_args)
-    return 0
-
-
-def train_and_save(trainer, training_args, script_args) -> None:
-    """Train (resuming if asked), save, optionally push: the tail every command shares."""
-    from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback, replace_training_args_pickle
-
-    if not any(isinstance(c, JsonTrainingArgsCallback) for c in trainer.callback_handler.callbacks):
-        trainer.add_callback(JsonTrainingArgsCallback())
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json: the log history the pipeline summary reads
-    if trainer.is_world_process_zero():
-        replace_training_args_pickle(training_args.output_dir, trainer.args)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
-        trainer.end()
+        raise UserError(f"{source}: missing column(s) {missing}; found {dataset.column_names}.{hint}")

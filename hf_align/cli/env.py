@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import platform
+from dataclasses import dataclass
 
 
 PACKAGES = (
@@ -83,10 +84,15 @@ def collect() -> dict[str, str]:
     return info
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: hf-align env\n\nPrint versions of the packages hf-align uses and what hardware is visible.")
-        return 0
+@dataclass
+class EnvArguments:
+    """``hf-align env`` has no options of its own; it takes ``--config`` like every command."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hf_align.cli.common import parse_command
+
+    parse_command("hf-align env", (EnvArguments,), argv, description=__doc__)
     for key, value in collect().items():
         print(f"- {key}: {value}")
     return 0

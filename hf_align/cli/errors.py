@@ -1,4 +1,4 @@
-"""How a user's mistake ends a command: one line on stderr and exit code 2 (``--debug`` shows the traceback).
+"""How a user's mistake ends a command: one line on stderr and exit code 2; a bug keeps its traceback.
 
 Its own module so that every command module, and the process ``accelerate launch`` starts, can use it without
 importing the dispatcher (``hf_align.cli``) that imports them.
@@ -10,10 +10,12 @@ import os
 import sys
 from collections.abc import Callable
 
+from hf_align.errors import UserError
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
-"""What a bad recipe, argument or path raises (configs check their fields in ``__post_init__``); also a
-``SystemExit`` with a message (the training commands' unknown recipe fields)."""
+
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+"""What a bad recipe, argument, column or path raises; also a ``SystemExit`` with a message. Anything else (a
+``TypeError`` or plain ``ValueError`` from a bug) keeps its traceback."""
 DEBUG_ENV = "HF_ALIGN_DEBUG"
 
 
@@ -22,8 +24,10 @@ def run_guarded(name: str, func: Callable[[], int | None]) -> int:
     try:
         return int(func() or 0)
     except (*USER_ERRORS, SystemExit) as err:
-        if os.environ.get(DEBUG_ENV) == "1" or (isinstance(err, SystemExit) and not isinstance(err.code, str)):
-            raise  # argparse's own exit (usage + code 2 already printed) or --debug
+        if isinstance(err, SystemExit) and not isinstance(err.code, str):
+            return int(err.code or 0)  # argparse's own exit: --help, or usage + code 2 already printed
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
         message = " ".join(str(err).split()) or type(err).__name__
         prefix = f"hf-align {name}: "
         print(message if message.startswith(prefix) else prefix + message, file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """``hf-align eval``: does a model (or adapter) align? Reward, win rate, KL, retain perplexity, length.
 
     hf-align eval --model_name_or_path out/dpo --dataset_name testbed:prompts --reward testbed \\
-        --reference_model testbed --retain_dataset testbed:retain --output results.json
+        --reference_model testbed --retain_dataset_name testbed:retain --output_file results.json
 
 * ``--reward``: ``testbed``, ``package.module:function`` or ``package.module.function`` (a TRL-GRPO-style
   ``f(prompts, completions, **kw)``) or a reward-model folder/Hub id (:mod:`hf_align.rewards`: scored as in
@@ -9,54 +9,51 @@
 * ``--reference_model``: win rate (its samples on the same prompts with the same seed) and
   KL(policy‖reference) on the policy's samples. With ``--adapter`` and no reference, the base model is the
   reference.
-* ``--retain_dataset``: perplexity of its ``completion`` column given ``prompt`` (or of a ``text`` column).
+* ``--retain_dataset_name``: perplexity of its ``completion`` column given ``prompt`` (or of a ``text`` column).
 
 Same arguments and seed ⇒ the same JSON, byte for byte. The JSON is written atomically; a table is printed.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass, field
 from typing import Any
 
+from hf_align.errors import UserError
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-align eval",
-        description="Evaluate a model: mean reward, win rate and KL vs a reference, retain perplexity, length.",
+
+@dataclass
+class EvalArguments:
+    """What to evaluate, on what, and where the JSON goes."""
+
+    model_name_or_path: str = field(metadata={"help": "Model folder, Hub id or 'testbed'."})
+    dataset_name: str = field(metadata={"help": "Prompts: testbed:prompts, a data file, a folder or Hub id."})
+    output_file: str = field(metadata={"help": "JSON file for the results (refused if it exists)."})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter folder applied on top of the model."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split with the prompts."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompts (strings or messages)."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    reward: list[str] | None = field(
+        default=None, metadata={"help": "'testbed', 'package.module:function' or a reward model; several are summed."}
     )
-    parser.add_argument("--model_name_or_path", required=True, help="Model folder, Hub id or 'testbed'.")
-    parser.add_argument("--adapter", default=None, help="PEFT adapter folder applied on top of the model.")
-    parser.add_argument(
-        "--dataset_name", required=True, help="Prompts: testbed:prompts, a data file, a folder or Hub id."
+    reference_model: str | None = field(
+        default=None, metadata={"help": "Reference for win rate and KL (folder, id, 'testbed')."}
     )
-    parser.add_argument("--dataset_config", default=None, help="Hub dataset config name.")
-    parser.add_argument("--dataset_split", default="train", help="Split with the prompts.")
-    parser.add_argument("--prompt_column", default="prompt", help="Column with the prompts (strings or messages).")
-    parser.add_argument("--num_prompts", type=int, default=None, help="Use only the first N prompts.")
-    parser.add_argument(
-        "--reward",
-        action="append",
-        default=None,
-        help="'testbed', 'package.module:function' or a reward model; repeat to sum several.",
+    retain_dataset_name: str | None = field(
+        default=None, metadata={"help": "Held-out set for perplexity (testbed:retain, file, ...)."}
     )
-    parser.add_argument(
-        "--reference_model", default=None, help="Reference for win rate and KL (folder, id, 'testbed')."
-    )
-    parser.add_argument(
-        "--retain_dataset", default=None, help="Held-out set for perplexity (testbed:retain, file, ...)."
-    )
-    parser.add_argument("--retain_split", default="train")
-    parser.add_argument("--num_retain", type=int, default=None, help="Use only the first N retain rows.")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (batch i uses seed + i).")
-    parser.add_argument("--output", required=True, help="JSON file for the results (refused if it exists).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
-    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
-    return parser
+    retain_dataset_split: str = field(default="train", metadata={"help": "Split of retain_dataset_name."})
+    num_retain: int | None = field(default=None, metadata={"help": "Use only the first N retain rows."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per prompt."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (batch i uses seed + i)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_file."})
+    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
+
+
+RENAMED = {"--output": "--output_file", "--retain_dataset": "--retain_dataset_name", "--retain_split": "--retain_dataset_split"}
 
 
 def _load_model(name: str, adapter: str | None = None):
@@ -79,65 +76,56 @@ def _column(dataset, column: str, source: str) -> list[Any]:
     return list(dataset[column])
 
 
-def _load_split(name: str, split_name: str, limit: int | None, source: str, config: str | None = None):
-    from hf_align.cli.common import load_dataset_any, split
+def _retain(args: EvalArguments) -> dict | None:
+    """The retain texts: ``prompt`` + ``completion`` (strings), or ``text``."""
+    from hf_align.cli.common import load_split
 
-    dataset = split(load_dataset_any(name, config), split_name, source)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    if len(dataset) == 0:
-        raise ValueError(f"{source} {name!r}: no rows in split {split_name!r}.")
-    return dataset
+    if not args.retain_dataset_name:
+        return None
+    data = load_split(args.retain_dataset_name, args.retain_dataset_split, "retain_dataset_name", limit=args.num_retain)
+    source = f"retain_dataset_name {args.retain_dataset_name!r}"
+    if "text" in data.column_names and "completion" not in data.column_names:
+        return {"prompts": None, "completions": _column(data, "text", source)}
+    if "completion" not in data.column_names:
+        raise UserError(
+            f"{source}: needs 'prompt' + 'completion' columns (or a 'text' column); found {data.column_names}."
+        )
+    retain = {"prompts": _column(data, "prompt", source), "completions": _column(data, "completion", source)}
+    if any(isinstance(x, list) for x in retain["prompts"] + retain["completions"]):
+        raise UserError(f"{source}: conversational retain data is not supported; use strings.")
+    return retain
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: EvalArguments) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from hf_align.cli.common import refuse_existing_output, resolve_model_path
+    from hf_align.cli.common import load_split, refuse_existing_output, resolve_model_path
     from hf_align.evaluation import evaluate_model, format_table
     from hf_align.io import write_json
     from hf_align.rewards import resolve_reward_funcs
 
-    refuse_existing_output(args.output, "--output", args.overwrite)
-    if args.num_prompts is not None and args.num_prompts < 1:
-        raise ValueError(f"--num_prompts must be ≥ 1, got {args.num_prompts}.")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be ≥ 1, got {args.max_new_tokens}.")
+    refuse_existing_output(args.output_file, "--output_file", args.overwrite)
+    for name in ("num_prompts", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be ≥ 1, got {getattr(args, name)}.")
     # Cheap checks first: a bad reward name or column fails before any model is loaded.
     funcs, names = resolve_reward_funcs(args.reward) if args.reward else ([], [])
-    dataset = _load_split(args.dataset_name, args.dataset_split, args.num_prompts, "dataset_name", args.dataset_config)
+    dataset = load_split(args.dataset_name, args.dataset_split, "dataset_name", args.dataset_config, args.num_prompts)
     prompts = _column(dataset, args.prompt_column, f"dataset_name {args.dataset_name!r}")
     extra = {c: list(dataset[c]) for c in dataset.column_names if c != args.prompt_column}
-    retain = None
-    if args.retain_dataset:
-        retain_ds = _load_split(args.retain_dataset, args.retain_split, args.num_retain, "retain_dataset")
-        source = f"retain_dataset {args.retain_dataset!r}"
-        if "text" in retain_ds.column_names and "completion" not in retain_ds.column_names:
-            retain = {"prompts": None, "completions": _column(retain_ds, "text", source)}
-        else:
-            if "completion" not in retain_ds.column_names:
-                raise ValueError(
-                    f"{source}: needs 'prompt' + 'completion' columns (or a 'text' column); "
-                    f"found {retain_ds.column_names}."
-                )
-            retain = {
-                "prompts": _column(retain_ds, "prompt", source),
-                "completions": _column(retain_ds, "completion", source),
-            }
-            if any(isinstance(x, list) for x in retain["prompts"] + retain["completions"]):
-                raise ValueError(f"{source}: conversational retain data is not supported; use strings.")
+    retain = _retain(args)
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model_name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = _load_model(args.model_name_or_path, args.adapter)
-    reference = None
-    reference_name = args.reference_model
+    reference, reference_name = None, args.reference_model
     if reference_name is not None:
         reference = _load_model(reference_name)
     elif args.adapter is not None:
         reference, reference_name = _load_model(args.model_name_or_path), f"{args.model_name_or_path} (no adapter)"
-
+    generation = {"seed": args.seed, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    generation["batch_size"] = args.batch_size
     metrics = evaluate_model(
         model,
         tokenizer,
@@ -146,39 +134,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reward_names=names,
         reference_model=reference,
         retain=retain,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
         reward_columns=extra,
         progress=not args.no_progress,
+        **generation,
     )
     result = {
         "model": args.model_name_or_path,
         "adapter": args.adapter,
         "reference_model": reference_name,
         "dataset": {"name": args.dataset_name, "split": args.dataset_split, "prompt_column": args.prompt_column},
-        "retain_dataset": args.retain_dataset,
+        "retain_dataset": args.retain_dataset_name,
         "reward": names,
-        "generation": {
-            "seed": args.seed,
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "batch_size": args.batch_size,
-        },
+        "generation": generation,
         "metrics": metrics,
     }
-    write_json(args.output, result)
+    write_json(args.output_file, result)
     print(format_table(metrics))
-    print(f"results written to {args.output}")
+    print(f"results written to {args.output_file}")
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"hf-align eval: {err}", file=sys.stderr)
-        return 2
+    from hf_align.cli.common import parse_command
+
+    (args,) = parse_command("hf-align eval", (EvalArguments,), argv, renamed=RENAMED, description=__doc__)
+    run(args)
     return 0

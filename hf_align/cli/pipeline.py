@@ -1,4 +1,4 @@
-"""``hf-align pipeline recipe.yaml``: run a multi-stage recipe (ALLO's four stages) as one resumable command.
+"""``hf-align pipeline --config recipe.yaml``: run a multi-stage recipe (ALLO's four stages) as one resumable command.
 
 A pipeline recipe lists stages; each runs one hf-align command with its own recipe and arguments, writing into
 ``<output_dir>/<stage name>``::
@@ -9,13 +9,13 @@ A pipeline recipe lists stages; each runs one hf-align command with its own reci
     set: {bf16: true}                  # fields given to every training stage
     stages:
       - {name: warmup, command: warmup-dpo, recipe: warmup_dpo.yaml, args: {dataset_name: ...}}
-      - {name: mask_improve, command: select-mask, args: {scores: "{warmup}", ratio: 0.1}}
+      - {name: mask_improve, command: select-mask, args: {neuron_scores_path: "{warmup}", neuron_mask_ratio: 0.1}}
       - {name: improve, command: masked-dpo, recipe: improve_dpo.yaml,
          args: {model_name_or_path: "{model}", neuron_mask_path: "{mask_improve}"}}
 
-``{stage}`` in an argument is that (earlier, or the same) stage's output folder, ``{model}`` the pipeline's model. Training stages get
-``--model_name_or_path {model}`` and ``--output_dir`` unless their args say otherwise; other commands get
-``--output``. ``--set FIELD=VALUE`` reaches every training stage, ``--set STAGE.FIELD=VALUE`` one stage of any
+``{stage}`` in an argument is that (earlier, or the same) stage's output folder, ``{model}`` the pipeline's model.
+Training stages get ``--model_name_or_path {model}``, and every stage ``--output_dir``, unless their args say
+otherwise (or give an ``output_file``). ``--set FIELD=VALUE`` reaches every training stage, ``--set STAGE.FIELD=VALUE`` one stage of any
 command. A stage is complete only once ``pipeline_stage.json`` in its folder says so (written atomically after
 the command returned), and that file keeps the stage's resolved arguments: re-running skips a completed stage whose
 resolved arguments are unchanged, re-runs it from scratch (and every stage after it) when they changed, and resumes
@@ -31,7 +31,6 @@ pipeline itself got ``--trust_remote_code`` / ``--allow_recipe_env``, which it t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -42,6 +41,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ import yaml
 
 from hf_align.checkpoints import last_complete_checkpoint
 from hf_align.cli.common import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions, recipe_permissions
+from hf_align.errors import UserError
 from hf_align.io import process_alive, read_json, write_json
 
 
@@ -59,30 +60,45 @@ _STAGE_KEYS = {"name", "command", "recipe", "args"}
 _PIPELINE_KEYS = {"output_dir", "model_name_or_path", "set", "stages"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-align pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="Pipeline recipe (YAML), e.g. recipes/allo/pipeline.yaml.")
-    parser.add_argument("--output_dir", help="Overrides the recipe's output_dir.")
-    parser.add_argument("--model_name_or_path", help="Overrides the recipe's model_name_or_path.")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="Give FIELD=VALUE to every training stage, or STAGE.FIELD=VALUE to one stage (repeatable), e.g. "
-        "--set max_steps=2 --set labels.max_rows=8.",
+@dataclass
+class PipelineArguments:
+    """What the command line adds to the pipeline recipe (``--config``: the recipe itself, stages and all)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Overrides the recipe's output_dir."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Overrides the recipe's model_name_or_path."})
+    set: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "FIELD=VALUE for every training stage, or STAGE.FIELD=VALUE for one stage, e.g. "
+            "--set max_steps=2 labels.max_rows=8."
+        },
     )
-    parser.add_argument(
-        "--force", action="store_true", help="Re-run every stage, even completed ones with unchanged arguments."
-    )
-    parser.add_argument("--no_launch", action="store_true", help=argparse.SUPPRESS)  # in-process is the default now
-    parser.add_argument(
-        ALLOW_RECIPE_ENV, action="store_true", help="Let the stage recipes' `env:` set environment variables."
-    )
-    parser.add_argument(
-        TRUST_REMOTE_CODE, action="store_true", help="Let stages load models whose folder ships Python code."
-    )
-    return parser
+    force: bool = field(default=False, metadata={"help": "Re-run every stage, even completed ones with unchanged arguments."})
+    allow_recipe_env: bool = field(default=False, metadata={"help": "Let the stage recipes' `env:` set environment variables."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Let stages load models whose folder ships Python code."})
+    recipe: str | None = field(default=None, init=False, metadata={"help": "The pipeline recipe: the --config file."})
+
+
+def parse(argv: list[str]) -> PipelineArguments:
+    """The flags; ``--config`` (or, deprecated, a first positional argument) names the pipeline recipe."""
+    from hf_align.cli.common import parse_command
+
+    argv, recipe = list(argv), None
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        recipe = argv.pop(argv.index("--config") + 1)
+        argv.remove("--config")
+    elif argv and not argv[0].startswith("-"):
+        recipe = argv.pop(0)
+        print(
+            "FutureWarning: hf-align pipeline: the recipe as a positional argument is deprecated, use --config "
+            f"{recipe} instead (the old spelling goes in the next release).",
+            file=sys.stderr,
+        )
+    (args,) = parse_command("hf-align pipeline", (PipelineArguments,), argv, description=__doc__)
+    if recipe is None:
+        raise UserError("--config (the pipeline recipe, e.g. recipes/allo/pipeline.yaml) is required.")
+    args.recipe = recipe
+    return args
 
 
 class StageFailed(RuntimeError):
@@ -99,34 +115,33 @@ def load_pipeline(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"Pipeline recipe {str(path)!r} does not exist.")
     recipe = yaml.safe_load(path.read_text())
     if not isinstance(recipe, dict):
-        raise ValueError(f"{str(path)!r}: a pipeline recipe is a YAML mapping with a `stages` list.")
+        raise UserError(f"{str(path)!r}: a pipeline recipe is a YAML mapping with a `stages` list.")
     unknown = sorted(set(recipe) - _PIPELINE_KEYS)
     if unknown:
-        raise ValueError(f"{str(path)!r}: unknown key(s) {unknown}; expected some of {sorted(_PIPELINE_KEYS)}.")
+        raise UserError(f"{str(path)!r}: unknown key(s) {unknown}; expected some of {sorted(_PIPELINE_KEYS)}.")
     stages = recipe.get("stages")
     if not isinstance(stages, list) or not stages:
-        raise ValueError(f"{str(path)!r}: `stages` must be a non-empty list.")
-    from hf_align.cli import COMMANDS
-    from hf_align.cli.training import TRAINING_COMMANDS
+        raise UserError(f"{str(path)!r}: `stages` must be a non-empty list.")
+    from hf_align.cli import all_commands
 
-    names: list[str] = []
+    commands, names = all_commands(), []
     for index, stage in enumerate(stages):
         where = f"{str(path)!r}, stage {index}"
         if not isinstance(stage, dict) or "name" not in stage or "command" not in stage:
-            raise ValueError(f"{where}: each stage needs `name` and `command`.")
+            raise UserError(f"{where}: each stage needs `name` and `command`.")
         unknown = sorted(set(stage) - _STAGE_KEYS)
         if unknown:
-            raise ValueError(f"{where} ({stage['name']}): unknown key(s) {unknown}; expected {sorted(_STAGE_KEYS)}.")
-        if stage["command"] not in TRAINING_COMMANDS and stage["command"] not in COMMANDS:
-            raise ValueError(f"{where} ({stage['name']}): unknown command {stage['command']!r}.")
+            raise UserError(f"{where} ({stage['name']}): unknown key(s) {unknown}; expected {sorted(_STAGE_KEYS)}.")
+        if stage["command"] not in commands:
+            raise UserError(f"{where} ({stage['name']}): unknown command {stage['command']!r}.")
         if stage["command"] == "pipeline":
-            raise ValueError(f"{where} ({stage['name']}): a pipeline cannot run a pipeline.")
+            raise UserError(f"{where} ({stage['name']}): a pipeline cannot run a pipeline.")
         if stage["name"] in names or not re.fullmatch(r"[A-Za-z0-9_-]+", str(stage["name"])):
-            raise ValueError(f"{where}: stage name {stage['name']!r} must be unique and use [A-Za-z0-9_-].")
+            raise UserError(f"{where}: stage name {stage['name']!r} must be unique and use [A-Za-z0-9_-].")
         for value in (stage.get("args") or {}).values():
             for ref in PLACEHOLDER.findall(str(value)):
                 if ref not in names and ref not in ("model", "output_dir", stage["name"]):
-                    raise ValueError(
+                    raise UserError(
                         f"{where} ({stage['name']}): {{{ref}}} does not name an earlier stage (have {names})."
                     )
         if stage.get("recipe") and not (path.parent / stage["recipe"]).is_file():
@@ -139,12 +154,9 @@ def _substitute(value: Any, outputs: dict[str, str]) -> str:
     return PLACEHOLDER.sub(lambda m: outputs[m.group(1)], str(value))
 
 
-def _flag_args(args: dict[str, Any], outputs: dict[str, str], training: bool) -> list[str]:
+def _flag_args(args: dict[str, Any], outputs: dict[str, str]) -> list[str]:
     argv: list[str] = []
     for key, value in args.items():
-        if not training and isinstance(value, bool):  # argparse switches
-            argv += [f"--{key}"] if value else []
-            continue
         if isinstance(value, list):
             argv += [f"--{key}", *(_substitute(v, outputs) for v in value)]
         else:
@@ -226,9 +238,9 @@ def stage_argv(
 
     Training stages: the recipe's ``set`` < the stage's ``args`` < ``--set`` on the command line.
     """
-    from hf_align.cli.training import TRAINING_COMMANDS
+    from hf_align.cli import COMMANDS
 
-    training = stage["command"] in TRAINING_COMMANDS
+    training = stage["command"] not in COMMANDS
     args = dict(stage.get("args") or {})
     prefix = f"{stage['name']}."
     own = {key.removeprefix(prefix): value for key, value in overrides.items() if key.startswith(prefix)}
@@ -236,12 +248,12 @@ def stage_argv(
         common = {key: value for key, value in overrides.items() if "." not in key}
         args = {**defaults, **args, **common, **own}
         args.setdefault("model_name_or_path", "{model}")
-        args.setdefault("output_dir", outputs[stage["name"]])
     else:
         args.update(own)
-        args.setdefault("output", outputs[stage["name"]])
+    if not {"output_dir", "output_file", "output"} & set(args):
+        args["output_dir"] = outputs[stage["name"]]
     argv = ["--config", str(recipe_dir / stage["recipe"])] if stage.get("recipe") else []
-    return argv + _flag_args(args, outputs, training)
+    return argv + _flag_args(args, outputs)
 
 
 def _check_recipe_permissions(recipe: dict, path: Path, flags: set[str]) -> None:
@@ -257,34 +269,28 @@ def _check_recipe_permissions(recipe: dict, path: Path, flags: set[str]) -> None
 
 def run_stage(stage: dict, argv: list[str], launch: bool | None) -> None:
     """Run one stage's command; its own errors print as one line (``run_guarded``), then :class:`StageFailed`."""
-    from hf_align.cli import COMMANDS
+    from hf_align.cli import run_command
     from hf_align.cli.errors import run_guarded
-    from hf_align.cli.training import TRAINING_COMMANDS, run_command
 
     name = stage["command"]
-    if name in TRAINING_COMMANDS:
-        code = run_guarded(name, lambda: run_command(name, argv, launch=launch))
-    else:
-        import importlib
-
-        code = run_guarded(name, lambda: importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}").main(argv))
+    code = run_guarded(name, lambda: run_command(name, argv, launch=launch))
     if code:
         raise StageFailed(f"stage {stage['name']!r} ({stage['command']}) failed with exit code {code}.", int(code))
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: PipelineArguments) -> list[dict]:
     path = Path(args.recipe)
     recipe = load_pipeline(path)
     output_dir = Path(args.output_dir or recipe.get("output_dir") or "outputs/pipeline")
     model = args.model_name_or_path or recipe.get("model_name_or_path")
     if model is None:
-        raise ValueError(f"{str(path)!r}: give model_name_or_path in the recipe or on the command line.")
+        raise UserError(f"{str(path)!r}: give model_name_or_path in the recipe or on the command line.")
     defaults = {k: str(v) for k, v in (recipe.get("set") or {}).items()}
     overrides: dict[str, str] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}.")
+            raise UserError(f"--set expects FIELD=VALUE, got {item!r}.")
         overrides[key] = value
     flags = {flag for flag in (ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE) if getattr(args, flag.lstrip("-"))}
     _check_recipe_permissions(recipe, path, flags)
@@ -314,7 +320,7 @@ def _run_stages(
     summary: list[dict],
 ) -> None:
     """Run (or skip) each stage in order, appending its summary row to ``summary`` as soon as it is known."""
-    from hf_align.cli.training import TRAINING_COMMANDS
+    from hf_align.cli import COMMANDS
 
     rerun_rest = force  # once a stage re-runs, the stages after it read new inputs: they re-run too
     for stage in recipe["stages"]:
@@ -327,7 +333,7 @@ def _run_stages(
             metric = done.get("metric") or _metric(directory)
             summary.append(_row(stage, "skipped (complete)", 0.0, directory, metric))
             continue
-        training = stage["command"] in TRAINING_COMMANDS
+        training = stage["command"] not in COMMANDS
         if done and (changed or rerun_rest):
             why = "--force" if force else "its arguments changed" if changed else "an earlier stage re-ran"
             print(f"[pipeline] {stage['name']}: re-running from scratch ({why}).", flush=True)
@@ -371,7 +377,7 @@ def _print_summary(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Errors in the recipe surface through ``hf_align.cli.run_guarded`` (one line, exit code 2)."""
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
     except StageFailed as err:  # the stage printed its own error; say which stage it was

@@ -9,33 +9,35 @@ under ``--output_dir``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-align quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--method",
-        choices=("masked-dpo", "dpo"),
+@dataclass
+class QuickstartArguments:
+    """The quickstart's knobs (defaults: the README's numbers)."""
+
+    method: str = field(
         default="masked-dpo",
-        help="masked-dpo: warm-up scores + MaskedDPOTrainer on the top rows (ALLO); dpo: plain trl.DPOTrainer.",
+        metadata={
+            "help": "masked-dpo: warm-up scores + MaskedDPOTrainer on the top rows (ALLO); dpo: plain trl.DPOTrainer.",
+            "choices": ("masked-dpo", "dpo"),
+        },
     )
-    parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps of the alignment run.")
-    parser.add_argument("--warmup_steps", type=int, default=20, help="Warm-up DPO steps that score the rows.")
-    parser.add_argument("--learning_rate", type=float, default=None, help="Defaults to a value tuned per method.")
-    parser.add_argument("--neuron_mask_ratio", type=float, default=0.1, help="Fraction of rows trained (masked-dpo).")
-    parser.add_argument("--num_pairs", type=int, default=512, help="Preference pairs generated from the testbed task.")
-    parser.add_argument("--eval_prompts", type=int, default=256, help="Prompts sampled to measure the reward.")
-    parser.add_argument("--output_dir", default=None, help="Where the aligned model goes (default: a temp dir).")
-    parser.add_argument("--overwrite", action="store_true", help="Write into an --output_dir that is not empty.")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
+    max_steps: int = field(default=60, metadata={"help": "Optimizer steps of the alignment run."})
+    warmup_steps: int = field(default=20, metadata={"help": "Warm-up DPO steps that score the rows."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Defaults to a value tuned per method."})
+    neuron_mask_ratio: float = field(default=0.1, metadata={"help": "Fraction of rows trained (masked-dpo)."})
+    num_pairs: int = field(default=512, metadata={"help": "Preference pairs generated from the testbed task."})
+    eval_prompts: int = field(default=256, metadata={"help": "Prompts sampled to measure the reward."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where the aligned model goes (default: a temp dir)."})
+    overwrite: bool = field(default=False, metadata={"help": "Write into an --output_dir that is not empty."})
+    seed: int = field(default=0, metadata={"help": "Training seed."})
 
 
-def _warmup_mask(tb, dataset, common: dict, args: argparse.Namespace, output_dir: str):
+def _warmup_mask(tb, dataset, common: dict, args: QuickstartArguments, output_dir: str):
     """ALLO's first stage in miniature: a DPO warm-up whose accumulated row gradients pick the mask."""
     from trl import DPOConfig, DPOTrainer
 
@@ -58,7 +60,7 @@ def _warmup_mask(tb, dataset, common: dict, args: argparse.Namespace, output_dir
     return NeuronMask.load(f"{output_dir}/warmup/neuron_mask")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: QuickstartArguments) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from hf_align import testbed
@@ -117,6 +119,9 @@ def run(args: argparse.Namespace) -> dict:
     return {"before": before, "after": after, "output_dir": output_dir}
 
 
-def main(argv: list[str]) -> int:
-    run(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    from hf_align.cli.common import parse_command
+
+    (args,) = parse_command("hf-align quickstart", (QuickstartArguments,), argv, description=__doc__)
+    run(args)
     return 0

@@ -2,108 +2,116 @@
 
 From neuron scores (written by ``MaskAccumulationCallback``)::
 
-    hf-align select-mask --scores out/warmup --ratio 0.1 --scope global --output out/mask [--select top] [--plot]
+    hf-align select-mask --neuron_scores_path out/warmup --neuron_mask_ratio 0.1 --output_dir out/mask [--plot]
 
 ALLO's recipe (``gen_neuron_mask.py``): score = |θ_trained − θ_init| per entry, one global threshold, keep
-the top ``ratio`` after skipping the top ``exclude_top``; both checkpoints are streamed tensor by tensor::
+the top ``neuron_mask_ratio`` after skipping the top ``neuron_mask_exclude_top``; both checkpoints are streamed
+tensor by tensor::
 
-    hf-align select-mask --init base_model --trained warmup_model --ratio 0.05 [--exclude-top 0.0] --output out/mask
+    hf-align select-mask --init base_model --trained warmup_model --neuron_mask_ratio 0.05 --output_dir out/mask
 
-Both write the ``NeuronMask`` into ``--output`` and print how many neurons were selected per module type;
-``--plot`` adds ``selection_heatmap.png`` and ``score_distribution.png`` there.
+Both write the ``NeuronMask`` into ``--output_dir`` and print how many neurons were selected per module type;
+``--plot`` adds ``selection_heatmap.png`` and ``score_distribution.png`` there. The ``neuron_mask_*`` fields are
+the trainer configs' (``hf-align masked-dpo --neuron_scores_path ... --neuron_mask_ratio ...`` selects the same
+mask inside the trainer).
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from hf_align.cli.common import add_kebab_aliases
-from hf_align.scores import GRANULARITIES, SCORES_FILE, load_scores, save_scores, weight_diff_scores
+from hf_align.errors import UserError
+from hf_align.scores import SCORES_FILE, load_scores, save_scores, weight_diff_scores
 from hf_align.scores import META_FILE as SCORES_META
 
 
 HEATMAP_FILE = "selection_heatmap.png"
 DISTRIBUTION_FILE = "score_distribution.png"
+RENAMED = {
+    "--scores": "--neuron_scores_path",
+    "--output": "--output_dir",
+    **{f"--{name}": f"--neuron_mask_{name}" for name in ("ratio", "scope", "select", "exclude_top", "seed")},
+    "--granularity": "--neuron_mask_granularity",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-align select-mask",
-        description="Select a neuron mask from saved scores or from two checkpoints (ALLO's recipe).",
+@dataclass
+class SelectMaskArguments:
+    """Where the scores come from and where the mask goes (the selection: :class:`SelectionArguments`)."""
+
+    output_dir: str = field(metadata={"help": "Folder to write the mask (and plots) into."})
+    neuron_scores_path: str | None = field(
+        default=None, metadata={"help": "Folder with neuron_scores.safetensors (MaskAccumulationCallback output)."}
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--scores", help="Folder with neuron_scores.safetensors (MaskAccumulationCallback output).")
-    source.add_argument("--init", help="Initial checkpoint (folder or .safetensors) for |θ_trained − θ_init|.")
-    parser.add_argument("--trained", help="Trained checkpoint (with --init).")
-    parser.add_argument("--ratio", type=float, required=True, help="Fraction of neurons/entries to select, in (0, 1].")
-    parser.add_argument(
-        "--scope", choices=("global", "tensor"), default="global", help="One threshold or one per tensor."
+    init: str | None = field(
+        default=None, metadata={"help": "Initial checkpoint (folder or .safetensors) for |θ_trained − θ_init|."}
     )
-    parser.add_argument("--select", choices=("top", "bottom", "random"), default="top", help="Which scores to keep.")
-    parser.add_argument("--exclude_top", type=float, default=0.0, help="Skip this top fraction first (ALLO's l%%).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for --select random.")
-    parser.add_argument(
-        "--granularity", choices=GRANULARITIES, default="element", help="With --init/--trained: per entry or per row."
+    trained: str | None = field(default=None, metadata={"help": "Trained checkpoint (with --init)."})
+    neuron_mask_granularity: str = field(
+        default="element",
+        metadata={"help": "With --init/--trained: score per entry or per row.", "choices": ("element", "row")},
     )
-    parser.add_argument("--target", default=None, help="Regex on parameter names to restrict the selection.")
-    parser.add_argument("--output", required=True, help="Folder to write the mask (and plots) into.")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="Replace a mask, scores or plots already in --output."
-    )
-    parser.add_argument("--plot", action="store_true", help="Also write the heatmap and score-distribution PNGs.")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Also upload the mask (with a model card) here.")
-    add_kebab_aliases(parser)
-    return parser
+    target: str | None = field(default=None, metadata={"help": "Regex on parameter names to restrict the selection."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a mask, scores or plots already in --output_dir."})
+    plot: bool = field(default=False, metadata={"help": "Also write the heatmap and score-distribution PNGs."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the mask (with a card) to this repo id."})
+
+
+@dataclass
+class SelectionArguments:
+    neuron_mask_ratio: float = field(metadata={"help": "Fraction of neurons/entries to select, in (0, 1]."})
+    neuron_mask_scope: str = field(default="global", metadata={"help": "One threshold or one per tensor."})
+    neuron_mask_select: str = field(default="top", metadata={"help": "Which scores to keep."})
+    neuron_mask_exclude_top: float = field(default=0.0, metadata={"help": "Skip this top fraction first (ALLO's band l)."})
+    neuron_mask_seed: int = field(default=0, metadata={"help": "Seed for select random."})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.init and not args.trained:
-        parser.error("--init needs --trained (the checkpoint after the warm-up).")
-    if args.trained and not args.init:
-        parser.error("--trained needs --init.")
-    if not 0.0 < args.ratio <= 1.0:
-        parser.error(f"--ratio must be in (0, 1], got {args.ratio}.")
-    if not 0.0 <= args.exclude_top < 1.0 or args.exclude_top + args.ratio > 1.0:
-        parser.error(f"--exclude-top must be in [0, 1) with exclude-top + ratio ≤ 1, got {args.exclude_top}.")
+    from hf_align.cli.common import parse_command, refuse_existing_output
+    from hf_align.masks import MASK_FILE, MASK_META_FILE, NeuronMask
+
+    types = (SelectMaskArguments, SelectionArguments)
+    args, selection = parse_command("hf-align select-mask", types, argv, renamed=RENAMED, description=__doc__)
+    if (args.neuron_scores_path is None) == (args.init is None):
+        raise UserError("give either --neuron_scores_path or --init with --trained, not both or neither.")
+    if (args.init is None) != (args.trained is None):
+        raise UserError("--init and --trained go together (the checkpoints before and after the warm-up).")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("hf-align select-mask: --plot needs matplotlib: pip install 'hf-align[plots]'", file=sys.stderr)
-            return 2
-    from hf_align.cli.common import refuse_existing_output
-    from hf_align.masks import MASK_FILE, MASK_META_FILE
-
+            raise UserError("--plot needs matplotlib: pip install 'hf-align[plots]'") from None
     written = [MASK_FILE, MASK_META_FILE, *((SCORES_FILE, SCORES_META) if args.init else ())]
     written += [HEATMAP_FILE, DISTRIBUTION_FILE] if args.plot else []
-    refuse_existing_output(args.output, "--output", args.overwrite, names=written)  # before any work
-    try:  # the other errors print as one line through hf_align.cli.run_guarded
+    refuse_existing_output(args.output_dir, "--output_dir", args.overwrite, names=written)  # before any work
+    try:
         scores = _load_or_compute_scores(args)
     except KeyError as err:  # a tensor missing from a checkpoint
-        raise ValueError(err.args[0]) from None
-    from hf_align.masks import NeuronMask
-
+        raise UserError(err.args[0]) from None
     mask = NeuronMask.from_scores(
-        scores, args.ratio, scope=args.scope, select=args.select, exclude_top=args.exclude_top, seed=args.seed
+        scores,
+        selection.neuron_mask_ratio,
+        scope=selection.neuron_mask_scope,
+        select=selection.neuron_mask_select,
+        exclude_top=selection.neuron_mask_exclude_top,
+        seed=selection.neuron_mask_seed,
     )
-    output = Path(args.output)
+    output = Path(args.output_dir)
     mask.save(output)
     if args.init:
-        save_scores(output, scores, {"method": "weight_diff", "granularity": args.granularity, "statistic": "abs"})
+        meta = {"method": "weight_diff", "granularity": args.neuron_mask_granularity, "statistic": "abs"}
+        save_scores(output, scores, meta)
     print(format_summary(mask.masks))
     if args.plot:
         from hf_align.plots import plot_score_distribution, plot_selection_heatmap
 
         plot_selection_heatmap(mask, output / HEATMAP_FILE)
-        threshold = selection_threshold(scores, mask.masks) if args.select == "top" else None
+        threshold = selection_threshold(scores, mask.masks) if selection.neuron_mask_select == "top" else None
         plot_score_distribution(scores, output / DISTRIBUTION_FILE, threshold=threshold)
         print(f"plots: {output / HEATMAP_FILE}, {output / DISTRIBUTION_FILE}")
     print(f"mask written to {output}")
@@ -116,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_or_compute_scores(args) -> dict[str, torch.Tensor]:
-    if args.scores:
-        scores, _ = load_scores(args.scores)
+    if args.neuron_scores_path:
+        scores, _ = load_scores(args.neuron_scores_path)
         if args.target:
             scores = {k: v for k, v in scores.items() if re.search(args.target, k)}
             if not scores:
-                raise ValueError(f"--target {args.target!r} matches no parameter in {args.scores!r}.")
+                raise UserError(f"--target {args.target!r} matches no parameter in {args.neuron_scores_path!r}.")
         return scores
-    return weight_diff_scores(args.init, args.trained, granularity=args.granularity, target=args.target)
+    return weight_diff_scores(args.init, args.trained, granularity=args.neuron_mask_granularity, target=args.target)
 
 
 def module_type(name: str) -> str:
@@ -160,6 +168,3 @@ def selection_threshold(scores: dict[str, torch.Tensor], masks: dict[str, torch.
             values.append(score[mask != 0].min())
     return float(torch.stack(values).min()) if values else None
 
-
-if __name__ == "__main__":
-    sys.exit(main())

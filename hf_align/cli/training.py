@@ -1,213 +1,196 @@
-"""Training commands: parse with TRL's ``TrlParser`` (YAML + overrides), then run, in this process by default.
+"""Training commands, one per entry of :data:`hf_align.trainers.registry.TRAINERS`, parsed as ``trl dpo`` parses.
 
 ``hf-align <command> --config recipe.yaml [--field value ...] [--num_processes N] [--config_file ds.yaml]``
 
-The recipe is parsed once (unknown fields and wrong types fail before anything is loaded). Without a launch flag
-(any ``accelerate launch`` flag, e.g. ``--num_processes``, ``--config_file``, or TRL's ``--accelerate_config``) the
-command's ``run`` function runs right here: one Python, one TRL import, one traceback-free error line. With one,
-the same arguments go to ``accelerate launch -m hf_align.cli.training <command> ...`` and each launched process
-parses again and runs ``run``. ``HF_ALIGN_NO_LAUNCH=1`` (or the old ``--no_launch``) runs in this process even
-when a launch flag is given.
-
-Two things a recipe cannot switch on by itself, because a recipe is a file someone may have sent you: its
-``env:`` mapping (TRL's ``TrlParser`` copies it into ``os.environ``, so ``PYTHONPATH`` could make every
-process import a ``sitecustomize.py``) needs ``--allow_recipe_env``, and ``trust_remote_code: true`` (also inside
-``model_init_kwargs``) needs ``--trust_remote_code``, both given on the command line. ``module:function`` names
-in a recipe (``reward_funcs``, ``feedback_fn``) are imported from the installed packages and ``PYTHONPATH``
-only: the current folder is never put on the import path, in-process or in the launched processes.
+Each command parses what TRL's scripts parse (``ScriptArguments``, the trainer's config, ``ModelConfig``,
+``DatasetMixtureConfig``) plus its own dataclasses, so every ``trl dpo`` / ``trl sft`` recipe runs here. The recipe
+is parsed once (unknown fields and wrong types fail before anything is loaded). Without a launch flag (any
+``accelerate launch`` flag, or TRL's ``--accelerate_config``) the command runs in this process; with one, TRL's
+launcher (``trl.cli.accelerate_launcher``) starts this file under ``accelerate launch`` and each process parses
+again and runs. ``HF_ALIGN_NO_LAUNCH=1`` runs in this process even when a launch flag is given. ``module:function``
+names in a recipe are imported from the installed packages and ``PYTHONPATH`` only: the launched processes run with
+``PYTHONSAFEPATH=1``.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from hf_align.errors import UserError
 
 
-@dataclass(frozen=True)
-class TrainingCommand:
-    """A training command: where its ``make_parser``/``run`` live."""
-
-    name: str
-    module: str  # module under hf_align.cli exposing make_parser(prog, command) and run(*parsed, command)
-    help: str
+LAUNCH_HELP = """launch flags (without one, the command runs in this process):
+  --num_processes N         Start N processes through `accelerate launch` (no GPU: torch.distributed, gloo).
+  --config_file FILE        An accelerate config (DeepSpeed, FSDP, multi-GPU).
+  --accelerate_config NAME  TRL's shipped accelerate configs by name (zero2, zero3, fsdp2, ...) or a file path.
+  --multi_gpu, ...          Any other `accelerate launch` flag (see `accelerate launch -h`)."""
 
 
-TRAINING_COMMANDS: dict[str, TrainingCommand] = {
-    command.name: command
-    for command in (
-        TrainingCommand(
-            "masked-dpo",
-            "train_masked_dpo",
-            "DPO that updates only selected neurons, with token weights (ALLO's improving stage).",
-        ),
-        TrainingCommand(
-            "warmup-dpo",
-            "train_warmup_dpo",
-            "DPO with MaskAccumulationCallback: find the neurons alignment uses (ALLO stage 1).",
-        ),
-        TrainingCommand(
-            "npo",
-            "train_npo",
-            "Negative preference optimization: forget completions (sequence- or token-level, masked).",
-        ),
-        TrainingCommand(
-            "feedback",
-            "train_feedback",
-            "Feedback-conditioned training (ALT / Quark): sample, score, pool, train on feedback.",
-        ),
-        TrainingCommand(
-            "aligner-sft", "train_aligner", "SFT with an Aligner adapter (N global tokens shared by all layers)."
-        ),
-        TrainingCommand("aligner-dpo", "train_aligner", "DPO with an Aligner adapter (reference = adapter disabled)."),
+@dataclass
+class NPODataArguments:
+    """Where npo's retain data comes from (the forget data is TRL's ``dataset_name``)."""
+
+    retain_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Data to keep while forgetting (prompt-completion or language modeling): a Hub id, a folder, a "
+            "data file or `testbed:retain`. Enables NPOConfig's retain term (retain_loss_type, retain_weight)."
+        },
     )
+    retain_dataset_config: str | None = field(default=None, metadata={"help": "Configuration of the retain data."})
+    retain_dataset_split: str = field(default="train", metadata={"help": "Split of retain_dataset_name to use."})
+
+
+@dataclass
+class AlignerArguments:
+    """The Aligner adapter's fields, as they appear in a recipe (mapped 1:1 onto ``AlignerConfig``)."""
+
+    aligner_num_tokens: int = field(default=1, metadata={"help": "Number N of global tokens shared by all layers."})
+    aligner_start_layer: int = field(default=2, metadata={"help": "First adapted layer (2 in every published run)."})
+    aligner_layers: list[int] | None = field(
+        default=None, metadata={"help": "Explicit list of adapted layer indices (overrides aligner_start_layer)."}
+    )
+
+
+@dataclass
+class NeuronScoreArguments:
+    """Recipe fields of warmup-dpo's ``MaskAccumulationCallback`` (the ``score_``/``select_`` prefixes)."""
+
+    score_method: str = field(
+        default="weight_diff", metadata={"help": "'weight_diff' (|θ_end − θ_start|, ALLO) or 'gradient'."}
+    )
+    score_granularity: str = field(
+        default="element", metadata={"help": "'element' (ALLO: every parameter entry) or 'row' (one neuron per row)."}
+    )
+    score_grad_stage: str = field(
+        default="pre_clip", metadata={"help": "Gradient method only: read gradients 'pre_clip' or 'post_clip'."}
+    )
+    score_dtype: str = field(
+        default="float32", metadata={"help": "Accumulator dtype for element-granularity gradient scores."}
+    )
+    neuron_mask_ratio: float | None = field(
+        default=None,
+        metadata={"help": "If set, also write the top-`neuron_mask_ratio` NeuronMask to output_dir/neuron_mask."},
+    )
+    neuron_mask_scope: str = field(default="global", metadata={"help": "'global' (ALLO: one threshold) or 'tensor'."})
+    neuron_mask_exclude_top: float = field(
+        default=0.0, metadata={"help": "Fraction of the very top scores to leave out first (ALLO's band l..r)."}
+    )
+
+
+EXTRA: dict[str, tuple[type, ...]] = {
+    "npo": (NPODataArguments,),
+    "warmup-dpo": (NeuronScoreArguments,),
+    "aligner-sft": (AlignerArguments,),
+    "aligner-dpo": (AlignerArguments,),
 }
+"""A command's dataclasses beyond TRL's script tuple."""
+RENAMED = {"warmup-dpo": {f"--select_{name}": f"--neuron_mask_{name}" for name in ("ratio", "scope", "exclude_top")}}
+"""Old spellings, accepted with a warning for one release (CHANGELOG.md, "Deprecated")."""
+NO_MIXTURE = ("feedback",)
+"""Commands without TRL's ``DatasetMixtureConfig`` (their data is not one TRL dataset)."""
 
 
-def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
-    """``items`` without the ordered ``subsequence`` (the launcher's own flags)."""
-    remaining, it = [], iter(subsequence)
-    current = next(it, None)
-    for item in items:
-        if current is not None and item == current:
-            current = next(it, None)
-        else:
-            remaining.append(item)
-    return remaining
+def training_commands() -> dict[str, str]:
+    """name → one-line help of every training command: the registry's entries that have no command of their own."""
+    from hf_align.cli import COMMANDS
+    from hf_align.trainers.registry import TRAINERS
+
+    return {name: spec.summary for name, spec in TRAINERS.items() if name not in COMMANDS}
 
 
-def _load(name: str):
-    return importlib.import_module(f"hf_align.cli.{TRAINING_COMMANDS[name].module}")
+def make_parser(name: str):
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+
+    from hf_align.cli.common import CommandParser
+    from hf_align.trainers.registry import TRAINERS
+
+    spec = TRAINERS[name]
+    config, extra = spec.config_class(), EXTRA.get(name, ())
+    mixture = () if name in NO_MIXTURE else (DatasetMixtureConfig,)
+    parent = next((c for c in config.__mro__ if c.__module__.startswith(("trl.", "transformers."))), object)
+    inherited = {f.name for f in dataclasses.fields(parent)} if dataclasses.is_dataclass(parent) else set()
+    own = [f.name for t in (config, *extra) for f in dataclasses.fields(t) if f.name not in inherited]
+    description = f"{spec.summary}\n\nhf-align's own fields: {', '.join(own) or 'none'}; the others are TRL's."
+    return CommandParser(
+        (ScriptArguments, config, ModelConfig, *mixture, *extra),
+        f"hf-align {name}",
+        renamed=RENAMED.get(name),
+        strict=False,
+        description=description,
+        epilog=LAUNCH_HELP,
+        usage=f"hf-align {name} [--config RECIPE.yaml] [--field value ...] [launch flags]",
+    )
 
 
-HELP_FLAGS = ("-h", "--help")
-
-
-def _help_cache_file(name: str) -> Path:
-    """Where ``name``'s help is kept, keyed by the versions of the packages that define its fields and by hf-align's
-    own sources (their sizes and modification times), so any change builds it afresh."""
-    import hashlib
-    import importlib.metadata
-
-    import hf_align
-
-    key = [hf_align.__version__, name]
-    for package in ("trl", "transformers", "accelerate", "peft"):
-        try:
-            key.append(importlib.metadata.version(package))
-        except importlib.metadata.PackageNotFoundError:
-            key.append("-")
-    for source in sorted(Path(hf_align.__file__).parent.rglob("*.py")):
-        stat = source.stat()
-        key.append(f"{source.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("HF_ALIGN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "hf_align")
-    return root.expanduser() / "help" / f"{name}-{digest}.txt"
-
-
-def help_text(name: str) -> str:
-    """``hf-align <name> --help``: building it imports torch, transformers and TRL (seconds), so after the first time
-    it comes from a small cache file, without importing them; a cache that cannot be written is skipped."""
-    cache = _help_cache_file(name)
-    if cache.is_file():
-        return cache.read_text()
-    text = _load(name).make_parser(prog=f"hf-align {name}", command=name).format_help()
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(text)
-        os.replace(partial, cache)
-    except OSError:
-        pass
-    return text
-
-
-def parse(name: str, argv: list[str]):
-    """Parse ``argv`` for command ``name``; returns (dataclasses..., config_remaining, cli_remaining)."""
-    module = _load(name)
-    parser = module.make_parser(prog=f"hf-align {name}", command=name)
-    return parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
-
-
-def _launch_flags() -> set[str]:
-    """Every ``accelerate launch`` option (and TRL's ``--accelerate_config``): what starts a launch."""
+def parse(name: str, argv: list[str]) -> tuple[list, list[str], list[str]]:
+    """(dataclass instances, the recipe's and the command line's launch arguments); an unknown field is an error."""
     from accelerate.commands.launch import launch_command_parser
-
-    launcher = launch_command_parser()
-    flags = {opt for action in launcher._actions for opt in action.option_strings if opt.startswith("--")}
-    return (flags - {"--help"}) | {"--accelerate_config"}
-
-
-def _launch_args_given(remaining: list[str]) -> bool:
-    flags = _launch_flags()
-    return any(arg.split("=")[0] in flags for arg in remaining if arg.startswith("--"))
-
-
-def _fail_on_unknown(name: str, config_remaining: list[str], cli_remaining: list[str]) -> None:
-    """Unknown recipe fields are errors (a typo must not silently fall back to a default)."""
-    from hf_align.cli.common import TRUST_REMOTE_CODE
-
-    known_launch = _launch_flags() | {TRUST_REMOTE_CODE}
-    unknown = [arg for arg in config_remaining if arg.startswith("--") and arg.split("=")[0] not in known_launch]
-    if unknown:
-        fields = ", ".join(arg.lstrip("-").split("=")[0] for arg in unknown)
-        raise SystemExit(
-            f"hf-align {name}: unknown field(s) in the recipe: {fields}. Check the spelling against "
-            f"`hf-align {name} --help`."
-        )
-    unknown_cli = [arg for arg in cli_remaining if arg.startswith("--") and arg.split("=")[0] not in known_launch]
-    if unknown_cli:
-        raise SystemExit(f"hf-align {name}: unrecognized argument(s): {' '.join(unknown_cli)}")
-
-
-def _resolve_resume(parsed: list) -> None:
-    """``resume_from_checkpoint`` → the last *complete* checkpoint (or refused), before any model is loaded."""
-    from hf_align.checkpoints import resolve_resume_checkpoint
-
-    for args in parsed:
-        if hasattr(args, "resume_from_checkpoint") and hasattr(args, "output_dir"):
-            args.resume_from_checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-
-
-def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
-    """Validate, then run in-process or through ``accelerate launch`` (``launch=None``: when a launch flag is given)."""
-    *parsed, config_remaining, cli_remaining = parse(name, argv)  # checks the recipe's permissions first
-    _fail_on_unknown(name, config_remaining, cli_remaining)
-    _resolve_resume(parsed)
-    no_launch = "--no_launch" in argv or os.environ.get("HF_ALIGN_NO_LAUNCH") == "1"
-    if launch is None:
-        launch = not no_launch and _launch_args_given(config_remaining + cli_remaining)
-    if not launch:
-        return int(_load(name).run(*parsed, command=name) or 0)
-
-    from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
     from hf_align.cli.common import TRUST_REMOTE_CODE
 
-    launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
-    # --trust_remote_code stays on the launched processes' command line (they check the recipe again)
-    script_args = _subtract_subsequence(argv, [a for a in cli_remaining if a.split("=")[0] != TRUST_REMOTE_CODE])
-    accelerate_args = launch_command_parser().parse_args(
-        [*launch_args, "-m", "hf_align.cli.training", name, *script_args, "--no_launch"]
-    )
-    if _needs_cpu_processes(accelerate_args):
-        # accelerate's CPU path starts ONE process without an MPI hostfile; its torchrun path starts them all, and
-        # each one joins a gloo group when its TrainingArguments ask for the CPU.
-        accelerate_args.multi_gpu, accelerate_args.cpu = True, False
-        if not any(args.use_cpu for args in parsed if hasattr(args, "use_cpu")):
-            accelerate_args.training_script_args += ["--use_cpu", "true"]
-        print(
-            f"[hf-align] no GPU: {accelerate_args.num_processes} CPU processes (torch.distributed, gloo)", flush=True
-        )
+    *parsed, config_remaining, cli_remaining = make_parser(name).parse(argv, remaining=True)
+    for where, remaining in (("in the recipe", config_remaining), ("on the command line", cli_remaining)):
+        launch = resolve_accelerate_config_argument([a for a in remaining if a.split("=")[0] != TRUST_REMOTE_CODE])
+        _, unknown = launch_command_parser().parse_known_args([*launch, "-"])
+        unknown = [arg.lstrip("-").split("=")[0] for arg in unknown if arg.startswith("--")]
+        if unknown:
+            raise SystemExit(
+                f"hf-align {name}: unknown field(s) {where}: {', '.join(unknown)}. Check the spelling against "
+                f"`hf-align {name} --help`."
+            )
+    from hf_align.checkpoints import resolve_resume_checkpoint
+
+    for args in parsed:  # resume_from_checkpoint → the last *complete* checkpoint (or refused), before any loading
+        if hasattr(args, "resume_from_checkpoint") and hasattr(args, "output_dir"):
+            args.resume_from_checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    launch = [[a for a in remaining if a.split("=")[0] != TRUST_REMOTE_CODE] for remaining in (config_remaining, cli_remaining)]
+    return parsed, *launch
+
+
+def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
+    """Validate, then run in-process or through ``accelerate launch`` (``launch=None``: when a launch flag is given)."""
+    parsed, recipe_launch, cli_launch = parse(name, argv)  # checks the recipe's permissions first
+    launch_args = recipe_launch + cli_launch
+    if launch is None:
+        launch = bool(launch_args) and "--no_launch" not in argv and os.environ.get("HF_ALIGN_NO_LAUNCH") != "1"
+    if not launch:
+        return int(run(name, *parsed) or 0)
+
     import subprocess
 
-    safe_path = os.environ.get("PYTHONSAFEPATH")
-    os.environ["PYTHONSAFEPATH"] = "1"  # `python -m` in each process must not put the current folder on sys.path
-    try:
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.cli.accelerate_launcher import launch_training_script
+
+    def start(accelerate_args) -> None:
+        if _needs_cpu_processes(accelerate_args):
+            # accelerate's CPU path starts ONE process without an MPI hostfile; its torchrun path starts them all,
+            # and each one joins a gloo group when its TrainingArguments ask for the CPU.
+            accelerate_args.multi_gpu, accelerate_args.cpu = True, False
+            if not any(getattr(args, "use_cpu", False) for args in parsed):
+                accelerate_args.training_script_args += ["--use_cpu", "true"]
+            print(f"[hf-align] no GPU: {accelerate_args.num_processes} CPU processes (torch.distributed, gloo)")
+            sys.stdout.flush()
+        from accelerate.commands.launch import launch_command
+
         launch_command(accelerate_args)
+
+    script_args = _subtract_subsequence(argv, cli_launch)  # --trust_remote_code stays: the processes check again
+    safe_path = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"  # the launched processes must not put this file's folder on sys.path
+    try:  # an absolute script path: TRL's helper joins it onto trl/scripts, which keeps an absolute path as it is
+        launch_training_script(
+            str(Path(__file__).resolve()),
+            resolve_accelerate_config_argument(launch_args),
+            [name, *script_args],
+            launch_command_fn=start,
+        )
     except subprocess.CalledProcessError as err:  # the process already printed its one-line error
         return err.returncode or 1
     finally:
@@ -216,6 +199,18 @@ def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
         else:
             os.environ["PYTHONSAFEPATH"] = safe_path
     return 0
+
+
+def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """``items`` without the ordered ``subsequence`` (the launcher's own flags), as ``trl``'s CLI does."""
+    remaining, it = [], iter(subsequence)
+    current = next(it, None)
+    for item in items:
+        if current is not None and item == current:
+            current = next(it, None)
+        else:
+            remaining.append(item)
+    return remaining
 
 
 def _needs_cpu_processes(accelerate_args) -> bool:
@@ -231,9 +226,228 @@ def _needs_cpu_processes(accelerate_args) -> bool:
     return not any(b is not None and b.is_available() for b in backends) and not torch.backends.mps.is_available()
 
 
-if __name__ == "__main__":  # entry point inside each process started by `accelerate launch`
+# ----------------------------------------------------------------------------------------------- running a command
+def run(name: str, script_args, training_args, model_args, *more) -> int:
+    """Train command ``name`` on the parsed dataclasses (``more``: the mixture config, then the command's own)."""
+    from hf_align.trainers.registry import TRAINERS
+
+    spec = TRAINERS[name]
+    if name == "feedback":
+        return _run_feedback(spec, script_args, training_args, model_args)
+    dataset_args, *extra = more
+    kwargs: dict[str, Any] = {}
+    if name == "npo":
+        kwargs["retain_dataset"] = _retain_data(extra[0])
+    elif name == "warmup-dpo":
+        kwargs["callbacks"] = [_mask_accumulation(extra[0])]
+    elif name.startswith("aligner-"):
+        kwargs["peft_config"] = _aligner_config(extra[0], model_args, training_args)
+    columns = None if spec.own else spec.columns  # hf-align's trainers check their columns themselves
+    return train(spec.trainer_class(), script_args, training_args, model_args, dataset_args, columns, **kwargs)
+
+
+def _retain_data(data_args):
+    from hf_align.cli.common import load_split, require_columns
+
+    if not data_args.retain_dataset_name:
+        return None
+    source = "retain_dataset_name"
+    retain = load_split(data_args.retain_dataset_name, data_args.retain_dataset_split, source, data_args.retain_dataset_config)
+    names = retain.column_names  # NPOTrainer checks the forget data, not yet the retain data
+    if not ("completion" in names or "text" in names or "messages" in names):
+        require_columns(retain, ["completion"], f"{source} {data_args.retain_dataset_name!r}", " Retain data needs "
+                        "a 'completion' (with 'prompt'), 'text' or 'messages' column.")  # fmt: skip
+    return retain
+
+
+def _mask_accumulation(score_args):
+    from hf_align.callbacks import MaskAccumulationCallback
+
+    return MaskAccumulationCallback(
+        method=score_args.score_method,
+        granularity=score_args.score_granularity,
+        grad_stage=score_args.score_grad_stage,
+        score_dtype=score_args.score_dtype,
+        select_ratio=score_args.neuron_mask_ratio,
+        select_scope=score_args.neuron_mask_scope,
+        exclude_top=score_args.neuron_mask_exclude_top,
+    )
+
+
+def _aligner_config(aligner_args, model_args, training_args):
+    """The Aligner adapter, checked against the model's config alone, before any weight is loaded."""
+    from transformers import AutoConfig
+
+    from hf_align.cli.common import resolve_model_path
+    from hf_align.peft_tuners import AlignerConfig
+    from hf_align.peft_tuners.aligner.model import check_model_config
+
+    peft_config = AlignerConfig(
+        num_tokens=aligner_args.aligner_num_tokens,
+        start_layer=aligner_args.aligner_start_layer,
+        layers_to_transform=aligner_args.aligner_layers,
+        task_type="CAUSAL_LM",
+    )
+    path = resolve_model_path(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(
+        path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
+    check_model_config(peft_config, config.to_dict())
+    return peft_config
+
+
+def _run_feedback(spec, script_args, training_args, model_args) -> int:
+    """Online (``reward_funcs`` / ``feedback_fn``): prompts to sample from; offline: prompt/completion/feedback."""
+    from trl import get_peft_config
+
+    from hf_align.cli.common import load_split, require_columns
+
+    online = bool(training_args.reward_funcs) or bool(training_args.feedback_fn)
+    if training_args.feedback_type != "quantile" and online and not training_args.feedback_fn:
+        raise UserError(
+            f"feedback_type {training_args.feedback_type!r} needs feedback_fn ('package.module:function' returning "
+            "a category or text per completion); reward_funcs only give scores."
+        )
+    train_data = load_split(script_args.dataset_name, script_args.dataset_train_split, "dataset_name", script_args.dataset_config)
+    source = f"dataset_name {script_args.dataset_name!r}"
+    offline_hint = (
+        " Without reward_funcs or feedback_fn the feedback command trains offline on prompt/completion/feedback rows; "
+        "set reward_funcs or feedback_fn ('package.module:function') to sample and score online."
+    )
+    require_columns(train_data, ["prompt"] if online else ["prompt", "completion", "feedback"], source, "" if online else offline_hint)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    trainer = spec.trainer_class()(
+        model=model,
+        args=training_args,
+        train_dataset=train_data,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    train_and_save(trainer, training_args, script_args)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- TRL's script plumbing
+def model_init_kwargs(model_args, training_args) -> dict[str, Any]:
+    """The ``from_pretrained`` kwargs TRL's own scripts build from ``ModelConfig`` (``trl/scripts/dpo.py``), plus
+    ``quantization_config`` (TRL's ``get_quantization_config``) when ``--load_in_4bit``/``--load_in_8bit`` asks for it:
+    as in TRL, no ``device_map`` is forced (TRL's model loading picks it)."""
+    from trl import get_quantization_config
+
+    kwargs: dict[str, Any] = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=getattr(training_args, "trust_remote_code", False),
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if getattr(training_args, "model_init_kwargs", None):
+        kwargs.update(training_args.model_init_kwargs)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def load_model_and_tokenizer(model_args, training_args):
+    """A loaded model and tokenizer, for commands that need the objects before the trainer does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_align.cli.common import resolve_model_path
+
+    path = resolve_model_path(model_args.model_name_or_path)
+    model_args.model_name_or_path = path
+    model = AutoModelForCausalLM.from_pretrained(path, **model_init_kwargs(model_args, training_args))
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_training_data(script_args, dataset_args, training_args) -> tuple[Any, Any]:
+    """(train, eval) as ``trl dpo``/``trl sft`` choose them: TRL's ``get_dataset`` for a ``datasets:`` mixture (with
+    ``test_split_size``), else ``dataset_name`` (``dataset_streaming`` honoured); the eval split
+    ``dataset_test_split`` only when ``eval_strategy`` is not ``no``."""
+    from trl import get_dataset
+
+    from hf_align.cli.common import load_dataset_any, split
+
+    if getattr(dataset_args, "datasets", None):
+        if script_args.dataset_name:
+            import warnings
+
+            warnings.warn("Both `datasets` and `dataset_name` are given: `datasets` is used.", stacklevel=2)
+        dataset, source = get_dataset(dataset_args), "the `datasets` mixture"
+    elif script_args.dataset_name:
+        dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
+        source = f"dataset_name {script_args.dataset_name!r}"
+    else:
+        raise UserError("Either `datasets` (a mixture) or `dataset_name` must be provided.")
+    train_data = split(dataset, script_args.dataset_train_split, source)
+    if training_args.eval_strategy == "no":
+        return train_data, None
+    hint = " (set test_split_size with a `datasets` mixture, or dataset_test_split)"
+    return train_data, split(dataset, script_args.dataset_test_split, f"{source} (evaluation){hint}")
+
+
+def train(trainer_class, script_args, training_args, model_args, dataset_args, columns=None, **trainer_kwargs) -> int:
+    """What every training command does, as TRL's scripts do: data, a model path the trainer builds from
+    ``training_args.model_init_kwargs`` (so a trainer that loads the model to check a mask builds the same one),
+    the PEFT config from ``ModelConfig`` (unless the command gives its own), train, save.
+
+    ``columns``: for TRL's own trainers, which fail on a missing column with a bare ``KeyError`` deep in
+    ``datasets.map``, the column sets they accept.
+    """
+    from trl import get_peft_config
+
+    from hf_align.cli.common import resolve_model_path
+    from hf_align.trainers._data_checks import check_dataset
+
+    train_data, evaluation = load_training_data(script_args, dataset_args, training_args)
+    if columns is not None:
+        check_dataset(train_data, "train_dataset", columns)
+        check_dataset(evaluation, "eval_dataset", columns)
+    trainer_kwargs.setdefault("peft_config", get_peft_config(model_args))
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
+    trainer = trainer_class(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_data,
+        eval_dataset=evaluation,
+        **trainer_kwargs,
+    )
+    if script_args.ignore_bias_buffers:  # TRL's scripts' DDP work-around for boolean buffers
+        import torch
+
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+    train_and_save(trainer, training_args, script_args)
+    return 0
+
+
+def train_and_save(trainer, training_args, script_args) -> None:
+    """Train (resuming if asked), save, optionally push: the tail every command shares."""
+    from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback, replace_training_args_pickle
+
+    if not any(isinstance(c, JsonTrainingArgsCallback) for c in trainer.callback_handler.callbacks):
+        trainer.add_callback(JsonTrainingArgsCallback())
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history the pipeline summary reads
+    if trainer.is_world_process_zero():
+        replace_training_args_pickle(training_args.output_dir, trainer.args)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
+        trainer.end()
+
+
+if __name__ == "__main__":  # each process `accelerate launch` starts runs this file
     from hf_align.cli.errors import quiet_optional_kernel_notice, run_guarded
+    from hf_align.cli.training import run_command as _run_command  # the module, not this __main__ copy
 
     quiet_optional_kernel_notice()
     command, *rest = sys.argv[1:]
-    sys.exit(run_guarded(command, lambda: run_command(command, rest, launch=False)))
+    sys.exit(run_guarded(command, lambda: _run_command(command, rest, launch=False)))
