@@ -14,6 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
+from hf_align.errors import UserError
 from hf_align.io import PathLike
 
 
@@ -72,7 +73,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint {text!r}: no such checkpoint folder.")
     if not is_complete_checkpoint(path):
-        raise ValueError(
+        raise UserError(
             f"resume_from_checkpoint {text!r} is incomplete (no {TRAINER_STATE}: its save was interrupted); "
             "pass an earlier checkpoint or resume_from_checkpoint=true to take the last complete one."
         )

@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hf_align.errors import UserError
+
 
 PathLike = str | os.PathLike
 logger = logging.getLogger(__name__)
@@ -104,10 +106,10 @@ def resolve_inside(folder: PathLike, entry: str, source: PathLike | None = None)
     folder = Path(folder)
     where = f"{str(source)!r} lists {entry!r}" if source is not None else f"{str(folder / entry)!r}"
     if not isinstance(entry, str) or not entry or Path(entry).is_absolute() or ".." in Path(entry).parts:
-        raise ValueError(f"{where}: not a relative path inside {str(folder)!r}; refusing to read it.")
+        raise UserError(f"{where}: not a relative path inside {str(folder)!r}; refusing to read it.")
     target = folder / entry
     if not _inside(target.resolve(), allowed_roots(folder)):
-        raise ValueError(f"{where}, which resolves outside {str(folder)!r} (symlink?); refusing to read it.")
+        raise UserError(f"{where}, which resolves outside {str(folder)!r} (symlink?); refusing to read it.")
     return target
 
 
@@ -230,7 +232,7 @@ def check_same_save(
     """
     stored = (metadata if metadata is not None else safetensors_metadata(tensors_path)).get("save_id")
     if save_id is not None and stored is not None and stored != save_id:
-        raise ValueError(
+        raise UserError(
             f"{str(tensors_path)!r} and {str(json_path)!r} come from different saves (interrupted write?); save again."
         )
 
@@ -250,17 +252,17 @@ def read_json(path: PathLike) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"Expected a JSON file at {str(path)!r}, but it does not exist.") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+        raise UserError(f"{str(path)!r} is not valid JSON: {err}") from None
 
 
 def require_keys(data: Any, keys: Iterable[str], path: PathLike, what: str = "key") -> None:
     """``data`` must be a JSON object (or a table's columns) holding every one of ``keys``: one error that names
     the file and every missing key, instead of a bare ``KeyError`` later."""
     if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}.")
+        raise UserError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}.")
     missing = [key for key in keys if key not in data]
     if missing:
-        raise ValueError(f"{str(path)!r} is missing the {what}(s) {missing}: it was not written by this version.")
+        raise UserError(f"{str(path)!r} is missing the {what}(s) {missing}: it was not written by this version.")
 
 
 def save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -285,4 +287,4 @@ def load_tensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Tensor]
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{str(path)!r} is not a valid safetensors file (truncated or corrupt?): {err}") from None
+        raise UserError(f"{str(path)!r} is not a valid safetensors file (truncated or corrupt?): {err}") from None

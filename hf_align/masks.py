@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from hf_align.architectures import ROW_TARGET, layer_index, neuron_axes, neuron_axis, plain_name
+from hf_align.errors import UserError
 from hf_align.io import (
     PathLike,
     atomic_files,
@@ -257,7 +258,7 @@ class NeuronMask:
             raise ValueError(f"select must be one of {SELECTS}, got {select!r}.")
         names = sorted(name for name in scores if _matches(name, target))
         if not names:
-            raise ValueError(f"No scores left to select from (target={target!r} matched none of {len(scores)}).")
+            raise UserError(f"No scores left to select from (target={target!r} matched none of {len(scores)}).")
         values = {}
         generator = torch.Generator().manual_seed(seed)
         for name in names:
@@ -291,7 +292,7 @@ class NeuronMask:
             masks = {name: chosen[name].view(shapes[name]) for name in names}
         if not any(bool(mask.any()) for mask in masks.values()):
             total = sum(mask.numel() for mask in masks.values())
-            raise ValueError(
+            raise UserError(
                 f"ratio={ratio} selects no neuron (round(ratio * n) is 0 for n={total} "
                 f"{'per tensor' if scope == 'tensor' else 'in all'}); raise ratio."
             )
@@ -489,21 +490,21 @@ class NeuronMask:
             or header.get("format") != FORMAT
             or not isinstance(header.get("shapes"), dict)
         ):
-            raise ValueError(
+            raise UserError(
                 f"{str(meta_path)!r} is not a neuron-mask header (expected format {FORMAT!r} and shapes)."
             )
         shapes = _header_shapes(header, meta_path)
         packed = load_tensors(directory / MASK_FILE)
         check_same_save(directory / MASK_FILE, meta_path, header.get("save_id"))
         if set(packed) != set(shapes):
-            raise ValueError(
+            raise UserError(
                 f"{str(directory / MASK_FILE)!r} and {str(meta_path)!r} list different parameters "
                 f"({sorted(set(packed) ^ set(shapes))[:3]}…)."
             )
         masks = {}
         for name, shape in shapes.items():
             if packed[name].dtype != torch.uint8 or packed[name].numel() != math.ceil(math.prod(shape) / 8):
-                raise ValueError(
+                raise UserError(
                     f"Mask {name!r} in {str(directory / MASK_FILE)!r} does not match its shape {shape} "
                     f"(expected {math.ceil(math.prod(shape) / 8)} packed uint8 bytes, got {packed[name].numel()} "
                     f"{packed[name].dtype})."
@@ -511,18 +512,18 @@ class NeuronMask:
             masks[name] = _unpack(packed[name], shape)
         expected = header.get("num_selected")
         if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
-            raise ValueError(f"{str(meta_path)!r}: num_selected must be an integer, got {expected!r}.")
+            raise UserError(f"{str(meta_path)!r}: num_selected must be an integer, got {expected!r}.")
         granularity = header.get("granularity")
         if granularity is not None and granularity not in GRANULARITIES:
-            raise ValueError(f"{str(meta_path)!r}: granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+            raise UserError(f"{str(meta_path)!r}: granularity must be one of {GRANULARITIES}, got {granularity!r}.")
         if granularity == "row" and any(m.dim() != 1 for m in masks.values()):
             name = next(n for n, m in masks.items() if m.dim() != 1)
-            raise ValueError(
+            raise UserError(
                 f"{str(meta_path)!r} says granularity 'row' but mask {name!r} has shape {tuple(masks[name].shape)} "
                 "(a row mask is 1-D: one entry per output feature)."
             )
         if expected is not None and expected != sum(int(m.sum()) for m in masks.values()):
-            raise ValueError(
+            raise UserError(
                 f"{str(directory / MASK_FILE)!r} selects {sum(int(m.sum()) for m in masks.values())} neurons but "
                 f"{str(meta_path)!r} says {expected}: the files are corrupt or from different masks."
             )

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from hf_align.errors import UserError
+
 
 RewardFunc = Callable[..., Sequence[Any]]
 
@@ -59,9 +61,9 @@ def import_callable(spec: str, what: str = "reward") -> Callable:
         func = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{what} {spec!r} cannot be imported ('package.module:function'): {message}") from None
+        raise UserError(f"{what} {spec!r} cannot be imported ('package.module:function'): {message}") from None
     if not callable(func):
-        raise ValueError(f"{what} {spec!r} is not callable.")
+        raise UserError(f"{what} {spec!r} is not callable.")
     return func
 
 
@@ -134,7 +136,7 @@ def resolve_reward(spec: Any, what: str = "reward") -> RewardFunc:
         return import_callable(spec_path, what)
     if _HUB_ID.match(spec_path) and not os.path.exists(spec_path):
         return _load_reward_model(spec_path, what)  # a Hub id: from the cache when offline
-    raise ValueError(f"unknown {what} {spec!r}: expected {_EXPECTED}.")
+    raise UserError(f"unknown {what} {spec!r}: expected {_EXPECTED}.")
 
 
 def _load_reward_model(name: str, what: str) -> RewardModelScorer:

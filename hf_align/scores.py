@@ -21,6 +21,7 @@ import torch
 
 from hf_align.architectures import checkpoint_neuron_axes, neuron_axis
 from hf_align.architectures import plain_name as plain_name  # re-exported: its home was here
+from hf_align.errors import UserError
 from hf_align.io import (
     PathLike,
     atomic_files,
@@ -193,18 +194,18 @@ def weight_diff_scores(
         if not tensor.is_floating_point() or not matches_target(name, target):
             continue
         if name not in init_reader:
-            raise ValueError(
+            raise UserError(
                 f"Parameter {name!r} is missing from the initial checkpoint {str(init_reader.path)!r}; "
                 "both checkpoints must come from the same architecture."
             )
         start = init_reader.get(name)
         if start.shape != tensor.shape:
-            raise ValueError(
+            raise UserError(
                 f"Parameter {name!r} has shape {tuple(tensor.shape)} but {tuple(start.shape)} in {str(init_reader.path)!r}."
             )
         delta = tensor.detach().float() - start.to(device=tensor.device, dtype=torch.float32)
         score = reduce_magnitude(delta, granularity, statistic, neuron_axis(axes, name))
         scores[name] = score.to("cpu", dtype=dtype if granularity == "element" else torch.float32)
     if not scores:
-        raise ValueError(f"No parameter matched target={target!r}; nothing to score.")
+        raise UserError(f"No parameter matched target={target!r}; nothing to score.")
     return scores

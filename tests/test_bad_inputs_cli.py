@@ -46,15 +46,15 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 @pytest.fixture
 def no_training(monkeypatch):
     """masked-dpo's `run` records its parsed arguments instead of loading a model and training."""
-    import hf_align.cli.train_masked_dpo as command
+    import hf_align.cli.training as training
 
     calls = []
 
-    def record(script_args, training_args, model_args, *more, command="masked-dpo"):
+    def record(name, script_args, training_args, model_args, *more):
         calls.append(training_args)
         return 0
 
-    monkeypatch.setattr(command, "run", record)
+    monkeypatch.setattr(training, "run", record)
     return calls
 
 
@@ -77,11 +77,11 @@ def _pipeline(tmp_path: Path, stages: list[dict], **top) -> Path:
 
 
 def _run_pipeline(recipe: Path, out: Path, *extra: str) -> int:
-    return main(["pipeline", str(recipe), "--output_dir", str(out), "--model_name_or_path", "testbed", *extra])
+    return main(["pipeline", "--config", str(recipe), "--output_dir", str(out), "--model_name_or_path", "testbed", *extra])
 
 
 def test_pipeline_refuses_a_stage_folder_it_did_not_write(tmp_path, capsys):
-    recipe = _pipeline(tmp_path, [{"name": "mask", "command": "select-mask", "args": {"scores": "x", "ratio": 0.5}}])
+    recipe = _pipeline(tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}])
     mine = tmp_path / "out" / "mask"
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("my own work")
@@ -96,7 +96,7 @@ def test_pipeline_redoes_its_own_interrupted_selection(tmp_path, capsys):
     """A folder with the pipeline's own `running` marker is the pipeline's: it is redone from scratch."""
     scores = _scores(tmp_path)
     recipe = _pipeline(
-        tmp_path, [{"name": "mask", "command": "select-mask", "args": {"scores": str(scores), "ratio": 0.5}}]
+        tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": str(scores), "neuron_mask_ratio": 0.5}}]
     )
     ours = tmp_path / "out" / "mask"
     ours.mkdir(parents=True)
@@ -108,7 +108,7 @@ def test_pipeline_redoes_its_own_interrupted_selection(tmp_path, capsys):
 
 
 def test_pipeline_lock_held_by_a_live_process_is_refused(tmp_path, capsys):
-    recipe = _pipeline(tmp_path, [{"name": "mask", "command": "select-mask", "args": {"scores": "x", "ratio": 0.5}}])
+    recipe = _pipeline(tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}])
     out = tmp_path / "out"
     out.mkdir()
     lock = out / LOCK_FILE
@@ -125,7 +125,7 @@ def test_pipeline_lock_held_by_a_live_process_is_refused(tmp_path, capsys):
 def test_pipeline_takes_over_a_stale_lock_with_a_warning(tmp_path, capsys):
     scores = _scores(tmp_path)
     recipe = _pipeline(
-        tmp_path, [{"name": "mask", "command": "select-mask", "args": {"scores": str(scores), "ratio": 0.5}}]
+        tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": str(scores), "neuron_mask_ratio": 0.5}}]
     )
     out = tmp_path / "out"
     out.mkdir()
@@ -145,7 +145,7 @@ def test_pipeline_holds_the_lock_while_stages_run(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(pipeline, "run_stage", lambda stage, argv, launch: seen.append(_lock_content(tmp_path)))
-    recipe = _pipeline(tmp_path, [{"name": "mask", "command": "select-mask", "args": {"scores": "x", "ratio": 0.5}}])
+    recipe = _pipeline(tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}])
     assert _run_pipeline(recipe, tmp_path / "out") == 0
     assert seen == [{"host": __import__("socket").gethostname(), "pid": os.getpid()}]
     assert not (tmp_path / "out" / LOCK_FILE).exists()
@@ -157,15 +157,15 @@ def _lock_content(tmp_path: Path) -> dict:
 
 def test_select_mask_refuses_to_replace_a_mask_without_overwrite(tmp_path, capsys):
     scores, out = _scores(tmp_path), tmp_path / "mask"
-    argv = ["select-mask", "--scores", str(scores), "--output", str(out)]
-    assert main([*argv, "--ratio", "0.5"]) == 0
+    argv = ["select-mask", "--neuron_scores_path", str(scores), "--output_dir", str(out)]
+    assert main([*argv, "--neuron_mask_ratio", "0.5"]) == 0
     before = _snapshot(out)
     capsys.readouterr()
-    assert main([*argv, "--ratio", "0.25"]) == 2
+    assert main([*argv, "--neuron_mask_ratio", "0.25"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "--overwrite" in line and str(out) in line and "overwrite=True" not in line
     assert _snapshot(out) == before
-    assert main([*argv, "--ratio", "0.25", "--overwrite"]) == 0
+    assert main([*argv, "--neuron_mask_ratio", "0.25", "--overwrite"]) == 0
     assert _snapshot(out) != before
 
 
@@ -174,7 +174,8 @@ def test_select_mask_writes_beside_other_files_it_does_not_own(tmp_path):
     out = tmp_path / "mask"
     out.mkdir()
     (out / "README.md").write_text("notes")
-    assert main(["select-mask", "--scores", str(_scores(tmp_path)), "--ratio", "0.5", "--output", str(out)]) == 0
+    argv = ["select-mask", "--neuron_scores_path", str(_scores(tmp_path)), "--neuron_mask_ratio", "0.5"]
+    assert main([*argv, "--output_dir", str(out)]) == 0
     assert (out / "README.md").read_text() == "notes" and (out / "neuron_mask.safetensors").exists()
 
 
@@ -365,8 +366,8 @@ def test_the_current_folder_is_not_on_the_import_path_of_python_m_hf_align_cli(t
     (tmp_path / "probe_in_cwd.py").write_text(
         "from pathlib import Path\nPath('imported').write_text('ran')\ndef label(*a, **k):\n    raise ValueError('probe')\n"
     )
-    cmd = [sys.executable, "-m", "hf_align.cli", "label-tokens", "--dataset", "testbed:preference"]
-    cmd += ["--tokenizer", "testbed", "--method", "probe_in_cwd:label", "--output", "out.jsonl"]
+    cmd = [sys.executable, "-m", "hf_align.cli", "label-tokens", "--dataset_name", "testbed:preference"]
+    cmd += ["--model_name_or_path", "testbed", "--method", "probe_in_cwd:label", "--output_file", "out.jsonl"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -394,10 +395,10 @@ def test_merge_refuses_an_existing_output_naming_the_flag(tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "mine.txt").write_text("the user's notes")
-    argv = ["merge", "--base", str(testbed.MODEL_DIR), "--aligned", str(testbed.MODEL_DIR), "--output", str(out)]
-    assert main([*argv, "--alpha", "0.3", "--no-progress"]) == 2
+    argv = ["merge", "--base_model_name_or_path", "testbed", "--model_name_or_path", "testbed", "--output_dir", str(out)]
+    assert main([*argv, "--alpha", "0.3", "--no_progress"]) == 2
     line = _one_line(capsys.readouterr().err)
-    assert "--output" in line and "--overwrite" in line and str(out) in line and "overwrite=True" not in line
+    assert "--output_dir" in line and "--overwrite" in line and str(out) in line and "overwrite=True" not in line
     assert (out / "mine.txt").read_text() == "the user's notes" and sorted(p.name for p in out.iterdir()) == [
         "mine.txt"
     ]
@@ -421,8 +422,8 @@ def test_adaptive_merge_refuses_an_existing_merged_output_naming_the_flag(tmp_pa
 def test_eval_refuses_to_replace_a_results_file_naming_the_flag(tmp_path, capsys):
     results = tmp_path / "results.json"
     results.write_text('{"mine": 1}')
-    argv = ["eval", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts", "--output", str(results)]
+    argv = ["eval", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts", "--output_file", str(results)]
     assert main([*argv, "--num_prompts", "2", "--max_new_tokens", "2", "--no_progress"]) == 2
     line = _one_line(capsys.readouterr().err)
-    assert "--output" in line and "--overwrite" in line and str(results) in line
+    assert "--output_file" in line and "--overwrite" in line and str(results) in line
     assert results.read_text() == '{"mine": 1}'

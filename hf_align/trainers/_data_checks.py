@@ -8,6 +8,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from hf_align.errors import UserError
+
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages", "text")
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -64,7 +66,7 @@ def check_rows(dataset, name: str) -> None:
         for column, value in cells.items():
             problem = _text_problem(value)
             if problem:
-                raise ValueError(f"{name} column {column!r}, row {row}: {problem}.")
+                raise UserError(f"{name} column {column!r}, row {row}: {problem}.")
         rows += 1
         same += pairs and cells["chosen"] == cells["rejected"]
     if pairs and rows and same == rows:
@@ -84,15 +86,15 @@ def check_dataset(dataset, name: str, accepted: Sequence[Sequence[str]] | None =
             check_dataset(value, f"{name}[{key!r}]", accepted)
         return
     if hasattr(dataset, "__len__") and len(dataset) == 0:
-        raise ValueError(f"{name} is empty: it needs at least one example.")
+        raise UserError(f"{name} is empty: it needs at least one example.")
     names = column_names(dataset)
     matches = [columns for columns in accepted or () if all(column in names for column in columns)]
     if accepted is not None and not matches:
         options = " or ".join("+".join(columns) for columns in accepted)
-        raise ValueError(f"{name} is missing columns: expected {options}; found columns {names}.")
+        raise UserError(f"{name} is missing columns: expected {options}; found columns {names}.")
     if len(matches) > 1:  # e.g. prompt+completion and messages: which one is the data would be a silent guess
         both = " and ".join("+".join(columns) for columns in matches)
-        raise ValueError(f"{name} holds both {both}: keep the columns of one format and drop the others.")
+        raise UserError(f"{name} holds both {both}: keep the columns of one format and drop the others.")
     check_rows(dataset, name)
 
 
@@ -103,7 +105,7 @@ def check_not_truncated_away(before: int, after: int, name: str, args) -> None:
         return
     how = f"max_length={args.max_length} with truncation_mode={getattr(args, 'truncation_mode', None)!r}"
     if after == 0:
-        raise ValueError(
+        raise UserError(
             f"{name}: {how} leaves no completion token in any of its {before} examples (the prompts fill it); "
             "raise max_length or truncate from the start (truncation_mode='keep_end')."
         )
