@@ -424,14 +424,14 @@ def test_simnpo_trainer_by_either_spelling_is_reference_free_and_matches_the_for
 
 
 def test_cli_and_recipe_accept_the_old_spelling(tmp_path):
-    from hf_align.cli.train_npo import make_parser
+    from hf_align.cli.training import make_parser
 
     common = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("loss_type: simnpo\n")
     for argv in (["--loss_type", "simnpo"], ["--config", str(recipe)], ["--npo_loss_type", "simnpo"]):
         with pytest.warns(FutureWarning) if "--npo_loss_type" not in argv else contextlib.nullcontext():
-            _, args, *_ = make_parser().parse_args_and_config([*common, *argv])
+            _, args, *_ = make_parser("npo").parse([*common, *argv])
         assert (args.npo_loss_type, args.loss_type) == ("simnpo", "nll"), argv
 
 

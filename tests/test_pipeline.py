@@ -26,7 +26,7 @@ def _testbed_pipeline(tmp_path: Path) -> Path:
 
 
 def _argv(recipe: Path, out: Path) -> list[str]:
-    argv = ["pipeline", str(recipe), "--output_dir", str(out), "--model_name_or_path", "testbed", "--no_launch"]
+    argv = ["pipeline", "--config", str(recipe), "--output_dir", str(out), "--model_name_or_path", "testbed", "--no_launch"]
     for item in TINY:
         argv += ["--set", item]
     return argv
@@ -88,7 +88,7 @@ def test_allo_pipeline_runs_skips_and_resumes_to_the_same_weights(tmp_path, monk
     [
         ("stages: []\n", "`stages` must be a non-empty list"),
         ("stages:\n  - {name: a, command: dpo-typo}\n", "unknown command 'dpo-typo'"),
-        ("stages:\n  - {name: a, command: select-mask, args: {scores: '{warm}'}}\n", "{warm} does not name"),
+        ("stages:\n  - {name: a, command: select-mask, args: {neuron_scores_path: '{warm}'}}\n", "{warm} does not name"),
         ("stagse: []\n", "unknown key(s) ['stagse']"),
         ("stages:\n  - {name: a, command: npo, recipe: missing.yaml}\n", "recipe 'missing.yaml' not found"),
     ],
@@ -96,7 +96,7 @@ def test_allo_pipeline_runs_skips_and_resumes_to_the_same_weights(tmp_path, monk
 def test_bad_pipeline_recipes_fail_before_running(tmp_path, capsys, text, message):
     recipe = tmp_path / "p.yaml"
     recipe.write_text(text)
-    assert main(["pipeline", str(recipe), "--output_dir", str(tmp_path / "o"), "--model_name_or_path", "x"]) == 2
+    assert main(["pipeline", "--config", str(recipe), "--output_dir", str(tmp_path / "o"), "--model_name_or_path", "x"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
@@ -119,7 +119,7 @@ def test_a_completed_stage_whose_arguments_changed_runs_again(tmp_path, capsys):
     """`--set max_steps=...` used to reuse the old result silently; the marker keeps the resolved arguments."""
     recipe, out = _one_stage(tmp_path), tmp_path / "out"
     tiny = [a for item in TINY if not item.startswith(("max_steps", "save_")) for a in ("--set", item)]
-    argv = ["pipeline", str(recipe), "--output_dir", str(out), *tiny, "--set", "save_strategy=no"]
+    argv = ["pipeline", "--config", str(recipe), "--output_dir", str(out), *tiny, "--set", "save_strategy=no"]
     assert main([*argv, "--set", "max_steps=1"]) == 0
     assert _steps(out / "train") == 1
     assert "--max_steps" in json.loads((out / "train" / STAGE_FILE).read_text())["resolved_args"]
@@ -133,9 +133,9 @@ def test_a_completed_stage_whose_arguments_changed_runs_again(tmp_path, capsys):
 
 
 def test_a_failed_pipeline_prints_the_summary_of_what_finished(tmp_path, capsys):
-    extra = "  - {name: mask, command: select-mask, args: {scores: '{train}/no_scores_here', ratio: 0.1}}\n"
+    extra = "  - {name: mask, command: select-mask, args: {neuron_scores_path: '{train}/no_scores_here', neuron_mask_ratio: 0.1}}\n"
     recipe, out = _one_stage(tmp_path, extra), tmp_path / "out"
-    argv = ["pipeline", str(recipe), "--output_dir", str(out), "--set", "max_steps=1", "--set", "save_strategy=no"]
+    argv = ["pipeline", "--config", str(recipe), "--output_dir", str(out), "--set", "max_steps=1", "--set", "save_strategy=no"]
     argv += [a for item in TINY if not item.startswith(("max_steps", "save_")) for a in ("--set", item)]
     assert main(argv) != 0
     captured = capsys.readouterr()
@@ -147,7 +147,8 @@ def test_a_failed_pipeline_prints_the_summary_of_what_finished(tmp_path, capsys)
 def test_set_reaches_one_stage_of_any_command(tmp_path):
     from hf_align.cli.pipeline import stage_argv
 
-    stage = {"name": "labels", "command": "label-tokens", "args": {"dataset": "hub/data"}}
+    stage = {"name": "labels", "command": "select-mask", "args": {"neuron_scores_path": "s"}}
     outputs = {"labels": str(tmp_path / "labels")}
-    argv = stage_argv(stage, tmp_path, outputs, {"bf16": "true"}, {"labels.dataset": "testbed:preference", "x": "1"})
-    assert argv == ["--dataset", "testbed:preference", "--output", str(tmp_path / "labels")]
+    overrides = {"labels.neuron_scores_path": "t", "x": "1"}
+    argv = stage_argv(stage, tmp_path, outputs, {"bf16": "true"}, overrides)
+    assert argv == ["--neuron_scores_path", "t", "--output_dir", str(tmp_path / "labels")]

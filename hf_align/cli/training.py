@@ -242,7 +242,8 @@ def run(name: str, script_args, training_args, model_args, *more) -> int:
         kwargs["callbacks"] = [_mask_accumulation(extra[0])]
     elif name.startswith("aligner-"):
         kwargs["peft_config"] = _aligner_config(extra[0], model_args, training_args)
-    columns = None if spec.own else spec.columns  # hf-align's trainers check their columns themselves
+    # hf-align's trainers check their columns themselves; for TRL's, the minimal sets (prompt is optional)
+    columns = None if spec.own else [c for c in spec.columns if not any(set(o) < set(c) for o in spec.columns)]
     return train(spec.trainer_class(), script_args, training_args, model_args, dataset_args, columns, **kwargs)
 
 
