@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
 from hf_align.masks import GRANULARITIES, SCOPES, SELECTS
 from hf_align.trainers._base import (
@@ -47,6 +48,8 @@ __all__ = [
     "resolve_neuron_mask",
     "validate_mask_fields",
 ]
+
+logger = logging.get_logger(__name__)
 
 DELTAS_DIR = "neuron_deltas"
 """Sub-directory of a checkpoint holding the deltas + mask (what ``resume_from_checkpoint`` reloads)."""
@@ -278,6 +281,46 @@ class NeuronMaskTrainerMixin:
 
     neuron_mask = None
     _deltas_reference: DeltasOffReference | None = None
+
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, *, neuron_mask=None, peft_config=None, **kwargs):  # fmt: skip
+        """The whole ``__init__`` of a masked trainer over a TRL trainer that takes TRL's preference signature
+        (``DPOTrainer``, ``KTOTrainer``): the config resolved as TRL resolves its own, the dataset columns checked
+        against the registry entry, the mask attached, then the TRL trainer's ``__init__``. Subclasses adjust it
+        through :meth:`_before_library_init` / :meth:`_after_library_init` (a trainer with another signature, such
+        as NPO, writes its own ``__init__`` from :meth:`_load_and_mask` and :meth:`_init_library_trainer`)."""
+        from hf_align.trainers._base import resolve_args
+        from hf_align.trainers._data_checks import check_dataset
+        from hf_align.trainers.registry import spec_for
+
+        spec = spec_for(type(self))
+        config_class = spec.config_class()
+        trl_config = next(k for k in config_class.__mro__ if k.__module__.split(".")[0] == "trl")
+        args = resolve_args(args, config_class, trl_config, model, self._name)
+        self._before_library_init(args)
+        check_dataset(train_dataset, "train_dataset", spec.columns)
+        check_dataset(eval_dataset, "eval_dataset", spec.columns)
+        model, ref_model = self._load_and_mask(model, ref_model, args, neuron_mask, peft_config, kwargs)
+        self._init_library_trainer(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
+        )
+        self._after_library_init()
+        fraction = self._set_trainable_fraction()
+        logger.warning(f"{type(self).__name__}: trainable fraction of parameters = {fraction:.6f}")
+
+    def _before_library_init(self, args) -> None:
+        """Checks and state the TRL ``__init__`` needs (it tokenizes and may precompute reference log-probs)."""
+
+    def _after_library_init(self) -> None:
+        """Adjust what the TRL ``__init__`` built (collator, model wrappers)."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

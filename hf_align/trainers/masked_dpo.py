@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -34,13 +33,10 @@ from hf_align.token_weights import (
     select_lowest_ratio_tokens,
     sequence_weights,
 )
-from hf_align.trainers._base import HFAlignTrainerMixin, TokenWeightArguments, resolve_args
-from hf_align.trainers._data_checks import check_dataset, check_not_truncated_away, column_names
+from hf_align.trainers._base import HFAlignTrainerMixin, TokenWeightArguments
+from hf_align.trainers._data_checks import check_not_truncated_away, column_names
 from hf_align.trainers._masking import DeltasOffReference, NeuronMaskArguments, NeuronMaskTrainerMixin
-from hf_align.trainers.registry import TRAINERS
 
-
-logger = logging.get_logger(__name__)
 
 _PAIR_WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
 
@@ -137,21 +133,7 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
     extra_signature_columns = _PAIR_WEIGHT_COLUMNS
     weighted_collator = (DataCollatorForPreference, DataCollatorForWeightedPreference)
 
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: MaskedDPOConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        *,
-        neuron_mask=None,
-        peft_config=None,
-        **kwargs,
-    ):
-        args = resolve_args(args, MaskedDPOConfig, DPOConfig, model, self._name)
+    def _before_library_init(self, args) -> None:
         self._weighting = _WeightingState()
         self._weighting.trainer = self
         self.rejected_token_ratio = args.rejected_token_ratio
@@ -161,25 +143,9 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
                 "precompute_ref_log_probs=True (TRL stores only sequence sums). Set one of them off."
             )
 
-        columns = TRAINERS["masked-dpo"].columns  # weight columns are checked with the token weights
-        check_dataset(train_dataset, "train_dataset", columns)
-        check_dataset(eval_dataset, "eval_dataset", columns)
-        model, ref_model = self._load_and_mask(model, ref_model, args, neuron_mask, peft_config, kwargs)
-        self._init_library_trainer(
-            model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            peft_config=peft_config,
-            **kwargs,
-        )
+    def _after_library_init(self) -> None:
         self._use_weighted_collator()
         self._install_weighting()
-
-        logger.warning(f"MaskedDPOTrainer: trainable fraction of parameters = {self._set_trainable_fraction():.6f}")
 
     # ----------------------------------------------------------------------------------------------------------
     # Data

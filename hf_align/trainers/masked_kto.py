@@ -11,20 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers.utils import logging
 from trl import KTOConfig, KTOTrainer
 
-from hf_align.trainers._base import HFAlignTrainerMixin, resolve_args
-from hf_align.trainers._data_checks import check_dataset
+from hf_align.trainers._base import HFAlignTrainerMixin
 from hf_align.trainers._masking import NeuronMaskArguments, NeuronMaskTrainerMixin
-from hf_align.trainers.registry import TRAINERS
 
 
 __all__ = ["MaskedKTOConfig", "MaskedKTOTrainer"]
-
-logger = logging.get_logger(__name__)
-
-KTO_COLUMNS = TRAINERS["masked-kto"].columns  # unpaired examples, or preference pairs (unpaired by TRL)
 
 
 @dataclass
@@ -40,37 +33,8 @@ class MaskedKTOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, KTOTrainer):
             ``neuron_mask_path`` / ``neuron_scores_path`` + ``neuron_mask_ratio``; with none of them all parameters
             train, exactly like ``trl.KTOTrainer``). Without a ``ref_model`` the reference is the policy with its
             deltas off.
+
+    ``__init__`` is :class:`NeuronMaskTrainerMixin`'s (dataset columns: the registry's "masked-kto" entry).
     """
 
     _name = "MaskedKTO"  # tags and paper: the registry's "masked-kto" entry
-
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: MaskedKTOConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        *,
-        neuron_mask=None,
-        peft_config=None,
-        **kwargs,
-    ):
-        args = resolve_args(args, MaskedKTOConfig, KTOConfig, model, self._name)
-        check_dataset(train_dataset, "train_dataset", KTO_COLUMNS)
-        check_dataset(eval_dataset, "eval_dataset", KTO_COLUMNS)
-        model, ref_model = self._load_and_mask(model, ref_model, args, neuron_mask, peft_config, kwargs)
-        self._init_library_trainer(
-            model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            peft_config=peft_config,
-            **kwargs,
-        )
-        logger.warning(f"MaskedKTOTrainer: trainable fraction of parameters = {self._set_trainable_fraction():.6f}")

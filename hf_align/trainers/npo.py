@@ -49,6 +49,7 @@ from hf_align.trainers._base import (
 )
 from hf_align.trainers._data_checks import check_dataset, column_names, drop_truncated_away
 from hf_align.trainers._masking import NeuronMaskArguments, NeuronMaskTrainerMixin
+from hf_align.trainers.registry import LANGUAGE_MODELING
 
 
 REF_COLUMN = "ref_token_logps"
@@ -137,7 +138,7 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
 # Data
 
 
-FORGET_COLUMNS = (("prompt", "completion"), ("text",), ("messages",))
+FORGET_COLUMNS = LANGUAGE_MODELING  # after to_forget_format (a preference dataset's `rejected` is the completion)
 
 
 def to_forget_format(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:

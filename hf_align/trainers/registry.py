@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hf_align.citations import CITATIONS
 
 
-__all__ = ["TRAINERS", "Paper", "TrainerSpec", "spec_for"]
+__all__ = ["LANGUAGE_MODELING", "PREFERENCE", "TRAINERS", "UNPAIRED", "Paper", "TrainerSpec", "spec_for"]
 
 PREFERENCE = (("chosen", "rejected"),)  # a prompt column is optional (TRL extracts an implicit one)
 UNPAIRED = (("prompt", "completion", "label"), ("chosen", "rejected"))  # KTO: pairs are unpaired by TRL
