@@ -10,6 +10,10 @@ from trl import DPOConfig, DPOTrainer
 
 from hf_align import testbed
 from hf_align.trainers.masked_dpo import MaskedDPOConfig, MaskedDPOTrainer
+from hf_align.trainers.registry import TRAINERS
+
+
+MASKED_TRAINERS = [spec for spec in TRAINERS.values() if spec.masked]  # each takes preference pairs
 
 
 STEPS = 3
@@ -561,20 +565,16 @@ def test_fp32_deltas_on_a_bf16_base_keep_updates_bf16_would_round_away(tmp_path)
     assert moved["auto"] == 0.0  # bf16: 1.0 + 1e-4 rounds back to 1.0
 
 
-@pytest.mark.parametrize("trainer_name", ["MaskedDPOTrainer", "NPOTrainer"])
-def test_a_neuron_mask_and_a_peft_adapter_are_refused_together(tmp_path, trainer_name):
+@pytest.mark.parametrize("spec", MASKED_TRAINERS, ids=[spec.name for spec in MASKED_TRAINERS])
+def test_a_neuron_mask_and_a_peft_adapter_are_refused_together(tmp_path, spec):
     from peft import LoraConfig
-
-    import hf_align.trainers as trainers
 
     NeuronMask, _ = _mask_api()
     tb = testbed.load()
     mask = NeuronMask.random(tb.model, 0.1, "row", seed=0)
-    config_cls = trainers.MaskedDPOConfig if trainer_name == "MaskedDPOTrainer" else trainers.NPOConfig
-    args = config_cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
-    data = _data(4) if trainer_name == "MaskedDPOTrainer" else tb.forget_dataset()
+    args = spec.config_class()(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
     with pytest.raises(ValueError, match="neuron mask and a PEFT adapter"):
-        getattr(trainers, trainer_name)(
-            copy.deepcopy(tb.model), args=args, train_dataset=data, processing_class=tb.tokenizer,
+        spec.trainer_class()(
+            copy.deepcopy(tb.model), args=args, train_dataset=_data(4), processing_class=tb.tokenizer,
             neuron_mask=mask, peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
         )  # fmt: skip

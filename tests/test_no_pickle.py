@@ -3,6 +3,10 @@
 import ast
 from pathlib import Path
 
+import pytest
+
+from hf_align.trainers.registry import TRAINERS
+
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_align"
 PICKLE_MODULES = {"pickle", "cPickle", "dill", "joblib", "shelve"}
@@ -93,30 +97,28 @@ def test_checkpoints_hold_no_full_pickle(tmp_path):
                 torch.load(path, weights_only=True)
 
 
-def test_python_api_save_model_without_deltas_writes_json_not_pickle(tmp_path):
+_MASKED = [spec for spec in TRAINERS.values() if spec.masked]  # hf-align's trainers on TRL's (preference data)
+
+
+@pytest.mark.parametrize("spec", _MASKED, ids=[spec.name for spec in _MASKED])
+def test_python_api_save_model_without_deltas_writes_json_not_pickle(tmp_path, spec):
     """``save_model()`` called by a user (no mask, so transformers' own ``_save`` writes the weights) leaves
     training_args.json and no training_args.bin, for each hf-align trainer built on TRL's."""
     import json
 
     from hf_align import testbed
-    from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer, NPOConfig, NPOTrainer
 
     tb = testbed.load()
     common = dict(
         max_steps=1, per_device_train_batch_size=2, report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
         gradient_checkpointing=False, save_strategy="no",
     )  # fmt: skip
-    dpo = MaskedDPOTrainer(
-        model=testbed.load().model, args=MaskedDPOConfig(output_dir=str(tmp_path / "dpo"), **common),
+    trainer = spec.trainer_class()(
+        model=testbed.load().model, args=spec.config_class()(output_dir=str(tmp_path / spec.name), **common),
         train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer,
     )  # fmt: skip
-    npo = NPOTrainer(
-        model=testbed.load().model, args=NPOConfig(output_dir=str(tmp_path / "npo"), **common),
-        train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer,
-    )  # fmt: skip
-    for trainer in (dpo, npo):
-        target = tmp_path / f"{trainer.args.output_dir}-saved"
-        trainer.save_model(str(target))
-        assert (target / "model.safetensors").exists()
-        assert not (target / "training_args.bin").exists()
-        assert json.loads((target / "training_args.json").read_text())["max_steps"] == 1
+    target = tmp_path / f"{trainer.args.output_dir}-saved"
+    trainer.save_model(str(target))
+    assert (target / "model.safetensors").exists()
+    assert not (target / "training_args.bin").exists()
+    assert json.loads((target / "training_args.json").read_text())["max_steps"] == 1

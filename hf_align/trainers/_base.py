@@ -20,6 +20,7 @@ __all__ = [
     "HFAlignTrainerMixin",
     "TokenWeightArguments",
     "global_token_count",
+    "library_trainer",
     "load_model",
     "prepare_reference",
     "require_before_trainer",
@@ -144,16 +145,23 @@ def upgrade_collator(collator, base_class: type, new_class: type):
     return new_class(**values)
 
 
-def require_before_trainer(cls: type, mixin: type, *before: type) -> None:
-    """Raise ``TypeError`` unless ``mixin`` precedes, in ``cls``'s MRO, the library trainer (the first
-    ``transformers.Trainer`` subclass defined in transformers or TRL) and every class of ``before``: a mixin's
-    hooks must wrap the library's, which they can only do from in front of it in the MRO."""
+def library_trainer(cls: type) -> type | None:
+    """The first class in ``cls``'s MRO that is a ``transformers.Trainer`` defined by transformers or TRL (the
+    library trainer hf-align's mixins extend), or None."""
     from transformers import Trainer
 
+    libraries = ("transformers", "trl")
+    return next((k for k in cls.__mro__ if issubclass(k, Trainer) and k.__module__.split(".")[0] in libraries), None)
+
+
+def require_before_trainer(cls: type, mixin: type, *before: type) -> None:
+    """Raise ``TypeError`` unless ``mixin`` precedes, in ``cls``'s MRO, the library trainer
+    (:func:`library_trainer`) and every class of ``before``: a mixin's hooks must wrap the library's, which they
+    can only do from in front of it in the MRO."""
     mro = cls.__mro__
-    if Trainer not in mro:
+    library = library_trainer(cls)
+    if library is None:
         return
-    library = next(k for k in mro if issubclass(k, Trainer) and k.__module__.split(".")[0] in ("transformers", "trl"))
     late = [k for k in (library, *before) if k in mro and mro.index(k) < mro.index(mixin)]
     if late:
         names = ", ".join(k.__name__ for k in late)

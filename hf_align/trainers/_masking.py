@@ -8,22 +8,32 @@ The mechanism itself (freezing, trainable deltas at the selected rows/entries, m
 * :func:`resolve_neuron_mask` -- the ``NeuronMask`` from the trainer argument or those fields;
 * :func:`attach_mask` -- load the model if it is a path, attach trainable deltas;
 * :class:`DeltasOffReference` -- the policy with its deltas switched off, as a reference model holding no weights;
-* :class:`NeuronMaskTrainerMixin` -- ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model`` for models with
-  deltas; put it before the TRL trainer in the bases.
+* :class:`NeuronMaskTrainerMixin` -- the ``__init__`` glue (:meth:`~NeuronMaskTrainerMixin._load_and_mask`,
+  :meth:`~NeuronMaskTrainerMixin._init_library_trainer`) and ``_save`` / ``_load_from_checkpoint`` /
+  ``_load_best_model`` for models with deltas. It must come before the TRL trainer in the bases (and after
+  ``HFAlignTrainerMixin``); a class that breaks the order is refused with ``TypeError`` when it is defined.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
 from hf_align.masks import GRANULARITIES, SCOPES, SELECTS
-from hf_align.trainers._base import CheckedConfig
+from hf_align.trainers._base import (
+    CheckedConfig,
+    HFAlignTrainerMixin,
+    library_trainer,
+    load_policy_and_reference,
+    require_before_trainer,
+)
 
 
 __all__ = [
@@ -38,6 +48,8 @@ __all__ = [
     "resolve_neuron_mask",
     "validate_mask_fields",
 ]
+
+logger = logging.get_logger(__name__)
 
 DELTAS_DIR = "neuron_deltas"
 """Sub-directory of a checkpoint holding the deltas + mask (what ``resume_from_checkpoint`` reloads)."""
@@ -258,14 +270,98 @@ def _is_sharded(trainer) -> bool:
 
 
 class NeuronMaskTrainerMixin:
-    """Checkpointing for a trainer whose model carries neuron deltas (``self.neuron_mask`` set, or None).
+    """A TRL trainer that trains only the neurons of a mask (``self.neuron_mask``, or None: all parameters train).
 
+    ``__init__`` glue, written once for every masked trainer: :meth:`_load_and_mask` (load paths, resolve and attach
+    the mask, the deltas-off reference), then :meth:`_init_library_trainer` (the TRL trainer's own ``__init__``).
     Final saves are a normal transformers checkpoint with the deltas merged (``save_merged=True``) or only the
     deltas + mask; checkpoints always keep the exact deltas under ``neuron_deltas/`` so resuming continues from the
     frozen base plus deltas.
     """
 
     neuron_mask = None
+    _deltas_reference: DeltasOffReference | None = None
+
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, *, neuron_mask=None, peft_config=None, **kwargs):  # fmt: skip
+        """The whole ``__init__`` of a masked trainer over a TRL trainer that takes TRL's preference signature
+        (``DPOTrainer``, ``KTOTrainer``): the config resolved as TRL resolves its own, the dataset columns checked
+        against the registry entry, the mask attached, then the TRL trainer's ``__init__``. Subclasses adjust it
+        through :meth:`_before_library_init` / :meth:`_after_library_init` (a trainer with another signature, such
+        as NPO, writes its own ``__init__`` from :meth:`_load_and_mask` and :meth:`_init_library_trainer`)."""
+        from hf_align.trainers._base import resolve_args
+        from hf_align.trainers._data_checks import check_dataset
+        from hf_align.trainers.registry import spec_for
+
+        spec = spec_for(type(self))
+        config_class = spec.config_class()
+        trl_config = next(k for k in config_class.__mro__ if k.__module__.split(".")[0] == "trl")
+        args = resolve_args(args, config_class, trl_config, model, self._name)
+        self._before_library_init(args)
+        check_dataset(train_dataset, "train_dataset", spec.columns)
+        check_dataset(eval_dataset, "eval_dataset", spec.columns)
+        model, ref_model = self._load_and_mask(model, ref_model, args, neuron_mask, peft_config, kwargs)
+        self._init_library_trainer(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
+        )
+        self._after_library_init()
+        fraction = self._set_trainable_fraction()
+        logger.warning(f"{type(self).__name__}: trainable fraction of parameters = {fraction:.6f}")
+
+    def _before_library_init(self, args) -> None:
+        """Checks and state the TRL ``__init__`` needs (it tokenizes and may precompute reference log-probs)."""
+
+    def _after_library_init(self) -> None:
+        """Adjust what the TRL ``__init__`` built (collator, model wrappers)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # this mixin's hooks (_save, _load_from_checkpoint) wrap TRL's; HFAlignTrainerMixin's _save wraps them all
+        require_before_trainer(cls, NeuronMaskTrainerMixin)
+        if HFAlignTrainerMixin in cls.__mro__:
+            require_before_trainer(cls, HFAlignTrainerMixin, NeuronMaskTrainerMixin)
+
+    def _load_and_mask(self, model, ref_model, args, neuron_mask, peft_config, trainer_kwargs: dict, *,
+                       deltas_reference: bool = True, second_forward: bool = False):  # fmt: skip
+        """``(model, ref_model)`` ready for the TRL trainer: paths loaded (the mask is checked against the policy),
+        the mask resolved into ``self.neuron_mask`` and attached as trainable deltas. ``deltas_reference``: the
+        trainer takes a ``ref_model``; without one (and without precomputed reference log-probs) the reference is
+        the policy with its deltas off. ``second_forward``: see :func:`attach_mask`."""
+        wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
+        model, ref_model = load_policy_and_reference(model, ref_model, args, wants_mask, trainer_kwargs)
+        if ref_model is not None and ref_model is model:
+            raise ValueError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
+        self.neuron_mask = mask = resolve_neuron_mask(neuron_mask, args, model)
+        if mask is None:
+            return model, ref_model
+        model = attach_mask(model, mask, args, peft_config, second_forward=second_forward)
+        if deltas_reference and ref_model is None and not args.precompute_ref_log_probs:
+            if args.sync_ref_model:
+                raise ValueError("sync_ref_model needs a separate ref_model; with a neuron mask pass one explicitly.")
+            ref_model = self._deltas_reference = DeltasOffReference(model)
+        return model, ref_model
+
+    def _init_library_trainer(self, model, **kwargs) -> None:
+        """The TRL trainer's ``__init__`` (the next class after this mixin in the MRO) on the masked model: the
+        frozen quantized base allowed to train (only deltas do), the deltas-off reference passed through TRL's
+        reference wrapping unchanged, and its forward restored after TRL patched a fused LM head onto it."""
+        from hf_align.sparse_update import quantized_training_allowed
+
+        library = super().__init__  # the next class after this mixin: the TRL trainer
+        trl_module = sys.modules[library_trainer(type(self)).__module__]  # where TRL looks up prepare_deepspeed
+        with quantized_training_allowed(model), deltas_reference_unwrapped(trl_module):
+            library(model, **kwargs)
+        if self._deltas_reference is not None:
+            # TRL patched the stand-in with its fused head; the stand-in must call the policy's own (fused) forward.
+            self.accelerator.unwrap_model(self.ref_model).__dict__.pop("forward", None)
 
     def _has_deltas(self) -> bool:
         if self.neuron_mask is None:

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -34,25 +33,10 @@ from hf_align.token_weights import (
     select_lowest_ratio_tokens,
     sequence_weights,
 )
-from hf_align.trainers._base import (
-    HFAlignTrainerMixin,
-    TokenWeightArguments,
-    load_policy_and_reference,
-    resolve_args,
-    upgrade_collator,
-)
-from hf_align.trainers._data_checks import check_dataset, check_not_truncated_away, column_names
-from hf_align.trainers._masking import (
-    DeltasOffReference,
-    NeuronMaskArguments,
-    NeuronMaskTrainerMixin,
-    attach_mask,
-    deltas_reference_unwrapped,
-    resolve_neuron_mask,
-)
+from hf_align.trainers._base import HFAlignTrainerMixin, TokenWeightArguments
+from hf_align.trainers._data_checks import check_not_truncated_away, column_names
+from hf_align.trainers._masking import DeltasOffReference, NeuronMaskArguments, NeuronMaskTrainerMixin
 
-
-logger = logging.get_logger(__name__)
 
 _PAIR_WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
 
@@ -146,22 +130,10 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
     """
 
     _name = "MaskedDPO"  # tags and paper: the registry's "masked-dpo" entry
+    extra_signature_columns = _PAIR_WEIGHT_COLUMNS
+    weighted_collator = (DataCollatorForPreference, DataCollatorForWeightedPreference)
 
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: MaskedDPOConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        *,
-        neuron_mask=None,
-        peft_config=None,
-        **kwargs,
-    ):
-        args = resolve_args(args, MaskedDPOConfig, DPOConfig, model, self._name)
+    def _before_library_init(self, args) -> None:
         self._weighting = _WeightingState()
         self._weighting.trainer = self
         self.rejected_token_ratio = args.rejected_token_ratio
@@ -171,46 +143,9 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
                 "precompute_ref_log_probs=True (TRL stores only sequence sums). Set one of them off."
             )
 
-        check_dataset(train_dataset, "train_dataset")  # columns are checked with the token weights
-        wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
-        model, ref_model = load_policy_and_reference(model, ref_model, args, wants_mask, kwargs)
-        mask = resolve_neuron_mask(neuron_mask, args, model)
-        self.neuron_mask = mask
-        uses_deltas_reference = False
-        if mask is not None:
-            model = attach_mask(model, mask, args, peft_config)
-            if ref_model is None and not args.precompute_ref_log_probs:
-                if args.sync_ref_model:
-                    raise ValueError(
-                        "sync_ref_model needs a separate ref_model; with a neuron mask pass one explicitly."
-                    )
-                ref_model = DeltasOffReference(model)
-                uses_deltas_reference = True
-
-        import trl.trainer.dpo_trainer as trl_dpo
-
-        from hf_align.sparse_update import quantized_training_allowed
-
-        with quantized_training_allowed(model), deltas_reference_unwrapped(trl_dpo):
-            super().__init__(
-                model,
-                ref_model=ref_model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                peft_config=peft_config,
-                **kwargs,
-            )
-
+    def _after_library_init(self) -> None:
         self._use_weighted_collator()
-        if uses_deltas_reference:
-            # TRL patched the stand-in with its fused head; the stand-in must call the policy's own (fused) forward.
-            self.accelerator.unwrap_model(self.ref_model).__dict__.pop("forward", None)
         self._install_weighting()
-
-        logger.warning(f"MaskedDPOTrainer: trainable fraction of parameters = {self._set_trainable_fraction():.6f}")
 
     # ----------------------------------------------------------------------------------------------------------
     # Data
@@ -224,18 +159,6 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
             check_not_truncated_away(before, len(dataset), f"{dataset_name} dataset", args)
         columns = {name: name.replace("_weights", "_ids") for name in present}
         return normalize_weight_columns(dataset, columns, self._tokenizer.eos_token_id, args.eos_token_weight)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        for name in _PAIR_WEIGHT_COLUMNS:
-            if name not in self._signature_columns:
-                self._signature_columns.append(name)
-
-    def _use_weighted_collator(self) -> None:
-        """Swap TRL's default collator for the one that also carries ``token_weights`` (a user collator is kept)."""
-        self.data_collator = upgrade_collator(
-            self.data_collator, DataCollatorForPreference, DataCollatorForWeightedPreference
-        )
 
     def _install_weighting(self) -> None:
         """Wrap the fused forwards of policy and (separate) reference so token weights can be applied (idempotent)."""

@@ -44,13 +44,12 @@ from hf_align.trainers._base import (
     HFAlignTrainerMixin,
     TokenWeightArguments,
     global_token_count,
-    load_policy_and_reference,
     prepare_reference,
     resolve_args,
-    upgrade_collator,
 )
 from hf_align.trainers._data_checks import check_dataset, column_names, drop_truncated_away
-from hf_align.trainers._masking import NeuronMaskArguments, NeuronMaskTrainerMixin, attach_mask, resolve_neuron_mask
+from hf_align.trainers._masking import NeuronMaskArguments, NeuronMaskTrainerMixin
+from hf_align.trainers.registry import LANGUAGE_MODELING
 
 
 REF_COLUMN = "ref_token_logps"
@@ -139,7 +138,7 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
 # Data
 
 
-FORGET_COLUMNS = (("prompt", "completion"), ("text",), ("messages",))
+FORGET_COLUMNS = LANGUAGE_MODELING  # after to_forget_format (a preference dataset's `rejected` is the completion)
 
 
 def to_forget_format(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
@@ -196,6 +195,8 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
     """
 
     _name = "NPO"  # tags and paper: the registry's "npo" entry
+    extra_signature_columns = ("token_weights", REF_COLUMN)
+    weighted_collator = (DataCollatorForLanguageModeling, DataCollatorForWeightedLanguageModeling)
     loss_is_scaled_for_ga = False  # a per-micro-batch mean, like DPO's; Trainer averages over accumulation steps
 
     def __init__(
@@ -214,33 +215,32 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         **kwargs,
     ):
         args = resolve_args(args, NPOConfig, SFTConfig, model, self._name)
-        wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
-        model, ref_model = load_policy_and_reference(model, ref_model, args, wants_mask, kwargs)
-        if ref_model is not None and ref_model is model:
-            raise ValueError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
-        self.neuron_mask = mask = resolve_neuron_mask(neuron_mask, args, model)
-        if mask is not None:
-            model = attach_mask(model, mask, args, peft_config, second_forward=retain_dataset is not None)
+        second_forward = retain_dataset is not None  # the retain term: a second forward with gradients per step
+        model, ref_model = self._load_and_mask(
+            model,
+            ref_model,
+            args,
+            neuron_mask,
+            peft_config,
+            kwargs,
+            deltas_reference=False,
+            second_forward=second_forward,
+        )  # NPO chooses its own reference (``_choose_reference``)
         # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
         train_dataset = to_forget_format(train_dataset) if train_dataset is not None else None
         check_dataset(train_dataset, "train_dataset (forget data)", FORGET_COLUMNS)
 
-        from hf_align.sparse_update import quantized_training_allowed
-
-        with quantized_training_allowed(model):
-            super().__init__(
-                model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                peft_config=peft_config,
-                **kwargs,
-            )
-        self.data_collator = upgrade_collator(
-            self.data_collator, DataCollatorForLanguageModeling, DataCollatorForWeightedLanguageModeling
+        self._init_library_trainer(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
         )
+        self._use_weighted_collator()
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
 
@@ -417,10 +417,6 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        self._signature_columns += [c for c in ("token_weights", REF_COLUMN) if c not in self._signature_columns]
 
     def _prepare_retain_dataset(self, retain_dataset):
         if retain_dataset is None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from hf_align.citations import CITATIONS
 
 
-__all__ = ["TRAINERS", "Paper", "TrainerSpec", "spec_for"]
+__all__ = ["LANGUAGE_MODELING", "PREFERENCE", "TRAINERS", "UNPAIRED", "Paper", "TrainerSpec", "spec_for"]
 
-PREFERENCE = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
-UNPAIRED = (("prompt", "completion", "label"),)
+PREFERENCE = (("chosen", "rejected"),)  # a prompt column is optional (TRL extracts an implicit one)
+UNPAIRED = (("prompt", "completion", "label"), ("chosen", "rejected"))  # KTO: pairs are unpaired by TRL
 LANGUAGE_MODELING = (("prompt", "completion"), ("text",), ("messages",))
 
 
