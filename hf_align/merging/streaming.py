@@ -350,8 +350,10 @@ def resolve_model_dir(name_or_path: PathLike, stack: contextlib.ExitStack, revis
 def _merge_adapter(adapter_dir: Path, stack: contextlib.ExitStack) -> Path:
     from peft import AutoPeftModelForCausalLM
 
+    from hf_align.loading import load_model
+
     copied = [file for file in side_files(adapter_dir) if file.name != "config.json"]
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype="auto").merge_and_unload()
+    model = load_model(adapter_dir, dtype="auto", architecture=AutoPeftModelForCausalLM).merge_and_unload()
     target = stack.enter_context(scratch_dir(Path(tempfile.gettempdir()) / "hf_align_merged_adapter"))
     model.save_pretrained(target)
     for file in copied:
