@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from hf_align.architectures import checkpoint_neuron_axes, neuron_axis
 from hf_align.architectures import plain_name as plain_name  # re-exported: its home was here
+from hf_align.config_checks import CheckedConfig, check_option, option
 from hf_align.io import (
     PathLike,
     atomic_files,
@@ -38,6 +40,47 @@ SCORES_FILE = "neuron_scores.safetensors"
 META_FILE = "neuron_scores.json"
 GRANULARITIES = ("row", "element")
 STATISTICS = ("abs", "square")
+METHODS = ("weight_diff", "gradient")
+GRAD_STAGES = ("pre_clip", "post_clip")
+SCORE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ScoreOptions(CheckedConfig):
+    """How neuron scores are measured during a run (``MaskAccumulationCallback``, ``hf-align warmup-dpo``'s
+    ``score_*`` fields), declared once; checked when built, like every config.
+
+    The defaults are ALLO's (``weight_diff`` over every ``element``), the same for the callback and the command.
+    """
+
+    method: str = option(
+        "weight_diff",
+        help="'weight_diff' (|θ_end − θ_start| at each save, ALLO; also scores a PEFT model's merged weights) or "
+        "'gradient' (Σ over optimizer steps of |grad|; needs trainable base weights).",
+        choices=METHODS,
+    )
+    granularity: str = option(
+        "element",
+        help="'element' (ALLO: every parameter entry is a neuron, one value per entry) or 'row' (one neuron per "
+        "output row, 4 bytes per row).",
+        choices=GRANULARITIES,
+    )
+    statistic: str = option(
+        "abs", help="'abs' (Σ|x|) or 'square' (Σx²) over a row's entries (and the steps).", choices=STATISTICS
+    )
+    grad_stage: str = option(
+        "pre_clip", help="Gradient method only: read the gradients 'pre_clip' or 'post_clip'.", choices=GRAD_STAGES
+    )
+    score_dtype: str = option(
+        "float32",
+        help="dtype of element-granularity scores (the gradient accumulators; the weight_diff scores built at each "
+        "save): 'float32', or 'bfloat16' / 'float16' (half the memory).",
+        choices=SCORE_DTYPES,
+    )
+    offload_to_cpu: bool = option(
+        False, help="Keep the gradient accumulators in host memory instead of on the parameter's device."
+    )
+
 
 _SAVE_ID = "_save_id"  # in neuron_scores.json: which save wrote it (checked against the safetensors header)
 
@@ -103,10 +146,8 @@ def matches_target(name: str, target: str | Iterable[str] | None) -> bool:
 def reduce_magnitude(delta: torch.Tensor, granularity: str, statistic: str = "abs", axis: int = 0) -> torch.Tensor:
     """|delta| (or delta²) per entry, or summed per output feature ("row") in fp32; ``axis`` is the output-feature
     axis (1 for a GPT-2 ``Conv1D`` weight, see :mod:`hf_align.architectures`)."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
-    if statistic not in STATISTICS:
-        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
+    check_option(ScoreOptions, "granularity", granularity, label="granularity")
+    check_option(ScoreOptions, "statistic", statistic, label="statistic")
     if granularity == "element":
         out = delta.abs() if statistic == "abs" else delta.square()
         return out.float() if out.dtype != torch.float32 else out

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from hf_align.config_checks import RANGES, Range, check_config_values
+from hf_align.config_checks import LIBRARY_RANGES, Range, check_config_values
 from hf_align.trainers import AdaptiveMergeConfig, FeedbackConditionedConfig, MaskedDPOConfig, NPOConfig
 
 
@@ -107,4 +107,4 @@ def test_ranges_written_out():
     assert Range(0, None, open_low=True).holds(1e-9) and not Range(0, None, open_low=True).holds(0.0)
     assert Range(0, 1).holds(0.0) and Range(0, 1).holds(1.0) and not Range(0, 1).holds(1.0000001)
     assert not Range(0, 1, open_high=True).holds(1.0)
-    assert RANGES["beta"].describe() == "in (0, inf]"
+    assert LIBRARY_RANGES["trl.DPOConfig"]["beta"].describe() == "in (0, inf]"

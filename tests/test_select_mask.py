@@ -75,8 +75,11 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["select-mask", "--init", "a", "--ratio", "0.1", "--output", str(tmp_path / "o")])
     assert "--trained" in capsys.readouterr().err
+    assert main(["select-mask", "--scores", "a", "--ratio", "1.5", "--output", str(tmp_path / "o")]) == 2
+    assert "MaskSelection.ratio must be in (0, 1], got 1.5." in capsys.readouterr().err  # declared once, one line
     with pytest.raises(SystemExit):
-        main(["select-mask", "--scores", "a", "--ratio", "1.5", "--output", str(tmp_path / "o")])
+        main(["select-mask", "--scores", "a", "--ratio", "0.1", "--scope", "layer", "--output", str(tmp_path / "o")])
+    assert "--scope" in capsys.readouterr().err
     assert (
         main(["select-mask", "--scores", str(tmp_path / "none"), "--ratio", "0.1", "--output", str(tmp_path / "o")])
         == 2

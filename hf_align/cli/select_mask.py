@@ -16,14 +16,18 @@ Both write the ``NeuronMask`` into ``--output`` and print how many neurons were 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
+import typing
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from hf_align.cli.common import add_kebab_aliases
+from hf_align.config_checks import from_prefixed
+from hf_align.masks import MaskSelection
 from hf_align.scores import GRANULARITIES, SCORES_FILE, load_scores, save_scores, weight_diff_scores
 from hf_align.scores import META_FILE as SCORES_META
 
@@ -41,13 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--scores", help="Folder with neuron_scores.safetensors (MaskAccumulationCallback output).")
     source.add_argument("--init", help="Initial checkpoint (folder or .safetensors) for |θ_trained − θ_init|.")
     parser.add_argument("--trained", help="Trained checkpoint (with --init).")
-    parser.add_argument("--ratio", type=float, required=True, help="Fraction of neurons/entries to select, in (0, 1].")
-    parser.add_argument(
-        "--scope", choices=("global", "tensor"), default="global", help="One threshold or one per tensor."
-    )
-    parser.add_argument("--select", choices=("top", "bottom", "random"), default="top", help="Which scores to keep.")
-    parser.add_argument("--exclude_top", type=float, default=0.0, help="Skip this top fraction first (ALLO's l%%).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for --select random.")
+    _add_options(parser, MaskSelection, required=("ratio",))  # --ratio --scope --select --exclude_top --seed
     parser.add_argument(
         "--granularity", choices=GRANULARITIES, default="element", help="With --init/--trained: per entry or per row."
     )
@@ -69,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--init needs --trained (the checkpoint after the warm-up).")
     if args.trained and not args.init:
         parser.error("--trained needs --init.")
-    if not 0.0 < args.ratio <= 1.0:
-        parser.error(f"--ratio must be in (0, 1], got {args.ratio}.")
-    if not 0.0 <= args.exclude_top < 1.0 or args.exclude_top + args.ratio > 1.0:
-        parser.error(f"--exclude-top must be in [0, 1) with exclude-top + ratio ≤ 1, got {args.exclude_top}.")
+    selection = from_prefixed(MaskSelection, args, "")  # every range and choice checked, before any work
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -91,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(err.args[0]) from None
     from hf_align.masks import NeuronMask
 
-    mask = NeuronMask.from_scores(
-        scores, args.ratio, scope=args.scope, select=args.select, exclude_top=args.exclude_top, seed=args.seed
-    )
+    mask = NeuronMask.from_scores(scores, selection)
     output = Path(args.output)
     mask.save(output)
     if args.init:
@@ -113,6 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         push_neuron_mask(mask, args.push_to_hub)
         print(f"mask pushed to {args.push_to_hub}")
     return 0
+
+
+def _add_options(parser: argparse.ArgumentParser, options: type, required: tuple[str, ...] = ()) -> None:
+    """One ``--<field>`` per field of the dataclass ``options``, with its declared default, help and choices
+    (ranges are checked when the dataclass is built from the parsed values)."""
+    hints = typing.get_type_hints(options)
+    for f in dataclasses.fields(options):
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        extra = {"required": True} if f.name in required else {"default": f.default}
+        choices = f.metadata.get("choices")
+        parser.add_argument(f"--{f.name}", type=kind, choices=choices, help=f.metadata["help"], **extra)
 
 
 def _load_or_compute_scores(args) -> dict[str, torch.Tensor]:

@@ -5,35 +5,22 @@ Parses what ``trl dpo`` parses plus the callback's ``score_``/``select_`` fields
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hf_align.cli.common import PREFERENCE_COLUMNS, make_trl_parser, train_command
+from hf_align.config_checks import from_prefixed, prefixed_dataclass
+from hf_align.masks import MaskSelection
+from hf_align.scores import ScoreOptions
+
+
+_ScoreFields = prefixed_dataclass("_ScoreFields", ScoreOptions, "score_", __name__)
+_SelectFields = prefixed_dataclass("_SelectFields", MaskSelection, "select_", __name__, exclude=("seed",))
 
 
 @dataclass
-class NeuronScoreArguments:
-    """Recipe fields of the ``MaskAccumulationCallback`` (the ``score_``/``select_`` prefixes keep them apart)."""
-
-    score_method: str = field(
-        default="weight_diff", metadata={"help": "'weight_diff' (|θ_end − θ_start|, ALLO) or 'gradient'."}
-    )
-    score_granularity: str = field(
-        default="element", metadata={"help": "'element' (ALLO: every parameter entry) or 'row' (one neuron per row)."}
-    )
-    score_grad_stage: str = field(
-        default="pre_clip", metadata={"help": "Gradient method only: read gradients 'pre_clip' or 'post_clip'."}
-    )
-    score_dtype: str = field(
-        default="float32", metadata={"help": "Accumulator dtype for element-granularity gradient scores."}
-    )
-    select_ratio: float | None = field(
-        default=None,
-        metadata={"help": "If set, also write the top-`select_ratio` NeuronMask to output_dir/neuron_mask."},
-    )
-    select_scope: str = field(default="global", metadata={"help": "'global' (ALLO: one threshold) or 'tensor'."})
-    select_exclude_top: float = field(
-        default=0.0, metadata={"help": "Fraction of the very top scores to leave out first (ALLO's band l..r)."}
-    )
+class NeuronScoreArguments(_SelectFields, _ScoreFields):
+    """Recipe fields of the ``MaskAccumulationCallback``: :class:`~hf_align.scores.ScoreOptions` as ``score_*`` and
+    :class:`~hf_align.masks.MaskSelection` as ``select_*`` (the training ``seed`` seeds ``select: random``)."""
 
 
 def make_parser(prog: str | None = None, command: str = "warmup-dpo"):
@@ -48,13 +35,8 @@ def run(script_args, training_args, model_args, dataset_args, score_args, comman
     from hf_align.callbacks import MaskAccumulationCallback
 
     callback = MaskAccumulationCallback(
-        method=score_args.score_method,
-        granularity=score_args.score_granularity,
-        grad_stage=score_args.score_grad_stage,
-        score_dtype=score_args.score_dtype,
-        select_ratio=score_args.select_ratio,
-        select_scope=score_args.select_scope,
-        exclude_top=score_args.select_exclude_top,
+        options=from_prefixed(ScoreOptions, score_args, "score_"),
+        selection=from_prefixed(MaskSelection, score_args, "select_", seed=training_args.seed),
     )
     return train_command(
         DPOTrainer, script_args, training_args, model_args, dataset_args, PREFERENCE_COLUMNS, callbacks=[callback]

@@ -38,6 +38,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
+from hf_align.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, option
 from hf_align.hub import CITATIONS
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
@@ -69,9 +70,10 @@ _CHOICES = {"npo_loss_type": ("npo", "simnpo"), "npo_level": ("sequence", "token
 class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
     """``trl.SFTConfig`` (tokenization, truncation, model loading) plus NPO's loss, reference and mask options."""
 
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "NPO/SimNPO temperature β (ALLO and the NPO paper use 0.1). The loss at init is 2·ln2/β."},
+    beta: float = option(
+        0.1,
+        help="NPO/SimNPO temperature β (ALLO and the NPO paper use 0.1). The loss at init is 2·ln2/β.",
+        range=POSITIVE,
     )
     npo_loss_type: str = field(
         default="npo",
@@ -97,12 +99,13 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
         default="nll",
         metadata={"help": "Retain term on `retain_dataset`: 'nll' or 'kl' (KL(π_ref‖πθ) per retain token)."},
     )
-    retain_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the retain term (used only when a retain dataset is given)."}
+    retain_weight: float = option(
+        1.0, help="Weight of the retain term (used only when a retain dataset is given).", range=NON_NEGATIVE
     )
-    retain_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Retain examples drawn per forget micro-batch; None uses per_device_train_batch_size."},
+    retain_batch_size: int | None = option(
+        None,
+        help="Retain examples drawn per forget micro-batch; None uses per_device_train_batch_size.",
+        range=AT_LEAST_ONE,
     )
     precompute_ref_log_probs: bool = field(
         default=False,
@@ -112,8 +115,8 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             "policy at initialization is the reference (under FSDP, as in DPO, a copy used only for the precompute)."
         },
     )
-    precompute_ref_batch_size: int | None = field(
-        default=None, metadata={"help": "Batch size for precomputing; None uses per_device_train_batch_size."}
+    precompute_ref_batch_size: int | None = option(
+        None, help="Batch size for precomputing; None uses per_device_train_batch_size.", range=AT_LEAST_ONE
     )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Disable dropout in the policy and reference (log-ratios must be exact)."}
