@@ -369,9 +369,7 @@ class NeuronMask:
         if target is None:
             target = default_target(granularity)
         if granularity == "row":  # a row is an output row of a matrix: 1-D tensors (norms, biases) have none
-            names = [
-                n for n in reader.keys() if _matches(n, target) and len(reader._where[n].get_slice(n).get_shape()) >= 2
-            ]
+            names = [n for n in reader.keys() if _matches(n, target) and len(reader.shape(n)) >= 2]
             if not names:
                 raise ValueError(f"No tensor with two or more dims in {str(init)!r} matches target={target!r}.")
             target = [re.escape(n) for n in names]

@@ -160,48 +160,44 @@ def reduce_magnitude(delta: torch.Tensor, granularity: str, statistic: str = "ab
 
 
 # ------------------------------------------------------------------------------------- streamed checkpoints
-def _checkpoint_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"Checkpoint {str(path)!r} does not exist (expected a directory or .safetensors file)."
-        )
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        return [path / shard for shard in shards]
-    files = sorted(path.glob("*.safetensors"))
-    files = [f for f in files if not f.name.startswith(("neuron_scores", "neuron_mask", "adapter_model"))]
-    if not files:
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} holds no *.safetensors weights (pickled .bin is not read).")
-    return files
-
-
 class CheckpointReader:
-    """Read one tensor at a time from a safetensors checkpoint (a file, a folder, or a sharded folder)."""
+    """Read one tensor at a time from a safetensors checkpoint (a file, a folder, or a sharded folder).
+
+    The folder is read by merge's :class:`hf_align.merging.streaming.Checkpoint` -- one reader for every command:
+    what ``from_pretrained`` reads (``model.safetensors`` before an index), every header checked, and every index
+    entry and file kept inside the folder (``../B/model.safetensors`` is refused).
+    """
 
     def __init__(self, path: PathLike):
-        from safetensors import safe_open
+        from hf_align.merging.streaming import Checkpoint
 
         self.path = Path(path)
-        self._handles = [safe_open(str(f), framework="pt") for f in _checkpoint_files(self.path)]
-        self._where = {key: handle for handle in self._handles for key in handle.keys()}  # noqa: SIM118
+        if not self.path.exists():
+            raise FileNotFoundError(
+                f"Checkpoint {str(self.path)!r} does not exist (expected a directory or .safetensors file)."
+            )
+        self._checkpoint = Checkpoint(self.path)
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._checkpoint.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._checkpoint.tensors[name].shape
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._checkpoint.tensors
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._where:
+        if name not in self._checkpoint.tensors:
             raise KeyError(f"Tensor {name!r} is not in checkpoint {str(self.path)!r}.")
-        return self._where[name].get_tensor(name)
+        return self._checkpoint.read(name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self._where:
+        for name in self._checkpoint.tensors:
             yield name, self.get(name)
+
+    def close(self) -> None:
+        self._checkpoint.close()
 
 
 def weight_diff_scores(

@@ -1,6 +1,7 @@
 """Selection from scores, `hf-align select-mask` (both modes), plots, and warm-up → MaskedDPO end to end."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -189,3 +190,48 @@ def test_warmup_dpo_then_masked_dpo_end_to_end(tmp_path):
         changed_outside += int((moved[~m.bool()] > 0).sum())
         changed_inside += int((moved[m.bool()] > 0).sum())
     assert changed_outside == 0 and changed_inside > 0
+
+
+# ------------------------------------------------------------------------------ one checkpoint reader
+def _index_folder(folder, entry):
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"w": entry}}))
+    return folder
+
+
+def test_scores_read_checkpoints_as_merge_does_an_index_entry_outside_the_folder_is_refused(tmp_path, capsys):
+    """``select-mask --init/--trained`` reads through merge's ``Checkpoint``: on main an index entry
+    ``../B/model.safetensors`` was read from outside the folder."""
+    from safetensors.torch import save_file
+
+    from hf_align.cli import main
+    from hf_align.scores import weight_diff_scores
+
+    (tmp_path / "B").mkdir()
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "B" / "model.safetensors")
+    escaping = _index_folder(tmp_path / "A", "../B/model.safetensors")
+    with pytest.raises(ValueError, match=r"'\.\./B/model\.safetensors'.*not a relative path inside"):
+        weight_diff_scores(escaping, tmp_path / "B")
+    argv = ["select-mask", "--init", str(escaping), "--trained", str(tmp_path / "B"), "--ratio", "0.5"]
+    assert main([*argv, "--output", str(tmp_path / "mask")]) == 2
+    assert "../B/model.safetensors" in capsys.readouterr().err and not (tmp_path / "mask").exists()
+    inside = _index_folder(tmp_path / "C", "model.safetensors")  # the same entry inside its folder reads
+    save_file({"w": torch.zeros(2, 3)}, inside / "model.safetensors")
+    assert weight_diff_scores(inside, tmp_path / "B")["w"].tolist() == [[1.0] * 3] * 2
+
+
+def test_scores_read_what_transformers_reads(tmp_path):
+    """``model.safetensors`` before an index (as ``from_pretrained``), and never hf-align's own side files."""
+    from safetensors.torch import save_file
+
+    from hf_align.scores import CheckpointReader
+
+    folder = _index_folder(tmp_path / "m", "stale.safetensors")  # an index left over next to a single file
+    save_file({"w": torch.ones(2)}, folder / "model.safetensors")
+    assert CheckpointReader(folder).keys() == ["w"]
+    other = tmp_path / "plain"
+    other.mkdir()
+    save_file({"w": torch.ones(2)}, other / "weights.safetensors")
+    save_file({"model.w": torch.ones(2)}, other / "neuron_scores.safetensors")
+    save_file({"mask": torch.ones(1, dtype=torch.uint8)}, other / "neuron_mask.safetensors")
+    assert CheckpointReader(other).keys() == ["w"]
