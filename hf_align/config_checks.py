@@ -113,6 +113,13 @@ class _Metadata(dict):
     so TRL's ``TrlParser``) passes every metadata key to ``argparse.add_argument``, which knows ``help`` and
     ``choices`` but would refuse ``range``. ``metadata["range"]`` / ``.get("range")`` still read it."""
 
+    @classmethod
+    def copy_of(cls, metadata) -> _Metadata:
+        """A ``_Metadata`` holding every key of ``metadata`` (a plain dict's, or another ``_Metadata``'s hidden ones)."""
+        copy = cls()
+        dict.update(copy, {key: metadata[key] for key in [*metadata.keys(), *_HIDDEN_KEYS] if key in metadata})
+        return copy
+
     def keys(self):
         return [key for key in super().keys() if key not in _HIDDEN_KEYS]
 
@@ -141,22 +148,19 @@ def option(
 
 
 def prefixed_fields(
-    source: type, prefix: str, *, exclude: Iterable[str] = (), help_suffix: str = ""
+    source: type, prefix: str, *, exclude: Iterable[str] = ()
 ) -> list[tuple[str, Any, dataclasses.Field]]:
     """``source``'s fields renamed ``<prefix><name>`` (a name already starting with ``prefix`` is kept), same type,
     default, help, choices and range, as ``(name, type, field)`` for :func:`dataclasses.make_dataclass`: a config
     that carries the options of another dataclass (``neuron_mask_ratio`` from ``MaskSelection.ratio``) declares
-    nothing twice. Names follow :func:`prefixed_name`. ``help_suffix`` is appended to each help."""
+    nothing twice. Names follow :func:`prefixed_name`."""
     hints = typing.get_type_hints(source)
     skipped = set(exclude)
     fields = []
     for f in dataclasses.fields(source):
         if not f.init or f.name in skipped:
             continue
-        metadata = _Metadata(f.metadata)
-        dict.update(metadata, {k: f.metadata[k] for k in _HIDDEN_KEYS if k in f.metadata})
-        if help_suffix:
-            metadata["help"] = f"{metadata.get('help', '')} {help_suffix}".strip()
+        metadata = _Metadata.copy_of(f.metadata)
         name = prefixed_name(f.name, prefix)
         copy = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=metadata)
         fields.append((name, hints[f.name], copy))
@@ -317,12 +321,11 @@ def check_config_values(config) -> None:
             continue
         kind, optional = _kind(hints[field.name])
         label, value = f"{type(config).__name__}.{field.name}", getattr(config, field.name)
-        if field.name in own:  # our declaration: its choices and range (a TRL field we re-declare keeps TRL's range)
-            rule = field.metadata.get("range") or ranges.get(field.name)
+        rule = field.metadata.get("range") or ranges.get(field.name)  # declared, else LIBRARY_RANGES
+        if field.name in own:  # our declaration: every kind and its choices
             _check_value(label, value, kind, optional, field.metadata.get("choices"), rule)
-        else:  # TRL's / transformers': numbers and flags, and the range our methods need (LIBRARY_RANGES)
-            kind = kind if kind in ("float", "int", "bool") else None
-            _check_value(label, value, kind, optional, None, ranges.get(field.name))
+        else:  # TRL's / transformers': numbers and flags (TRL normalises its strings and lists itself later)
+            _check_value(label, value, kind if kind in ("float", "int", "bool") else None, optional, None, rule)
     if getattr(config, "learning_rate", None) == 0:
         warnings.warn(f"{type(config).__name__}.learning_rate is 0: training will not change the model.", stacklevel=3)
 
@@ -331,6 +334,14 @@ def check_config_values(config) -> None:
 class CheckedConfig:
     """A base of every hf-align config and option set: every field's type, choices and range is checked on the
     values as given, before the TRL/transformers ``__post_init__`` that comes next in the MRO."""
+
+    def __init_subclass__(cls, **kwargs):
+        """A field declared with a plain ``metadata={"help": ..., "range": ...}`` dict gets the parser-safe mapping
+        too (see :class:`_Metadata`), so ``TrlParser`` can parse every config whichever way its fields are written."""
+        super().__init_subclass__(**kwargs)
+        for value in list(vars(cls).values()):
+            if isinstance(value, dataclasses.Field) and "range" in value.metadata:
+                value.metadata = types.MappingProxyType(_Metadata.copy_of(value.metadata))
 
     def __post_init__(self):
         check_config_values(self)

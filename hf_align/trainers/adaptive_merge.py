@@ -47,8 +47,8 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
     init_val: float = field(default=0.2, metadata={"help": "Initial (and mean) block α, in (0, 1)."})
     epsilon: float = field(default=0.2, metadata={"help": "ε in α_b ∝ σ(s_b)+ε: larger ε, smaller spread."})
     reg_alpha: float = field(default=1e-4, metadata={"help": "Weight of the L1 penalty Σ_linear c·|α − init_val|."})
-    reg_type: str = field(
-        default="weighted", metadata={"help": "'l1' (c=1) or 'weighted' (c = center_weight/(|layer−center|+1))."}
+    reg_type: str = option(
+        "weighted", help="'l1' (c=1) or 'weighted' (c = center_weight/(|layer−center|+1)).", choices=("l1", "weighted")
     )
     reg_center: float | None = field(
         default=None,
@@ -82,8 +82,6 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
             raise ValueError(f"init_val must be in (0, 1), got {self.init_val}.")
         if self.epsilon < 0:
             raise ValueError(f"epsilon must be ≥ 0, got {self.epsilon}.")
-        if self.reg_type not in ("l1", "weighted"):
-            raise ValueError(f"reg_type must be 'l1' or 'weighted', got {self.reg_type!r}.")
         check_alpha(self.non_linear_alpha, "non_linear_alpha")
         if self.merge_head_alpha is not None:
             check_alpha(self.merge_head_alpha, "merge_head_alpha")

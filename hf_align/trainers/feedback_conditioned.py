@@ -47,7 +47,7 @@ from trl.trainer.utils import pad
 from hf_align.checkpoints import resolve_resume_checkpoint
 from hf_align.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, option
 from hf_align.data_pool import QUANTILE_RULES, DataPool
-from hf_align.feedback_format import CITATION, FeedbackFormat, add_quantile_tokens
+from hf_align.feedback_format import CITATION, FEEDBACK_TYPES, FeedbackFormat, add_quantile_tokens
 from hf_align.generation import sample_token_ids, until_eos, vllm_generation
 from hf_align.loading import load_model, load_tokenizer
 from hf_align.losses import token_kl
@@ -75,20 +75,20 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
     """
 
     # ---- feedback -------------------------------------------------------------------------------------
-    feedback_type: str = field(
-        default="quantile",
-        metadata={"help": "'quantile' (Quark / ALT_RM: rewards → bins), 'category' (ALT_LMC) or 'text' (ALT_LMU)."},
+    feedback_type: str = option(
+        "quantile",
+        help="'quantile' (Quark / ALT_RM: rewards → bins), 'category' (ALT_LMC) or 'text' (ALT_LMU).",
+        choices=FEEDBACK_TYPES,
     )
     num_quantiles: int = option(
         5, help="Number of quantile bins K over the whole data pool (bin 0 = best).", range=AT_LEAST_ONE
     )
-    quantile_rule: str = field(
-        default="shared_ties",
-        metadata={
-            "help": "How scores become bins. 'shared_ties': equal scores share a bin (the last bins can stay empty "
-            "when many samples tie at the bottom); 'quark': Quark's data_pool.py, rank order with ties in insertion "
-            "order, N // K per bin and the remainder in the last bin."
-        },
+    quantile_rule: str = option(
+        "shared_ties",
+        help="How scores become bins. 'shared_ties': equal scores share a bin (the last bins can stay empty "
+        "when many samples tie at the bottom); 'quark': Quark's data_pool.py, rank order with ties in insertion "
+        "order, N // K per bin and the remainder in the last bin.",
+        choices=QUANTILE_RULES,
     )
     quantile_token_format: str = field(
         default="<|quantile_{i}|>",
@@ -189,8 +189,10 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
     max_samples_per_prompt: int | None = option(
         None, help="Keep at most this many pool rows per prompt (None = unbounded).", range=AT_LEAST_ONE
     )
-    pool_keep: str = field(
-        default="newest", metadata={"help": "Which rows a full prompt keeps: 'newest' or 'best' (highest score)."}
+    pool_keep: str = option(
+        "newest",
+        help="Which rows a full prompt keeps: 'newest' or 'best' (highest score).",
+        choices=("newest", "best"),
     )
     max_pool_size: int | None = option(
         None, help="Keep at most this many pool rows overall (oldest dropped first).", range=AT_LEAST_ONE
@@ -222,10 +224,6 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
     def __post_init__(self):
         super().__post_init__()
         FeedbackFormat.from_args(self)  # checks feedback_type, bins, words, categories and templates
-        if self.quantile_rule not in QUANTILE_RULES:
-            raise ValueError(f"quantile_rule must be one of {QUANTILE_RULES}, got {self.quantile_rule!r}.")
-        if self.pool_keep not in ("newest", "best"):
-            raise ValueError(f"pool_keep must be 'newest' or 'best', got {self.pool_keep!r}.")
 
 
 class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
