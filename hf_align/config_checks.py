@@ -1,24 +1,49 @@
-"""Every config field checked when the config is built: its type (from the dataclass annotation) and its range
-(one table, by field name, shared by every hf-align config and the TRL fields our methods depend on).
+"""Every config field checked when the config is built: its type (from the dataclass annotation), its choices and
+its range -- both read from the field's own declaration (``metadata={"help": ..., "choices": (...), "range":
+Range(...)}``, see :func:`option`), so an option is declared once and every reader (configs, callbacks, the CLI,
+cards, these checks) reads that one declaration.
 
 A recipe is YAML someone may have typed by hand: ``beta: [0.1, 0.2]``, ``beta: true``, ``num_quantiles: 2.7`` or
 ``categories: good`` reach a dataclass unconverted and fail deep in TRL at step 1 -- or, worse, train (``beta: -0.1``
 trains *toward* the rejected answers, ``eos_token_weight: inf`` turns every weight into NaN). Here each is a
 one-line error naming the field, the value and what was expected, before any model is loaded.
+
+TRL's and transformers' own fields carry no range; the ones our methods depend on get theirs from
+:data:`LIBRARY_RANGES`, one table keyed by the library class that *declares* the field (``trl.DPOConfig``,
+``transformers.TrainingArguments``): not by bare field name, so a same-named field of another class is not judged by
+a rule written for a different meaning, and without re-declaring TRL's fields (and copying their defaults and help)
+in our subclasses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from hf_align.errors import UserError
 
-__all__ = ["RANGES", "Range", "check_config_values", "own_fields"]
+
+__all__ = [
+    "LIBRARY_RANGES",
+    "CheckedConfig",
+    "Range",
+    "check_config_values",
+    "check_option",
+    "from_prefixed",
+    "option",
+    "option_choices",
+    "own_fields",
+    "prefixed_dataclass",
+    "prefixed_fields",
+    "prefixed_name",
+]
 
 
 @dataclass(frozen=True)
@@ -47,55 +72,147 @@ POSITIVE = Range(0, None, open_low=True)
 NON_NEGATIVE = Range(0, None)
 FRACTION = Range(0, 1, open_low=True)  # (0, 1]
 UNIT = Range(0, 1)  # [0, 1]
+BELOW_ONE = Range(0, 1, open_high=True)  # [0, 1)
 AT_LEAST_ONE = Range(1, None)
 
-RANGES: dict[str, Range] = {
-    # preference / unlearning losses
-    "beta": POSITIVE,
-    "label_smoothing": Range(0, 0.5, open_high=True),
-    "ld_alpha": UNIT,
-    "ref_model_mixup_alpha": UNIT,
-    "rejected_token_ratio": FRACTION,
-    "eos_token_weight": NON_NEGATIVE,
-    "retain_weight": NON_NEGATIVE,
-    "retain_batch_size": AT_LEAST_ONE,
-    "kl_coef": NON_NEGATIVE,
-    "entropy_coef": NON_NEGATIVE,
-    # masks
-    "neuron_mask_ratio": FRACTION,
-    "neuron_mask_exclude_top": Range(0, 1, open_high=True),
-    # sampling
-    "temperature": POSITIVE,
-    "top_p": FRACTION,
-    "top_k": NON_NEGATIVE,
-    "min_p": UNIT,
-    "repetition_penalty": POSITIVE,
-    "max_new_tokens": AT_LEAST_ONE,
-    "num_generations": AT_LEAST_ONE,
-    "generation_batch_size": AT_LEAST_ONE,
-    # feedback pool
-    "num_quantiles": AT_LEAST_ONE,
-    "num_iterations": AT_LEAST_ONE,
-    "prompts_per_iteration": AT_LEAST_ONE,
-    "steps_per_iteration": AT_LEAST_ONE,
-    "max_samples_per_prompt": AT_LEAST_ONE,
-    "max_pool_size": AT_LEAST_ONE,
-    "num_length_buckets": AT_LEAST_ONE,
-    # lengths and batches
-    "max_length": AT_LEAST_ONE,
-    "max_prompt_length": AT_LEAST_ONE,
-    "max_completion_length": AT_LEAST_ONE,
-    "per_device_train_batch_size": AT_LEAST_ONE,
-    "per_device_eval_batch_size": AT_LEAST_ONE,
-    "gradient_accumulation_steps": AT_LEAST_ONE,
-    "precompute_ref_batch_size": AT_LEAST_ONE,
-    # optimisation
-    "learning_rate": NON_NEGATIVE,
-    "weight_decay": NON_NEGATIVE,
-    "warmup_ratio": UNIT,
-    "max_grad_norm": NON_NEGATIVE,
-    "num_train_epochs": NON_NEGATIVE,
+LIBRARY_RANGES: dict[str, dict[str, Range]] = {
+    # "<top-level package>.<class>" of the TRL / transformers class that declares the field
+    "transformers.TrainingArguments": {
+        "learning_rate": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "max_grad_norm": NON_NEGATIVE,
+        "num_train_epochs": NON_NEGATIVE,
+        "per_device_train_batch_size": AT_LEAST_ONE,
+        "per_device_eval_batch_size": AT_LEAST_ONE,
+        "gradient_accumulation_steps": AT_LEAST_ONE,
+    },
+    "trl.DPOConfig": {
+        "beta": POSITIVE,
+        "label_smoothing": Range(0, 0.5, open_high=True),
+        "ld_alpha": UNIT,
+        "ref_model_mixup_alpha": UNIT,
+        "max_length": AT_LEAST_ONE,
+        "precompute_ref_batch_size": AT_LEAST_ONE,
+    },
+    "trl.KTOConfig": {
+        "beta": POSITIVE,
+        "desirable_weight": NON_NEGATIVE,
+        "undesirable_weight": NON_NEGATIVE,
+        "ref_model_mixup_alpha": UNIT,
+        "max_length": AT_LEAST_ONE,
+        "precompute_ref_batch_size": AT_LEAST_ONE,
+    },
+    "trl.SFTConfig": {"max_length": AT_LEAST_ONE},
 }
+
+_HIDDEN_KEYS = frozenset({"range"})
+
+
+class _Metadata(dict):
+    """A field's metadata whose ``range`` stays out of ``dict(metadata)``: transformers' ``HfArgumentParser`` (and
+    so TRL's ``TrlParser``) passes every metadata key to ``argparse.add_argument``, which knows ``help`` and
+    ``choices`` but would refuse ``range``. ``metadata["range"]`` / ``.get("range")`` still read it."""
+
+    @classmethod
+    def copy_of(cls, metadata) -> _Metadata:
+        """A ``_Metadata`` holding every key of ``metadata`` (a plain dict's, or another ``_Metadata``'s hidden ones)."""
+        copy = cls()
+        dict.update(copy, {key: metadata[key] for key in [*metadata.keys(), *_HIDDEN_KEYS] if key in metadata})
+        return copy
+
+    def keys(self):
+        return [key for key in super().keys() if key not in _HIDDEN_KEYS]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self.keys())
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: Iterable[Any] | None = None,
+    range: Range | None = None,  # noqa: A002 -- the metadata key's name
+    **field_kwargs: Any,
+) -> Any:
+    """A dataclass field declared once: default, help, and the choices or range every reader checks against."""
+    metadata = _Metadata(help=help)
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if range is not None:
+        metadata["range"] = range
+    return dataclasses.field(default=default, metadata=metadata, **field_kwargs)
+
+
+def prefixed_fields(
+    source: type, prefix: str, *, exclude: Iterable[str] = ()
+) -> list[tuple[str, Any, dataclasses.Field]]:
+    """``source``'s fields renamed ``<prefix><name>`` (a name already starting with ``prefix`` is kept), same type,
+    default, help, choices and range, as ``(name, type, field)`` for :func:`dataclasses.make_dataclass`: a config
+    that carries the options of another dataclass (``neuron_mask_ratio`` from ``MaskSelection.ratio``) declares
+    nothing twice. Names follow :func:`prefixed_name`."""
+    hints = typing.get_type_hints(source)
+    skipped = set(exclude)
+    fields = []
+    for f in dataclasses.fields(source):
+        if not f.init or f.name in skipped:
+            continue
+        metadata = _Metadata.copy_of(f.metadata)
+        name = prefixed_name(f.name, prefix)
+        copy = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=metadata)
+        fields.append((name, hints[f.name], copy))
+    return fields
+
+
+def prefixed_dataclass(
+    name: str, source: type, prefix: str, module: str, *, exclude: Iterable[str] = (), doc: str | None = None
+) -> type:
+    """A :class:`CheckedConfig` dataclass ``name`` holding :func:`prefixed_fields` of ``source``, defined in
+    ``module`` (so it counts as hf-align's own: its strings and choices are checked too)."""
+    klass = dataclasses.make_dataclass(name, prefixed_fields(source, prefix, exclude=exclude), bases=(CheckedConfig,))
+    klass.__module__ = module
+    klass.__doc__ = doc or f"{source.__name__}'s fields as ``{prefix}*`` fields (declared there, once)."
+    return klass
+
+
+def from_prefixed(options_class: type, source: Any, prefix: str, **given: Any) -> Any:
+    """An ``options_class`` built from ``source``'s :func:`prefixed_fields` (``neuron_mask_ratio`` ->
+    ``ratio``); ``given`` sets the fields ``source`` lacks (or overrides them)."""
+    for f in dataclasses.fields(options_class):
+        name = prefixed_name(f.name, prefix)
+        if f.init and f.name not in given and hasattr(source, name):
+            given[f.name] = getattr(source, name)
+    return options_class(**given)
+
+
+def prefixed_name(name: str, prefix: str) -> str:
+    """``<prefix><name>``, except a name that already reads so (``score_dtype`` under ``score_``, ``select`` under
+    ``select_``), which is kept."""
+    return name if name.startswith(prefix) or name == prefix.rstrip("_") else f"{prefix}{name}"
+
+
+def option_choices(owner: type, name: str) -> tuple:
+    """The declared choices of ``owner``'s field ``name``."""
+    return owner.__dataclass_fields__[name].metadata["choices"]
+
+
+def check_option(owner: type, name: str, value: Any, label: str | None = None) -> None:
+    """Check ``value`` (type, choices, range) against the declaration of ``owner``'s field ``name``: for a function
+    argument that is the same option as a config field (``granularity=`` of ``reduce_magnitude`` is
+    ``ScoreOptions.granularity``). The one-line error names ``label`` (default ``<owner>.<name>``)."""
+    _check_value(label or f"{owner.__name__}.{name}", value, *_declaration(owner, name))
+
+
+@functools.cache
+def _declaration(owner: type, name: str) -> tuple[str | None, bool, tuple | None, Range | None]:
+    """``(kind, optional, choices, range)`` of a field (cached: some options are checked in a per-step path)."""
+    field = owner.__dataclass_fields__[name]
+    kind, optional = _kind(typing.get_type_hints(owner)[name])
+    return kind, optional, field.metadata.get("choices"), field.metadata.get("range")
+
 
 _SCALARS = {float: "float", int: "int", bool: "bool", str: "str"}
 
@@ -119,28 +236,44 @@ def _kind(annotation: Any) -> tuple[str | None, bool]:
     return None, optional
 
 
-def _type_error(config, name: str, value: Any, expected: str) -> ValueError:
-    return ValueError(f"{type(config).__name__}.{name} must be {expected}, got {value!r} ({type(value).__name__}).")
+def _type_error(label: str, value: Any, expected: str) -> UserError:
+    return UserError(f"{label} must be {expected}, got {value!r} ({type(value).__name__}).")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_type(config, name: str, value: Any, kind: str) -> None:
+def _check_type(label: str, value: Any, kind: str) -> None:
     if kind == "float" and not (_is_number(value) and math.isfinite(value)):
-        raise _type_error(config, name, value, "a finite number")
+        raise _type_error(label, value, "a finite number")
     if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise _type_error(config, name, value, "an integer")
+        raise _type_error(label, value, "an integer")
     if kind == "bool" and not isinstance(value, bool):
-        raise _type_error(config, name, value, "true or false")
+        raise _type_error(label, value, "true or false")
     if kind == "str" and not isinstance(value, str):
-        raise _type_error(config, name, value, "a string")
+        raise _type_error(label, value, "a string")
     if kind.startswith("list["):
         item_ok = (lambda v: isinstance(v, str)) if kind == "list[str]" else _is_number
         if not isinstance(value, list | tuple) or not all(item_ok(v) for v in value):
             expected = "a list of strings" if kind == "list[str]" else "a list of numbers"
-            raise _type_error(config, name, value, expected)
+            raise _type_error(label, value, expected)
+
+
+def _check_value(
+    label: str, value: Any, kind: str | None, optional: bool, choices: Iterable | None, rule: Range | None
+) -> None:
+    """One field's value against its type, its choices and its range."""
+    if value is None and (optional or kind is None):
+        return
+    if kind is not None:
+        if value is None:
+            raise _type_error(label, value, f"a {kind} (it cannot be None)")
+        _check_type(label, value, kind)
+    if choices is not None and not isinstance(value, list | tuple) and value not in choices:
+        raise UserError(f"{label} must be one of {tuple(choices)}, got {value!r}.")
+    if rule is not None and _is_number(value) and not rule.holds(value):
+        raise UserError(f"{label} must be {rule.describe()}, got {value!r}.")
 
 
 def _annotations(config_class: type) -> dict[str, Any]:
@@ -164,27 +297,54 @@ def own_fields(config_class: type) -> set[str]:
     }
 
 
+def library_ranges(config_class: type) -> dict[str, Range]:
+    """The :data:`LIBRARY_RANGES` that apply to ``config_class``: those of every TRL / transformers class in its MRO
+    (the most derived class first, so a TRL config's rule wins over its base's)."""
+    ranges: dict[str, Range] = {}
+    for klass in config_class.__mro__:
+        key = f"{klass.__module__.split('.')[0]}.{klass.__qualname__}"
+        for name, rule in LIBRARY_RANGES.get(key, {}).items():
+            ranges.setdefault(name, rule)
+    return ranges
+
+
 def check_config_values(config) -> None:
-    """Check the type of every field of the dataclass ``config`` that a plain check can judge (numbers and flags of
-    every field; strings and lists of hf-align's own) and the range of every field named in :data:`RANGES`; warn
-    when the run cannot learn (``learning_rate == 0``). Raises ``ValueError`` naming the field."""
+    """Check every field of the dataclass ``config`` that a plain check can judge: the type (numbers and flags of
+    every field; strings and lists of hf-align's own), the declared choices and the declared range (or the
+    :data:`LIBRARY_RANGES` one of a TRL / transformers field); warn when the run cannot learn
+    (``learning_rate == 0``). Raises :class:`~hf_align.errors.UserError` naming the field."""
     hints = _annotations(type(config))
     own = own_fields(type(config))
+    ranges = library_ranges(type(config))
     for field in dataclasses.fields(config):
         if not field.init or field.name not in hints:
             continue
-        value = getattr(config, field.name)
         kind, optional = _kind(hints[field.name])
-        if kind is not None and field.name not in own and kind not in ("float", "int", "bool"):
-            kind = None
-        if value is None and (optional or kind is None):
-            continue
-        if kind is not None:
-            if value is None:
-                raise _type_error(config, field.name, value, f"a {kind} (it cannot be None)")
-            _check_type(config, field.name, value, kind)
-        rule = RANGES.get(field.name)
-        if rule is not None and _is_number(value) and not rule.holds(value):
-            raise ValueError(f"{type(config).__name__}.{field.name} must be {rule.describe()}, got {value!r}.")
+        label, value = f"{type(config).__name__}.{field.name}", getattr(config, field.name)
+        rule = field.metadata.get("range") or ranges.get(field.name)  # declared, else LIBRARY_RANGES
+        if field.name in own:  # our declaration: every kind and its choices
+            _check_value(label, value, kind, optional, field.metadata.get("choices"), rule)
+        else:  # TRL's / transformers': numbers and flags (TRL normalises its strings and lists itself later)
+            _check_value(label, value, kind if kind in ("float", "int", "bool") else None, optional, None, rule)
     if getattr(config, "learning_rate", None) == 0:
         warnings.warn(f"{type(config).__name__}.learning_rate is 0: training will not change the model.", stacklevel=3)
+
+
+@dataclass
+class CheckedConfig:
+    """A base of every hf-align config and option set: every field's type, choices and range is checked on the
+    values as given, before the TRL/transformers ``__post_init__`` that comes next in the MRO."""
+
+    def __init_subclass__(cls, **kwargs):
+        """A field declared with a plain ``metadata={"help": ..., "range": ...}`` dict gets the parser-safe mapping
+        too (see :class:`_Metadata`), so ``TrlParser`` can parse every config whichever way its fields are written."""
+        super().__init_subclass__(**kwargs)
+        for value in list(vars(cls).values()):
+            if isinstance(value, dataclasses.Field) and "range" in value.metadata:
+                value.metadata = types.MappingProxyType(_Metadata.copy_of(value.metadata))
+
+    def __post_init__(self):
+        check_config_values(self)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()

@@ -162,13 +162,13 @@ class GenerativeScorer:
             if "{" + name + "}" not in template:
                 raise ValueError(f"template must contain the field {{{name}}}; got {template!r}.")
         if isinstance(model, str):
-            from transformers import AutoModelForCausalLM
+            from hf_align.loading import load_model
 
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model = load_model(model)
         if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
+            from hf_align.loading import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            tokenizer = load_tokenizer(tokenizer)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("GenerativeScorer needs a fast tokenizer (character offsets) for the scorer.")
         self.model, self.tokenizer = model.eval(), tokenizer

@@ -13,6 +13,7 @@ One home for masks, used by every trainer, callback and the CLI (``docs/masked_d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from hf_align.architectures import ROW_TARGET, layer_index, neuron_axes, neuron_axis, plain_name
+from hf_align.config_checks import BELOW_ONE, FRACTION, CheckedConfig, check_option, option
 from hf_align.errors import UserError
 from hf_align.io import (
     PathLike,
@@ -35,14 +37,14 @@ from hf_align.io import (
     save_tensors,
     write_json,
 )
+from hf_align.scores import GRANULARITIES, ScoreOptions
 
 
-__all__ = ["MASK_FILE", "MASK_META_FILE", "NeuronMask", "parameter_shape", "default_target"]
+__all__ = ["MASK_FILE", "MASK_META_FILE", "MaskSelection", "NeuronMask", "parameter_shape", "default_target"]
 
 MASK_FILE = "neuron_mask.safetensors"
 MASK_META_FILE = "neuron_mask.json"
 FORMAT = "hf-align-neuron-mask"
-GRANULARITIES = ("row", "element")
 SCOPES = ("global", "tensor")
 SELECTS = ("top", "bottom", "random")
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -91,13 +93,58 @@ def _plain_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
             yield plain, param
 
 
-def _check_ratio(ratio: float, exclude_top: float) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}.")
-    if isinstance(exclude_top, bool) or not isinstance(exclude_top, int | float) or not 0.0 <= exclude_top < 1.0:
-        raise ValueError(f"exclude_top must be a number in [0, 1), got {exclude_top!r}.")
-    if ratio + exclude_top > 1.0 + 1e-12:
-        raise ValueError(f"exclude_top + ratio must be at most 1, got {exclude_top} + {ratio}.")
+@dataclass
+class MaskSelection(CheckedConfig):
+    """How a mask is chosen from scores -- the options of :meth:`NeuronMask.from_scores`, declared once.
+
+    The trainer configs (``neuron_mask_*``), ``MaskAccumulationCallback`` (``select_*``), ``hf-align warmup-dpo`` and
+    ``hf-align select-mask`` read these fields (:func:`hf_align.config_checks.prefixed_fields`), so a default, a
+    range or a help text is changed here and nowhere else. Checked when built, like every config.
+    """
+
+    ratio: float | None = option(
+        None,
+        help="Fraction of the scored neurons (rows or entries) to select, in (0, 1]; None: select no mask.",
+        range=FRACTION,
+    )
+    scope: str = option(
+        "global",
+        help="Selection threshold over all parameters ('global', as ALLO) or one per tensor ('tensor').",
+        choices=SCOPES,
+    )
+    select: str = option(
+        "top", help="Which scores to keep: 'top' (ALLO), or 'bottom' / 'random' for ablations.", choices=SELECTS
+    )
+    exclude_top: float = option(
+        0.0,
+        help="Fraction of the very top scores to skip before keeping `ratio` (ALLO's band l..l+r); 0 keeps them.",
+        range=BELOW_ONE,
+    )
+    seed: int = option(0, help="Seed of select='random'.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_band(self.ratio, self.exclude_top)
+
+    @staticmethod
+    def check_band(ratio: float | None, exclude_top: float, prefix: str = "") -> None:
+        """ALLO's band must fit: ``exclude_top + ratio <= 1`` (``prefix``: how the caller names the two fields)."""
+        if ratio is not None and ratio + exclude_top > 1.0 + 1e-12:
+            raise UserError(f"{prefix}exclude_top + {prefix}ratio must be at most 1, got {exclude_top} + {ratio}.")
+
+
+def _selection(selection: MaskSelection | float | None, **given: Any) -> MaskSelection:
+    """A :class:`MaskSelection` from ``from_scores``' arguments (checked when built); the ratio is required."""
+    given = {name: value for name, value in given.items() if value is not None}
+    if isinstance(selection, MaskSelection):
+        selection = dataclasses.replace(selection, **given)
+    else:
+        if selection is not None and "ratio" in given:
+            raise TypeError("from_scores got the ratio twice (positionally and as ratio=).")
+        selection = MaskSelection(**{"ratio": selection, **given})
+    if selection.ratio is None:
+        raise UserError("MaskSelection.ratio is required to select a mask (a number in (0, 1]).")
+    return selection
 
 
 def _order_keys(values: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -238,24 +285,25 @@ class NeuronMask:
     def from_scores(
         cls,
         scores: Mapping[str, torch.Tensor],
-        ratio: float,
-        scope: str = "global",
-        select: str = "top",
-        exclude_top: float = 0.0,
-        seed: int = 0,
+        selection: MaskSelection | float | None = None,
+        scope: str | None = None,
+        select: str | None = None,
+        exclude_top: float | None = None,
+        seed: int | None = None,
         target: str | Iterable[str] | None = None,
+        *,
+        ratio: float | None = None,
     ) -> NeuronMask:
         """Keep ``round(ratio * n)`` neurons ranked by score, skipping the top ``round(exclude_top * n)`` first.
 
-        ``scope="global"`` ranks all neurons together (ALLO's one threshold); ``"tensor"`` ranks each tensor alone
-        (``n`` is then per tensor). ``select="bottom"`` keeps the lowest, ``"random"`` a seeded random set (the
-        paper's ablations). Scores are keyed like the masks: full-shape ⇒ element, 1-D ⇒ row.
+        ``selection``: a :class:`MaskSelection`, or the ratio itself (the older spelling); the keyword arguments
+        override its fields. ``scope="global"`` ranks all neurons together (ALLO's one threshold); ``"tensor"`` ranks
+        each tensor alone (``n`` is then per tensor). ``select="bottom"`` keeps the lowest, ``"random"`` a seeded
+        random set (the paper's ablations). Scores are keyed like the masks: full-shape ⇒ element, 1-D ⇒ row.
         """
-        _check_ratio(ratio, exclude_top)
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
-        if select not in SELECTS:
-            raise ValueError(f"select must be one of {SELECTS}, got {select!r}.")
+        selection = _selection(selection, ratio=ratio, scope=scope, select=select, exclude_top=exclude_top, seed=seed)
+        ratio, scope, select = selection.ratio, selection.scope, selection.select
+        exclude_top, seed = selection.exclude_top, selection.seed
         names = sorted(name for name in scores if _matches(name, target))
         if not names:
             raise UserError(f"No scores left to select from (target={target!r} matched none of {len(scores)}).")
@@ -304,7 +352,7 @@ class NeuronMask:
         cls,
         init: PathLike,
         trained: PathLike,
-        ratio: float,
+        ratio: MaskSelection | float,
         granularity: str = "element",
         target: str | Iterable[str] | None = None,
         **selection: Any,
@@ -316,15 +364,12 @@ class NeuronMask:
         """
         from hf_align.scores import CheckpointReader, weight_diff_scores
 
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+        check_option(ScoreOptions, "granularity", granularity, label="granularity")
         reader = CheckpointReader(init)
         if target is None:
             target = default_target(granularity)
         if granularity == "row":  # a row is an output row of a matrix: 1-D tensors (norms, biases) have none
-            names = [
-                n for n in reader.keys() if _matches(n, target) and len(reader._where[n].get_slice(n).get_shape()) >= 2
-            ]
+            names = [n for n in reader.keys() if _matches(n, target) and len(reader.shape(n)) >= 2]
             if not names:
                 raise ValueError(f"No tensor with two or more dims in {str(init)!r} matches target={target!r}.")
             target = [re.escape(n) for n in names]
@@ -338,8 +383,7 @@ class NeuronMask:
     def _like_model(
         cls, model: torch.nn.Module, granularity: str, target: str | Iterable[str] | None
     ) -> dict[str, tuple[int, ...]]:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+        check_option(ScoreOptions, "granularity", granularity, label="granularity")
         target = default_target(granularity) if target is None else target
         shapes = {}
         axes = neuron_axes(model)

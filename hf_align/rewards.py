@@ -77,11 +77,12 @@ class RewardModelScorer:
     """
 
     def __init__(self, model, tokenizer=None, name: str | None = None):
-        from transformers import AutoTokenizer
         from trl.trainer.utils import get_config_model_id
 
+        from hf_align.loading import load_tokenizer
+
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(get_config_model_id(model.config))
+            tokenizer = load_tokenizer(get_config_model_id(model.config))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         # The model scores the last non-padded token, so it must know the tokenizer's pad id (as GRPO sets it).
@@ -142,8 +143,10 @@ def resolve_reward(spec: Any, what: str = "reward") -> RewardFunc:
 def _load_reward_model(name: str, what: str) -> RewardModelScorer:
     from transformers import AutoModelForSequenceClassification
 
+    from hf_align.loading import load_model
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1)
+        model = load_model(name, architecture=AutoModelForSequenceClassification, num_labels=1)
         return RewardModelScorer(model, name=name)
     except (OSError, ValueError) as err:
         raise ValueError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from hf_align.architectures import checkpoint_neuron_axes, neuron_axis
 from hf_align.architectures import plain_name as plain_name  # re-exported: its home was here
+from hf_align.config_checks import CheckedConfig, check_option, option
 from hf_align.errors import UserError
 from hf_align.io import (
     PathLike,
@@ -39,6 +41,47 @@ SCORES_FILE = "neuron_scores.safetensors"
 META_FILE = "neuron_scores.json"
 GRANULARITIES = ("row", "element")
 STATISTICS = ("abs", "square")
+METHODS = ("weight_diff", "gradient")
+GRAD_STAGES = ("pre_clip", "post_clip")
+SCORE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ScoreOptions(CheckedConfig):
+    """How neuron scores are measured during a run (``MaskAccumulationCallback``, ``hf-align warmup-dpo``'s
+    ``score_*`` fields), declared once; checked when built, like every config.
+
+    The defaults are ALLO's (``weight_diff`` over every ``element``), the same for the callback and the command.
+    """
+
+    method: str = option(
+        "weight_diff",
+        help="'weight_diff' (|θ_end − θ_start| at each save, ALLO; also scores a PEFT model's merged weights) or "
+        "'gradient' (Σ over optimizer steps of |grad|; needs trainable base weights).",
+        choices=METHODS,
+    )
+    granularity: str = option(
+        "element",
+        help="'element' (ALLO: every parameter entry is a neuron, one value per entry) or 'row' (one neuron per "
+        "output row, 4 bytes per row).",
+        choices=GRANULARITIES,
+    )
+    statistic: str = option(
+        "abs", help="'abs' (Σ|x|) or 'square' (Σx²) over a row's entries (and the steps).", choices=STATISTICS
+    )
+    grad_stage: str = option(
+        "pre_clip", help="Gradient method only: read the gradients 'pre_clip' or 'post_clip'.", choices=GRAD_STAGES
+    )
+    score_dtype: str = option(
+        "float32",
+        help="dtype of element-granularity scores (the gradient accumulators; the weight_diff scores built at each "
+        "save): 'float32', or 'bfloat16' / 'float16' (half the memory).",
+        choices=SCORE_DTYPES,
+    )
+    offload_to_cpu: bool = option(
+        False, help="Keep the gradient accumulators in host memory instead of on the parameter's device."
+    )
+
 
 _SAVE_ID = "_save_id"  # in neuron_scores.json: which save wrote it (checked against the safetensors header)
 
@@ -104,10 +147,8 @@ def matches_target(name: str, target: str | Iterable[str] | None) -> bool:
 def reduce_magnitude(delta: torch.Tensor, granularity: str, statistic: str = "abs", axis: int = 0) -> torch.Tensor:
     """|delta| (or delta²) per entry, or summed per output feature ("row") in fp32; ``axis`` is the output-feature
     axis (1 for a GPT-2 ``Conv1D`` weight, see :mod:`hf_align.architectures`)."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
-    if statistic not in STATISTICS:
-        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
+    check_option(ScoreOptions, "granularity", granularity, label="granularity")
+    check_option(ScoreOptions, "statistic", statistic, label="statistic")
     if granularity == "element":
         out = delta.abs() if statistic == "abs" else delta.square()
         return out.float() if out.dtype != torch.float32 else out
@@ -120,48 +161,44 @@ def reduce_magnitude(delta: torch.Tensor, granularity: str, statistic: str = "ab
 
 
 # ------------------------------------------------------------------------------------- streamed checkpoints
-def _checkpoint_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"Checkpoint {str(path)!r} does not exist (expected a directory or .safetensors file)."
-        )
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        return [path / shard for shard in shards]
-    files = sorted(path.glob("*.safetensors"))
-    files = [f for f in files if not f.name.startswith(("neuron_scores", "neuron_mask", "adapter_model"))]
-    if not files:
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} holds no *.safetensors weights (pickled .bin is not read).")
-    return files
-
-
 class CheckpointReader:
-    """Read one tensor at a time from a safetensors checkpoint (a file, a folder, or a sharded folder)."""
+    """Read one tensor at a time from a safetensors checkpoint (a file, a folder, or a sharded folder).
+
+    The folder is read by merge's :class:`hf_align.merging.streaming.Checkpoint` -- one reader for every command:
+    what ``from_pretrained`` reads (``model.safetensors`` before an index), every header checked, and every index
+    entry and file kept inside the folder (``../B/model.safetensors`` is refused).
+    """
 
     def __init__(self, path: PathLike):
-        from safetensors import safe_open
+        from hf_align.merging.streaming import Checkpoint
 
         self.path = Path(path)
-        self._handles = [safe_open(str(f), framework="pt") for f in _checkpoint_files(self.path)]
-        self._where = {key: handle for handle in self._handles for key in handle.keys()}  # noqa: SIM118
+        if not self.path.exists():
+            raise FileNotFoundError(
+                f"Checkpoint {str(self.path)!r} does not exist (expected a directory or .safetensors file)."
+            )
+        self._checkpoint = Checkpoint(self.path)
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._checkpoint.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._checkpoint.tensors[name].shape
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._checkpoint.tensors
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._where:
+        if name not in self._checkpoint.tensors:
             raise KeyError(f"Tensor {name!r} is not in checkpoint {str(self.path)!r}.")
-        return self._where[name].get_tensor(name)
+        return self._checkpoint.read(name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self._where:
+        for name in self._checkpoint.tensors:
             yield name, self.get(name)
+
+    def close(self) -> None:
+        self._checkpoint.close()
 
 
 def weight_diff_scores(

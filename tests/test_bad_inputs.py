@@ -303,7 +303,7 @@ def test_mask_from_a_deeper_model_through_the_trainer_leaves_model_plain(tmp_pat
 def test_mask_ratio_outside_zero_one(ratio):
     from hf_align.masks import NeuronMask
 
-    with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\], got"):
+    with pytest.raises(ValueError, match=r"MaskSelection\.ratio must be (in \(0, 1\]|a finite number), got"):
         NeuronMask.random(_tiny(), ratio, "row")
 
 
@@ -481,6 +481,27 @@ def test_recipe_typo_in_masked_dpo_mask_field(tmp_path):
     recipe.write_text("model_name_or_path: testbed\ndataset_name: testbed:preference\nneuron_mask_ration: 0.1\n")
     with pytest.raises(SystemExit, match="hf-align masked-dpo: unknown field.*neuron_mask_ration"):
         run_command("masked-dpo", ["--config", str(recipe), *TINY, "--output_dir", str(tmp_path / "o")], launch=False)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("score_method: grad", "NeuronScoreArguments.score_method must be one of ('weight_diff', 'gradient')"),
+        ("score_granularity: column", "NeuronScoreArguments.score_granularity must be one of ('row', 'element')"),
+        ("select_ratio: 1.5", "NeuronScoreArguments.select_ratio must be in (0, 1], got 1.5."),
+        ("select_scope: layer", "NeuronScoreArguments.select_scope must be one of ('global', 'tensor')"),
+    ],
+)
+def test_warmup_recipe_with_a_bad_score_or_select_field_names_it(tmp_path, line, expected):
+    """A recipe value skips argparse's choices: the options' one declaration checks it, before any model loads."""
+    from hf_align.cli.training import run_command
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model_name_or_path: testbed\ndataset_name: testbed:preference\n{line}\n")
+    with pytest.raises(ValueError) as error:
+        run_command("warmup-dpo", ["--config", str(recipe), *TINY, "--output_dir", str(tmp_path / "o")], launch=False)
+    assert expected in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "o").exists()
 
 

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from hf_align.config_checks import RANGES, Range, check_config_values
+from hf_align.config_checks import LIBRARY_RANGES, Range, check_config_values
 from hf_align.trainers import AdaptiveMergeConfig, FeedbackConditionedConfig, MaskedDPOConfig, NPOConfig
 
 
@@ -62,6 +62,19 @@ BAD = [
     (FeedbackConditionedConfig, "max_new_tokens", 0, "in [1, inf]"),
     (FeedbackConditionedConfig, "reward_weights", [1.0, "a"], "a list of numbers"),
     (FeedbackConditionedConfig, "quantile_words", "Good.", "a list of strings"),
+    # choices declared in the field's metadata (were hand-written "must be one of" checks)
+    (MaskedDPOConfig, "neuron_mask_scope", "layer", "one of ('global', 'tensor')"),
+    (MaskedDPOConfig, "neuron_mask_select", "best", "one of ('top', 'bottom', 'random')"),
+    (MaskedDPOConfig, "neuron_mask_granularity", "column", "one of ('row', 'element')"),
+    (MaskedDPOConfig, "neuron_delta_dtype", "int8", "one of ('auto', 'float32', 'bfloat16', 'float16')"),
+    (NPOConfig, "neuron_mask_scope", "layer", "one of ('global', 'tensor')"),
+    (NPOConfig, "npo_loss_type", "dpo", "one of ('npo', 'simnpo')"),
+    (NPOConfig, "npo_level", "word", "one of ('sequence', 'token')"),
+    (NPOConfig, "retain_loss_type", "mse", "one of ('nll', 'kl')"),
+    (FeedbackConditionedConfig, "feedback_type", "score", "one of ('quantile', 'category', 'text')"),
+    (FeedbackConditionedConfig, "quantile_rule", "median", "one of ("),
+    (FeedbackConditionedConfig, "pool_keep", "oldest", "one of ('newest', 'best')"),
+    (AdaptiveMergeConfig, "reg_type", "l2", "one of ('l1', 'weighted')"),
     (AdaptiveMergeConfig, "learning_rate", math.nan, "a finite number"),
     (AdaptiveMergeConfig, "per_device_train_batch_size", -2, "in [1, inf]"),
 ]
@@ -107,4 +120,91 @@ def test_ranges_written_out():
     assert Range(0, None, open_low=True).holds(1e-9) and not Range(0, None, open_low=True).holds(0.0)
     assert Range(0, 1).holds(0.0) and Range(0, 1).holds(1.0) and not Range(0, 1).holds(1.0000001)
     assert not Range(0, 1, open_high=True).holds(1.0)
-    assert RANGES["beta"].describe() == "in (0, inf]"
+    assert LIBRARY_RANGES["trl.DPOConfig"]["beta"].describe() == "in (0, inf]"
+
+
+# ------------------------------------------------------------------------------------ one declaration per option
+def _declaration(field):
+    return field.default, field.metadata.get("help"), field.metadata.get("choices"), field.metadata.get("range")
+
+
+def test_mask_and_score_options_are_declared_once_and_read_everywhere():
+    """The trainer configs' ``neuron_mask_*`` and warm-up's ``score_*`` / ``select_*`` fields are MaskSelection's and
+    ScoreOptions' own declarations (default, help, choices, range), not copies that can drift."""
+    import dataclasses
+
+    from hf_align.cli.train_warmup_dpo import NeuronScoreArguments
+    from hf_align.masks import MaskSelection
+    from hf_align.scores import ScoreOptions
+
+    selection = {f.name: f for f in dataclasses.fields(MaskSelection)}
+    scoring = {f.name: f for f in dataclasses.fields(ScoreOptions)}
+    for config in (MaskedDPOConfig, NPOConfig):
+        fields = config.__dataclass_fields__
+        for name, field in selection.items():
+            if name != "seed":  # the run's own seed seeds select='random'
+                assert _declaration(fields[f"neuron_mask_{name}"]) == _declaration(field)
+    fields = NeuronScoreArguments.__dataclass_fields__
+    for name, field in selection.items():
+        if name != "seed":
+            assert _declaration(fields["select" if name == "select" else f"select_{name}"]) == _declaration(field)
+    for name, field in scoring.items():
+        assert _declaration(fields[name if name.startswith("score_") else f"score_{name}"]) == _declaration(field)
+    assert selection["ratio"].metadata["range"].describe() == "in (0, 1]"
+
+
+def test_select_ratio_goes_through_the_same_checks_as_every_field():
+    from hf_align.callbacks import MaskAccumulationCallback
+
+    for value, expected in ((1.5, "MaskSelection.ratio must be in (0, 1], got 1.5."), (True, "a finite number")):
+        with pytest.raises(ValueError) as error:
+            MaskAccumulationCallback(select_ratio=value)
+        assert expected in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"ScoreOptions.granularity must be one of \('row', 'element'\)"):
+        MaskAccumulationCallback(granularity="column")
+    with pytest.raises(ValueError, match="exclude_top \\+ ratio must be at most 1"):
+        MaskAccumulationCallback(select_ratio=0.6, exclude_top=0.5)
+
+
+def test_every_config_still_parses_with_trl_parser():
+    """``range`` lives in field metadata, which transformers' HfArgumentParser hands to argparse: it must stay out
+    of what argparse sees (choices go through and show in --help)."""
+    import dataclasses
+
+    from trl import TrlParser
+
+    from hf_align.cli.train_warmup_dpo import NeuronScoreArguments
+    from hf_align.config_checks import CheckedConfig, Range
+
+    for config_class in (MaskedDPOConfig, NPOConfig, FeedbackConditionedConfig, AdaptiveMergeConfig):
+        assert "{global,tensor}" in TrlParser((config_class,)).format_help() or config_class not in (
+            MaskedDPOConfig,
+            NPOConfig,
+        )
+    (args,) = TrlParser((NeuronScoreArguments,)).parse_args_into_dataclasses(["--select_ratio", "0.2"])
+    assert args.select_ratio == 0.2 and args.score_method == "weight_diff"
+
+    @dataclasses.dataclass
+    class Plain(CheckedConfig):  # a plain metadata dict with a range is made parser-safe too
+        weight: float = dataclasses.field(default=1.0, metadata={"help": "h", "range": Range(0, None)})
+
+    (plain,) = TrlParser((Plain,)).parse_args_into_dataclasses(["--weight", "2"])
+    assert plain.weight == 2.0
+    with pytest.raises(ValueError, match=r"Plain.weight must be in \[0, inf\], got -1.0"):
+        Plain(weight=-1.0)
+
+
+def test_library_ranges_follow_the_declaring_class_not_the_field_name():
+    """``beta`` is DPO's β (> 0) in a DPOConfig; a same-named field of a class that is no DPOConfig is not judged by
+    DPO's rule."""
+    import dataclasses
+
+    from hf_align.config_checks import CheckedConfig
+
+    @dataclasses.dataclass
+    class Other(CheckedConfig):
+        beta: float = 0.0
+
+    Other(beta=-1.0)  # no range declared for it
+    with pytest.raises(ValueError, match=r"MaskedDPOConfig.beta must be in \(0, inf\]"):
+        MaskedDPOConfig(output_dir="unused", beta=0.0, **BASE)

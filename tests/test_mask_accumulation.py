@@ -78,10 +78,12 @@ def test_gradient_rows_rank_as_computed_by_hand(tmp_path):
 
 
 def test_gradient_elements_and_square_statistic(tmp_path):
-    cb = MaskAccumulationCallback(granularity="element", statistic="square")
+    cb = MaskAccumulationCallback(method="gradient", granularity="element", statistic="square")
     _train(tmp_path / "sq", cb)
     torch.testing.assert_close(cb.scores()["proj.weight"], 3 * (1.25 * C) ** 2)
-    cb16 = MaskAccumulationCallback(granularity="element", score_dtype="bfloat16", offload_to_cpu=True)
+    cb16 = MaskAccumulationCallback(
+        method="gradient", granularity="element", score_dtype="bfloat16", offload_to_cpu=True
+    )
     _train(tmp_path / "bf16", cb16)
     assert cb16.totals["proj.weight"].dtype == torch.bfloat16
     torch.testing.assert_close(cb16.scores()["proj.weight"].float(), 3 * 1.25 * C.abs(), rtol=1e-2, atol=1e-2)
@@ -91,26 +93,28 @@ def test_pre_clip_reads_raw_gradients_and_still_clips(tmp_path):
     max_norm = 0.5
     raw_norm = float((1.25 * C).norm())
     coef = max_norm / (raw_norm + 1e-6)
-    pre = MaskAccumulationCallback(grad_stage="pre_clip", granularity="element")
+    pre = MaskAccumulationCallback(method="gradient", grad_stage="pre_clip", granularity="element")
     trainer_pre = _train(tmp_path / "pre", pre, max_grad_norm=max_norm)
     assert trainer_pre.args.max_grad_norm == max_norm  # restored after the run
     torch.testing.assert_close(pre.scores()["proj.weight"], 3 * 1.25 * C.abs())
-    post = MaskAccumulationCallback(grad_stage="post_clip", granularity="element")
+    post = MaskAccumulationCallback(method="gradient", grad_stage="post_clip", granularity="element")
     _train(tmp_path / "post", post, max_grad_norm=max_norm)
     torch.testing.assert_close(post.scores()["proj.weight"], 3 * coef * 1.25 * C.abs())
     # Training itself is unchanged by the callback taking over clipping: same weights as a plain clipped run.
     plain = Trainer(model=Toy(), args=_args(tmp_path / "plain", max_grad_norm=max_norm), train_dataset=_data())
     plain.train()
     torch.testing.assert_close(trainer_pre.model.proj.weight, plain.model.proj.weight)
-    unclipped = _train(tmp_path / "unclipped", MaskAccumulationCallback(), max_grad_norm=0.0)
+    unclipped = _train(
+        tmp_path / "unclipped", MaskAccumulationCallback(method="gradient", granularity="row"), max_grad_norm=0.0
+    )
     assert not torch.allclose(unclipped.model.proj.weight, plain.model.proj.weight)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     data = _data(8, linear=False)
-    big = MaskAccumulationCallback(granularity="element")
+    big = MaskAccumulationCallback(method="gradient", granularity="element")
     _train(tmp_path / "big", big, Toy(linear=False), data, per_device_train_batch_size=4, max_steps=2)
-    acc = MaskAccumulationCallback(granularity="element")
+    acc = MaskAccumulationCallback(method="gradient", granularity="element")
     _train(
         tmp_path / "acc", acc, Toy(linear=False), data, per_device_train_batch_size=1, gradient_accumulation_steps=4,
         max_steps=2,
@@ -124,13 +128,13 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_resume_gives_the_same_scores(tmp_path):
     data = _data(8, linear=False)
     kw = dict(per_device_train_batch_size=2, max_steps=6, save_strategy="steps", save_steps=3)
-    full = MaskAccumulationCallback(granularity="row")
+    full = MaskAccumulationCallback(method="gradient", granularity="row")
     _train(tmp_path / "full", full, Toy(linear=False), data, **kw)
     checkpoint = tmp_path / "full" / "checkpoint-3"
     assert (checkpoint / "neuron_scores.safetensors").exists()
     # A fresh run that resumes from the step-3 checkpoint (copied away from the full run's folder).
     shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-3")
-    resumed = MaskAccumulationCallback(granularity="row")
+    resumed = MaskAccumulationCallback(method="gradient", granularity="row")
     _train(
         tmp_path / "resumed",
         resumed,
@@ -149,10 +153,21 @@ def test_resume_gives_the_same_scores(tmp_path):
 def test_resume_without_saved_scores_is_an_error(tmp_path):
     data = _data(8, linear=False)
     kw = dict(per_device_train_batch_size=2, max_steps=4, save_strategy="steps", save_steps=2)
-    _train(tmp_path, MaskAccumulationCallback(save_to_checkpoints=False), Toy(linear=False), data, **kw)
+    _train(
+        tmp_path,
+        MaskAccumulationCallback(method="gradient", granularity="row", save_to_checkpoints=False),
+        Toy(linear=False),
+        data,
+        **kw,
+    )
     with pytest.raises(FileNotFoundError, match="running totals"):
         _train(
-            tmp_path, MaskAccumulationCallback(), Toy(linear=False), data, resume=str(tmp_path / "checkpoint-2"), **kw
+            tmp_path,
+            MaskAccumulationCallback(method="gradient", granularity="row"),
+            Toy(linear=False),
+            data,
+            resume=str(tmp_path / "checkpoint-2"),
+            **kw,
         )
 
 
@@ -205,7 +220,9 @@ def test_peft_names_and_merged_weight_diff(tmp_path, tiny_model):
     )
     assert plain_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") is None
     with pytest.raises(ValueError, match="weight_diff"):
-        MaskAccumulationCallback(method="gradient").on_train_begin(_args(tmp_path), _State(), None, model=model)
+        MaskAccumulationCallback(granularity="row", method="gradient").on_train_begin(
+            _args(tmp_path), _State(), None, model=model
+        )
     cb = MaskAccumulationCallback(method="weight_diff", granularity="element", target=["q_proj"])
     cb.on_train_begin(_args(tmp_path), _State(), None, model=model)
     with torch.no_grad():  # move the adapter by hand: ΔW = scale · B A
@@ -230,4 +247,4 @@ def test_save_scores_roundtrip_and_errors(tmp_path):
     with pytest.raises(TypeError, match="a.weight"):
         save_scores(tmp_path, {"a.weight": torch.arange(3)})
     with pytest.raises(ValueError, match="granularity"):
-        MaskAccumulationCallback(granularity="column")
+        MaskAccumulationCallback(method="gradient", granularity="column")

@@ -42,6 +42,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -53,11 +54,12 @@ from transformers import TrainerCallback
 
 from hf_align.architectures import neuron_axes, neuron_axis
 from hf_align.io import atomic_dir, save_tensors, write_json
-from hf_align.masks import parameter_shape
+from hf_align.masks import MaskSelection, parameter_shape
 from hf_align.scores import (
-    GRANULARITIES,
-    STATISTICS,
+    GRAD_STAGES,
+    METHODS,
     CheckpointReader,
+    ScoreOptions,
     load_scores,
     matches_target,
     plain_name,
@@ -67,9 +69,9 @@ from hf_align.scores import (
 )
 
 
-METHODS = ("gradient", "weight_diff")
-GRAD_STAGES = ("pre_clip", "post_clip")
-SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["GRAD_STAGES", "METHODS", "SCORE_DTYPES", "MaskAccumulationCallback", "effective_weights", "write_snapshot"]
+
+SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # ScoreOptions'
 INIT_SNAPSHOT_DIR = "neuron_scores_init"
 MASK_DIR = "neuron_mask"
 _SHARD_BYTES = 1 << 30
@@ -152,61 +154,57 @@ class MaskAccumulationCallback(TrainerCallback):
     """Accumulate neuron-importance scores during training; write them into every checkpoint and the output dir.
 
     Args:
-        method: ``"gradient"`` (Σ_steps |grad| per row/entry) or ``"weight_diff"`` (|θ_end − θ_start|, ALLO).
-        granularity: ``"row"`` (one fp32 per output row = neuron) or ``"element"`` (one value per entry).
-        statistic: ``"abs"`` (Σ|x|) or ``"square"`` (Σx²) over the row's entries (and steps).
-        grad_stage: ``"pre_clip"`` or ``"post_clip"`` gradients (gradient method only; see module docs).
-        score_dtype: dtype of element-granularity scores (``float32``/``bfloat16``/``float16``): the gradient
-            accumulators, and the weight_diff scores built in host memory at each save.
-        offload_to_cpu: keep the accumulators in host memory instead of on the parameter's device.
+        options: how to score (:class:`~hf_align.scores.ScoreOptions`: method, granularity, statistic, grad_stage,
+            score_dtype, offload_to_cpu -- defaults and help declared there); the keyword arguments of the same
+            names override its fields.
+        selection: with a ratio, write ``NeuronMask.from_scores(scores, selection)`` to ``output_dir/neuron_mask``
+            (:class:`~hf_align.masks.MaskSelection`); ``select_ratio``, ``select_scope``, ``select``,
+            ``exclude_top`` and ``seed`` override its fields.
         target: which plain-model parameters to score: ``None`` (all), a regex, or a list of module names.
         init_path: θ_start for ``weight_diff`` (a safetensors file/folder); default: snapshot at train begin.
         save_to_checkpoints: also write the scores into every ``checkpoint-N`` folder (needed for resuming).
-        select_ratio: if set, write ``NeuronMask.from_scores(scores, select_ratio, ...)`` to ``output_dir/neuron_mask``.
-        select_scope, select, exclude_top, seed: forwarded to ``NeuronMask.from_scores``.
         resume_from: folder holding the scores to continue from when resuming; default: the checkpoint the
             Trainer resumes from (``args.resume_from_checkpoint`` or ``output_dir/checkpoint-<global_step>``).
     """
 
     def __init__(
         self,
-        method: str = "gradient",
-        granularity: str = "row",
-        statistic: str = "abs",
-        grad_stage: str = "pre_clip",
-        score_dtype: str = "float32",
-        offload_to_cpu: bool = False,
+        method: str | None = None,
+        granularity: str | None = None,
+        statistic: str | None = None,
+        grad_stage: str | None = None,
+        score_dtype: str | None = None,
+        offload_to_cpu: bool | None = None,
         target: str | list[str] | None = None,
         init_path: str | None = None,
         save_to_checkpoints: bool = True,
         select_ratio: float | None = None,
-        select_scope: str = "global",
-        select: str = "top",
-        exclude_top: float = 0.0,
-        seed: int = 0,
+        select_scope: str | None = None,
+        select: str | None = None,
+        exclude_top: float | None = None,
+        seed: int | None = None,
         resume_from: str | None = None,
+        *,
+        options: ScoreOptions | None = None,
+        selection: MaskSelection | None = None,
     ):
-        _check_choice("method", method, METHODS)
-        _check_choice("granularity", granularity, GRANULARITIES)
-        _check_choice("statistic", statistic, STATISTICS)
-        _check_choice("grad_stage", grad_stage, GRAD_STAGES)
-        _check_choice("score_dtype", score_dtype, tuple(SCORE_DTYPES))
-        if select_ratio is not None and not 0.0 < select_ratio <= 1.0:
-            raise ValueError(f"select_ratio must be in (0, 1], got {select_ratio!r}.")
-        self.method = method
-        self.granularity = granularity
-        self.statistic = statistic
-        self.grad_stage = grad_stage
-        self.score_dtype = score_dtype
-        self.offload_to_cpu = offload_to_cpu
+        scoring = dict(
+            method=method,
+            granularity=granularity,
+            statistic=statistic,
+            grad_stage=grad_stage,
+            score_dtype=score_dtype,
+            offload_to_cpu=offload_to_cpu,
+        )
+        self.options = _with(options or ScoreOptions(), scoring)
+        choosing = dict(ratio=select_ratio, scope=select_scope, select=select, exclude_top=exclude_top, seed=seed)
+        self.selection = _with(selection or MaskSelection(), choosing)
+        for name, value in dataclasses.asdict(self.options).items():  # read-only views of the options
+            setattr(self, name, value)
+        self.select_ratio = self.selection.ratio
         self.target = target
         self.init_path = init_path
         self.save_to_checkpoints = save_to_checkpoints
-        self.select_ratio = select_ratio
-        self.select_scope = select_scope
-        self.select = select
-        self.exclude_top = exclude_top
-        self.seed = seed
         self.resume_from = resume_from
 
         self.totals: dict[str, torch.Tensor] = {}
@@ -292,14 +290,7 @@ class MaskAccumulationCallback(TrainerCallback):
         """The ``NeuronMask`` chosen from ``scores`` with this callback's selection settings."""
         from hf_align.masks import NeuronMask
 
-        return NeuronMask.from_scores(
-            scores,
-            self.select_ratio,
-            scope=self.select_scope,
-            select=self.select,
-            exclude_top=self.exclude_top,
-            seed=self.seed,
-        )
+        return NeuronMask.from_scores(scores, self.selection)
 
     def _join_gathers(self, model) -> None:
         """On a rank that writes nothing: take part in the per-parameter gathers rank 0's scores need."""
@@ -507,9 +498,10 @@ def _deepspeed_optimizer(optimizer) -> Any:
     return inner if module.startswith("deepspeed.") else None
 
 
-def _check_choice(field: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"MaskAccumulationCallback: {field} must be one of {choices}, got {value!r}.")
+def _with(options, given: dict[str, Any]):
+    """``options`` with the arguments that were given (not None) in place of its fields; checked when built."""
+    given = {name: value for name, value in given.items() if value is not None}
+    return dataclasses.replace(options, **given) if given else options
 
 
 def _barrier() -> None:

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from hf_align.config_checks import from_prefixed, prefixed_dataclass
 from hf_align.errors import UserError
-from hf_align.scores import SCORES_FILE, load_scores, save_scores, weight_diff_scores
+from hf_align.masks import MaskSelection
+from hf_align.scores import GRANULARITIES, SCORES_FILE, load_scores, save_scores, weight_diff_scores
 from hf_align.scores import META_FILE as SCORES_META
 
 
@@ -54,7 +56,7 @@ class SelectMaskArguments:
     trained: str | None = field(default=None, metadata={"help": "Trained checkpoint (with --init)."})
     neuron_mask_granularity: str = field(
         default="element",
-        metadata={"help": "With --init/--trained: score per entry or per row.", "choices": ("element", "row")},
+        metadata={"help": "With --init/--trained: score per entry or per row.", "choices": GRANULARITIES},
     )
     target: str | None = field(default=None, metadata={"help": "Regex on parameter names to restrict the selection."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a mask, scores or plots already in --output_dir."})
@@ -62,13 +64,9 @@ class SelectMaskArguments:
     push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the mask (with a card) to this repo id."})
 
 
-@dataclass
-class SelectionArguments:
-    neuron_mask_ratio: float = field(metadata={"help": "Fraction of neurons/entries to select, in (0, 1]."})
-    neuron_mask_scope: str = field(default="global", metadata={"help": "One threshold or one per tensor."})
-    neuron_mask_select: str = field(default="top", metadata={"help": "Which scores to keep."})
-    neuron_mask_exclude_top: float = field(default=0.0, metadata={"help": "Skip this top fraction first (ALLO's band l)."})
-    neuron_mask_seed: int = field(default=0, metadata={"help": "Seed for select random."})
+SelectionArguments = prefixed_dataclass(
+    "SelectionArguments", MaskSelection, "neuron_mask_", __name__, doc="MaskSelection's fields, as the trainers name them."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     types = (SelectMaskArguments, SelectionArguments)
     args, selection = parse_command("hf-align select-mask", types, argv, renamed=RENAMED, description=__doc__)
+    selection = from_prefixed(MaskSelection, selection, "neuron_mask_")  # ALLO's band checked before any work
     if (args.neuron_scores_path is None) == (args.init is None):
         raise UserError("give either --neuron_scores_path or --init with --trained, not both or neither.")
     if (args.init is None) != (args.trained is None):
@@ -93,14 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = _load_or_compute_scores(args)
     except KeyError as err:  # a tensor missing from a checkpoint
         raise UserError(err.args[0]) from None
-    mask = NeuronMask.from_scores(
-        scores,
-        selection.neuron_mask_ratio,
-        scope=selection.neuron_mask_scope,
-        select=selection.neuron_mask_select,
-        exclude_top=selection.neuron_mask_exclude_top,
-        seed=selection.neuron_mask_seed,
-    )
+    mask = NeuronMask.from_scores(scores, selection)
     output = Path(args.output_dir)
     mask.save(output)
     if args.init:
@@ -111,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         from hf_align.plots import plot_score_distribution, plot_selection_heatmap
 
         plot_selection_heatmap(mask, output / HEATMAP_FILE)
-        threshold = selection_threshold(scores, mask.masks) if selection.neuron_mask_select == "top" else None
+        threshold = selection_threshold(scores, mask.masks) if selection.select == "top" else None
         plot_score_distribution(scores, output / DISTRIBUTION_FILE, threshold=threshold)
         print(f"plots: {output / HEATMAP_FILE}, {output / DISTRIBUTION_FILE}")
     print(f"mask written to {output}")

@@ -57,35 +57,22 @@ class AlignerArguments:
     )
 
 
-@dataclass
-class NeuronScoreArguments:
-    """Recipe fields of warmup-dpo's ``MaskAccumulationCallback`` (the ``score_``/``select_`` prefixes)."""
+def _score_arguments() -> type:
+    """warmup-dpo's fields: :class:`~hf_align.scores.ScoreOptions` as ``score_*`` and
+    :class:`~hf_align.masks.MaskSelection` as ``neuron_mask_*`` (the trainers' names; the training ``seed`` seeds
+    ``neuron_mask_select: random``)."""
+    from hf_align.config_checks import prefixed_dataclass
+    from hf_align.masks import MaskSelection
+    from hf_align.scores import ScoreOptions
 
-    score_method: str = field(
-        default="weight_diff", metadata={"help": "'weight_diff' (|θ_end − θ_start|, ALLO) or 'gradient'."}
-    )
-    score_granularity: str = field(
-        default="element", metadata={"help": "'element' (ALLO: every parameter entry) or 'row' (one neuron per row)."}
-    )
-    score_grad_stage: str = field(
-        default="pre_clip", metadata={"help": "Gradient method only: read gradients 'pre_clip' or 'post_clip'."}
-    )
-    score_dtype: str = field(
-        default="float32", metadata={"help": "Accumulator dtype for element-granularity gradient scores."}
-    )
-    neuron_mask_ratio: float | None = field(
-        default=None,
-        metadata={"help": "If set, also write the top-`neuron_mask_ratio` NeuronMask to output_dir/neuron_mask."},
-    )
-    neuron_mask_scope: str = field(default="global", metadata={"help": "'global' (ALLO: one threshold) or 'tensor'."})
-    neuron_mask_exclude_top: float = field(
-        default=0.0, metadata={"help": "Fraction of the very top scores to leave out first (ALLO's band l..r)."}
-    )
+    scores = prefixed_dataclass("ScoreArguments", ScoreOptions, "score_", __name__)
+    selection = prefixed_dataclass("MaskArguments", MaskSelection, "neuron_mask_", __name__, exclude=("seed",))
+    return dataclasses.make_dataclass("NeuronScoreArguments", [], bases=(selection, scores))
 
 
 EXTRA: dict[str, tuple[type, ...]] = {
     "npo": (NPODataArguments,),
-    "warmup-dpo": (NeuronScoreArguments,),
+    "warmup-dpo": (),  # + _score_arguments(), built on use (it imports torch)
     "aligner-sft": (AlignerArguments,),
     "aligner-dpo": (AlignerArguments,),
 }
@@ -111,7 +98,7 @@ def make_parser(name: str):
     from hf_align.trainers.registry import TRAINERS
 
     spec = TRAINERS[name]
-    config, extra = spec.config_class(), EXTRA.get(name, ())
+    config, extra = spec.config_class(), EXTRA.get(name, ()) + ((_score_arguments(),) if name == "warmup-dpo" else ())
     mixture = () if name in NO_MIXTURE else (DatasetMixtureConfig,)
     parent = next((c for c in config.__mro__ if c.__module__.startswith(("trl.", "transformers."))), object)
     inherited = {f.name for f in dataclasses.fields(parent)} if dataclasses.is_dataclass(parent) else set()
@@ -239,7 +226,7 @@ def run(name: str, script_args, training_args, model_args, *more) -> int:
     if name == "npo":
         kwargs["retain_dataset"] = _retain_data(extra[0])
     elif name == "warmup-dpo":
-        kwargs["callbacks"] = [_mask_accumulation(extra[0])]
+        kwargs["callbacks"] = [_mask_accumulation(extra[0], training_args.seed)]
     elif name.startswith("aligner-"):
         kwargs["peft_config"] = _aligner_config(extra[0], model_args, training_args)
     # hf-align's trainers check their columns themselves; for TRL's, the minimal sets (prompt is optional)
@@ -261,10 +248,13 @@ def _retain_data(data_args):
     return retain
 
 
-def _mask_accumulation(score_args):
+def _mask_accumulation(score_args, seed: int):
     from hf_align.callbacks import MaskAccumulationCallback
+    from hf_align.config_checks import from_prefixed
+    from hf_align.masks import MaskSelection
+    from hf_align.scores import ScoreOptions
 
-    return MaskAccumulationCallback(
+ MaskAccumulationCallback(
         method=score_args.score_method,
         granularity=score_args.score_granularity,
         grad_stage=score_args.score_grad_stage,

@@ -39,6 +39,7 @@ COPIED_FILES = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|"
     r"merges\.txt|chat_template\..*|.*\.tiktoken|preprocessor_config\.json)$"
 )
+NOT_WEIGHTS = ("neuron_scores", "neuron_mask", "adapter_model")  # safetensors files that hold no model weights
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -209,8 +210,9 @@ class Checkpoint:
             files, self.directory = [resolve_inside(self.path, SINGLE_FILE)], self.path
         elif (self.path / INDEX_FILE).is_file():
             files, self.directory = index_files(self.path / INDEX_FILE), self.path
-        elif self.path.is_dir():
-            files = [resolve_inside(self.path, p.name) for p in sorted(self.path.glob("*.safetensors"))]
+        elif self.path.is_dir():  # hf-align's own files beside the weights are not weights
+            weights = [p for p in sorted(self.path.glob("*.safetensors")) if not p.name.startswith(NOT_WEIGHTS)]
+            files = [resolve_inside(self.path, p.name) for p in weights]
             self.directory = self.path
         else:
             raise FileNotFoundError(f"Checkpoint {str(self.path)!r} does not exist.")
@@ -350,8 +352,10 @@ def resolve_model_dir(name_or_path: PathLike, stack: contextlib.ExitStack, revis
 def _merge_adapter(adapter_dir: Path, stack: contextlib.ExitStack) -> Path:
     from peft import AutoPeftModelForCausalLM
 
+    from hf_align.loading import load_model
+
     copied = [file for file in side_files(adapter_dir) if file.name != "config.json"]
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype="auto").merge_and_unload()
+    model = load_model(adapter_dir, dtype="auto", architecture=AutoPeftModelForCausalLM).merge_and_unload()
     target = stack.enter_context(scratch_dir(Path(tempfile.gettempdir()) / "hf_align_merged_adapter"))
     model.save_pretrained(target)
     for file in copied:

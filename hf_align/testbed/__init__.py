@@ -41,22 +41,23 @@ class Testbed:
 
 
 def load_tokenizer(path: str | Path = MODEL_DIR):
-    from transformers import AutoTokenizer
+    from hf_align.loading import load_tokenizer as _load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return _load_tokenizer(path)
 
 
 def load(dtype: Any = None, path: str | Path = MODEL_DIR) -> Testbed:
     """Load the shipped model (fp32 unless ``dtype`` is given) and tokenizer; never touches the network."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from hf_align.loading import load_model
 
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(
             f"The testbed model is missing at {path}: rebuild it with `python scripts/build_testbed.py`."
         )
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    model = load_model(path, dtype=dtype or torch.float32)
     model.eval()
     return Testbed(model=model, tokenizer=load_tokenizer(path), path=str(path))
 

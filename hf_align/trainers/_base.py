@@ -9,10 +9,10 @@ the weights; defining a class that breaks this order raises ``TypeError`` (:func
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hf_align.callbacks.json_training_args import replace_training_args_pickle
-from hf_align.config_checks import check_config_values
+from hf_align.config_checks import NON_NEGATIVE, CheckedConfig, option
 
 
 __all__ = [
@@ -30,25 +30,14 @@ __all__ = [
 
 
 @dataclass
-class CheckedConfig:
-    """A base of every hf-align config: every field's type and range is checked (:mod:`hf_align.config_checks`)
-    on the values as given, before the TRL/transformers ``__post_init__`` that comes next in the MRO."""
-
-    def __post_init__(self):
-        check_config_values(self)
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
-
-
-@dataclass
 class TokenWeightArguments(CheckedConfig):
     """The token-weight field shared by every trainer that reads ``*_weights`` columns; inherit it before the TRL
     config (its range, ``>= 0`` and finite, is checked with every other field)."""
 
-    eos_token_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries)."},
+    eos_token_weight: float = option(
+        1.0,
+        help="Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries).",
+        range=NON_NEGATIVE,
     )
 
 

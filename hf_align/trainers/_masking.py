@@ -20,15 +20,16 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers.utils import logging
 
-from hf_align.masks import GRANULARITIES, SCOPES, SELECTS
+from hf_align.config_checks import from_prefixed, option, prefixed_dataclass
+from hf_align.masks import MaskSelection
+from hf_align.scores import GRANULARITIES
 from hf_align.trainers._base import (
-    CheckedConfig,
     HFAlignTrainerMixin,
     library_trainer,
     load_policy_and_reference,
@@ -44,6 +45,7 @@ __all__ = [
     "NeuronMaskArguments",
     "NeuronMaskTrainerMixin",
     "attach_mask",
+    "mask_selection",
     "deltas_reference_unwrapped",
     "resolve_neuron_mask",
     "validate_mask_fields",
@@ -57,82 +59,61 @@ DELTAS_DIR = "neuron_deltas"
 DELTA_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+MaskSelectionArguments = prefixed_dataclass(
+    "MaskSelectionArguments", MaskSelection, "neuron_mask_", __name__, exclude=("seed",)
+)  # the training run's `seed` seeds select='random'
+
+
 @dataclass
-class NeuronMaskArguments(CheckedConfig):
+class NeuronMaskArguments(MaskSelectionArguments):
     """Neuron-mask fields of every mask trainer's config; inherit it before the TRL config."""
 
-    neuron_mask_path: str | None = field(
-        default=None,
-        metadata={"help": "Directory of a saved `NeuronMask`; only the selected rows/entries are trained."},
+    neuron_mask_path: str | None = option(
+        None, help="Directory of a saved `NeuronMask`; only the selected rows/entries are trained."
     )
-    neuron_scores_path: str | None = field(
-        default=None,
-        metadata={"help": "Directory of neuron scores (`hf_align.scores`); with `neuron_mask_ratio` selects a mask."},
+    neuron_scores_path: str | None = option(
+        None, help="Directory of neuron scores (`hf_align.scores`); with `neuron_mask_ratio` selects a mask."
     )
-    neuron_mask_ratio: float | None = field(
-        default=None,
-        metadata={"help": "Fraction of scored rows/entries to train when selecting from `neuron_scores_path`."},
+    neuron_mask_granularity: str = option(
+        "row",
+        help="Granularity when selecting from full-shape scores: 'row' (one neuron = an output row, cheap) or "
+        "'element' (individual parameters, as ALLO). 1-D scores are always rows.",
+        choices=GRANULARITIES,
     )
-    neuron_mask_granularity: str = field(
-        default="row",
-        metadata={
-            "help": "Granularity when selecting from full-shape scores: 'row' (one neuron = an output row, cheap) "
-            "or 'element' (individual parameters, as ALLO). 1-D scores are always rows."
-        },
+    neuron_delta_dtype: str = option(
+        "auto",
+        help="dtype of the trainable deltas: 'auto' (the weights' dtype; a 4-bit layer's compute dtype) or "
+        "'float32' / 'bfloat16' / 'float16'. 'float32' on a bf16 base keeps small updates bf16 would round away.",
+        choices=DELTA_DTYPES,
     )
-    neuron_mask_scope: str = field(
-        default="global",
-        metadata={"help": "Selection threshold over all parameters ('global', as ALLO) or per tensor ('tensor')."},
-    )
-    neuron_mask_select: str = field(
-        default="top",
-        metadata={"help": "Which scores to keep: 'top' (ALLO), or 'bottom' / 'random' for ablations."},
-    )
-    neuron_mask_exclude_top: float = field(
-        default=0.0,
-        metadata={"help": "Exclude the very top fraction of scores (ALLO's band `l`); 0 keeps them."},
-    )
-    neuron_delta_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the trainable deltas: 'auto' (the weights' dtype; a 4-bit layer's compute dtype) or "
-            "'float32' / 'bfloat16' / 'float16'. 'float32' on a bf16 base keeps small updates bf16 would round away."
-        },
-    )
-    save_merged: bool = field(
-        default=True,
-        metadata={
-            "help": "Save a normal transformers checkpoint with deltas merged (loadable without hf_align). False "
-            "saves only the deltas + mask (small; merge later with `hf_align.sparse_update`)."
-        },
+    save_merged: bool = option(
+        True,
+        help="Save a normal transformers checkpoint with deltas merged (loadable without hf_align). False saves "
+        "only the deltas + mask (small; merge later with `hf_align.sparse_update`).",
     )
 
     def __post_init__(self):
-        super().__post_init__()  # every field's type and range, then the TRL config's own checks
+        super().__post_init__()  # every field's type, choices and range, then the TRL config's own checks
         validate_mask_fields(self)
 
 
 MASK_FIELDS = tuple(name for name in NeuronMaskArguments.__dataclass_fields__)
 
 
-def _check_choice(args, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(args, name)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+def mask_selection(args) -> MaskSelection:
+    """The :class:`~hf_align.masks.MaskSelection` of a config's ``neuron_mask_*`` fields (seeded by ``args.seed``)."""
+    return from_prefixed(MaskSelection, args, "neuron_mask_", seed=getattr(args, "seed", 0))
 
 
 def validate_mask_fields(args) -> None:
-    """Check the mask fields' choices against the value lists of :mod:`hf_align.masks`, and which go together
-    (types and ranges are checked with every other field, :class:`~hf_align.trainers._base.CheckedConfig`)."""
+    """Which mask fields go together (each field's type, choices and range are checked with every other field,
+    :class:`~hf_align.config_checks.CheckedConfig`)."""
     ratio = args.neuron_mask_ratio
-    _check_choice(args, "neuron_mask_granularity", GRANULARITIES)
-    _check_choice(args, "neuron_mask_scope", SCOPES)
-    _check_choice(args, "neuron_mask_select", SELECTS)
-    _check_choice(args, "neuron_delta_dtype", DELTA_DTYPES)
     if (args.neuron_scores_path is None) != (ratio is None):
         raise ValueError("neuron_scores_path and neuron_mask_ratio go together: give both or neither.")
     if args.neuron_mask_path is not None and args.neuron_scores_path is not None:
         raise ValueError("Give either neuron_mask_path or neuron_scores_path + neuron_mask_ratio, not both.")
+    MaskSelection.check_band(ratio, args.neuron_mask_exclude_top, prefix="neuron_mask_")
 
 
 def resolve_neuron_mask(neuron_mask, args, model=None):
@@ -165,14 +146,7 @@ def resolve_neuron_mask(neuron_mask, args, model=None):
             for name, s in scores.items()
             if s.dim() in (1, 2)
         }
-    return NeuronMask.from_scores(
-        scores,
-        args.neuron_mask_ratio,
-        scope=args.neuron_mask_scope,
-        select=args.neuron_mask_select,
-        exclude_top=args.neuron_mask_exclude_top,
-        seed=args.seed,
-    )
+    return NeuronMask.from_scores(scores, mask_selection(args))
 
 
 def attach_mask(model, mask, args, peft_config=None, second_forward: bool = False):

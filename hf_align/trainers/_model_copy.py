@@ -53,6 +53,6 @@ def reference_copy(model: torch.nn.Module) -> torch.nn.Module:
 
     if not is_deepspeed_zero3_enabled():
         return independent_copy(model)
-    from transformers import AutoModelForCausalLM
+    from hf_align.loading import load_model
 
-    return AutoModelForCausalLM.from_pretrained(model.config._name_or_path, dtype=model.dtype)
+    return load_model(model.config._name_or_path, dtype=model.dtype)

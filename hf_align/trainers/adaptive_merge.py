@@ -17,6 +17,7 @@ from transformers import Trainer
 from trl.trainer.base_config import _BaseConfig
 
 from hf_align.architectures import layer_index
+from hf_align.config_checks import AT_LEAST_ONE, option
 from hf_align.io import PathLike, write_json
 from hf_align.merging.adaptive import (
     LearnedAlphas,
@@ -45,8 +46,8 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
     init_val: float = field(default=0.2, metadata={"help": "Initial (and mean) block α, in (0, 1)."})
     epsilon: float = field(default=0.2, metadata={"help": "ε in α_b ∝ σ(s_b)+ε: larger ε, smaller spread."})
     reg_alpha: float = field(default=1e-4, metadata={"help": "Weight of the L1 penalty Σ_linear c·|α − init_val|."})
-    reg_type: str = field(
-        default="weighted", metadata={"help": "'l1' (c=1) or 'weighted' (c = center_weight/(|layer−center|+1))."}
+    reg_type: str = option(
+        "weighted", help="'l1' (c=1) or 'weighted' (c = center_weight/(|layer−center|+1)).", choices=("l1", "weighted")
     )
     reg_center: float | None = field(
         default=None,
@@ -59,7 +60,7 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
     merge_head_alpha: float | None = field(
         default=None, metadata={"help": "α for lm_head in the final merge; default the learned one (code: init_val)."}
     )
-    max_length: int = field(default=512, metadata={"help": "Truncate tokenized examples to this many tokens."})
+    max_length: int = option(512, help="Truncate tokenized examples to this many tokens.", range=AT_LEAST_ONE)
     dataset_text_field: str = field(
         default="text", metadata={"help": "Text column; prompt/completion or messages columns are used if present."}
     )
@@ -80,8 +81,6 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
             raise ValueError(f"init_val must be in (0, 1), got {self.init_val}.")
         if self.epsilon < 0:
             raise ValueError(f"epsilon must be ≥ 0, got {self.epsilon}.")
-        if self.reg_type not in ("l1", "weighted"):
-            raise ValueError(f"reg_type must be 'l1' or 'weighted', got {self.reg_type!r}.")
         check_alpha(self.non_linear_alpha, "non_linear_alpha")
         if self.merge_head_alpha is not None:
             check_alpha(self.merge_head_alpha, "merge_head_alpha")
@@ -185,13 +184,13 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
 
     def __init__(self, model, base_model=None, args: AdaptiveMergeConfig | None = None, train_dataset=None,
                  processing_class=None, data_collator=None, **kwargs):  # fmt: skip
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from hf_align.loading import load_model, load_tokenizer
 
         args = args or AdaptiveMergeConfig(output_dir="adaptive_merge")
         _refuse_sharded_parameters(args)
         self.aligned_path = model if isinstance(model, str | os.PathLike) else getattr(model, "name_or_path", None)
         if isinstance(model, str | os.PathLike):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model = load_model(model)
         base_model = base_model if base_model is not None else args.base_model_name_or_path
         if base_model is None:
             raise ValueError("AdaptiveMergeTrainer needs base_model (or args.base_model_name_or_path): θ0.")
@@ -199,9 +198,9 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
             base_model if isinstance(base_model, str | os.PathLike) else getattr(base_model, "name_or_path", None)
         )
         if isinstance(base_model, str | os.PathLike):
-            base_model = AutoModelForCausalLM.from_pretrained(base_model, dtype=model.dtype)
+            base_model = load_model(base_model, dtype=model.dtype)
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(self.aligned_path or self.base_path)
+            processing_class = load_tokenizer(self.aligned_path or self.base_path)
         self.alphas, self.wrapped_modules, self.num_layers = wrap_for_adaptive_merge(
             model, base_model, args.mask_level, args.init_val, args.epsilon, args.non_linear_alpha
         )

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object, is_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.base_config import _BaseConfig
@@ -45,9 +45,11 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import pad
 
 from hf_align.checkpoints import resolve_resume_checkpoint
+from hf_align.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, option
 from hf_align.data_pool import QUANTILE_RULES, DataPool
-from hf_align.feedback_format import FeedbackFormat, add_quantile_tokens
+from hf_align.feedback_format import FEEDBACK_TYPES, FeedbackFormat, add_quantile_tokens
 from hf_align.generation import sample_token_ids, until_eos, vllm_generation
+from hf_align.loading import load_model, load_tokenizer
 from hf_align.losses import token_kl
 from hf_align.rewards import (
     RewardFunc,
@@ -73,20 +75,20 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
     """
 
     # ---- feedback -------------------------------------------------------------------------------------
-    feedback_type: str = field(
-        default="quantile",
-        metadata={"help": "'quantile' (Quark / ALT_RM: rewards → bins), 'category' (ALT_LMC) or 'text' (ALT_LMU)."},
+    feedback_type: str = option(
+        "quantile",
+        help="'quantile' (Quark / ALT_RM: rewards → bins), 'category' (ALT_LMC) or 'text' (ALT_LMU).",
+        choices=FEEDBACK_TYPES,
     )
-    num_quantiles: int = field(
-        default=5, metadata={"help": "Number of quantile bins K over the whole data pool (bin 0 = best)."}
+    num_quantiles: int = option(
+        5, help="Number of quantile bins K over the whole data pool (bin 0 = best).", range=AT_LEAST_ONE
     )
-    quantile_rule: str = field(
-        default="shared_ties",
-        metadata={
-            "help": "How scores become bins. 'shared_ties': equal scores share a bin (the last bins can stay empty "
-            "when many samples tie at the bottom); 'quark': Quark's data_pool.py, rank order with ties in insertion "
-            "order, N // K per bin and the remainder in the last bin."
-        },
+    quantile_rule: str = option(
+        "shared_ties",
+        help="How scores become bins. 'shared_ties': equal scores share a bin (the last bins can stay empty "
+        "when many samples tie at the bottom); 'quark': Quark's data_pool.py, rank order with ties in insertion "
+        "order, N // K per bin and the remainder in the last bin.",
+        choices=QUANTILE_RULES,
     )
     quantile_token_format: str = field(
         default="<|quantile_{i}|>",
@@ -128,11 +130,11 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
         },
     )
     # ---- loss -----------------------------------------------------------------------------------------
-    kl_coef: float = field(
-        default=0.05, metadata={"help": "Weight of the token-level KL(policy || reference) on generation tokens."}
+    kl_coef: float = option(
+        0.05, help="Weight of the token-level KL(policy || reference) on generation tokens.", range=NON_NEGATIVE
     )
-    entropy_coef: float = field(
-        default=0.0, metadata={"help": "Weight of the entropy bonus (subtracted from the loss); 0 disables it."}
+    entropy_coef: float = option(
+        0.0, help="Weight of the entropy bonus (subtracted from the loss); 0 disables it.", range=NON_NEGATIVE
     )
     ref_sees_feedback: bool = field(
         default=False,
@@ -141,24 +143,24 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
             "prompt without feedback."
         },
     )
-    max_length: int | None = field(
-        default=512, metadata={"help": "Truncate training sequences (prompt + feedback + completion) to this length."}
+    max_length: int | None = option(
+        512, help="Truncate training sequences (prompt + feedback + completion) to this length.", range=AT_LEAST_ONE
     )
     # ---- online loop ----------------------------------------------------------------------------------
-    num_iterations: int = field(default=5, metadata={"help": "Sample → feedback → pool → train iterations."})
-    prompts_per_iteration: int = field(
-        default=64, metadata={"help": "Prompts drawn (with replacement) from the prompt dataset each iteration."}
+    num_iterations: int = option(5, help="Sample → feedback → pool → train iterations.", range=AT_LEAST_ONE)
+    prompts_per_iteration: int = option(
+        64, help="Prompts drawn (with replacement) from the prompt dataset each iteration.", range=AT_LEAST_ONE
     )
-    num_generations: int = field(default=4, metadata={"help": "Completions sampled per prompt each iteration."})
-    steps_per_iteration: int = field(default=100, metadata={"help": "Optimizer steps on the pool per iteration."})
+    num_generations: int = option(4, help="Completions sampled per prompt each iteration.", range=AT_LEAST_ONE)
+    steps_per_iteration: int = option(100, help="Optimizer steps on the pool per iteration.", range=AT_LEAST_ONE)
     unconditioned_first_iteration: bool = field(
         default=True, metadata={"help": "Sample the first iteration without feedback (ALT) instead of best_feedback."}
     )
-    max_new_tokens: int = field(default=64, metadata={"help": "Maximum generated tokens per completion."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
-    generation_batch_size: int = field(default=64, metadata={"help": "Prompts per HF generate() call."})
+    max_new_tokens: int = option(64, help="Maximum generated tokens per completion.", range=AT_LEAST_ONE)
+    temperature: float = option(1.0, help="Sampling temperature.", range=POSITIVE)
+    top_p: float = option(1.0, help="Nucleus sampling threshold (1.0 = off).", range=FRACTION)
+    top_k: int = option(0, help="Top-k sampling (0 = off).", range=NON_NEGATIVE)
+    generation_batch_size: int = option(64, help="Prompts per HF generate() call.", range=AT_LEAST_ONE)
     use_vllm: bool = field(
         default=False, metadata={"help": "Sample with vLLM through TRL's VLLMGeneration (needs `pip install vllm`)."}
     )
@@ -184,14 +186,16 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
         default=None, metadata={"help": "Weights of the reward functions (default: all 1); the score is the sum."}
     )
     # ---- data pool ------------------------------------------------------------------------------------
-    max_samples_per_prompt: int | None = field(
-        default=None, metadata={"help": "Keep at most this many pool rows per prompt (None = unbounded)."}
+    max_samples_per_prompt: int | None = option(
+        None, help="Keep at most this many pool rows per prompt (None = unbounded).", range=AT_LEAST_ONE
     )
-    pool_keep: str = field(
-        default="newest", metadata={"help": "Which rows a full prompt keeps: 'newest' or 'best' (highest score)."}
+    pool_keep: str = option(
+        "newest",
+        help="Which rows a full prompt keeps: 'newest' or 'best' (highest score).",
+        choices=("newest", "best"),
     )
-    max_pool_size: int | None = field(
-        default=None, metadata={"help": "Keep at most this many pool rows overall (oldest dropped first)."}
+    max_pool_size: int | None = option(
+        None, help="Keep at most this many pool rows overall (oldest dropped first).", range=AT_LEAST_ONE
     )
     balance_feedback: bool = field(
         default=True, metadata={"help": "Draw training rows equally from every feedback group (bin/category)."}
@@ -202,8 +206,8 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
             "help": "Rejection-sample so every feedback group has the same generation-length distribution (ALT)."
         },
     )
-    num_length_buckets: int = field(
-        default=8, metadata={"help": "Length buckets (pool-wide quantile edges) used by balance_lengths."}
+    num_length_buckets: int = option(
+        8, help="Length buckets (pool-wide quantile edges) used by balance_lengths.", range=AT_LEAST_ONE
     )
     # ---- TRL base-config defaults this trainer keeps as they were ----------------------------------------
     bf16: bool | None = field(
@@ -220,10 +224,6 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
     def __post_init__(self):
         super().__post_init__()
         FeedbackFormat.from_args(self)  # checks feedback_type, bins, words, categories and templates
-        if self.quantile_rule not in QUANTILE_RULES:
-            raise ValueError(f"quantile_rule must be one of {QUANTILE_RULES}, got {self.quantile_rule!r}.")
-        if self.pool_keep not in ("newest", "best"):
-            raise ValueError(f"pool_keep must be 'newest' or 'best', got {self.pool_keep!r}.")
 
 
 class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
@@ -306,8 +306,8 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
     def _setup_model(self, model, processing_class, args, peft_config):
         """Load model and tokenizer, give the quantile tokens embedding rows, then wrap with PEFT."""
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
-        tokenizer = processing_class or AutoTokenizer.from_pretrained(model.config._name_or_path)
+            model = load_model(model)
+        tokenizer = processing_class or load_tokenizer(model.config._name_or_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.feedback_tokens = add_quantile_tokens(

@@ -18,7 +18,7 @@ exactly TRL's code path.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from accelerate.utils import is_peft_model
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from hf_align.config_checks import FRACTION, option
 from hf_align.token_weights import (
     check_weight_columns,
     ld_alpha_multiplier,
@@ -45,13 +46,12 @@ _PAIR_WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
 class MaskedDPOConfig(NeuronMaskArguments, TokenWeightArguments, DPOConfig):
     """``trl.DPOConfig`` plus neuron-mask and token-weight options (see ``docs/masked_dpo.md``)."""
 
-    rejected_token_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "ALLO's ε: on the rejected side only this fraction of completion tokens with the lowest "
-            "log πθ − log π_ref counts (chosen side sums all tokens). None disables the selection."
-        },
-    )  # its range, (0, 1], is checked with every other field (CheckedConfig)
+    rejected_token_ratio: float | None = option(
+        None,
+        help="ALLO's ε: on the rejected side only this fraction of completion tokens with the lowest "
+        "log πθ − log π_ref counts (chosen side sums all tokens). None disables the selection.",
+        range=FRACTION,
+    )
 
 
 @dataclass

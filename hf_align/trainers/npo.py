@@ -38,6 +38,8 @@ from trl.models import prepare_deepspeed
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
+from hf_align.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, option
+from hf_align.errors import UserError
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
 from hf_align.trainers._base import (
@@ -56,7 +58,6 @@ REF_COLUMN = "ref_token_logps"
 """Precomputed reference log-probs: one float per position of ``input_ids`` (that token's log-prob; 0 on the prompt)."""
 
 _PER_TOKEN_COLUMNS = ("input_ids", "labels", "token_weights", REF_COLUMN)
-_CHOICES = {"npo_loss_type": ("npo", "simnpo"), "npo_level": ("sequence", "token"), "retain_loss_type": ("nll", "kl")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -67,13 +68,15 @@ _CHOICES = {"npo_loss_type": ("npo", "simnpo"), "npo_level": ("sequence", "token
 class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
     """``trl.SFTConfig`` (tokenization, truncation, model loading) plus NPO's loss, reference and mask options."""
 
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "NPO/SimNPO temperature β (ALLO and the NPO paper use 0.1). The loss at init is 2·ln2/β."},
+    beta: float = option(
+        0.1,
+        help="NPO/SimNPO temperature β (ALLO and the NPO paper use 0.1). The loss at init is 2·ln2/β.",
+        range=POSITIVE,
     )
-    npo_loss_type: str = field(
-        default="npo",
-        metadata={"help": "'npo' (with a reference policy) or 'simnpo' (reference-free, length-normalized)."},
+    npo_loss_type: str = option(
+        "npo",
+        help="'npo' (with a reference policy) or 'simnpo' (reference-free, length-normalized).",
+        choices=("npo", "simnpo"),
     )
     loss_type: str = field(
         default="nll",
@@ -83,24 +86,25 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             "choices": ["nll", "chunked_nll", "npo", "simnpo"],
         },
     )
-    npo_level: str = field(
-        default="sequence",
-        metadata={
-            "help": "'sequence': −(2/β)·log σ(−β·Σ_t w_t·logratio_t) per example (NPO paper). 'token': ALLO's "
-            "Σ_t −w_t·log σ(−β·logratio_t) / #{w_t≠0} over the batch."
-        },
+    npo_level: str = option(
+        "sequence",
+        help="'sequence': −(2/β)·log σ(−β·Σ_t w_t·logratio_t) per example (NPO paper). 'token': ALLO's "
+        "Σ_t −w_t·log σ(−β·logratio_t) / #{w_t≠0} over the batch.",
+        choices=("sequence", "token"),
     )
     simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO's reward margin γ (npo_loss_type='simnpo')."})
-    retain_loss_type: str = field(
-        default="nll",
-        metadata={"help": "Retain term on `retain_dataset`: 'nll' or 'kl' (KL(π_ref‖πθ) per retain token)."},
+    retain_loss_type: str = option(
+        "nll",
+        help="Retain term on `retain_dataset`: 'nll' or 'kl' (KL(π_ref‖πθ) per retain token).",
+        choices=("nll", "kl"),
     )
-    retain_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the retain term (used only when a retain dataset is given)."}
+    retain_weight: float = option(
+        1.0, help="Weight of the retain term (used only when a retain dataset is given).", range=NON_NEGATIVE
     )
-    retain_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Retain examples drawn per forget micro-batch; None uses per_device_train_batch_size."},
+    retain_batch_size: int | None = option(
+        None,
+        help="Retain examples drawn per forget micro-batch; None uses per_device_train_batch_size.",
+        range=AT_LEAST_ONE,
     )
     precompute_ref_log_probs: bool = field(
         default=False,
@@ -110,8 +114,8 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             "policy at initialization is the reference (under FSDP, as in DPO, a copy used only for the precompute)."
         },
     )
-    precompute_ref_batch_size: int | None = field(
-        default=None, metadata={"help": "Batch size for precomputing; None uses per_device_train_batch_size."}
+    precompute_ref_batch_size: int | None = option(
+        None, help="Batch size for precomputing; None uses per_device_train_batch_size.", range=AT_LEAST_ONE
     )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Disable dropout in the policy and reference (log-ratios must be exact)."}
@@ -125,9 +129,8 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             warnings.warn(msg, FutureWarning, stacklevel=3)
             self.npo_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
-        for name, allowed in {**_CHOICES, "loss_type": ("nll",)}.items():  # SFT's loss_type: NPO has its own loss
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}.")
+        if self.loss_type != "nll":  # SFT's loss_type: NPO computes its own loss
+            raise UserError(f"NPOConfig.loss_type must be 'nll' (NPO computes its own loss), got {self.loss_type!r}.")
         if self.npo_loss_type == "simnpo" and self.npo_level != "sequence":
             raise ValueError("npo_loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
         if self.packing or self.padding_free:
