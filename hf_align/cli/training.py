@@ -254,15 +254,9 @@ def _mask_accumulation(score_args, seed: int):
     from hf_align.masks import MaskSelection
     from hf_align.scores import ScoreOptions
 
- MaskAccumulationCallback(
-        method=score_args.score_method,
-        granularity=score_args.score_granularity,
-        grad_stage=score_args.score_grad_stage,
-        score_dtype=score_args.score_dtype,
-        select_ratio=score_args.neuron_mask_ratio,
-        select_scope=score_args.neuron_mask_scope,
-        exclude_top=score_args.neuron_mask_exclude_top,
-    )
+    options = from_prefixed(ScoreOptions, score_args, "score_")
+    selection = from_prefixed(MaskSelection, score_args, "neuron_mask_", seed=seed)
+    return MaskAccumulationCallback(options=options, selection=selection)
 
 
 def _aligner_config(aligner_args, model_args, training_args):
