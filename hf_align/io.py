@@ -288,3 +288,50 @@ def load_tensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Tensor]
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{str(path)!r} is not a valid safetensors file (truncated or corrupt?): {err}") from None
+
+
+@contextlib.contextmanager
+def hold_lock(lock: Path, who: str = "process") -> Iterator[Path]:
+    """Hold the lock file ``lock`` (created exclusively, holding host and pid) so two writers never write one folder
+    at once; a lock left by a dead process on this host is taken over with a warning. ``who``: the writer's kind,
+    for the messages."""
+    import socket
+    import warnings
+
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    if not _try_create(lock, owner):
+        holder = _lock_holder(lock)
+        if holder.get("host") != owner["host"] or process_alive(holder.get("pid")):
+            raise FileExistsError(
+                f"{str(lock)!r} is held by pid {holder.get('pid')} on {holder.get('host')!r}: another {who} is "
+                f"writing {str(lock.parent)!r}; wait for it, or delete the lock file if that process is gone."
+            )
+        warnings.warn(
+            f"Taking over the stale lock {str(lock)!r} of pid {holder.get('pid')} (no longer running).", stacklevel=2
+        )
+        lock.unlink(missing_ok=True)
+        if not _try_create(lock, owner):
+            raise FileExistsError(f"{str(lock)!r} was taken by another {who} just now; wait for it.")
+    try:
+        yield lock
+    finally:
+        if _lock_holder(lock) == owner:
+            lock.unlink(missing_ok=True)
+
+
+def _try_create(lock: Path, owner: dict) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        json.dump(owner, handle)
+    return True
+
+
+def _lock_holder(lock: Path) -> dict:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):  # unreadable or half-written: treat as held by an unknown process
+        return {}
+    return holder if isinstance(holder, dict) else {}

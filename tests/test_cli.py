@@ -38,7 +38,7 @@ def test_env_reports_versions(capsys):
     import trl
 
     assert f"- torch: {torch.__version__}" in out and f"- trl: {trl.__version__}" in out
-    assert "- cuda_available:" in out
+    assert f"- hf_align: {__version__}" in out and "- cuda_available:" in out
 
 
 def test_training_command_runs_through_accelerate_launch(tmp_path):
@@ -86,10 +86,14 @@ def test_num_processes_on_a_cpu_only_machine_starts_that_many_processes(tmp_path
 
 
 def test_env_shows_what_trl_env_shows(capsys):
+    from trl.scripts.env import print_env
+
+    print_env()
+    trl_keys = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("- ")]
     assert main(["env"]) == 0
     out = capsys.readouterr().out
-    for key in ("accelerate_config", "accelerator(s)", "bitsandbytes", "deepspeed", "liger_kernel", "vllm", "logging"):
-        assert f"- {key}: " in out, key
+    for key in (*trl_keys, "- logging"):
+        assert f"{key}: " in out, key
 
 
 def test_training_help_names_hf_align_fields_and_launch_flags(capsys):

@@ -332,17 +332,18 @@ def test_merge_cli_linear_partwise_and_recipe(pair, tmp_path, capsys):
     from hf_align.cli import main
 
     base, aligned = pair
-    common = ["merge", "--base", str(base), "--aligned", str(aligned), "--no-progress"]
-    assert main([*common, "--alpha", "0.3", "--output", str(tmp_path / "lin"), "--max-shard-size", "30KB"]) == 0
+    common = ["merge", "--base_model_name_or_path", str(base), "--model_name_or_path", str(aligned), "--no_progress"]
+    argv = [*common, "--alpha", "0.3", "--output_dir", str(tmp_path / "lin"), "--max_shard_size", "30KB"]
+    assert main(argv) == 0
     _assert_formula(tmp_path / "lin", base, aligned, lambda name: 0.3)
-    argv = [*common, "--pivots", "1,3", "--alphas", "0.4,0.3,0.2", "--embed-alpha", "0.7", "--head-alpha", "0.9"]
-    assert main([*argv, "--output", str(tmp_path / "part")]) == 0
+    argv = [*common, "--pivots", "1,3", "--alphas", "0.4,0.3,0.2", "--embed_alpha", "0.7", "--head_alpha", "0.9"]
+    assert main([*argv, "--output_dir", str(tmp_path / "part")]) == 0
     _assert_formula(tmp_path / "part", base, aligned, _expected_partwise_alpha)
     assert "layers 2–3" in capsys.readouterr().out
     # the recipe's pivots (10#20) do not fit a 6-layer model: a clear error, nothing written
-    assert main([*common, "--config", "recipes/ama/partwise.yaml", "--output", str(tmp_path / "r")]) == 2
+    assert main([*common, "--config", "recipes/ama/partwise.yaml", "--output_dir", str(tmp_path / "r")]) == 2
     assert "last part empty" in capsys.readouterr().err and not (tmp_path / "r").exists()
-    with pytest.raises(SystemExit):  # neither --alpha nor --alphas
-        main([*common, "--output", str(tmp_path / "x")])
-    with pytest.raises(SystemExit):  # both
-        main([*common, "--alpha", "0.3", "--alphas", "0.1,0.2", "--pivots", "1", "--output", str(tmp_path / "x")])
+    assert main([*common, "--output_dir", str(tmp_path / "x")]) == 2  # neither --alpha nor --alphas
+    both = ["--alpha", "0.3", "--alphas", "0.1,0.2", "--pivots", "1", "--output_dir", str(tmp_path / "x")]
+    assert main([*common, *both]) == 2
+    assert "not both or neither" in capsys.readouterr().err

@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = TRAINERS["adaptive-merge"]
     types = (ScriptArguments, spec.config_class(), ModelConfig, MergeOutputArguments)
-    script_args, config, model_args, merge_args = parse_command("hf-align adaptive-merge", types, argv, description=__doc__)
+    script_args, config, model_args, merge_args = parse_command(
+        "hf-align adaptive-merge", types, argv, description=__doc__
+    )
     for name, value, what in (
         ("model_name_or_path", model_args.model_name_or_path, "the aligned model θ1"),
         ("base_model_name_or_path", config.base_model_name_or_path, "the pre-alignment model θ0"),
@@ -55,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from hf_align.checkpoints import resolve_resume_checkpoint
 
     resume = resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    train = load_split(script_args.dataset_name, script_args.dataset_train_split, "dataset_name", script_args.dataset_config)
+    train = load_split(
+        script_args.dataset_name, script_args.dataset_train_split, "dataset_name", script_args.dataset_config
+    )
     trainer = spec.trainer_class()(
         resolve_model_path(model_args.model_name_or_path),
         base_model=resolve_model_path(config.base_model_name_or_path),
@@ -69,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if merge_args.skip_merge or not config.should_save:
         return 0
     result = trainer.merge(
-        merged_dir, dtype=merge_args.merge_dtype, max_shard_size=merge_args.max_shard_size, progress=not config.disable_tqdm
+        merged_dir,
+        dtype=merge_args.merge_dtype,
+        max_shard_size=merge_args.max_shard_size,
+        progress=not config.disable_tqdm,
     )
     print(result.plan.table())
     print(f"merged model written to {result.output_dir}")

@@ -79,7 +79,9 @@ class CommandParser:
         self.fields = {f.name for f in fields}
         self.list_flags = {f"--{f.name}" for f in fields if "list[" in str(f.type).lower()}
         usage = f"{prog} [--config RECIPE.yaml] [--field value ...]"
-        self.parser = _Parser(types, prog=prog, usage=kwargs.pop("usage", usage), formatter_class=_HelpFormatter, **kwargs)
+        self.parser = _Parser(
+            types, prog=prog, usage=kwargs.pop("usage", usage), formatter_class=_HelpFormatter, **kwargs
+        )
 
     def format_help(self) -> str:
         return self.parser.format_help()

@@ -53,7 +53,11 @@ class EvalArguments:
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
 
 
-RENAMED = {"--output": "--output_file", "--retain_dataset": "--retain_dataset_name", "--retain_split": "--retain_dataset_split"}
+RENAMED = {
+    "--output": "--output_file",
+    "--retain_dataset": "--retain_dataset_name",
+    "--retain_split": "--retain_dataset_split",
+}
 
 
 def _load_model(name: str, adapter: str | None = None):
@@ -82,7 +86,9 @@ def _retain(args: EvalArguments) -> dict | None:
 
     if not args.retain_dataset_name:
         return None
-    data = load_split(args.retain_dataset_name, args.retain_dataset_split, "retain_dataset_name", limit=args.num_retain)
+    data = load_split(
+        args.retain_dataset_name, args.retain_dataset_split, "retain_dataset_name", limit=args.num_retain
+    )
     source = f"retain_dataset_name {args.retain_dataset_name!r}"
     if "text" in data.column_names and "completion" not in data.column_names:
         return {"prompts": None, "completions": _column(data, "text", source)}

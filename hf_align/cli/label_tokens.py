@@ -64,7 +64,9 @@ class LabelArguments:
         default=False, metadata={"help": "rewrite_diff: also mark the token after an insertion."}
     )
     scorer: str | None = field(default=None, metadata={"help": "generative: the correcting causal LM (id or folder)."})
-    scorer_tokenizer: str | None = field(default=None, metadata={"help": "generative: its tokenizer (default: scorer)."})
+    scorer_tokenizer: str | None = field(
+        default=None, metadata={"help": "generative: its tokenizer (default: scorer)."}
+    )
     selection: str = field(
         default="threshold", metadata={"help": "generative.", "choices": ("threshold", "lowest", "probability")}
     )

@@ -26,16 +26,28 @@ class MergeArguments:
     pivots: str | None = field(
         default=None, metadata={"help": "Partwise: inclusive layer pivots, '10,20' or '10#20' → 0–10, 11–20, 21–end."}
     )
-    alphas: str | None = field(default=None, metadata={"help": "Partwise: one α per part, '0.4,0.3,0.2' or '0.4|0.3|0.2'."})
-    embed_alpha: float | None = field(default=None, metadata={"help": "Partwise: α of the input embeddings (default: first part)."})
-    head_alpha: float | None = field(default=None, metadata={"help": "Partwise: α of lm_head and the final norm (default: last)."})
-    other_alpha: float | None = field(default=None, metadata={"help": "Partwise: α of tensors no rule covers (default: error)."})
-    dtype: str = field(default="auto", metadata={"help": "Output dtype: auto (aligned's), bfloat16, float16, float32."})
+    alphas: str | None = field(
+        default=None, metadata={"help": "Partwise: one α per part, '0.4,0.3,0.2' or '0.4|0.3|0.2'."}
+    )
+    embed_alpha: float | None = field(
+        default=None, metadata={"help": "Partwise: α of the input embeddings (default: first part)."}
+    )
+    head_alpha: float | None = field(
+        default=None, metadata={"help": "Partwise: α of lm_head and the final norm (default: last)."}
+    )
+    other_alpha: float | None = field(
+        default=None, metadata={"help": "Partwise: α of tensors no rule covers (default: error)."}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "Output dtype: auto (aligned's), bfloat16, float16, float32."}
+    )
     max_shard_size: str = field(default="500MB", metadata={"help": "Largest output shard, e.g. 500MB, 2GB."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision for Hub ids."})
     overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists (atomically)."})
     no_progress: bool = field(default=False, metadata={"help": "No progress bar."})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Upload the merged model (with a card) to this repo id."})
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Upload the merged model (with a card) to this repo id."}
+    )
     private: bool = field(default=False, metadata={"help": "With --push_to_hub: create the repo private."})
 
 

@@ -31,16 +31,10 @@ pipeline itself got ``--trust_remote_code`` / ``--allow_recipe_env``, which it t
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
 import shutil
-import socket
 import sys
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +44,7 @@ import yaml
 from hf_align.checkpoints import last_complete_checkpoint
 from hf_align.cli.common import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions, recipe_permissions
 from hf_align.errors import UserError
-from hf_align.io import process_alive, read_json, write_json
+from hf_align.io import hold_lock, read_json, write_json
 
 
 STAGE_FILE = "pipeline_stage.json"
@@ -65,7 +59,9 @@ class PipelineArguments:
     """What the command line adds to the pipeline recipe (``--config``: the recipe itself, stages and all)."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Overrides the recipe's output_dir."})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Overrides the recipe's model_name_or_path."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Overrides the recipe's model_name_or_path."}
+    )
     set: list[str] = field(
         default_factory=list,
         metadata={
@@ -73,9 +69,15 @@ class PipelineArguments:
             "--set max_steps=2 labels.max_rows=8."
         },
     )
-    force: bool = field(default=False, metadata={"help": "Re-run every stage, even completed ones with unchanged arguments."})
-    allow_recipe_env: bool = field(default=False, metadata={"help": "Let the stage recipes' `env:` set environment variables."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Let stages load models whose folder ships Python code."})
+    force: bool = field(
+        default=False, metadata={"help": "Re-run every stage, even completed ones with unchanged arguments."}
+    )
+    allow_recipe_env: bool = field(
+        default=False, metadata={"help": "Let the stage recipes' `env:` set environment variables."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Let stages load models whose folder ships Python code."}
+    )
     recipe: str | None = field(default=None, init=False, metadata={"help": "The pipeline recipe: the --config file."})
 
 
@@ -162,50 +164,6 @@ def _flag_args(args: dict[str, Any], outputs: dict[str, str]) -> list[str]:
         else:
             argv += [f"--{key}", _substitute(value, outputs)]
     return argv
-
-
-@contextlib.contextmanager
-def output_lock(output_dir: Path) -> Iterator[Path]:
-    """Hold ``output_dir/.pipeline.lock`` (O_EXCL, host + pid) so two pipelines never write one folder at once."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lock = output_dir / LOCK_FILE
-    owner = {"host": socket.gethostname(), "pid": os.getpid()}
-    if not _try_create(lock, owner):
-        holder = _lock_holder(lock)
-        if holder.get("host") != owner["host"] or process_alive(holder.get("pid")):
-            raise FileExistsError(
-                f"{str(lock)!r} is held by pid {holder.get('pid')} on {holder.get('host')!r}: another pipeline is "
-                "writing this output_dir; wait for it, or delete the lock file if that process is gone."
-            )
-        warnings.warn(
-            f"Taking over the stale lock {str(lock)!r} of pid {holder.get('pid')} (no longer running).", stacklevel=2
-        )
-        lock.unlink(missing_ok=True)
-        if not _try_create(lock, owner):
-            raise FileExistsError(f"{str(lock)!r} was taken by another pipeline just now; wait for it.")
-    try:
-        yield lock
-    finally:
-        if _lock_holder(lock) == owner:
-            lock.unlink(missing_ok=True)
-
-
-def _try_create(lock: Path, owner: dict) -> bool:
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as handle:
-        json.dump(owner, handle)
-    return True
-
-
-def _lock_holder(lock: Path) -> dict:
-    try:
-        holder = json.loads(lock.read_text())
-    except (OSError, ValueError):  # unreadable or half-written: treat as held by an unknown process
-        return {}
-    return holder if isinstance(holder, dict) else {}
 
 
 def _check_ours(directory: Path) -> None:
@@ -296,7 +254,8 @@ def run(args: PipelineArguments) -> list[dict]:
     _check_recipe_permissions(recipe, path, flags)
     outputs = {"model": str(model), "output_dir": str(output_dir)}
     outputs.update({stage["name"]: str(output_dir / stage["name"]) for stage in recipe["stages"]})
-    with output_lock(output_dir):
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with hold_lock(output_dir / LOCK_FILE, "pipeline"):
         for stage in recipe["stages"]:  # before anything runs: refuse folders someone else made
             _check_ours(output_dir / stage["name"])
         summary: list[dict] = []

@@ -32,7 +32,9 @@ class QuickstartArguments:
     neuron_mask_ratio: float = field(default=0.1, metadata={"help": "Fraction of rows trained (masked-dpo)."})
     num_pairs: int = field(default=512, metadata={"help": "Preference pairs generated from the testbed task."})
     eval_prompts: int = field(default=256, metadata={"help": "Prompts sampled to measure the reward."})
-    output_dir: str | None = field(default=None, metadata={"help": "Where the aligned model goes (default: a temp dir)."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the aligned model goes (default: a temp dir)."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Write into an --output_dir that is not empty."})
     seed: int = field(default=0, metadata={"help": "Training seed."})
 

@@ -59,13 +59,21 @@ class SelectMaskArguments:
         metadata={"help": "With --init/--trained: score per entry or per row.", "choices": GRANULARITIES},
     )
     target: str | None = field(default=None, metadata={"help": "Regex on parameter names to restrict the selection."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a mask, scores or plots already in --output_dir."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace a mask, scores or plots already in --output_dir."}
+    )
     plot: bool = field(default=False, metadata={"help": "Also write the heatmap and score-distribution PNGs."})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the mask (with a card) to this repo id."})
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Also upload the mask (with a card) to this repo id."}
+    )
 
 
 SelectionArguments = prefixed_dataclass(
-    "SelectionArguments", MaskSelection, "neuron_mask_", __name__, doc="MaskSelection's fields, as the trainers name them."
+    "SelectionArguments",
+    MaskSelection,
+    "neuron_mask_",
+    __name__,
+    doc="MaskSelection's fields, as the trainers name them.",
 )
 
 
@@ -159,4 +167,3 @@ def selection_threshold(scores: dict[str, torch.Tensor], masks: dict[str, torch.
         if score is not None and score.shape == mask.shape and bool((mask != 0).any()):
             values.append(score[mask != 0].min())
     return float(torch.stack(values).min()) if values else None
-

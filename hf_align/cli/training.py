@@ -137,7 +137,10 @@ def parse(name: str, argv: list[str]) -> tuple[list, list[str], list[str]]:
     for args in parsed:  # resume_from_checkpoint → the last *complete* checkpoint (or refused), before any loading
         if hasattr(args, "resume_from_checkpoint") and hasattr(args, "output_dir"):
             args.resume_from_checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    launch = [[a for a in remaining if a.split("=")[0] != TRUST_REMOTE_CODE] for remaining in (config_remaining, cli_remaining)]
+    launch = [
+        [a for a in remaining if a.split("=")[0] != TRUST_REMOTE_CODE]
+        for remaining in (config_remaining, cli_remaining)
+    ]
     return parsed, *launch
 
 
@@ -240,7 +243,9 @@ def _retain_data(data_args):
     if not data_args.retain_dataset_name:
         return None
     source = "retain_dataset_name"
-    retain = load_split(data_args.retain_dataset_name, data_args.retain_dataset_split, source, data_args.retain_dataset_config)
+    retain = load_split(
+        data_args.retain_dataset_name, data_args.retain_dataset_split, source, data_args.retain_dataset_config
+    )
     names = retain.column_names  # NPOTrainer checks the forget data, not yet the retain data
     if not ("completion" in names or "text" in names or "messages" in names):
         require_columns(retain, ["completion"], f"{source} {data_args.retain_dataset_name!r}", " Retain data needs "
@@ -293,13 +298,20 @@ def _run_feedback(spec, script_args, training_args, model_args) -> int:
             f"feedback_type {training_args.feedback_type!r} needs feedback_fn ('package.module:function' returning "
             "a category or text per completion); reward_funcs only give scores."
         )
-    train_data = load_split(script_args.dataset_name, script_args.dataset_train_split, "dataset_name", script_args.dataset_config)
+    train_data = load_split(
+        script_args.dataset_name, script_args.dataset_train_split, "dataset_name", script_args.dataset_config
+    )
     source = f"dataset_name {script_args.dataset_name!r}"
     offline_hint = (
         " Without reward_funcs or feedback_fn the feedback command trains offline on prompt/completion/feedback rows; "
         "set reward_funcs or feedback_fn ('package.module:function') to sample and score online."
     )
-    require_columns(train_data, ["prompt"] if online else ["prompt", "completion", "feedback"], source, "" if online else offline_hint)
+    require_columns(
+        train_data,
+        ["prompt"] if online else ["prompt", "completion", "feedback"],
+        source,
+        "" if online else offline_hint,
+    )
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     trainer = spec.trainer_class()(
         model=model,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_align.architectures import layer_index
+from hf_align.errors import UserError
 from hf_align.io import PathLike, read_json, require_keys, write_json
 
 
@@ -51,9 +52,9 @@ def check_alpha(value: float, what: str) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}.") from None
+        raise UserError(f"{what} must be a number in [0, 1], got {value!r}.") from None
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{what} must be in [0, 1] (α weighs the base model), got {value}.")
+        raise UserError(f"{what} must be in [0, 1] (α weighs the base model), got {value}.")
     return value
 
 
@@ -68,9 +69,9 @@ def parse_pivots(pivots: str | Sequence[int] | None) -> list[int]:
     try:
         values = [int(p) for p in items]
     except (TypeError, ValueError):
-        raise ValueError(f"pivots must be layer indices like '10#20' or [10, 20], got {pivots!r}.") from None
+        raise UserError(f"pivots must be layer indices like '10#20' or [10, 20], got {pivots!r}.") from None
     if any(v < 0 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"pivots must be non-negative and strictly increasing, got {values}.")
+        raise UserError(f"pivots must be non-negative and strictly increasing, got {values}.")
     return values
 
 
@@ -135,7 +136,7 @@ class MergePlan:
         data = read_json(path)
         require_keys(data, ("alphas",), path)
         if not isinstance(data["alphas"], dict):
-            raise ValueError(f"{str(path)!r}: 'alphas' must be an object mapping tensor names to α.")
+            raise UserError(f"{str(path)!r}: 'alphas' must be an object mapping tensor names to α.")
         alphas = {name: check_alpha(alpha, f"{path} alphas[{name!r}]") for name, alpha in data["alphas"].items()}
         return cls(alphas=alphas, groups=data.get("groups", {}), description=data.get("description", ""))
 
@@ -166,7 +167,7 @@ def partwise_plan(
     names = list(names)
     pivot_list, alpha_list = parse_pivots(pivots), parse_alphas(alphas)
     if len(alpha_list) != len(pivot_list) + 1:
-        raise ValueError(
+        raise UserError(
             f"alphas: need one α per part, i.e. len(pivots) + 1 = {len(pivot_list) + 1}, got {len(alpha_list)} "
             f"(pivots {pivot_list}, alphas {alpha_list})."
         )
@@ -174,7 +175,7 @@ def partwise_plan(
     if num_layers is None:
         num_layers = max(indices) + 1 if indices else 0
     if pivot_list and pivot_list[-1] >= num_layers - 1:
-        raise ValueError(
+        raise UserError(
             f"pivots: the last pivot ({pivot_list[-1]}) leaves the last part empty; the model has {num_layers} "
             f"layers (0–{num_layers - 1}), so pivots must be < {num_layers - 1}."
         )
@@ -201,7 +202,7 @@ def partwise_plan(
         else:
             unknown.append(name)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"No partwise rule for tensor(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}: they are not in a "
             "decoder layer, the embeddings, lm_head or the final norm; pass other_alpha to average them."
         )
