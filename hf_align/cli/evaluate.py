@@ -61,11 +61,10 @@ RENAMED = {
 
 
 def _load_model(name: str, adapter: str | None = None):
-    from transformers import AutoModelForCausalLM
-
     from hf_align.cli.common import resolve_model_path
+    from hf_align.loading import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name))
+    model = load_model(resolve_model_path(name))
     if adapter is not None:
         from peft import PeftModel
 
@@ -103,11 +102,10 @@ def _retain(args: EvalArguments) -> dict | None:
 
 
 def run(args: EvalArguments) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     from hf_align.cli.common import load_split, refuse_existing_output, resolve_model_path
     from hf_align.evaluation import evaluate_model, format_table
     from hf_align.io import write_json
+    from hf_align.loading import load_tokenizer
     from hf_align.rewards import resolve_reward_funcs
 
     refuse_existing_output(args.output_file, "--output_file", args.overwrite)
@@ -121,7 +119,7 @@ def run(args: EvalArguments) -> dict[str, Any]:
     extra = {c: list(dataset[c]) for c in dataset.column_names if c != args.prompt_column}
     retain = _retain(args)
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model_name_or_path))
+    tokenizer = load_tokenizer(resolve_model_path(args.model_name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = _load_model(args.model_name_or_path, args.adapter)

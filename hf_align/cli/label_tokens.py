@@ -141,10 +141,9 @@ def _method_kwargs(args: LabelArguments, method) -> dict:
 
 
 def label(args: LabelArguments) -> tuple[object, str]:
-    from transformers import AutoTokenizer
-
     from hf_align.cli.common import load_split, require_columns, resolve_model_path
     from hf_align.key_tokens import label_dataset
+    from hf_align.loading import load_tokenizer
 
     if args.max_rows is not None and args.max_rows < 1:
         raise UserError(f"--max_rows must be a positive integer, got {args.max_rows}.")
@@ -160,7 +159,7 @@ def label(args: LabelArguments) -> tuple[object, str]:
     needed += [args.rewrite_column] if method == "rewrite_diff" else []
     needed += [args.solution_column] if method == "generative" and args.solution_column else []
     require_columns(data, needed, source)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model_name_or_path))
+    tokenizer = load_tokenizer(resolve_model_path(args.model_name_or_path))
     kwargs = {"response_column": args.response_column, "output_column": output_column}
     labeled = label_dataset(data, tokenizer, method, **kwargs, **_method_kwargs(args, method))
     write_dataset(labeled, output, fmt)

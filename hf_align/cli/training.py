@@ -346,15 +346,13 @@ def model_init_kwargs(model_args, training_args) -> dict[str, Any]:
 
 
 def load_model_and_tokenizer(model_args, training_args):
-    """A loaded model and tokenizer, for commands that need the objects before the trainer does."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """A loaded model and tokenizer (through :mod:`hf_align.loading`), for commands that need the objects first."""
     from hf_align.cli.common import resolve_model_path
+    from hf_align.loading import load_model, load_tokenizer
 
-    path = resolve_model_path(model_args.model_name_or_path)
-    model_args.model_name_or_path = path
-    model = AutoModelForCausalLM.from_pretrained(path, **model_init_kwargs(model_args, training_args))
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    path = model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
+    model = load_model(path, **model_init_kwargs(model_args, training_args))
+    tokenizer = load_tokenizer(path, revision=model_args.model_revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -8,6 +8,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from hf_align.errors import UserError
 from hf_align.peft_tuners.aligner.config import AlignerConfig
 from hf_align.peft_tuners.aligner.layer import ATTENTION_SPECS, SUPPORTED_MODEL_TYPES, AlignerAttention
 from hf_align.quantization import keep_4bit_trainable
@@ -19,13 +20,13 @@ def check_model_config(peft_config: AlignerConfig, model_config: dict, fallback_
     model_type = model_config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         architectures = model_config.get("architectures") or [fallback_name]
-        raise ValueError(
+        raise UserError(
             f"Aligner does not support model_type {model_type!r} ({', '.join(architectures)}); "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
     num_layers = model_config.get("num_hidden_layers")
     if not isinstance(num_layers, int):
-        raise ValueError(f"Aligner needs `num_hidden_layers` in the model config, got {num_layers!r}.")
+        raise UserError(f"Aligner needs `num_hidden_layers` in the model config, got {num_layers!r}.")
     peft_config.adapted_layers(num_layers)  # validates start_layer / layers_to_transform against the model
 
 
