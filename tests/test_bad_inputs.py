@@ -489,8 +489,9 @@ def test_recipe_typo_in_masked_dpo_mask_field(tmp_path):
     [
         ("score_method: grad", "NeuronScoreArguments.score_method must be one of ('weight_diff', 'gradient')"),
         ("score_granularity: column", "NeuronScoreArguments.score_granularity must be one of ('row', 'element')"),
-        ("select_ratio: 1.5", "NeuronScoreArguments.select_ratio must be in (0, 1], got 1.5."),
-        ("select_scope: layer", "NeuronScoreArguments.select_scope must be one of ('global', 'tensor')"),
+        ("neuron_mask_ratio: 1.5", "NeuronScoreArguments.neuron_mask_ratio must be in (0, 1], got 1.5."),
+        ("neuron_mask_scope: layer", "NeuronScoreArguments.neuron_mask_scope must be one of ('global', 'tensor')"),
+        ("select_ratio: 1.5", "NeuronScoreArguments.neuron_mask_ratio must be in (0, 1], got 1.5."),  # old key
     ],
 )
 def test_warmup_recipe_with_a_bad_score_or_select_field_names_it(tmp_path, line, expected):

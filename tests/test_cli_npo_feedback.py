@@ -138,7 +138,7 @@ def test_npo_bad_field_value_and_columns_are_named(tmp_path, capsys):
     _refused(
         capsys,
         ["npo", *common, "--dataset_name", "testbed:forget", "--npo_level", "word"],
-        "npo_level must be 'sequence' or 'token', got 'word'",
+        r"--npo_level.*invalid choice: 'word' \(choose from 'sequence', 'token'\)",  # the declared choices
     )
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"question": "1+1=", "answer": "2 ugh"}) + "\n")

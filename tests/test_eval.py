@@ -136,7 +136,7 @@ def test_reward_resolution_and_bad_names():
 def _eval(tmp_path, name: str, *extra: str) -> tuple[int, dict | None]:
     out = tmp_path / name
     argv = ["eval", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts", "--num_prompts", "24"]
-    argv += ["--max_new_tokens", "10", "--batch_size", "16", "--no_progress", "--output", str(out), *extra]
+    argv += ["--max_new_tokens", "10", "--batch_size", "16", "--no_progress", "--output_file", str(out), *extra]
     code = cli_main(argv)
     return code, (json.loads(out.read_text()) if out.exists() else None)
 
@@ -145,7 +145,7 @@ def test_cli_end_to_end_and_reproducible(tmp_path, tb, perturbed, capsys):
     ref_dir = tmp_path / "perturbed"
     perturbed.save_pretrained(ref_dir)
     tb.tokenizer.save_pretrained(ref_dir)
-    extra = ["--reward", "testbed", "--reference_model", str(ref_dir), "--retain_dataset", "testbed:retain"]
+    extra = ["--reward", "testbed", "--reference_model", str(ref_dir), "--retain_dataset_name", "testbed:retain"]
     extra += ["--num_retain", "20", "--seed", "11"]
     code, first = _eval(tmp_path, "a.json", *extra)
     assert code == 0
@@ -194,8 +194,8 @@ def test_cli_bad_inputs(tmp_path, capsys):
     code, _ = _eval(tmp_path, "x.json", "--reward", "testbed", "--prompt_column", "question")
     err = capsys.readouterr().err
     assert code == 2 and "missing column(s) ['question']" in err and "dataset_name 'testbed:prompts'" in err
-    code, _ = _eval(tmp_path, "x.json", "--reward", "testbed", "--retain_dataset", "testbed:prompts")
+    code, _ = _eval(tmp_path, "x.json", "--reward", "testbed", "--retain_dataset_name", "testbed:prompts")
     err = capsys.readouterr().err
-    assert code == 2 and "retain_dataset 'testbed:prompts'" in err and "'completion'" in err
+    assert code == 2 and "retain_dataset_name 'testbed:prompts'" in err and "'completion'" in err
     code, _ = _eval(tmp_path, "x.json", "--reward", "testbed", "--dataset_name", str(tmp_path / "missing.jsonl"))
     assert code == 2 and "missing.jsonl" in capsys.readouterr().err
