@@ -46,8 +46,9 @@ class CommandParser:
     """``TrlParser`` over ``types`` with hf-align's recipe gate and one release of deprecated spellings.
 
     Before TRL reads the recipe, :func:`check_recipe` refuses what needs a command-line flag. ``renamed``
-    (``{"--old": "--new"}``) and any kebab-case spelling (``--max-shard-size``) of a field are rewritten to the
-    field's name with a one-line warning, on the command line and as recipe keys.
+    (``{"--old": "--new"}``) is applied with a one-line warning on the command line and to recipe keys (and so is a
+    kebab-case recipe key). ``strict``: an unknown recipe key is an error (training commands leave it to the
+    launcher check, a recipe may hold ``accelerate launch`` flags). argparse's errors are one line.
     """
 
     def __init__(
