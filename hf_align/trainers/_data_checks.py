@@ -8,6 +8,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from hf_align.errors import UserError
+
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages", "text")
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -89,10 +91,10 @@ def check_dataset(dataset, name: str, accepted: Sequence[Sequence[str]] | None =
     matches = [columns for columns in accepted or () if all(column in names for column in columns)]
     if accepted is not None and not matches:
         options = " or ".join("+".join(columns) for columns in accepted)
-        raise ValueError(f"{name} is missing columns: expected {options}; found columns {names}.")
+        raise UserError(f"{name} is missing columns: expected {options}; found columns {names}.")
     if len(matches) > 1:  # e.g. prompt+completion and messages: which one is the data would be a silent guess
         both = " and ".join("+".join(columns) for columns in matches)
-        raise ValueError(f"{name} holds both {both}: keep the columns of one format and drop the others.")
+        raise UserError(f"{name} holds both {both}: keep the columns of one format and drop the others.")
     check_rows(dataset, name)
 
 
