@@ -24,6 +24,7 @@ import torch
 from datasets import Dataset
 
 from hf_align import testbed
+from hf_align.errors import UserError
 from hf_align.trainers.registry import TRAINERS, TrainerSpec
 
 
@@ -286,7 +287,7 @@ def test_a_bad_dataset_column_is_named_in_one_line(spec, tmp_path):
     assert accepted(good.column_names)
     needed = next(c for c in good.column_names if not accepted([n for n in good.column_names if n != c]))
     bad = good.rename_column(needed, "oops")
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(UserError) as raised:
         dataclasses.replace(case, data=lambda: bad).build(spec, tmp_path)
     message = str(raised.value)
     assert "\n" not in message and needed in message, message

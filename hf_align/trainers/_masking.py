@@ -27,6 +27,7 @@ import torch
 from transformers.utils import logging
 
 from hf_align.config_checks import from_prefixed, option, prefixed_dataclass
+from hf_align.errors import UserError
 from hf_align.masks import MaskSelection
 from hf_align.scores import GRANULARITIES
 from hf_align.trainers._base import (
@@ -34,7 +35,10 @@ from hf_align.trainers._base import (
     library_trainer,
     load_policy_and_reference,
     require_before_trainer,
+    resolve_args,
 )
+from hf_align.trainers._data_checks import check_dataset
+from hf_align.trainers.registry import spec_for
 
 
 __all__ = [
@@ -263,11 +267,9 @@ class NeuronMaskTrainerMixin:
         against the registry entry, the mask attached, then the TRL trainer's ``__init__``. Subclasses adjust it
         through :meth:`_before_library_init` / :meth:`_after_library_init` (a trainer with another signature, such
         as NPO, writes its own ``__init__`` from :meth:`_load_and_mask` and :meth:`_init_library_trainer`)."""
-        from hf_align.trainers._base import resolve_args
-        from hf_align.trainers._data_checks import check_dataset
-        from hf_align.trainers.registry import spec_for
-
         spec = spec_for(type(self))
+        if spec is None:
+            raise TypeError(f"{type(self).__name__} is not in hf_align.trainers.registry.TRAINERS: add its entry.")
         config_class = spec.config_class()
         trl_config = next(k for k in config_class.__mro__ if k.__module__.split(".")[0] == "trl")
         args = resolve_args(args, config_class, trl_config, model, self._name)
@@ -312,14 +314,14 @@ class NeuronMaskTrainerMixin:
         wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
         model, ref_model = load_policy_and_reference(model, ref_model, args, wants_mask, trainer_kwargs)
         if ref_model is not None and ref_model is model:
-            raise ValueError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
+            raise UserError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
         self.neuron_mask = mask = resolve_neuron_mask(neuron_mask, args, model)
         if mask is None:
             return model, ref_model
         model = attach_mask(model, mask, args, peft_config, second_forward=second_forward)
         if deltas_reference and ref_model is None and not args.precompute_ref_log_probs:
             if args.sync_ref_model:
-                raise ValueError("sync_ref_model needs a separate ref_model; with a neuron mask pass one explicitly.")
+                raise UserError("sync_ref_model needs a separate ref_model; with a neuron mask pass one explicitly.")
             ref_model = self._deltas_reference = DeltasOffReference(model)
         return model, ref_model
 

@@ -18,6 +18,7 @@ from trl.trainer.base_config import _BaseConfig
 
 from hf_align.architectures import layer_index
 from hf_align.config_checks import AT_LEAST_ONE, option
+from hf_align.errors import UserError
 from hf_align.io import PathLike, write_json
 from hf_align.merging.adaptive import (
     LearnedAlphas,
@@ -109,7 +110,7 @@ def tokenize_dataset(dataset, tokenizer, max_length: int, text_field: str = "tex
             ids = tokenizer(example[text_field], add_special_tokens=False)["input_ids"][:max_length]
             labels = list(ids)
         else:
-            raise ValueError(
+            raise UserError(
                 f"dataset: need a {text_field!r} column, prompt/completion or messages columns; found {columns}."
             )
         return {"input_ids": ids, "labels": labels}

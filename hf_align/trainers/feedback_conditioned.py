@@ -47,6 +47,7 @@ from trl.trainer.utils import pad
 from hf_align.checkpoints import resolve_resume_checkpoint
 from hf_align.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, option
 from hf_align.data_pool import QUANTILE_RULES, DataPool
+from hf_align.errors import UserError
 from hf_align.feedback_format import FEEDBACK_TYPES, FeedbackFormat, add_quantile_tokens
 from hf_align.generation import sample_token_ids, until_eos, vllm_generation
 from hf_align.loading import load_model, load_tokenizer
@@ -344,7 +345,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         if self.online:
             if train_dataset is None or "prompt" not in train_dataset.column_names:
                 cols = None if train_dataset is None else train_dataset.column_names
-                raise ValueError(f"Online mode needs a train_dataset with a 'prompt' column (got columns {cols}).")
+                raise UserError(f"Online mode needs a train_dataset with a 'prompt' column (got columns {cols}).")
             if len(train_dataset) == 0:
                 raise ValueError("train_dataset is empty: no prompts to sample from.")
             steps = args.num_iterations * args.steps_per_iteration
@@ -419,7 +420,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
     def _offline_features(self, dataset, name: str, fill_pool: bool = True) -> list[dict]:
         missing = {"prompt", "completion", "feedback"} - set(dataset.column_names)
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{name} is missing column(s) {sorted(missing)}: offline mode needs prompt, completion and feedback "
                 "(or pass reward_funcs / feedback_fn for the online loop)."
             )

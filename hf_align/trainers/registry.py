@@ -1,8 +1,9 @@
 """The trainer registry: one entry per training method, keyed by its CLI command name.
 
 Each :class:`TrainerSpec` names its trainer and config lazily (``"module:Class"``), so importing this module imports
-neither torch nor TRL: ``hf-align --help`` lists the commands from it, the model cards read their paper, citation,
-tags and one-line summary from it, and ``tests/test_trainer_contract.py`` runs the same contract over every entry.
+neither torch nor TRL: the command line can list and build its training commands from it, the model cards read their
+paper, citation, tags and one-line summary from it, and ``tests/test_trainer_contract.py`` runs the same contract
+over every entry.
 
 Adding a method = one trainer file + one entry here (+ its lazy export in ``hf_align/trainers/__init__.py``).
 """
