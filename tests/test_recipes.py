@@ -132,14 +132,14 @@ def test_recipe_with_wrong_type_fails_before_training(tmp_path, capsys):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model_name_or_path: testbed\ndataset_name: testbed:sft\naligner_num_tokens: many\n")
-    with pytest.raises(SystemExit):
+    from hf_align.errors import UserError
+
+    with pytest.raises(UserError, match="aligner_num_tokens.*invalid int value: 'many'"):  # one line, not usage
         run_command(
             "aligner-sft",
             ["--config", str(bad), "--use_cpu", "true", "--output_dir", str(tmp_path / "o")],
             launch=False,
         )
-    err = capsys.readouterr().err
-    assert "aligner_num_tokens" in err and "invalid int value: 'many'" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -12,25 +12,22 @@ of the aligned model filtered by reward, RAFT-style). Writes the learned α's (`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from hf_align.config_checks import CheckedConfig, option
 from hf_align.errors import UserError
 
 
 @dataclass
-class MergeOutputArguments:
+class MergeOutputArguments(CheckedConfig):
     """Where and how the final merge is written."""
 
-    merged_output_dir: str | None = field(
-        default=None, metadata={"help": "Folder for the merged model (default: <output_dir>/merged)."}
-    )
-    merge_dtype: str = field(default="auto", metadata={"help": "Output dtype: auto, bfloat16, float16, float32."})
-    max_shard_size: str = field(default="500MB", metadata={"help": "Largest output shard, e.g. 500MB, 2GB."})
-    skip_merge: bool = field(default=False, metadata={"help": "Only learn and save the α's."})
-    overwrite: bool = field(
-        default=False, metadata={"help": "Replace an existing non-empty --merged_output_dir (refused otherwise)."}
-    )
+    merged_output_dir: str | None = option(None, help="Folder for the merged model (default: <output_dir>/merged).")
+    merge_dtype: str = option("auto", help="Output dtype: auto, bfloat16, float16, float32.")
+    max_shard_size: str = option("500MB", help="Largest output shard, e.g. 500MB, 2GB.")
+    skip_merge: bool = option(False, help="Only learn and save the α's.")
+    overwrite: bool = option(False, help="Replace an existing non-empty --merged_output_dir (refused otherwise).")
 
 
 def main(argv: list[str] | None = None) -> int:

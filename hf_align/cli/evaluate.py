@@ -16,41 +16,38 @@ Same arguments and seed ⇒ the same JSON, byte for byte. The JSON is written at
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from hf_align.config_checks import AT_LEAST_ONE, CheckedConfig, option
 from hf_align.errors import UserError
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(CheckedConfig):
     """What to evaluate, on what, and where the JSON goes."""
 
-    model_name_or_path: str = field(metadata={"help": "Model folder, Hub id or 'testbed'."})
-    dataset_name: str = field(metadata={"help": "Prompts: testbed:prompts, a data file, a folder or Hub id."})
-    output_file: str = field(metadata={"help": "JSON file for the results (refused if it exists)."})
-    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter folder applied on top of the model."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split with the prompts."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompts (strings or messages)."})
-    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
-    reward: list[str] | None = field(
-        default=None, metadata={"help": "'testbed', 'package.module:function' or a reward model; several are summed."}
+    model_name_or_path: str = option(help="Model folder, Hub id or 'testbed'.")
+    dataset_name: str = option(help="Prompts: testbed:prompts, a data file, a folder or Hub id.")
+    output_file: str = option(help="JSON file for the results (refused if it exists).")
+    adapter: str | None = option(None, help="PEFT adapter folder applied on top of the model.")
+    dataset_config: str | None = option(None, help="Hub dataset config name.")
+    dataset_split: str = option("train", help="Split with the prompts.")
+    prompt_column: str = option("prompt", help="Column with the prompts (strings or messages).")
+    num_prompts: int | None = option(None, help="Use only the first N prompts.", range=AT_LEAST_ONE)
+    reward: list[str] | None = option(
+        None, help="'testbed', 'package.module:function' or a reward model; several are summed."
     )
-    reference_model: str | None = field(
-        default=None, metadata={"help": "Reference for win rate and KL (folder, id, 'testbed')."}
-    )
-    retain_dataset_name: str | None = field(
-        default=None, metadata={"help": "Held-out set for perplexity (testbed:retain, file, ...)."}
-    )
-    retain_dataset_split: str = field(default="train", metadata={"help": "Split of retain_dataset_name."})
-    num_retain: int | None = field(default=None, metadata={"help": "Use only the first N retain rows."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per prompt."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed (batch i uses seed + i)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_file."})
-    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
+    reference_model: str | None = option(None, help="Reference for win rate and KL (folder, id, 'testbed').")
+    retain_dataset_name: str | None = option(None, help="Held-out set for perplexity (testbed:retain, file, ...).")
+    retain_dataset_split: str = option("train", help="Split of retain_dataset_name.")
+    num_retain: int | None = option(None, help="Use only the first N retain rows.", range=AT_LEAST_ONE)
+    max_new_tokens: int = option(64, help="Tokens sampled per prompt.", range=AT_LEAST_ONE)
+    temperature: float = option(1.0, help="Sampling temperature.")
+    batch_size: int = option(64, help="Prompts per generation batch.", range=AT_LEAST_ONE)
+    seed: int = option(0, help="Sampling seed (batch i uses seed + i).")
+    overwrite: bool = option(False, help="Replace an existing --output_file.")
+    no_progress: bool = option(False, help="Hide the progress bars.")
 
 
 RENAMED = {
@@ -109,9 +106,6 @@ def run(args: EvalArguments) -> dict[str, Any]:
     from hf_align.rewards import resolve_reward_funcs
 
     refuse_existing_output(args.output_file, "--output_file", args.overwrite)
-    for name in ("num_prompts", "max_new_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be ≥ 1, got {getattr(args, name)}.")
     # Cheap checks first: a bad reward name or column fails before any model is loaded.
     funcs, names = resolve_reward_funcs(args.reward) if args.reward else ([], [])
     dataset = load_split(args.dataset_name, args.dataset_split, "dataset_name", args.dataset_config, args.num_prompts)

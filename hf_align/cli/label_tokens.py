@@ -20,9 +20,10 @@ temporary file and renamed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from hf_align.config_checks import AT_LEAST_ONE, UNIT, CheckedConfig, option
 from hf_align.errors import UserError
 
 
@@ -32,54 +33,40 @@ RENAMED["--split"] = "--dataset_split"
 
 
 @dataclass
-class LabelArguments:
+class LabelArguments(CheckedConfig):
     """What to label, with which tokenizer and method, and where the labeled data goes."""
 
-    dataset_name: str = field(metadata={"help": "Data file, save_to_disk folder, Hub id, or testbed:preference."})
-    model_name_or_path: str = field(
-        metadata={"help": "The model you will train (Hub id, folder, or `testbed`): weights follow its tokens."}
+    dataset_name: str = option(help="Data file, save_to_disk folder, Hub id, or testbed:preference.")
+    model_name_or_path: str = option(
+        help="The model you will train (Hub id, folder, or `testbed`): weights follow its tokens."
     )
-    output_file: str = field(metadata={"help": "Output file: .jsonl / .json (JSON lines) or .parquet."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to label."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace --output_file if it exists."})
-    method: str = field(
-        default="rewrite_diff",
-        metadata={"help": "'rewrite_diff', 'generative', or 'package.module:function' returning weights per token."},
+    output_file: str = option(help="Output file: .jsonl / .json (JSON lines) or .parquet.")
+    dataset_config: str | None = option(None, help="Hub dataset configuration name.")
+    dataset_split: str = option("train", help="Split to label.")
+    overwrite: bool = option(False, help="Replace --output_file if it exists.")
+    method: str = option(
+        "rewrite_diff", help="'rewrite_diff', 'generative', or 'package.module:function' returning weights per token."
     )
-    response_column: str = field(default="rejected", metadata={"help": "Column whose tokens are labeled."})
-    rewrite_column: str = field(default="chosen", metadata={"help": "rewrite_diff: the corrected rewrite's column."})
-    solution_column: str = field(
-        default="chosen", metadata={"help": "generative: column filling {solution} ('' to leave it empty)."}
+    response_column: str = option("rejected", help="Column whose tokens are labeled.")
+    rewrite_column: str = option("chosen", help="rewrite_diff: the corrected rewrite's column.")
+    solution_column: str = option("chosen", help="generative: column filling {solution} ('' to leave it empty).")
+    output_column: str | None = option(None, help="Weight column name (default: <response_column>_weights).")
+    key: float = option(1.0, help="Weight of a key token.")
+    floor: float = option(0.0, help="Weight of every other token.")
+    alignment: str = option("auto", help="rewrite_diff token alignment.", choices=("auto", "diff", "positional"))
+    mark_insertions: bool = option(False, help="rewrite_diff: also mark the token after an insertion.")
+    scorer: str | None = option(None, help="generative: the correcting causal LM (id or folder).")
+    scorer_tokenizer: str | None = option(None, help="generative: its tokenizer (default: scorer).")
+    selection: str = option("threshold", help="generative.", choices=("threshold", "lowest", "probability"))
+    threshold: float = option(0.5, help="generative: key if p_t < threshold.", range=UNIT)
+    lowest_fraction: float = option(0.2, help="generative: key = this lowest fraction.", range=UNIT)
+    template: str | None = option(
+        None, help="generative: scorer prompt with {problem}, {prediction} and optionally {solution}."
     )
-    output_column: str | None = field(
-        default=None, metadata={"help": "Weight column name (default: <response_column>_weights)."}
-    )
-    key: float = field(default=1.0, metadata={"help": "Weight of a key token."})
-    floor: float = field(default=0.0, metadata={"help": "Weight of every other token."})
-    alignment: str = field(
-        default="auto", metadata={"help": "rewrite_diff token alignment.", "choices": ("auto", "diff", "positional")}
-    )
-    mark_insertions: bool = field(
-        default=False, metadata={"help": "rewrite_diff: also mark the token after an insertion."}
-    )
-    scorer: str | None = field(default=None, metadata={"help": "generative: the correcting causal LM (id or folder)."})
-    scorer_tokenizer: str | None = field(
-        default=None, metadata={"help": "generative: its tokenizer (default: scorer)."}
-    )
-    selection: str = field(
-        default="threshold", metadata={"help": "generative.", "choices": ("threshold", "lowest", "probability")}
-    )
-    threshold: float = field(default=0.5, metadata={"help": "generative: key if p_t < threshold."})
-    lowest_fraction: float = field(default=0.2, metadata={"help": "generative: key = this lowest fraction."})
-    template: str | None = field(
-        default=None,
-        metadata={"help": "generative: scorer prompt with {problem}, {prediction} and optionally {solution}."},
-    )
-    max_length: int | None = field(default=None, metadata={"help": "generative: keep the last N scorer tokens."})
-    batch_size: int = field(default=8, metadata={"help": "generative: scorer batch size."})
-    max_rows: int | None = field(default=None, metadata={"help": "Label only the first N rows."})
-    num_proc: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
+    max_length: int | None = option(None, help="generative: keep the last N scorer tokens.", range=AT_LEAST_ONE)
+    batch_size: int = option(8, help="generative: scorer batch size.", range=AT_LEAST_ONE)
+    max_rows: int | None = option(None, help="Label only the first N rows.", range=AT_LEAST_ONE)
+    num_proc: int | None = option(None, help="Processes for datasets.map.")
 
 
 def _output_format(path: Path, overwrite: bool) -> str:
@@ -145,8 +132,6 @@ def label(args: LabelArguments) -> tuple[object, str]:
     from hf_align.key_tokens import label_dataset
     from hf_align.loading import load_tokenizer
 
-    if args.max_rows is not None and args.max_rows < 1:
-        raise UserError(f"--max_rows must be a positive integer, got {args.max_rows}.")
     output = Path(args.output_file)
     fmt = _output_format(output, args.overwrite)
     method = _method(args)

@@ -10,45 +10,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from hf_align.config_checks import UNIT, CheckedConfig, option
 from hf_align.errors import UserError
 
 
 @dataclass
-class MergeArguments:
+class MergeArguments(CheckedConfig):
     """The two models, the α's, and where the merged model goes."""
 
-    base_model_name_or_path: str = field(metadata={"help": "Pre-alignment model: folder, Hub id or adapter folder."})
-    model_name_or_path: str = field(metadata={"help": "Aligned model: folder, Hub id or PEFT adapter folder."})
-    output_dir: str = field(metadata={"help": "Folder for the merged model (must not exist unless --overwrite)."})
-    alpha: float | None = field(default=None, metadata={"help": "Linear merge: one α in [0, 1] for every tensor."})
-    pivots: str | None = field(
-        default=None, metadata={"help": "Partwise: inclusive layer pivots, '10,20' or '10#20' → 0–10, 11–20, 21–end."}
+    base_model_name_or_path: str = option(help="Pre-alignment model: folder, Hub id or adapter folder.")
+    model_name_or_path: str = option(help="Aligned model: folder, Hub id or PEFT adapter folder.")
+    output_dir: str = option(help="Folder for the merged model (must not exist unless --overwrite).")
+    alpha: float | None = option(None, help="Linear merge: one α in [0, 1] for every tensor.", range=UNIT)
+    pivots: str | None = option(
+        None, help="Partwise: inclusive layer pivots, '10,20' or '10#20' → 0–10, 11–20, 21–end."
     )
-    alphas: str | None = field(
-        default=None, metadata={"help": "Partwise: one α per part, '0.4,0.3,0.2' or '0.4|0.3|0.2'."}
+    alphas: str | None = option(None, help="Partwise: one α per part, '0.4,0.3,0.2' or '0.4|0.3|0.2'.")
+    embed_alpha: float | None = option(
+        None, help="Partwise: α of the input embeddings (default: first part).", range=UNIT
     )
-    embed_alpha: float | None = field(
-        default=None, metadata={"help": "Partwise: α of the input embeddings (default: first part)."}
+    head_alpha: float | None = option(
+        None, help="Partwise: α of lm_head and the final norm (default: last).", range=UNIT
     )
-    head_alpha: float | None = field(
-        default=None, metadata={"help": "Partwise: α of lm_head and the final norm (default: last)."}
+    other_alpha: float | None = option(
+        None, help="Partwise: α of tensors no rule covers (default: error).", range=UNIT
     )
-    other_alpha: float | None = field(
-        default=None, metadata={"help": "Partwise: α of tensors no rule covers (default: error)."}
-    )
-    dtype: str = field(
-        default="auto", metadata={"help": "Output dtype: auto (aligned's), bfloat16, float16, float32."}
-    )
-    max_shard_size: str = field(default="500MB", metadata={"help": "Largest output shard, e.g. 500MB, 2GB."})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision for Hub ids."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists (atomically)."})
-    no_progress: bool = field(default=False, metadata={"help": "No progress bar."})
-    push_to_hub: str | None = field(
-        default=None, metadata={"help": "Upload the merged model (with a card) to this repo id."}
-    )
-    private: bool = field(default=False, metadata={"help": "With --push_to_hub: create the repo private."})
+    dtype: str = option("auto", help="Output dtype: auto (aligned's), bfloat16, float16, float32.")
+    max_shard_size: str = option("500MB", help="Largest output shard, e.g. 500MB, 2GB.")
+    revision: str | None = option(None, help="Hub revision for Hub ids.")
+    overwrite: bool = option(False, help="Replace --output_dir if it exists (atomically).")
+    no_progress: bool = option(False, help="No progress bar.")
+    push_to_hub: str | None = option(None, help="Upload the merged model (with a card) to this repo id.")
+    private: bool = option(False, help="With --push_to_hub: create the repo private.")
 
 
 RENAMED = {"--base": "--base_model_name_or_path", "--aligned": "--model_name_or_path", "--output": "--output_dir"}

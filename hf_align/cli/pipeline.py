@@ -35,7 +35,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ import yaml
 
 from hf_align.checkpoints import last_complete_checkpoint
 from hf_align.cli.common import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions, recipe_permissions
+from hf_align.config_checks import CheckedConfig, option
 from hf_align.errors import UserError
 from hf_align.io import hold_lock, read_json, write_json
 
@@ -55,30 +56,19 @@ _PIPELINE_KEYS = {"output_dir", "model_name_or_path", "set", "stages"}
 
 
 @dataclass
-class PipelineArguments:
+class PipelineArguments(CheckedConfig):
     """What the command line adds to the pipeline recipe (``--config``: the recipe itself, stages and all)."""
 
-    output_dir: str | None = field(default=None, metadata={"help": "Overrides the recipe's output_dir."})
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Overrides the recipe's model_name_or_path."}
-    )
-    set: list[str] = field(
+    output_dir: str | None = option(None, help="Overrides the recipe's output_dir.")
+    model_name_or_path: str | None = option(None, help="Overrides the recipe's model_name_or_path.")
+    set: list[str] = option(
+        help="FIELD=VALUE for every training stage, or STAGE.FIELD=VALUE for one stage, e.g. --set max_steps=2 labels.max_rows=8.",
         default_factory=list,
-        metadata={
-            "help": "FIELD=VALUE for every training stage, or STAGE.FIELD=VALUE for one stage, e.g. "
-            "--set max_steps=2 labels.max_rows=8."
-        },
     )
-    force: bool = field(
-        default=False, metadata={"help": "Re-run every stage, even completed ones with unchanged arguments."}
-    )
-    allow_recipe_env: bool = field(
-        default=False, metadata={"help": "Let the stage recipes' `env:` set environment variables."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Let stages load models whose folder ships Python code."}
-    )
-    recipe: str | None = field(default=None, init=False, metadata={"help": "The pipeline recipe: the --config file."})
+    force: bool = option(False, help="Re-run every stage, even completed ones with unchanged arguments.")
+    allow_recipe_env: bool = option(False, help="Let the stage recipes' `env:` set environment variables.")
+    trust_remote_code: bool = option(False, help="Let stages load models whose folder ships Python code.")
+    recipe: str | None = option(None, help="The pipeline recipe: the --config file.", init=False)
 
 
 def parse(argv: list[str]) -> PipelineArguments:

@@ -12,31 +12,29 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from hf_align.config_checks import AT_LEAST_ONE, FRACTION, CheckedConfig, option
 
 
 @dataclass
-class QuickstartArguments:
+class QuickstartArguments(CheckedConfig):
     """The quickstart's knobs (defaults: the README's numbers)."""
 
-    method: str = field(
-        default="masked-dpo",
-        metadata={
-            "help": "masked-dpo: warm-up scores + MaskedDPOTrainer on the top rows (ALLO); dpo: plain trl.DPOTrainer.",
-            "choices": ("masked-dpo", "dpo"),
-        },
+    method: str = option(
+        "masked-dpo",
+        help="masked-dpo: warm-up scores + MaskedDPOTrainer on the top rows (ALLO); dpo: plain trl.DPOTrainer.",
+        choices=("masked-dpo", "dpo"),
     )
-    max_steps: int = field(default=60, metadata={"help": "Optimizer steps of the alignment run."})
-    warmup_steps: int = field(default=20, metadata={"help": "Warm-up DPO steps that score the rows."})
-    learning_rate: float | None = field(default=None, metadata={"help": "Defaults to a value tuned per method."})
-    neuron_mask_ratio: float = field(default=0.1, metadata={"help": "Fraction of rows trained (masked-dpo)."})
-    num_pairs: int = field(default=512, metadata={"help": "Preference pairs generated from the testbed task."})
-    eval_prompts: int = field(default=256, metadata={"help": "Prompts sampled to measure the reward."})
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where the aligned model goes (default: a temp dir)."}
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Write into an --output_dir that is not empty."})
-    seed: int = field(default=0, metadata={"help": "Training seed."})
+    max_steps: int = option(60, help="Optimizer steps of the alignment run.", range=AT_LEAST_ONE)
+    warmup_steps: int = option(20, help="Warm-up DPO steps that score the rows.", range=AT_LEAST_ONE)
+    learning_rate: float | None = option(None, help="Defaults to a value tuned per method.")
+    neuron_mask_ratio: float = option(0.1, help="Fraction of rows trained (masked-dpo).", range=FRACTION)
+    num_pairs: int = option(512, help="Preference pairs generated from the testbed task.", range=AT_LEAST_ONE)
+    eval_prompts: int = option(256, help="Prompts sampled to measure the reward.", range=AT_LEAST_ONE)
+    output_dir: str | None = option(None, help="Where the aligned model goes (default: a temp dir).")
+    overwrite: bool = option(False, help="Write into an --output_dir that is not empty.")
+    seed: int = option(0, help="Training seed.")
 
 
 def _warmup_mask(tb, dataset, common: dict, args: QuickstartArguments, output_dir: str):

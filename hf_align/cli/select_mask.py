@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hf_align.config_checks import from_prefixed, prefixed_dataclass
+from hf_align.config_checks import CheckedConfig, from_prefixed, option, prefixed_dataclass
 from hf_align.errors import UserError
 from hf_align.masks import MaskSelection
 from hf_align.scores import GRANULARITIES, SCORES_FILE, load_scores, save_scores, weight_diff_scores
@@ -43,29 +43,22 @@ RENAMED = {
 
 
 @dataclass
-class SelectMaskArguments:
+class SelectMaskArguments(CheckedConfig):
     """Where the scores come from and where the mask goes (the selection: :class:`SelectionArguments`)."""
 
-    output_dir: str = field(metadata={"help": "Folder to write the mask (and plots) into."})
-    neuron_scores_path: str | None = field(
-        default=None, metadata={"help": "Folder with neuron_scores.safetensors (MaskAccumulationCallback output)."}
+    output_dir: str = option(help="Folder to write the mask (and plots) into.")
+    neuron_scores_path: str | None = option(
+        None, help="Folder with neuron_scores.safetensors (MaskAccumulationCallback output)."
     )
-    init: str | None = field(
-        default=None, metadata={"help": "Initial checkpoint (folder or .safetensors) for |θ_trained − θ_init|."}
+    init: str | None = option(None, help="Initial checkpoint (folder or .safetensors) for |θ_trained − θ_init|.")
+    trained: str | None = option(None, help="Trained checkpoint (with --init).")
+    neuron_mask_granularity: str = option(
+        "element", help="With --init/--trained: score per entry or per row.", choices=GRANULARITIES
     )
-    trained: str | None = field(default=None, metadata={"help": "Trained checkpoint (with --init)."})
-    neuron_mask_granularity: str = field(
-        default="element",
-        metadata={"help": "With --init/--trained: score per entry or per row.", "choices": GRANULARITIES},
-    )
-    target: str | None = field(default=None, metadata={"help": "Regex on parameter names to restrict the selection."})
-    overwrite: bool = field(
-        default=False, metadata={"help": "Replace a mask, scores or plots already in --output_dir."}
-    )
-    plot: bool = field(default=False, metadata={"help": "Also write the heatmap and score-distribution PNGs."})
-    push_to_hub: str | None = field(
-        default=None, metadata={"help": "Also upload the mask (with a card) to this repo id."}
-    )
+    target: str | None = option(None, help="Regex on parameter names to restrict the selection.")
+    overwrite: bool = option(False, help="Replace a mask, scores or plots already in --output_dir.")
+    plot: bool = option(False, help="Also write the heatmap and score-distribution PNGs.")
+    push_to_hub: str | None = option(None, help="Also upload the mask (with a card) to this repo id.")
 
 
 SelectionArguments = prefixed_dataclass(

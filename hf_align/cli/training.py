@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_align.config_checks import CheckedConfig, option
 from hf_align.errors import UserError
 
 
@@ -32,28 +33,25 @@ LAUNCH_HELP = """launch flags (without one, the command runs in this process):
 
 
 @dataclass
-class NPODataArguments:
+class NPODataArguments(CheckedConfig):
     """Where npo's retain data comes from (the forget data is TRL's ``dataset_name``)."""
 
-    retain_dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Data to keep while forgetting (prompt-completion or language modeling): a Hub id, a folder, a "
-            "data file or `testbed:retain`. Enables NPOConfig's retain term (retain_loss_type, retain_weight)."
-        },
+    retain_dataset_name: str | None = option(
+        None,
+        help="Data to keep while forgetting (prompt-completion or language modeling): a Hub id, a folder, a data file or `testbed:retain`. Enables NPOConfig's retain term (retain_loss_type, retain_weight).",
     )
-    retain_dataset_config: str | None = field(default=None, metadata={"help": "Configuration of the retain data."})
-    retain_dataset_split: str = field(default="train", metadata={"help": "Split of retain_dataset_name to use."})
+    retain_dataset_config: str | None = option(None, help="Configuration of the retain data.")
+    retain_dataset_split: str = option("train", help="Split of retain_dataset_name to use.")
 
 
 @dataclass
-class AlignerArguments:
+class AlignerArguments(CheckedConfig):
     """The Aligner adapter's fields, as they appear in a recipe (mapped 1:1 onto ``AlignerConfig``)."""
 
-    aligner_num_tokens: int = field(default=1, metadata={"help": "Number N of global tokens shared by all layers."})
-    aligner_start_layer: int = field(default=2, metadata={"help": "First adapted layer (2 in every published run)."})
-    aligner_layers: list[int] | None = field(
-        default=None, metadata={"help": "Explicit list of adapted layer indices (overrides aligner_start_layer)."}
+    aligner_num_tokens: int = option(1, help="Number N of global tokens shared by all layers.")
+    aligner_start_layer: int = option(2, help="First adapted layer (2 in every published run).")
+    aligner_layers: list[int] | None = option(
+        None, help="Explicit list of adapted layer indices (overrides aligner_start_layer)."
     )
 
 
