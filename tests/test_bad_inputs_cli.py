@@ -77,11 +77,16 @@ def _pipeline(tmp_path: Path, stages: list[dict], **top) -> Path:
 
 
 def _run_pipeline(recipe: Path, out: Path, *extra: str) -> int:
-    return main(["pipeline", "--config", str(recipe), "--output_dir", str(out), "--model_name_or_path", "testbed", *extra])
+    return main(
+        ["pipeline", "--config", str(recipe), "--output_dir", str(out), "--model_name_or_path", "testbed", *extra]
+    )
 
 
 def test_pipeline_refuses_a_stage_folder_it_did_not_write(tmp_path, capsys):
-    recipe = _pipeline(tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}])
+    recipe = _pipeline(
+        tmp_path,
+        [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}],
+    )
     mine = tmp_path / "out" / "mask"
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("my own work")
@@ -96,7 +101,14 @@ def test_pipeline_redoes_its_own_interrupted_selection(tmp_path, capsys):
     """A folder with the pipeline's own `running` marker is the pipeline's: it is redone from scratch."""
     scores = _scores(tmp_path)
     recipe = _pipeline(
-        tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": str(scores), "neuron_mask_ratio": 0.5}}]
+        tmp_path,
+        [
+            {
+                "name": "mask",
+                "command": "select-mask",
+                "args": {"neuron_scores_path": str(scores), "neuron_mask_ratio": 0.5},
+            }
+        ],
     )
     ours = tmp_path / "out" / "mask"
     ours.mkdir(parents=True)
@@ -108,7 +120,10 @@ def test_pipeline_redoes_its_own_interrupted_selection(tmp_path, capsys):
 
 
 def test_pipeline_lock_held_by_a_live_process_is_refused(tmp_path, capsys):
-    recipe = _pipeline(tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}])
+    recipe = _pipeline(
+        tmp_path,
+        [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}],
+    )
     out = tmp_path / "out"
     out.mkdir()
     lock = out / LOCK_FILE
@@ -125,7 +140,14 @@ def test_pipeline_lock_held_by_a_live_process_is_refused(tmp_path, capsys):
 def test_pipeline_takes_over_a_stale_lock_with_a_warning(tmp_path, capsys):
     scores = _scores(tmp_path)
     recipe = _pipeline(
-        tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": str(scores), "neuron_mask_ratio": 0.5}}]
+        tmp_path,
+        [
+            {
+                "name": "mask",
+                "command": "select-mask",
+                "args": {"neuron_scores_path": str(scores), "neuron_mask_ratio": 0.5},
+            }
+        ],
     )
     out = tmp_path / "out"
     out.mkdir()
@@ -145,7 +167,10 @@ def test_pipeline_holds_the_lock_while_stages_run(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(pipeline, "run_stage", lambda stage, argv, launch: seen.append(_lock_content(tmp_path)))
-    recipe = _pipeline(tmp_path, [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}])
+    recipe = _pipeline(
+        tmp_path,
+        [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}],
+    )
     assert _run_pipeline(recipe, tmp_path / "out") == 0
     assert seen == [{"host": __import__("socket").gethostname(), "pid": os.getpid()}]
     assert not (tmp_path / "out" / LOCK_FILE).exists()
@@ -390,12 +415,19 @@ def test_adaptive_merge_recipe_env_needs_the_flag_too(tmp_path, capsys, monkeypa
 
 
 def test_merge_refuses_an_existing_output_naming_the_flag(tmp_path, capsys):
-    from hf_align import testbed
 
     out = tmp_path / "merged"
     out.mkdir()
     (out / "mine.txt").write_text("the user's notes")
-    argv = ["merge", "--base_model_name_or_path", "testbed", "--model_name_or_path", "testbed", "--output_dir", str(out)]
+    argv = [
+        "merge",
+        "--base_model_name_or_path",
+        "testbed",
+        "--model_name_or_path",
+        "testbed",
+        "--output_dir",
+        str(out),
+    ]
     assert main([*argv, "--alpha", "0.3", "--no_progress"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "--output_dir" in line and "--overwrite" in line and str(out) in line and "overwrite=True" not in line
@@ -422,7 +454,15 @@ def test_adaptive_merge_refuses_an_existing_merged_output_naming_the_flag(tmp_pa
 def test_eval_refuses_to_replace_a_results_file_naming_the_flag(tmp_path, capsys):
     results = tmp_path / "results.json"
     results.write_text('{"mine": 1}')
-    argv = ["eval", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts", "--output_file", str(results)]
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        "testbed",
+        "--dataset_name",
+        "testbed:prompts",
+        "--output_file",
+        str(results),
+    ]
     assert main([*argv, "--num_prompts", "2", "--max_new_tokens", "2", "--no_progress"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "--output_file" in line and "--overwrite" in line and str(results) in line

@@ -26,7 +26,16 @@ def _testbed_pipeline(tmp_path: Path) -> Path:
 
 
 def _argv(recipe: Path, out: Path) -> list[str]:
-    argv = ["pipeline", "--config", str(recipe), "--output_dir", str(out), "--model_name_or_path", "testbed", "--no_launch"]
+    argv = [
+        "pipeline",
+        "--config",
+        str(recipe),
+        "--output_dir",
+        str(out),
+        "--model_name_or_path",
+        "testbed",
+        "--no_launch",
+    ]
     for item in TINY:
         argv += ["--set", item]
     return argv
@@ -88,7 +97,10 @@ def test_allo_pipeline_runs_skips_and_resumes_to_the_same_weights(tmp_path, monk
     [
         ("stages: []\n", "`stages` must be a non-empty list"),
         ("stages:\n  - {name: a, command: dpo-typo}\n", "unknown command 'dpo-typo'"),
-        ("stages:\n  - {name: a, command: select-mask, args: {neuron_scores_path: '{warm}'}}\n", "{warm} does not name"),
+        (
+            "stages:\n  - {name: a, command: select-mask, args: {neuron_scores_path: '{warm}'}}\n",
+            "{warm} does not name",
+        ),
         ("stagse: []\n", "unknown key(s) ['stagse']"),
         ("stages:\n  - {name: a, command: npo, recipe: missing.yaml}\n", "recipe 'missing.yaml' not found"),
     ],
@@ -96,7 +108,10 @@ def test_allo_pipeline_runs_skips_and_resumes_to_the_same_weights(tmp_path, monk
 def test_bad_pipeline_recipes_fail_before_running(tmp_path, capsys, text, message):
     recipe = tmp_path / "p.yaml"
     recipe.write_text(text)
-    assert main(["pipeline", "--config", str(recipe), "--output_dir", str(tmp_path / "o"), "--model_name_or_path", "x"]) == 2
+    assert (
+        main(["pipeline", "--config", str(recipe), "--output_dir", str(tmp_path / "o"), "--model_name_or_path", "x"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
@@ -135,7 +150,17 @@ def test_a_completed_stage_whose_arguments_changed_runs_again(tmp_path, capsys):
 def test_a_failed_pipeline_prints_the_summary_of_what_finished(tmp_path, capsys):
     extra = "  - {name: mask, command: select-mask, args: {neuron_scores_path: '{train}/no_scores_here', neuron_mask_ratio: 0.1}}\n"
     recipe, out = _one_stage(tmp_path, extra), tmp_path / "out"
-    argv = ["pipeline", "--config", str(recipe), "--output_dir", str(out), "--set", "max_steps=1", "--set", "save_strategy=no"]
+    argv = [
+        "pipeline",
+        "--config",
+        str(recipe),
+        "--output_dir",
+        str(out),
+        "--set",
+        "max_steps=1",
+        "--set",
+        "save_strategy=no",
+    ]
     argv += [a for item in TINY if not item.startswith(("max_steps", "save_")) for a in ("--set", item)]
     assert main(argv) != 0
     captured = capsys.readouterr()

@@ -77,7 +77,9 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "--trained" in capsys.readouterr().err
     assert main(["select-mask", "--neuron_scores_path", "a", "--neuron_mask_ratio", "1.5", *out]) == 2
     assert "neuron_mask_ratio" in capsys.readouterr().err
-    assert main(["select-mask", "--neuron_scores_path", str(tmp_path / "none"), "--neuron_mask_ratio", "0.1", *out]) == 2
+    assert (
+        main(["select-mask", "--neuron_scores_path", str(tmp_path / "none"), "--neuron_mask_ratio", "0.1", *out]) == 2
+    )
     assert "neuron_scores.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
