@@ -50,7 +50,7 @@ RENAMED = {"--base": "--base_model_name_or_path", "--aligned": "--model_name_or_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_align.cli.common import parse_command, refuse_existing_output
+    from hf_align.cli.common import parse_command, refuse_existing_output, resolve_model_path
     from hf_align.merging import merge_models, partwise_plan
 
     (args,) = parse_command("hf-align merge", (MergeArguments,), argv, renamed=RENAMED, description=__doc__)
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     refuse_existing_output(args.output_dir, "--output_dir", args.overwrite)
     result = merge_models(
-        args.base_model_name_or_path,
-        args.model_name_or_path,
+        resolve_model_path(args.base_model_name_or_path),
+        resolve_model_path(args.model_name_or_path),
         args.output_dir,
         alpha=args.alpha,
         plan=plan if partwise else None,
