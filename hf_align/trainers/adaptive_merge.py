@@ -57,6 +57,14 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
     non_linear_alpha: float = field(
         default=1.0, metadata={"help": "Fixed α for embeddings/norms (not learned); 1 = base, as in the reference."}
     )
+    tied_block: str = field(
+        default="head",
+        metadata={
+            "help": "With tied embeddings (one tensor for embedding and lm_head): the block whose α it takes, merged "
+            "once. 'head': learned as lm_head's α (the lookup is interpolated too); 'embed': non_linear_alpha.",
+            "choices": ("head", "embed"),
+        },
+    )
     merge_head_alpha: float | None = field(
         default=None, metadata={"help": "α for lm_head in the final merge; default the learned one (code: init_val)."}
     )
@@ -84,6 +92,8 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
         if self.reg_type not in ("l1", "weighted"):
             raise ValueError(f"reg_type must be 'l1' or 'weighted', got {self.reg_type!r}.")
         check_alpha(self.non_linear_alpha, "non_linear_alpha")
+        if self.tied_block not in ("head", "embed"):
+            raise ValueError(f"tied_block must be 'head' or 'embed', got {self.tied_block!r}.")
         if self.merge_head_alpha is not None:
             check_alpha(self.merge_head_alpha, "merge_head_alpha")
         block_assignment(10**6, self.mask_level)  # validates the syntax
@@ -205,8 +215,8 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
             base_model = AutoModelForCausalLM.from_pretrained(base_model, dtype=model.dtype)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(self.aligned_path or self.base_path)
-        self.alphas, self.wrapped_modules, self.num_layers = wrap_for_adaptive_merge(
-            model, base_model, args.mask_level, args.init_val, args.epsilon, args.non_linear_alpha
+        self.alphas, self.wrapped_modules, self.num_layers, self.tied_embedding = wrap_for_adaptive_merge(
+            model, base_model, args.mask_level, args.init_val, args.epsilon, args.non_linear_alpha, args.tied_block
         )
         self.base_model = base_model  # keeps θ0's Linear weights alive (the wrappers reference them)
         center = args.reg_center if args.reg_center is not None else self.num_layers / 2
@@ -256,6 +266,8 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
             head_param=float(self.alphas.head.detach()),
             modules=dict(self.wrapped_modules),
             non_linear_alpha=self.args.non_linear_alpha,
+            tied_embedding=self.tied_embedding,
+            tied_block=self.args.tied_block if self.tied_embedding else None,
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
