@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hf_align.errors import UserError
 
 
 PathLike = str | os.PathLike
@@ -215,8 +218,6 @@ def new_save_id() -> str:
 
 def safetensors_metadata(path: PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file's header (empty when it has none)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
@@ -277,12 +278,47 @@ def save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dic
         raise
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN/±inf, in one pass without a tensor-sized temporary: a float64 sum is finite
+    exactly when every entry is (a NaN or inf propagates; finite fp32/fp16/bf16 values cannot overflow float64)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.dtype == torch.float64 or tensor.element_size() == 1:  # float64 could overflow its own sum; fp8
+        return bool(torch.isfinite(tensor.to(torch.float64) if tensor.element_size() == 1 else tensor).all())
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
+
+
+def check_finite(tensor: torch.Tensor, name: str, source: PathLike | str) -> torch.Tensor:
+    """``tensor`` itself, or a :class:`~hf_align.errors.UserError` naming ``source`` (the file) and ``name``.
+
+    Called on every tensor hf-align reads back (deltas, masks, scores, α's, merge inputs) and on every merge output,
+    as it is read or computed: a NaN would otherwise train on silently (loss 0.0, grad_norm nan) or be published.
+    """
+    if is_finite(tensor):
+        return tensor
+    values = tensor.detach().to(torch.float32)
+    nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    raise UserError(
+        f"{str(source)!r}: tensor {name!r} holds {nan} NaN and {inf} ±inf of {tensor.numel()} values; refusing to "
+        "use it (re-create the file from a finite run)."
+    )
+
+
 def load_tensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file with an error that names the file when it is missing or corrupt."""
+    """Load a safetensors file tensor by tensor, each checked finite (:func:`check_finite`); errors name the file
+    when it is missing or corrupt, and the file and tensor when a value is NaN/inf."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Expected a safetensors file at {str(path)!r}, but it does not exist.")
+    tensors = {}
     try:
-        return load_file(str(path), device=device)
+        with safe_open(str(path), framework="pt", device=device) as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                tensors[name] = handle.get_tensor(name)
+                if not is_finite(tensors[name]):
+                    break
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{str(path)!r} is not a valid safetensors file (truncated or corrupt?): {err}") from None
+    for name, tensor in tensors.items():
+        check_finite(tensor, name, path)
+    return tensors

@@ -24,6 +24,7 @@ from hf_align.architectures import plain_name as plain_name  # re-exported: its 
 from hf_align.io import (
     PathLike,
     atomic_files,
+    check_finite,
     check_same_save,
     load_tensors,
     new_save_id,
@@ -144,8 +145,10 @@ class CheckpointReader:
         from safetensors import safe_open
 
         self.path = Path(path)
-        self._handles = [safe_open(str(f), framework="pt") for f in _checkpoint_files(self.path)]
+        files = _checkpoint_files(self.path)
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
         self._where = {key: handle for handle in self._handles for key in handle.keys()}  # noqa: SIM118
+        self._file = {key: file for file, handle in zip(files, self._handles) for key in handle.keys()}  # noqa: SIM118
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -156,7 +159,7 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise KeyError(f"Tensor {name!r} is not in checkpoint {str(self.path)!r}.")
-        return self._where[name].get_tensor(name)
+        return check_finite(self._where[name].get_tensor(name), name, self._file[name])
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._where:

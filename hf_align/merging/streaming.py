@@ -28,8 +28,18 @@ from pathlib import Path
 
 import torch
 
+from hf_align.errors import UserError
 from hf_align.hub import merge_model_card, write_model_card
-from hf_align.io import PathLike, atomic_dir, read_json, resolve_inside, scratch_dir, write_json
+from hf_align.io import (
+    PathLike,
+    atomic_dir,
+    check_finite,
+    is_finite,
+    read_json,
+    resolve_inside,
+    scratch_dir,
+    write_json,
+)
 from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
 
 
@@ -247,7 +257,7 @@ class Checkpoint:
             if not n:
                 raise ValueError(f"{str(info.file)!r} is truncated: tensor {name!r} ends early.")
             read += n
-        return buffer.view(info.dtype).reshape(info.shape)
+        return check_finite(buffer.view(info.dtype).reshape(info.shape), name, info.file)
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -502,7 +512,13 @@ def merge_models(
                         a = plan[tensor.name]
                         base_t = base_ckpt.read(tensor.name) if a != 0.0 else None
                         aligned_t = aligned_ckpt.read(tensor.name) if a != 1.0 else None
-                        writer.write(tensor.name, merge_tensor(base_t, aligned_t, a, tensor.dtype))
+                        merged = merge_tensor(base_t, aligned_t, a, tensor.dtype)
+                        if not is_finite(merged):  # the inputs are finite: the output dtype overflowed
+                            raise UserError(
+                                f"merge into {str(output_dir)!r}: tensor {tensor.name!r} (α={a}) is not finite in "
+                                f"{tensor.dtype} (overflow); merge into a wider dtype. Nothing was written."
+                            )
+                        writer.write(tensor.name, merged)
                         del base_t, aligned_t
                         bar.update(tensor.nbytes)
                 finally:
