@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -70,6 +71,57 @@ def clean_stale_temps(path: PathLike) -> list[Path]:
                     entry.unlink()
             removed.append(entry)
     return removed
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux: ``/proc/self/status``); elsewhere
+    set and restored at once (``os.umask`` has no read-only form)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file now: ``0o666 & ~umask``. Our temporaries are created
+    private (``mkstemp``: 0600, ``mkdtemp``: 0700) and get this mode (:func:`dir_mode` for folders) before the
+    rename, so what we write is as readable as what transformers writes beside it, no more and no less."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode a plain ``mkdir`` gives a new folder now: ``0o777 & ~umask``."""
+    return 0o777 & ~current_umask()
+
+
+def apply_file_mode(folder: PathLike) -> list[Path]:
+    """Give the ``*.safetensors`` files under ``folder`` that their writer left private the umask's mode.
+
+    The ``safetensors`` library (0.8) writes every file 0600 whatever the umask, so weights saved through
+    transformers' ``save_pretrained`` (or huggingface_hub's, or PEFT's) were unreadable to the group a plain
+    ``open()`` would have let read them, while the rest of the folder was not. Called after every save of ours
+    (:func:`hf_align.callbacks.json_training_args.replace_training_args_pickle`, the trainers' save); only files
+    still at 0600 that this user owns are touched. Returns them.
+    """
+    mode, changed = file_mode(), []
+    if mode == 0o600:
+        return changed
+    for path in Path(folder).rglob("*.safetensors"):
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid():
+                os.chmod(path, mode)
+                changed.append(path)
+    return changed
+
+
+def copy_file(source: PathLike, target: PathLike) -> None:
+    """Copy the contents only: the copy gets the umask's mode, not the source's (``shutil.copy2`` would keep a
+    source's 0600 or 0755)."""
+    shutil.copyfile(source, target)
 
 
 def _temp_beside(path: Path, directory: bool = False, suffix: str = ".tmp") -> Path:
@@ -133,7 +185,7 @@ def atomic_file(path: PathLike, mode: str = "wb") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -155,7 +207,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     tmp = _temp_beside(path, directory=True)
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, dir_mode())
         if path.exists():
             old = _temp_beside(path, directory=True, suffix=".old")
             os.replace(path, old / "previous")
@@ -198,7 +250,7 @@ def atomic_files(*paths: PathLike) -> Iterator[list[Path]]:
             temps.append(_temp_beside(target))
         yield temps
         for tmp, target in zip(temps, targets, strict=True):
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, file_mode())
             os.replace(tmp, target)
         for parent in {t.parent for t in targets}:
             _fsync_dir(parent)
@@ -270,7 +322,7 @@ def save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dic
     tmp = _temp_beside(path)
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

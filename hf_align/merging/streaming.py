@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from hf_align.io import (
     PathLike,
     atomic_dir,
     check_finite,
+    copy_file,
     is_finite,
     read_json,
     resolve_inside,
@@ -365,7 +365,7 @@ def _merge_adapter(adapter_dir: Path, stack: contextlib.ExitStack) -> Path:
     target = stack.enter_context(scratch_dir(Path(tempfile.gettempdir()) / "hf_align_merged_adapter"))
     model.save_pretrained(target)
     for file in copied:
-        shutil.copy2(file, target / file.name)
+        copy_file(file, target / file.name)
     del model
     return target
 
@@ -439,7 +439,7 @@ def _output_dtype(info: TensorInfo, base_info: TensorInfo, dtype: torch.dtype | 
 
 def _copy_side_files(files: list[Path], target: Path, dtype: torch.dtype | None) -> None:
     for file in files:
-        shutil.copy2(file, target / file.name)
+        copy_file(file, target / file.name)
     if dtype is not None and (target / "config.json").exists():
         config = read_json(target / "config.json")
         for key in ("dtype", "torch_dtype"):
