@@ -146,12 +146,22 @@ def upgrade_collator(collator, base_class: type, new_class: type):
 class HFAlignTrainerMixin:
     """Shared behaviour of every ``transformers.Trainer`` subclass in hf-align.
 
+    * ``train(resume_from_checkpoint=True)`` resumes from the last complete checkpoint (:mod:`hf_align.checkpoints`);
     * every ``_save`` (``save_model``, each checkpoint, the DeepSpeed/FSDP gathered saves) leaves
       ``training_args.json`` and no pickled ``training_args.bin``;
     * ``self.trainable_fraction`` (set by :meth:`_set_trainable_fraction`) is logged with every training loss.
     """
 
     trainable_fraction: float | None = None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``resume_from_checkpoint=True`` takes the last *complete* checkpoint (transformers' own pick,
+        ``get_last_checkpoint``, takes the highest number even when a kill interrupted its save); an explicit path
+        must be complete (:mod:`hf_align.checkpoints`)."""
+        from hf_align.checkpoints import resolve_resume_checkpoint
+
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
