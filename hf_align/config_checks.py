@@ -17,8 +17,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from hf_align.errors import UserError
 
-__all__ = ["RANGES", "Range", "check_config_values", "own_fields"]
+
+__all__ = ["RANGES", "Range", "check_config_values", "check_training_length", "own_fields"]
 
 
 @dataclass(frozen=True)
@@ -188,3 +190,20 @@ def check_config_values(config) -> None:
             raise ValueError(f"{type(config).__name__}.{field.name} must be {rule.describe()}, got {value!r}.")
     if getattr(config, "learning_rate", None) == 0:
         warnings.warn(f"{type(config).__name__}.learning_rate is 0: training will not change the model.", stacklevel=3)
+
+
+def check_training_length(config) -> None:
+    """How long to train must mean a run: ``max_steps`` 0 or below -1 (TRL trains one step, or a whole epoch), or
+    ``num_train_epochs`` ≤ 0 without ``max_steps`` (the untrained model is saved as the result) is one-line
+    :class:`~hf_align.errors.UserError` naming the field. Configs without these fields are left alone."""
+    name = type(config).__name__
+    max_steps, epochs = getattr(config, "max_steps", None), getattr(config, "num_train_epochs", None)
+    if _is_number(max_steps) and (max_steps == 0 or max_steps < -1):
+        raise UserError(
+            f"{name}.max_steps must be a positive number of optimizer steps, or -1 to train num_train_epochs; "
+            f"got {max_steps!r}."
+        )
+    if (max_steps is None or max_steps == -1) and _is_number(epochs) and epochs <= 0:
+        raise UserError(
+            f"{name}.num_train_epochs must be > 0 when max_steps is not set (-1): {epochs!r} epochs train nothing."
+        )

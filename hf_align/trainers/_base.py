@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from hf_align.callbacks.json_training_args import replace_training_args_pickle
-from hf_align.config_checks import check_config_values
+from hf_align.config_checks import check_config_values, check_training_length
 
 
 __all__ = [
@@ -33,6 +33,7 @@ class CheckedConfig:
     on the values as given, before the TRL/transformers ``__post_init__`` that comes next in the MRO."""
 
     def __post_init__(self):
+        check_training_length(self)
         check_config_values(self)
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
