@@ -199,3 +199,41 @@ def test_zero_learning_rate_warns_that_nothing_was_learned(tied_pair, tmp_path, 
         result = trainer.merge(tmp_path / "merged", progress=False)
     assert sum("did not move" in r.getMessage() for r in caplog.records) == 1
     assert "lm_head: 0.2000 (start value, not learned)" in result.plan.description
+
+
+# ------------------------------------------------------------------------------------------------ builder
+
+
+@pytest.mark.parametrize(
+    "config,names,tied",
+    [
+        ({"tie_word_embeddings": True}, NAMES, True),
+        ({"tie_word_embeddings": True}, [*NAMES, "lm_head.weight"], True),
+        ({"tie_word_embeddings": False}, [*NAMES, "lm_head.weight"], False),
+        ({}, NAMES, True),  # no key: a token embedding and no stored head is a tied model
+        ({}, [*NAMES, "lm_head.weight"], False),
+    ],
+)
+def test_partwise_builder_reads_ties_from_the_checkpoint(config, names, tied):
+    from hf_align.merging import partwise_builder
+
+    plan = partwise_builder("0", PARTS, head_alpha=HEAD)(names, {"num_hidden_layers": 2, **config})
+    assert plan["model.embed_tokens.weight"] == (HEAD if tied else 0.5)
+
+
+def test_partwise_builder_refuses_a_bad_tied_block_at_once():
+    from hf_align.merging import partwise_builder
+
+    with pytest.raises(ValueError, match="tied_block"):
+        partwise_builder("0", PARTS, tied_block="both")
+
+
+def test_ama_merge_callback_with_the_builder_merges_the_tied_tensor_once(tied_pair, tmp_path):
+    from hf_align.callbacks import AMAMergeCallback
+    from hf_align.merging import partwise_builder
+
+    base, aligned = tied_pair
+    callback = AMAMergeCallback(str(base), plan=partwise_builder("1", PARTS, head_alpha=HEAD))
+    callback.merge(aligned, tmp_path / "merged")
+    formula = HEAD * _embedding(base).double() + (1 - HEAD) * _embedding(aligned).double()
+    torch.testing.assert_close(_embedding(tmp_path / "merged").double(), formula, rtol=0, atol=1e-6)

@@ -249,3 +249,35 @@ def partwise_plan(
     if tied:
         description += f"; tied embeddings merged once with {tied}_alpha={embed if tied == 'embed' else head}"
     return MergePlan(alphas=plan_alphas, groups=groups, description=description)
+
+
+def ties_embeddings(names: Iterable[str], config: dict) -> bool:
+    """Whether the checkpoint's lm_head is its token embedding: ``tie_word_embeddings`` of its ``config.json``;
+    without that key, whether it stores a token embedding and no head (a causal LM always has a head)."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    names = list(names)
+    return any(map(is_token_embedding, names)) and not any(tensor_role(n) == "head" for n in names)
+
+
+def partwise_builder(
+    pivots: str | Sequence[int],
+    alphas: str | Sequence[float],
+    embed_alpha: float | None = None,
+    head_alpha: float | None = None,
+    other_alpha: float | None = None,
+    tied_block: str | None = None,
+):
+    """A plan builder ``(tensor_names, config) → MergePlan`` for :func:`~hf_align.merging.merge_models`, the CLI and
+    ``AMAMergeCallback``: the layer count and whether the embeddings are tied are read from the checkpoint's
+    config, so a tied model's one tensor is merged once, in the block named (``tied_block``, see the module doc)."""
+    _tied_choice(False, tied_block, embed_alpha, head_alpha)  # a bad tied_block fails now, not at merge time
+
+    def build(names: list[str], config: dict) -> MergePlan:
+        return partwise_plan(
+            names, pivots, alphas, embed_alpha=embed_alpha, head_alpha=head_alpha, other_alpha=other_alpha,
+            num_layers=config.get("num_hidden_layers"), tie_word_embeddings=ties_embeddings(names, config),
+            tied_block=tied_block,
+        )  # fmt: skip
+
+    return build
