@@ -64,6 +64,25 @@ WRITERS = textwrap.dedent(
                          neuron_mask=mask)
     trainer.train()
     trainer.save_model()
+
+    # a plain TRL trainer as the Aligner commands run it: PEFT's adapter save, our JSON-args hook after each save
+    from peft import get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_align.callbacks import JsonTrainingArgsCallback
+    from hf_align.callbacks.json_training_args import replace_training_args_pickle
+    from hf_align.peft_tuners import AlignerConfig
+
+    aligner = get_peft_model(testbed.load_random_tiny("llama", hidden_size=32, num_layers=2),
+                             AlignerConfig(num_tokens=2, start_layer=1))
+    args = SFTConfig(output_dir=str(out / "aligner"), per_device_train_batch_size=2, max_steps=1, save_steps=1,
+                     save_strategy="steps", report_to="none", use_cpu=True, bf16=False, dataloader_num_workers=0,
+                     disable_tqdm=True, max_length=32)
+    sft = SFTTrainer(model=aligner, args=args, train_dataset=testbed.sft_dataset(2, seed=0), processing_class=tok,
+                     callbacks=[JsonTrainingArgsCallback()])
+    sft.train()
+    sft.save_model()
+    replace_training_args_pickle(out / "aligner", args)
     """
 )
 
@@ -111,7 +130,8 @@ def test_everything_written_gets_the_umask_mode(tmp_path, source, umask):
     # what the run must have written, so a writer that silently wrote nothing cannot pass
     needed = {"neuron_mask.safetensors", "neuron_scores.safetensors", "x.json", "t.safetensors", "plain.txt",
               "inside.txt", "pool.parquet", "ama_alphas.safetensors", "plan.json", "model.safetensors", "config.json",
-              "tokenizer_config.json", "README.md", "merge_plan.json", "training_args.json", "neuron_deltas.safetensors"}  # fmt: skip
+              "tokenizer_config.json", "README.md", "merge_plan.json", "training_args.json", "neuron_deltas.safetensors",
+              "adapter_model.safetensors"}  # fmt: skip
     assert needed <= seen, sorted(needed - seen)
 
 
