@@ -5,6 +5,10 @@ the target, then rename, so a crash or kill never leaves a half-written file or 
 carry the writer's process id (``.<target>.<pid>.<random>.tmp``): the next write of the same target removes the
 ones whose process is gone (a killed run), and nothing else. Readers of a model folder check that every file
 they open stays inside it (:func:`resolve_inside`).
+
+What we write ends with the mode a plain ``open()``/``mkdir`` gives under the current umask (:func:`file_mode`,
+:func:`dir_mode`; :func:`apply_file_mode` for weights the ``safetensors`` library left 0600), and every tensor we
+read back is checked finite as it is read (:func:`check_finite`).
 """
 
 from __future__ import annotations
