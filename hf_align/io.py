@@ -374,7 +374,7 @@ def load_tensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Tensor]
                 if not is_finite(tensors[name]):
                     break
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{str(path)!r} is not a valid safetensors file (truncated or corrupt?): {err}") from None
+        raise UserError(f"{str(path)!r} is not a valid safetensors file (truncated or corrupt?): {err}") from None
     for name, tensor in tensors.items():
         check_finite(tensor, name, path)
     return tensors

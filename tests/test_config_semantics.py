@@ -32,7 +32,7 @@ def test_max_steps_zero_or_below_minus_one_is_refused(tmp_path, config, max_step
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("epochs", [0, 0.0, -1, -0.5])
 def test_non_positive_epochs_without_max_steps_are_refused(tmp_path, config, epochs):
-    with pytest.raises(UserError, match=rf"{config}\.num_train_epochs must be > 0"):
+    with pytest.raises(UserError, match=rf"{config}\.num_train_epochs must be"):
         _config(config, tmp_path, num_train_epochs=epochs)
 
 
