@@ -237,3 +237,16 @@ def test_ama_merge_callback_with_the_builder_merges_the_tied_tensor_once(tied_pa
     callback.merge(aligned, tmp_path / "merged")
     formula = HEAD * _embedding(base).double() + (1 - HEAD) * _embedding(aligned).double()
     torch.testing.assert_close(_embedding(tmp_path / "merged").double(), formula, rtol=0, atol=1e-6)
+
+
+def test_adaptive_merge_refuses_a_base_and_aligned_model_that_differ_in_tying(tied_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_align.errors import UserError
+    from hf_align.merging.adaptive import wrap_for_adaptive_merge
+
+    base, aligned = tied_pair
+    untied = AutoModelForCausalLM.from_pretrained(base, tie_word_embeddings=False)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    with pytest.raises(UserError, match="tie_word_embeddings differs"):
+        wrap_for_adaptive_merge(AutoModelForCausalLM.from_pretrained(aligned), untied, "block2", 0.2, 0.2, 1.0)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_align.architectures import layer_index
+from hf_align.errors import UserError
 from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
 from hf_align.merging.plan import MergePlan, check_alpha
 
@@ -146,6 +147,11 @@ class InterpolatedEmbedding(nn.Module):
         return aligned + alpha * (F.embedding(input_ids, self.base_weight) - aligned)
 
 
+def _ties_embeddings(model: nn.Module) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
@@ -174,9 +180,12 @@ def wrap_for_adaptive_merge(
     alphas = AlphaParameters(max(blocks) + 1, init_val, epsilon)
     for param in [*model.parameters(), *base_model.parameters()]:
         param.requires_grad_(False)
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is (
-        model.get_input_embeddings().weight
-    )
+    tied = _ties_embeddings(model)
+    if tied != _ties_embeddings(base_model):
+        raise UserError(
+            f"tie_word_embeddings differs: the aligned model {'ties' if tied else 'does not tie'} lm_head to the "
+            f"embedding, the base model {'does not' if tied else 'does'}; they cannot be averaged tensor by tensor."
+        )
     output_embeddings = model.get_output_embeddings()
     tied_name = _module_name(model, model.get_input_embeddings()) if tied else None
     modules: dict[str, int | None] = {}
