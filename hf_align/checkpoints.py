@@ -4,7 +4,9 @@
 then the optimizer, scheduler, scaler and RNG state, then ``trainer_state.json`` last. A kill in between leaves a
 ``checkpoint-N`` folder that is empty or holds only the model/config; ``transformers.trainer_utils.get_last_checkpoint``
 still picks it by its number and the resume fails (or, without ``optimizer.pt``, silently restarts the optimizer).
-Every place in hf-align that resolves ``resume_from_checkpoint`` goes through :func:`resolve_resume_checkpoint`.
+Every place in hf-align that resolves ``resume_from_checkpoint`` goes through :func:`resolve_resume_checkpoint`: the
+CLI, the pipeline (:func:`last_complete_checkpoint`) and every hf-align trainer's own ``train()``
+(``HFAlignTrainerMixin.train``, since transformers picks ``get_last_checkpoint`` inside ``Trainer.train``).
 """
 
 from __future__ import annotations
@@ -23,13 +25,34 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0", "")
 
 
-def is_complete_checkpoint(path: PathLike) -> bool:
-    """Complete once ``trainer_state.json`` (the Trainer's last write, not atomic itself) is there and parses."""
-    state = Path(path) / TRAINER_STATE
+def checkpoint_problem(path: PathLike) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or ``None`` when it is: the one definition every resume uses.
+
+    Complete: ``trainer_state.json`` (the Trainer's last write, not atomic itself) is present, parses as a JSON
+    object whose ``global_step`` is an integer, and, for a folder named ``checkpoint-N``, equals N. Weight files are
+    not required by name: a sharded engine (DeepSpeed) saves its own layout, and they are written before the state.
+    """
+    state_path = Path(path) / TRAINER_STATE
     try:
-        return isinstance(json.loads(state.read_text()), dict)
-    except (OSError, ValueError):
-        return False
+        state = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE}: its save was interrupted"
+    except (OSError, ValueError) as err:
+        return f"{TRAINER_STATE} is not readable JSON ({type(err).__name__})"
+    if not isinstance(state, dict):
+        return f"{TRAINER_STATE} is not a JSON object"
+    step = state.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return f"{TRAINER_STATE} has global_step {step!r:.40}, not an integer"
+    match = _CHECKPOINT.match(Path(path).name)
+    if match and int(match.group(1)) != step:
+        return f"{TRAINER_STATE} says global_step {step}, not {match.group(1)} as the folder's name"
+    return None
+
+
+def is_complete_checkpoint(path: PathLike) -> bool:
+    """Whether ``path`` is a complete checkpoint (:func:`checkpoint_problem`)."""
+    return checkpoint_problem(path) is None
 
 
 def last_complete_checkpoint(output_dir: PathLike) -> Path | None:
@@ -42,12 +65,10 @@ def last_complete_checkpoint(output_dir: PathLike) -> Path | None:
         return None
     numbered = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
     for _, path in sorted(numbered, reverse=True):
-        if is_complete_checkpoint(path):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        warnings.warn(
-            f"Skipping incomplete checkpoint {str(path)!r} (no {TRAINER_STATE}: its save was interrupted).",
-            stacklevel=2,
-        )
+        warnings.warn(f"Skipping incomplete checkpoint {str(path)!r} ({problem}).", stacklevel=2)
     return None
 
 
@@ -66,15 +87,17 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
         found = last_complete_checkpoint(output_dir)
         if found is None:
             raise FileNotFoundError(
-                f"resume_from_checkpoint=true: no complete checkpoint-N (with {TRAINER_STATE}) in {str(output_dir)!r}."
+                f"resume_from_checkpoint=true: no complete checkpoint-N (with a valid {TRAINER_STATE}) in "
+                f"{str(output_dir)!r}."
             )
         return str(found)
     path = Path(text)
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint {text!r}: no such checkpoint folder.")
-    if not is_complete_checkpoint(path):
+    problem = checkpoint_problem(path)
+    if problem is not None:
         raise UserError(
-            f"resume_from_checkpoint {text!r} is incomplete (no {TRAINER_STATE}: its save was interrupted); "
+            f"resume_from_checkpoint {text!r} is incomplete ({problem}); "
             "pass an earlier checkpoint or resume_from_checkpoint=true to take the last complete one."
         )
     return str(path)

@@ -36,6 +36,7 @@ __all__ = [
     "Range",
     "check_config_values",
     "check_option",
+    "check_training_length",
     "from_prefixed",
     "option",
     "option_choices",
@@ -330,6 +331,23 @@ def check_config_values(config) -> None:
         warnings.warn(f"{type(config).__name__}.learning_rate is 0: training will not change the model.", stacklevel=3)
 
 
+def check_training_length(config) -> None:
+    """How long to train must mean a run: ``max_steps`` 0 or below -1 (TRL trains one step, or a whole epoch), or
+    ``num_train_epochs`` ≤ 0 without ``max_steps`` (the untrained model is saved as the result) is one-line
+    :class:`~hf_align.errors.UserError` naming the field. Configs without these fields are left alone."""
+    name = type(config).__name__
+    max_steps, epochs = getattr(config, "max_steps", None), getattr(config, "num_train_epochs", None)
+    if _is_number(max_steps) and (max_steps == 0 or max_steps < -1):
+        raise UserError(
+            f"{name}.max_steps must be a positive number of optimizer steps, or -1 to train num_train_epochs; "
+            f"got {max_steps!r}."
+        )
+    if (max_steps is None or max_steps == -1) and _is_number(epochs) and epochs <= 0:
+        raise UserError(
+            f"{name}.num_train_epochs must be > 0 when max_steps is not set (-1): {epochs!r} epochs train nothing."
+        )
+
+
 @dataclass
 class CheckedConfig:
     """A base of every hf-align config and option set: every field's type, choices and range is checked on the
@@ -344,6 +362,7 @@ class CheckedConfig:
                 value.metadata = types.MappingProxyType(_Metadata.copy_of(value.metadata))
 
     def __post_init__(self):
+        check_training_length(self)
         check_config_values(self)
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:

@@ -5,6 +5,10 @@ the target, then rename, so a crash or kill never leaves a half-written file or 
 carry the writer's process id (``.<target>.<pid>.<random>.tmp``): the next write of the same target removes the
 ones whose process is gone (a killed run), and nothing else. Readers of a model folder check that every file
 they open stays inside it (:func:`resolve_inside`).
+
+What we write ends with the mode a plain ``open()``/``mkdir`` gives under the current umask (:func:`file_mode`,
+:func:`dir_mode`; :func:`apply_file_mode` for weights the ``safetensors`` library left 0600), and every tensor we
+read back is checked finite as it is read (:func:`check_finite`).
 """
 
 from __future__ import annotations
@@ -12,17 +16,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from hf_align.errors import UserError
 
@@ -69,6 +75,57 @@ def clean_stale_temps(path: PathLike) -> list[Path]:
                     entry.unlink()
             removed.append(entry)
     return removed
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux: ``/proc/self/status``); elsewhere
+    set and restored at once (``os.umask`` has no read-only form)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file now: ``0o666 & ~umask``. Our temporaries are created
+    private (``mkstemp``: 0600, ``mkdtemp``: 0700) and get this mode (:func:`dir_mode` for folders) before the
+    rename, so what we write is as readable as what transformers writes beside it, no more and no less."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode a plain ``mkdir`` gives a new folder now: ``0o777 & ~umask``."""
+    return 0o777 & ~current_umask()
+
+
+def apply_file_mode(folder: PathLike) -> list[Path]:
+    """Give the ``*.safetensors`` files under ``folder`` that their writer left private the umask's mode.
+
+    The ``safetensors`` library (0.8) writes every file 0600 whatever the umask, so weights saved through
+    transformers' ``save_pretrained`` (or huggingface_hub's, or PEFT's) were unreadable to the group a plain
+    ``open()`` would have let read them, while the rest of the folder was not. Called after every save of ours
+    (:func:`hf_align.callbacks.json_training_args.replace_training_args_pickle`, the trainers' save); only files
+    still at 0600 that this user owns are touched. Returns them.
+    """
+    mode, changed = file_mode(), []
+    if mode == 0o600:
+        return changed
+    for path in Path(folder).rglob("*.safetensors"):
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid():
+                os.chmod(path, mode)
+                changed.append(path)
+    return changed
+
+
+def copy_file(source: PathLike, target: PathLike) -> None:
+    """Copy the contents only: the copy gets the umask's mode, not the source's (``shutil.copy2`` would keep a
+    source's 0600 or 0755)."""
+    shutil.copyfile(source, target)
 
 
 def _temp_beside(path: Path, directory: bool = False, suffix: str = ".tmp") -> Path:
@@ -132,7 +189,7 @@ def atomic_file(path: PathLike, mode: str = "wb") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -154,7 +211,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     tmp = _temp_beside(path, directory=True)
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, dir_mode())
         if path.exists():
             old = _temp_beside(path, directory=True, suffix=".old")
             os.replace(path, old / "previous")
@@ -197,7 +254,7 @@ def atomic_files(*paths: PathLike) -> Iterator[list[Path]]:
             temps.append(_temp_beside(target))
         yield temps
         for tmp, target in zip(temps, targets, strict=True):
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, file_mode())
             os.replace(tmp, target)
         for parent in {t.parent for t in targets}:
             _fsync_dir(parent)
@@ -217,8 +274,6 @@ def new_save_id() -> str:
 
 def safetensors_metadata(path: PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file's header (empty when it has none)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
@@ -271,7 +326,7 @@ def save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dic
     tmp = _temp_beside(path)
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -279,15 +334,50 @@ def save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dic
         raise
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN/±inf, in one pass without a tensor-sized temporary: a float64 sum is finite
+    exactly when every entry is (a NaN or inf propagates; finite fp32/fp16/bf16 values cannot overflow float64)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.dtype == torch.float64 or tensor.element_size() == 1:  # float64 could overflow its own sum; fp8
+        return bool(torch.isfinite(tensor.to(torch.float64) if tensor.element_size() == 1 else tensor).all())
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
+
+
+def check_finite(tensor: torch.Tensor, name: str, source: PathLike | str) -> torch.Tensor:
+    """``tensor`` itself, or a :class:`~hf_align.errors.UserError` naming ``source`` (the file) and ``name``.
+
+    Called on every tensor hf-align reads back (deltas, masks, scores, α's, merge inputs) and on every merge output,
+    as it is read or computed: a NaN would otherwise train on silently (loss 0.0, grad_norm nan) or be published.
+    """
+    if is_finite(tensor):
+        return tensor
+    values = tensor.detach().to(torch.float32)
+    nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    raise UserError(
+        f"{str(source)!r}: tensor {name!r} holds {nan} NaN and {inf} ±inf of {tensor.numel()} values; refusing to "
+        "use it (re-create the file from a finite run)."
+    )
+
+
 def load_tensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file with an error that names the file when it is missing or corrupt."""
+    """Load a safetensors file tensor by tensor, each checked finite (:func:`check_finite`); errors name the file
+    when it is missing or corrupt, and the file and tensor when a value is NaN/inf."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Expected a safetensors file at {str(path)!r}, but it does not exist.")
+    tensors = {}
     try:
-        return load_file(str(path), device=device)
+        with safe_open(str(path), framework="pt", device=device) as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                tensors[name] = handle.get_tensor(name)
+                if not is_finite(tensors[name]):
+                    break
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{str(path)!r} is not a valid safetensors file (truncated or corrupt?): {err}") from None
+    for name, tensor in tensors.items():
+        check_finite(tensor, name, path)
+    return tensors
 
 
 @contextlib.contextmanager
@@ -321,7 +411,7 @@ def hold_lock(lock: Path, who: str = "process") -> Iterator[Path]:
 
 def _try_create(lock: Path, owner: dict) -> bool:
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask decides, as for every file we write
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as handle:

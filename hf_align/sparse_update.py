@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from hf_align.architectures import neuron_axes, neuron_axis
-from hf_align.io import PathLike, load_tensors, save_tensors
+from hf_align.io import PathLike, apply_file_mode, load_tensors, save_tensors
 from hf_align.masks import NeuronMask, _plain_parameters, parameter_shape
 from hf_align.quantization import keep_4bit_trainable, restore_trainable_layout
 
@@ -647,6 +647,7 @@ def save_model_with_deltas(
         model.config.save_pretrained(output_dir)
     if keep_deltas or not save_merged:
         save_deltas(model, output_dir / deltas_dir if save_merged else output_dir, mask, state_dict)
+    apply_file_mode(output_dir)  # safetensors writes 0600 whatever the umask
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 After each checkpoint save (``merge_on="save"``), at train end (``"end"``) or both, the callback streams
 ``base_model`` and the freshly trained weights through :func:`hf_align.merging.merge_models` with a fixed
 ``alpha`` or a plan (a :class:`~hf_align.merging.MergePlan` or a builder ``(names, config) → MergePlan``,
-e.g. ``partial(partwise_plan, pivots="10#20", alphas="0.4|0.3|0.2")``), into ``<checkpoint>/<subdir>`` and
+e.g. ``partwise_builder("10#20", "0.4|0.3|0.2")``, which reads the layer count and tied embeddings from the
+checkpoint's config), into ``<checkpoint>/<subdir>`` and
 ``<output_dir>/<subdir>``. PEFT checkpoints (adapter folders) are merged into their base first. With
 ``push_to_hub`` the merged folder is uploaded with :func:`hf_align.hub.push_folder`. Needs no mergekit.
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from hf_align.io import PathLike, atomic_file
+from hf_align.io import PathLike, apply_file_mode, atomic_file
 
 
 TRAINING_ARGS_PICKLE = "training_args.bin"
@@ -20,10 +20,15 @@ TRAINING_ARGS_JSON = "training_args.json"
 
 
 def replace_training_args_pickle(directory: PathLike, args) -> bool:
-    """Write ``args`` as ``training_args.json`` into ``directory``; delete ``training_args.bin`` (True if it was)."""
+    """Write ``args`` as ``training_args.json`` into ``directory``; delete ``training_args.bin`` (True if it was).
+
+    The one hook every save of a trained folder passes through (trainers, checkpoints, the CLI's final save), so it
+    also gives the weights the umask's mode (:func:`hf_align.io.apply_file_mode`).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return False
+    apply_file_mode(directory)
     with atomic_file(directory / TRAINING_ARGS_JSON, "w") as handle:
         handle.write(args.to_json_string())
     pickle_path = directory / TRAINING_ARGS_PICKLE

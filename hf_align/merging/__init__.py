@@ -12,6 +12,7 @@ _EXPORTS = {
     "MergePlan": "plan",
     "linear_plan": "plan",
     "partwise_plan": "plan",
+    "partwise_builder": "plan",
     "parse_pivots": "plan",
     "parse_alphas": "plan",
     "tensor_role": "plan",

@@ -15,8 +15,11 @@ Loss = causal-LM loss + ``reg_alpha · Σ_linear c(layer) · |α − init_val|``
 
 Not-Linear tensors (embeddings, norms) are not learned: like the reference (training and merge script) they
 come from the base model (``non_linear_alpha=1``); set another fixed α if you prefer. With tied embeddings the
-head is the embedding and follows ``non_linear_alpha``. The reference *merge* script ignores the learned head
-α and uses init_val; we use the learned one (what was optimised) unless ``merge_head_alpha`` is given.
+head *is* the token embedding, one tensor merged once in the block the user names (``tied_block``): ``"head"``
+(default) learns its α as lm_head's (the embedding lookup is interpolated with the same α, so training and merge
+agree), ``"embed"`` keeps it at ``non_linear_alpha`` and learns no head α. The reference *merge* script ignores the
+learned head α and uses init_val; we use the learned one (what was optimised) unless ``merge_head_alpha`` is given.
+An α whose raw parameter never moved from its start is not "learned": the merge warns once and the plan says so.
 
 This module is the math, the modules and the α file format only; the training loop that learns the α's is
 :class:`hf_align.trainers.AdaptiveMergeTrainer` (core never imports trainers).
@@ -24,6 +27,7 @@ This module is the math, the modules and the α file format only; the training l
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,12 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_align.architectures import layer_index
+from hf_align.errors import UserError
 from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
 from hf_align.merging.plan import MergePlan, check_alpha
 
 
 ALPHAS_TENSORS = "ama_alphas.safetensors"
 ALPHAS_JSON = "ama_alphas.json"
+TIED_BLOCKS = ("head", "embed")
+logger = logging.getLogger(__name__)
 
 
 def block_assignment(num_layers: int, mask_level: str) -> list[int]:
@@ -119,11 +126,50 @@ class InterpolatedLinear(nn.Module):
         return F.linear(x, weight, bias)
 
 
+class InterpolatedEmbedding(nn.Module):
+    """The lookup of a tied embedding with lm_head's α: rows of ``α·E0 + (1−α)·E1``, E0/E1 held by reference."""
+
+    def __init__(self, base: nn.Embedding, aligned: nn.Embedding, alphas: AlphaParameters):
+        super().__init__()
+        self.register_buffer("base_weight", base.weight.detach(), persistent=False)
+        self.register_buffer("aligned_weight", aligned.weight.detach(), persistent=False)
+        self.num_embeddings, self.embedding_dim = aligned.weight.shape
+        self.padding_idx = getattr(aligned, "padding_idx", None)
+        object.__setattr__(self, "_alphas", alphas)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.aligned_weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        alpha = self._alphas()[1].to(self.aligned_weight.dtype)
+        aligned = F.embedding(input_ids, self.aligned_weight)
+        return aligned + alpha * (F.embedding(input_ids, self.base_weight) - aligned)
+
+
+def _ties_embeddings(model: nn.Module) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
 def wrap_for_adaptive_merge(
-    model: nn.Module, base_model: nn.Module, mask_level: str, init_val: float, epsilon: float, non_linear_alpha: float
-) -> tuple[AlphaParameters, dict[str, int | None], int]:
+    model: nn.Module,
+    base_model: nn.Module,
+    mask_level: str,
+    init_val: float,
+    epsilon: float,
+    non_linear_alpha: float,
+    tied_block: str = "head",
+) -> tuple[AlphaParameters, dict[str, int | None], int, str | None]:
     """Freeze both models, replace every Linear of ``model`` by an :class:`InterpolatedLinear`, set the other
-    parameters to ``non_linear_alpha``·θ0 + (1−α)·θ1 in place; returns (alphas, module → block, num_layers)."""
+    parameters to ``non_linear_alpha``·θ0 + (1−α)·θ1 in place; returns (alphas, module → block, num_layers, the
+    module name of a tied input embedding or ``None``). ``tied_block``: see the module docstring."""
+    if tied_block not in TIED_BLOCKS:
+        raise ValueError(f"tied_block must be one of {TIED_BLOCKS}, got {tied_block!r}.")
     base_modules = dict(base_model.named_modules())
     base_params = dict(base_model.named_parameters())
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -134,14 +180,18 @@ def wrap_for_adaptive_merge(
     alphas = AlphaParameters(max(blocks) + 1, init_val, epsilon)
     for param in [*model.parameters(), *base_model.parameters()]:
         param.requires_grad_(False)
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is (
-        model.get_input_embeddings().weight
-    )
+    tied = _ties_embeddings(model)
+    if tied != _ties_embeddings(base_model):
+        raise UserError(
+            f"tie_word_embeddings differs: the aligned model {'ties' if tied else 'does not tie'} lm_head to the "
+            f"embedding, the base model {'does not' if tied else 'does'}; they cannot be averaged tensor by tensor."
+        )
     output_embeddings = model.get_output_embeddings()
+    tied_name = _module_name(model, model.get_input_embeddings()) if tied else None
     modules: dict[str, int | None] = {}
     for name, index in zip(linear_names, indices):
         module = model.get_submodule(name)
-        if tied and module is output_embeddings:
+        if tied and tied_block == "embed" and module is output_embeddings:
             continue
         if name not in base_modules or base_modules[name].weight.shape != module.weight.shape:
             raise ValueError(f"base model has no Linear {name!r} with shape {tuple(module.weight.shape)}.")
@@ -152,13 +202,16 @@ def wrap_for_adaptive_merge(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, InterpolatedLinear(base_modules[name], module, alphas, block))
         modules[name] = block
+    if tied and tied_block == "head":  # the embedding lookup follows the head's α: one tensor, one α
+        base_embedding = base_model.get_submodule(tied_name)
+        model.set_input_embeddings(InterpolatedEmbedding(base_embedding, model.get_input_embeddings(), alphas))
     for name, param in model.named_parameters():
         if name not in base_params:
             raise ValueError(f"base model has no parameter {name!r}.")
         if non_linear_alpha != 0.0:
             param.data.lerp_(base_params[name].data.to(param.dtype), non_linear_alpha)
     model.add_module("ama_alphas", alphas)
-    return alphas, modules, num_layers
+    return alphas, modules, num_layers, tied_name
 
 
 @dataclass
@@ -175,6 +228,8 @@ class LearnedAlphas:
     non_linear_alpha: float = 1.0
     block_alphas: list[float] = field(default_factory=list)
     head_alpha: float = 0.0
+    tied_embedding: str | None = None  # module name of a tied input embedding (None: not tied)
+    tied_block: str | None = None  # "head" or "embed" when tied: whose α the tied tensor takes
 
     def __post_init__(self):
         blocks, head = normalized_alphas(
@@ -184,6 +239,36 @@ class LearnedAlphas:
             self.epsilon,
         )
         self.block_alphas, self.head_alpha = blocks.tolist(), float(head)
+
+    @property
+    def head_learned(self) -> bool:
+        """Whether lm_head had an α to learn (not with a tied embedding kept in the embedding block)."""
+        return None in self.modules.values()
+
+    def unmoved(self) -> list[str]:
+        """The α's whose raw parameter is still its start value logit(init_val): nothing was learned for them."""
+        start = torch.tensor(math.log(self.init_val / (1 - self.init_val)), dtype=torch.float32)
+        blocks = torch.tensor(self.block_params, dtype=torch.float32)
+        names = [f"block {i}" for i in torch.nonzero(blocks == start).flatten().tolist()]
+        head_moved = torch.tensor(self.head_param, dtype=torch.float32) != start
+        return names + ([] if head_moved or not self.head_learned else ["lm_head"])
+
+    def summary(self, merge_head_alpha: float | None = None) -> str:
+        """α per block and of lm_head, each marked when it was not learned (the line the CLI and the plan print)."""
+        unmoved = set(self.unmoved())
+
+        def shown(value: float, name: str) -> str:
+            return f"{value:.4f}" + (" (start value, not learned)" if name in unmoved else "")
+
+        blocks = ", ".join(shown(a, f"block {i}") for i, a in enumerate(self.block_alphas))
+        if merge_head_alpha is not None:
+            head = f"{merge_head_alpha:.4f} (merge_head_alpha)"
+        elif not self.head_learned:
+            head = f"not learned (tied to the embeddings, α={self.non_linear_alpha:g})"
+        else:
+            head = shown(self.head_alpha, "lm_head")
+        tied = f"; tied embeddings merged once in the {self.tied_block} block" if self.tied_embedding else ""
+        return f"α per block: [{blocks}], lm_head: {head}{tied}"
 
     def save(self, directory: PathLike) -> None:
         directory = Path(directory)
@@ -207,19 +292,26 @@ def adaptive_plan(learned: LearnedAlphas, names: list[str], merge_head_alpha: fl
     """Per-tensor α for the streaming merge: wrapped Linear weights/biases get their block's (or the head's)
     learned α; every other tensor gets ``learned.non_linear_alpha`` (as during training)."""
     head = learned.head_alpha if merge_head_alpha is None else check_alpha(merge_head_alpha, "merge_head_alpha")
+    unmoved = [name for name in learned.unmoved() if name != "lm_head" or merge_head_alpha is None]
+    if unmoved:
+        logger.warning(
+            f"adaptive merge: the α of {', '.join(unmoved)} did not move from its start value (no gradient reached "
+            "it, or the learning rate is too small); it is merged at that value and not reported as learned."
+        )
     alphas: dict[str, float] = {}
     groups: dict[str, str] = {}
     for name in names:
         module, _, kind = name.rpartition(".")
-        if kind in ("weight", "bias") and module in learned.modules:
+        if module == learned.tied_embedding and kind == "weight":
+            in_head = learned.tied_block == "head"
+            alphas[name] = head if in_head else learned.non_linear_alpha
+            groups[name] = "lm_head (tied embeddings)" if in_head else "embeddings (tied with lm_head, not Linear)"
+        elif kind in ("weight", "bias") and module in learned.modules:
             block = learned.modules[module]
             alphas[name] = head if block is None else learned.block_alphas[block]
             groups[name] = "lm_head" if block is None else f"block {block} Linear"
         else:
             alphas[name] = learned.non_linear_alpha
             groups[name] = "not Linear (embeddings, norms)"
-    description = (
-        f"adaptive {learned.mask_level} init={learned.init_val} ε={learned.epsilon}: blocks "
-        f"{[round(a, 4) for a in learned.block_alphas]}, head {round(head, 4)}"
-    )
+    description = f"adaptive {learned.mask_level} init={learned.init_val} ε={learned.epsilon}: {learned.summary(merge_head_alpha)}"
     return MergePlan(alphas=alphas, groups=groups, description=description)

@@ -11,13 +11,17 @@ Partwise rules (AMA's ``pivots``/``alphas``):
 - input embeddings (``embed_tokens``) get ``embed_alpha`` (default: the first part's α);
 - ``lm_head`` and the final norm (``model.norm``) get ``head_alpha`` (default: the last part's α): the final
   norm feeds the head directly, so they are averaged together;
-- with tied embeddings the head *is* the embedding, so a stored ``lm_head.weight`` follows ``embed_alpha``;
+- with tied embeddings the head *is* the token embedding: that one tensor (and a stored ``lm_head.weight``, its
+  copy) is merged once, with the α of the block the user named, ``tied_block="embed"`` (``embed_alpha``) or
+  ``"head"`` (``head_alpha``); by default the one of ``embed_alpha``/``head_alpha`` that was given, else ``embed``.
+  The plan's group and description say which, so the printed table and the card do too;
 - any other tensor gets ``other_alpha``; without it such tensors are an error (naming them), so nothing is
   averaged by a rule nobody chose.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ from hf_align.io import PathLike, read_json, require_keys, write_json
 
 
 PLAN_FILE = "merge_plan.json"
+logger = logging.getLogger(__name__)
 _EMBED = ("embed_tokens.", "wte.", "wpe.", "embed_in.")  # GPT-2: token and position embeddings
 _HEAD = ("lm_head.", "embed_out.")
 
@@ -45,6 +50,36 @@ def tensor_role(name: str) -> str:
     if "norm" in module or module == "ln_f":
         return "final_norm"
     return "other"
+
+
+TIED_BLOCKS = ("embed", "head")
+TIED_GROUPS = {"embed": "embeddings (tied with lm_head)", "head": "lm_head (tied with embeddings) + final norm"}
+_TOKEN_EMBED = ("embed_tokens.", "wte.", "embed_in.", "word_embeddings.")
+
+
+def is_token_embedding(name: str) -> bool:
+    """The input token embedding, the tensor a tied lm_head shares (not GPT-2's position embedding ``wpe``)."""
+    return any(part in name for part in _TOKEN_EMBED) and layer_index(name) is None
+
+
+def _tied_choice(
+    tied: bool, tied_block: str | None, embed_alpha: float | None, head_alpha: float | None
+) -> str | None:
+    """Which block's α the tied embedding/head tensor takes: the one named, else the one whose α was given."""
+    if tied_block is not None and tied_block not in TIED_BLOCKS:
+        raise ValueError(f"tied_block must be one of {TIED_BLOCKS}, got {tied_block!r}.")
+    if not tied:
+        return None
+    if tied_block is not None:
+        return tied_block
+    if head_alpha is not None and embed_alpha is None:
+        return "head"
+    if head_alpha is not None and float(head_alpha) != float(embed_alpha):
+        logger.warning(
+            f"tied embeddings: the one tensor is merged with embed_alpha={embed_alpha} (head_alpha={head_alpha} "
+            "applies to the final norm only); pass tied_block='head' to merge it with head_alpha."
+        )
+    return "embed"
 
 
 def check_alpha(value: float, what: str) -> float:
@@ -162,9 +197,11 @@ def partwise_plan(
     other_alpha: float | None = None,
     num_layers: int | None = None,
     tie_word_embeddings: bool = False,
+    tied_block: str | None = None,
 ) -> MergePlan:
     """AMA's partwise plan (rules in the module docstring); ``num_layers`` defaults to max layer index + 1."""
     names = list(names)
+    tied = _tied_choice(tie_word_embeddings, tied_block, embed_alpha, head_alpha)
     pivot_list, alpha_list = parse_pivots(pivots), parse_alphas(alphas)
     if len(alpha_list) != len(pivot_list) + 1:
         raise UserError(
@@ -193,8 +230,11 @@ def partwise_plan(
         if role == "layer":
             part = next(p for p, hi in enumerate(bounds[1:]) if layer_index(name) <= hi)
             plan_alphas[name], groups[name] = alpha_list[part], part_names[part]
-        elif role == "embed" or (role == "head" and tie_word_embeddings):
-            plan_alphas[name], groups[name] = embed, "embeddings" + (" (tied head)" if role == "head" else "")
+        elif tied and (role == "head" or is_token_embedding(name)):
+            plan_alphas[name] = embed if tied == "embed" else head
+            groups[name] = TIED_GROUPS[tied]
+        elif role == "embed":
+            plan_alphas[name], groups[name] = embed, "embeddings"
         elif role in ("head", "final_norm"):
             plan_alphas[name], groups[name] = head, "lm_head + final norm"
         elif other is not None:
@@ -207,4 +247,38 @@ def partwise_plan(
             "decoder layer, the embeddings, lm_head or the final norm; pass other_alpha to average them."
         )
     description = f"partwise pivots={pivot_list} alphas={alpha_list} embed_alpha={embed} head_alpha={head}"
+    if tied:
+        description += f"; tied embeddings merged once with {tied}_alpha={embed if tied == 'embed' else head}"
     return MergePlan(alphas=plan_alphas, groups=groups, description=description)
+
+
+def ties_embeddings(names: Iterable[str], config: dict) -> bool:
+    """Whether the checkpoint's lm_head is its token embedding: ``tie_word_embeddings`` of its ``config.json``;
+    without that key, whether it stores a token embedding and no head (a causal LM always has a head)."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    names = list(names)
+    return any(map(is_token_embedding, names)) and not any(tensor_role(n) == "head" for n in names)
+
+
+def partwise_builder(
+    pivots: str | Sequence[int],
+    alphas: str | Sequence[float],
+    embed_alpha: float | None = None,
+    head_alpha: float | None = None,
+    other_alpha: float | None = None,
+    tied_block: str | None = None,
+):
+    """A plan builder ``(tensor_names, config) → MergePlan`` for :func:`~hf_align.merging.merge_models`, the CLI and
+    ``AMAMergeCallback``: the layer count and whether the embeddings are tied are read from the checkpoint's
+    config, so a tied model's one tensor is merged once, in the block named (``tied_block``, see the module doc)."""
+    _tied_choice(False, tied_block, embed_alpha, head_alpha)  # a bad tied_block fails now, not at merge time
+
+    def build(names: list[str], config: dict) -> MergePlan:
+        return partwise_plan(
+            names, pivots, alphas, embed_alpha=embed_alpha, head_alpha=head_alpha, other_alpha=other_alpha,
+            num_layers=config.get("num_hidden_layers"), tie_word_embeddings=ties_embeddings(names, config),
+            tied_block=tied_block,
+        )  # fmt: skip
+
+    return build

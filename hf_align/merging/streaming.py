@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,8 +27,19 @@ from pathlib import Path
 
 import torch
 
+from hf_align.errors import UserError
 from hf_align.hub import merge_model_card, write_model_card
-from hf_align.io import PathLike, atomic_dir, read_json, resolve_inside, scratch_dir, write_json
+from hf_align.io import (
+    PathLike,
+    atomic_dir,
+    check_finite,
+    copy_file,
+    is_finite,
+    read_json,
+    resolve_inside,
+    scratch_dir,
+    write_json,
+)
 from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
 
 
@@ -249,7 +259,7 @@ class Checkpoint:
             if not n:
                 raise ValueError(f"{str(info.file)!r} is truncated: tensor {name!r} ends early.")
             read += n
-        return buffer.view(info.dtype).reshape(info.shape)
+        return check_finite(buffer.view(info.dtype).reshape(info.shape), name, info.file)
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -359,7 +369,7 @@ def _merge_adapter(adapter_dir: Path, stack: contextlib.ExitStack) -> Path:
     target = stack.enter_context(scratch_dir(Path(tempfile.gettempdir()) / "hf_align_merged_adapter"))
     model.save_pretrained(target)
     for file in copied:
-        shutil.copy2(file, target / file.name)
+        copy_file(file, target / file.name)
     del model
     return target
 
@@ -433,7 +443,7 @@ def _output_dtype(info: TensorInfo, base_info: TensorInfo, dtype: torch.dtype | 
 
 def _copy_side_files(files: list[Path], target: Path, dtype: torch.dtype | None) -> None:
     for file in files:
-        shutil.copy2(file, target / file.name)
+        copy_file(file, target / file.name)
     if dtype is not None and (target / "config.json").exists():
         config = read_json(target / "config.json")
         for key in ("dtype", "torch_dtype"):
@@ -506,7 +516,13 @@ def merge_models(
                         a = plan[tensor.name]
                         base_t = base_ckpt.read(tensor.name) if a != 0.0 else None
                         aligned_t = aligned_ckpt.read(tensor.name) if a != 1.0 else None
-                        writer.write(tensor.name, merge_tensor(base_t, aligned_t, a, tensor.dtype))
+                        merged = merge_tensor(base_t, aligned_t, a, tensor.dtype)
+                        if not is_finite(merged):  # the inputs are finite: the output dtype overflowed
+                            raise UserError(
+                                f"merge into {str(output_dir)!r}: tensor {tensor.name!r} (α={a}) is not finite in "
+                                f"{tensor.dtype} (overflow); merge into a wider dtype. Nothing was written."
+                            )
+                        writer.write(tensor.name, merged)
                         del base_t, aligned_t
                         bar.update(tensor.nbytes)
                 finally:

@@ -103,8 +103,7 @@ def load_random_tiny(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
-        **{**extra, **config_overrides},
+        **{"tie_word_embeddings": False, **extra, **config_overrides},
     )
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config)

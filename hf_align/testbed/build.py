@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from hf_align.io import dir_mode
 from hf_align.testbed.data import PRETRAIN_P_CORRECT, PRETRAIN_P_FORGET, pretrain_rows
 
 
@@ -174,9 +175,7 @@ def build_testbed(
         }
         (tmp / "testbed.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(info))
-        os.chmod(tmp, 0o755)
-        for file in tmp.iterdir():
-            os.chmod(file, 0o644)
+        os.chmod(tmp, dir_mode())  # mkdtemp's 0700; the files already have the umask's mode
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)

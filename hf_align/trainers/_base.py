@@ -160,6 +160,7 @@ def require_before_trainer(cls: type, mixin: type, *before: type) -> None:
 class HFAlignTrainerMixin:
     """Shared behaviour of every ``transformers.Trainer`` subclass in hf-align.
 
+    * ``train(resume_from_checkpoint=True)`` resumes from the last complete checkpoint (:mod:`hf_align.checkpoints`);
     * every ``_save`` (``save_model``, each checkpoint, the DeepSpeed/FSDP gathered saves) leaves
       ``training_args.json`` and no pickled ``training_args.bin``;
     * ``self.trainable_fraction`` (set by :meth:`_set_trainable_fraction`) is logged with every training loss;
@@ -190,6 +191,15 @@ class HFAlignTrainerMixin:
         """Swap TRL's default collator for the one that also carries token weights (a user's collator is kept)."""
         if self.weighted_collator is not None:
             self.data_collator = upgrade_collator(self.data_collator, *self.weighted_collator)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``resume_from_checkpoint=True`` takes the last *complete* checkpoint (transformers' own pick,
+        ``get_last_checkpoint``, takes the highest number even when a kill interrupted its save); an explicit path
+        must be complete (:mod:`hf_align.checkpoints`)."""
+        from hf_align.checkpoints import resolve_resume_checkpoint
+
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)

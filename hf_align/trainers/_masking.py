@@ -122,7 +122,22 @@ def validate_mask_fields(args) -> None:
 
 def resolve_neuron_mask(neuron_mask, args, model=None):
     """A ``NeuronMask`` from the trainer argument or the config fields, or None. ``model`` (when loaded) tells
-    which weights have their output features on axis 1 (GPT-2's ``Conv1D``) when element scores become rows."""
+    which weights have their output features on axis 1 (GPT-2's ``Conv1D``) when element scores become rows.
+
+    A mask that selects no neuron is refused here, at trainer build: it would train nothing and fail in autograd
+    (no parameter requires a gradient) after the model is loaded."""
+    mask = _resolve_neuron_mask(neuron_mask, args, model)
+    if mask is not None and mask.num_selected == 0:
+        source = neuron_mask if isinstance(neuron_mask, str | os.PathLike) else None
+        source = source or args.neuron_mask_path or ("neuron_mask" if neuron_mask is not None else "the mask")
+        raise UserError(
+            f"neuron mask {str(source)!r} selects no neuron (every entry is False): there is nothing to train; "
+            "select a mask with at least one neuron."
+        )
+    return mask
+
+
+def _resolve_neuron_mask(neuron_mask, args, model=None):
     if neuron_mask is None and not args.neuron_mask_path and not args.neuron_scores_path:
         return None
     from hf_align.masks import NeuronMask

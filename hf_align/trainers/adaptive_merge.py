@@ -17,7 +17,7 @@ from transformers import Trainer
 from trl.trainer.base_config import _BaseConfig
 
 from hf_align.architectures import layer_index
-from hf_align.config_checks import AT_LEAST_ONE, option
+from hf_align.config_checks import AT_LEAST_ONE, NON_NEGATIVE, Range, option
 from hf_align.errors import UserError
 from hf_align.io import PathLike, write_json
 from hf_align.merging.adaptive import (
@@ -34,6 +34,9 @@ from hf_align.trainers._base import CheckedConfig, HFAlignTrainerMixin
 __all__ = ["AdaptiveMergeConfig", "AdaptiveMergeTrainer", "tokenize_dataset"]
 
 
+OPEN_UNIT = Range(0, 1, open_low=True, open_high=True)
+
+
 @dataclass
 class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
     """TRL's base training config plus the adaptive AMA knobs; the AMA defaults are the paper's recipe."""
@@ -44,8 +47,8 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
     mask_level: str = field(
         default="block3", metadata={"help": "'blockK': K blocks of ⌊L/K⌋ layers (last takes the rest); 'layerwise'."}
     )
-    init_val: float = field(default=0.2, metadata={"help": "Initial (and mean) block α, in (0, 1)."})
-    epsilon: float = field(default=0.2, metadata={"help": "ε in α_b ∝ σ(s_b)+ε: larger ε, smaller spread."})
+    init_val: float = option(0.2, help="Initial (and mean) block α, in (0, 1).", range=OPEN_UNIT)
+    epsilon: float = option(0.2, help="ε in α_b ∝ σ(s_b)+ε: larger ε, smaller spread.", range=NON_NEGATIVE)
     reg_alpha: float = field(default=1e-4, metadata={"help": "Weight of the L1 penalty Σ_linear c·|α − init_val|."})
     reg_type: str = option(
         "weighted", help="'l1' (c=1) or 'weighted' (c = center_weight/(|layer−center|+1)).", choices=("l1", "weighted")
@@ -57,6 +60,12 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
     reg_center_weight: float = field(default=25.0, metadata={"help": "Peak value of the weighted penalty."})
     non_linear_alpha: float = field(
         default=1.0, metadata={"help": "Fixed α for embeddings/norms (not learned); 1 = base, as in the reference."}
+    )
+    tied_block: str = option(
+        "head",
+        help="With tied embeddings (one tensor for embedding and lm_head): the block whose α it takes, merged once. "
+        "'head': learned as lm_head's α (the lookup is interpolated too); 'embed': non_linear_alpha.",
+        choices=("head", "embed"),
     )
     merge_head_alpha: float | None = field(
         default=None, metadata={"help": "α for lm_head in the final merge; default the learned one (code: init_val)."}
@@ -78,10 +87,6 @@ class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 < self.init_val < 1.0:
-            raise ValueError(f"init_val must be in (0, 1), got {self.init_val}.")
-        if self.epsilon < 0:
-            raise ValueError(f"epsilon must be ≥ 0, got {self.epsilon}.")
         check_alpha(self.non_linear_alpha, "non_linear_alpha")
         if self.merge_head_alpha is not None:
             check_alpha(self.merge_head_alpha, "merge_head_alpha")
@@ -202,8 +207,8 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
             base_model = load_model(base_model, dtype=model.dtype)
         if processing_class is None:
             processing_class = load_tokenizer(self.aligned_path or self.base_path)
-        self.alphas, self.wrapped_modules, self.num_layers = wrap_for_adaptive_merge(
-            model, base_model, args.mask_level, args.init_val, args.epsilon, args.non_linear_alpha
+        self.alphas, self.wrapped_modules, self.num_layers, self.tied_embedding = wrap_for_adaptive_merge(
+            model, base_model, args.mask_level, args.init_val, args.epsilon, args.non_linear_alpha, args.tied_block
         )
         self.base_model = base_model  # keeps θ0's Linear weights alive (the wrappers reference them)
         center = args.reg_center if args.reg_center is not None else self.num_layers / 2
@@ -253,6 +258,8 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
             head_param=float(self.alphas.head.detach()),
             modules=dict(self.wrapped_modules),
             non_linear_alpha=self.args.non_linear_alpha,
+            tied_embedding=self.tied_embedding,
+            tied_block=self.args.tied_block if self.tied_embedding else None,
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
