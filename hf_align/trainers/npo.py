@@ -38,6 +38,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
+from hf_align.errors import UserError
 from hf_align.hub import CITATIONS
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
@@ -134,13 +135,32 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             raise ValueError("npo_loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
         if self.packing or self.padding_free:
             raise ValueError("NPO scores each forget sequence on its own: packing and padding_free must be False.")
+        if self.label_smoothing_factor:
+            raise UserError("label_smoothing_factor: NPO's loss is not an NLL, there is nothing to smooth; set 0.")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Data
 
 
-FORGET_COLUMNS = (("prompt", "completion"), ("text",), ("messages",))
+FORGET_COLUMNS = (("prompt", "completion"), ("text",), ("messages",), ("conversations",))
+"""Forget data as text (``conversations``: ShareGPT's from/value turns, converted by SFT); pre-tokenized data
+(``input_ids``) and data read through a ``formatting_func`` are taken as ``trl.SFTTrainer`` takes them."""
+
+
+def check_forget_dataset(dataset, formatting_func=None):
+    """``dataset`` as NPO trains on it (preference pairs → their ``rejected``), checked before any model work: one
+    of :data:`FORGET_COLUMNS`, or anything SFT prepares itself (``input_ids``; any columns a ``formatting_func``
+    reads)."""
+    if dataset is None:
+        return None
+    if formatting_func is not None:  # SFT formats first: the columns are the function's business
+        check_dataset(dataset, "train_dataset (forget data)")
+        return dataset
+    dataset = to_forget_format(dataset)
+    pretokenized = "input_ids" in column_names(dataset)  # SFT trains on input_ids and ignores text columns
+    check_dataset(dataset, "train_dataset (forget data)", None if pretokenized else FORGET_COLUMNS)
+    return dataset
 
 
 def to_forget_format(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
@@ -220,7 +240,9 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         peft_config=None,
         **kwargs,
     ):
-        args = resolve_args(args, NPOConfig, SFTConfig, model, self._name)
+        args = resolve_args(args, NPOConfig, SFTConfig, model, self._name, training_arguments=True)
+        if kwargs.get("compute_loss_func") is not None:
+            raise UserError("compute_loss_func: NPOTrainer computes the NPO loss itself; subclass and override it.")
         wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
         model, ref_model = load_policy_and_reference(model, ref_model, args, wants_mask, kwargs)
         if ref_model is not None and ref_model is model:
@@ -229,8 +251,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         if mask is not None:
             model = attach_mask(model, mask, args, peft_config, second_forward=retain_dataset is not None)
         # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
-        train_dataset = to_forget_format(train_dataset) if train_dataset is not None else None
-        check_dataset(train_dataset, "train_dataset (forget data)", FORGET_COLUMNS)
+        train_dataset = check_forget_dataset(train_dataset, kwargs.get("formatting_func"))
 
         from hf_align.sparse_update import quantized_training_allowed
 
@@ -380,7 +401,8 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """SFT's tokenization (no truncation yet), then per-token weights checked per row, then truncation."""
-        dataset = to_forget_format(dataset)
+        if formatting_func is None:  # a formatting function reads the columns as given
+            dataset = to_forget_format(dataset)
         names = column_names(dataset)
         present = check_weight_columns(names, allowed=("completion_weights",))
         untruncated = copy.copy(args)
@@ -486,6 +508,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         ref_column = inputs.pop(REF_COLUMN, None)
         labels = inputs["labels"]
         outputs = model(**self._model_inputs(inputs), labels=labels, fused_lm_head=True, use_cache=False)
+        self._log_sft_metrics(outputs, inputs, mode)
         logps = outputs.log_probs[:, -(labels.size(1) - 1) :]
         completion = (labels[:, 1:] != -100).to(logps.dtype)
         weights = completion if token_weights is None else token_weights[:, 1:].to(logps) * completion
@@ -505,6 +528,8 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
                 forget_loss = per_example.mean()
             metrics["forget/logratio"] = logratio.detach().mean()
         loss = forget_loss
+        if self.aux_loss_enabled:  # SFT's MoE load-balancing loss (its forward only: the forget batch's routing)
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
         if mode == "train" and self.retain_dataset is not None and args.retain_weight > 0:
             retain = self._retain_loss(model)
             loss = loss + args.retain_weight * retain
@@ -517,4 +542,30 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             metrics["forget/weighted_token_fraction"] = (weights != 0).sum() / num_completion
             for key, value in metrics.items():
                 self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.float()).mean().item())
+        if return_outputs:  # as SFT: compute_metrics needs the logits, which the fused head does not build
+            warnings.warn(
+                "`return_outputs=True`, and the logits it passes to `compute_metrics` and "
+                "`preprocess_logits_for_metrics`, are deprecated in trl.SFTTrainer (whose NPOTrainer follows): the "
+                "fused LM head does not build the logits, so they are recomputed with an extra forward pass.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                outputs = model(**self._model_inputs(inputs), use_cache=False)
         return (loss, outputs) if return_outputs else loss
+
+    def _log_sft_metrics(self, outputs, inputs: dict, mode: str) -> None:
+        """What ``trl.SFTTrainer.compute_loss`` logs beside its loss, from the same fused-head outputs: ``entropy``
+        and ``mean_token_accuracy`` over the labelled tokens, ``num_tokens`` seen in training, and the MoE
+        ``aux_loss``. Kept so SFT's metric names (``metric_for_best_model``, dashboards) work unchanged."""
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(outputs.label_mask.sum()).sum()
+        entropy_sum = gather(outputs.entropy.detach().sum()).sum()
+        num_correct = gather(outputs.is_top1.sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
