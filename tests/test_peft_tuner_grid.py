@@ -6,10 +6,11 @@
 Transcribed from huggingface/peft ``tests/test_decoder_models.py`` (``TestDecoderModels``) at commit
 ``5d602fdbff04c33c1c4de55cda9d4ae1d7cb7e40`` (2026-08-21, 0.20.1.dev0, the newest commit of the stored snapshot and
 the closest to the installed peft 0.21.2), running PEFT's ``PeftCommonTester`` (``tests/peft_testing_common.py``,
-transcribed from the same commit) unchanged. PEFT's tests download ``hf-internal-testing`` / ``trl-internal-testing``
+transcribed from the same commit) unchanged, plus the four common tests PEFT's ``tests/test_custom_models.py`` adds
+(adapter-name substrings, ``low_cpu_mem_usage``, several adapters loaded, deleting an unknown adapter). PEFT's tests download ``hf-internal-testing`` / ``trl-internal-testing``
 tiny models; here the same architectures Aligner supports (Llama, Qwen2) are built from configs and saved locally.
 
-Skipped, each with its reason: merging (Aligner cannot be merged: its tokens are an extra attention, not a weight
+Skipped, each with its reason: ``inject_adapter_in_model`` (refused by PEFT for tuners with shared state), merging (Aligner cannot be merged: its tokens are an extra attention, not a weight
 delta; ``unload()`` drops it), ``safe_serialization=False`` saves (hf-align writes no pickle), and the tests that
 apply to other tuners only (prompt learning, LoRA/IA³ weighted combinations, mixed adapter batches).
 """
@@ -25,9 +26,13 @@ from hf_align.peft_tuners import AlignerConfig
 
 
 NO_MERGE = "Aligner cannot be merged into the base weights (an extra attention, not a weight delta): use unload()"
+NO_INJECT = (
+    "the test goes through inject_adapter_in_model, which PEFT itself refuses for a tuner with shared state (Aligner's "
+    "global tokens are shared by every adapted layer): get_peft_model is the way in"
+)
 ALL_CONFIGS = [
     (AlignerConfig, {"task_type": "CAUSAL_LM", "start_layer": 0}),
-    (AlignerConfig, {"task_type": "CAUSAL_LM", "num_tokens": 3, "layers_to_transform": [1]}),
+    (AlignerConfig, {"task_type": "CAUSAL_LM", "num_tokens": 3, "start_layer": 0, "token_init_std": 0.5}),
 ]
 MODEL_ARCHITECTURES = ["llama", "qwen2"]
 
@@ -52,7 +57,7 @@ def local_models(tmp_path_factory):
     return folders
 
 
-@pytest.fixture(params=MODEL_ARCHITECTURES)
+@pytest.fixture(params=["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def model_id(request, local_models):
     return local_models[request.param]
 
@@ -154,6 +159,22 @@ class TestDecoderModels(PeftCommonTester):
 
     def test_get_base_model_state_dict(self, model_id, config_cls, config_kwargs):
         self._test_get_base_model_state_dict(model_id, config_cls, config_kwargs.copy())
+
+    # from PEFT's tests/test_custom_models.py, which runs these common tests on every tuner
+
+    def test_save_pretrained_adapter_name_substring(self, model_id, config_cls, config_kwargs):
+        config_kwargs = set_init_weights_false(config_cls, config_kwargs)
+        self._test_save_pretrained_adapter_name_substring(model_id, config_cls, config_kwargs.copy())
+
+    @pytest.mark.skip(reason=NO_INJECT)
+    def test_load_model_low_cpu_mem_usage(self, model_id, config_cls, config_kwargs):
+        pass
+
+    def test_load_multiple_adapters(self, model_id, config_cls, config_kwargs):
+        self._test_load_multiple_adapters(model_id, config_cls, config_kwargs.copy())
+
+    def test_delete_unknown_adapter_raises(self, model_id, config_cls, config_kwargs):
+        self._test_delete_unknown_adapter_raises(model_id, config_cls, config_kwargs.copy())
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -134,7 +134,10 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
         if self.npo_loss_type == "simnpo" and self.npo_level != "sequence":
             raise ValueError("npo_loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
         if self.packing or self.padding_free:
-            raise ValueError("NPO scores each forget sequence on its own: packing and padding_free must be False.")
+            raise UserError(
+                "NPO scores each forget sequence on its own (one log-ratio against the reference per example): "
+                "packing and padding_free join sequences, so they must be False."
+            )
         if self.label_smoothing_factor:
             raise UserError("label_smoothing_factor: NPO's loss is not an NLL, there is nothing to smooth; set 0.")
 
@@ -560,10 +563,10 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         ``aux_loss``. Kept so SFT's metric names (``metric_for_best_model``, dashboards) work unchanged."""
         gather = self.accelerator.gather_for_metrics
         num_valid = gather(outputs.label_mask.sum()).sum()
-        entropy_sum = gather(outputs.entropy.detach().sum()).sum()
-        num_correct = gather(outputs.is_top1.sum()).sum()
-        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        for key, per_token in (("entropy", outputs.entropy), ("mean_token_accuracy", outputs.is_top1)):
+            if per_token is not None:  # computed by the fused head SFT adds to the policy
+                total = gather(per_token.detach().float().sum()).sum()
+                self._metrics[mode][key].append((total / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
