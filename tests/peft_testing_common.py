@@ -1127,4 +1127,3 @@ class PeftCommonTester:
                 # LN tuning does not add adapter layers that could be on meta device, it only changes the requires_grad.
                 # Therefore, there is no meta device for LN tuning.
                 assert "meta" in {p.device.type for p in model.parameters()}
-
