@@ -411,7 +411,9 @@ def hold_lock(lock: Path, who: str = "process") -> Iterator[Path]:
 
 def _try_create(lock: Path, owner: dict) -> bool:
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask decides, as for every file we write
+        fd = os.open(
+            lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666
+        )  # the umask decides, as for every file we write
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as handle:

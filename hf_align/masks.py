@@ -534,9 +534,7 @@ class NeuronMask:
             or header.get("format") != FORMAT
             or not isinstance(header.get("shapes"), dict)
         ):
-            raise UserError(
-                f"{str(meta_path)!r} is not a neuron-mask header (expected format {FORMAT!r} and shapes)."
-            )
+            raise UserError(f"{str(meta_path)!r} is not a neuron-mask header (expected format {FORMAT!r} and shapes).")
         shapes = _header_shapes(header, meta_path)
         packed = load_tensors(directory / MASK_FILE)
         check_same_save(directory / MASK_FILE, meta_path, header.get("save_id"))

@@ -41,10 +41,12 @@ class TokenWeightArguments(CheckedConfig):
     )
 
 
-def resolve_args(args, config_class: type, parent_class: type, model, method: str):
+def resolve_args(args, config_class: type, parent_class: type, model, method: str, *, training_arguments=False):
     """The trainer's config, as TRL resolves its own: ``None`` → ``config_class("<model name>-<method>")``; an
     instance of the parent TRL config (e.g. ``trl.DPOConfig``) → ``config_class`` with every one of its fields
-    copied and hf-align's own fields at their defaults; anything else is refused by name."""
+    copied and hf-align's own fields at their defaults; with ``training_arguments`` (where the TRL parent trainer
+    takes them: ``SFTTrainer``), a plain ``transformers.TrainingArguments`` upgraded as TRL upgrades it (its
+    ``to_dict()`` plus the hidden ``hub_token``); anything else is refused by name."""
     if args is None:
         from trl.trainer.utils import get_config_model_id
 
@@ -54,6 +56,10 @@ def resolve_args(args, config_class: type, parent_class: type, model, method: st
         return args
     if isinstance(args, parent_class):
         return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+    from transformers import TrainingArguments
+
+    if training_arguments and type(args) is TrainingArguments:
+        return config_class(**{**args.to_dict(), "hub_token": args.hub_token})  # to_dict hides the hub_token
     raise TypeError(
         f"args must be a {config_class.__name__} (or a {parent_class.__name__}, upgraded with hf-align's defaults), "
         f"got {type(args).__name__}."

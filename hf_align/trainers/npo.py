@@ -134,14 +134,36 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
         if self.npo_loss_type == "simnpo" and self.npo_level != "sequence":
             raise ValueError("npo_loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
         if self.packing or self.padding_free:
-            raise ValueError("NPO scores each forget sequence on its own: packing and padding_free must be False.")
+            raise UserError(
+                "NPO scores each forget sequence on its own (one log-ratio against the reference per example): "
+                "packing and padding_free join sequences, so they must be False."
+            )
+        if self.label_smoothing_factor:
+            raise UserError("label_smoothing_factor: NPO's loss is not an NLL, there is nothing to smooth; set 0.")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Data
 
 
-FORGET_COLUMNS = LANGUAGE_MODELING  # after to_forget_format (a preference dataset's `rejected` is the completion)
+FORGET_COLUMNS = (*LANGUAGE_MODELING, ("conversations",))  # after to_forget_format
+"""Forget data as text (``conversations``: ShareGPT's from/value turns, converted by SFT); pre-tokenized data
+(``input_ids``) and data read through a ``formatting_func`` are taken as ``trl.SFTTrainer`` takes them."""
+
+
+def check_forget_dataset(dataset, formatting_func=None):
+    """``dataset`` as NPO trains on it (preference pairs → their ``rejected``), checked before any model work: one
+    of :data:`FORGET_COLUMNS`, or anything SFT prepares itself (``input_ids``; any columns a ``formatting_func``
+    reads)."""
+    if dataset is None:
+        return None
+    if formatting_func is not None:  # SFT formats first: the columns are the function's business
+        check_dataset(dataset, "train_dataset (forget data)")
+        return dataset
+    dataset = to_forget_format(dataset)
+    pretokenized = "input_ids" in column_names(dataset)  # SFT trains on input_ids and ignores text columns
+    check_dataset(dataset, "train_dataset (forget data)", None if pretokenized else FORGET_COLUMNS)
+    return dataset
 
 
 def to_forget_format(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
@@ -217,7 +239,12 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         peft_config=None,
         **kwargs,
     ):
-        args = resolve_args(args, NPOConfig, SFTConfig, model, self._name)
+        # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
+        # Checked before any model is loaded: bad data costs nothing.
+        train_dataset = check_forget_dataset(train_dataset, kwargs.get("formatting_func"))
+        args = resolve_args(args, NPOConfig, SFTConfig, model, self._name, training_arguments=True)
+        if kwargs.get("compute_loss_func") is not None:
+            raise UserError("compute_loss_func: NPOTrainer computes the NPO loss itself; subclass and override it.")
         second_forward = retain_dataset is not None  # the retain term: a second forward with gradients per step
         model, ref_model = self._load_and_mask(
             model,
@@ -229,9 +256,6 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             deltas_reference=False,
             second_forward=second_forward,
         )  # NPO chooses its own reference (``_choose_reference``)
-        # SFT decides completion-only loss from the raw columns: give it the forget view (prompt + completion).
-        train_dataset = to_forget_format(train_dataset) if train_dataset is not None else None
-        check_dataset(train_dataset, "train_dataset (forget data)", FORGET_COLUMNS)
 
         self._init_library_trainer(
             model,
@@ -376,7 +400,8 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """SFT's tokenization (no truncation yet), then per-token weights checked per row, then truncation."""
-        dataset = to_forget_format(dataset)
+        if formatting_func is None:  # a formatting function reads the columns as given
+            dataset = to_forget_format(dataset)
         names = column_names(dataset)
         present = check_weight_columns(names, allowed=("completion_weights",))
         untruncated = copy.copy(args)
@@ -478,6 +503,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         ref_column = inputs.pop(REF_COLUMN, None)
         labels = inputs["labels"]
         outputs = model(**self._model_inputs(inputs), labels=labels, fused_lm_head=True, use_cache=False)
+        self._log_sft_metrics(outputs, inputs, mode)
         logps = outputs.log_probs[:, -(labels.size(1) - 1) :]
         completion = (labels[:, 1:] != -100).to(logps.dtype)
         weights = completion if token_weights is None else token_weights[:, 1:].to(logps) * completion
@@ -497,6 +523,8 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
                 forget_loss = per_example.mean()
             metrics["forget/logratio"] = logratio.detach().mean()
         loss = forget_loss
+        if self.aux_loss_enabled:  # SFT's MoE load-balancing loss (its forward only: the forget batch's routing)
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
         if mode == "train" and self.retain_dataset is not None and args.retain_weight > 0:
             retain = self._retain_loss(model)
             loss = loss + args.retain_weight * retain
@@ -509,4 +537,30 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             metrics["forget/weighted_token_fraction"] = (weights != 0).sum() / num_completion
             for key, value in metrics.items():
                 self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.float()).mean().item())
+        if return_outputs:  # as SFT: compute_metrics needs the logits, which the fused head does not build
+            warnings.warn(
+                "`return_outputs=True`, and the logits it passes to `compute_metrics` and "
+                "`preprocess_logits_for_metrics`, are deprecated in trl.SFTTrainer (whose NPOTrainer follows): the "
+                "fused LM head does not build the logits, so they are recomputed with an extra forward pass.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                outputs = model(**self._model_inputs(inputs), use_cache=False)
         return (loss, outputs) if return_outputs else loss
+
+    def _log_sft_metrics(self, outputs, inputs: dict, mode: str) -> None:
+        """What ``trl.SFTTrainer.compute_loss`` logs beside its loss, from the same fused-head outputs: ``entropy``
+        and ``mean_token_accuracy`` over the labelled tokens, ``num_tokens`` seen in training, and the MoE
+        ``aux_loss``. Kept so SFT's metric names (``metric_for_best_model``, dashboards) work unchanged."""
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(outputs.label_mask.sum()).sum()
+        for key, per_token in (("entropy", outputs.entropy), ("mean_token_accuracy", outputs.is_top1)):
+            if per_token is not None:  # computed by the fused head SFT adds to the policy
+                total = gather(per_token.detach().float().sum()).sum()
+                self._metrics[mode][key].append((total / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())

@@ -118,7 +118,7 @@ TRAINERS: dict[str, TrainerSpec] = {
                 "2404.05868",
                 ("npo",),
             ),
-            columns=(*LANGUAGE_MODELING, ("prompt", "rejected")),
+            columns=(*LANGUAGE_MODELING, ("conversations",), ("input_ids",), ("prompt", "rejected")),
             weight_columns=("completion_weights", "rejected_weights"),
             tags=("trl", "hf-align", "npo"),
             masked=True,

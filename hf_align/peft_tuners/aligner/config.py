@@ -50,7 +50,8 @@ class AlignerConfig(PeftConfig):
 
     Trainable parameters: ``N * d + (L - start_layer) * H`` with ``N = num_tokens``, ``d`` the hidden
     size, ``L`` the number of layers and ``H`` the number of attention heads (``len(layers_to_transform) * H``
-    when an explicit layer list is given). With ``gate_init=0`` the adapted model equals the base model.
+    when an explicit layer list is given). With ``gate_init=0`` and ``init_weights=True`` (the defaults) the
+    adapted model equals the base model.
 
     Example::
 
@@ -72,6 +73,14 @@ class AlignerConfig(PeftConfig):
     gate_init: float = field(
         default=0.0,
         metadata={"help": "Initial value of every per-head gate; 0 makes the adapted model equal the base model."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "PEFT's common init switch: True starts every gate at `gate_init` (0 by default: the adapted "
+            "model equals the base model); False draws each gate from N(gate_init, 1), a non-identity start, as "
+            "PEFT's own tests request it of every tuner."
+        },
     )
     token_init_std: float = field(
         default=1.0,
@@ -111,6 +120,8 @@ class AlignerConfig(PeftConfig):
                     f"got {self.layers_to_transform!r}."
                 )
             self.layers_to_transform = sorted(set(layers))
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"AlignerConfig.init_weights must be True or False, got {self.init_weights!r}.")
         if self.token_init_std < 0:
             raise ValueError(f"AlignerConfig.token_init_std must be >= 0, got {self.token_init_std!r}.")
 

@@ -154,12 +154,15 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, config, token_owner)
 
     def update_layer(self, adapter_name: str, config, token_owner: AlignerAttention | None) -> None:
-        """Add ``adapter_name``: a zero (``gate_init``) gate here, and the tokens here if this is the first layer."""
+        """Add ``adapter_name``: a ``gate_init`` gate here (random around it with ``init_weights=False``), and the
+        tokens here if this is the first layer."""
         attn = self.base_layer
         device = attn.k_proj.weight.device
         num_heads = attn.config.num_attention_heads
         hidden_size = attn.config.hidden_size
-        self.aligner_gate[adapter_name] = AlignerGate(num_heads, config.gate_init, device=device)
+        self.aligner_gate[adapter_name] = gate = AlignerGate(num_heads, config.gate_init, device=device)
+        if not getattr(config, "init_weights", True):  # PEFT's request for a non-identity start
+            nn.init.normal_(gate.weight, mean=config.gate_init, std=1.0)
         if token_owner is None:
             tokens = nn.Embedding(config.num_tokens, hidden_size, device=device, dtype=torch.float32)
             nn.init.normal_(tokens.weight, mean=0.0, std=config.token_init_std)
