@@ -75,7 +75,10 @@ RANGES: dict[str, Range] = {
     "generation_batch_size": AT_LEAST_ONE,
     # feedback pool
     "num_quantiles": AT_LEAST_ONE,
-    "num_iterations": AT_LEAST_ONE,
+    "num_rounds": AT_LEAST_ONE,
+    "prompts_per_round": AT_LEAST_ONE,
+    "steps_per_round": AT_LEAST_ONE,
+    "num_iterations": AT_LEAST_ONE,  # deprecated feedback names, checked until they go
     "prompts_per_iteration": AT_LEAST_ONE,
     "steps_per_iteration": AT_LEAST_ONE,
     "max_samples_per_prompt": AT_LEAST_ONE,
@@ -183,7 +186,7 @@ def check_config_values(config) -> None:
             if value is None:
                 raise _type_error(config, field.name, value, f"a {kind} (it cannot be None)")
             _check_type(config, field.name, value, kind)
-        rule = RANGES.get(field.name)
+        rule = field.metadata.get("range", RANGES.get(field.name))  # a field's own range overrides the table
         if rule is not None and _is_number(value) and not rule.holds(value):
             raise ValueError(f"{type(config).__name__}.{field.name} must be {rule.describe()}, got {value!r}.")
     if getattr(config, "learning_rate", None) == 0:

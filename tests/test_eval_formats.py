@@ -13,7 +13,7 @@ from datasets import Dataset
 
 from hf_align import testbed
 from hf_align.cli import main as cli_main
-from hf_align.evaluation import evaluate_model, eval_prompts, retain_perplexity, sample
+from hf_align.evaluation import eval_prompts, evaluate_model, retain_perplexity, sample
 
 
 @pytest.fixture(scope="module")

@@ -88,13 +88,13 @@ SAME_CONCEPT = {
     "repetition_penalty", "generation_kwargs", "reward_weights", "generation_batch_size", "use_vllm", "vllm_mode",
     "vllm_gpu_memory_utilization", "entropy_coef", "remove_unused_columns",
 }  # fmt: skip
-RENAMED = {
-    "max_new_tokens": ("max_completion_length", 7),
-    "kl_coef": ("beta", 0.2),
-    "num_iterations": ("num_rounds", 3),
-    "steps_per_iteration": ("steps_per_round", 5),
-    "prompts_per_iteration": ("prompts_per_round", 6),
-    "unconditioned_first_iteration": ("unconditioned_first_round", False),
+RENAMED = {  # old: (new, a value, another value), neither the default
+    "max_new_tokens": ("max_completion_length", 7, 9),
+    "kl_coef": ("beta", 0.2, 0.3),
+    "num_iterations": ("num_rounds", 3, 4),
+    "steps_per_iteration": ("steps_per_round", 5, 6),
+    "prompts_per_iteration": ("prompts_per_round", 6, 7),
+    "unconditioned_first_iteration": ("unconditioned_first_round", False, True),
 }
 
 
@@ -110,20 +110,21 @@ def test_grpo_names_exist_and_shared_names_are_the_same_concept():
 
 @pytest.mark.parametrize("old", sorted(RENAMED))
 def test_old_names_still_work_for_one_release_with_a_one_line_future_warning(tmp_path, old):
-    new, value = RENAMED[old]
+    new, value, other = RENAMED[old]
     with pytest.warns(FutureWarning) as caught:
         config = FeedbackConditionedConfig(output_dir=str(tmp_path), **{old: value})
     messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert any(f"{old} → {new}" in m and "\n" not in m for m in messages), messages
     assert getattr(config, new) == value
     with pytest.raises(ValueError, match=f"{old}.*{new}"):
-        FeedbackConditionedConfig(output_dir=str(tmp_path), **{old: value, new: RENAMED[old][1] or True})
+        FeedbackConditionedConfig(output_dir=str(tmp_path), **{old: other, new: value})
 
 
 def test_new_names_do_not_warn(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         config = FeedbackConditionedConfig(output_dir=str(tmp_path), beta=0.0, max_completion_length=3, num_rounds=2)
+    assert not [w for w in caught if "FeedbackConditionedConfig" in str(w.message)]
     assert config.beta == 0.0 and config.max_completion_length == 3 and config.num_rounds == 2
 
 
