@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from hf_align.errors import UserError
+
 
 RewardFunc = Callable[..., Sequence[Any]]
 
@@ -49,6 +51,7 @@ __all__ = [
     "RewardFunc",
     "RewardModelScorer",
     "as_score",
+    "check_reward_weights",
     "check_scores",
     "import_callable",
     "resolve_reward",
@@ -203,6 +206,15 @@ def check_scores(values: Sequence[Any], count: int, source: str, allow_none: boo
     return [as_score(v, i, source, allow_none) for i, v in enumerate(values)]
 
 
+def check_reward_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """GRPO's ``reward_weights``: one per reward function (``None``: all 1), else a one-line error."""
+    if weights is None:
+        return [1.0] * count
+    if len(weights) != count:
+        raise UserError(f"reward_weights has {len(weights)} entries for {count} reward functions.")
+    return [float(w) for w in weights]
+
+
 def _call(func: RewardFunc, **kwargs: Any) -> Sequence[Any]:
     """A reward function's output; an ``async def`` one is run to completion (GRPO awaits those)."""
     from trl.trainer.utils import is_async_callable
@@ -229,7 +241,7 @@ def score_completions(
     completion no function scored has total ``None``.
     """
     names = list(names) if names is not None else [reward_name(f) for f in reward_funcs]
-    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(reward_funcs)
+    weights = check_reward_weights(weights, len(reward_funcs))
     per_func = [
         check_scores(_call(func, prompts=list(prompts), completions=list(completions), **columns),
                      len(completions), f"Reward function {name!r}", allow_none=True)

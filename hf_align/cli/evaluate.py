@@ -5,11 +5,13 @@
 
 * ``--reward``: ``testbed``, ``package.module:function`` or ``package.module.function`` (a TRL-GRPO-style
   ``f(prompts, completions, **kw)``) or a reward-model folder/Hub id (:mod:`hf_align.rewards`: scored as in
-  TRL's GRPO and in ``hf-align feedback``, chat template included); repeat it to sum several.
+  TRL's GRPO and in ``hf-align feedback``, chat template included); repeat it for several, each reported by
+  name; ``--reward_weights`` adds their weighted sum.
 * ``--reference_model``: win rate (its samples on the same prompts with the same seed) and
   KL(policy‖reference) on the policy's samples. With ``--adapter`` and no reference, the base model is the
   reference.
-* ``--retain_dataset``: perplexity of its ``completion`` column given ``prompt`` (or of a ``text`` column).
+* ``--retain_dataset``: perplexity on any format the trainers take (``text``/``messages``, ``prompt`` +
+  ``completion`` or ``chosen``; strings or messages), see :func:`hf_align.evaluation.retain_texts`.
 
 Same arguments and seed ⇒ the same JSON, byte for byte. The JSON is written atomically; a table is printed.
 """
@@ -39,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward",
         action="append",
         default=None,
-        help="'testbed', 'package.module:function' or a reward model; repeat to sum several.",
+        help="'testbed', 'package.module:function' or a reward model; repeat for several (each reported by name).",
+    )
+    parser.add_argument(
+        "--reward_weights", type=float, nargs="+", default=None, help="One weight per --reward: report their sum."
     )
     parser.add_argument(
         "--reference_model", default=None, help="Reference for win rate and KL (folder, id, 'testbed')."
@@ -72,13 +77,6 @@ def _load_model(name: str, adapter: str | None = None):
     return model.eval()
 
 
-def _column(dataset, column: str, source: str) -> list[Any]:
-    from hf_align.cli.common import require_columns
-
-    require_columns(dataset, [column], source)
-    return list(dataset[column])
-
-
 def _load_split(name: str, split_name: str, limit: int | None, source: str, config: str | None = None):
     from hf_align.cli.common import load_dataset_any, split
 
@@ -94,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from hf_align.cli.common import refuse_existing_output, resolve_model_path
-    from hf_align.evaluation import evaluate_model, format_table
+    from hf_align.evaluation import eval_prompts, evaluate_model, format_table, retain_format
     from hf_align.io import write_json
     from hf_align.rewards import resolve_reward_funcs
 
@@ -106,26 +104,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Cheap checks first: a bad reward name or column fails before any model is loaded.
     funcs, names = resolve_reward_funcs(args.reward) if args.reward else ([], [])
     dataset = _load_split(args.dataset_name, args.dataset_split, args.num_prompts, "dataset_name", args.dataset_config)
-    prompts = _column(dataset, args.prompt_column, f"dataset_name {args.dataset_name!r}")
-    extra = {c: list(dataset[c]) for c in dataset.column_names if c != args.prompt_column}
+    prompts, extra = eval_prompts(dataset, args.prompt_column, f"dataset_name {args.dataset_name!r}")
     retain = None
     if args.retain_dataset:
-        retain_ds = _load_split(args.retain_dataset, args.retain_split, args.num_retain, "retain_dataset")
-        source = f"retain_dataset {args.retain_dataset!r}"
-        if "text" in retain_ds.column_names and "completion" not in retain_ds.column_names:
-            retain = {"prompts": None, "completions": _column(retain_ds, "text", source)}
-        else:
-            if "completion" not in retain_ds.column_names:
-                raise ValueError(
-                    f"{source}: needs 'prompt' + 'completion' columns (or a 'text' column); "
-                    f"found {retain_ds.column_names}."
-                )
-            retain = {
-                "prompts": _column(retain_ds, "prompt", source),
-                "completions": _column(retain_ds, "completion", source),
-            }
-            if any(isinstance(x, list) for x in retain["prompts"] + retain["completions"]):
-                raise ValueError(f"{source}: conversational retain data is not supported; use strings.")
+        retain = _load_split(args.retain_dataset, args.retain_split, args.num_retain, "retain_dataset")
+        retain_format(retain.column_names, f"retain_dataset {args.retain_dataset!r}")  # before any model loads
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model_name_or_path))
     if tokenizer.pad_token is None:
@@ -152,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         reward_columns=extra,
         progress=not args.no_progress,
+        reward_weights=args.reward_weights,
     )
     result = {
         "model": args.model_name_or_path,
@@ -160,6 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": {"name": args.dataset_name, "split": args.dataset_split, "prompt_column": args.prompt_column},
         "retain_dataset": args.retain_dataset,
         "reward": names,
+        "reward_weights": args.reward_weights,
         "generation": {
             "seed": args.seed,
             "max_new_tokens": args.max_new_tokens,

@@ -56,6 +56,7 @@ from hf_align.losses import token_kl
 from hf_align.rewards import (
     RewardFunc,
     as_score,
+    check_reward_weights,
     import_callable,
     resolve_reward_funcs,
     reward_name,
@@ -407,12 +408,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         if reward_funcs is None and args.reward_funcs:
             reward_funcs = list(args.reward_funcs)
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, "reward_funcs entry")
-        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions."
-            )
-        self.reward_weights = [float(w) for w in weights]
+        self.reward_weights = check_reward_weights(args.reward_weights, len(self.reward_funcs))
         if feedback_fn is None and args.feedback_fn:
             feedback_fn = import_callable(args.feedback_fn, "feedback_fn entry")
         self.feedback_fn = feedback_fn
@@ -661,7 +657,9 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         dataset's columns as keyword arguments); ``feedback_fn`` gets ``(prompts, completion texts)``."""
         if self.feedback_fn is None:
             if prompts and isinstance(prompts[0], list):
-                completions = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
+                completions = [
+                    c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions
+                ]
             grpo_kwargs = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": _ignore_extra}
             totals, per_func = score_completions(
                 self.reward_funcs, prompts, completions, self.reward_func_names, self.reward_weights,
