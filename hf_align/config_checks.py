@@ -186,7 +186,7 @@ def check_config_values(config) -> None:
             if value is None:
                 raise _type_error(config, field.name, value, f"a {kind} (it cannot be None)")
             _check_type(config, field.name, value, kind)
-        rule = field.metadata.get("range", RANGES.get(field.name))  # a field's own range overrides the table
+        rule = getattr(config, "RANGE_OVERRIDES", {}).get(field.name, RANGES.get(field.name))  # a class's own first
         if rule is not None and _is_number(value) and not rule.holds(value):
             raise ValueError(f"{type(config).__name__}.{field.name} must be {rule.describe()}, got {value!r}.")
     if getattr(config, "learning_rate", None) == 0:

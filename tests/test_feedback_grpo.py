@@ -304,3 +304,29 @@ def test_clipped_ratio_counts_completions_without_eos(tmp_path):
     eos = trainer.processing_class.eos_token_id
     expected = np.mean([ids[-1] != eos for ids in seen["ids"]])
     assert trainer._metrics["train/completions/clipped_ratio"][-1] == pytest.approx(expected)
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+
+
+def test_cli_runs_a_grpo_doc_reward_function_unchanged_and_takes_the_old_flags(tmp_path, monkeypatch):
+    from hf_align.cli import main
+    from hf_align.data_pool import DataPool
+
+    (tmp_path / "my_grpo_rewards.py").write_text(
+        "def reward_len(completions, **kwargs):\n    return [-abs(20 - len(completion)) for completion in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    argv = [
+        "feedback", "--no_launch", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts",
+        "--reward_funcs", "my_grpo_rewards:reward_len", "--per_device_train_batch_size", "2", "--use_cpu", "true",
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+        "--num_rounds", "1", "--steps_per_round", "2", "--prompts_per_round", "4", "--num_generations", "2",
+        "--max_new_tokens", "3", "--beta", "0", "--output_dir", str(out),
+    ]  # fmt: skip
+    with pytest.warns(FutureWarning, match="max_new_tokens → max_completion_length"):
+        assert main(argv) == 0
+    pool = DataPool.load(out / "data_pool")
+    assert len(pool) == 8 and pool.score.tolist() == [-abs(20 - len(c)) for c in pool.completion]
+    assert pool.length.max() <= 3

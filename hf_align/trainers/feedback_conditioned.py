@@ -169,8 +169,7 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
         default=0.05,
         metadata={
             "help": "KL coefficient (GRPO's name; was kl_coef): weight of the token-level KL(policy || reference) on "
-            "generation tokens. 0 loads no reference model.",
-            "range": NON_NEGATIVE,
+            "generation tokens. 0 loads no reference model."
         },
     )
     entropy_coef: float = field(
@@ -292,6 +291,7 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
     )
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["generation_kwargs"]
+    RANGE_OVERRIDES = {"beta": NON_NEGATIVE}  # a KL weight may be 0 (DPO's beta may not)
 
     def __post_init__(self):
         _move_renamed_fields(self, RENAMED_FIELDS)
