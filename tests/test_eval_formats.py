@@ -50,7 +50,7 @@ def test_conversational_prompt_completion_retain_set(tb):
         assert full[: len(prompt)] == prompt
         parts.append(_nll(tb.model, full, len(prompt)))  # the completion and the template's end-of-turn (EOS)
     result = retain_perplexity(tb.model, tok, data, "retain_dataset 'x'")
-    assert result["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-9)
+    assert result["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-5)
     assert result["tokens"] == sum(c for _, c in parts)
 
 
@@ -62,7 +62,7 @@ def test_conversational_language_modeling_retain_set(tb):
         ids = [tok.bos_token_id] + tok(f"<|user|>{p}<|assistant|>{c}<|eos|>", add_special_tokens=False)["input_ids"]
         parts.append(_nll(tb.model, ids, 1))  # after a BOS; the template's EOS ends it (no second EOS)
     result = retain_perplexity(tb.model, tok, Dataset.from_dict({"messages": messages}), "retain_dataset 'x'")
-    assert result["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-9)
+    assert result["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-5)
 
 
 @pytest.mark.parametrize("implicit", [False, True])
@@ -89,7 +89,7 @@ def test_preference_retain_set_scores_the_chosen_completion(tb, implicit):
         completion = tok(c, add_special_tokens=False)["input_ids"] + ([] if implicit else [tok.eos_token_id])
         parts.append(_nll(tb.model, prompt + completion, len(prompt)))
     result = retain_perplexity(tb.model, tok, data, "retain_dataset 'x'")
-    assert result["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-9)
+    assert result["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-5)
 
 
 def test_standard_and_text_retain_sets_unchanged(tb):
@@ -101,14 +101,14 @@ def test_standard_and_text_retain_sets_unchanged(tb):
         parts.append(
             _nll(tb.model, prompt + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], len(prompt))
         )
-    assert retain_perplexity(tb.model, tok, data, "r")["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-9)
+    assert retain_perplexity(tb.model, tok, data, "r")["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-5)
     texts = [p + c for p, c in PAIRS]
     parts = [
         _nll(tb.model, [tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], 1)
         for t in texts
     ]
     result = retain_perplexity(tb.model, tok, Dataset.from_dict({"text": texts}), "r")
-    assert result["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-9)
+    assert result["perplexity"] == pytest.approx(_corpus_ppl(parts), rel=1e-5)
 
 
 def test_retain_set_without_a_known_format_is_one_line_naming_it(tb):
@@ -140,8 +140,8 @@ def length_reward(completions, **kwargs):
 
 
 def test_each_reward_by_name_and_the_sum_only_with_weights(tb):
-    prompts = list(testbed.prompt_dataset(12)["prompt"])
-    kwargs = dict(seed=5, max_new_tokens=6, batch_size=8)
+    prompts = list(testbed.prompt_dataset(8)["prompt"])
+    kwargs = dict(seed=5, max_new_tokens=4, batch_size=8)
     completions = sample(tb.model, tb.tokenizer, prompts, **kwargs)
     r1, r2 = testbed.reward(prompts, completions), length_reward(completions)
 
