@@ -15,13 +15,7 @@ from hf_align.testbed import load_random_tiny, load_tokenizer
 from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on the shared CI cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(tmp_path, **overrides):

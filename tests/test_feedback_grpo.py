@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig
@@ -44,12 +43,7 @@ def ground_truth_reward(completions, ground_truth, **kwargs):
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(tmp_path, **overrides):
