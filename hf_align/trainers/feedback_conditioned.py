@@ -67,6 +67,8 @@ from hf_align.trainers._model_copy import reference_copy
 
 
 POOL_DIR = "data_pool"
+SAMPLED = ("prompt", "completion", "completion_ids")
+"""Dataset columns reward functions do not get as such (GRPO's rule): the sampled values stand in their place."""
 
 RENAMED_FIELDS = {
     "kl_coef": "beta",
@@ -552,7 +554,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         completions, completion_ids = self._sample(prompts, feedback, seed=args.seed * 100_003 + iteration)
         t1 = time.perf_counter()
         extra = (
-            {k: [row[k] for row in rows for _ in range(args.num_generations)] for k in rows[0] if k != "prompt"}
+            {k: [row[k] for row in rows for _ in range(args.num_generations)] for k in rows[0] if k not in SAMPLED}
             if rows
             else {}
         )
