@@ -199,3 +199,13 @@ def test_cli_conversational_retain_set_and_reward_weights(tmp_path, tb):
     assert metrics["perplexity"] > 1 and metrics["retain_tokens"] == sum(len(c) + 1 for _, c in PAIRS)
     rewards = metrics["rewards"]
     assert metrics["mean_reward"] == pytest.approx(rewards["reward"]["mean"] + 0.25 * rewards["length_reward"]["mean"])
+
+
+def test_cli_refuses_a_weight_count_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import hf_align.cli.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["eval", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts", "--reward", "testbed",
+            "--reward_weights", "1", "2", "--output", str(tmp_path / "r.json")]  # fmt: skip
+    assert cli_main(argv) == 2
+    assert "reward_weights has 2 entries for 1 reward functions" in capsys.readouterr().err

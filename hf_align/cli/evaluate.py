@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from hf_align.cli.common import refuse_existing_output, resolve_model_path
     from hf_align.evaluation import eval_prompts, evaluate_model, format_table, retain_format
     from hf_align.io import write_json
-    from hf_align.rewards import resolve_reward_funcs
+    from hf_align.rewards import check_reward_weights, resolve_reward_funcs
 
     refuse_existing_output(args.output, "--output", args.overwrite)
     if args.num_prompts is not None and args.num_prompts < 1:
@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--max_new_tokens must be ≥ 1, got {args.max_new_tokens}.")
     # Cheap checks first: a bad reward name or column fails before any model is loaded.
     funcs, names = resolve_reward_funcs(args.reward) if args.reward else ([], [])
+    if args.reward_weights is not None:
+        check_reward_weights(args.reward_weights, len(funcs))
     dataset = _load_split(args.dataset_name, args.dataset_split, args.num_prompts, "dataset_name", args.dataset_config)
     prompts, extra = eval_prompts(dataset, args.prompt_column, f"dataset_name {args.dataset_name!r}")
     retain = None
