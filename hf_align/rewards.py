@@ -23,7 +23,6 @@ import importlib
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,11 +69,11 @@ def import_callable(spec: str, what: str = "reward") -> Callable:
     try:
         if not module_name or not attr:
             raise ValueError("no module or no function name")
-        if os.getcwd() not in sys.path:  # as TRL's grpo.py: the user's own module next to them (searched last)
-            sys.path.append(os.getcwd())
         func = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, ModuleNotFoundError) and os.path.exists(f"{module_name.split('.')[0]}.py"):
+            message += " (the current folder is never on the import path: PYTHONPATH=. to use it, see SECURITY.md)"
         raise ValueError(f"{what} {spec!r} cannot be imported ('package.module:function'): {message}") from None
     if not callable(func):
         raise ValueError(f"{what} {spec!r} is not callable.")

@@ -232,13 +232,20 @@ def test_none_rewards_follow_grpo(tmp_path):
     assert trainer.pool.score.tolist() == expected
 
 
-def test_reward_function_import_path_from_the_working_directory(tmp_path, monkeypatch):
-    """As trl's grpo.py script: a module next to the user (not installed) is importable by its dotted path."""
+def test_reward_function_import_path_from_the_working_directory_only_when_asked(tmp_path, monkeypatch):
+    """Unlike trl's grpo.py script, the current folder is never searched (SECURITY.md): a stray module there is not
+    imported, and the error says how to ask for it; on PYTHONPATH (``PYTHONPATH=.``) the same spec works."""
     (tmp_path / "my_rewards_for_hf_align.py").write_text(
         "def reward_len(completions, **kwargs):\n    return [-abs(20 - len(completion)) for completion in completions]\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    with pytest.raises(ValueError, match="never on the import path: PYTHONPATH=."):
+        FeedbackConditionedTrainer(
+            _tiny(), _config(tmp_path, reward_funcs=["my_rewards_for_hf_align:reward_len"]), PROMPTS,
+            processing_class=load_tokenizer(),
+        )  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
     config = _config(tmp_path, reward_funcs=["my_rewards_for_hf_align:reward_len"])
     trainer = FeedbackConditionedTrainer(_tiny(), config, PROMPTS, processing_class=load_tokenizer())
     assert trainer.reward_func_names == ["reward_len"]
@@ -311,6 +318,7 @@ def test_cli_runs_a_grpo_doc_reward_function_unchanged_and_takes_the_old_flags(t
         "def reward_len(completions, **kwargs):\n    return [-abs(20 - len(completion)) for completion in completions]\n"
     )
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # PYTHONPATH=. : the current folder is never searched otherwise
     out = tmp_path / "out"
     argv = [
         "feedback", "--no_launch", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts",
