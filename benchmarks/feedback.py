@@ -37,14 +37,14 @@ def iteration_split(quick: bool) -> dict:
             save_strategy="no",
             use_cpu=True,
             disable_tqdm=True,
-            num_iterations=2,
-            steps_per_iteration=steps,
-            prompts_per_iteration=64 if quick else 256,
+            num_rounds=2,
+            steps_per_round=steps,
+            prompts_per_round=64 if quick else 256,
             num_generations=4,
-            max_new_tokens=6,
+            max_completion_length=6,
             per_device_train_batch_size=16,
             learning_rate=1e-3,
-            kl_coef=0.05,
+            beta=0.05,
             balance_lengths=True,
             feedback_template="{feedback}{prompt}",
             logging_steps=1000,
@@ -58,7 +58,7 @@ def iteration_split(quick: bool) -> dict:
         parts = {k: t.get(k, 0.0) for k in ("sampling_s", "feedback_s", "pool_add_s", "pool_sample_s", "training_s")}
         total = sum(parts.values())
         rows.append({**{k: t[k] for k in ("iteration", "pool_size", "mean_score")}, **parts, "total_s": total})
-    return {"steps_per_iteration": steps, "prompts_per_iteration": config.prompts_per_iteration, "iterations": rows}
+    return {"steps_per_round": steps, "prompts_per_round": config.prompts_per_round, "iterations": rows}
 
 
 def pool_scaling(sizes: list[int], add_batch: int = 1000) -> list[dict]:
@@ -110,7 +110,7 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
     split = iteration_split(args.quick)
-    print(f"\nOne iteration ({split['prompts_per_iteration']} prompts x 4, {split['steps_per_iteration']} steps)")
+    print(f"\nOne iteration ({split['prompts_per_round']} prompts x 4, {split['steps_per_round']} steps)")
     header = [
         "iteration",
         "pool_size",

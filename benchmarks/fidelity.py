@@ -175,9 +175,9 @@ def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
 
     config = FeedbackConditionedConfig(
         output_dir=out, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed,
-        num_iterations=cfg["fb_iterations"], steps_per_iteration=cfg["fb_steps"],
-        prompts_per_iteration=cfg["fb_prompts"], num_generations=4, max_new_tokens=6, per_device_train_batch_size=32,
-        learning_rate=1e-3, lr_scheduler_type="constant", kl_coef=0.0, num_quantiles=5,
+        num_rounds=cfg["fb_iterations"], steps_per_round=cfg["fb_steps"],
+        prompts_per_round=cfg["fb_prompts"], num_generations=4, max_completion_length=6, per_device_train_batch_size=32,
+        learning_rate=1e-3, lr_scheduler_type="constant", beta=0.0, num_quantiles=5,
         feedback_template="{feedback}{prompt}", logging_steps=1000,
     )  # fmt: skip
     prompts = evaluator.prompts
@@ -202,7 +202,7 @@ def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
             self.record(0)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % config.steps_per_iteration == 0:
+            if state.global_step % config.steps_per_round == 0:
                 self.record(state.global_step)
 
     trainer = FeedbackConditionedTrainer(

@@ -10,7 +10,10 @@ The numbers ``hf-align eval`` and ``benchmarks/fidelity.py`` report, as library 
 * :func:`sequence_kl` — KL(πθ‖π_ref) estimated on the policy's samples:
   mean over samples of Σ_t (log πθ(y_t|x, y_<t) − log π_ref(y_t|x, y_<t)).
 * :func:`perplexity` — exp(Σ NLL / #tokens) over the completion tokens of a retain set (corpus level).
-* :func:`evaluate_model` — all of the above in one dictionary (what ``hf-align eval`` writes as JSON).
+* :func:`evaluate_model` — all of the above in one dictionary (what ``hf-align eval`` writes as JSON), each reward
+  by name and their weighted sum only when weights are given (or there is one reward).
+* :func:`eval_prompts` / :func:`retain_perplexity` — prompts and retain texts from every data format the trainers
+  take (standard or conversational; language modeling, prompt-completion, preference), rendered as TRL renders them.
 
 Perplexity is computed here rather than with ``evaluate.load("perplexity")``: that metric needs its
 script from the Hub (unavailable offline) and loads the model itself from a model id, so it cannot
@@ -25,8 +28,9 @@ from typing import Any
 
 import torch
 
-from hf_align.generation import sample
-from hf_align.rewards import RewardFunc, resolve_reward_funcs, reward_name, score_completions
+from hf_align.errors import UserError
+from hf_align.generation import sample, sample_ids
+from hf_align.rewards import RewardFunc, check_reward_weights, resolve_reward_funcs, score_completions
 
 
 # ------------------------------------------------------------------------------------------ comparisons
@@ -38,7 +42,7 @@ def win_rate(policy_rewards: Sequence[float], reference_rewards: Sequence[float]
         )
     if not policy_rewards:
         raise ValueError("win_rate: no rewards to compare.")
-    wins = sum(p > r for p, r in zip(policy_rewards, reference_rewards))
+    wins = sum(p > r for p, r in zip(policy_rewards, reference_rewards, strict=True))
     ties = sum(p == r for p, r in zip(policy_rewards, reference_rewards))
     n = len(policy_rewards)
     return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": n - wins - ties}
@@ -56,6 +60,76 @@ def prompt_texts(prompts: Sequence[Any], tokenizer) -> list[str]:
         else:
             raise ValueError(f"prompt {i} is a {type(prompt).__name__}; expected a string or a list of messages.")
     return out
+
+
+RETAIN_FORMATS = (
+    "a 'text' or 'messages' column, 'prompt' + 'completion', or 'chosen' (+ 'prompt') columns (strings or messages)"
+)
+
+
+def eval_prompts(dataset, prompt_column: str, source: str) -> tuple[list[Any], dict[str, list[Any]]]:
+    """The prompts (strings or messages) and the other columns (for the reward functions) of a prompt set: a
+    ``prompt_column``, or preference rows with the prompt inside ``chosen``/``rejected`` (TRL's implicit prompt)."""
+    columns = list(dataset.column_names)
+    if prompt_column in columns:
+        return list(dataset[prompt_column]), {c: list(dataset[c]) for c in columns if c != prompt_column}
+    if prompt_column == "prompt" and {"chosen", "rejected"} <= set(columns):
+        from trl.data_utils import extract_prompt
+
+        prompts = [extract_prompt({"chosen": c, "rejected": r})["prompt"] for c, r in
+                   zip(dataset["chosen"], dataset["rejected"], strict=True)]  # fmt: skip
+        return prompts, {c: list(dataset[c]) for c in columns}
+    raise UserError(
+        f"{source}: missing column(s) [{prompt_column!r}] (prompts as strings or messages, or 'chosen'/'rejected' "
+        f"with the prompt inside them); found {columns}."
+    )
+
+
+def retain_format(columns: Sequence[str], source: str) -> str:
+    """Which retain-set format ``columns`` hold (checked before any model is loaded), or a one-line error."""
+    present = set(columns)
+    if {"prompt", "completion"} <= present:
+        return "prompt_completion"
+    if "chosen" in present:
+        return "preference"
+    for kind in ("messages", "text"):
+        if kind in present:
+            return kind
+    raise UserError(f"{source}: no retain texts; expected {RETAIN_FORMATS}; found {list(columns)}.")
+
+
+def retain_texts(dataset, tokenizer, source: str) -> dict[str, Any]:
+    """``{"prompts", "completions", "append_eos"}`` for :func:`perplexity` from any retain format: conversational
+    rows through TRL's ``apply_chat_template`` (so the tokens scored are those SFT/NPO train on, the template's
+    end-of-turn included and no EOS added); preference rows score the chosen completion."""
+    from trl.data_utils import apply_chat_template, is_conversational, maybe_extract_prompt
+
+    kind = retain_format(dataset.column_names, source)
+    keys = {
+        "prompt_completion": ("prompt", "completion"),
+        "preference": ("prompt", "chosen", "rejected"),
+        "messages": ("messages",),
+        "text": ("text",),
+    }[kind]
+    rows = [{k: row[k] for k in keys if k in row} for row in dataset]
+    conversational = bool(rows) and is_conversational(maybe_extract_prompt(rows[0]))
+    if conversational:
+        rows = [apply_chat_template(maybe_extract_prompt(row), tokenizer) for row in rows]
+    if kind in ("messages", "text"):
+        return {"prompts": None, "completions": [r["text" if conversational else kind] for r in rows],
+                "append_eos": not conversational}  # fmt: skip
+    completion = "completion" if kind == "prompt_completion" else "chosen"
+    for i, row in enumerate(rows):
+        if not all(isinstance(row.get(k), str) for k in ("prompt", completion)):
+            raise UserError(f"{source}: row {i} has no text 'prompt' and {completion!r}; expected {RETAIN_FORMATS}.")
+    return {"prompts": [r["prompt"] for r in rows], "completions": [r[completion] for r in rows],
+            "append_eos": not conversational}  # fmt: skip
+
+
+def retain_perplexity(model, tokenizer, dataset, source: str, batch_size: int = 64) -> dict[str, float]:
+    """:func:`perplexity` of a retain set in any format the trainers take (:func:`retain_texts`)."""
+    texts = retain_texts(dataset, tokenizer, source)
+    return perplexity(model, tokenizer, texts["prompts"], texts["completions"], texts["append_eos"], batch_size)
 
 
 # ------------------------------------------------------------------------------------- log-probabilities
@@ -149,7 +223,8 @@ def perplexity(
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         rows = []
         for text in completions:
-            ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = ids if ids[:1] == bos else bos + ids  # a chat template may have written the BOS already
             ids = ids + ([tokenizer.eos_token_id] if append_eos else [])
             rows.append((ids[:1], ids[1:]))
     else:
@@ -165,6 +240,23 @@ def perplexity(
 
 
 # ------------------------------------------------------------------------------------------- together
+def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and (population) std over the values a reward function gave (``None`` = did not apply)."""
+    given = [v for v in values if v is not None]
+    if not given:
+        return None, None
+    mean = sum(given) / len(given)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in given) / len(given))
+
+
+def _compare(policy: Sequence[float | None], reference: Sequence[float | None]) -> dict[str, Any]:
+    """Reference mean and win rate over the prompts where both samples got a reward."""
+    pairs = [(p, r) for p, r in zip(policy, reference, strict=True) if p is not None and r is not None]
+    if not pairs:
+        return {"reference_mean": None, "win_rate": None, "wins": None, "ties": None, "losses": None}
+    return {"reference_mean": _stats([r for _, r in pairs])[0], **win_rate(*zip(*pairs))}
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -172,23 +264,34 @@ def evaluate_model(
     reward_funcs: Sequence[RewardFunc] | None = None,
     reward_names: Sequence[str] | None = None,
     reference_model=None,
-    retain: dict[str, Sequence[str] | None] | None = None,
+    retain: dict[str, Any] | Any | None = None,
     seed: int = 0,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     batch_size: int = 64,
     reward_columns: dict[str, Sequence[Any]] | None = None,
     progress: bool = False,
+    reward_weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Every metric of ``hf-align eval`` for one model; keys absent inputs would fill are ``None``.
 
-    ``retain``: ``{"prompts": [...] or None, "completions": [...]}`` for :func:`perplexity`.
-    ``reward_columns``: extra dataset columns passed to the reward functions as keyword arguments.
+    Rewards: each function under ``rewards[name]`` (mean, std and, with a reference, its win rate). Their weighted
+    sum (``mean_reward``, ``win_rate``, ...) only when ``reward_weights`` are given or there is one function:
+    unlike rewards are not added up unasked. Reward functions are called as TRL's GRPO calls them (conversational
+    completions as messages, ``completion_ids``, the dataset's ``reward_columns`` as keyword arguments).
+    ``retain``: a retain dataset in any format the trainers take (:func:`retain_texts`), or
+    ``{"prompts": [...] or None, "completions": [...]}`` for :func:`perplexity`.
     """
+    funcs = list(reward_funcs or [])
+    names = list(reward_names) if reward_names else resolve_reward_funcs(funcs)[1]
+    if reward_weights is not None:
+        reward_weights = check_reward_weights(reward_weights, len(funcs))
+    summed = bool(funcs) and (reward_weights is not None or len(funcs) == 1)
     texts = prompt_texts(prompts, tokenizer)
     conversational = any(isinstance(p, list) for p in prompts)
     kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
-    completions = sample(model, tokenizer, texts, progress=progress, desc="sampling policy", **kwargs)
+    completion_ids = sample_ids(model, tokenizer, texts, progress=progress, desc="sampling policy", **kwargs)
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
     result: dict[str, Any] = {
         "num_prompts": len(texts),
@@ -196,6 +299,7 @@ def evaluate_model(
         "mean_reward": None,
         "reward_std": None,
         "rewards": None,
+        "reward_weights": reward_weights,
         "reference_mean_reward": None,
         "win_rate": None,
         "wins": None,
@@ -208,29 +312,36 @@ def evaluate_model(
         "retain_tokens": None,
     }
 
-    def rewards_of(samples: list[str]) -> tuple[list[float], list[list[float]]]:
+    def rewards_of(samples: list[str], ids: list[list[int]]):
         shown = [[{"role": "assistant", "content": s}] for s in samples] if conversational else samples
-        return score_completions(reward_funcs, prompts, shown, names=reward_names, **(reward_columns or {}))
+        columns = {**(reward_columns or {}), "completion_ids": ids}
+        return score_completions(funcs, prompts, shown, names, reward_weights, **columns)
 
-    if reward_funcs:
-        totals, per_func = rewards_of(completions)
-        mean = sum(totals) / len(totals)
-        result["mean_reward"] = mean
-        result["reward_std"] = math.sqrt(sum((x - mean) ** 2 for x in totals) / len(totals))
-        names = list(reward_names) if reward_names else [reward_name(f) for f in reward_funcs]
-        result["rewards"] = {n: sum(v) / len(v) for n, v in zip(names, per_func)}
+    if funcs:
+        totals, per_func = rewards_of(completions, completion_ids)
+        result["rewards"] = {}
+        for name, values in zip(names, per_func, strict=True):
+            mean, std = _stats(values)
+            result["rewards"][name] = {"mean": mean, "std": std}
+        if summed:
+            result["mean_reward"], result["reward_std"] = _stats(totals)
     if reference_model is not None:
-        ref_completions = sample(
-            reference_model, tokenizer, texts, progress=progress, desc="sampling reference", **kwargs
-        )
-        if reward_funcs:
-            ref_totals, _ = rewards_of(ref_completions)
-            result["reference_mean_reward"] = sum(ref_totals) / len(ref_totals)
-            result.update(win_rate(totals, ref_totals))
+        ref_ids = sample_ids(reference_model, tokenizer, texts, progress=progress, desc="sampling reference", **kwargs)
+        if funcs:
+            ref_totals, ref_per_func = rewards_of(tokenizer.batch_decode(ref_ids, skip_special_tokens=True), ref_ids)
+            for name, values, ref_values in zip(names, per_func, ref_per_func, strict=True):
+                result["rewards"][name].update(_compare(values, ref_values))
+            if summed:
+                overall = _compare(totals, ref_totals)
+                result["reference_mean_reward"] = overall.pop("reference_mean")
+                result.update(overall)
         kl = sequence_kl(model, reference_model, tokenizer, texts, completions, max_new_tokens, batch_size)
         result.update(kl)
     if retain is not None:
-        ppl = perplexity(model, tokenizer, retain.get("prompts"), retain["completions"], batch_size=batch_size)
+        if not isinstance(retain, dict):
+            retain = retain_texts(retain, tokenizer, "retain dataset")
+        ppl = perplexity(model, tokenizer, retain.get("prompts"), retain["completions"],
+                         retain.get("append_eos", True), batch_size)  # fmt: skip
         result.update(perplexity=ppl["perplexity"], retain_nll=ppl["nll"], retain_tokens=ppl["tokens"])
     result["samples"] = [{"prompt": p, "completion": c} for p, c in zip(texts[:5], completions[:5])]
     return result
@@ -252,9 +363,12 @@ def format_table(result: dict[str, Any]) -> str:
         ("retain perplexity", result.get("perplexity")),
         ("mean generation length (tokens)", result.get("mean_length")),
     ]
-    for name, value in (result.get("rewards") or {}).items():
-        if len(result["rewards"]) > 1:
-            rows.insert(2, (f"  reward {name}", value))
+    per_reward = []
+    for name, stats in (result.get("rewards") or {}).items():
+        per_reward.append((f"reward {name}", stats["mean"]))
+        if stats.get("win_rate") is not None:
+            per_reward.append(("  win rate vs reference", stats["win_rate"]))
+    rows[1:1] = per_reward
 
     def fmt(v: Any) -> str:
         if v is None:
@@ -269,11 +383,15 @@ def format_table(result: dict[str, Any]) -> str:
 
 __all__ = [
     "completion_logprobs",
+    "eval_prompts",
     "evaluate_model",
     "format_table",
     "perplexity",
     "prompt_texts",
     "resolve_reward_funcs",
+    "retain_format",
+    "retain_perplexity",
+    "retain_texts",
     "sample",
     "score_completions",
     "sequence_kl",

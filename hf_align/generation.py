@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from trl.trainer.utils import pad
 
 
-__all__ = ["generate_texts", "sample", "sample_token_ids", "seeded", "until_eos", "vllm_generation"]
+__all__ = ["generate_texts", "sample", "sample_ids", "sample_token_ids", "seeded", "until_eos", "vllm_generation"]
 
 
 @contextmanager
@@ -108,7 +108,7 @@ def generate_texts(
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def sample(
+def sample_ids(
     model,
     tokenizer,
     prompts: Sequence[str],
@@ -119,25 +119,25 @@ def sample(
     batch_size: int = 64,
     progress: bool = False,
     desc: str = "sampling",
-) -> list[str]:
-    """Completions for ``prompts`` (text), batch ``i`` drawn with seed ``seed + i``: same seed ⇒ same samples,
-    whatever else runs before (``hf-align eval``'s protocol)."""
-    out: list[str] = []
+) -> list[list[int]]:
+    """Completion ids (up to and including EOS) for ``prompts`` (text), batch ``i`` drawn with seed ``seed + i``:
+    same seed ⇒ same samples, whatever else runs before (``hf-align eval``'s protocol)."""
+    out: list[list[int]] = []
     starts = range(0, len(prompts), batch_size)
     for i, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
+        chunk = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
         out.extend(
-            generate_texts(
-                model,
-                tokenizer,
-                list(prompts[start : start + batch_size]),
-                seed=seed + i,
-                batch_size=batch_size,
-                do_sample=do_sample,
-                temperature=temperature,
-                max_new_tokens=max_new_tokens,
+            sample_token_ids(
+                model, chunk, tokenizer.pad_token_id, tokenizer.eos_token_id, seed=seed + i, batch_size=batch_size,
+                do_sample=do_sample, temperature=temperature, max_new_tokens=max_new_tokens,
             )
-        )
+        )  # fmt: skip
     return out
+
+
+def sample(model, tokenizer, prompts: Sequence[str], **kwargs: Any) -> list[str]:
+    """The decoded completions (special tokens removed) of :func:`sample_ids`, same arguments."""
+    return tokenizer.batch_decode(sample_ids(model, tokenizer, prompts, **kwargs), skip_special_tokens=True)
 
 
 def vllm_generation(model, accelerator, processing_class, args: Any):
@@ -161,6 +161,9 @@ def vllm_generation(model, accelerator, processing_class, args: Any):
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
-        max_completion_length=args.max_new_tokens,
+        min_p=args.min_p or 0.0,
+        repetition_penalty=args.repetition_penalty,
+        max_completion_length=args.max_completion_length,
+        generation_kwargs=args.generation_kwargs,
         logprobs=None,
     )

@@ -6,15 +6,19 @@ number for the same completion whether it scores during training or in an evalua
 
 A reward spec is one of
 
-* a callable ``f(prompts, completions, **columns) -> list[float]`` (TRL GRPO's ``reward_funcs`` form);
-* ``"package.module:function"`` or ``"package.module.function"`` (as TRL's GRPO script writes it);
-* an alias from :data:`REWARD_ALIASES` (``"testbed"``), imported by name so core never imports the testbed;
+* a callable ``f(prompts, completions, **kwargs) -> list[float | None]`` (TRL GRPO's ``reward_funcs`` form,
+  ``async def`` too; see :func:`score_completions` for what it is called with);
+* ``"package.module:function"`` or ``"package.module.function"`` (as TRL's GRPO script writes it; a module in the
+  working directory is found too, as there);
+* an alias from :data:`REWARD_ALIASES` (``"testbed"`` and the names TRL's GRPO script knows, e.g.
+  ``"think_format_reward"``), imported by name so core never imports the testbed;
 * a folder (or cached Hub id ``owner/name``) of a one-logit ``AutoModelForSequenceClassification``, or such a
   model object: scored by :class:`RewardModelScorer` exactly as TRL's GRPO scores with a reward model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import math
 import os
@@ -29,7 +33,13 @@ from hf_align.errors import UserError
 
 RewardFunc = Callable[..., Sequence[Any]]
 
-REWARD_ALIASES = {"testbed": "hf_align.testbed:reward"}
+REWARD_ALIASES = {
+    "testbed": "hf_align.testbed:reward",
+    # the registry of TRL's GRPO script (trl/scripts/grpo.py), minus its one factory
+    "accuracy_reward": "trl.rewards:accuracy_reward",
+    "reasoning_accuracy_reward": "trl.rewards:reasoning_accuracy_reward",
+    "think_format_reward": "trl.rewards:think_format_reward",
+}
 """Short names for reward functions, resolved to their import path on use."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -40,6 +50,7 @@ __all__ = [
     "RewardFunc",
     "RewardModelScorer",
     "as_score",
+    "check_reward_weights",
     "check_scores",
     "import_callable",
     "resolve_reward",
@@ -61,6 +72,8 @@ def import_callable(spec: str, what: str = "reward") -> Callable:
         func = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, ModuleNotFoundError) and os.path.exists(f"{module_name.split('.')[0]}.py"):
+            message += " (the current folder is never on the import path: PYTHONPATH=. to use it, see SECURITY.md)"
         raise UserError(f"{what} {spec!r} cannot be imported ('package.module:function'): {message}") from None
     if not callable(func):
         raise UserError(f"{what} {spec!r} is not callable.")
@@ -89,7 +102,7 @@ class RewardModelScorer:
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.__name__ = name or get_config_model_id(model.config)
+        self.__name__ = (name or get_config_model_id(model.config)).rstrip("/").split("/")[-1]  # GRPO's name
 
     def texts(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[str]:
         """The strings the reward model reads, one per (prompt, completion)."""
@@ -157,12 +170,19 @@ def _load_reward_model(name: str, what: str) -> RewardModelScorer:
 def resolve_reward_funcs(
     specs: Any | Sequence[Any] | None, what: str = "reward"
 ) -> tuple[list[RewardFunc], list[str]]:
-    """Every spec resolved, with its name: the spec itself for strings, the function's or model's name else."""
+    """Every spec resolved, with its name as TRL's GRPO logs it (``rewards/<name>/mean``): the function's name, a
+    reward model's last path part. A name already taken gets ``_2``, ``_3``, ... so no two share a log key."""
     if specs is None:
         return [], []
     items = list(specs) if isinstance(specs, list | tuple) else [specs]
     funcs = [resolve_reward(item, what) for item in items]
-    names = [item if isinstance(item, str) else reward_name(f) for item, f in zip(items, funcs, strict=True)]
+    names: list[str] = []
+    for func in funcs:
+        name, n = reward_name(func), 1
+        while name in names:
+            n += 1
+            name = f"{reward_name(func)}_{n}"
+        names.append(name)
     return funcs, names
 
 
@@ -179,12 +199,31 @@ def as_score(value: Any, index: int, source: str, allow_none: bool = False) -> f
     return score
 
 
-def check_scores(values: Sequence[Any], count: int, source: str) -> list[float]:
-    """One finite float per completion from ``source`` (a function's output), or a ``ValueError`` saying why."""
+def check_scores(values: Sequence[Any], count: int, source: str, allow_none: bool = False) -> list[float | None]:
+    """One finite float (or, where allowed, ``None``) per completion from ``source`` (a function's output), or a
+    ``ValueError`` saying why."""
     values = list(values)
     if len(values) != count:
         raise ValueError(f"{source} returned {len(values)} scores for {count} completions.")
-    return [as_score(v, i, source) for i, v in enumerate(values)]
+    return [as_score(v, i, source, allow_none) for i, v in enumerate(values)]
+
+
+def check_reward_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """GRPO's ``reward_weights``: one per reward function (``None``: all 1), else a one-line error."""
+    if weights is None:
+        return [1.0] * count
+    if len(weights) != count:
+        raise UserError(f"reward_weights has {len(weights)} entries for {count} reward functions.")
+    return [float(w) for w in weights]
+
+
+def _call(func: RewardFunc, **kwargs: Any) -> Sequence[Any]:
+    """A reward function's output; an ``async def`` one is run to completion (GRPO awaits those)."""
+    from trl.trainer.utils import is_async_callable
+
+    if is_async_callable(func):
+        return asyncio.run(func(**kwargs))
+    return func(**kwargs)
 
 
 def score_completions(
@@ -194,14 +233,24 @@ def score_completions(
     names: Sequence[str] | None = None,
     weights: Sequence[float] | None = None,
     **columns: Any,
-) -> tuple[list[float], list[list[float]]]:
-    """Each function's checked rewards and their weighted sum per completion (TRL GRPO's default weights: 1)."""
+) -> tuple[list[float | None], list[list[float | None]]]:
+    """Each function's checked rewards and their weighted sum per completion, as TRL's GRPO computes them.
+
+    Every function is called as GRPO calls it: ``prompts=``, ``completions=`` (strings, or lists of messages for
+    conversational data) and ``**columns`` (the dataset's other columns, one value per completion, plus whatever
+    the caller adds: ``completion_ids``, ``trainer_state``, ``log_metric``, ``log_extra``). A ``None`` reward means
+    "does not apply": the sum is over the functions that scored (GRPO's ``nansum``, weights default 1), and a
+    completion no function scored has total ``None``.
+    """
     names = list(names) if names is not None else [reward_name(f) for f in reward_funcs]
-    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(reward_funcs)
+    weights = check_reward_weights(weights, len(reward_funcs))
     per_func = [
-        check_scores(func(prompts=list(prompts), completions=list(completions), **columns), len(completions),
-                     f"Reward function {name!r}")
+        check_scores(_call(func, prompts=list(prompts), completions=list(completions), **columns),
+                     len(completions), f"Reward function {name!r}", allow_none=True)
         for func, name in zip(reward_funcs, names, strict=True)
     ]  # fmt: skip
-    totals = [sum(w * v for w, v in zip(weights, vals, strict=True)) for vals in zip(*per_func)]
+    totals = []
+    for vals in zip(*per_func):
+        given = [w * v for w, v in zip(weights, vals, strict=True) if v is not None]
+        totals.append(sum(given) if given else None)
     return totals, per_func

@@ -28,3 +28,13 @@ def tiny_model():
     from hf_align.testbed import load_random_tiny
 
     return load_random_tiny("llama")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest single-threaded on the shared CI cores; the thread count is restored afterwards.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

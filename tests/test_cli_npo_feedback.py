@@ -22,11 +22,11 @@ TINY = [
     "--dataloader_num_workers", "0",
 ]  # fmt: skip
 FEEDBACK_TINY = [
-    "--num_iterations", "1",
-    "--steps_per_iteration", "2",
-    "--prompts_per_iteration", "4",
+    "--num_rounds", "1",
+    "--steps_per_round", "2",
+    "--prompts_per_round", "4",
     "--num_generations", "2",
-    "--max_new_tokens", "4",
+    "--max_completion_length", "4",
 ]  # fmt: skip
 
 

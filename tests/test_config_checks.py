@@ -56,10 +56,10 @@ BAD = [
     (FeedbackConditionedConfig, "top_p", 0.0, "in (0, 1]"),
     (FeedbackConditionedConfig, "temperature", 0.0, "in (0, inf]"),
     (FeedbackConditionedConfig, "top_k", -1, "in [0, inf]"),
-    (FeedbackConditionedConfig, "kl_coef", -1.0, "in [0, inf]"),
+    (FeedbackConditionedConfig, "beta", -1.0, "in [0, inf]"),
     (FeedbackConditionedConfig, "entropy_coef", math.inf, "a finite number"),
     (FeedbackConditionedConfig, "num_generations", 0, "in [1, inf]"),
-    (FeedbackConditionedConfig, "max_new_tokens", 0, "in [1, inf]"),
+    (FeedbackConditionedConfig, "max_completion_length", 0, "in [1, inf]"),
     (FeedbackConditionedConfig, "reward_weights", [1.0, "a"], "a list of numbers"),
     (FeedbackConditionedConfig, "quantile_words", "Good.", "a list of strings"),
     # choices declared in the field's metadata (were hand-written "must be one of" checks)

@@ -125,7 +125,7 @@ def test_mean_reward_matches_testbed_protocol(tb):
 
 def test_reward_resolution_and_bad_names():
     funcs, names = resolve_reward_funcs(["testbed", "hf_align.testbed:reward"])
-    assert names == ["testbed", "hf_align.testbed:reward"]
+    assert names == ["reward", "reward_2"]
     assert funcs[0](["2+3="], ["5"]) == [1.0] and funcs[1](["rev 12="], ["20"]) == [0.5]
     with pytest.raises(ValueError, match="unknown reward 'nosuch'.*testbed.*package.module:function"):
         resolve_reward_funcs("nosuch")

@@ -15,13 +15,7 @@ from hf_align.testbed import load_random_tiny, load_tokenizer
 from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on the shared CI cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(tmp_path, **overrides):
@@ -33,11 +27,11 @@ def _config(tmp_path, **overrides):
         dataloader_num_workers=0,
         disable_tqdm=True,
         per_device_train_batch_size=4,
-        num_iterations=2,
-        steps_per_iteration=2,
-        prompts_per_iteration=4,
+        num_rounds=2,
+        steps_per_round=2,
+        prompts_per_round=4,
         num_generations=2,
-        max_new_tokens=4,
+        max_completion_length=4,
         learning_rate=1e-3,
         logging_steps=1,
         seed=0,
@@ -112,7 +106,7 @@ def test_tokenizer_with_quantile_tokens_and_a_fresh_model_gets_the_rows(tmp_path
 @pytest.mark.parametrize("conversational", [False, True])
 def test_labels_mask_prompt_and_feedback_exactly(tmp_path, conversational):
     tokenizer = load_tokenizer()
-    config = _config(tmp_path, feedback_type="category", categories=["Good.", "Bad."], kl_coef=0.1)
+    config = _config(tmp_path, feedback_type="category", categories=["Good.", "Bad."], beta=0.1)
     trainer = FeedbackConditionedTrainer(
         _tiny(),
         config,
@@ -155,7 +149,7 @@ ROWS = [("12+3=", "15", "<|quantile_0|>"), ("rev 4821=", "1284", "<|quantile_4|>
 
 def test_loss_without_kl_and_entropy_is_conditional_nll(tmp_path):
     trainer = FeedbackConditionedTrainer(
-        _tiny(), _config(tmp_path, kl_coef=0.0), _offline_dataset(), processing_class=load_tokenizer()
+        _tiny(), _config(tmp_path, beta=0.0), _offline_dataset(), processing_class=load_tokenizer()
     )
     inputs = _loss_inputs(trainer, ROWS)
     loss = trainer.compute_loss(trainer.model, inputs)
@@ -192,7 +186,7 @@ def test_kl_term_matches_hand_computation(tmp_path):
     tokenizer = load_tokenizer()
     reference = load_random_tiny("llama", hidden_size=32, num_layers=2, intermediate_size=64, seed=1)
     reference.resize_token_embeddings(len(tokenizer) + 5)
-    config = _config(tmp_path, kl_coef=0.5, entropy_coef=0.0)
+    config = _config(tmp_path, beta=0.5, entropy_coef=0.0)
     trainer = FeedbackConditionedTrainer(
         _tiny(), config, _offline_dataset(), processing_class=tokenizer, ref_model=reference
     )
@@ -207,7 +201,7 @@ def test_kl_term_matches_hand_computation(tmp_path):
 
 
 def test_kl_is_zero_for_identical_policies_and_entropy_matches(tmp_path):
-    config = _config(tmp_path, kl_coef=1.0, entropy_coef=0.3, ref_sees_feedback=True)
+    config = _config(tmp_path, beta=1.0, entropy_coef=0.3, ref_sees_feedback=True)
     trainer = FeedbackConditionedTrainer(_tiny(), config, _offline_dataset(), processing_class=load_tokenizer())
     inputs = _loss_inputs(trainer, ROWS)
     assert "ref_input_ids" not in inputs  # the reference reads the same conditioned input
@@ -272,7 +266,7 @@ def test_text_feedback_loop_conditions_on_top_scoring_feedback(tmp_path):
     def judge(prompts, completions):
         return [(f"length {len(c)}", float(len(c))) for c in completions]
 
-    config = _config(tmp_path, feedback_type="text", kl_coef=0.0)
+    config = _config(tmp_path, feedback_type="text", beta=0.0)
     trainer = FeedbackConditionedTrainer(
         _tiny(), config, PROMPTS, processing_class=load_tokenizer(), feedback_fn=judge
     )
@@ -308,7 +302,7 @@ def test_generate_conditions_on_best_bin_by_default(tmp_path):
 def test_checkpoint_resume_restores_the_pool_and_continues_identically(tmp_path):
     def run(output, resume=None, max_steps=None):
         config = _config(
-            tmp_path, output_dir=str(tmp_path / output), save_strategy="steps", save_steps=2, num_iterations=2
+            tmp_path, output_dir=str(tmp_path / output), save_strategy="steps", save_steps=2, num_rounds=2
         )
         trainer = FeedbackConditionedTrainer(
             _tiny(), config, PROMPTS, processing_class=load_tokenizer(), reward_funcs=testbed.reward
@@ -337,7 +331,7 @@ def test_offline_mode_requires_feedback_columns(tmp_path):
 
 
 def test_offline_training_runs_as_conditional_sft(tmp_path):
-    config = _config(tmp_path, max_steps=3, kl_coef=0.0)
+    config = _config(tmp_path, max_steps=3, beta=0.0)
     trainer = FeedbackConditionedTrainer(_tiny(), config, _offline_dataset(), processing_class=load_tokenizer())
     before = copy.deepcopy(trainer.model.state_dict())
     output = trainer.train()
@@ -395,15 +389,15 @@ def test_testbed_quantile_loop_beats_the_start_and_the_worst_bin(tmp_path):
         tmp_path,
         num_quantiles=5,
         feedback_template="{feedback}{prompt}",
-        num_iterations=4,
-        steps_per_iteration=150,
-        prompts_per_iteration=256,
+        num_rounds=4,
+        steps_per_round=150,
+        prompts_per_round=256,
         num_generations=4,
-        max_new_tokens=6,
+        max_completion_length=6,
         per_device_train_batch_size=32,
         learning_rate=1e-3,
         lr_scheduler_type="constant",
-        kl_coef=0.0,
+        beta=0.0,
         logging_steps=1000,
         seed=3,
     )
@@ -440,7 +434,7 @@ def test_reference_copy_stays_the_initial_policy_after_a_trl_trainer_patched_the
     with torch.no_grad():
         initial = model(input_ids=ids).logits.clone()
     trainer = FeedbackConditionedTrainer(
-        model, _config(tmp_path, kl_coef=0.5, max_steps=3, learning_rate=1e-2), _offline_dataset(),
+        model, _config(tmp_path, beta=0.5, max_steps=3, learning_rate=1e-2), _offline_dataset(),
         processing_class=load_tokenizer(),
     )  # fmt: skip
     trainer.train()
@@ -506,7 +500,7 @@ def test_peft_adapter_trains_under_the_default_gradient_checkpointing(tmp_path):
 
     words = ["Excellent.", "Good.", "Mediocre.", "Bad.", "Horrible."]
     config = _config(
-        tmp_path, max_steps=2, quantile_words=words, kl_coef=0.1, learning_rate=1e-2,
+        tmp_path, max_steps=2, quantile_words=words, beta=0.1, learning_rate=1e-2,
         gradient_checkpointing_kwargs={"use_reentrant": True},  # the variant that needs input grads
     )  # fmt: skip
     assert config.gradient_checkpointing

@@ -36,14 +36,14 @@ TESTBED_DATA = {
     "npo": "testbed:forget",
     "feedback": "testbed:prompts",
 }
-# Command-specific stand-ins: the feedback loop runs num_iterations × steps_per_iteration steps (= max_steps 2).
+# Command-specific stand-ins: the feedback loop runs num_rounds × steps_per_round steps (= max_steps 2).
 TINY_EXTRA = {
     "feedback": [
-        "--num_iterations", "1",
-        "--steps_per_iteration", "2",
-        "--prompts_per_iteration", "4",
+        "--num_rounds", "1",
+        "--steps_per_round", "2",
+        "--prompts_per_round", "4",
         "--num_generations", "2",
-        "--max_new_tokens", "4",
+        "--max_completion_length", "4",
         "--generation_batch_size", "8",
     ],
 }  # fmt: skip

@@ -60,8 +60,8 @@ def test_reward_model_sees_the_same_text_in_eval_and_in_training(reward_folder, 
     seen.clear()
 
     config = FeedbackConditionedConfig(
-        output_dir="unused", report_to="none", use_cpu=True, num_iterations=1, steps_per_iteration=1,
-        prompts_per_iteration=2, num_generations=1, reward_funcs=[reward_folder],
+        output_dir="unused", report_to="none", use_cpu=True, num_rounds=1, steps_per_round=1,
+        prompts_per_round=2, num_generations=1, reward_funcs=[reward_folder],
     )  # fmt: skip
     trainer = FeedbackConditionedTrainer(
         load_random_tiny("llama", hidden_size=32, num_layers=2, intermediate_size=64), config,
@@ -79,7 +79,8 @@ def test_reward_model_sees_the_same_text_in_eval_and_in_training(reward_folder, 
     ]
     assert from_eval == expected
     assert from_training == expected
-    assert result["rewards"][reward_folder] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
+    (name,) = names
+    assert result["rewards"][name]["mean"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
 
 
 def test_reward_model_scores_each_row_as_if_alone(reward_folder):
@@ -97,7 +98,7 @@ def test_reward_model_scores_each_row_as_if_alone(reward_folder):
 
 def test_resolution_forms(reward_folder):
     funcs, names = resolve_reward_funcs(["testbed", "hf_align.testbed:reward", "hf_align.testbed.reward"])
-    assert names == ["testbed", "hf_align.testbed:reward", "hf_align.testbed.reward"]
+    assert names == ["reward", "reward_2", "reward_3"]  # GRPO's names (the function's), made unique
     assert all(f is testbed.reward for f in funcs)
 
     def mine(prompts, completions, **kwargs):
@@ -109,6 +110,7 @@ def test_resolution_forms(reward_folder):
     from_object = resolve_reward(model)
     assert isinstance(from_object, RewardModelScorer) and from_object.model is model
     assert isinstance(resolve_reward(reward_folder), RewardModelScorer)
+    assert resolve_reward_funcs([reward_folder])[1] == [reward_folder.rstrip("/").split("/")[-1]]  # as GRPO's
     assert resolve_reward_funcs(None) == ([], [])
 
 

@@ -152,8 +152,8 @@ WORKER = (
 
     # FeedbackConditioned, online: 2 iterations of 2 steps, deterministic sampling (top-k 1)
     args = config(
-        FeedbackConditionedConfig, "feedback", max_steps=-1, num_iterations=2, steps_per_iteration=2,
-        prompts_per_iteration=4, num_generations=2, max_new_tokens=5, top_k=1, kl_coef=0.05, num_quantiles=2,
+        FeedbackConditionedConfig, "feedback", max_steps=-1, num_rounds=2, steps_per_round=2,
+        prompts_per_round=4, num_generations=2, max_completion_length=5, top_k=1, beta=0.05, num_quantiles=2,
         quantile_words=["Good.", "Bad."], generation_batch_size=4, max_length=64,
     )
     t = FeedbackConditionedTrainer(model_dir, args, testbed.prompt_dataset(16, seed=2), processing_class=tok,

@@ -5,11 +5,13 @@
 
 * ``--reward``: ``testbed``, ``package.module:function`` or ``package.module.function`` (a TRL-GRPO-style
   ``f(prompts, completions, **kw)``) or a reward-model folder/Hub id (:mod:`hf_align.rewards`: scored as in
-  TRL's GRPO and in ``hf-align feedback``, chat template included); repeat it to sum several.
+  TRL's GRPO and in ``hf-align feedback``, chat template included); several are each reported by name, and
+  their weighted sum only with ``--reward_weights``.
 * ``--reference_model``: win rate (its samples on the same prompts with the same seed) and
   KL(policy‖reference) on the policy's samples. With ``--adapter`` and no reference, the base model is the
   reference.
-* ``--retain_dataset_name``: perplexity of its ``completion`` column given ``prompt`` (or of a ``text`` column).
+* ``--retain_dataset_name``: perplexity on any format the trainers take (``text``/``messages``, ``prompt`` +
+  ``completion`` or ``chosen``; strings or messages), see :func:`hf_align.evaluation.retain_texts`.
 
 Same arguments and seed ⇒ the same JSON, byte for byte. The JSON is written atomically; a table is printed.
 """
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_align.config_checks import AT_LEAST_ONE, CheckedConfig, option
-from hf_align.errors import UserError
 
 
 @dataclass
@@ -36,8 +37,9 @@ class EvalArguments(CheckedConfig):
     prompt_column: str = option("prompt", help="Column with the prompts (strings or messages).")
     num_prompts: int | None = option(None, help="Use only the first N prompts.", range=AT_LEAST_ONE)
     reward: list[str] | None = option(
-        None, help="'testbed', 'package.module:function' or a reward model; several are summed."
+        None, help="'testbed', 'package.module:function' or a reward model; several are each reported by name."
     )
+    reward_weights: list[float] | None = option(None, help="One weight per --reward: report their weighted sum.")
     reference_model: str | None = option(None, help="Reference for win rate and KL (folder, id, 'testbed').")
     retain_dataset_name: str | None = option(None, help="Held-out set for perplexity (testbed:retain, file, ...).")
     retain_dataset_split: str = option("train", help="Split of retain_dataset_name.")
@@ -69,49 +71,26 @@ def _load_model(name: str, adapter: str | None = None):
     return model.eval()
 
 
-def _column(dataset, column: str, source: str) -> list[Any]:
-    from hf_align.cli.common import require_columns
-
-    require_columns(dataset, [column], source)
-    return list(dataset[column])
-
-
-def _retain(args: EvalArguments) -> dict | None:
-    """The retain texts: ``prompt`` + ``completion`` (strings), or ``text``."""
-    from hf_align.cli.common import load_split
-
-    if not args.retain_dataset_name:
-        return None
-    data = load_split(
-        args.retain_dataset_name, args.retain_dataset_split, "retain_dataset_name", limit=args.num_retain
-    )
-    source = f"retain_dataset_name {args.retain_dataset_name!r}"
-    if "text" in data.column_names and "completion" not in data.column_names:
-        return {"prompts": None, "completions": _column(data, "text", source)}
-    if "completion" not in data.column_names:
-        raise UserError(
-            f"{source}: needs 'prompt' + 'completion' columns (or a 'text' column); found {data.column_names}."
-        )
-    retain = {"prompts": _column(data, "prompt", source), "completions": _column(data, "completion", source)}
-    if any(isinstance(x, list) for x in retain["prompts"] + retain["completions"]):
-        raise UserError(f"{source}: conversational retain data is not supported; use strings.")
-    return retain
-
-
 def run(args: EvalArguments) -> dict[str, Any]:
     from hf_align.cli.common import load_split, refuse_existing_output, resolve_model_path
-    from hf_align.evaluation import evaluate_model, format_table
+    from hf_align.evaluation import eval_prompts, evaluate_model, format_table, retain_format
     from hf_align.io import write_json
     from hf_align.loading import load_tokenizer
-    from hf_align.rewards import resolve_reward_funcs
+    from hf_align.rewards import check_reward_weights, resolve_reward_funcs
 
     refuse_existing_output(args.output_file, "--output_file", args.overwrite)
     # Cheap checks first: a bad reward name or column fails before any model is loaded.
     funcs, names = resolve_reward_funcs(args.reward) if args.reward else ([], [])
+    if args.reward_weights is not None:
+        check_reward_weights(args.reward_weights, len(funcs))
     dataset = load_split(args.dataset_name, args.dataset_split, "dataset_name", args.dataset_config, args.num_prompts)
-    prompts = _column(dataset, args.prompt_column, f"dataset_name {args.dataset_name!r}")
-    extra = {c: list(dataset[c]) for c in dataset.column_names if c != args.prompt_column}
-    retain = _retain(args)
+    prompts, extra = eval_prompts(dataset, args.prompt_column, f"dataset_name {args.dataset_name!r}")
+    retain = None
+    if args.retain_dataset_name:
+        retain = load_split(
+            args.retain_dataset_name, args.retain_dataset_split, "retain_dataset_name", limit=args.num_retain
+        )
+        retain_format(retain.column_names, f"retain_dataset_name {args.retain_dataset_name!r}")  # before any model
 
     tokenizer = load_tokenizer(resolve_model_path(args.model_name_or_path))
     if tokenizer.pad_token is None:
@@ -134,6 +113,7 @@ def run(args: EvalArguments) -> dict[str, Any]:
         retain=retain,
         reward_columns=extra,
         progress=not args.no_progress,
+        reward_weights=args.reward_weights,
         **generation,
     )
     result = {
@@ -143,6 +123,7 @@ def run(args: EvalArguments) -> dict[str, Any]:
         "dataset": {"name": args.dataset_name, "split": args.dataset_split, "prompt_column": args.prompt_column},
         "retain_dataset": args.retain_dataset_name,
         "reward": names,
+        "reward_weights": args.reward_weights,
         "generation": generation,
         "metrics": metrics,
     }

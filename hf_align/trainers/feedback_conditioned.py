@@ -8,7 +8,7 @@ feedback it earned; at inference it is conditioned on the *best* feedback. Three
 * ``"category"`` (ALT_LMC): ``feedback_fn`` returns one of ``categories`` (listed best first);
 * ``"text"`` (ALT_LMU): ``feedback_fn`` returns free text, optionally ``(text, score)``.
 
-Online loop (``train()``), one iteration every ``steps_per_iteration`` optimizer steps: draw prompts,
+Online loop (``train()``), one round every ``steps_per_round`` optimizer steps: draw prompts,
 sample ``num_generations`` each (unconditioned in the first iteration, as ALT; then conditioned on
 the best feedback), score them, add them to the :class:`~hf_align.data_pool.DataPool`, and train on
 a balanced draw from the pool. The HF ``Trainer`` runs underneath (logging, checkpoints, accelerate):
@@ -16,7 +16,7 @@ its dataloader only yields placeholders and ``_prepare_inputs`` hands out the it
 the pattern TRL's GRPO uses. The pool is saved into every checkpoint; every random draw of an
 iteration is seeded by ``(seed, iteration)``, so a resumed run rebuilds exactly the same data.
 
-Loss per generation token (prompt and feedback tokens are masked): NLL + ``kl_coef`` ·
+Loss per generation token (prompt and feedback tokens are masked): NLL + ``beta`` ·
 KL(πθ ‖ π_ref) − ``entropy_coef`` · H(πθ), averaged over the generation tokens of the batch. As in
 Quark and ALT the reference sees the prompt *without* feedback (``ref_sees_feedback=False``).
 """
@@ -24,9 +24,11 @@ Quark and ALT the reference sees the prompt *without* feedback (``ref_sees_feedb
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +47,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import pad
 
 from hf_align.checkpoints import resolve_resume_checkpoint
-from hf_align.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, option
+from hf_align.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, option
 from hf_align.data_pool import QUANTILE_RULES, DataPool
 from hf_align.errors import UserError
 from hf_align.feedback_format import FEEDBACK_TYPES, FeedbackFormat, add_quantile_tokens
@@ -55,6 +57,7 @@ from hf_align.losses import token_kl
 from hf_align.rewards import (
     RewardFunc,
     as_score,
+    check_reward_weights,
     import_callable,
     resolve_reward_funcs,
     reward_name,
@@ -65,6 +68,40 @@ from hf_align.trainers._model_copy import reference_copy
 
 
 POOL_DIR = "data_pool"
+SAMPLED = ("prompt", "completion", "completion_ids")
+"""Dataset columns reward functions do not get as such (GRPO's rule): the sampled values stand in their place."""
+
+RENAMED_FIELDS = {
+    "kl_coef": "beta",
+    "max_new_tokens": "max_completion_length",
+    "num_iterations": "num_rounds",
+    "steps_per_iteration": "steps_per_round",
+    "prompts_per_iteration": "prompts_per_round",
+    "unconditioned_first_iteration": "unconditioned_first_round",
+}
+"""Old → new :class:`FeedbackConditionedConfig` names (GRPO's where the concept is GRPO's); the old ones go in the
+next release."""
+
+
+def _move_renamed_fields(config, renamed: dict[str, str]) -> None:
+    """Each old field that is set moves to its new name with a one-line ``FutureWarning``; both set differently is
+    a ``ValueError``. The old field is left ``None``, so saved arguments and recipes hold only the new names."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for old, new in renamed.items():
+        value = getattr(config, old)
+        if value is None:
+            continue
+        current = getattr(config, new)
+        if current != defaults[new] and current != value:
+            raise UserError(f"{type(config).__name__}: {old}={value!r} and {new}={current!r} both set; {old} is the "
+                            f"deprecated name of {new}, set only {new}.")  # fmt: skip
+        warnings.warn(
+            f"{type(config).__name__}: {old} → {new} ({old} is deprecated and goes in the next release).",
+            FutureWarning,
+            stacklevel=4,
+        )
+        setattr(config, new, value)
+        setattr(config, old, None)
 
 
 @dataclass
@@ -131,8 +168,11 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
         },
     )
     # ---- loss -----------------------------------------------------------------------------------------
-    kl_coef: float = option(
-        0.05, help="Weight of the token-level KL(policy || reference) on generation tokens.", range=NON_NEGATIVE
+    beta: float = option(
+        0.05,
+        help="KL coefficient (GRPO's name; was kl_coef): weight of the token-level KL(policy || reference) on "
+        "generation tokens. 0 loads no reference model.",
+        range=NON_NEGATIVE,  # a KL weight may be 0 (DPO's beta may not)
     )
     entropy_coef: float = option(
         0.0, help="Weight of the entropy bonus (subtracted from the loss); 0 disables it.", range=NON_NEGATIVE
@@ -148,19 +188,39 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
         512, help="Truncate training sequences (prompt + feedback + completion) to this length.", range=AT_LEAST_ONE
     )
     # ---- online loop ----------------------------------------------------------------------------------
-    num_iterations: int = option(5, help="Sample → feedback → pool → train iterations.", range=AT_LEAST_ONE)
-    prompts_per_iteration: int = option(
-        64, help="Prompts drawn (with replacement) from the prompt dataset each iteration.", range=AT_LEAST_ONE
+    num_rounds: int = option(
+        5,
+        help="Sample → feedback → pool → train rounds (was num_iterations, which in GRPO means the passes over each "
+        "generation batch).",
+        range=AT_LEAST_ONE,
     )
-    num_generations: int = option(4, help="Completions sampled per prompt each iteration.", range=AT_LEAST_ONE)
-    steps_per_iteration: int = option(100, help="Optimizer steps on the pool per iteration.", range=AT_LEAST_ONE)
-    unconditioned_first_iteration: bool = field(
-        default=True, metadata={"help": "Sample the first iteration without feedback (ALT) instead of best_feedback."}
+    prompts_per_round: int = option(
+        64, help="Prompts drawn (with replacement) from the prompt dataset each round.", range=AT_LEAST_ONE
     )
-    max_new_tokens: int = option(64, help="Maximum generated tokens per completion.", range=AT_LEAST_ONE)
+    num_generations: int = option(4, help="Completions sampled per prompt each round.", range=AT_LEAST_ONE)
+    steps_per_round: int = option(100, help="Optimizer steps on the pool per round.", range=AT_LEAST_ONE)
+    unconditioned_first_round: bool = field(
+        default=True, metadata={"help": "Sample the first round without feedback (ALT) instead of best_feedback."}
+    )
+    max_completion_length: int = option(
+        64, help="Maximum generated tokens per completion (GRPO's name; was max_new_tokens).", range=AT_LEAST_ONE
+    )
     temperature: float = option(1.0, help="Sampling temperature.", range=POSITIVE)
     top_p: float = option(1.0, help="Nucleus sampling threshold (1.0 = off).", range=FRACTION)
     top_k: int = option(0, help="Top-k sampling (0 = off).", range=NON_NEGATIVE)
+    min_p: float | None = option(
+        None, help="Minimum token probability, scaled by the most likely token's (None = off).", range=UNIT
+    )
+    repetition_penalty: float = option(
+        1.0, help="Penalty (>1) or bonus (<1) for tokens already in prompt and completion.", range=POSITIVE
+    )
+    generation_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "More keyword arguments for generate() (or vLLM's SamplingParams), as in GRPO; they override "
+            "the settings above. A JSON string on the command line."
+        },
+    )
     generation_batch_size: int = option(64, help="Prompts per HF generate() call.", range=AT_LEAST_ONE)
     use_vllm: bool = field(
         default=False, metadata={"help": "Sample with vLLM through TRL's VLLMGeneration (needs `pip install vllm`)."}
@@ -221,8 +281,22 @@ class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep dataset columns: reward functions receive them as keyword arguments."}
     )
+    # ---- deprecated names (one release): the value moves to the new field with a FutureWarning ------------------
+    kl_coef: float | None = option(None, help="Deprecated: use beta.", range=NON_NEGATIVE)
+    max_new_tokens: int | None = option(None, help="Deprecated: use max_completion_length.", range=AT_LEAST_ONE)
+    num_iterations: int | None = option(
+        None, help="Deprecated: use num_rounds (GRPO's num_iterations means something else).", range=AT_LEAST_ONE
+    )
+    steps_per_iteration: int | None = option(None, help="Deprecated: use steps_per_round.", range=AT_LEAST_ONE)
+    prompts_per_iteration: int | None = option(None, help="Deprecated: use prompts_per_round.", range=AT_LEAST_ONE)
+    unconditioned_first_iteration: bool | None = field(
+        default=None, metadata={"help": "Deprecated: use unconditioned_first_round."}
+    )
+
+    _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["generation_kwargs"]
 
     def __post_init__(self):
+        _move_renamed_fields(self, RENAMED_FIELDS)
         super().__post_init__()
         FeedbackFormat.from_args(self)  # checks feedback_type, bins, words, categories and templates
 
@@ -278,7 +352,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         )
         trainer_dataset, eval_dataset = self._setup_datasets(args, train_dataset, eval_dataset)
         self.ref_model = None
-        if args.kl_coef > 0 and not is_peft_model(model):
+        if args.beta > 0 and not is_peft_model(model):
             self.ref_model = (ref_model if ref_model is not None else reference_copy(model)).eval()
             self.ref_model.requires_grad_(False)
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -326,12 +400,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         if reward_funcs is None and args.reward_funcs:
             reward_funcs = list(args.reward_funcs)
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, "reward_funcs entry")
-        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions."
-            )
-        self.reward_weights = [float(w) for w in weights]
+        self.reward_weights = check_reward_weights(args.reward_weights, len(self.reward_funcs))
         if feedback_fn is None and args.feedback_fn:
             feedback_fn = import_callable(args.feedback_fn, "feedback_fn entry")
         self.feedback_fn = feedback_fn
@@ -348,10 +417,10 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
                 raise UserError(f"Online mode needs a train_dataset with a 'prompt' column (got columns {cols}).")
             if len(train_dataset) == 0:
                 raise ValueError("train_dataset is empty: no prompts to sample from.")
-            steps = args.num_iterations * args.steps_per_iteration
+            steps = args.num_rounds * args.steps_per_round
             if args.max_steps > 0 and args.max_steps != steps:
                 raise ValueError(
-                    f"max_steps={args.max_steps} contradicts num_iterations × steps_per_iteration = {steps}; "
+                    f"max_steps={args.max_steps} contradicts num_rounds × steps_per_round = {steps}; "
                     "leave max_steps unset in online mode."
                 )
             args.max_steps = steps
@@ -393,7 +462,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         prefix_ids = self._encode_prefix(self.render_prompt(prompt, feedback), conversational)
         example = _join(prefix_ids, completion_ids, args.max_length)
-        if args.kl_coef > 0 and not args.ref_sees_feedback:
+        if args.beta > 0 and not args.ref_sees_feedback:
             ref_prefix = self._encode_prefix(self.render_prompt(prompt, None), conversational)
             num_labels = sum(1 for label in example["labels"] if label != -100)
             ref = _join(ref_prefix, completion_ids[:num_labels], None)
@@ -445,7 +514,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
     def _prepare_inputs(self, inputs):
         if not self.online or not self.model.training:
             return super()._prepare_inputs(inputs)
-        spi = self.args.steps_per_iteration
+        spi = self.args.steps_per_round
         iteration = self.state.global_step // spi
         if iteration != self._buffer_iteration:
             self._close_iteration_timing()
@@ -461,33 +530,48 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         return super()._prepare_inputs(self._collate(self._buffer[start : start + bs]))
 
     def collect(self, iteration: int) -> dict[str, float]:
-        """Sample, score and add one iteration's generations to the pool (all processes get the same rows)."""
+        """Sample, score and add one round's generations to the pool (all processes get the same rows)."""
         args = self.args
         rng = np.random.default_rng([args.seed, iteration, 0])
-        chosen = rng.choice(len(self.prompt_dataset), size=args.prompts_per_iteration, replace=True)
+        chosen = rng.choice(len(self.prompt_dataset), size=args.prompts_per_round, replace=True)
         local = chosen[self.accelerator.process_index :: self.accelerator.num_processes]
         rows = [self.prompt_dataset[int(i)] for i in local]
         prompts = [row["prompt"] for row in rows for _ in range(args.num_generations)]
-        conditioned = iteration > 0 or not args.unconditioned_first_iteration
+        conditioned = iteration > 0 or not args.unconditioned_first_round
         feedback = self.best_feedback() if conditioned else None
 
         t0 = time.perf_counter()
-        completions, lengths = self._sample(prompts, feedback, seed=args.seed * 100_003 + iteration)
+        completions, completion_ids = self._sample(prompts, feedback, seed=args.seed * 100_003 + iteration)
         t1 = time.perf_counter()
         extra = (
-            {k: [row[k] for row in rows for _ in range(args.num_generations)] for k in rows[0] if k != "prompt"}
+            {k: [row[k] for row in rows for _ in range(args.num_generations)] for k in rows[0] if k not in SAMPLED}
             if rows
             else {}
         )
-        labels, scores = self.score(prompts, completions, **extra)
+        labels, scores, per_func = self._score(prompts, completions, completion_ids=completion_ids, **extra)
         t2 = time.perf_counter()
+        eos = self._processing.eos_token_id
+        clipped = [not ids or ids[-1] != eos for ids in completion_ids]
+        per_row = list(zip(*per_func)) if per_func else [()] * len(completions)
         # every rank's rows, in the order one process would add them (the pool's order decides its draws and ties)
         world, n = self.accelerator.num_processes, args.num_generations
         order = [(i * world + self.accelerator.process_index) * n + g for i in range(len(local)) for g in range(n)]
-        gathered = sorted(gather_object(list(zip(order, prompts, completions, labels, scores, lengths))))
-        _, prompts, completions, labels, scores, lengths = (
-            (list(col) for col in zip(*gathered)) if gathered else ([],) * 6
+        local_rows = zip(order, prompts, completions, labels, scores, map(len, completion_ids), clipped, per_row)
+        gathered = sorted(gather_object(list(local_rows)), key=lambda row: row[0])
+        _, prompts, completions, labels, scores, lengths, clipped, per_row = (
+            (list(col) for col in zip(*gathered)) if gathered else ([],) * 8
         )
+        self._log_round(scores, per_row, lengths, clipped)
+        if args.feedback_type == "quantile" and None in scores:  # GRPO: a row no reward function scored
+            keep = [s is not None for s in scores]
+            warnings.warn(
+                f"Round {iteration}: no reward function scored {keep.count(False)} of {len(keep)} completions (all "
+                "returned None); they stay out of the pool (a quantile needs a score).",
+                stacklevel=2,
+            )
+            prompts, completions, labels, scores, lengths = (
+                [v for v, k in zip(col, keep) if k] for col in (prompts, completions, labels, scores, lengths)
+            )
         self.pool.add(prompts, completions, feedback=labels, scores=scores, iteration=iteration, lengths=lengths)
         t3 = time.perf_counter()
         finite = [s for s in scores if s is not None and math.isfinite(s)]
@@ -501,15 +585,42 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
             "conditioned": conditioned,
         }
         self.iteration_timings.append(stats)
-        for key in ("sampling_s", "feedback_s", "mean_score", "pool_size"):
-            self._metrics[f"iteration/{key}"].append(float(stats[key]))
+        self._log_pool(stats)
         return stats
+
+    def _log_round(self, scores: list, per_row: list[tuple], lengths: list[int], clipped: list[bool]) -> None:
+        """GRPO's names for what one round sampled: ``reward``, ``reward_std``, ``rewards/<name>/mean|std`` and
+        ``completions/*`` (all processes' rows; ``std`` unbiased, NaN-aware, as GRPO's ``nanstd``)."""
+        metrics = self._metrics
+        metrics["train/reward"].append(_nanmean(scores))
+        metrics["train/reward_std"].append(_nanstd(scores))
+        for name, values in zip(self.reward_func_names, zip(*per_row)):
+            metrics[f"train/rewards/{name}/mean"].append(_nanmean(values))
+            metrics[f"train/rewards/{name}/std"].append(_nanstd(values))
+        if lengths:
+            metrics["train/completions/mean_length"].append(float(np.mean(lengths)))
+            metrics["train/completions/min_length"].append(float(np.min(lengths)))
+            metrics["train/completions/max_length"].append(float(np.max(lengths)))
+            metrics["train/completions/clipped_ratio"].append(float(np.mean(clipped)))
+
+    def _log_pool(self, stats: dict) -> None:
+        """The feedback-specific numbers: pool size, rows per feedback group (bin 0 / first category = best) and the
+        round's timings."""
+        metrics = self._metrics
+        metrics["train/pool/size"].append(float(len(self.pool)))
+        if len(self.pool) and (self.args.feedback_type != "text" or not np.isnan(self.pool.score).any()):
+            kind = "category" if self.args.feedback_type == "category" else "quantile"
+            groups = len(self.args.categories) if kind == "category" else self.args.num_quantiles
+            for i, count in enumerate(np.bincount(self.pool.groups(), minlength=groups)[:groups]):
+                metrics[f"train/pool/{kind}_{i}"].append(float(count))
+        for key in ("sampling_s", "feedback_s"):
+            metrics[f"train/round/{key}"].append(float(stats[key]))
 
     def _draw_training_rows(self, iteration: int) -> list[dict]:
         args = self.args
         t0 = time.perf_counter()
         world = self.accelerator.num_processes
-        total = args.steps_per_iteration * args.gradient_accumulation_steps * args.per_device_train_batch_size * world
+        total = args.steps_per_round * args.gradient_accumulation_steps * args.per_device_train_batch_size * world
         index = self.pool.sample(
             total,
             balance=args.balance_feedback,
@@ -528,29 +639,45 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
             last = self.iteration_timings[-1]
             last.setdefault("training_s", time.perf_counter() - self._iteration_train_start)
 
-    def score(self, prompts: list, completions: list[str], **columns) -> tuple[list, list[float | None]]:
+    def score(self, prompts: list, completions: list, **columns) -> tuple[list, list[float | None]]:
         """Feedback labels (None for pure rewards) and scores; errors name the function and the offending row."""
+        return self._score(prompts, completions, **columns)[:2]
+
+    def _score(self, prompts: list, completions: list, **columns) -> tuple[list, list[float | None], list[list]]:
+        """:meth:`score` plus each reward function's own rewards. Reward functions are called as TRL's GRPO calls
+        them (conversational completions as messages; ``trainer_state``, ``log_metric``, ``log_extra`` and the
+        dataset's columns as keyword arguments); ``feedback_fn`` gets ``(prompts, completion texts)``."""
         if self.feedback_fn is None:
-            totals, _ = score_completions(
-                self.reward_funcs, prompts, completions, self.reward_func_names, self.reward_weights, **columns
-            )
-            return [None] * len(completions), totals
+            if prompts and isinstance(prompts[0], list):
+                completions = [
+                    c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions
+                ]
+            grpo_kwargs = {"trainer_state": self.state, "log_metric": self._log_metric, "log_extra": _ignore_extra}
+            totals, per_func = score_completions(
+                self.reward_funcs, prompts, completions, self.reward_func_names, self.reward_weights,
+                **{**grpo_kwargs, **columns},
+            )  # fmt: skip
+            return [None] * len(completions), totals, per_func
         outputs = list(self.feedback_fn(prompts, completions))
         source = f"feedback_fn {reward_name(self.feedback_fn)!r}"
         if len(outputs) != len(completions):
             raise ValueError(f"{source} returned {len(outputs)} values for {len(completions)} completions.")
         if self.args.feedback_type == "quantile":
-            return [None] * len(outputs), [as_score(v, i, source) for i, v in enumerate(outputs)]
+            return [None] * len(outputs), [as_score(v, i, source) for i, v in enumerate(outputs)], []
         parsed = [self.feedback_format.parse(v, i, source) for i, v in enumerate(outputs)]
-        return [p[0] for p in parsed], [p[1] for p in parsed]
+        return [p[0] for p in parsed], [p[1] for p in parsed], []
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """GRPO's ``log_metric`` for reward functions: averaged over each logging step, logged under ``name``."""
+        self._metrics[f"train/{name}"].append(float(value))
 
     # ---- generation ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def _sample(
         self, prompts: list, feedback: str | list[str] | None, seed: int, **overrides
-    ) -> tuple[list[str], list[int]]:
-        """One completion per prompt (decoded, special tokens removed) and its length in tokens."""
+    ) -> tuple[list[str], list[list[int]]]:
+        """One completion per prompt: decoded (special tokens removed) and its ids (up to and including EOS)."""
         args = self.args
         feedbacks = feedback if isinstance(feedback, list) else [feedback] * len(prompts)
         encoded = [
@@ -564,14 +691,18 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
             _, generated, _, _ = self.vllm_generation.generate(prompts=encoded, images=None, num_generations=1)
             ids = [until_eos(list(c), tokenizer.eos_token_id, tokenizer.pad_token_id) for c in generated]
         else:
-            settings = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+            settings = {
+                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+                "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_completion_length,
+                **(args.generation_kwargs or {}),
+            }  # fmt: skip
             with unwrap_model_for_generation(self.model_wrapped, accelerator) as unwrapped:
                 ids = sample_token_ids(
                     unwrapped, encoded, tokenizer.pad_token_id, tokenizer.eos_token_id,
                     seed=seed + accelerator.process_index, batch_size=args.generation_batch_size,
-                    device=accelerator.device, **{**settings, "max_new_tokens": args.max_new_tokens, **overrides},
+                    device=accelerator.device, **{**settings, **overrides},
                 )  # fmt: skip
-        return [tokenizer.decode(i, skip_special_tokens=True) for i in ids], [len(i) for i in ids]
+        return [tokenizer.decode(i, skip_special_tokens=True) for i in ids], ids
 
     def generate(
         self,
@@ -608,10 +739,10 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         loss = nll
         mode = "train" if model.training else "eval"
         self._metrics[f"{mode}/nll"].append(nll.item())
-        if self.args.kl_coef > 0:
+        if self.args.beta > 0:
             ref_logps = self._reference_logps(inputs)
             kl = token_kl(logps, ref_logps).sum() / num_tokens
-            loss = loss + self.args.kl_coef * kl
+            loss = loss + self.args.beta * kl
             self._metrics[f"{mode}/kl"].append(kl.item())
         if self.args.entropy_coef > 0:
             entropy = -(logps.exp() * logps).sum(-1).sum() / num_tokens
@@ -638,8 +769,8 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         for key, values in list(self._metrics.items()):
-            if values and (key.startswith(mode) or key.startswith("iteration/")):
-                name = key.split("/", 1)[1] if key.startswith(mode) else key
+            if values and key.startswith(f"{mode}/"):
+                name = key.split("/", 1)[1]
                 logs[f"eval_{name}" if mode == "eval" else name] = float(np.mean(values))
                 self._metrics[key] = []
         super().log(logs, start_time)
@@ -675,6 +806,22 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _ignore_extra(column: str, values: list) -> None:
+    """GRPO's ``log_extra`` (extra columns of its completions table): accepted, and dropped -- no table here."""
+
+
+def _nanmean(values) -> float:
+    given = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    return float(np.nanmean(given)) if (~np.isnan(given)).any() else float("nan")
+
+
+def _nanstd(values) -> float:
+    """Unbiased standard deviation over the values that are not None/NaN (TRL's ``nanstd``); NaN below two."""
+    given = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    given = given[~np.isnan(given)]
+    return float(given.std(ddof=1)) if given.size > 1 else float("nan")
 
 
 def _join(prefix: list[int], completion: list[int], max_length: int | None) -> dict[str, list[int]]:
