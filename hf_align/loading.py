@@ -3,7 +3,8 @@
 Every trainer, callback and core function that turns a string into a model goes through :func:`load_model` /
 :func:`load_tokenizer`, so the rules hold everywhere at once: ``trust_remote_code`` is False unless the caller passes
 it (code in a downloaded folder is never run unasked), weights are read as transformers reads them (safetensors;
-a folder path is a ``str`` for the Hub client), and a ``dtype`` given as a string is checked by name.
+a folder path is a ``str`` for the Hub client), and a ``dtype`` given as a string is checked by name. A ``.gguf`` file
+(or a folder with ``gguf_file=``) is checked and loaded dequantized (:mod:`hf_align.gguf`), tokenizer included.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def load_model(
         kwargs["dtype"] = _dtype(dtype)
     if revision is not None:
         kwargs["revision"] = revision
+    name_or_path = _gguf_source(name_or_path, kwargs, model=True)
     return architecture.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
 
 
@@ -58,4 +60,24 @@ def load_tokenizer(
 
     if revision is not None:
         kwargs["revision"] = revision
+    name_or_path = _gguf_source(name_or_path, kwargs, model=False)
     return AutoTokenizer.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+
+
+def _gguf_source(name_or_path: str | os.PathLike, kwargs: dict[str, Any], model: bool) -> str | os.PathLike:
+    """For a GGUF file: its folder, with ``gguf_file`` (and, for a model, dequantization) put into ``kwargs``."""
+    from hf_align.gguf import gguf_file_of, gguf_load_kwargs
+
+    path = gguf_file_of(name_or_path, kwargs.get("gguf_file"))
+    if path is None:
+        return name_or_path
+    folder, gguf_kwargs = gguf_load_kwargs(path)
+    kwargs["gguf_file"] = gguf_kwargs["gguf_file"]
+    if model:
+        if kwargs.get("quantization_config") is not None:
+            raise UserError(
+                f"{path}: a GGUF file is loaded dequantized; quantization_config (e.g. --load_in_4bit) cannot be "
+                "combined with it. Convert it first (hf_align.gguf.convert_gguf) and quantize the folder."
+            )
+        kwargs["quantization_config"] = gguf_kwargs["quantization_config"]
+    return folder

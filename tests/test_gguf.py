@@ -125,3 +125,33 @@ def test_the_real_gguf_loads_dequantized_answers_and_converts(tmp_path):
     card = (out / "README.md").read_text()
     assert path.name in card and "license: apache-2.0" in card
     assert str(path.parent) not in (out / "config.json").read_text()  # no local path of the writer
+
+
+@pytest.mark.slow
+def test_the_loaders_and_a_trainer_take_a_gguf_path(tmp_path):
+    """hf_align.loading (every command's loader) and a trainer's string model take the .gguf path itself: dequantized
+    to the asked dtype, the tokenizer from the same file; a quantization_config on top is refused by name."""
+    from hf_align.loading import load_model, load_tokenizer
+    from hf_align.trainers._base import load_model as trainer_load_model
+
+    path = _real_gguf()
+    model = load_model(path, dtype="float32")
+    tokenizer = load_tokenizer(path)
+    assert model.dtype == torch.float32 and model.config.num_hidden_layers == 30
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+
+    class Args:
+        model_init_kwargs = {"dtype": "bfloat16"}
+        trust_remote_code = False
+
+        class distributed_state:  # noqa: N801 (what TRL's args hold)
+            distributed_type = "NO"
+
+    policy = trainer_load_model(str(path), Args)
+    assert policy.dtype == torch.bfloat16
+    ours, theirs = policy.model.layers[5].mlp.up_proj.weight.float(), model.model.layers[5].mlp.up_proj.weight
+    torch.testing.assert_close(ours, theirs, rtol=2**-7, atol=1e-6)  # the same weights, in bf16
+    from transformers import BitsAndBytesConfig
+
+    with pytest.raises(UserError, match="loaded dequantized; quantization_config"):
+        load_model(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))

@@ -75,6 +75,8 @@ def load_model(model, args, like=None, quantization_config=None):
         return model
     from trl.trainer.utils import create_model_from_path
 
+    from hf_align.gguf import gguf_file_of
+
     kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
         if "quantization_config" in kwargs:
@@ -88,6 +90,10 @@ def load_model(model, args, like=None, quantization_config=None):
     if like is not None:
         kwargs.setdefault("dtype", like.dtype)
         kwargs.setdefault("attn_implementation", like.config._attn_implementation)
+    if gguf_file_of(model, kwargs.get("gguf_file")) is not None:  # TRL's loader knows no GGUF: ours dequantizes it
+        from hf_align.loading import load_model as load_by_name
+
+        return load_by_name(model, **kwargs)
     return create_model_from_path(model, **kwargs)
 
 
