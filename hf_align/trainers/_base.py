@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from hf_align import _compat
 from hf_align.callbacks.json_training_args import replace_training_args_pickle
 from hf_align.config_checks import check_config_values
 
@@ -90,7 +91,7 @@ def load_model(model, args, like=None, quantization_config=None):
         kwargs["device_map"] = None
     if like is not None:
         kwargs.setdefault("dtype", like.dtype)
-        kwargs.setdefault("attn_implementation", like.config._attn_implementation)
+        kwargs.setdefault("attn_implementation", _compat.attn_implementation(like.config))
     return create_model_from_path(model, **kwargs)
 
 

@@ -54,5 +54,6 @@ def reference_copy(model: torch.nn.Module) -> torch.nn.Module:
     if not is_deepspeed_zero3_enabled():
         return independent_copy(model)
     from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import get_config_model_id
 
-    return AutoModelForCausalLM.from_pretrained(model.config._name_or_path, dtype=model.dtype)
+    return AutoModelForCausalLM.from_pretrained(get_config_model_id(model.config), dtype=model.dtype)

@@ -27,6 +27,7 @@ from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from hf_align import _compat
 from hf_align.hub import CITATIONS
 from hf_align.token_weights import (
     check_weight_columns,
@@ -230,13 +231,13 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
         if before is not None:
             check_not_truncated_away(before, len(dataset), f"{dataset_name} dataset", args)
         columns = {name: name.replace("_weights", "_ids") for name in present}
-        return normalize_weight_columns(dataset, columns, self._tokenizer.eos_token_id, args.eos_token_weight)
+        return normalize_weight_columns(
+            dataset, columns, _compat.training_tokenizer(self).eos_token_id, args.eos_token_weight
+        )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for name in _PAIR_WEIGHT_COLUMNS:
-            if name not in self._signature_columns:
-                self._signature_columns.append(name)
+        _compat.add_signature_columns(self, _PAIR_WEIGHT_COLUMNS)
 
     def _use_weighted_collator(self) -> None:
         """Swap TRL's default collator for the one that also carries ``token_weights`` (a user collator is kept)."""
@@ -330,10 +331,5 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
         half = inputs["input_ids"].size(0) // 2
         placeholder = torch.zeros(half, device=inputs["input_ids"].device)
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = placeholder, placeholder
-        precompute = self.precompute_ref_logps
-        self.precompute_ref_logps = True
-        try:
-            with self._weights_active(weights, ref_token_logps, inputs):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            self.precompute_ref_logps = precompute
+        with _compat.reference_logps_as_precomputed(self), self._weights_active(weights, ref_token_logps, inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
