@@ -1,6 +1,6 @@
 """ALT / Quark benchmark: time split of one online iteration, and DataPool operations up to 100k rows.
 
-    python benchmarks/feedback.py [--quick]
+    python -m benchmarks.feedback [--quick]
 
 Prints two tables and writes ``benchmarks/results/feedback.json``.
 """
@@ -11,16 +11,16 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks import RESULTS_DIR
 from hf_align.data_pool import DataPool
 from hf_align.io import write_json
 
 
-RESULTS = Path(__file__).resolve().parent / "results" / "feedback.json"
+RESULTS = RESULTS_DIR / "feedback.json"
 
 
 def iteration_split(quick: bool) -> dict:

@@ -11,7 +11,7 @@ ratio = (step + hook) / step. Timing the hook in isolation is what makes the num
 shared, noisy CPU; ``--ab`` additionally trains each configuration with the callback in the loop and
 reports the direct A/B ratio (noisy; the default for ``--quick``).
 
-    python benchmarks/mask_accumulation.py [--quick] [--steps 2] [--ab]
+    python -m benchmarks.mask_accumulation [--quick] [--steps 2] [--ab]
 
 Prints a table and writes ``benchmarks/results/mask_accumulation.json``.
 """
@@ -22,10 +22,10 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+from benchmarks import RESULTS_DIR
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +39,7 @@ from hf_align.callbacks import MaskAccumulationCallback  # noqa: E402
 from hf_align.io import write_json  # noqa: E402
 
 
-RESULTS = Path(__file__).resolve().parent / "results" / "mask_accumulation.json"
+RESULTS = RESULTS_DIR / "mask_accumulation.json"
 # The MaskedDPO benchmark's model and data (benchmarks/masked_dpo.py "full"): ~50M params, pairs of ~2 x 95 digits.
 FULL = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=2048)
 FULL_DIGITS, FULL_MAX_LENGTH = 95, 256
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         dataset, max_length = testbed.preference_dataset(64, seed=0), 48
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from masked_dpo import _dataset
+        from benchmarks.masked_dpo import _dataset
 
         dataset, max_length = _dataset(64, FULL_DIGITS), FULL_MAX_LENGTH
     params = sum(p.numel() for p in model.parameters())

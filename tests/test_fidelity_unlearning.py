@@ -1,31 +1,13 @@
-"""benchmarks/fidelity_unlearning.py: its losses against NPO's value at init, hf_align.losses and NPOTrainer; the
+"""benchmarks/fidelity/unlearning.py: its losses against NPO's value at init, hf_align.losses and NPOTrainer; the
 trade-off interpolation and the lr rule on hand-made curves; a tiny end-to-end run that renders from its JSON."""
 
 import copy
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    if "fidelity_unlearning" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "fidelity_unlearning", ROOT / "benchmarks" / "fidelity_unlearning.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fidelity_unlearning"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["fidelity_unlearning"]
-
-
-fu = _load()
+from benchmarks.fidelity import unlearning as fu
 
 
 def tiny_cfg(**overrides) -> dict:

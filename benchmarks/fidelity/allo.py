@@ -1,6 +1,6 @@
-"""ALLO's claims on the testbed, one budget for every variant (a section of ``benchmarks/fidelity.py``).
+"""ALLO's claims on the testbed, one budget for every variant (a section of ``python -m benchmarks.fidelity``).
 
-    python benchmarks/fidelity_allo.py [--quick] [--seeds 0 1 2 3 4] [--rewrite]
+    python -m benchmarks.fidelity.allo [--quick] [--seeds 0 1 2 3 4] [--rewrite]
 
 Every variant trains the same steps on the same preference pairs (correct vs same-length wrong digits) and gets the
 same lr sweep on the first seed, chosen on **held-out** prompts (disjoint from the test prompts; training pairs
@@ -27,10 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fidelity_common as common  # noqa: E402
-from fidelity_common import RESULTS, below, best_lr, fmt, mean_std, prompt_splits, verdict  # noqa: E402
+from benchmarks.fidelity import common
+from benchmarks.fidelity.common import RESULTS, below, best_lr, fmt, mean_std, prompt_splits, verdict
 
 
 @dataclass(frozen=True)
@@ -354,7 +352,7 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
     lines = [
         f"{heading} ALLO: masks, stages, selection and mask ratios (one budget for every variant)",
         "",
-        f"`benchmarks/fidelity_allo.py`, {result['wall_s'] / 60:.1f} min. Every variant trains {cfg['dpo_steps']} "
+        f"`benchmarks/fidelity/allo.py`, {result['wall_s'] / 60:.1f} min. Every variant trains {cfg['dpo_steps']} "
         f"DPO steps (batch 16, β = 0.1, sigmoid, constant lr) on the same {cfg['num_pairs']} pairs per seed (correct "
         "vs same-length wrong digits; no test or held-out prompt among them). Masks come from a "
         f"{cfg['warmup_steps']}-step warm-up DPO (lr {cfg['warmup_lr']:g}) scored by `MaskAccumulationCallback`: "
