@@ -18,6 +18,7 @@ import torch
 from benchmarks import RESULTS_DIR
 from hf_align.data_pool import DataPool
 from hf_align.io import write_json
+from hf_align.testbed import quiet_training_args
 
 
 RESULTS = RESULTS_DIR / "feedback.json"
@@ -32,22 +33,20 @@ def iteration_split(quick: bool) -> dict:
     steps = 10 if quick else 50
     with tempfile.TemporaryDirectory() as tmp:
         config = FeedbackConditionedConfig(
-            output_dir=tmp,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
-            num_iterations=2,
-            steps_per_iteration=steps,
-            prompts_per_iteration=64 if quick else 256,
-            num_generations=4,
-            max_new_tokens=6,
-            per_device_train_batch_size=16,
-            learning_rate=1e-3,
-            kl_coef=0.05,
-            balance_lengths=True,
-            feedback_template="{feedback}{prompt}",
-            logging_steps=1000,
+            **quiet_training_args(
+                output_dir=tmp,
+                num_iterations=2,
+                steps_per_iteration=steps,
+                prompts_per_iteration=64 if quick else 256,
+                num_generations=4,
+                max_new_tokens=6,
+                per_device_train_batch_size=16,
+                learning_rate=1e-3,
+                kl_coef=0.05,
+                balance_lengths=True,
+                feedback_template="{feedback}{prompt}",
+                logging_steps=1000,
+            )
         )
         trainer = FeedbackConditionedTrainer(
             tb.model, config, tb.prompt_dataset(256), processing_class=tb.tokenizer, reward_funcs=testbed.reward

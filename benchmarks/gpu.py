@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from benchmarks import RESULTS_DIR, ROOT, module_command
+from hf_align.testbed import quiet_training_args
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,10 +141,10 @@ class _Clock:
 
 
 def _common_args(output_dir: str, steps: int, batch: int, cuda: bool) -> dict:
-    return dict(
+    return quiet_training_args(
         output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5,
-        report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000, seed=0,
-        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0,
+        logging_steps=10_000, seed=0,
+        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda,
     )  # fmt: skip
 
 

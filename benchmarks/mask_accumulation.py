@@ -37,6 +37,7 @@ from transformers import TrainerCallback  # noqa: E402
 from hf_align import testbed  # noqa: E402
 from hf_align.callbacks import MaskAccumulationCallback  # noqa: E402
 from hf_align.io import write_json  # noqa: E402
+from hf_align.testbed import quiet_training_args
 
 
 RESULTS = RESULTS_DIR / "mask_accumulation.json"
@@ -85,21 +86,20 @@ def run_one(
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=4,
-        max_steps=warmup + steps,
-        learning_rate=1e-5,
-        max_grad_norm=1.0,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        log_level="error",
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        max_length=max_length,
-        gradient_checkpointing=False,
-        seed=0,
+        **quiet_training_args(
+            bf16=True,  # TRL's default, kept: the committed numbers were measured with bf16 autocast
+            output_dir=output_dir,
+            per_device_train_batch_size=4,
+            max_steps=warmup + steps,
+            learning_rate=1e-5,
+            max_grad_norm=1.0,
+            logging_strategy="no",
+            log_level="error",
+            use_cpu=not torch.cuda.is_available(),
+            max_length=max_length,
+            gradient_checkpointing=False,
+            seed=0,
+        )
     )
     timer = StepTimer()
     mask_callback = TimedMaskAccumulation(**callback_kwargs) if callback_kwargs else None
@@ -126,7 +126,7 @@ def hook_seconds(model, callback_kwargs: dict, repeats: int, output_dir: str) ->
     """(median seconds of the per-step hook, seconds of one save) for a callback on ``model`` with full grads."""
     from transformers import TrainingArguments
 
-    args = TrainingArguments(output_dir=output_dir, report_to="none", use_cpu=not torch.cuda.is_available())
+    args = TrainingArguments(**quiet_training_args(output_dir=output_dir, use_cpu=not torch.cuda.is_available()))
     callback = MaskAccumulationCallback(**callback_kwargs)
     callback.on_train_begin(args, _State(), None, model=model)
     for param in model.parameters():

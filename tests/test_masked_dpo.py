@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from trl import DPOConfig, DPOTrainer
 
 from hf_align import testbed
+from hf_align.testbed import quiet_training_args
 from hf_align.trainers.masked_dpo import MaskedDPOConfig, MaskedDPOTrainer
 
 
@@ -16,17 +17,12 @@ STEPS = 3
 
 
 def _args(tmp_path, cls=MaskedDPOConfig, **overrides):
-    kwargs = dict(
+    kwargs = quiet_training_args(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
         max_steps=STEPS,
         learning_rate=1e-2,
         logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         seed=0,
         beta=0.1,
         lr_scheduler_type="constant",
@@ -571,7 +567,7 @@ def test_a_neuron_mask_and_a_peft_adapter_are_refused_together(tmp_path, trainer
     tb = testbed.load()
     mask = NeuronMask.random(tb.model, 0.1, "row", seed=0)
     config_cls = trainers.MaskedDPOConfig if trainer_name == "MaskedDPOTrainer" else trainers.NPOConfig
-    args = config_cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    args = config_cls(**quiet_training_args(output_dir=str(tmp_path)))
     data = _data(4) if trainer_name == "MaskedDPOTrainer" else tb.forget_dataset()
     with pytest.raises(ValueError, match="neuron mask and a PEFT adapter"):
         getattr(trainers, trainer_name)(

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from benchmarks.fidelity import common
 from benchmarks.fidelity.common import RESULTS, below, best_lr, fmt, mean_std, prompt_splits, verdict
+from hf_align.testbed import quiet_training_args
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,10 @@ class Evaluator:
 
 # -------------------------------------------------------------------------------------------- training
 def _dpo_common(output_dir: str, steps: int, seed: int) -> dict:
-    return dict(
+    return quiet_training_args(
         output_dir=output_dir, per_device_train_batch_size=16, max_steps=steps, beta=0.1,
-        lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, gradient_checkpointing=False, seed=seed, disable_tqdm=True,
+        lr_scheduler_type="constant", logging_steps=1000,
+        gradient_checkpointing=False, seed=seed,
     )  # fmt: skip
 
 
@@ -174,12 +175,12 @@ def forget_stage(tb, labelled, seed: int, cfg: dict, mask, lr: float, out: str):
     from hf_align.sparse_update import merge_deltas
     from hf_align.trainers import NPOConfig, NPOTrainer
 
-    config = NPOConfig(
+    config = NPOConfig(**quiet_training_args(
         output_dir=out, per_device_train_batch_size=16, max_steps=cfg["forget_steps"], learning_rate=lr,
         weight_decay=0.0, lr_scheduler_type="constant", beta=0.1, npo_level="token", precompute_ref_log_probs=True,
-        report_to="none", save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False,
-        disable_tqdm=True, logging_steps=1000, seed=seed,
-    )  # fmt: skip
+        gradient_checkpointing=False,
+        logging_steps=1000, seed=seed,
+    ))  # fmt: skip
     trainer = NPOTrainer(
         copy.deepcopy(tb.model), args=config, train_dataset=labelled, processing_class=tb.tokenizer, neuron_mask=mask
     )

@@ -39,6 +39,7 @@ from benchmarks import ROOT, module_command
 from benchmarks.fidelity.common import RESULTS, below, best_lr, fmt, mean_std, section_module
 from hf_align import testbed
 from hf_align.io import atomic_file, read_json, write_json
+from hf_align.testbed import quiet_training_args
 
 
 SECTIONS = ("allo", "adapters", "unlearning")
@@ -106,11 +107,11 @@ def adaptive_merge(tb, data, aligned: Path, init: float, lr: float, seed: int, c
 
     from hf_align.trainers import AdaptiveMergeConfig, AdaptiveMergeTrainer
 
-    args = AdaptiveMergeConfig(
+    args = AdaptiveMergeConfig(**quiet_training_args(
         output_dir=f"{tmp}/adaptive_{init}_{lr:g}", init_val=init, mask_level="block3", learning_rate=lr,
-        max_steps=cfg["ama_steps"], per_device_train_batch_size=16, lr_scheduler_type="constant", report_to="none",
-        save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1000, seed=seed,
-    )  # fmt: skip
+        max_steps=cfg["ama_steps"], per_device_train_batch_size=16, lr_scheduler_type="constant",
+        logging_steps=1000, seed=seed,
+    ))  # fmt: skip
     trainer = AdaptiveMergeTrainer(
         AutoModelForCausalLM.from_pretrained(aligned), base_model=tb.path, args=args, train_dataset=data,
         processing_class=tb.tokenizer,
@@ -169,13 +170,13 @@ def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
 
     from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
 
-    config = FeedbackConditionedConfig(
-        output_dir=out, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed,
+    config = FeedbackConditionedConfig(**quiet_training_args(
+        output_dir=out, seed=seed,
         num_iterations=cfg["fb_iterations"], steps_per_iteration=cfg["fb_steps"],
         prompts_per_iteration=cfg["fb_prompts"], num_generations=4, max_new_tokens=6, per_device_train_batch_size=32,
         learning_rate=1e-3, lr_scheduler_type="constant", kl_coef=0.0, num_quantiles=5,
         feedback_template="{feedback}{prompt}", logging_steps=1000,
-    )  # fmt: skip
+    ))  # fmt: skip
     prompts = evaluator.prompts
     points: list[dict] = []
 

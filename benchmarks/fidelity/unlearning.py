@@ -49,6 +49,7 @@ from benchmarks.fidelity import common
 from benchmarks.fidelity.common import HELDOUT_SEED, TEST_SEED, collate, encode, token_logps
 from benchmarks.fidelity.common import fmt as _f
 from benchmarks.fidelity.common import prompt_splits as common_splits
+from hf_align.testbed import quiet_training_args
 
 
 RESULTS = common.RESULTS
@@ -344,14 +345,14 @@ def npo_trainer_check(tb, cfg: dict, lr: float, sched: Schedule, split: Split) -
         {"prompt": [p for p, _ in sched.retain_rows], "completion": [c for _, c in sched.retain_rows]}
     )
     with tempfile.TemporaryDirectory(prefix="fidelity-unlearning-") as out:
-        config = NPOConfig(
+        config = NPOConfig(**quiet_training_args(
             output_dir=out, per_device_train_batch_size=cfg["batch_size"], max_steps=cfg["steps"], learning_rate=lr,
             weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0, beta=cfg["beta"],
             npo_level="sequence", retain_loss_type="nll", retain_weight=cfg["retain_weight"],
-            precompute_ref_log_probs=True, train_sampling_strategy="sequential", report_to="none",
-            save_strategy="no", use_cpu=True, bf16=False, activation_checkpointing=False, disable_tqdm=True,
+            precompute_ref_log_probs=True, train_sampling_strategy="sequential",
+            activation_checkpointing=False,
             logging_steps=1, seed=sched.seed,
-        )  # fmt: skip
+        ))  # fmt: skip
         with _quiet_datasets():
             trainer = NPOTrainer(
                 copy.deepcopy(tb.model), args=config, train_dataset=forget, retain_dataset=retain,
