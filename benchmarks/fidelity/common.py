@@ -136,7 +136,9 @@ def section_main(module, name: str, argv: list[str] | None, finite) -> int:
 
     import torch
 
-    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module.__spec__.name}", description=module.__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: one seed, fewer lrs, a few steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (the first sweeps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

@@ -664,7 +664,7 @@ def run_seeds(cfg: dict, sections: Sections, jobs: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and prompts (CI smoke, < 2 min)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds of every section")
     parser.add_argument(
