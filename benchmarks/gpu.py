@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 from benchmarks import RESULTS_DIR, ROOT, module_command
-from hf_align.testbed import quiet_training_args
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,6 +140,8 @@ class _Clock:
 
 
 def _common_args(output_dir: str, steps: int, batch: int, cuda: bool) -> dict:
+    from hf_align.testbed import quiet_training_args  # the parent process that schedules the runs stays light
+
     return quiet_training_args(
         output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5,
         logging_steps=10_000, seed=0,

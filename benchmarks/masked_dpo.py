@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 from benchmarks import RESULTS_DIR, ROOT, module_command
-from hf_align.testbed import quiet_training_args
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,6 +81,7 @@ def make_trainer(name: str, size: str, precompute: bool, steps: int, callbacks: 
     from trl import DPOConfig, DPOTrainer
 
     from hf_align import testbed
+    from hf_align.testbed import quiet_training_args
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
