@@ -41,5 +41,11 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The benchmarks' smoke runs (seconds to minutes; the full runs are in the README): each is a module of `benchmarks`.
+benchmarks: setup
+	$(BIN)/python -m benchmarks.masked_dpo --quick --repeats 1 --steps 1 --output /tmp/hf-align-masked_dpo_quick.json
+	$(BIN)/python -m benchmarks.gpu --tiny --out /tmp/hf-align-gpu_tiny.json
+	$(BIN)/python -m benchmarks.fidelity --quick
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

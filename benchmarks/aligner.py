@@ -4,8 +4,8 @@ Same random-init Llama, same batch, one process; each timing is the median of se
 Goals (issue "Aligner PEFT tuner"): trainable params ≤ 1/50 of LoRA r=8; forward and greedy-generation throughput
 ≥ 0.95× the base model's. Prints a table and writes ``benchmarks/results/aligner[_quick].json``.
 
-    python benchmarks/aligner.py --quick      # tiny model, seconds
-    python benchmarks/aligner.py              # ~30M-param Llama, batch 4 × 128 tokens
+    python -m benchmarks.aligner --quick      # tiny model, seconds
+    python -m benchmarks.aligner              # ~30M-param Llama, batch 4 × 128 tokens
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks import RESULTS_DIR
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = RESULTS_DIR
 SIZES = {
     "quick": dict(hidden_size=64, num_layers=4, intermediate_size=128, num_heads=4, num_kv_heads=2, seq=32, gen=16),
     "full": dict(hidden_size=512, num_layers=8, intermediate_size=1408, num_heads=8, num_kv_heads=4, seq=128, gen=32),

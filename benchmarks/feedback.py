@@ -1,6 +1,6 @@
 """ALT / Quark benchmark: time split of one online iteration, and DataPool operations up to 100k rows.
 
-    python benchmarks/feedback.py [--quick]
+    python -m benchmarks.feedback [--quick]
 
 Prints two tables and writes ``benchmarks/results/feedback.json``.
 """
@@ -11,16 +11,17 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks import RESULTS_DIR
 from hf_align.data_pool import DataPool
 from hf_align.io import write_json
+from hf_align.testbed import quiet_training_args
 
 
-RESULTS = Path(__file__).resolve().parent / "results" / "feedback.json"
+RESULTS = RESULTS_DIR / "feedback.json"
 
 
 def iteration_split(quick: bool) -> dict:
@@ -32,22 +33,20 @@ def iteration_split(quick: bool) -> dict:
     steps = 10 if quick else 50
     with tempfile.TemporaryDirectory() as tmp:
         config = FeedbackConditionedConfig(
-            output_dir=tmp,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
-            num_rounds=2,
-            steps_per_round=steps,
-            prompts_per_round=64 if quick else 256,
-            num_generations=4,
-            max_completion_length=6,
-            per_device_train_batch_size=16,
-            learning_rate=1e-3,
-            beta=0.05,
-            balance_lengths=True,
-            feedback_template="{feedback}{prompt}",
-            logging_steps=1000,
+            **quiet_training_args(
+                output_dir=tmp,
+                num_rounds=2,
+                steps_per_round=steps,
+                prompts_per_round=64 if quick else 256,
+                num_generations=4,
+                max_completion_length=6,
+                per_device_train_batch_size=16,
+                learning_rate=1e-3,
+                beta=0.05,
+                balance_lengths=True,
+                feedback_template="{feedback}{prompt}",
+                logging_steps=1000,
+            )
         )
         trainer = FeedbackConditionedTrainer(
             tb.model, config, tb.prompt_dataset(256), processing_class=tb.tokenizer, reward_funcs=testbed.reward

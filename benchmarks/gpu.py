@@ -15,8 +15,8 @@ peak statistics reset in between. Writes JSON (machine, versions, per configurat
 ``torch.cuda.max_memory_allocated``, trainable parameters; ratios to ``dpo_full`` and the LoRA baseline measured in
 the same run).
 
-    python benchmarks/gpu.py                 # needs CUDA; ~8 minutes on one H200
-    python benchmarks/gpu.py --tiny          # a tiny model on CPU (or GPU): the CI smoke run, ~1 minute
+    python -m benchmarks.gpu                 # needs CUDA; ~8 minutes on one H200
+    python -m benchmarks.gpu --tiny          # a tiny model on CPU (or GPU): the CI smoke run, ~1 minute
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import RESULTS_DIR, ROOT, module_command
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     "tiny": dict(
         model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -139,10 +140,12 @@ class _Clock:
 
 
 def _common_args(output_dir: str, steps: int, batch: int, cuda: bool) -> dict:
-    return dict(
+    from hf_align.testbed import quiet_training_args  # the parent process that schedules the runs stays light
+
+    return quiet_training_args(
         output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5,
-        report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000, seed=0,
-        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0,
+        logging_steps=10_000, seed=0,
+        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda,
     )  # fmt: skip
 
 
@@ -321,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     for model, configs, steps, batch, length, merge in plan(args.tiny):
         configs = [c for c in configs if args.only is None or c in args.only]
         merge = merge and (args.only is None or "merge_1gb" in args.only)
-        command = [sys.executable, __file__, "--single", model, ",".join(configs), str(steps), str(batch),
-                   str(length), "1" if merge else "0"]  # fmt: skip
+        command = module_command("gpu", "--single", model, ",".join(configs), str(steps), str(batch),
+                                 str(length), "1" if merge else "0")  # fmt: skip
         proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
         if proc.returncode != 0 or not lines:
@@ -331,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results.extend(json.loads(lines[-1]))
     add_ratios(results)
-    sys.path.insert(0, str(ROOT))
     from hf_align.io import write_json
 
     report = {
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()},
         "results": results,
     }  # fmt: skip
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu{'_tiny' if args.tiny else ''}.json"
+    out = Path(args.out) if args.out else RESULTS_DIR / f"gpu{'_tiny' if args.tiny else ''}.json"
     write_json(out, report)
     for row in results:
         print(json.dumps(row))

@@ -11,7 +11,7 @@ ratio = (step + hook) / step. Timing the hook in isolation is what makes the num
 shared, noisy CPU; ``--ab`` additionally trains each configuration with the callback in the loop and
 reports the direct A/B ratio (noisy; the default for ``--quick``).
 
-    python benchmarks/mask_accumulation.py [--quick] [--steps 2] [--ab]
+    python -m benchmarks.mask_accumulation [--quick] [--steps 2] [--ab]
 
 Prints a table and writes ``benchmarks/results/mask_accumulation.json``.
 """
@@ -22,10 +22,10 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+from benchmarks import RESULTS_DIR
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,9 +37,10 @@ from transformers import TrainerCallback  # noqa: E402
 from hf_align import testbed  # noqa: E402
 from hf_align.callbacks import MaskAccumulationCallback  # noqa: E402
 from hf_align.io import write_json  # noqa: E402
+from hf_align.testbed import quiet_training_args
 
 
-RESULTS = Path(__file__).resolve().parent / "results" / "mask_accumulation.json"
+RESULTS = RESULTS_DIR / "mask_accumulation.json"
 # The MaskedDPO benchmark's model and data (benchmarks/masked_dpo.py "full"): ~50M params, pairs of ~2 x 95 digits.
 FULL = dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, intermediate_size=2048)
 FULL_DIGITS, FULL_MAX_LENGTH = 95, 256
@@ -85,21 +86,20 @@ def run_one(
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=4,
-        max_steps=warmup + steps,
-        learning_rate=1e-5,
-        max_grad_norm=1.0,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        log_level="error",
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        max_length=max_length,
-        gradient_checkpointing=False,
-        seed=0,
+        **quiet_training_args(
+            bf16=True,  # TRL's default, kept: the committed numbers were measured with bf16 autocast
+            output_dir=output_dir,
+            per_device_train_batch_size=4,
+            max_steps=warmup + steps,
+            learning_rate=1e-5,
+            max_grad_norm=1.0,
+            logging_strategy="no",
+            log_level="error",
+            use_cpu=not torch.cuda.is_available(),
+            max_length=max_length,
+            gradient_checkpointing=False,
+            seed=0,
+        )
     )
     timer = StepTimer()
     mask_callback = TimedMaskAccumulation(**callback_kwargs) if callback_kwargs else None
@@ -126,7 +126,7 @@ def hook_seconds(model, callback_kwargs: dict, repeats: int, output_dir: str) ->
     """(median seconds of the per-step hook, seconds of one save) for a callback on ``model`` with full grads."""
     from transformers import TrainingArguments
 
-    args = TrainingArguments(output_dir=output_dir, report_to="none", use_cpu=not torch.cuda.is_available())
+    args = TrainingArguments(**quiet_training_args(output_dir=output_dir, use_cpu=not torch.cuda.is_available()))
     callback = MaskAccumulationCallback(**callback_kwargs)
     callback.on_train_begin(args, _State(), None, model=model)
     for param in model.parameters():
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         dataset, max_length = testbed.preference_dataset(64, seed=0), 48
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from masked_dpo import _dataset
+        from benchmarks.masked_dpo import _dataset
 
         dataset, max_length = _dataset(64, FULL_DIGITS), FULL_MAX_LENGTH
     params = sum(p.numel() for p in model.parameters())

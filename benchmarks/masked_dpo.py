@@ -11,9 +11,9 @@ with a live reference and with precomputed reference log-probs, under two host a
 Prints a table and writes ``benchmarks/results/masked_dpo[_size].json`` with ratios against the baselines measured
 in the same run, under the same allocator.
 
-    python benchmarks/masked_dpo.py --quick      # tiny model, a few seconds per configuration (smoke run only)
-    python benchmarks/masked_dpo.py --size medium # ~6M-param Llama, a few minutes in all
-    python benchmarks/masked_dpo.py              # ~60M-param Llama, batch 4 x ~192 tokens
+    python -m benchmarks.masked_dpo --quick      # tiny model, a few seconds per configuration (smoke run only)
+    python -m benchmarks.masked_dpo --size medium # ~6M-param Llama, a few minutes in all
+    python -m benchmarks.masked_dpo              # ~60M-param Llama, batch 4 x ~192 tokens
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ import random
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import RESULTS_DIR, ROOT, module_command
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [
     "trl_full",
     "allo_masked_adamw",
@@ -81,6 +81,7 @@ def make_trainer(name: str, size: str, precompute: bool, steps: int, callbacks: 
     from trl import DPOConfig, DPOTrainer
 
     from hf_align import testbed
+    from hf_align.testbed import quiet_training_args
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -94,16 +95,12 @@ def make_trainer(name: str, size: str, precompute: bool, steps: int, callbacks: 
     batch = 4
     data = _dataset(batch * (steps + 2), digits)
     tmp = tempfile.mkdtemp()
-    common = dict(
+    common = quiet_training_args(
+        bf16=True,  # TRL's default, kept: the committed numbers were measured with bf16 autocast
         output_dir=tmp,
         per_device_train_batch_size=batch,
         max_steps=steps + 2,
         learning_rate=1e-5,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         logging_steps=1000,
         precompute_ref_log_probs=precompute,
         gradient_checkpointing=False,
@@ -224,7 +221,7 @@ def allocator_env(allocator: str) -> dict[str, str]:
 
 def _run_single(name: str, size: str, steps: int, precompute: bool, allocator: str, digits: int | None) -> dict:
     """One configuration in a fresh process (its own peak RSS; the allocator's tunables are read at start-up)."""
-    command = [sys.executable, __file__, "--single", name, "--steps", str(steps), "--size", size]
+    command = module_command("masked_dpo", "--single", name, "--steps", str(steps), "--size", size)
     command += ["--precompute"] if precompute else []
     command += ["--digits", str(digits)] if digits else []
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=allocator_env(allocator))
@@ -385,10 +382,9 @@ def main() -> None:
     for check in targets:
         value = "n/a" if check["value"] is None else f"{check['value']:.3f}"
         print(f"{'met    ' if check['met'] else 'NOT MET'} [{check['allocator']}] {check['target']}: {value}")
-    sys.path.insert(0, str(ROOT))
     from hf_align.io import write_json
 
-    default = ROOT / "benchmarks" / "results" / f"masked_dpo{'' if size == 'full' else '_' + size}.json"
+    default = RESULTS_DIR / f"masked_dpo{'' if size == 'full' else '_' + size}.json"
     out = Path(args.output) if args.output else default
     load = {"before": load_before, "after": load_record()}
     print(f"load average before/after: {load['before']['load_average']} / {load['after']['load_average']}")

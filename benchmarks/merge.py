@@ -10,7 +10,7 @@ subprocess that reports its own peak RSS (``resource.getrusage``):
 * ``mergekit-yaml`` linear, only if ``mergekit-yaml`` is on PATH (install it into a separate venv; it is not
   an hf-align dependency).
 
-    python benchmarks/merge.py [--quick] [--keep]
+    python -m benchmarks.merge [--quick] [--keep]
 
 Prints a table and writes ``benchmarks/results/merge.json``.
 """
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import RESULTS_DIR, ROOT
 
-RESULTS = Path(__file__).resolve().parent / "results" / "merge.json"
-ROOT = Path(__file__).resolve().parents[1]
+
+RESULTS = RESULTS_DIR / "merge.json"
 
 WORKERS = {
     "read+write": """

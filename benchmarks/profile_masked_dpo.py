@@ -4,9 +4,9 @@ Each configuration runs in its own subprocess (its own peak RSS), profiles one s
 records the operators with the most self CPU time, the memory they allocate, and the step's wall time. Writes
 ``benchmarks/results/profile_masked_dpo[_size].json`` and prints a table per configuration.
 
-    python benchmarks/profile_masked_dpo.py --size quick                 # smoke run, seconds
-    python benchmarks/profile_masked_dpo.py masked_row0.1 trl_lora_r8    # the default (~60M) model
-    python benchmarks/profile_masked_dpo.py --allocator retain masked_row0.1 trl_lora_r8   # malloc keeps freed memory
+    python -m benchmarks.profile_masked_dpo --size quick                 # smoke run, seconds
+    python -m benchmarks.profile_masked_dpo masked_row0.1 trl_lora_r8    # the default (~60M) model
+    python -m benchmarks.profile_masked_dpo --allocator retain masked_row0.1 trl_lora_r8   # malloc keeps freed memory
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ import argparse
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from masked_dpo import ALLOCATORS, CONFIGS, ROOT, SIZES, allocator_env, make_trainer  # noqa: E402
+from benchmarks import RESULTS_DIR, ROOT, module_command
+from benchmarks.masked_dpo import ALLOCATORS, CONFIGS, SIZES, allocator_env, make_trainer
 
 
 TOP = 15
@@ -84,7 +81,7 @@ def main() -> None:
     results = []
     load_before = os.getloadavg()
     for name in args.configs:
-        command = [sys.executable, __file__, "--single", name, "--size", args.size]
+        command = module_command("profile_masked_dpo", "--single", name, "--size", args.size)
         command += ["--precompute"] if args.precompute else []
         proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=allocator_env(args.allocator))
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -100,14 +97,13 @@ def main() -> None:
                 f"  {op['op'][:44]:44} {op['calls']:6d} calls {op['self_cpu_ms']:9.1f} ms {100 * op['share']:5.1f} % "
                 f"{op['self_cpu_memory_mb']:9.1f} MB"
             )
-    sys.path.insert(0, str(ROOT))
     from hf_align.io import write_json
 
     load = {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()}
     suffix = "" if args.size == "full" else f"_{args.size}"
     suffix += "_precomputed" if args.precompute else ""
     suffix += "_retain" if args.allocator == "retain" else ""
-    out = ROOT / "benchmarks" / "results" / f"profile_masked_dpo{suffix}.json"
+    out = RESULTS_DIR / f"profile_masked_dpo{suffix}.json"
     write_json(out, {"size": args.size, "spec": SIZES[args.size], "load_average": load, "results": results})
     print(f"load average before/after: {load['before']} / {load['after']}; wrote {out}")
 

@@ -6,21 +6,19 @@ answers) and batch, with a live reference, under the host allocators of ``masked
 ``benchmarks/results/scaling.json`` and ``scaling.png`` (step time, step time relative to LoRA, peak RSS and
 trainable + optimizer bytes against the parameter count; solid lines glibc's defaults, dashed the retaining malloc).
 
-    python benchmarks/scaling.py                 # 3 repeats, 2 threads, both allocators
-    BENCH_THREADS=1 python benchmarks/scaling.py --repeats 2 --steps 2   # the committed results
-    python benchmarks/scaling.py --sizes medium --repeats 1 --steps 1 --allocator glibc   # a smoke run
+    python -m benchmarks.scaling                 # 3 repeats, 2 threads, both allocators
+    BENCH_THREADS=1 python -m benchmarks.scaling --repeats 2 --steps 2   # the committed results
+    python -m benchmarks.scaling --sizes medium --repeats 1 --steps 1 --allocator glibc   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from masked_dpo import ALLOCATORS, ROOT, SIZES, load_record, measure  # noqa: E402
+from benchmarks import RESULTS_DIR
+from benchmarks.masked_dpo import ALLOCATORS, SIZES, load_record, measure
 
 
 CONFIGS = ["trl_full", "trl_lora_r8", "masked_row0.1", "masked_element0.1"]
@@ -93,7 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration and size (median reported)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after two warm-up steps)")
     parser.add_argument("--allocator", choices=(*ALLOCATORS, "both"), default="both", help="see masked_dpo.py")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+    parser.add_argument("--output", default=str(RESULTS_DIR / "scaling.json"))
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the existing JSON")
     args = parser.parse_args()
     out = Path(args.output)
@@ -111,7 +109,6 @@ def main() -> None:
             if "error" not in row:
                 row["train_opt_mb"] = (row["trainable_bytes"] + row["optimizer_state_bytes"]) / 2**20
         results += rows
-    sys.path.insert(0, str(ROOT))
     from hf_align.io import write_json
 
     print(

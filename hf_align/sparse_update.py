@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from hf_align import _compat
 from hf_align.architectures import neuron_axes, neuron_axis
 from hf_align.io import PathLike, apply_file_mode, load_tensors, save_tensors
 from hf_align.masks import NeuronMask, _plain_parameters, parameter_shape
@@ -334,7 +335,7 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask, dtype: torch.dtype |
             parametrize.register_parametrization(module, attr, holder, unsafe=hasattr(param, "ds_shape"))
             # DeepSpeed ZeRO-3 gathers a module's *own* parameters around its forward; `original` and the delta
             # live in child modules whose forward never runs, so the owner gathers its whole subtree instead.
-            module._z3_leaf = True
+            _compat.mark_zero3_leaf(module)
             if fast:  # TRL's fused head reads lm_head.weight, not forward: it keeps the parametrization
                 module.forward = _delta_linear_forward.__get__(module)
     return model

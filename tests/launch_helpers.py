@@ -98,8 +98,9 @@ WORKER_PRELUDE = textwrap.dedent(
     def on_engine(args):
         _ = args.device  # builds the CPU/gloo state
         if engine == "fsdp2":  # test-only: accelerate enables FSDP only for GPU-like distributed types
-            state = accelerate.state.PartialState._shared_state
-            state["distributed_type"] = accelerate.utils.DistributedType.MULTI_GPU
+            from hf_align._compat import pretend_distributed_type
+
+            pretend_distributed_type(accelerate.utils.DistributedType.MULTI_GPU)
         return args
 
 

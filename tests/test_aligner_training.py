@@ -9,24 +9,22 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from hf_align import testbed
 from hf_align.peft_tuners import AlignerConfig
+from hf_align.testbed import quiet_training_args
 
 
 def _args(config_cls, tmp_path, **kwargs):
     return config_cls(
-        output_dir=str(tmp_path),
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,  # fp32: the base-untouched check compares logits exactly
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=32,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        logging_steps=1,
-        seed=0,
-        **kwargs,
+        **quiet_training_args(
+            output_dir=str(tmp_path),
+            bf16=False,  # fp32: the base-untouched check compares logits exactly
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=32,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            logging_steps=1,
+            seed=0,
+            **kwargs,
+        )
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 from datasets import Dataset
 
 from hf_align import testbed
+from hf_align.testbed import quiet_training_args
 from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer, NPOConfig, NPOTrainer
 
 
@@ -24,10 +25,10 @@ def _forget():
 
 def _build(tmp_path, rows, trainer="dpo", **overrides):
     config, cls = (MaskedDPOConfig, MaskedDPOTrainer) if trainer == "dpo" else (NPOConfig, NPOTrainer)
-    args = config(
-        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to="none", use_cpu=True,
-        bf16=False, disable_tqdm=True, save_strategy="no", **overrides,
-    )  # fmt: skip
+    args = config(**quiet_training_args(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+        **overrides,
+    ))  # fmt: skip
     tb = testbed.load()
     return cls(model=tb.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tb.tokenizer)
 

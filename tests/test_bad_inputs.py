@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hf_align import io
+from hf_align.testbed import quiet_training_args
 
 
 # --- files and outputs ---------------------------------------------------------------------------
@@ -192,9 +193,7 @@ def _masked_dpo(tmp_path, dataset, **kwargs):
     from hf_align.testbed import load_tokenizer
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
-    args = MaskedDPOConfig(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", max_steps=1, save_strategy="no"
-    )
+    args = MaskedDPOConfig(**quiet_training_args(output_dir=str(tmp_path / "out"), max_steps=1))
     return MaskedDPOTrainer(_tiny(), args=args, train_dataset=dataset, processing_class=load_tokenizer(), **kwargs)
 
 
@@ -253,7 +252,7 @@ def test_npo_forget_data_without_completion_column_is_named(tmp_path):
     from hf_align.testbed import load_tokenizer
     from hf_align.trainers import NPOConfig, NPOTrainer
 
-    args = NPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", max_steps=1)
+    args = NPOConfig(**quiet_training_args(output_dir=str(tmp_path / "out"), max_steps=1))
     data = Dataset.from_dict({"prompt": ["1+1="], "answer": ["3"]})
     with pytest.raises(ValueError, match=r"missing columns.*prompt\+completion"):
         NPOTrainer(_tiny(), ref_model=_tiny(), args=args, train_dataset=data, processing_class=load_tokenizer())

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_masked_dpo_benchmark_reports_medians_targets_and_load(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, "benchmarks/masked_dpo.py", "--quick", "--repeats", "2", "--steps", "1"]
+    command = [sys.executable, "-m", "benchmarks.masked_dpo", "--quick", "--repeats", "2", "--steps", "1"]
     command += ["--reference", "live", "masked_row0.1", "trl_lora_r8", "--output", str(out)]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
     record = json.loads(out.read_text())

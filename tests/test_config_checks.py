@@ -10,10 +10,11 @@ import warnings
 import pytest
 
 from hf_align.config_checks import LIBRARY_RANGES, Range, check_config_values
+from hf_align.testbed import quiet_training_args
 from hf_align.trainers import AdaptiveMergeConfig, FeedbackConditionedConfig, MaskedDPOConfig, NPOConfig
 
 
-BASE = dict(use_cpu=True, bf16=False, report_to="none")
+BASE = quiet_training_args()
 
 BAD = [
     # (config class, field, value, what the message must say)

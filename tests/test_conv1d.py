@@ -13,6 +13,7 @@ from hf_align.architectures import checkpoint_neuron_axes, layer_index, neuron_a
 from hf_align.masks import NeuronMask
 from hf_align.scores import reduce_magnitude, weight_diff_scores
 from hf_align.sparse_update import attach_deltas, iter_deltas, merged_state_dict, trainable_fraction
+from hf_align.testbed import quiet_training_args
 
 
 def _gpt2(seed=0):
@@ -136,10 +137,10 @@ def test_masked_dpo_on_gpt2_trains_the_fraction_it_reports(tmp_path, tokenizer):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=16, n_layer=2, n_head=2))
     mask = NeuronMask.random(model, 0.1, "row", seed=0)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = MaskedDPOConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to="none", use_cpu=True,
-        bf16=False, disable_tqdm=True, gradient_checkpointing=False, save_strategy="no", learning_rate=1e-2,
-    )  # fmt: skip
+    args = MaskedDPOConfig(**quiet_training_args(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+        gradient_checkpointing=False, learning_rate=1e-2,
+    ))  # fmt: skip
     trainer = MaskedDPOTrainer(
         model=model, args=args, train_dataset=testbed.preference_dataset(4), processing_class=tokenizer,
         neuron_mask=mask,
@@ -166,9 +167,6 @@ def test_element_scores_become_column_rows_for_conv1d_in_the_trainer_config(tmp_
     scores = {name: torch.zeros(16, 64)}
     scores[name][:, 5] = 1.0  # output feature 5 is the only one that moved
     save_scores(tmp_path / "scores", scores)
-    args = MaskedDPOConfig(
-        output_dir=str(tmp_path / "o"), neuron_scores_path=str(tmp_path / "scores"), neuron_mask_ratio=1 / 64,
-        use_cpu=True, bf16=False, report_to="none",
-    )  # fmt: skip
+    args = MaskedDPOConfig(**quiet_training_args(output_dir=str(tmp_path / "o"), neuron_scores_path=str(tmp_path / "scores"), neuron_mask_ratio=1 / 64))  # fmt: skip
     mask = resolve_neuron_mask(None, args, model)
     assert mask.masks[name].shape == (64,) and mask.masks[name].nonzero().view(-1).tolist() == [5]

@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from hf_align import testbed
 from hf_align.data_pool import DataPool
-from hf_align.testbed import load_random_tiny, load_tokenizer
+from hf_align.testbed import load_random_tiny, load_tokenizer, quiet_training_args
 from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
 
 
@@ -19,13 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(tmp_path, **overrides):
-    base = dict(
+    base = quiet_training_args(
         output_dir=str(tmp_path / "out"),
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         per_device_train_batch_size=4,
         num_rounds=2,
         steps_per_round=2,

@@ -1,29 +1,17 @@
-"""The fidelity report's judgement code (benchmarks/fidelity*.py): lr choice, verdicts, prompt splits, AMA's front.
+"""The fidelity report's judgement code (``benchmarks.fidelity``): lr choice, verdicts, prompt splits, AMA's front.
 
 Hand-made summaries with hand-computed verdicts; the end-to-end run is tests/test_fidelity_smoke.py.
 """
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name):
-    """A benchmarks/ module, loaded the way the sections load each other (``fidelity_common.sibling``)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    import fidelity_common
-
-    return fidelity_common.sibling(name)
+from benchmarks.fidelity import allo, common
+from benchmarks.fidelity import report as fidelity
 
 
 def test_verdict_needs_the_stds_apart():
-    common = load("fidelity_common")
     assert common.verdict((0.50, 0.01), (0.40, 0.01)) == "shown"
     assert common.verdict((0.40, 0.01), (0.50, 0.01)) == "shown not to hold"
     assert common.verdict((0.50, 0.05), (0.45, 0.01)) == "not shown"  # 0.05 apart < 0.06 of stds
@@ -33,13 +21,11 @@ def test_verdict_needs_the_stds_apart():
 def test_prompt_splits_are_disjoint_and_the_test_prompts_are_the_evaluation_prompts():
     from hf_align.testbed.evaluation import eval_prompts
 
-    common = load("fidelity_common")
     test, heldout = common.prompt_splits(64, 32)
     assert test == eval_prompts(64, seed=1234) and len(heldout) == 32 and not set(test) & set(heldout)
 
 
 def test_lr_choice_is_the_best_finite_heldout_reward():
-    common = load("fidelity_common")
     assert common.best_lr({"0.0003": 0.41, "0.001": 0.52, "0.003": 0.30}) == "0.001"
     assert common.best_lr({"0.0003": 0.41, "0.001": float("nan")}) == "0.0003"
 
@@ -47,7 +33,6 @@ def test_lr_choice_is_the_best_finite_heldout_reward():
 def test_allo_pairs_exclude_the_evaluation_prompts():
     from hf_align import testbed
 
-    allo = load("fidelity_allo")
     tb = testbed.load()
     every = tb.preference_dataset(128, seed=100)
     banned = set(every["prompt"][:40])
@@ -61,7 +46,6 @@ def _summary(**rewards):
 
 
 def test_allo_findings_judge_each_claim_from_the_numbers():
-    allo = load("fidelity_allo")
     cfg = allo.settings(quick=False)
     names = [v.name for v in allo.variants(cfg)]
     rewards = {m: (0.45, 0.01) for m in names}
@@ -89,7 +73,6 @@ def test_allo_findings_judge_each_claim_from_the_numbers():
 
 
 def test_ama_variant_is_judged_against_the_best_linear_alpha_at_no_higher_perplexity():
-    fidelity = load("fidelity")
     linear = {
         "0.0": {"mean_reward": (0.50, 0.01), "perplexity": (3.0, 0.1)},
         "0.4": {"mean_reward": (0.48, 0.01), "perplexity": (2.1, 0.1)},
@@ -116,7 +99,6 @@ def _ama_run(seed, reward):
 
 
 def test_a_section_that_did_not_finish_is_left_out_not_replaced_by_an_older_json(tmp_path):
-    fidelity = load("fidelity")
     (tmp_path / "fidelity_allo.json").write_text("{}")  # an older run's file: must not be read
     cfg = {**fidelity.settings(quick=False), "sections": ["allo", "feedback"], "seeds": [0, 1], "seed_sets": [[0, 1]]}
     runs = [_ama_run(0, 0.40), _ama_run(1, 0.44)]

@@ -1,24 +1,16 @@
-"""benchmarks/fidelity.py --quick end to end (the issue's CI smoke): every section runs and the report is complete."""
+"""``python -m benchmarks.fidelity --quick`` end to end (the CI smoke): every section runs, the report is complete."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.mark.slow
 def test_fidelity_quick_writes_a_complete_report(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks" / "fidelity.py")
-    fidelity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fidelity)
+    from benchmarks.fidelity import report as fidelity
+
     monkeypatch.setattr(fidelity, "RESULTS", tmp_path)  # never overwrite the committed results
 
     threads = torch.get_num_threads()

@@ -1,31 +1,14 @@
-"""benchmarks/fidelity_unlearning.py: its losses against NPO's value at init, hf_align.losses and NPOTrainer; the
+"""benchmarks/fidelity/unlearning.py: its losses against NPO's value at init, hf_align.losses and NPOTrainer; the
 trade-off interpolation and the lr rule on hand-made curves; a tiny end-to-end run that renders from its JSON."""
 
 import copy
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    if "fidelity_unlearning" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "fidelity_unlearning", ROOT / "benchmarks" / "fidelity_unlearning.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fidelity_unlearning"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["fidelity_unlearning"]
-
-
-fu = _load()
+from benchmarks.fidelity import unlearning as fu
+from hf_align.testbed import quiet_training_args
 
 
 def tiny_cfg(**overrides) -> dict:
@@ -125,11 +108,11 @@ def _trainer(tb, sched, cfg, policy, ref_model=None, **config):
     retain = Dataset.from_dict(
         {"prompt": [p for p, _ in sched.retain_rows], "completion": [c for _, c in sched.retain_rows]}
     )
-    args = NPOConfig(
+    args = NPOConfig(**quiet_training_args(
         output_dir="unused", per_device_train_batch_size=cfg["batch_size"], max_steps=cfg["steps"],
-        train_sampling_strategy="sequential", report_to="none", save_strategy="no", use_cpu=True,
-        bf16=False, activation_checkpointing=False, disable_tqdm=True, seed=sched.seed, **config,
-    )  # fmt: skip
+        train_sampling_strategy="sequential",
+        activation_checkpointing=False, seed=sched.seed, **config,
+    ))  # fmt: skip
     trainer = NPOTrainer(
         copy.deepcopy(policy), ref_model=ref_model, args=args, train_dataset=forget, retain_dataset=retain,
         processing_class=tb.tokenizer,

@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py --tiny, the CPU smoke run of the GPU readiness script: every configuration runs and reports."""
+"""``python -m benchmarks.gpu --tiny``, the CPU smoke run of the GPU readiness script: every configuration runs and reports."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_script_tiny_runs_every_configuration(tmp_path):
     out = tmp_path / "gpu_tiny.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.gpu", "--tiny", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,6 +11,7 @@ import yaml
 from hf_align import testbed
 from hf_align.hub import build_model_card, push_neuron_mask
 from hf_align.masks import NeuronMask
+from hf_align.testbed import quiet_training_args
 
 
 class FakeApi:
@@ -110,11 +111,11 @@ def test_masked_dpo_push_to_hub_uploads_merged_or_deltas_with_allo_card(tmp_path
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda *a, **k: api)
     tb = testbed.load()
     model = copy.deepcopy(tb.model)
-    args = MaskedDPOConfig(
-        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to="none",
-        save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, hub_model_id="me/allo",
+    args = MaskedDPOConfig(**quiet_training_args(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+        hub_model_id="me/allo",
         save_merged=save_merged, gradient_checkpointing=False,
-    )  # fmt: skip
+    ))  # fmt: skip
     trainer = MaskedDPOTrainer(
         model=model, args=args, train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer,
         neuron_mask=NeuronMask.random(model, 0.1, "row", seed=0),

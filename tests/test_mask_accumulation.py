@@ -9,6 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_align.callbacks import MaskAccumulationCallback
 from hf_align.scores import CheckpointReader, load_scores, plain_name, save_scores
+from hf_align.testbed import quiet_training_args
 
 
 C = torch.tensor([[1.0, -1.0, 0.25, 0.0], [3.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, -0.5]])
@@ -38,18 +39,13 @@ def _data(n=4, linear=True, seed=0):
 
 
 def _args(tmp_path, **kw):
-    base = dict(
+    base = quiet_training_args(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
         learning_rate=0.1,
         max_steps=3,
         optim="sgd",
         lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         logging_strategy="no",
         max_grad_norm=0.0,
         seed=0,

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from trl import DPOConfig, DPOTrainer
 
 from hf_align import testbed
+from hf_align.testbed import quiet_training_args
 from hf_align.trainers.masked_dpo import MaskedDPOConfig, MaskedDPOTrainer
 from hf_align.trainers.registry import TRAINERS
 
@@ -20,17 +21,12 @@ STEPS = 3
 
 
 def _args(tmp_path, cls=MaskedDPOConfig, **overrides):
-    kwargs = dict(
+    kwargs = quiet_training_args(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
         max_steps=STEPS,
         learning_rate=1e-2,
         logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         seed=0,
         beta=0.1,
         lr_scheduler_type="constant",
@@ -572,7 +568,7 @@ def test_a_neuron_mask_and_a_peft_adapter_are_refused_together(tmp_path, spec):
     NeuronMask, _ = _mask_api()
     tb = testbed.load()
     mask = NeuronMask.random(tb.model, 0.1, "row", seed=0)
-    args = spec.config_class()(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    args = spec.config_class()(**quiet_training_args(output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="neuron mask and a PEFT adapter"):
         spec.trainer_class()(
             copy.deepcopy(tb.model), args=args, train_dataset=_data(4), processing_class=tb.tokenizer,

@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from hf_align.merging.adaptive import InterpolatedLinear, LearnedAlphas, block_assignment, normalized_alphas
+from hf_align.testbed import quiet_training_args
 from hf_align.trainers import AdaptiveMergeConfig, AdaptiveMergeTrainer
 
 
 def _args(tmp_path, **overrides):
-    base = dict(
-        output_dir=str(tmp_path / "ama"), max_steps=1, per_device_train_batch_size=4, use_cpu=True, report_to="none",
-        save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+    base = quiet_training_args(
+        output_dir=str(tmp_path / "ama"), max_steps=1, per_device_train_batch_size=4,
+        logging_steps=1,
     )  # fmt: skip
     return AdaptiveMergeConfig(**{**base, **overrides})
 

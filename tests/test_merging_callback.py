@@ -4,6 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_align.testbed import quiet_training_args
+
 
 def test_callback_writes_loadable_merged_models_and_pushes(tmp_path, tokenizer, monkeypatch):
     import huggingface_hub
@@ -33,10 +35,10 @@ def test_callback_writes_loadable_merged_models_and_pushes(tmp_path, tokenizer, 
     callback = AMAMergeCallback(tmp_path / "base", alpha=0.25, push_to_hub=True, hub_repo_id="me/ama")
     ids = tokenizer(["1+2=3"] * 4)["input_ids"]
     data = [{"input_ids": i, "labels": i} for i in ids]
-    args = TrainingArguments(
+    args = TrainingArguments(**quiet_training_args(
         output_dir=str(tmp_path / "out"), max_steps=2, save_steps=1, save_strategy="steps", learning_rate=1e-2,
-        per_device_train_batch_size=2, use_cpu=True, report_to="none", disable_tqdm=True,
-    )  # fmt: skip
+        per_device_train_batch_size=2,
+    ))  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
 

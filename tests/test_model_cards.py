@@ -8,6 +8,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from hf_align import testbed
 from hf_align.hub import build_model_card, hub_id
 from hf_align.masks import NeuronMask
+from hf_align.testbed import quiet_training_args
 from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
 
@@ -27,10 +28,10 @@ def _model_folder(tmp_path, with_card: bool):
 
 def _train(tmp_path, model, **overrides):
     tb = testbed.load()
-    args = MaskedDPOConfig(
-        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to="none", use_cpu=True,
-        bf16=False, disable_tqdm=True, gradient_checkpointing=False, save_strategy="no", beta=0.25, **overrides,
-    )  # fmt: skip
+    args = MaskedDPOConfig(**quiet_training_args(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+        gradient_checkpointing=False, beta=0.25, **overrides,
+    ))  # fmt: skip
     trainer = MaskedDPOTrainer(
         model=model, args=args, train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer,
         neuron_mask=NeuronMask.random(tb.model, 0.1, "row", seed=0),

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from hf_align.testbed import quiet_training_args
 from hf_align.trainers.registry import TRAINERS
 
 
@@ -78,10 +79,10 @@ def test_checkpoints_hold_no_full_pickle(tmp_path):
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
     tb = testbed.load()
-    args = MaskedDPOConfig(
+    args = MaskedDPOConfig(**quiet_training_args(
         output_dir=str(tmp_path), max_steps=2, save_strategy="steps", save_steps=1, per_device_train_batch_size=2,
-        report_to="none", use_cpu=True, bf16=False, disable_tqdm=True, gradient_checkpointing=False,
-    )  # fmt: skip
+        gradient_checkpointing=False,
+    ))  # fmt: skip
     trainer = MaskedDPOTrainer(
         model=tb.model, args=args, train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer,
         neuron_mask=NeuronMask.random(tb.model, 0.1, "row", seed=0),
@@ -109,9 +110,9 @@ def test_python_api_save_model_without_deltas_writes_json_not_pickle(tmp_path, s
     from hf_align import testbed
 
     tb = testbed.load()
-    common = dict(
-        max_steps=1, per_device_train_batch_size=2, report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
-        gradient_checkpointing=False, save_strategy="no",
+    common = quiet_training_args(
+        max_steps=1, per_device_train_batch_size=2,
+        gradient_checkpointing=False,
     )  # fmt: skip
     trainer = spec.trainer_class()(
         model=testbed.load().model, args=spec.config_class()(output_dir=str(tmp_path / spec.name), **common),

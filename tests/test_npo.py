@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
+from hf_align.testbed import quiet_training_args
 
 
 def log_sigmoid(x: float) -> float:
@@ -91,18 +92,12 @@ def test_retain_terms_by_hand():
 def _args(tmp_path, **kw):
     from hf_align.trainers import NPOConfig
 
-    base = dict(
+    base = quiet_training_args(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
         max_steps=2,
         learning_rate=1e-3,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         logging_steps=1,
     )
     base.update(kw)

@@ -8,23 +8,18 @@ import torch
 from hf_align import testbed
 from hf_align.masks import NeuronMask
 from hf_align.sparse_update import deltas_disabled, merged_state_dict
+from hf_align.testbed import quiet_training_args
 from hf_align.trainers import NPOConfig, NPOTrainer
 
 
 def _args(tmp_path, **kw):
-    base = dict(
+    base = quiet_training_args(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
         max_steps=3,
         learning_rate=1e-3,
         weight_decay=0.1,  # decay must not leak into unselected entries either
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         logging_steps=1,
     )
     base.update(kw)

@@ -23,13 +23,14 @@ from trl import SFTConfig, SFTTrainer
 
 from hf_align import testbed
 from hf_align.peft_tuners import AlignerConfig
+from hf_align.testbed import quiet_training_args
 
 
 STEPS, SAVE_AT = 4, 2
 
 
 def _common(output_dir, **overrides):
-    kwargs = dict(
+    kwargs = quiet_training_args(
         output_dir=str(output_dir),
         per_device_train_batch_size=2,
         max_steps=STEPS,
@@ -39,11 +40,6 @@ def _common(output_dir, **overrides):
         lr_scheduler_type="cosine",  # the scheduler state must be restored too
         warmup_steps=1,
         logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         seed=0,
     )
     kwargs.update(overrides)

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaF
 from hf_align import testbed
 from hf_align.evaluation import evaluate_model
 from hf_align.rewards import RewardModelScorer, check_scores, resolve_reward, resolve_reward_funcs, score_completions
-from hf_align.testbed import load_random_tiny, load_tokenizer
+from hf_align.testbed import load_random_tiny, load_tokenizer, quiet_training_args
 from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
 
 
@@ -59,10 +59,10 @@ def test_reward_model_sees_the_same_text_in_eval_and_in_training(reward_folder, 
     from_eval = list(seen)
     seen.clear()
 
-    config = FeedbackConditionedConfig(
-        output_dir="unused", report_to="none", use_cpu=True, num_rounds=1, steps_per_round=1,
+    config = FeedbackConditionedConfig(**quiet_training_args(
+        output_dir="unused", num_rounds=1, steps_per_round=1,
         prompts_per_round=2, num_generations=1, reward_funcs=[reward_folder],
-    )  # fmt: skip
+    ))  # fmt: skip
     trainer = FeedbackConditionedTrainer(
         load_random_tiny("llama", hidden_size=32, num_layers=2, intermediate_size=64), config,
         Dataset.from_dict({"prompt": CHAT}), processing_class=load_tokenizer(),

@@ -8,6 +8,7 @@ import torch
 from hf_align.cli.select_mask import format_summary, module_type, selection_threshold
 from hf_align.io import save_tensors
 from hf_align.scores import load_scores, save_scores, weight_diff_scores
+from hf_align.testbed import quiet_training_args
 
 
 def _checkpoints(tmp_path, model):
@@ -151,9 +152,9 @@ def test_warmup_dpo_then_masked_dpo_end_to_end(tmp_path):
 
     tb = testbed.load()
     data = tb.preference_dataset(8, seed=0)
-    common = dict(
-        max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, report_to="none", save_strategy="no",
-        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, max_length=64,
+    common = quiet_training_args(
+        max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, max_length=64,
+        bf16=True,  # TRL's default, as before quiet_training_args
     )  # fmt: skip
     warm = MaskAccumulationCallback(method="gradient", granularity="row", select_ratio=0.1)
     model = copy.deepcopy(tb.model)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_align import testbed
+from hf_align.testbed import quiet_training_args
 from hf_align.testbed.task import corrupt, make_problem, score, solve, token_correctness
 
 
@@ -189,15 +190,14 @@ def test_preference_dataset_trains_with_trl_dpo(tmp_path, conversational):
 
     tb = testbed.load()
     args = DPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-3,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=1,
+        **quiet_training_args(
+            bf16=True,  # TRL's default, as before quiet_training_args
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=2,
+            learning_rate=1e-3,
+            logging_steps=1,
+        )
     )
     ds = testbed.preference_dataset(8, conversational=conversational)
     trainer = DPOTrainer(

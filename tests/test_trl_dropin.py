@@ -8,13 +8,14 @@ import trl
 
 from hf_align import testbed
 from hf_align.masks import NeuronMask
+from hf_align.testbed import quiet_training_args
 from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 from hf_align.trainers._base import resolve_args
 
 
-COMMON = dict(
-    max_steps=1, per_device_train_batch_size=2, report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
-    gradient_checkpointing=False, save_strategy="no", learning_rate=1e-2,
+COMMON = quiet_training_args(
+    max_steps=1, per_device_train_batch_size=2,
+    gradient_checkpointing=False, learning_rate=1e-2,
 )  # fmt: skip
 
 

@@ -111,9 +111,28 @@ def load_random_tiny(
     return model
 
 
+QUIET_TRAINING_ARGS: dict[str, Any] = dict(
+    report_to="none", save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, dataloader_num_workers=0
+)
+"""What :func:`quiet_training_args` sets."""
+
+
+def quiet_training_args(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for any ``TrainingArguments`` subclass (TRL's configs, ours) for a short run on the CPU that
+    writes and prints only what it is asked to: no logging integration, no checkpoints, fp32 (TRL's configs default
+    to bf16 autocast), no progress bars, no dataloader workers. ``overrides`` win, e.g.
+    ``MaskedDPOConfig(**quiet_training_args(output_dir=out, max_steps=2))``.
+
+    Here, beside the testbed, because tests, docs snippets and benchmarks all run on it and import it; the library
+    itself never does.
+    """
+    return {**QUIET_TRAINING_ARGS, **overrides}
+
+
 __all__ = [
     "FORGET_MARKER",
     "MODEL_DIR",
+    "QUIET_TRAINING_ARGS",
     "Testbed",
     "forget_dataset",
     "generate_completions",
@@ -124,6 +143,7 @@ __all__ = [
     "mean_reward",
     "preference_dataset",
     "prompt_dataset",
+    "quiet_training_args",
     "retain_dataset",
     "reward",
     "score",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from hf_align import _compat
 from hf_align.callbacks.json_training_args import replace_training_args_pickle
 from hf_align.config_checks import NON_NEGATIVE, CheckedConfig, option
 
@@ -89,7 +90,7 @@ def load_model(model, args, like=None, quantization_config=None):
         kwargs["device_map"] = None
     if like is not None:
         kwargs.setdefault("dtype", like.dtype)
-        kwargs.setdefault("attn_implementation", like.config._attn_implementation)
+        kwargs.setdefault("attn_implementation", _compat.attn_implementation(like.config))
     if gguf_file_of(model, kwargs.get("gguf_file")) is not None:  # TRL's loader knows no GGUF: ours dequantizes it
         from hf_align.loading import load_model as load_by_name
 
@@ -196,8 +197,7 @@ class HFAlignTrainerMixin:
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._signature_columns is not None:
-            self._signature_columns += [c for c in self.extra_signature_columns if c not in self._signature_columns]
+        _compat.add_signature_columns(self, self.extra_signature_columns)
 
     def _use_weighted_collator(self) -> None:
         """Swap TRL's default collator for the one that also carries token weights (a user's collator is kept)."""

@@ -240,22 +240,10 @@ def deltas_reference_unwrapped(*modules) -> Iterator[None]:
     module's forward) -- and DeepSpeed cannot build an engine for a module without parameters (ZeRO-3:
     ``IndexError`` in ``DeepSpeedZeRoOffload``). ``modules``: where the trainer looks those functions up.
     """
-    names = ("prepare_deepspeed", "prepare_fsdp")
-    saved = [(module, name, getattr(module, name)) for module in modules for name in names if hasattr(module, name)]
+    from hf_align._compat import reference_preparation_skipped
 
-    def passthrough(original):
-        def prepare(model, *args, **kwargs):
-            return model if isinstance(model, DeltasOffReference) else original(model, *args, **kwargs)
-
-        return prepare
-
-    for module, name, original in saved:
-        setattr(module, name, passthrough(original))
-    try:
+    with reference_preparation_skipped(lambda model: isinstance(model, DeltasOffReference), *modules):
         yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
 
 
 def _is_sharded(trainer) -> bool:

@@ -53,6 +53,8 @@ def reference_copy(model: torch.nn.Module) -> torch.nn.Module:
 
     if not is_deepspeed_zero3_enabled():
         return independent_copy(model)
+    from trl.trainer.utils import get_config_model_id
+
     from hf_align.loading import load_model
 
-    return load_model(model.config._name_or_path, dtype=model.dtype)
+    return load_model(get_config_model_id(model.config), dtype=model.dtype)

@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object, is_peft_model
 from transformers import PreTrainedModel
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.base_config import _BaseConfig
 from trl.trainer.base_trainer import _BaseTrainer
-from trl.trainer.utils import pad
+from trl.trainer.utils import get_config_model_id, pad
 
+from hf_align import _compat
 from hf_align.checkpoints import resolve_resume_checkpoint
 from hf_align.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, option
 from hf_align.data_pool import QUANTILE_RULES, DataPool
@@ -382,7 +382,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         """Load model and tokenizer, give the quantile tokens embedding rows, then wrap with PEFT."""
         if isinstance(model, str):
             model = load_model(model)
-        tokenizer = processing_class or load_tokenizer(model.config._name_or_path)
+        tokenizer = processing_class or load_tokenizer(get_config_model_id(model.config))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.feedback_tokens = add_quantile_tokens(
@@ -778,10 +778,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            self.pool.save(os.path.join(folder, POOL_DIR))
+            self.pool.save(os.path.join(_compat.checkpoint_folder(self, trial), POOL_DIR))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

@@ -26,6 +26,7 @@ from accelerate.utils import is_peft_model
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from hf_align import _compat
 from hf_align.config_checks import FRACTION, option
 from hf_align.token_weights import (
     check_weight_columns,
@@ -158,7 +159,9 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
         if before is not None:
             check_not_truncated_away(before, len(dataset), f"{dataset_name} dataset", args)
         columns = {name: name.replace("_weights", "_ids") for name in present}
-        return normalize_weight_columns(dataset, columns, self._tokenizer.eos_token_id, args.eos_token_weight)
+        return normalize_weight_columns(
+            dataset, columns, _compat.training_tokenizer(self).eos_token_id, args.eos_token_weight
+        )
 
     def _install_weighting(self) -> None:
         """Wrap the fused forwards of policy and (separate) reference so token weights can be applied (idempotent)."""
@@ -246,10 +249,5 @@ class MaskedDPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, DPOTrainer):
         half = inputs["input_ids"].size(0) // 2
         placeholder = torch.zeros(half, device=inputs["input_ids"].device)
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = placeholder, placeholder
-        precompute = self.precompute_ref_logps
-        self.precompute_ref_logps = True
-        try:
-            with self._weights_active(weights, ref_token_logps, inputs):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            self.precompute_ref_logps = precompute
+        with _compat.reference_logps_as_precomputed(self), self._weights_active(weights, ref_token_logps, inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -38,6 +38,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
+from hf_align import _compat
 from hf_align.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, option
 from hf_align.errors import UserError
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
@@ -323,7 +324,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         config = self.accelerator.unwrap_model(self.model).config
         init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
         init_kwargs.setdefault("dtype", self.model.dtype)
-        init_kwargs.setdefault("attn_implementation", config._attn_implementation)
+        init_kwargs.setdefault("attn_implementation", _compat.attn_implementation(config))
         self.ref_model = self._prepare_ref_model(create_model_from_path(get_config_model_id(config), **init_kwargs))
         return "model"
 
@@ -411,7 +412,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         )
         map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
         if present:
-            kw = dict(column="completion_weights", eos_token_id=self._tokenizer.eos_token_id)
+            kw = dict(column="completion_weights", eos_token_id=_compat.training_tokenizer(self).eos_token_id)
             kw["eos_token_weight"] = args.eos_token_weight
 
             def expand(example, index):
@@ -536,7 +537,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
             metrics["forget/nll"] = -(logps.detach() * completion).sum() / num_completion
             metrics["forget/weighted_token_fraction"] = (weights != 0).sum() / num_completion
             for key, value in metrics.items():
-                self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.float()).mean().item())
+                _compat.log_metric(self, mode, key, self.accelerator.gather_for_metrics(value.float()).mean().item())
         if return_outputs:  # as SFT: compute_metrics needs the logits, which the fused head does not build
             warnings.warn(
                 "`return_outputs=True`, and the logits it passes to `compute_metrics` and "

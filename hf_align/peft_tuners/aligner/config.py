@@ -17,22 +17,13 @@ def ensure_peft_type_member(name: str = ALIGNER_PEFT_TYPE_NAME) -> PeftType:
 
     PEFT 0.21's ``register_peft_method`` only accepts names that are members of ``PeftType`` and the
     library reads ``config.peft_type.value`` in several places, so a plain string will not do. Python
-    3.11 enums have no public way to add a member; this is the only place where hf-align touches PEFT
-    internals (tested in ``tests/test_aligner.py::test_peft_type_member``). A PEFT that ships its own
+    3.11 enums have no public way to add a member: :func:`hf_align._compat.add_enum_member` does it (tested in
+    ``tests/test_aligner.py::test_peft_type_member`` and ``tests/test_compat.py``). A PEFT that ships its own
     member of that name is used as is.
     """
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    type.__setattr__(PeftType, name, member)  # before the member map knows it: EnumType forbids reassigning members
-    PeftType._member_names_.append(name)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    return member
+    from hf_align._compat import add_enum_member
+
+    return add_enum_member(PeftType, name)
 
 
 ensure_peft_type_member()

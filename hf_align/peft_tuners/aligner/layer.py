@@ -21,6 +21,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from hf_align import _compat
+
 
 def _sliding_window_from_module(attn: nn.Module) -> int | None:
     return attn.sliding_window
@@ -238,7 +240,7 @@ class AlignerAttention(nn.Module, BaseTunerLayer):
             key_states, value_states = cache.update(key_states, value_states, attn.layer_idx, kwargs=kwargs)
 
         attention_interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
-            attn.config._attn_implementation, modeling.eager_attention_forward
+            _compat.attn_implementation(attn.config), modeling.eager_attention_forward
         )
         if self._spec.sliding_window is not None:
             kwargs["sliding_window"] = self._spec.sliding_window(attn)

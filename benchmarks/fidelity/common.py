@@ -1,30 +1,22 @@
-"""What the fidelity sections share: disjoint prompt splits, mean ± std, the separation rule, loading a sibling.
-
-``benchmarks`` is not a package, so the sections load each other (and this file) by path with :func:`sibling`.
-"""
+"""What the fidelity sections share: disjoint prompt splits, mean ± std, the separation rule, a section's plumbing."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import statistics
-import sys
 from pathlib import Path
 
+from benchmarks import RESULTS_DIR
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+
+RESULTS = RESULTS_DIR
 TEST_SEED, HELDOUT_SEED = 1234, 4321
 """Prompt seeds: the report's test prompts and the held-out prompts that learning rates are chosen on."""
 
 
-def sibling(name: str):
-    """``benchmarks/<name>.py`` as a module (loaded once)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def section_module(name: str):
+    """The section module ``benchmarks.fidelity.<name>`` (imported on first use: each is a few hundred lines)."""
+    return importlib.import_module(f"benchmarks.fidelity.{name}")
 
 
 def prompt_splits(test_prompts: int, heldout_prompts: int) -> tuple[list[str], list[str]]:
@@ -144,7 +136,9 @@ def section_main(module, name: str, argv: list[str] | None, finite) -> int:
 
     import torch
 
-    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module.__spec__.name}", description=module.__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: one seed, fewer lrs, a few steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (the first sweeps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -158,5 +152,5 @@ def section_main(module, name: str, argv: list[str] | None, finite) -> int:
         result = run_section(module, name, args.quick, args.results, seeds=args.seeds)
     print("\n".join(module.markdown(result)))
     print(f"section done in {result['wall_s'] / 60:.1f} min; merge it into fidelity.md with "
-          f"`python benchmarks/fidelity.py --rewrite{' --quick' if args.quick else ''}`")  # fmt: skip
+          f"`python -m benchmarks.fidelity --rewrite{' --quick' if args.quick else ''}`")  # fmt: skip
     return 0 if finite(result) else 1

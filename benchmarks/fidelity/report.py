@@ -1,16 +1,16 @@
 """Does each method produce its paper's effect? Method-fidelity report on the testbed.
 
-    python benchmarks/fidelity.py [--quick] [--seeds 0 1 2] [--jobs 2] [--rewrite]
+    python -m benchmarks.fidelity [--quick] [--seeds 0 1 2] [--jobs 2] [--rewrite]
 
 Writes ``benchmarks/results/fidelity[_quick].md`` / ``.json`` and one PNG per section. Sections:
 
-* **ALLO** (``benchmarks/fidelity_allo.py``): mask ablation, the four stages, row vs element and gradient vs
+* **ALLO** (``benchmarks/fidelity/allo.py``): mask ablation, the four stages, row vs element and gradient vs
   weight-diff selection, mask ratios per stage; 5 seeds, one lr sweep for every variant.
-* **unlearning** (``benchmarks/fidelity_unlearning.py``): NPO vs gradient ascent vs SimNPO, alone and with a retain
+* **unlearning** (``benchmarks/fidelity/unlearning.py``): NPO vs gradient ascent vs SimNPO, alone and with a retain
   term (NLL, KL), the forget/retain trade-off at equal forget rate.
 * **AMA** (here): linear α between the start model (α = 1) and a DPO model (α = 0), partwise plans and the
   adaptive variant (its lr swept and chosen on held-out prompts; learned α per block); two seed sets.
-* **adapters** (``benchmarks/fidelity_adapters.py``): Aligner vs its paper's baselines, one budget for all.
+* **adapters** (``benchmarks/fidelity/adapters.py``): Aligner vs its paper's baselines, one budget for all.
 * **feedback** (here): Quark-style quantile conditioning.
 
 Each section module also runs alone and writes its own JSON; this script runs them as subprocesses beside its own
@@ -28,7 +28,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,17 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import ROOT, module_command
+from benchmarks.fidelity.common import RESULTS, below, best_lr, fmt, mean_std, section_module
+from hf_align import testbed
+from hf_align.io import atomic_file, read_json, write_json
+from hf_align.testbed import quiet_training_args
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity_common import below, best_lr, fmt, mean_std, sibling  # noqa: E402
 
-from hf_align import testbed  # noqa: E402
-from hf_align.io import atomic_file, read_json, write_json  # noqa: E402
-
-
-RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = {"allo": "fidelity_allo", "adapters": "fidelity_adapters", "unlearning": "fidelity_unlearning"}
-"""Section name → module (``benchmarks/<module>.py``), longest first: the scheduler starts them in this order."""
+SECTIONS = ("allo", "adapters", "unlearning")
+"""Section modules (``benchmarks.fidelity.<name>``), longest first: the scheduler starts them in this order."""
 ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -65,7 +62,7 @@ def settings(quick: bool) -> dict:
 
 
 def allo_module():
-    return sibling("fidelity_allo")
+    return section_module("allo")
 
 
 # ---------------------------------------------------------------------------------------------------- AMA
@@ -110,11 +107,11 @@ def adaptive_merge(tb, data, aligned: Path, init: float, lr: float, seed: int, c
 
     from hf_align.trainers import AdaptiveMergeConfig, AdaptiveMergeTrainer
 
-    args = AdaptiveMergeConfig(
+    args = AdaptiveMergeConfig(**quiet_training_args(
         output_dir=f"{tmp}/adaptive_{init}_{lr:g}", init_val=init, mask_level="block3", learning_rate=lr,
-        max_steps=cfg["ama_steps"], per_device_train_batch_size=16, lr_scheduler_type="constant", report_to="none",
-        save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1000, seed=seed,
-    )  # fmt: skip
+        max_steps=cfg["ama_steps"], per_device_train_batch_size=16, lr_scheduler_type="constant",
+        logging_steps=1000, seed=seed,
+    ))  # fmt: skip
     trainer = AdaptiveMergeTrainer(
         AutoModelForCausalLM.from_pretrained(aligned), base_model=tb.path, args=args, train_dataset=data,
         processing_class=tb.tokenizer,
@@ -173,13 +170,13 @@ def feedback_quantile(tb, evaluator, seed: int, cfg: dict, out: str) -> list:
 
     from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
 
-    config = FeedbackConditionedConfig(
-        output_dir=out, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed,
+    config = FeedbackConditionedConfig(**quiet_training_args(
+        output_dir=out, seed=seed,
         num_rounds=cfg["fb_iterations"], steps_per_round=cfg["fb_steps"],
         prompts_per_round=cfg["fb_prompts"], num_generations=4, max_completion_length=6, per_device_train_batch_size=32,
         learning_rate=1e-3, lr_scheduler_type="constant", beta=0.0, num_quantiles=5,
         feedback_template="{feedback}{prompt}", logging_steps=1000,
-    )  # fmt: skip
+    ))  # fmt: skip
     prompts = evaluator.prompts
     points: list[dict] = []
 
@@ -257,7 +254,7 @@ class Sections:
         self.quick, self.seeds, self.results, self.logs = quick, seeds, results, logs
 
     def command(self, name: str) -> list[str]:
-        cmd = [sys.executable, str(Path(__file__).with_name(f"{SECTIONS[name]}.py")), "--results", str(self.results)]
+        cmd = module_command(f"fidelity.{name}", "--results", str(self.results))
         return cmd + (["--quick"] if self.quick else []) + (["--seeds", *map(str, self.seeds)] if self.seeds else [])
 
     def poll(self, slots: int) -> None:
@@ -273,7 +270,7 @@ class Sections:
             log = self.logs / f"{name}.log"
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             with open(log, "w") as handle:
-                proc = subprocess.Popen(self.command(name), stdout=handle, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(self.command(name), stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             self.running[name] = (proc, log)
             print(f"section {name} started: {' '.join(self.command(name))}", flush=True)
 
@@ -291,7 +288,7 @@ def load_sections(names: list[str], quick: bool, results: Path) -> dict:
     for name in names:
         path = results / f"fidelity_{name}{suffix}.json"
         if path.exists():
-            out[name] = sibling(SECTIONS[name]).refresh(read_json(path))
+            out[name] = section_module(name).refresh(read_json(path))
     return out
 
 
@@ -485,7 +482,7 @@ def markdown(report: dict, suffix: str) -> str:
     lines = [
         f"# Method fidelity on the testbed{' (quick)' if report['quick'] else ''}",
         "",
-        f"Generated by `python benchmarks/fidelity.py{' --quick' if report['quick'] else ''}` in "
+        f"Generated by `python -m benchmarks.fidelity{' --quick' if report['quick'] else ''}` in "
         f"{report['wall_s'] / 60:.1f} min on CPU ({report['jobs']} processes, {report['torch_threads']} torch "
         "thread each): this file's seeds (AMA, feedback) and the section scripts side by side. Every section uses "
         "the same test prompts (fixed sampling seed) and, where it chooses a learning rate, held-out prompts "
@@ -499,10 +496,10 @@ def markdown(report: dict, suffix: str) -> str:
     if "allo" in sections:
         lines += [*allo_module().markdown(sections["allo"]), ""]
     if "unlearning" in sections:
-        lines += [*sibling(SECTIONS["unlearning"]).markdown(sections["unlearning"]), ""]
+        lines += [*section_module("unlearning").markdown(sections["unlearning"]), ""]
     lines += [*_ama_lines(report), "", "Findings (AMA):", "", *report["findings"]["ama"], ""]
     if "adapters" in sections:
-        lines += [*sibling(SECTIONS["adapters"]).markdown(sections["adapters"]), ""]
+        lines += [*section_module("adapters").markdown(sections["adapters"]), ""]
     if "feedback" in report["summary"]:
         lines += [*_feedback_lines(report), "", "Findings (feedback):", "", *report["findings"]["feedback"], ""]
     missing = [name for name in report.get("planned_sections", []) if name not in sections]
@@ -645,7 +642,7 @@ def write_report(
     }
     report["plots"] = plots(summary, suffix, results)
     for name, section in sections.items():
-        sibling(SECTIONS[name]).plot(section, results / section["plot"])
+        section_module(name).plot(section, results / section["plot"])
         report["plots"].append(section["plot"])
     write_json(results / f"fidelity{suffix}.json", {**report, "sections": {n: s["plot"] for n, s in sections.items()}})
     text = markdown({**report, "sections": sections}, suffix)
@@ -667,7 +664,7 @@ def run_seeds(cfg: dict, sections: Sections, jobs: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and prompts (CI smoke, < 2 min)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds of every section")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """NPO vs gradient ascent with a retain term (NLL, KL), SimNPO alongside: the forget/retain trade-off on the testbed.
 
-    python benchmarks/fidelity_unlearning.py [--quick] [--seeds 0 1 2]
+    python -m benchmarks.fidelity.unlearning [--quick] [--seeds 0 1 2]
 
 The NPO paper (Zhang et al. 2024, arXiv 2404.05868) claims that NPO forgets at a lower cost to the retained skill than
 gradient ascent (GA), that it slows GA's catastrophic collapse, and that a retain term (NLL or KL on retain data)
@@ -28,7 +28,7 @@ equal forget rate, interpolated per seed (:func:`perplexity_at`). Cross-check: N
 ``hf_align.trainers.NPOTrainer`` (precomputed reference) on the same batches.
 
 Writes ``benchmarks/results/fidelity_unlearning[_quick].json`` and ``fidelity[_quick]_unlearning.png``;
-``benchmarks/fidelity.py`` renders it as its unlearning section.
+``python -m benchmarks.fidelity`` renders it as its unlearning section.
 """
 
 from __future__ import annotations
@@ -45,12 +45,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fidelity_common as common  # noqa: E402
-from fidelity_common import HELDOUT_SEED, TEST_SEED, collate, encode, token_logps  # noqa: E402
-from fidelity_common import fmt as _f  # noqa: E402
-from fidelity_common import prompt_splits as common_splits  # noqa: E402
+from benchmarks.fidelity import common
+from benchmarks.fidelity.common import HELDOUT_SEED, TEST_SEED, collate, encode, token_logps
+from benchmarks.fidelity.common import fmt as _f
+from benchmarks.fidelity.common import prompt_splits as common_splits
+from hf_align.testbed import quiet_training_args
 
 
 RESULTS = common.RESULTS
@@ -346,14 +345,14 @@ def npo_trainer_check(tb, cfg: dict, lr: float, sched: Schedule, split: Split) -
         {"prompt": [p for p, _ in sched.retain_rows], "completion": [c for _, c in sched.retain_rows]}
     )
     with tempfile.TemporaryDirectory(prefix="fidelity-unlearning-") as out:
-        config = NPOConfig(
+        config = NPOConfig(**quiet_training_args(
             output_dir=out, per_device_train_batch_size=cfg["batch_size"], max_steps=cfg["steps"], learning_rate=lr,
             weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0, beta=cfg["beta"],
             npo_level="sequence", retain_loss_type="nll", retain_weight=cfg["retain_weight"],
-            precompute_ref_log_probs=True, train_sampling_strategy="sequential", report_to="none",
-            save_strategy="no", use_cpu=True, bf16=False, activation_checkpointing=False, disable_tqdm=True,
+            precompute_ref_log_probs=True, train_sampling_strategy="sequential",
+            activation_checkpointing=False,
             logging_steps=1, seed=sched.seed,
-        )  # fmt: skip
+        ))  # fmt: skip
         with _quiet_datasets():
             trainer = NPOTrainer(
                 copy.deepcopy(tb.model), args=config, train_dataset=forget, retain_dataset=retain,
@@ -711,7 +710,7 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
         f"{heading} Unlearning: NPO vs gradient ascent with a retain term, SimNPO alongside (one budget for every "
         "method)",
         "",
-        f"`benchmarks/fidelity_unlearning.py`, {result['wall_s'] / 60:.1f} min on CPU, {result.get('torch_threads', 1)} "
+        f"`benchmarks/fidelity/unlearning.py`, {result['wall_s'] / 60:.1f} min on CPU, {result.get('torch_threads', 1)} "
         f"torch thread(s). Forget set: {cfg['forget_rows']} rows of `tb.forget_dataset` per seed (correct answer + "
         "` ugh` + EOS; prompts disjoint from every evaluation set). Sequence-level losses, written out in one loop: "
         "GA `E[log πθ(y|x)]` (NPO's β → 0 limit less its constant), NPO `−(2/β)·E[log σ(−β·log(πθ/π_ref)(y|x))]` "

@@ -1,6 +1,6 @@
 """Aligner vs its paper's baselines on the testbed, with the same budget for every adapter.
 
-    python benchmarks/fidelity_adapters.py [--quick] [--seeds 0 1 2]
+    python -m benchmarks.fidelity.adapters [--quick] [--seeds 0 1 2]
 
 The Aligner paper (arXiv 2312.05503) claims that a few global tokens (N = 1 even) align *form and style* about as
 well as LoRA, with a fraction of the parameters, and compares against LLaMA-Adapter. Here Aligner N = 1 and N = 10
@@ -33,7 +33,7 @@ perplexity over the answer digits of ``tb.retain_dataset`` (suffix and EOS exclu
 not the style), mean ± std over seeds.
 
 Writes ``benchmarks/results/fidelity_adapters[_quick].json`` and ``fidelity[_quick]_adapters.png``;
-``benchmarks/fidelity.py`` runs this as its "adapters" section and renders it into ``fidelity.md``.
+``python -m benchmarks.fidelity`` runs this as its "adapters" section and renders it into ``fidelity.md``.
 """
 
 from __future__ import annotations
@@ -48,14 +48,12 @@ from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fidelity_common as common  # noqa: E402
-from fidelity_common import HELDOUT_SEED, TEST_SEED, collate, encode, token_logps  # noqa: E402
-from fidelity_common import below as _below  # noqa: E402
-from fidelity_common import fmt as _f  # noqa: E402
-from fidelity_common import mean_std as _ms  # noqa: E402
-from fidelity_common import prompt_splits as common_splits  # noqa: E402
+from benchmarks.fidelity import common
+from benchmarks.fidelity.common import HELDOUT_SEED, TEST_SEED, collate, encode, token_logps
+from benchmarks.fidelity.common import below as _below
+from benchmarks.fidelity.common import fmt as _f
+from benchmarks.fidelity.common import mean_std as _ms
+from benchmarks.fidelity.common import prompt_splits as common_splits
 
 
 RESULTS = common.RESULTS
@@ -554,7 +552,7 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
     lines = [
         f"{heading} Aligner vs its paper's baselines (SFT, then DPO; one budget for every adapter)",
         "",
-        f"`benchmarks/fidelity_adapters.py`, {result['wall_s'] / 60:.1f} min. Adapters: Aligner N=1 and N=10 "
+        f"`benchmarks/fidelity/adapters.py`, {result['wall_s'] / 60:.1f} min. Adapters: Aligner N=1 and N=10 "
         "(`hf_align.peft_tuners`, layers 2–5), LoRA r=8 α=16 on all linear layers, PEFT's LLaMA-Adapter "
         "(`AdaptionPromptConfig`, 10 prompt tokens in the top 4 layers, the baseline of the Aligner paper) and, as a "
         "reference for *what a global bias can do*, a trainable bias on the LM head (`logit_bias`). One plain training "

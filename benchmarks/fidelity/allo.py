@@ -1,6 +1,6 @@
-"""ALLO's claims on the testbed, one budget for every variant (a section of ``benchmarks/fidelity.py``).
+"""ALLO's claims on the testbed, one budget for every variant (a section of ``python -m benchmarks.fidelity``).
 
-    python benchmarks/fidelity_allo.py [--quick] [--seeds 0 1 2 3 4] [--rewrite]
+    python -m benchmarks.fidelity.allo [--quick] [--seeds 0 1 2 3 4] [--rewrite]
 
 Every variant trains the same steps on the same preference pairs (correct vs same-length wrong digits) and gets the
 same lr sweep on the first seed, chosen on **held-out** prompts (disjoint from the test prompts; training pairs
@@ -27,10 +27,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fidelity_common as common  # noqa: E402
-from fidelity_common import RESULTS, below, best_lr, fmt, mean_std, prompt_splits, verdict  # noqa: E402
+from benchmarks.fidelity import common
+from benchmarks.fidelity.common import RESULTS, below, best_lr, fmt, mean_std, prompt_splits, verdict
+from hf_align.testbed import quiet_training_args
 
 
 @dataclass(frozen=True)
@@ -128,10 +127,10 @@ class Evaluator:
 
 # -------------------------------------------------------------------------------------------- training
 def _dpo_common(output_dir: str, steps: int, seed: int) -> dict:
-    return dict(
+    return quiet_training_args(
         output_dir=output_dir, per_device_train_batch_size=16, max_steps=steps, beta=0.1,
-        lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, gradient_checkpointing=False, seed=seed, disable_tqdm=True,
+        lr_scheduler_type="constant", logging_steps=1000,
+        gradient_checkpointing=False, seed=seed,
     )  # fmt: skip
 
 
@@ -176,12 +175,12 @@ def forget_stage(tb, labelled, seed: int, cfg: dict, mask, lr: float, out: str):
     from hf_align.sparse_update import merge_deltas
     from hf_align.trainers import NPOConfig, NPOTrainer
 
-    config = NPOConfig(
+    config = NPOConfig(**quiet_training_args(
         output_dir=out, per_device_train_batch_size=16, max_steps=cfg["forget_steps"], learning_rate=lr,
         weight_decay=0.0, lr_scheduler_type="constant", beta=0.1, npo_level="token", precompute_ref_log_probs=True,
-        report_to="none", save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False,
-        disable_tqdm=True, logging_steps=1000, seed=seed,
-    )  # fmt: skip
+        gradient_checkpointing=False,
+        logging_steps=1000, seed=seed,
+    ))  # fmt: skip
     trainer = NPOTrainer(
         copy.deepcopy(tb.model), args=config, train_dataset=labelled, processing_class=tb.tokenizer, neuron_mask=mask
     )
@@ -354,7 +353,7 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
     lines = [
         f"{heading} ALLO: masks, stages, selection and mask ratios (one budget for every variant)",
         "",
-        f"`benchmarks/fidelity_allo.py`, {result['wall_s'] / 60:.1f} min. Every variant trains {cfg['dpo_steps']} "
+        f"`benchmarks/fidelity/allo.py`, {result['wall_s'] / 60:.1f} min. Every variant trains {cfg['dpo_steps']} "
         f"DPO steps (batch 16, β = 0.1, sigmoid, constant lr) on the same {cfg['num_pairs']} pairs per seed (correct "
         "vs same-length wrong digits; no test or held-out prompt among them). Masks come from a "
         f"{cfg['warmup_steps']}-step warm-up DPO (lr {cfg['warmup_lr']:g}) scored by `MaskAccumulationCallback`: "
