@@ -49,6 +49,12 @@ SEAMS: tuple[Seam, ...] = (
     Seam("trl.trainer.base_trainer", "_BaseTrainer", "base", where="FeedbackConditionedTrainer"),
     Seam("trl.trainer.base_config", "_BaseConfig", "base", where="FeedbackConditioned/AdaptiveMerge configs"),
     Seam("trl.trainer.base_trainer:_BaseTrainer", "_tag_names", "attribute", where="every trainer's card tags"),
+    Seam(
+        "transformers.training_args:TrainingArguments",
+        "_VALID_DICT_FIELDS",
+        "attribute",
+        where="FeedbackConditionedConfig.generation_kwargs (a JSON string on the command line, as GRPO's)",
+    ),
     Seam("trl.trainer.base_trainer:_BaseTrainer", "_name", "attribute", where="every trainer's card, run name"),
     Seam("trl.trainer.base_trainer:_BaseTrainer", "_paper", "attribute", where="every trainer's card citation"),
     Seam(_DPO, "_prepare_dataset", "override", _DPO_DATA, "MaskedDPOTrainer: token-weight columns"),

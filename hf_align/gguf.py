@@ -138,17 +138,14 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike, dt
 
     The folder is complete or absent: it is written beside ``output_dir`` and renamed into place.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from hf_align.io import atomic_dir
+    from hf_align.loading import load_model, load_tokenizer
 
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"dtype must be one of 'bfloat16', 'float16', 'float32', got {dtype!r}.")
     info = read_gguf_info(gguf_path)
-    folder, kwargs = gguf_load_kwargs(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=kwargs["gguf_file"])
+    model = load_model(gguf_path, dtype=dtype)
+    tokenizer = load_tokenizer(gguf_path)
     model.config._name_or_path = info.name or Path(gguf_path).stem  # not the local folder the file sat in
     with atomic_dir(output_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp)
