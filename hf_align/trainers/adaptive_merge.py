@@ -27,14 +27,14 @@ from hf_align.merging.adaptive import (
     wrap_for_adaptive_merge,
 )
 from hf_align.merging.plan import check_alpha
-from hf_align.trainers._base import CheckedConfig, HFAlignTrainerMixin
+from hf_align.trainers._base import HFAlignTrainerMixin, PlotArguments
 
 
 __all__ = ["AdaptiveMergeConfig", "AdaptiveMergeTrainer", "tokenize_dataset"]
 
 
 @dataclass
-class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
+class AdaptiveMergeConfig(PlotArguments, _BaseConfig):
     """TRL's base training config plus the adaptive AMA knobs; the AMA defaults are the paper's recipe."""
 
     base_model_name_or_path: str | None = field(

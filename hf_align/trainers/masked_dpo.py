@@ -37,6 +37,7 @@ from hf_align.token_weights import (
 )
 from hf_align.trainers._base import (
     HFAlignTrainerMixin,
+    PlotArguments,
     TokenWeightArguments,
     load_policy_and_reference,
     resolve_args,
@@ -59,7 +60,7 @@ _PAIR_WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
 
 
 @dataclass
-class MaskedDPOConfig(NeuronMaskArguments, TokenWeightArguments, DPOConfig):
+class MaskedDPOConfig(NeuronMaskArguments, TokenWeightArguments, PlotArguments, DPOConfig):
     """``trl.DPOConfig`` plus neuron-mask and token-weight options (see ``docs/masked_dpo.md``)."""
 
     rejected_token_ratio: float | None = field(

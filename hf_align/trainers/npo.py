@@ -43,6 +43,7 @@ from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
 from hf_align.trainers._base import (
     HFAlignTrainerMixin,
+    PlotArguments,
     TokenWeightArguments,
     global_token_count,
     load_policy_and_reference,
@@ -66,7 +67,7 @@ _CHOICES = {"npo_loss_type": ("npo", "simnpo"), "npo_level": ("sequence", "token
 
 
 @dataclass
-class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
+class NPOConfig(NeuronMaskArguments, TokenWeightArguments, PlotArguments, SFTConfig):
     """``trl.SFTConfig`` (tokenization, truncation, model loading) plus NPO's loss, reference and mask options."""
 
     beta: float = field(
