@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from hf_align import plots
@@ -32,7 +33,8 @@ def _alpha_source(model) -> tuple[dict[str, float], float] | None:
     alphas = getattr(model, "ama_alphas", None)
     if alphas is None or not callable(alphas):
         return None
-    blocks, head = alphas()
+    with torch.no_grad():
+        blocks, head = alphas()
     values = {f"block {i}": float(a) for i, a in enumerate(blocks.detach().float().cpu().tolist())}
     return {**values, "lm_head": float(head)}, float(alphas.init_val)
 
