@@ -290,3 +290,17 @@ def test_a_4bit_base_is_confirmed_in_one_line():
     callback = NoOpWarningCallback()
     callback.on_train_begin(None, _state([], step=0), None, model=torch.nn.Linear(2, 2))
     assert callback.warned == []
+
+
+def test_merge_writes_the_alpha_plot_of_its_plan_when_asked(tmp_path):
+    from hf_align import testbed
+    from hf_align.merging import merge_models
+    from hf_align.plots import alpha_blocks
+
+    result = merge_models(
+        testbed.MODEL_DIR, testbed.MODEL_DIR, tmp_path / "merged", alpha=0.3, progress=False, plot=True
+    )
+    assert (tmp_path / "merged" / plots.ALPHA_PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(alpha_blocks(result.plan).values()) == {0.3}
+    merge_models(testbed.MODEL_DIR, testbed.MODEL_DIR, tmp_path / "plain", alpha=0.3, progress=False)
+    assert not (tmp_path / "plain" / plots.ALPHA_PLOT_FILE).exists()  # off by default

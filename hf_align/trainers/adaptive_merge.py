@@ -265,13 +265,16 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
             self.alphas.head.fill_(learned.head_param)
 
     def merge(self, output_dir: PathLike, base: PathLike | None = None, aligned: PathLike | None = None, **kwargs):
-        """Stream-merge θ0 and θ1 from disk with the learned α's (``kwargs`` go to :func:`merge_models`)."""
+        """Stream-merge θ0 and θ1 from disk with the learned α's (``kwargs`` go to :func:`merge_models`; its
+        ``plot`` follows ``args.plots`` when matplotlib is installed)."""
         from hf_align.merging.streaming import merge_models
+        from hf_align.plots import matplotlib_available
 
         base, aligned = base or self.base_path, aligned or self.aligned_path
         if base is None or aligned is None:
             raise ValueError("merge() needs the base and aligned checkpoints on disk: pass base= and aligned=.")
         learned = self.learned_alphas()
+        kwargs.setdefault("plot", self.args.plots and matplotlib_available())
         return merge_models(
             base, aligned, output_dir,
             plan=lambda names, config: adaptive_plan(learned, names, self.args.merge_head_alpha), **kwargs,
