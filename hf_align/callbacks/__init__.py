@@ -9,6 +9,7 @@ _EXPORTS = {
     "JsonTrainingArgsCallback": "json_training_args",
     "NoOpWarningCallback": "no_op_warnings",
     "TrainingPlotsCallback": "plots",
+    "add_default_callbacks": "defaults",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -172,14 +172,9 @@ class HFAlignTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from hf_align.callbacks.no_op_warnings import NoOpWarningCallback
-        from hf_align.plots import matplotlib_available
+        from hf_align.callbacks.defaults import add_default_callbacks
 
-        self.add_callback(NoOpWarningCallback())
-        if getattr(self.args, "plots", False) and matplotlib_available():
-            from hf_align.callbacks.plots import TrainingPlotsCallback
-
-            self.add_callback(TrainingPlotsCallback(trainer=self))
+        add_default_callbacks(self)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
