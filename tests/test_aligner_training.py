@@ -110,10 +110,10 @@ def test_an_aligner_dpo_step_at_learning_rate_zero_says_it_trained_nothing(tb, t
     """The shipped recipe's first step (warmup: lr 0, zero-initialised gate): loss log 2 and one line saying why."""
     from hf_align.callbacks import NoOpWarningCallback, add_default_callbacks
 
-    args = _args(DPOConfig, tmp_path, learning_rate=5e-2, max_steps=1, beta=0.1, per_device_train_batch_size=2)
-    args.lr_scheduler_type, args.warmup_steps = "linear", 2  # set after __post_init__, as a recipe's values are
+    args = _args(DPOConfig, tmp_path, learning_rate=5e-2, max_steps=1, beta=0.1)
+    args.lr_scheduler_type, args.warmup_steps = "linear", 2  # `_args` fixes a constant schedule
     trainer = DPOTrainer(
-        model=tb.model, args=args, train_dataset=tb.preference_dataset(2, seed=21), processing_class=tb.tokenizer,
+        model=tb.model, args=args, train_dataset=tb.preference_dataset(8, seed=21), processing_class=tb.tokenizer,
         peft_config=AlignerConfig(num_tokens=2),
     )  # fmt: skip
     add_default_callbacks(trainer, plots=False)
