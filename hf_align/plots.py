@@ -118,14 +118,16 @@ def layer_module_grid(selection: Any, order: Iterable[str] | None = None) -> dic
 
 
 def mask_figure(selection: Any, order: Iterable[str] | None = None, title: str | None = None):
-    """Neurons (rows) trained and fraction trained per decoder layer × module type, modules in model order.
+    """Rows (or entries, for element masks) trained and fraction trained per decoder layer × module type, modules in
+    model order.
 
     ``selection``: a ``NeuronMask`` or a ``{(layer_idx, module_type): fraction}`` mapping (then only the fraction
     panel). Layer ``None`` (embeddings, final norm, ``lm_head``) is the ``other`` row at the bottom. For row masks
     the fraction of rows is the fraction of the weight's parameters (every row has the same length)."""
     grid = layer_module_grid(selection, order)
     layers, modules = grid["layers"], grid["modules"]
-    panels = [("selected", "neurons trained", "magma"), ("fraction", "fraction trained", "viridis")]
+    unit = "entries" if getattr(selection, "granularity", "row") == "element" else "rows"
+    panels = [("selected", f"{unit} trained", "magma"), ("fraction", "fraction trained", "viridis")]
     panels = [panel for panel in panels if panel[0] in grid]
     width = max(4.0, 0.6 * len(modules) + 2.5)
     figure = _figure(width * len(panels), max(3.0, 0.3 * len(layers) + 1.5))

@@ -46,12 +46,12 @@ def test_mask_plot_columns_follow_the_model_and_show_rows_and_fraction(tmp_path)
     mask = _mask(ROWS)
     figure = plots.mask_figure(mask)
     panels = _panels(figure)
-    assert set(panels) == {"neurons trained", "fraction trained"}
+    assert set(panels) == {"rows trained", "fraction trained"}
     for axes in panels.values():
         assert _ticks(axes.get_xticklabels()) == [*MODEL_ORDER, "lm_head"]  # not alphabetical (down_proj first)
         assert _ticks(axes.get_yticklabels()) == ["0", "1", "other"]
         assert axes.get_xlabel() == "module type (model order)" and axes.get_ylabel() == "layer"
-    rows = panels["neurons trained"].images[0].get_array()
+    rows = panels["rows trained"].images[0].get_array()
     fraction = panels["fraction trained"].images[0].get_array()
     for j, module in enumerate(MODEL_ORDER):
         for i in (0, 1):
