@@ -305,3 +305,11 @@ def test_merge_writes_the_alpha_plot_of_its_plan_when_asked(tmp_path):
     assert set(alpha_blocks(result.plan).values()) == {0.3}
     merge_models(testbed.MODEL_DIR, testbed.MODEL_DIR, tmp_path / "plain", alpha=0.3, progress=False)
     assert not (tmp_path / "plain" / plots.ALPHA_PLOT_FILE).exists()  # off by default
+
+
+def test_callback_makes_the_output_folder_it_writes_into(tmp_path):
+    from hf_align.callbacks import TrainingPlotsCallback
+
+    args = types.SimpleNamespace(output_dir=str(tmp_path / "not" / "yet"))
+    TrainingPlotsCallback(mask=_mask(ROWS)).on_train_begin(args, _state([]), None, model=None)
+    assert (tmp_path / "not" / "yet" / plots.MASK_PLOT_FILE).is_file()

@@ -90,7 +90,9 @@ class TrainingPlotsCallback(TrainerCallback):
         from hf_align.architectures import plain_name
 
         order = [n for n in (plain_name(name) for name, _ in model.named_parameters()) if n] if model else None
-        path = plots.plot_selection_heatmap(mask, Path(args.output_dir) / plots.MASK_PLOT_FILE, order=order)
+        folder = Path(args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)  # the Trainer makes it only at its first save
+        path = plots.plot_selection_heatmap(mask, folder / plots.MASK_PLOT_FILE, order=order)
         self.written.append(path)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -101,6 +103,8 @@ class TrainingPlotsCallback(TrainerCallback):
         if alphas is not None:
             figures[plots.ALPHA_PLOT_FILE] = plots.alpha_figure(alphas[0], init=alphas[1], title="Learned α per block")
         folder = Path(args.output_dir)
+        if figures:
+            folder.mkdir(parents=True, exist_ok=True)
         self.written += [plots.save_figure(figure, folder / name) for name, figure in figures.items()]
         if figures and self.trainer is not None:
             log_figures(self.trainer.callback_handler.callbacks, figures, args, state.global_step)
