@@ -62,18 +62,24 @@ def hub_id(name_or_path: str | None) -> str | None:
     return None
 
 
-def mask_summary(mask) -> list[str]:
-    """Markdown lines that say what a ``NeuronMask`` trains: granularity, ratio, counts, the fraction per layer."""
+def mask_summary(mask, plot: str | None = None) -> list[str]:
+    """Markdown lines that say what a ``NeuronMask`` trains: granularity, ratio, counts, the fraction per layer;
+    ``plot``: the mask plot's file name next to the card (``mask_plot.png``), shown as an image."""
     lines = [
         "## Neuron mask",
         "",
         f"- granularity: `{mask.granularity}` ({'output features' if mask.granularity == 'row' else 'entries'})",
         f"- selected: {mask.num_selected} of {mask.num_total} ({mask.ratio:.4%})",
         "",
+        *([f"![Neurons trained per layer and module]({plot})", ""] if plot else []),
         "| layer | module | selected fraction |",
         "|---|---|---|",
     ]
-    order = sorted(mask.per_layer_fraction().items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1]))
+    from hf_align.plots import module_order
+
+    fractions = mask.per_layer_fraction()
+    rank = {m: i for i, m in enumerate(module_order(module for _, module in fractions))}
+    order = sorted(fractions.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, rank[kv[0][1]]))
     lines += [
         f"| {'other' if layer is None else layer} | {module} | {fraction:.4f} |" for (layer, module), fraction in order
     ]

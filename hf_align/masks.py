@@ -479,17 +479,19 @@ class NeuronMask:
     def per_tensor_fraction(self) -> dict[str, float]:
         return {name: float(mask.float().mean()) for name, mask in self.masks.items()}
 
-    def per_layer_fraction(self) -> dict[tuple[int | None, str], float]:
-        """Selected fraction per ``(decoder layer index or None, module type)``, e.g. ``(3, "q_proj")``."""
-        selected: dict[tuple[int | None, str], int] = {}
-        total: dict[tuple[int | None, str], int] = {}
+    def per_layer_counts(self) -> dict[tuple[int | None, str], tuple[int, int]]:
+        """``(selected, total)`` neurons per ``(decoder layer index or None, module type)``, in the masks' order."""
+        counts: dict[tuple[int | None, str], tuple[int, int]] = {}
         for name, mask in self.masks.items():
             parts = name.split(".")
-            module = parts[-2] if len(parts) > 1 else parts[-1]
-            key = (layer_index(name), module)
-            selected[key] = selected.get(key, 0) + int(mask.sum())
-            total[key] = total.get(key, 0) + mask.numel()
-        return {key: selected[key] / total[key] for key in total}
+            key = (layer_index(name), parts[-2] if len(parts) > 1 else parts[-1])
+            selected, total = counts.get(key, (0, 0))
+            counts[key] = (selected + int(mask.sum()), total + mask.numel())
+        return counts
+
+    def per_layer_fraction(self) -> dict[tuple[int | None, str], float]:
+        """Selected fraction per ``(decoder layer index or None, module type)``, e.g. ``(3, "q_proj")``."""
+        return {key: selected / total for key, (selected, total) in self.per_layer_counts().items()}
 
     def summary(self) -> str:
         lines = [repr(self)]

@@ -102,3 +102,22 @@ def test_dpo_trainer_copies_a_trained_aligner_into_its_reference_adapter(tb, tmp
         ref = params[name.replace(".default.", ".ref.")]
         assert not ref.requires_grad
         torch.testing.assert_close(ref, params[name], atol=0, rtol=0)
+
+
+def test_an_aligner_dpo_step_at_learning_rate_zero_says_it_trained_nothing(tb, tmp_path):
+    """The shipped recipe's first step (warmup: lr 0, zero-initialised gate): loss log 2 and one line saying why."""
+    from hf_align.callbacks import NoOpWarningCallback, add_default_callbacks
+
+    args = _args(DPOConfig, tmp_path, learning_rate=5e-2, max_steps=1, beta=0.1)
+    args.lr_scheduler_type, args.warmup_steps = "linear", 2  # `_args` fixes a constant schedule
+    trainer = DPOTrainer(
+        model=tb.model, args=args, train_dataset=tb.preference_dataset(8, seed=21), processing_class=tb.tokenizer,
+        peft_config=AlignerConfig(num_tokens=2),
+    )  # fmt: skip
+    add_default_callbacks(trainer, plots=False)
+    trainer.train()
+    (check,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NoOpWarningCallback)]
+    assert (
+        len(check.warned) == 1
+        and "no trainable parameter changed in the first 1 step(s) (loss 0.6931" in check.warned[0]
+    )

@@ -55,6 +55,10 @@ def test_a_saved_trainer_output_carries_a_full_card(tmp_path):
     ):  # fmt: skip
         assert text in card, text
     assert "[None]" not in card
+    # the mask plot is written at train begin and the card shows it
+    assert (
+        tmp_path / "out" / "mask_plot.png"
+    ).is_file() and "![Neurons trained per layer and module](mask_plot.png)" in card
 
 
 def test_a_local_base_without_a_card_names_no_base_model(tmp_path):
@@ -64,8 +68,16 @@ def test_a_local_base_without_a_card_names_no_base_model(tmp_path):
 
 
 def test_a_deltas_only_save_says_how_to_load_the_deltas(tmp_path):
-    _, card = _train(tmp_path, testbed.load().model, save_merged=False)
+    from hf_align.callbacks import NoOpWarningCallback
+
+    # lr 0: nothing trains, and one line says so; plots=False: no PNG and no image link in the card
+    trainer, card = _train(
+        tmp_path, testbed.load().model, save_merged=False, plots=False, learning_rate=0.0, logging_steps=1
+    )
     assert "load_deltas(AutoModelForCausalLM.from_pretrained(" in card
+    assert not list((tmp_path / "out").glob("*.png")) and "mask_plot.png" not in card
+    (check,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NoOpWarningCallback)]
+    assert len(check.warned) == 1 and "no trainable parameter changed in the first 1 step(s)" in check.warned[0]
 
 
 def test_hub_id_never_returns_a_local_path(tmp_path):

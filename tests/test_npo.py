@@ -466,3 +466,22 @@ def test_npo_collator_keeps_every_field_of_trls_collator_including_return_positi
     length = int(batch["attention_mask"][0].sum())
     assert torch.equal(batch["position_ids"][0, :length], torch.arange(length))
     assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(2 * math.log(2) / 0.1, abs=1e-5)
+
+
+def test_a_run_writes_its_forget_retain_curve_from_the_logged_names(tmp_path):
+    from hf_align import plots, testbed
+    from hf_align.trainers import NPOTrainer
+
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
+    trainer = NPOTrainer(
+        model, ref_model=copy.deepcopy(model), args=_args(tmp_path, retain_loss_type="nll"),
+        train_dataset=testbed.forget_dataset(8), processing_class=testbed.load_tokenizer(),
+        retain_dataset=testbed.retain_dataset(8),
+    )  # fmt: skip
+    trainer.train()
+    assert (tmp_path / "out" / plots.FORGET_RETAIN_PLOT_FILE).is_file()
+    (axes,) = plots.forget_retain_figure(trainer.state.log_history).axes
+    curves = {line.get_label(): list(line.get_ydata()) for line in axes.lines}
+    logged = [e for e in trainer.state.log_history if "retain/loss" in e]
+    assert set(curves) == {"forget/loss", "retain/loss", "forget/nll"} and len(logged) == 2
+    assert curves["retain/loss"] == [e["retain/loss"] for e in logged]

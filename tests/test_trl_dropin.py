@@ -130,6 +130,10 @@ def test_masked_dpo_takes_a_quantization_config_with_a_model_path_and_a_mask(tmp
     before = [h.delta.detach().clone() for h in iter_deltas(model)]
     trainer.train()
     assert any(not torch.equal(a, h.delta) for a, h in zip(before, iter_deltas(model), strict=True))
+    (check,) = [cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "NoOpWarningCallback"]
+    assert check.warned == [  # the 4-bit base confirmed in one line; the deltas moved, so nothing else
+        "hf-align: base model loaded in 4-bit (nf4, compute dtype float32); trainable weights stay unquantized."
+    ]
     with pytest.raises(ValueError, match="quantization_config is set both"):
         args = MaskedDPOConfig(
             output_dir=str(tmp_path / "x"), model_init_kwargs={"quantization_config": quant}, **COMMON

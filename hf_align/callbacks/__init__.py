@@ -7,6 +7,9 @@ _EXPORTS = {
     "MaskAccumulationCallback": "mask_accumulation",
     "AMAMergeCallback": "ama_merge",
     "JsonTrainingArgsCallback": "json_training_args",
+    "NoOpWarningCallback": "no_op_warnings",
+    "TrainingPlotsCallback": "plots",
+    "add_default_callbacks": "defaults",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

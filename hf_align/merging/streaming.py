@@ -463,17 +463,23 @@ def merge_models(
     overwrite: bool = False,
     progress: bool = True,
     revision: str | None = None,
+    plot: bool = False,
 ) -> MergeResult:
     """Write θ = α·θ_base + (1−α)·θ_aligned to ``output_dir`` (HF layout, sharded), streaming tensor by tensor.
 
     Give either ``alpha`` (linear) or ``plan``: a :class:`MergePlan` or a function ``(tensor_names, config) →
     MergePlan`` (how the CLI builds partwise plans once the names are known). ``base``/``aligned``: local
     directories, ``.safetensors`` files, Hub ids or PEFT adapter directories. Config, generation config and
-    tokenizer files are copied from ``aligned``; the plan is saved as ``merge_plan.json``.
-    Peak memory: about two input tensors plus one output tensor (the largest ones).
+    tokenizer files are copied from ``aligned``; the plan is saved as ``merge_plan.json`` (and with ``plot``, its α
+    per block as ``merge_alphas.png``, which needs matplotlib). Peak memory: about two input tensors plus one output tensor (the largest ones).
     """
     if (alpha is None) == (plan is None):
         raise ValueError("Pass exactly one of alpha (linear merge) or plan (a MergePlan or a plan builder).")
+    if plot:
+        from hf_align.plots import ALPHA_PLOT_FILE, matplotlib_available, plot_merge_alphas
+
+        if not matplotlib_available():
+            raise ImportError("merge_models(plot=True) needs matplotlib: pip install 'hf-align[plots]'.")
     out_dtype = parse_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
     output_dir = Path(output_dir)
@@ -532,6 +538,8 @@ def merge_models(
                 write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
             _copy_side_files(copied, tmp, out_dtype)
             plan.save(tmp / PLAN_FILE)
+            if plot:
+                plot_merge_alphas(plan, tmp / ALPHA_PLOT_FILE)
             write_model_card(merge_model_card(str(base), str(aligned), plan), tmp)  # not the aligned model's card
         bar.close()
     return MergeResult(output_dir, plan, len(outputs), len(files), total)

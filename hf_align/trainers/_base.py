@@ -19,6 +19,7 @@ from hf_align.config_checks import NON_NEGATIVE, CheckedConfig, option
 __all__ = [
     "CheckedConfig",
     "HFAlignTrainerMixin",
+    "PlotArguments",
     "TokenWeightArguments",
     "global_token_count",
     "library_trainer",
@@ -39,6 +40,18 @@ class TokenWeightArguments(CheckedConfig):
         1.0,
         help="Weight of the EOS the trainer appends, when a weights list omits it (n-1 entries).",
         range=NON_NEGATIVE,
+    )
+
+
+@dataclass
+class PlotArguments(CheckedConfig):
+    """The ``plots`` switch of every hf-align trainer config (inherit it before the TRL config)."""
+
+    plots: bool = option(
+        True,
+        help="Write PNG plots into output_dir (mask per layer × module at train begin; reward/KL, NPO's "
+        "forget/retain, Quark's pool per quantile, learned α's at train end) and log them to TensorBoard/W&B "
+        "when report_to has them. Needs matplotlib (pip install 'hf-align[plots]'); skipped without it.",
     )
 
 
@@ -180,6 +193,8 @@ class HFAlignTrainerMixin:
     * token-weight glue: ``extra_signature_columns`` survive ``remove_unused_columns``, and ``weighted_collator``
       = ``(TRL's collator, ours)`` upgrades TRL's default collator (:meth:`_use_weighted_collator`);
     * the card's tags and paper come from the trainer registry (:mod:`hf_align.trainers.registry`).
+    * :class:`~hf_align.callbacks.NoOpWarningCallback` is always added, and
+      :class:`~hf_align.callbacks.TrainingPlotsCallback` unless ``args.plots`` is False or matplotlib is missing.
     """
 
     trainable_fraction: float | None = None
@@ -213,6 +228,12 @@ class HFAlignTrainerMixin:
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from hf_align.callbacks.defaults import add_default_callbacks
+
+        add_default_callbacks(self)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         if self.args.should_save:
@@ -242,7 +263,7 @@ class HFAlignTrainerMixin:
     def _write_card(self, folder, model_name=None, dataset_name=None, tags=None) -> None:
         from hf_align.hub import write_model_card
 
-        write_model_card(model_card_for(self, model_name, dataset_name, tags), folder)
+        write_model_card(model_card_for(self, model_name, dataset_name, tags, folder=folder), folder)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.trainable_fraction is not None and self.model.training and "loss" in logs:
@@ -298,15 +319,17 @@ def _how_to_load(trainer, repo: str) -> str:
     return f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{repo}")'
 
 
-def model_card_for(trainer, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+def model_card_for(trainer, model_name: str | None = None, dataset_name: str | None = None, tags=None, folder=None):
     """The model card of what ``trainer`` saves: method and paper, the base model as a Hub id (never a local path),
-    the data, the hyperparameters, the neuron mask it trained (if any) and how to load the result."""
+    the data, the hyperparameters, the neuron mask it trained (if any, with its plot when ``folder`` holds
+    ``mask_plot.png``) and how to load the result."""
     from pathlib import Path
 
     from accelerate.utils import is_peft_model
     from trl.trainer.utils import get_config_model_id
 
     from hf_align.hub import build_model_card, mask_summary
+    from hf_align.plots import MASK_PLOT_FILE
     from hf_align.trainers.registry import spec_for
 
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -335,5 +358,9 @@ def model_card_for(trainer, model_name: str | None = None, dataset_name: str | N
         hyperparameters=_card_hyperparameters(trainer),
         citations=[paper["citation"]] if paper.get("citation") else None,
         tags=[*(spec.tags if spec is not None else getattr(trainer, "_tag_names", [])), *extra_tags],
-        sections=mask_summary(mask) if mask is not None else None,
+        sections=mask_summary(
+            mask, plot=MASK_PLOT_FILE if folder and (Path(folder) / MASK_PLOT_FILE).exists() else None
+        )
+        if mask is not None
+        else None,
     )

@@ -28,7 +28,7 @@ from hf_align.merging.adaptive import (
     wrap_for_adaptive_merge,
 )
 from hf_align.merging.plan import check_alpha
-from hf_align.trainers._base import CheckedConfig, HFAlignTrainerMixin
+from hf_align.trainers._base import HFAlignTrainerMixin, PlotArguments
 
 
 __all__ = ["AdaptiveMergeConfig", "AdaptiveMergeTrainer", "tokenize_dataset"]
@@ -38,7 +38,7 @@ OPEN_UNIT = Range(0, 1, open_low=True, open_high=True)
 
 
 @dataclass
-class AdaptiveMergeConfig(CheckedConfig, _BaseConfig):
+class AdaptiveMergeConfig(PlotArguments, _BaseConfig):
     """TRL's base training config plus the adaptive AMA knobs; the AMA defaults are the paper's recipe."""
 
     base_model_name_or_path: str | None = field(
@@ -269,13 +269,16 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
             self.alphas.head.fill_(learned.head_param)
 
     def merge(self, output_dir: PathLike, base: PathLike | None = None, aligned: PathLike | None = None, **kwargs):
-        """Stream-merge θ0 and θ1 from disk with the learned α's (``kwargs`` go to :func:`merge_models`)."""
+        """Stream-merge θ0 and θ1 from disk with the learned α's (``kwargs`` go to :func:`merge_models`; its
+        ``plot`` follows ``args.plots`` when matplotlib is installed)."""
         from hf_align.merging.streaming import merge_models
+        from hf_align.plots import matplotlib_available
 
         base, aligned = base or self.base_path, aligned or self.aligned_path
         if base is None or aligned is None:
             raise ValueError("merge() needs the base and aligned checkpoints on disk: pass base= and aligned=.")
         learned = self.learned_alphas()
+        kwargs.setdefault("plot", self.args.plots and matplotlib_available())
         return merge_models(
             base, aligned, output_dir,
             plan=lambda names, config: adaptive_plan(learned, names, self.args.merge_head_alpha), **kwargs,

@@ -63,7 +63,7 @@ from hf_align.rewards import (
     reward_name,
     score_completions,
 )
-from hf_align.trainers._base import CheckedConfig, HFAlignTrainerMixin, global_token_count, prepare_reference
+from hf_align.trainers._base import HFAlignTrainerMixin, PlotArguments, global_token_count, prepare_reference
 from hf_align.trainers._model_copy import reference_copy
 
 
@@ -105,7 +105,7 @@ def _move_renamed_fields(config, renamed: dict[str, str]) -> None:
 
 
 @dataclass
-class FeedbackConditionedConfig(CheckedConfig, _BaseConfig):
+class FeedbackConditionedConfig(PlotArguments, _BaseConfig):
     """Configuration of :class:`FeedbackConditionedTrainer` (ALT / Quark). Recipes map 1:1 onto these fields.
 
     On TRL's base config like every other hf-align trainer (``logging_steps=10``, ``bf16`` on unless ``fp16``,

@@ -35,7 +35,7 @@ from hf_align.token_weights import (
     select_lowest_ratio_tokens,
     sequence_weights,
 )
-from hf_align.trainers._base import HFAlignTrainerMixin, TokenWeightArguments
+from hf_align.trainers._base import HFAlignTrainerMixin, PlotArguments, TokenWeightArguments
 from hf_align.trainers._data_checks import check_not_truncated_away, column_names
 from hf_align.trainers._masking import DeltasOffReference, NeuronMaskArguments, NeuronMaskTrainerMixin
 
@@ -44,7 +44,7 @@ _PAIR_WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
 
 
 @dataclass
-class MaskedDPOConfig(NeuronMaskArguments, TokenWeightArguments, DPOConfig):
+class MaskedDPOConfig(NeuronMaskArguments, TokenWeightArguments, PlotArguments, DPOConfig):
     """``trl.DPOConfig`` plus neuron-mask and token-weight options (see ``docs/masked_dpo.md``)."""
 
     rejected_token_ratio: float | None = option(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from trl import KTOConfig, KTOTrainer
 
-from hf_align.trainers._base import HFAlignTrainerMixin
+from hf_align.trainers._base import HFAlignTrainerMixin, PlotArguments
 from hf_align.trainers._masking import NeuronMaskArguments, NeuronMaskTrainerMixin
 
 
@@ -21,7 +21,7 @@ __all__ = ["MaskedKTOConfig", "MaskedKTOTrainer"]
 
 
 @dataclass
-class MaskedKTOConfig(NeuronMaskArguments, KTOConfig):
+class MaskedKTOConfig(NeuronMaskArguments, PlotArguments, KTOConfig):
     """``trl.KTOConfig`` plus the neuron-mask options (``neuron_mask_path``, ``neuron_scores_path`` + ratio, ...)."""
 
 

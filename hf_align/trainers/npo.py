@@ -45,6 +45,7 @@ from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
 from hf_align.trainers._base import (
     HFAlignTrainerMixin,
+    PlotArguments,
     TokenWeightArguments,
     global_token_count,
     prepare_reference,
@@ -66,7 +67,7 @@ _PER_TOKEN_COLUMNS = ("input_ids", "labels", "token_weights", REF_COLUMN)
 
 
 @dataclass
-class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
+class NPOConfig(NeuronMaskArguments, TokenWeightArguments, PlotArguments, SFTConfig):
     """``trl.SFTConfig`` (tokenization, truncation, model loading) plus NPO's loss, reference and mask options."""
 
     beta: float = option(
