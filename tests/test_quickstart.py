@@ -3,11 +3,11 @@
 import pytest
 
 from hf_align.cli import main
-from hf_align.cli.quickstart import build_parser, run
+from hf_align.cli.quickstart import QuickstartArguments, run
 
 
 def test_masked_dpo_quickstart_raises_reward_and_trains_only_its_rows(tmp_path):
-    result = run(build_parser().parse_args(["--output_dir", str(tmp_path), "--eval_prompts", "128"]))
+    result = run(QuickstartArguments(output_dir=str(tmp_path), eval_prompts=128))
     assert result["after"]["mean_reward"] > result["before"]["mean_reward"] + 0.05, result
     mask_dir = tmp_path / "warmup" / "neuron_mask"
     assert (mask_dir / "neuron_mask.safetensors").exists() and (mask_dir / "neuron_mask.json").exists()
