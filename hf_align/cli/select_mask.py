@@ -28,8 +28,8 @@ import torch
 from hf_align.cli.common import add_kebab_aliases
 from hf_align.config_checks import from_prefixed
 from hf_align.masks import MaskSelection
-from hf_align.scores import GRANULARITIES, SCORES_FILE, load_scores, save_scores, weight_diff_scores
 from hf_align.scores import META_FILE as SCORES_META
+from hf_align.scores import SCORES_FILE, ScoreOptions, load_scores, save_scores, weight_diff_scores
 
 
 HEATMAP_FILE = "selection_heatmap.png"
@@ -46,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--init", help="Initial checkpoint (folder or .safetensors) for |θ_trained − θ_init|.")
     parser.add_argument("--trained", help="Trained checkpoint (with --init).")
     _add_options(parser, MaskSelection, required=("ratio",))  # --ratio --scope --select --exclude_top --seed
-    parser.add_argument(
-        "--granularity", choices=GRANULARITIES, default="element", help="With --init/--trained: per entry or per row."
-    )
+    _add_options(parser, ScoreOptions, names=("granularity",))  # with --init/--trained: per entry or per row
     parser.add_argument("--target", default=None, help="Regex on parameter names to restrict the selection.")
     parser.add_argument("--output", required=True, help="Folder to write the mask (and plots) into.")
     parser.add_argument(
@@ -108,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _add_options(parser: argparse.ArgumentParser, options: type, required: tuple[str, ...] = ()) -> None:
-    """One ``--<field>`` per field of the dataclass ``options``, with its declared default, help and choices
-    (ranges are checked when the dataclass is built from the parsed values)."""
+def _add_options(
+    parser: argparse.ArgumentParser, options: type, required: tuple[str, ...] = (), names: tuple[str, ...] = ()
+) -> None:
+    """One ``--<field>`` per field of the dataclass ``options`` (or of ``names``), with its declared default, help
+    and choices (ranges are checked when the dataclass is built from the parsed values)."""
     hints = typing.get_type_hints(options)
     for f in dataclasses.fields(options):
+        if names and f.name not in names:
+            continue
         kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
         extra = {"required": True} if f.name in required else {"default": f.default}
         choices = f.metadata.get("choices")
