@@ -28,8 +28,8 @@ import torch
 from hf_align.config_checks import CheckedConfig, from_prefixed, option, prefixed_dataclass
 from hf_align.errors import UserError
 from hf_align.masks import MaskSelection
-from hf_align.scores import GRANULARITIES, SCORES_FILE, load_scores, save_scores, weight_diff_scores
 from hf_align.scores import META_FILE as SCORES_META
+from hf_align.scores import SCORES_FILE, load_scores, save_scores, weight_diff_scores
 
 
 HEATMAP_FILE = "selection_heatmap.png"

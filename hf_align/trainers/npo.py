@@ -131,8 +131,6 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, PlotArguments, SFTCon
             warnings.warn(msg, FutureWarning, stacklevel=3)
             self.npo_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
-        if self.loss_type != "nll":  # SFT's loss_type: NPO computes its own loss
-            raise UserError(f"NPOConfig.loss_type must be 'nll' (NPO computes its own loss), got {self.loss_type!r}.")
         if self.npo_loss_type == "simnpo" and self.npo_level != "sequence":
             raise ValueError("npo_loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
         if self.packing or self.padding_free:
