@@ -70,6 +70,12 @@ def mask_summary(mask, plot: str | None = None) -> list[str]:
         "",
         f"- granularity: `{mask.granularity}` ({'output features' if mask.granularity == 'row' else 'entries'})",
         f"- selected: {mask.num_selected} of {mask.num_total} ({mask.ratio:.4%})",
+        *(
+            [f"- weights trained: {mask.num_params_selected} of {mask.num_params_total} ({mask.param_ratio:.4%})"]
+            if mask.granularity == "row" and mask.param_ratio is not None
+            else []
+        ),
+        *([f"- ratio counted in: {mask.info['budget']}"] if mask.info.get("budget") else []),
         "",
         *([f"![Neurons trained per layer and module]({plot})", ""] if plot else []),
         "| layer | module | selected fraction |",

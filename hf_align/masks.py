@@ -47,6 +47,7 @@ MASK_META_FILE = "neuron_mask.json"
 FORMAT = "hf-align-neuron-mask"
 SCOPES = ("global", "tensor")
 SELECTS = ("top", "bottom", "random")
+BUDGETS = ("neurons", "params")
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -93,6 +94,17 @@ def _plain_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
             yield plain, param
 
 
+def neuron_sizes(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per row-neuron of every plain parameter of ``model``: a row's length (``numel`` over the output
+    features, GPT-2's ``Conv1D`` on axis 1), 1 for a 1-D parameter. What a row mask trains, counted in weights."""
+    axes = neuron_axes(model)
+    sizes = {}
+    for name, param in _plain_parameters(model):
+        shape = parameter_shape(param)
+        sizes[name] = math.prod(shape) // shape[neuron_axis(axes, name)] if len(shape) >= 2 else 1
+    return sizes
+
+
 @dataclass
 class MaskSelection(CheckedConfig):
     """How a mask is chosen from scores -- the options of :meth:`NeuronMask.from_scores`, declared once.
@@ -121,6 +133,13 @@ class MaskSelection(CheckedConfig):
         range=BELOW_ONE,
     )
     seed: int = option(0, help="Seed of select='random'.")
+    budget: str = option(
+        "neurons",
+        help="What `ratio` counts: 'neurons' (rows or entries, each once) or 'params' (a row counted by its length: "
+        "ALLO's 10 % is of parameter entries). Differs only for global row masks over rows of different lengths "
+        "(a 10 % row mask by neurons trained 20 % of SmolLM2's weights).",
+        choices=BUDGETS,
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -154,14 +173,17 @@ def _order_keys(values: torch.Tensor, descending: bool) -> torch.Tensor:
     return keys if descending else ~keys
 
 
-def _first_n(keys: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """The ``n`` largest keys over all tensors, ties broken by position (names in order, then flat index).
+def _first_n(keys: dict[str, torch.Tensor], n: int, sizes: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """The largest keys over all tensors until their sizes add up to ``n``, ties broken by position (names in order,
+    then flat index). ``sizes``: what one key of a tensor counts (a row's length under a parameter budget; 1 else).
 
     The same set a stable descending sort of the concatenation would put first, found by a bisection over the key
     value (32 counting passes) instead of a sort: no concatenated copy and no int64 index per entry, so selecting
-    among billions of entries needs about 4 bytes per entry (the keys) rather than 16+.
+    among billions of entries needs about 4 bytes per entry (the keys) rather than 16+. Under sizes, the last key
+    taken may pass ``n`` by less than its size: the budget is reached, never missed.
     """
-    total = sum(k.numel() for k in keys.values())
+    size = {name: (sizes or {}).get(name, 1) for name in keys}
+    total = sum(k.numel() * size[name] for name, k in keys.items())
     if n <= 0:
         return {name: torch.zeros(k.numel(), dtype=torch.bool) for name, k in keys.items()}
     if n >= total:
@@ -169,29 +191,32 @@ def _first_n(keys: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     low, high = -(2**31), 2**31 - 1  # the largest t with count(key >= t) >= n is the n-th largest key
     while low < high:
         middle = (low + high + 1) // 2
-        if sum(int((k >= middle).sum()) for k in keys.values()) >= n:
+        if sum(int((k >= middle).sum()) * size[name] for name, k in keys.items()) >= n:
             low = middle
         else:
             high = middle - 1
     chosen = {name: k > low for name, k in keys.items()}
-    need = n - sum(int(c.sum()) for c in chosen.values())
+    need = n - sum(int(c.sum()) * size[name] for name, c in chosen.items())
     for name, k in keys.items():  # the ties at the threshold, first positions first
         if need <= 0:
             break
-        ties = (k == low).nonzero().view(-1)[:need]
+        ties = (k == low).nonzero().view(-1)[: math.ceil(need / size[name])]
         chosen[name][ties] = True
-        need -= ties.numel()
+        need -= ties.numel() * size[name]
     return chosen
 
 
-def _band(keys: dict[str, torch.Tensor], ratio: float, exclude_top: float) -> dict[str, torch.Tensor]:
-    """Ranks ``[round(l·n), round(l·n) + round(r·n))`` of the keys (ALLO's band; l = 0 is a plain top-r)."""
-    total = sum(k.numel() for k in keys.values())
+def _band(
+    keys: dict[str, torch.Tensor], ratio: float, exclude_top: float, sizes: Mapping[str, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Ranks ``[round(l·n), round(l·n) + round(r·n))`` of the keys (ALLO's band; l = 0 is a plain top-r), ``n``
+    counted in ``sizes`` (parameters) when given, in keys otherwise."""
+    total = sum(k.numel() * (sizes or {}).get(name, 1) for name, k in keys.items())
     skip, keep = round(exclude_top * total), round(ratio * total)
-    upto = _first_n(keys, skip + keep)
+    upto = _first_n(keys, skip + keep, sizes)
     if skip == 0:
         return upto
-    above = _first_n(keys, skip)  # the top-n sets are nested: same total order
+    above = _first_n(keys, skip, sizes)  # the top-n sets are nested: same total order
     return {name: upto[name] & ~above[name] for name in keys}
 
 
@@ -234,6 +259,28 @@ def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return bits[: math.prod(shape)].reshape(shape)
 
 
+def _budget_sizes(
+    scores: Mapping[str, torch.Tensor], budget: str, neuron_sizes: Mapping[str, int] | None
+) -> dict[str, int] | None:
+    """What one score counts under ``budget``: ``None`` for 'neurons'; for 'params', a row score its row's length
+    (``neuron_sizes``), an element score 1. A row score without its length is refused by name."""
+    if budget != "params":
+        return None
+    sizes = {}
+    for name, score in scores.items():
+        if score.dim() != 1:
+            sizes[name] = 1
+            continue
+        size = (neuron_sizes or {}).get(name)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise UserError(
+                f"budget='params' counts a row by its length, but the length of {name!r}'s rows is unknown "
+                f"(got {size!r}): pass neuron_sizes=hf_align.masks.neuron_sizes(model), or use budget='neurons'."
+            )
+        sizes[name] = size
+    return sizes
+
+
 @dataclass
 class NeuronMask:
     """Selected entries (element masks) or output rows (row masks) per parameter name of the plain model.
@@ -274,10 +321,38 @@ class NeuronMask:
         """``"row"`` when every mask is 1-D (rows; also true of 1-D parameters), else ``"element"``."""
         return self.info.get("granularity") or ("row" if all(m.dim() == 1 for m in self.masks.values()) else "element")
 
+    @property
+    def neuron_sizes(self) -> dict[str, int] | None:
+        """Parameters per neuron of each masked tensor (1 for an element mask), or ``None`` while a row mask's row
+        lengths are unknown (a mask made from scores alone; :meth:`validate` against a model fills them in)."""
+        known = self.info.get("neuron_sizes") or {}
+        sizes = {name: (known.get(name) if mask.dim() == 1 else 1) for name, mask in self.masks.items()}
+        return None if any(size is None for size in sizes.values()) else sizes
+
+    @property
+    def num_params_selected(self) -> int | None:
+        """Weights the mask trains (a row counted by its length); ``None`` when row lengths are unknown."""
+        sizes = self.neuron_sizes
+        return None if sizes is None else sum(int(m.sum()) * sizes[n] for n, m in self.masks.items())
+
+    @property
+    def num_params_total(self) -> int | None:
+        sizes = self.neuron_sizes
+        return None if sizes is None else sum(m.numel() * sizes[n] for n, m in self.masks.items())
+
+    @property
+    def param_ratio(self) -> float | None:
+        """The fraction of the masked tensors' weights the mask trains (what ALLO's "10 %" means)."""
+        total = self.num_params_total
+        return None if total is None else self.num_params_selected / max(total, 1)
+
     def __repr__(self) -> str:
+        params = ""
+        if self.param_ratio is not None and self.granularity == "row":
+            params = f", params={self.num_params_selected}/{self.num_params_total} ({self.param_ratio:.4%})"
         return (
             f"NeuronMask(granularity={self.granularity!r}, tensors={len(self.masks)}, "
-            f"selected={self.num_selected}/{self.num_total} ({self.ratio:.4%}))"
+            f"selected={self.num_selected}/{self.num_total} ({self.ratio:.4%}){params})"
         )
 
     # ------------------------------------------------------------------------------------- construction
@@ -293,6 +368,8 @@ class NeuronMask:
         target: str | Iterable[str] | None = None,
         *,
         ratio: float | None = None,
+        budget: str | None = None,
+        neuron_sizes: Mapping[str, int] | None = None,
     ) -> NeuronMask:
         """Keep ``round(ratio * n)`` neurons ranked by score, skipping the top ``round(exclude_top * n)`` first.
 
@@ -300,8 +377,12 @@ class NeuronMask:
         override its fields. ``scope="global"`` ranks all neurons together (ALLO's one threshold); ``"tensor"`` ranks
         each tensor alone (``n`` is then per tensor). ``select="bottom"`` keeps the lowest, ``"random"`` a seeded
         random set (the paper's ablations). Scores are keyed like the masks: full-shape ⇒ element, 1-D ⇒ row.
+        ``budget="params"`` counts ``n`` in parameters, a row by its length from ``neuron_sizes`` (:func:`neuron_sizes`
+        of the model; needed for row scores), so ``ratio`` is the fraction of weights trained, as in ALLO.
         """
-        selection = _selection(selection, ratio=ratio, scope=scope, select=select, exclude_top=exclude_top, seed=seed)
+        selection = _selection(
+            selection, ratio=ratio, scope=scope, select=select, exclude_top=exclude_top, seed=seed, budget=budget
+        )
         ratio, scope, select = selection.ratio, selection.scope, selection.select
         exclude_top, seed = selection.exclude_top, selection.seed
         names = sorted(name for name in scores if _matches(name, target))
@@ -326,7 +407,8 @@ class NeuronMask:
                 stacklevel=2,
             )
         descending = select != "bottom"
-        if scope == "tensor":
+        sizes = _budget_sizes(values, selection.budget, neuron_sizes)
+        if scope == "tensor":  # one tensor's rows are all one length: a parameter budget selects the same rows
             masks = {
                 name: _band({name: _order_keys(v, descending)}, ratio, exclude_top)[name].view(v.shape)
                 for name, v in values.items()
@@ -336,7 +418,7 @@ class NeuronMask:
             keys = {}
             for name in names:  # keys replace the float copies one tensor at a time
                 keys[name] = _order_keys(values.pop(name), descending)
-            chosen = _band(keys, ratio, exclude_top)
+            chosen = _band(keys, ratio, exclude_top, sizes)
             masks = {name: chosen[name].view(shapes[name]) for name in names}
         if not any(bool(mask.any()) for mask in masks.values()):
             total = sum(mask.numel() for mask in masks.values())
@@ -345,6 +427,10 @@ class NeuronMask:
                 f"{'per tensor' if scope == 'tensor' else 'in all'}); raise ratio."
             )
         info = {"ratio_requested": ratio, "scope": scope, "select": select, "exclude_top": exclude_top, "seed": seed}
+        info["budget"] = selection.budget
+        known = {name: (neuron_sizes or {}).get(name) for name, mask in masks.items() if mask.dim() == 1}
+        if known and all(isinstance(size, int) for size in known.values()):  # the mask can say what it trains
+            info["neuron_sizes"] = known
         return cls(masks, info)
 
     @classmethod
@@ -419,12 +505,16 @@ class NeuronMask:
         seed: int = 0,
         scope: str = "global",
         target: str | Iterable[str] | None = None,
+        budget: str = "neurons",
     ) -> NeuronMask:
-        """A seeded random mask of exactly ``round(ratio * n)`` neurons (the paper's random-mask ablation)."""
+        """A seeded random mask of exactly ``round(ratio * n)`` neurons (the paper's random-mask ablation);
+        ``budget="params"``: of ``ratio`` of the weights (rows counted by their length)."""
         shapes = cls._like_model(model, granularity, target)
         scores = {name: torch.zeros(shape) for name, shape in shapes.items()}
-        mask = cls.from_scores(scores, ratio, scope=scope, select="random", seed=seed)
+        mask = cls.from_scores(scores, ratio, scope=scope, select="random", seed=seed, budget=budget,
+                               neuron_sizes=neuron_sizes(model))  # fmt: skip
         mask.info["granularity"] = granularity
+        mask.validate(model)  # records the row lengths: the mask reports the weights it trains
         return mask
 
     # ---------------------------------------------------------------------------------------- checks
@@ -451,6 +541,10 @@ class NeuronMask:
                 f"Neuron mask for {name!r} has shape {tuple(mask.shape)}, but the parameter has shape {shape}: "
                 f"expected {shape} (element){rows if features else ''}. Was the mask made for another model?"
             )
+        sizes = neuron_sizes(model)  # the model knows its row lengths: the mask can now say what it trains
+        rows_of = {name: sizes[name] for name, mask in self.masks.items() if mask.dim() == 1}
+        if rows_of:
+            self.info["neuron_sizes"] = rows_of
 
     def is_row(self, name: str, param_shape: tuple[int, ...]) -> bool:
         """Whether the mask for ``name`` selects output features ("rows") of a parameter of ``param_shape``."""
@@ -577,4 +671,11 @@ class NeuronMask:
             if k not in ("format", "version", "shapes", "ratio", "num_total", "save_id")
         }
         info.pop("num_selected", None)
+        sizes = info.get("neuron_sizes")
+        if sizes is not None and not (
+            isinstance(sizes, dict)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes.values())
+            and set(sizes) <= set(masks)
+        ):
+            raise UserError(f"{str(meta_path)!r}: neuron_sizes must map masked parameters to row lengths ≥ 1.")
         return cls(masks, info)

@@ -12,6 +12,7 @@ human-readable). Both are written atomically.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -199,6 +200,21 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._checkpoint.close()
+
+
+def checkpoint_neuron_sizes(path: PathLike) -> dict[str, int]:
+    """Parameters per row-neuron of every weight of a checkpoint, from its headers alone (no tensor is read): a
+    row's length (GPT-2's ``Conv1D`` rows are columns), 1 for a 1-D tensor. What ``budget="params"`` needs."""
+    reader = CheckpointReader(path)
+    try:
+        axes = checkpoint_neuron_axes(reader.path)
+        sizes = {}
+        for name in reader.keys():
+            shape = reader.shape(name)
+            sizes[name] = math.prod(shape) // shape[neuron_axis(axes, name)] if len(shape) >= 2 else 1
+        return sizes
+    finally:
+        reader.close()
 
 
 def weight_diff_scores(

@@ -7,6 +7,7 @@ import torch
 
 from hf_align.cli.select_mask import format_summary, module_type, selection_threshold
 from hf_align.io import save_tensors
+from hf_align.masks import NeuronMask
 from hf_align.scores import load_scores, save_scores, weight_diff_scores
 from hf_align.testbed import quiet_training_args
 
@@ -51,7 +52,8 @@ def test_summary_and_threshold():
         "model.layers.1.mlp.down_proj.weight": torch.tensor([0, 0, 0, 1]),
         "model.norm.weight": torch.tensor([0, 0]),
     }
-    text = format_summary(masks)
+    text = format_summary(NeuronMask(masks))  # row lengths unknown: no params column
+    assert "params" not in text
     assert "down_proj" in text and "3" in text and "0.3750" in text
     assert module_type("model.layers.3.self_attn.q_proj.weight") == "q_proj"
     scores = {k: torch.arange(float(v.numel())) + i for i, (k, v) in enumerate(masks.items())}

@@ -214,6 +214,7 @@ class MaskAccumulationCallback(TrainerCallback):
         self._max_grad_norm: float | None = None
         self._args = None
         self._final_scores: dict[str, torch.Tensor] | None = None
+        self._neuron_sizes: dict[str, int] | None = None  # set at train begin
         self._wrapped_step: tuple[Any, Any] | None = None  # (DeepSpeed ZeRO optimizer, its own step)
         self._sharded = False
 
@@ -223,6 +224,9 @@ class MaskAccumulationCallback(TrainerCallback):
             raise ValueError("MaskAccumulationCallback needs the Trainer to pass `model` to callbacks.")
         self._final_scores = None
         self._sharded = is_sharded_model(model)
+        from hf_align.masks import neuron_sizes
+
+        self._neuron_sizes = neuron_sizes(model)  # row lengths: budget="params" and the mask's weight count
         if self.method == "gradient":
             self._setup_gradient(model, args, _deepspeed_optimizer(optimizer))
         else:
@@ -290,7 +294,7 @@ class MaskAccumulationCallback(TrainerCallback):
         """The ``NeuronMask`` chosen from ``scores`` with this callback's selection settings."""
         from hf_align.masks import NeuronMask
 
-        return NeuronMask.from_scores(scores, self.selection)
+        return NeuronMask.from_scores(scores, self.selection, neuron_sizes=self._neuron_sizes)
 
     def _join_gathers(self, model) -> None:
         """On a rank that writes nothing: take part in the per-parameter gathers rank 0's scores need."""
@@ -488,6 +492,7 @@ class MaskAccumulationCallback(TrainerCallback):
             "skipped_steps": self.skipped_steps,
             "global_step": int(state.global_step),
             "init_path": str(self._init_dir) if self.method == "weight_diff" else None,
+            "neuron_sizes": self._neuron_sizes if self.granularity == "row" else None,
         }
 
 

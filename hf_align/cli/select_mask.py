@@ -28,8 +28,15 @@ import torch
 from hf_align.config_checks import CheckedConfig, from_prefixed, option, prefixed_dataclass
 from hf_align.errors import UserError
 from hf_align.masks import MaskSelection
+from hf_align.scores import (
+    GRANULARITIES,
+    SCORES_FILE,
+    checkpoint_neuron_sizes,
+    load_scores,
+    save_scores,
+    weight_diff_scores,
+)
 from hf_align.scores import META_FILE as SCORES_META
-from hf_align.scores import SCORES_FILE, load_scores, save_scores, weight_diff_scores
 
 
 HEATMAP_FILE = "selection_heatmap.png"
@@ -90,16 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     written += [HEATMAP_FILE, DISTRIBUTION_FILE] if args.plot else []
     refuse_existing_output(args.output_dir, "--output_dir", args.overwrite, names=written)  # before any work
     try:
-        scores = _load_or_compute_scores(args)
+        scores, sizes = _load_or_compute_scores(args)
     except KeyError as err:  # a tensor missing from a checkpoint
         raise UserError(err.args[0]) from None
-    mask = NeuronMask.from_scores(scores, selection)
+    mask = NeuronMask.from_scores(scores, selection, neuron_sizes=sizes)
     output = Path(args.output_dir)
     mask.save(output)
     if args.init:
         meta = {"method": "weight_diff", "granularity": args.neuron_mask_granularity, "statistic": "abs"}
+        meta["neuron_sizes"] = {name: sizes[name] for name in scores if scores[name].dim() == 1}
         save_scores(output, scores, meta)
-    print(format_summary(mask.masks))
+    print(format_summary(mask))
     if args.plot:
         from hf_align.plots import plot_score_distribution, plot_selection_heatmap
 
@@ -116,15 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load_or_compute_scores(args) -> dict[str, torch.Tensor]:
+def _load_or_compute_scores(args) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
+    """The scores, and the row lengths ``budget="params"`` counts (from the checkpoint, or the scores' header)."""
     if args.neuron_scores_path:
-        scores, _ = load_scores(args.neuron_scores_path)
+        scores, meta = load_scores(args.neuron_scores_path)
         if args.target:
             scores = {k: v for k, v in scores.items() if re.search(args.target, k)}
             if not scores:
                 raise UserError(f"--target {args.target!r} matches no parameter in {args.neuron_scores_path!r}.")
-        return scores
-    return weight_diff_scores(args.init, args.trained, granularity=args.neuron_mask_granularity, target=args.target)
+        return scores, meta.get("neuron_sizes")
+    scores = weight_diff_scores(args.init, args.trained, granularity=args.neuron_mask_granularity, target=args.target)
+    return scores, checkpoint_neuron_sizes(args.init)
 
 
 def module_type(name: str) -> str:
@@ -135,20 +145,28 @@ def module_type(name: str) -> str:
     return parts[-1]
 
 
-def format_summary(masks: dict[str, torch.Tensor]) -> str:
-    """Per module type: selected / total units (rows or entries, as stored) and the fraction."""
-    selected: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    for name, tensor in masks.items():
-        kind = module_type(name)
-        selected[kind] += int((tensor != 0).sum())
-        total[kind] += tensor.numel()
-    width = max(len("module"), *(len(k) for k in total))
-    lines = [f"{'module':<{width}}  {'selected':>12}  {'total':>12}  fraction"]
-    for kind in sorted(total):
-        lines.append(f"{kind:<{width}}  {selected[kind]:>12,}  {total[kind]:>12,}  {selected[kind] / total[kind]:.4f}")
-    all_selected, all_total = sum(selected.values()), sum(total.values())
-    lines.append(f"{'all':<{width}}  {all_selected:>12,}  {all_total:>12,}  {all_selected / max(all_total, 1):.4f}")
+def format_summary(mask) -> str:
+    """Per module type: selected / total units (rows or entries, as stored), their fraction and -- when the row
+    lengths are known -- the fraction of the *weights* trained (a row counts its length)."""
+    sizes = mask.neuron_sizes
+    selected: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # units, of units, params, of params
+    for name, tensor in mask.masks.items():
+        row = selected[module_type(name)]
+        size = sizes[name] if sizes else 1
+        row[0] += int(tensor.sum())
+        row[1] += tensor.numel()
+        row[2] += int(tensor.sum()) * size
+        row[3] += tensor.numel() * size
+    rows = sorted(selected.items())
+    rows.append(("all", [sum(r[i] for _, r in rows) for i in range(4)]))
+    width = max(len("module"), *(len(k) for k, _ in rows))
+    params = "  params" if sizes else ""
+    lines = [f"{'module':<{width}}  {'selected':>12}  {'total':>12}  fraction{params}"]
+    for kind, (units, of_units, weights, of_weights) in rows:
+        share = f"  {weights / max(of_weights, 1):.4f}" if sizes else ""
+        lines.append(
+            f"{kind:<{width}}  {units:>12,}  {of_units:>12,}  {units / max(of_units, 1):.4f}  {share}".rstrip()
+        )
     return "\n".join(lines)
 
 

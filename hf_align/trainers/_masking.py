@@ -165,7 +165,10 @@ def _resolve_neuron_mask(neuron_mask, args, model=None):
             for name, s in scores.items()
             if s.dim() in (1, 2)
         }
-    return NeuronMask.from_scores(scores, mask_selection(args))
+    from hf_align.masks import neuron_sizes
+
+    sizes = neuron_sizes(model) if isinstance(model, torch.nn.Module) else None
+    return NeuronMask.from_scores(scores, mask_selection(args), neuron_sizes=sizes)
 
 
 def attach_mask(model, mask, args, peft_config=None, second_forward: bool = False):
@@ -322,6 +325,7 @@ class NeuronMaskTrainerMixin:
         if mask is None:
             return model, ref_model
         model = attach_mask(model, mask, args, peft_config, second_forward=second_forward)
+        logger.warning(f"{type(self).__name__}: {mask!r}")  # rows and, once checked on the model, the weights
         if deltas_reference and ref_model is None and not args.precompute_ref_log_probs:
             if args.sync_ref_model:
                 raise UserError("sync_ref_model needs a separate ref_model; with a neuron mask pass one explicitly.")
