@@ -104,7 +104,7 @@ class MaskSelection(CheckedConfig):
 
     ratio: float | None = option(
         None,
-        help="Fraction of the scored neurons (rows or entries) to select, in (0, 1]; None: select no mask.",
+        help="Fraction of the scored neurons (rows or entries) to select, in (0, 1] (unset: no selection).",
         range=FRACTION,
     )
     scope: str = option(

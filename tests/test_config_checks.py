@@ -208,3 +208,27 @@ def test_library_ranges_follow_the_declaring_class_not_the_field_name():
     Other(beta=-1.0)  # no range declared for it
     with pytest.raises(ValueError, match=r"MaskedDPOConfig.beta must be in \(0, inf\]"):
         MaskedDPOConfig(output_dir="unused", beta=0.0, **BASE)
+
+
+def test_library_ranges_reach_a_config_on_another_trl_parent(tmp_path):
+    """A masked trainer on ``trl.KTOConfig`` (wip/registry's masked KTO) gets KTO's ranges and the mask options'
+    choices without declaring either again."""
+    import dataclasses
+
+    from trl import KTOConfig
+
+    from hf_align.trainers._base import TokenWeightArguments
+    from hf_align.trainers._masking import NeuronMaskArguments
+
+    @dataclasses.dataclass
+    class KTOLike(NeuronMaskArguments, TokenWeightArguments, KTOConfig):
+        pass
+
+    for name, value, expected in [
+        ("beta", 0.0, "KTOLike.beta must be in (0, inf], got 0.0."),
+        ("undesirable_weight", -1.0, "KTOLike.undesirable_weight must be in [0, inf], got -1.0."),
+        ("neuron_mask_scope", "layer", "KTOLike.neuron_mask_scope must be one of ('global', 'tensor'), got 'layer'."),
+    ]:
+        with pytest.raises(ValueError) as error:
+            KTOLike(output_dir=str(tmp_path), **BASE, **{name: value})
+        assert str(error.value) == expected

@@ -314,3 +314,37 @@ def test_selection_equals_a_stable_sort_of_all_scores(select, exclude_top):
         expected[order[skip : skip + keep]] = True
         got = torch.cat([mask.masks[n].reshape(-1) for n in names])
         assert torch.equal(got, expected), (ratio, select, exclude_top)
+
+
+def test_a_mask_selection_is_the_same_as_the_keyword_arguments():
+    from hf_align.masks import MaskSelection
+
+    selection = MaskSelection(ratio=2 / 7, exclude_top=1 / 7, select="bottom")
+    by_selection = NeuronMask.from_scores(_scores(), selection)
+    assert _as_lists(by_selection) == _as_lists(
+        NeuronMask.from_scores(_scores(), 2 / 7, exclude_top=1 / 7, select="bottom")
+    )
+    assert _as_lists(NeuronMask.from_scores(_scores(), selection, select="top")) == _as_lists(
+        NeuronMask.from_scores(_scores(), 2 / 7, exclude_top=1 / 7)
+    )  # a keyword overrides the selection's field
+    with pytest.raises(ValueError, match=r"MaskSelection.ratio is required"):
+        NeuronMask.from_scores(_scores(), MaskSelection())
+    with pytest.raises(ValueError, match=r"^MaskSelection.scope must be one of \('global', 'tensor'\), got 'layer'.$"):
+        MaskSelection(ratio=0.1, scope="layer")
+
+
+def test_function_arguments_that_are_declared_options_are_checked_against_the_declaration():
+    """``granularity=`` / ``statistic=`` of the score and mask functions are ScoreOptions' fields: the same choices,
+    one line naming the argument."""
+    from hf_align.scores import reduce_magnitude
+
+    weight = torch.ones(2, 3)
+    cases = [
+        (lambda: reduce_magnitude(weight, "column"), "granularity must be one of ('row', 'element'), got 'column'."),
+        (lambda: reduce_magnitude(weight, "row", "cube"), "statistic must be one of ('abs', 'square'), got 'cube'."),
+        (lambda: NeuronMask.full(torch.nn.Linear(3, 2), "column"), "granularity must be one of ('row', 'element')"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert expected in str(error.value) and "\n" not in str(error.value)

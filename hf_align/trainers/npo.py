@@ -39,7 +39,6 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
 from hf_align.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, option
-from hf_align.errors import UserError
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
 from hf_align.trainers._base import (
@@ -129,8 +128,6 @@ class NPOConfig(NeuronMaskArguments, TokenWeightArguments, SFTConfig):
             warnings.warn(msg, FutureWarning, stacklevel=3)
             self.npo_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
-        if self.loss_type != "nll":  # SFT's loss_type: NPO computes its own loss
-            raise UserError(f"NPOConfig.loss_type must be 'nll' (NPO computes its own loss), got {self.loss_type!r}.")
         if self.npo_loss_type == "simnpo" and self.npo_level != "sequence":
             raise ValueError("npo_loss_type='simnpo' is a sequence-level loss; set npo_level='sequence'.")
         if self.packing or self.padding_free:
