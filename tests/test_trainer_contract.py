@@ -238,6 +238,24 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(spec, tmp_path):
         torch.testing.assert_close(resumed_params[name], value, atol=0, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("spec", MASKED, ids=_ids(MASKED))
+def test_with_a_mask_precomputed_reference_log_probs_equal_the_live_deltas_off_reference(spec, tmp_path):
+    """The reference of a masked run is the policy with its deltas off, live or precomputed once (the deltas are 0
+    at the start): the same losses either way."""
+    from hf_align.masks import NeuronMask
+
+    losses = {}
+    for precompute in (False, True):
+        model = _model()
+        mask = NeuronMask.random(model, 0.2, "row", seed=0)
+        trainer = _case(spec).build(spec, tmp_path / str(precompute), model=model, mask=mask,
+                                    precompute_ref_log_probs=precompute)  # fmt: skip
+        trainer.train()
+        losses[precompute] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses[True]) == COMMON["max_steps"]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-6)
+
+
 @pytest.mark.parametrize("spec", OWN, ids=_ids(OWN))
 def test_save_and_load_round_trip_and_the_card_comes_from_the_registry(spec, tmp_path):
     from hf_align.masks import NeuronMask
