@@ -1,0 +1,82 @@
+"""Aligner on the real chat model: learn a global style, "end every answer with ' Cheers!'", by SFT with
+Aligner N=1 and N=10 (hf_align.peft_tuners.AlignerConfig), LoRA r=8 and PEFT's LLaMA-Adapter
+(AdaptionPromptConfig, 10 prompt tokens in every layer) — the Aligner paper's claim: N=1 ≈ LoRA on form.
+
+Training rows are the base model's own greedy first lines to training prompts (capital questions, sums, short
+descriptions; examples/real_task.py) with " Cheers!" appended, so only the style is new. On held-out prompts
+(other countries, topics and numbers) the measures are greedy replies before and after:
+- style rate: the share of replies that contain "Cheers!";
+- fact accuracy: the share of held-out capital questions still answered right (the content kept).
+
+    make real-model && python examples/aligner_style.py              # ≈ 5-10 min on 2 CPU cores
+    python examples/aligner_style.py --smoke                          # a few prompts and steps (CI)
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import real_task as task
+
+
+SUFFIX = " Cheers!"
+
+
+def style_rate(model, tokenizer, rows) -> float:
+    return sum(SUFFIX.strip() in r for r in task.replies(model, tokenizer, rows)) / len(rows)
+
+
+def styled_dataset(model, tokenizer, rows):
+    """Prompt-completion rows: the model's own first line + the suffix."""
+    from datasets import Dataset
+
+    lines = [(r.strip().splitlines() or [""])[0].strip() for r in task.replies(model, tokenizer, rows)]
+    completions = [[{"role": "assistant", "content": line + SUFFIX}] for line in lines]
+    return Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "completion": completions})
+
+
+def main() -> None:
+    p = task.parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30)
+    args = p.parse_args()
+    path = task.setup(args)
+    from peft import AdaptionPromptConfig, LoraConfig
+
+    from hf_align.peft_tuners import AlignerConfig
+
+    n_tasks, n_eval, steps = (2, 2, 1) if args.smoke else (24, 16, args.steps)
+    countries = sorted(task.CAPITALS)
+    split = len(countries) // 2
+    train_rows = task.make_prompts(n_tasks, args.seed) + task.fact_rows(countries[:split][:n_tasks])
+    eval_rows = task.make_prompts(n_eval, args.seed, held_out=True) + task.fact_rows(countries[split:][:n_eval])
+    eval_facts = [r for r in eval_rows if r["kind"] == "fact"]
+
+    model, tokenizer = task.load_model(path)
+    data = styled_dataset(model, tokenizer, train_rows)
+    metrics = {"style_rate_before": style_rate(model, tokenizer, eval_rows),
+               "fact_accuracy_before": task.fact_accuracy(model, tokenizer, eval_facts)}  # fmt: skip
+    del model
+    methods = {  # name: (PEFT config, lr)
+        "aligner_n1": (AlignerConfig(num_tokens=1, task_type="CAUSAL_LM"), 9e-3),
+        "aligner_n10": (AlignerConfig(num_tokens=10, task_type="CAUSAL_LM"), 3e-3),
+        "lora_r8": (LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"), 1e-3),
+        "llama_adapter": (AdaptionPromptConfig(adapter_len=10, adapter_layers=28, task_type="CAUSAL_LM"), 9e-3),
+    }
+    trainable = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (peft_config, lr) in methods.items():
+            trained = task.train_sft(
+                task.load_model(path)[0], tokenizer, data, args, f"{tmp}/{name}", steps, lr, peft_config=peft_config
+            )
+            trainable[name] = trained.get_nb_trainable_parameters()[0]
+            metrics[f"style_rate_{name}"] = style_rate(trained, tokenizer, eval_rows)
+            metrics[f"fact_accuracy_{name}"] = task.fact_accuracy(trained, tokenizer, eval_facts)
+            del trained
+    config = {"train_rows": len(data), "held_out_rows": len(eval_rows), "held_out_facts": len(eval_facts),
+              "steps": steps, "lr": {name: lr for name, (_, lr) in methods.items()},
+              "trainable_parameters": trainable}  # fmt: skip
+    task.write_result(args, "aligner_style", metrics, config)
+
+
+if __name__ == "__main__":
+    main()
