@@ -37,7 +37,7 @@ def main() -> None:
 
     model, tokenizer = task.load_model(path)
     metrics = {"held_out_reward_before": task.held_out_reward(model, tokenizer, eval_rows)}
-    pairs = task.on_policy_pairs(model, tokenizer, train_rows, samples=2 if args.smoke else 4, seed=args.seed)
+    pairs = task.on_policy_pairs(model, tokenizer, train_rows, seed=args.seed)
     if len(pairs) == 0:
         raise SystemExit("every prompt's samples scored the same: no preference pair (try another --seed)")
     with tempfile.TemporaryDirectory() as tmp:

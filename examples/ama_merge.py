@@ -1,6 +1,7 @@
 """AMA on the real chat model: merge the base model with an aligned one, θ = α·θ_base + (1−α)·θ_aligned — linear
 (α = 0.25 / 0.5 / 0.75), partwise (AMA's layer parts: α 0.4 | 0.3 | 0.2 for layers 0-9 | 10-19 | 20-29) and
-adaptive (per-layer α's learned by AdaptiveMergeTrainer on the alignment data) — reward vs retained knowledge.
+adaptive (one α per block of 10 layers, learned by AdaptiveMergeTrainer on the chosen replies) — reward vs
+retained knowledge.
 
 The aligned model is a short full DPO on on-policy pairs of the instruction-following task
 (examples/real_task.py), at a learning rate high enough to cost knowledge. For the base, the aligned model and
@@ -46,7 +47,7 @@ def main() -> None:
         metrics[f"knowledge_{name}"] = task.fact_accuracy(candidate, tokenizer, facts)
 
     metrics = {"reward_base": task.held_out_reward(model, tokenizer, eval_rows), "knowledge_base": 1.0}
-    pairs = task.on_policy_pairs(model, tokenizer, train_rows, samples=2 if args.smoke else 4, seed=args.seed)
+    pairs = task.on_policy_pairs(model, tokenizer, train_rows, seed=args.seed)
     if len(pairs) == 0:
         raise SystemExit("every prompt's samples scored the same: no preference pair (try another --seed)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,9 +1,10 @@
 """NPO on the real chat model: unlearn chosen facts the model knows, keep the others.
 
 The facts are capital cities the base model answers right (examples/real_task.py). A few become the forget set
-("The capital of France is Paris." as the completion to forget), as many others the retain set (an NLL retain
-term), and the rest are held out. NPOTrainer (sequence-level NPO against the frozen start model) runs on the forget
-set with the retain term; the measures are greedy answers before and after:
+("The capital of France is Paris.", token weights 1 on "Paris" and 0 elsewhere: ALLO's token-level forgetting),
+as many others the retain set (an NLL retain term on the whole statement), and the rest are held out. NPOTrainer
+(token-level NPO against the frozen start model) runs on the forget set with the retain term; the measures are
+greedy answers before and after:
 - forget rate: the share of forget questions no longer answered right;
 - retained accuracy: the share of retain-set questions still right, and of held-out questions (never trained on).
 
@@ -18,20 +19,36 @@ import tempfile
 import real_task as task
 
 
-def statements(rows):
-    """Prompt-completion rows stating each fact (the NPO forget / retain format)."""
+def statements(rows, tokenizer=None):
+    """Prompt-completion rows stating each fact (the NPO forget / retain format). With ``tokenizer``, a
+    ``completion_weights`` column puts weight 1 on the capital's tokens only, 0 on the shared template ("The capital
+    of ... is"), so the forget term pushes down the fact, not the way every answer is phrased."""
     from datasets import Dataset
 
-    return Dataset.from_dict({
+    from hf_align.token_weights import weights_from_char_spans
+
+    data = {
         "prompt": [r["prompt"] for r in rows],
         "completion": [[{"role": "assistant", "content": task.fact_statement(r)}] for r in rows],
-    })  # fmt: skip
+    }
+    if tokenizer is not None:
+        data["completion_weights"] = [
+            weights_from_char_spans(tokenizer, prompt, completion, [_span(completion[0]["content"], row["answer"])],
+                                    special=0.0)
+            for prompt, completion, row in zip(data["prompt"], data["completion"], rows)
+        ]  # fmt: skip
+    return Dataset.from_dict(data)
+
+
+def _span(text: str, answer: str) -> tuple[int, int]:
+    start = text.rindex(answer)
+    return start, start + len(answer)
 
 
 def main() -> None:
     p = task.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=2e-6)
+    p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--forget", type=int, default=6, help="how many known facts to forget")
     args = p.parse_args()
     path = task.setup(args)
@@ -47,11 +64,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = NPOConfig(
             output_dir=tmp, max_steps=steps, learning_rate=args.lr, per_device_train_batch_size=2, beta=0.1,
-            npo_level="sequence", retain_loss_type="nll", retain_weight=1.0, lr_scheduler_type="constant",
+            npo_level="token", retain_loss_type="nll", retain_weight=1.0, lr_scheduler_type="constant",
             max_length=96, seed=args.seed, **task.QUIET,
         )  # fmt: skip
         trainer = NPOTrainer(
-            model, ref_model=task.load_model(path)[0], args=config, train_dataset=statements(forget),
+            model, ref_model=task.load_model(path)[0], args=config, train_dataset=statements(forget, tokenizer),
             retain_dataset=statements(retain), processing_class=tokenizer,
         )  # fmt: skip
         trainer.train()

@@ -180,6 +180,11 @@ def train_sft(model, tokenizer, data, args, output_dir: str, steps: int, lr: flo
     trainer = trl.SFTTrainer(
         model=model, args=config, train_dataset=data, processing_class=tokenizer, **trainer_kwargs
     )
+    wrapper = getattr(trainer.model, "base_model", None)
+    if wrapper is not None and "forward" in vars(wrapper):
+        # PEFT's AdaptionPromptModel keeps the base model's forward from wrap time (`self.forward = model.forward`),
+        # so it misses the fused LM head SFTTrainer patches in later (TRL 1.16, PEFT 0.21): refresh it.
+        wrapper.forward = trainer.model.get_base_model().forward
     trainer.train()
     return trainer.model
 
@@ -206,7 +211,7 @@ def setup(args) -> str:
 
     torch.manual_seed(args.seed)
     if args.smoke:
-        GENERATION["max_new_tokens"] = 8
+        GENERATION["max_new_tokens"] = 16
     args.started, args.load_start = time.time(), os.getloadavg()[0]
     return args.model or str(real_model.prepare())
 
