@@ -36,8 +36,7 @@ def styled_dataset(model, tokenizer, rows):
 
 
 def main() -> None:
-    p = task.parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30)
+    p = task.parser(__doc__.splitlines()[0], steps=30)
     args = p.parse_args()
     path = task.setup(args)
     from peft import AdaptionPromptConfig, LoraConfig

@@ -20,10 +20,8 @@ import real_task as task
 
 
 def main() -> None:
-    p = task.parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--mask_ratio", type=float, default=0.1)
+    p = task.parser(__doc__.splitlines()[0], steps=24, lr=5e-6)
+    p.add_argument("--mask_ratio", type=float, default=0.1, help="share of rows ALLO trains")
     args = p.parse_args()
     path = task.setup(args)
     from peft import LoraConfig

@@ -22,10 +22,8 @@ import real_task as task
 
 
 def main() -> None:
-    p = task.parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--adaptive_steps", type=int, default=8)
+    p = task.parser(__doc__.splitlines()[0], steps=24, lr=3e-5)
+    p.add_argument("--adaptive_steps", type=int, default=8, help="steps learning the adaptive α's")
     args = p.parse_args()
     path = task.setup(args)
     from datasets import Dataset

@@ -46,9 +46,7 @@ def _span(text: str, answer: str) -> tuple[int, int]:
 
 
 def main() -> None:
-    p = task.parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=5e-6)
+    p = task.parser(__doc__.splitlines()[0], steps=30, lr=5e-6)
     p.add_argument("--forget", type=int, default=6, help="how many known facts to forget")
     args = p.parse_args()
     path = task.setup(args)

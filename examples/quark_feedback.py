@@ -31,10 +31,9 @@ def mean_reward(rows, outs) -> float:
 
 
 def main() -> None:
-    p = task.parser(__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps_per_round", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p = task.parser(__doc__.splitlines()[0], lr=1e-5)
+    p.add_argument("--rounds", type=int, default=3, help="sample-score-train rounds")
+    p.add_argument("--steps_per_round", type=int, default=10, help="optimizer steps per round")
     args = p.parse_args()
     path = task.setup(args)
     from datasets import Dataset

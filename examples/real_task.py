@@ -189,7 +189,8 @@ def train_sft(model, tokenizer, data, args, output_dir: str, steps: int, lr: flo
     return trainer.model
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, steps: int | None = None, lr: float | None = None) -> argparse.ArgumentParser:
+    """The flags every example takes, plus ``--steps`` / ``--lr`` with the example's defaults when given."""
     from hf_align.testbed import real_model
 
     p = argparse.ArgumentParser(description=description)
@@ -202,6 +203,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a few prompts and steps: checks the script runs (CI)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="examples/results")
+    if steps is not None:
+        p.add_argument("--steps", type=int, default=steps, help="optimizer steps of each training run")
+    if lr is not None:
+        p.add_argument("--lr", type=float, default=lr, help="learning rate (see the script's docstring for ratios)")
     return p
 
 
