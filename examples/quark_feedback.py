@@ -26,10 +26,6 @@ def task_reward(prompts, completions, kind, limit, answer, **kwargs) -> list[flo
     return [task.reward(row, c[-1]["content"] if isinstance(c, list) else c) for row, c in zip(rows, completions)]
 
 
-def mean_reward(rows, outs) -> float:
-    return sum(task.reward(r, o) for r, o in zip(rows, outs)) / len(rows)
-
-
 def main() -> None:
     p = task.parser(__doc__.splitlines()[0], lr=1e-5)
     p.add_argument("--rounds", type=int, default=3, help="sample-score-train rounds")
@@ -61,11 +57,11 @@ def main() -> None:
         trainer.train()
     prompts = [r["prompt"] for r in eval_rows]
     worst = int(np.flatnonzero(trainer.pool.bin_counts())[-1])
-    metrics["held_out_reward_best_bin"] = mean_reward(eval_rows, trainer.generate(prompts, do_sample=False))
-    metrics["held_out_reward_worst_bin"] = mean_reward(
+    metrics["held_out_reward_best_bin"] = task.mean_reward(eval_rows, trainer.generate(prompts, do_sample=False))
+    metrics["held_out_reward_worst_bin"] = task.mean_reward(
         eval_rows, trainer.generate(prompts, feedback=worst, do_sample=False)
     )
-    metrics["held_out_reward_unconditioned"] = mean_reward(
+    metrics["held_out_reward_unconditioned"] = task.mean_reward(
         eval_rows, trainer.generate(prompts, unconditioned=True, do_sample=False)
     )
     config = {"train_prompts": n_train, "held_out_prompts": n_eval, "rounds": rounds, "steps_per_round": steps,

@@ -97,10 +97,14 @@ def replies(model, tokenizer, rows, seed: int = 0, samples: int = 1, do_sample: 
     return sample(model, tokenizer, texts, seed=seed, do_sample=do_sample, batch_size=32, **GENERATION)
 
 
+def mean_reward(rows, outs: list[str]) -> float:
+    """Mean checker score of replies ``outs`` to ``rows``."""
+    return sum(reward(r, o) for r, o in zip(rows, outs)) / len(rows)
+
+
 def held_out_reward(model, tokenizer, rows) -> float:
     """Mean checker score of greedy replies to held-out prompts."""
-    outs = replies(model, tokenizer, rows)
-    return sum(reward(r, o) for r, o in zip(rows, outs)) / len(rows)
+    return mean_reward(rows, replies(model, tokenizer, rows))
 
 
 def fact_rows(countries: list[str]) -> list[dict[str, Any]]:
