@@ -22,8 +22,11 @@ import real_task as task
 SUFFIX = " Cheers!"
 
 
-def style_rate(model, tokenizer, rows) -> float:
-    return sum(SUFFIX.strip() in r for r in task.replies(model, tokenizer, rows)) / len(rows)
+def measure(model, tokenizer, rows) -> tuple[float, float]:
+    """(style rate over all rows, fact accuracy over the capital questions among them), from one greedy pass."""
+    outs = task.replies(model, tokenizer, rows)
+    facts = [task.names_capital(r, o) for r, o in zip(rows, outs) if r["kind"] == "fact"]
+    return sum(SUFFIX.strip() in o for o in outs) / len(outs), sum(facts) / len(facts)
 
 
 def styled_dataset(model, tokenizer, rows):
@@ -48,12 +51,10 @@ def main() -> None:
     split = len(countries) // 2
     train_rows = task.make_prompts(n_tasks, args.seed) + task.fact_rows(countries[:split][:n_tasks])
     eval_rows = task.make_prompts(n_eval, args.seed, held_out=True) + task.fact_rows(countries[split:][:n_eval])
-    eval_facts = [r for r in eval_rows if r["kind"] == "fact"]
 
     model, tokenizer = task.load_model(path)
     data = styled_dataset(model, tokenizer, train_rows)
-    metrics = {"style_rate_before": style_rate(model, tokenizer, eval_rows),
-               "fact_accuracy_before": task.fact_accuracy(model, tokenizer, eval_facts)}  # fmt: skip
+    metrics = dict(zip(("style_rate_before", "fact_accuracy_before"), measure(model, tokenizer, eval_rows)))
     del model
     methods = {  # name: (PEFT config, lr)
         "aligner_n1": (AlignerConfig(num_tokens=1, task_type="CAUSAL_LM"), 9e-3),
@@ -68,10 +69,9 @@ def main() -> None:
                 task.load_model(path)[0], tokenizer, data, args, f"{tmp}/{name}", steps, lr, peft_config=peft_config
             )
             trainable[name] = trained.get_nb_trainable_parameters()[0]
-            metrics[f"style_rate_{name}"] = style_rate(trained, tokenizer, eval_rows)
-            metrics[f"fact_accuracy_{name}"] = task.fact_accuracy(trained, tokenizer, eval_facts)
+            metrics[f"style_rate_{name}"], metrics[f"fact_accuracy_{name}"] = measure(trained, tokenizer, eval_rows)
             del trained
-    config = {"train_rows": len(data), "held_out_rows": len(eval_rows), "held_out_facts": len(eval_facts),
+    config = {"train_rows": len(data), "held_out_rows": len(eval_rows), "held_out_facts": sum(r["kind"] == "fact" for r in eval_rows),
               "steps": steps, "lr": {name: lr for name, (_, lr) in methods.items()},
               "trainable_parameters": trainable}  # fmt: skip
     task.write_result(args, "aligner_style", metrics, config)

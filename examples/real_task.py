@@ -116,9 +116,14 @@ def fact_rows(countries: list[str]) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def names_capital(row: dict[str, Any], reply: str) -> bool:
+    """The knowledge check: the reply names the capital (case-insensitive)."""
+    return row["answer"].lower() in reply.lower()
+
+
 def fact_correct(model, tokenizer, rows) -> list[bool]:
     """Whether each greedy reply names the capital."""
-    return [r["answer"].lower() in o.lower() for r, o in zip(rows, replies(model, tokenizer, rows))]
+    return [names_capital(r, o) for r, o in zip(rows, replies(model, tokenizer, rows))]
 
 
 def fact_accuracy(model, tokenizer, rows) -> float:
