@@ -8,7 +8,7 @@ descriptions; examples/real_task.py) with " Cheers!" appended, so only the style
 - style rate: the share of replies that contain "Cheers!";
 - fact accuracy: the share of held-out capital questions still answered right (the content kept).
 
-    make real-model && python examples/aligner_style.py              # ≈ 5-10 min on 2 CPU cores
+    make real-model && python examples/aligner_style.py              # target ≤ 10 min on 2 idle CPU cores (not yet measured)
     python examples/aligner_style.py --smoke                          # a few prompts and steps (CI)
 """
 

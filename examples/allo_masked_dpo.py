@@ -8,7 +8,7 @@ best and worst become a preference pair. Three runs start from the same model wi
 The measure is the mean checker score of greedy replies to held-out prompts (unseen topics and numbers), before
 and after.
 
-    make real-model && python examples/allo_masked_dpo.py            # ≈ 5-10 min on 2 CPU cores
+    make real-model && python examples/allo_masked_dpo.py            # target ≤ 10 min on 2 idle CPU cores (not yet measured)
     python examples/allo_masked_dpo.py --smoke                        # a few prompts and steps (CI)
 """
 

@@ -9,7 +9,7 @@ every merge (written by hf_align.merging in bf16), two measures on held-out prom
 - reward: the task checker's mean score of greedy replies to unseen topics and numbers;
 - knowledge: the share of the capital questions the base model answers right that the model still answers right.
 
-    make real-model && python examples/ama_merge.py                   # ≈ 5-10 min on 2 CPU cores
+    make real-model && python examples/ama_merge.py                   # target ≤ 10 min on 2 idle CPU cores (not yet measured)
     python examples/ama_merge.py --smoke                               # a few prompts and steps (CI)
 """
 

@@ -8,7 +8,7 @@ greedy answers before and after:
 - forget rate: the share of forget questions no longer answered right;
 - retained accuracy: the share of retain-set questions still right, and of held-out questions (never trained on).
 
-    make real-model && python examples/npo_unlearning.py             # ≈ 5 min on 2 CPU cores
+    make real-model && python examples/npo_unlearning.py             # target ≤ 10 min on 2 idle CPU cores (not yet measured)
     python examples/npo_unlearning.py --smoke                         # a few facts and steps (CI)
 """
 

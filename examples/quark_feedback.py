@@ -8,7 +8,7 @@ numbers) the measure is the checker's mean score of greedy replies:
 - before training (no feedback token), and after: conditioned on the best bin, on the worst bin that holds
   samples, and without any feedback token.
 
-    make real-model && python examples/quark_feedback.py              # ≈ 5-10 min on 2 CPU cores
+    make real-model && python examples/quark_feedback.py              # target ≤ 10 min on 2 idle CPU cores (not yet measured)
     python examples/quark_feedback.py --smoke                          # a few prompts and steps (CI)
 """
 
