@@ -37,6 +37,7 @@ __all__ = [
     "check_config_values",
     "check_option",
     "check_training_length",
+    "move_renamed_fields",
     "from_prefixed",
     "option",
     "option_choices",
@@ -367,3 +368,24 @@ class CheckedConfig:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
+
+
+def move_renamed_fields(config, renamed: dict[str, str]) -> None:
+    """Each old field that is set moves to its new name with a one-line ``FutureWarning``; both set differently is
+    a ``ValueError``. The old field is left ``None``, so saved arguments and recipes hold only the new names."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for old, new in renamed.items():
+        value = getattr(config, old)
+        if value is None:
+            continue
+        current = getattr(config, new)
+        if current != defaults[new] and current != value:
+            raise UserError(f"{type(config).__name__}: {old}={value!r} and {new}={current!r} both set; {old} is the "
+                            f"deprecated name of {new}, set only {new}.")  # fmt: skip
+        warnings.warn(
+            f"{type(config).__name__}: {old} → {new} ({old} is deprecated and goes in the next release).",
+            FutureWarning,
+            stacklevel=4,
+        )
+        setattr(config, new, value)
+        setattr(config, old, None)

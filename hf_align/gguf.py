@@ -20,7 +20,7 @@ from typing import Any
 from hf_align.errors import UserError
 
 
-__all__ = ["GGUFInfo", "convert_gguf", "gguf_file_of", "gguf_load_kwargs", "read_gguf_info"]
+__all__ = ["GGUFInfo", "gguf_card", "gguf_file_of", "gguf_load_kwargs", "read_gguf_info"]
 
 SUFFIX = ".gguf"
 PLAIN_TYPES = ("F32", "F16", "BF16")
@@ -108,7 +108,8 @@ def gguf_load_kwargs(gguf_path: str | os.PathLike) -> tuple[str, dict[str, Any]]
     return str(path.parent), {"gguf_file": path.name, "quantization_config": GgufConfig(dequantize=True)}
 
 
-def _gguf_card(info: GGUFInfo, dtype: str) -> str:
+def gguf_card(info: GGUFInfo, dtype: str) -> str:
+    """The README of a folder converted from a GGUF file: its source, tensor types, dtype and licence."""
     source = Path(info.path).name
     return "\n".join(
         [
@@ -131,24 +132,3 @@ def _gguf_card(info: GGUFInfo, dtype: str) -> str:
             "",
         ]
     )
-
-
-def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike, dtype: str = "bfloat16") -> Path:
-    """Write a GGUF model as a normal transformers folder (weights, config, tokenizer, card), atomically.
-
-    The folder is complete or absent: it is written beside ``output_dir`` and renamed into place.
-    """
-    from hf_align.io import atomic_dir
-    from hf_align.loading import load_model, load_tokenizer
-
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise UserError(f"dtype must be one of 'bfloat16', 'float16', 'float32', got {dtype!r}.")
-    info = read_gguf_info(gguf_path)
-    model = load_model(gguf_path, dtype=dtype)
-    tokenizer = load_tokenizer(gguf_path)
-    model.config._name_or_path = info.name or Path(gguf_path).stem  # not the local folder the file sat in
-    with atomic_dir(output_dir, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / "README.md").write_text(_gguf_card(info, dtype), encoding="utf-8")
-    return Path(output_dir)

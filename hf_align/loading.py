@@ -10,6 +10,7 @@ a folder path is a ``str`` for the Hub client), and a ``dtype`` given as a strin
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from hf_align.errors import UserError
 
 
-__all__ = ["DTYPES", "load_model", "load_tokenizer"]
+__all__ = ["DTYPES", "convert_gguf", "load_model", "load_tokenizer"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -77,7 +78,28 @@ def _gguf_source(name_or_path: str | os.PathLike, kwargs: dict[str, Any], model:
         if kwargs.get("quantization_config") is not None:
             raise UserError(
                 f"{path}: a GGUF file is loaded dequantized; quantization_config (e.g. --load_in_4bit) cannot be "
-                "combined with it. Convert it first (hf_align.gguf.convert_gguf) and quantize the folder."
+                "combined with it. Convert it first (hf_align.loading.convert_gguf) and quantize the folder."
             )
         kwargs["quantization_config"] = gguf_kwargs["quantization_config"]
     return folder
+
+
+def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike, dtype: str = "bfloat16") -> Path:
+    """Write a GGUF model as a normal transformers folder (weights, config, tokenizer, card), atomically.
+
+    The folder is complete or absent: it is written beside ``output_dir`` and renamed into place.
+    """
+    from hf_align.gguf import gguf_card, read_gguf_info
+    from hf_align.io import atomic_dir
+
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"dtype must be one of 'bfloat16', 'float16', 'float32', got {dtype!r}.")
+    info = read_gguf_info(gguf_path)
+    model = load_model(gguf_path, dtype=dtype)
+    tokenizer = load_tokenizer(gguf_path)
+    model.config._name_or_path = info.name or Path(gguf_path).stem  # not the local folder the file sat in
+    with atomic_dir(output_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "README.md").write_text(gguf_card(info, dtype), encoding="utf-8")
+    return Path(output_dir)

@@ -135,9 +135,9 @@ class MaskSelection(CheckedConfig):
     seed: int = option(0, help="Seed of select='random'.")
     budget: str = option(
         "neurons",
-        help="What `ratio` counts: 'neurons' (rows or entries, each once) or 'params' (a row counted by its length: "
-        "ALLO's 10 % is of parameter entries). Differs only for global row masks over rows of different lengths "
-        "(a 10 % row mask by neurons trained 20 % of SmolLM2's weights).",
+        help="What `ratio` counts: 'neurons' (rows or entries, each once) or 'params' (a row counted by its length, "
+        "as ALLO's ratios count parameter entries). Differs only for global row masks over rows of different "
+        "lengths (ratio 0.1 of SmolLM2's rows by neurons trained 0.2 of its weights).",
         choices=BUDGETS,
     )
 

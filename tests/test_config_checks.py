@@ -134,9 +134,11 @@ def test_mask_and_score_options_are_declared_once_and_read_everywhere():
     ScoreOptions' own declarations (default, help, choices, range), not copies that can drift."""
     import dataclasses
 
-    from hf_align.cli.train_warmup_dpo import NeuronScoreArguments
+    from hf_align.cli.training import _score_arguments
     from hf_align.masks import MaskSelection
     from hf_align.scores import ScoreOptions
+
+    NeuronScoreArguments = _score_arguments()  # noqa: N806 (warmup-dpo's dataclass, built on use)
 
     selection = {f.name: f for f in dataclasses.fields(MaskSelection)}
     scoring = {f.name: f for f in dataclasses.fields(ScoreOptions)}
@@ -148,7 +150,7 @@ def test_mask_and_score_options_are_declared_once_and_read_everywhere():
     fields = NeuronScoreArguments.__dataclass_fields__
     for name, field in selection.items():
         if name != "seed":
-            assert _declaration(fields["select" if name == "select" else f"select_{name}"]) == _declaration(field)
+            assert _declaration(fields[f"neuron_mask_{name}"]) == _declaration(field)
     for name, field in scoring.items():
         assert _declaration(fields[name if name.startswith("score_") else f"score_{name}"]) == _declaration(field)
     assert selection["ratio"].metadata["range"].describe() == "in (0, 1]"
@@ -174,16 +176,18 @@ def test_every_config_still_parses_with_trl_parser():
 
     from trl import TrlParser
 
-    from hf_align.cli.train_warmup_dpo import NeuronScoreArguments
+    from hf_align.cli.training import _score_arguments
     from hf_align.config_checks import CheckedConfig, Range
+
+    NeuronScoreArguments = _score_arguments()  # noqa: N806
 
     for config_class in (MaskedDPOConfig, NPOConfig, FeedbackConditionedConfig, AdaptiveMergeConfig):
         assert "{global,tensor}" in TrlParser((config_class,)).format_help() or config_class not in (
             MaskedDPOConfig,
             NPOConfig,
         )
-    (args,) = TrlParser((NeuronScoreArguments,)).parse_args_into_dataclasses(["--select_ratio", "0.2"])
-    assert args.select_ratio == 0.2 and args.score_method == "weight_diff"
+    (args,) = TrlParser((NeuronScoreArguments,)).parse_args_into_dataclasses(["--neuron_mask_ratio", "0.2"])
+    assert args.neuron_mask_ratio == 0.2 and args.score_method == "weight_diff"
 
     @dataclasses.dataclass
     class Plain(CheckedConfig):  # a plain metadata dict with a range is made parser-safe too

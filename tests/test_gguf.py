@@ -100,7 +100,8 @@ def test_the_real_gguf_loads_dequantized_answers_and_converts(tmp_path):
     folder is a plain safetensors model with the same weights and a card naming the GGUF source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_align.gguf import convert_gguf, gguf_load_kwargs
+    from hf_align.gguf import gguf_load_kwargs
+    from hf_align.loading import convert_gguf
 
     path = _real_gguf()
     folder, kwargs = gguf_load_kwargs(path)

@@ -39,7 +39,7 @@ def all_commands() -> dict[str, str]:
     """name → one-line help of every command."""
     from hf_align.cli.training import training_commands
 
-    return {**{name: help_ for name, (_, help_) in COMMANDS.items()}, **training_commands()}
+    return {**{name: help_ for name, (_, help_) in COMMANDS.items()}, **training_commands(COMMANDS)}
 
 
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:

@@ -81,12 +81,12 @@ NO_MIXTURE = ("feedback",)
 """Commands without TRL's ``DatasetMixtureConfig`` (their data is not one TRL dataset)."""
 
 
-def training_commands() -> dict[str, str]:
-    """name → one-line help of every training command: the registry's entries that have no command of their own."""
-    from hf_align.cli import COMMANDS
+def training_commands(own_commands) -> dict[str, str]:
+    """name → one-line help of every training command: the registry's entries not in ``own_commands`` (the
+    commands with a module of their own; passed in, so that this module needs nothing from the dispatcher)."""
     from hf_align.trainers.registry import TRAINERS
 
-    return {name: spec.summary for name, spec in TRAINERS.items() if name not in COMMANDS}
+    return {name: spec.summary for name, spec in TRAINERS.items() if name not in own_commands}
 
 
 def make_parser(name: str):

@@ -45,7 +45,7 @@ def gguf_path() -> Path:
 
 def prepare(dtype: str = "bfloat16", force: bool = False) -> Path:
     """The converted folder, converting the GGUF first when it is not there yet (about 30 s on 2 CPU cores)."""
-    from hf_align.gguf import convert_gguf
+    from hf_align.loading import convert_gguf
 
     target = model_dir()
     if force or not (target / "model.safetensors").is_file():

@@ -342,6 +342,9 @@ class NeuronMaskTrainerMixin:
         trl_module = sys.modules[library_trainer(type(self)).__module__]  # where TRL looks up prepare_deepspeed
         with quantized_training_allowed(model), deltas_reference_unwrapped(trl_module):
             library(model, **kwargs)
+        from hf_align.callbacks.defaults import add_default_callbacks
+
+        add_default_callbacks(self)  # also for trainers with an __init__ of their own (NPO), which skip the mixin's
         if self._deltas_reference is not None:
             # TRL patched the stand-in with its fused head; the stand-in must call the policy's own (fused) forward.
             self.accelerator.unwrap_model(self.ref_model).__dict__.pop("forward", None)

@@ -111,7 +111,7 @@ TRAINERS: dict[str, TrainerSpec] = {
         TrainerSpec(
             "npo",
             f"{_T}npo:NPOTrainer",
-            f"{_T}npo:NPOConfig",
+            f"{_T}npo_config:NPOConfig",
             "Negative preference optimization: forget completions (sequence- or token-level, masked).",
             paper=Paper(
                 "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
@@ -126,7 +126,7 @@ TRAINERS: dict[str, TrainerSpec] = {
         TrainerSpec(
             "feedback",
             f"{_T}feedback_conditioned:FeedbackConditionedTrainer",
-            f"{_T}feedback_conditioned:FeedbackConditionedConfig",
+            f"{_T}feedback_conditioned_config:FeedbackConditionedConfig",
             "Feedback-conditioned training (ALT / Quark): sample, score, pool, train on feedback.",
             paper=Paper(
                 "Quark: Controllable Text Generation with Reinforced Unlearning", "2205.13636", ("quark", "alt")
