@@ -236,7 +236,9 @@ def test_weight_column_without_its_text_column(tmp_path):
 
     data = Dataset.from_dict({"prompt": ["1+1="], "chosen": ["2"], "rejected_weights": [[1.0]]})
     # the registry's column check names it, before any model is loaded
-    with pytest.raises(ValueError, match=r"expected chosen\+rejected; found columns \['prompt', 'chosen', 'rejected_weights'\]"):
+    with pytest.raises(
+        ValueError, match=r"expected chosen\+rejected; found columns \['prompt', 'chosen', 'rejected_weights'\]"
+    ):
         _masked_dpo(tmp_path, data)
 
 
