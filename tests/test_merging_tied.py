@@ -250,3 +250,36 @@ def test_adaptive_merge_refuses_a_base_and_aligned_model_that_differ_in_tying(ti
     untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
     with pytest.raises(UserError, match="tie_word_embeddings differs"):
         wrap_for_adaptive_merge(AutoModelForCausalLM.from_pretrained(aligned), untied, "block2", 0.2, 0.2, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_merge_takes_the_tied_block_and_plots_the_alphas(tied_pair, tmp_path, capsys):
+    """`hf-align merge` builds its partwise plan with partwise_builder: --tied_block names the block (the old CLI had
+    no such flag and read the tie from config.json only), --plot writes merge_alphas.png."""
+    from hf_align.cli import main
+
+    base, aligned = tied_pair
+    out = tmp_path / "out"
+    argv = ["merge", "--base_model_name_or_path", str(base), "--model_name_or_path", str(aligned),
+            "--pivots", "1", "--alphas", PARTS, "--embed_alpha", str(EMBED), "--head_alpha", str(HEAD),
+            "--tied_block", "head", "--plot", "--no_progress", "--output_dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    formula = HEAD * _embedding(base).double() + (1 - HEAD) * _embedding(aligned).double()
+    torch.testing.assert_close(_embedding(out).double(), formula, rtol=0, atol=1e-6)
+    assert (out / "merge_alphas.png").is_file()
+    assert "tied embeddings merged once with head_alpha" in (out / "README.md").read_text()
+
+
+def test_cli_merge_refuses_a_tied_block_for_a_linear_merge(tied_pair, tmp_path, capsys):
+    from hf_align.cli import main
+
+    base, aligned = tied_pair
+    argv = ["merge", "--base_model_name_or_path", str(base), "--model_name_or_path", str(aligned), "--alpha", "0.5",
+            "--tied_block", "head", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hf-align merge: --tied_block is for partwise merges (--alphas): a linear merge gives every tensor "
+                   "one α."]  # fmt: skip
+    assert not (tmp_path / "out").exists()

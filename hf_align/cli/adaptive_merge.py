@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    learned = trainer.learned_alphas()
-    print(f"learned α per block: {[round(a, 4) for a in learned.block_alphas]}, lm_head: {learned.head_alpha:.4f}")
+    print(trainer.learned_alphas().summary(config.merge_head_alpha))  # an α that never moved is marked, not "learned"
     if merge_args.skip_merge or not config.should_save:
         return 0
     result = trainer.merge(

@@ -37,6 +37,13 @@ class MergeArguments(CheckedConfig):
     other_alpha: float | None = option(
         None, help="Partwise: α of tensors no rule covers (default: error).", range=UNIT
     )
+    tied_block: str | None = option(
+        None,
+        help="Partwise, tied embeddings (one tensor for embedding and lm_head): the block whose α it takes, merged "
+        "once: 'embed' or 'head' (default: the one whose α you gave, else embed).",
+        choices=("embed", "head"),
+    )
+    plot: bool = option(False, help="Also write merge_alphas.png (α per block) next to merge_plan.json.")
     dtype: str = option("auto", help="Output dtype: auto (aligned's), bfloat16, float16, float32.")
     max_shard_size: str = option("500MB", help="Largest output shard, e.g. 500MB, 2GB.")
     revision: str | None = option(None, help="Hub revision for Hub ids.")
@@ -51,24 +58,19 @@ RENAMED = {"--base": "--base_model_name_or_path", "--aligned": "--model_name_or_
 
 def main(argv: list[str] | None = None) -> int:
     from hf_align.cli.common import parse_command, refuse_existing_output, resolve_model_path
-    from hf_align.merging import merge_models, partwise_plan
+    from hf_align.merging import merge_models, partwise_builder
 
     (args,) = parse_command("hf-align merge", (MergeArguments,), argv, renamed=RENAMED, description=__doc__)
     partwise = args.pivots is not None or args.alphas is not None
     if (args.alpha is None) == (not partwise):
         raise UserError("give either --alpha (linear) or --alphas [--pivots] (partwise), not both or neither.")
-
-    def plan(names, config):
-        return partwise_plan(
-            names,
-            args.pivots or "",
-            args.alphas or "",
-            embed_alpha=args.embed_alpha,
-            head_alpha=args.head_alpha,
-            other_alpha=args.other_alpha,
-            num_layers=config.get("num_hidden_layers"),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
+    if args.tied_block is not None and not partwise:
+        raise UserError("--tied_block is for partwise merges (--alphas): a linear merge gives every tensor one α.")
+    plan = None
+    if partwise:  # the layer count and the tie come from the checkpoint's config (one rule, as the callback's)
+        plan = partwise_builder(args.pivots or "", args.alphas or "", embed_alpha=args.embed_alpha,
+                                head_alpha=args.head_alpha, other_alpha=args.other_alpha,
+                                tied_block=args.tied_block)  # fmt: skip
 
     refuse_existing_output(args.output_dir, "--output_dir", args.overwrite)
     result = merge_models(
@@ -76,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         resolve_model_path(args.model_name_or_path),
         args.output_dir,
         alpha=args.alpha,
-        plan=plan if partwise else None,
+        plan=plan,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         revision=args.revision,
+        plot=args.plot,
     )
     print(result.plan.table())
     print(f"merged {result.num_tensors} tensors into {result.num_shards} shard(s) at {result.output_dir}")
