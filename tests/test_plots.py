@@ -313,3 +313,21 @@ def test_callback_makes_the_output_folder_it_writes_into(tmp_path):
     args = types.SimpleNamespace(output_dir=str(tmp_path / "not" / "yet"))
     TrainingPlotsCallback(mask=_mask(ROWS)).on_train_begin(args, _state([]), None, model=None)
     assert (tmp_path / "not" / "yet" / plots.MASK_PLOT_FILE).is_file()
+
+
+def test_the_aligner_commands_get_the_default_callbacks(tmp_path, caplog):
+    """`aligner-dpo` runs TRL's own DPOTrainer: the CLI adds hf-align's callbacks to it (reward/KL plot written; the
+    zero-initialised gate at lr 0 on step one is named as a no-op). Fails on the old CLI: no plot, no warning."""
+    import logging
+
+    from hf_align.cli.training import run_command
+
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", "testbed", "--dataset_name", "testbed:preference", "--use_cpu", "true",
+            "--bf16", "false", "--report_to", "none", "--max_steps", "2", "--logging_steps", "1",
+            "--per_device_train_batch_size", "2", "--learning_rate", "0", "--save_strategy", "no",
+            "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert run_command("aligner-dpo", argv, launch=False) == 0
+    assert (out / "reward_kl.png").is_file()
+    assert any("changed" in record.getMessage() for record in caplog.records)

@@ -392,6 +392,8 @@ def train(trainer_class, script_args, training_args, model_args, dataset_args, c
     """
     from trl import get_peft_config
 
+    from hf_align import _compat
+    from hf_align.callbacks.defaults import add_default_callbacks
     from hf_align.cli.common import resolve_model_path
     from hf_align.trainers._data_checks import check_dataset
 
@@ -409,12 +411,12 @@ def train(trainer_class, script_args, training_args, model_args, dataset_args, c
         eval_dataset=evaluation,
         **trainer_kwargs,
     )
+    add_default_callbacks(trainer)  # TRL's own trainers (warmup-dpo, aligner-*) too: plots, no-op warnings
     if script_args.ignore_bias_buffers:  # TRL's scripts' DDP work-around for boolean buffers
         import torch
 
-        trainer.model._ddp_params_and_buffers_to_ignore = [
-            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
-        ]
+        bool_buffers = [name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool]
+        _compat.ddp_ignore(trainer.model, bool_buffers)
     train_and_save(trainer, training_args, script_args)
     return 0
 
