@@ -12,6 +12,7 @@ parameter name, and which axis of a weight holds its output features (its "neuro
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,6 +76,12 @@ def neuron_axes(model: torch.nn.Module) -> dict[str, int]:
 def neuron_axis(axes: Mapping[str, int] | None, name: str) -> int:
     """The output-feature axis of parameter ``name`` (0 unless ``axes`` says otherwise)."""
     return (axes or {}).get(name, 0)
+
+
+def row_length(shape: tuple[int, ...], axis: int) -> int:
+    """Parameters per neuron of a weight of ``shape`` whose output features lie on ``axis``: a row's length (every
+    entry but that axis), 1 for a 1-D tensor (one entry is one neuron)."""
+    return math.prod(shape) // shape[axis] if len(shape) >= 2 else 1
 
 
 def checkpoint_neuron_axes(path: str | Path) -> dict[str, int]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hf_align.architectures import ROW_TARGET, layer_index, neuron_axes, neuron_axis, plain_name
+from hf_align.architectures import ROW_TARGET, layer_index, neuron_axes, neuron_axis, plain_name, row_length
 from hf_align.config_checks import BELOW_ONE, FRACTION, CheckedConfig, check_option, option
 from hf_align.errors import UserError
 from hf_align.io import (
@@ -101,7 +101,7 @@ def neuron_sizes(model: torch.nn.Module) -> dict[str, int]:
     sizes = {}
     for name, param in _plain_parameters(model):
         shape = parameter_shape(param)
-        sizes[name] = math.prod(shape) // shape[neuron_axis(axes, name)] if len(shape) >= 2 else 1
+        sizes[name] = row_length(shape, neuron_axis(axes, name))
     return sizes
 
 

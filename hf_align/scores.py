@@ -12,7 +12,6 @@ human-readable). Both are written atomically.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hf_align.architectures import checkpoint_neuron_axes, neuron_axis
+from hf_align.architectures import checkpoint_neuron_axes, neuron_axis, row_length
 from hf_align.architectures import plain_name as plain_name  # re-exported: its home was here
 from hf_align.config_checks import CheckedConfig, check_option, option
 from hf_align.errors import UserError
@@ -211,7 +210,7 @@ def checkpoint_neuron_sizes(path: PathLike) -> dict[str, int]:
         sizes = {}
         for name in reader.keys():
             shape = reader.shape(name)
-            sizes[name] = math.prod(shape) // shape[neuron_axis(axes, name)] if len(shape) >= 2 else 1
+            sizes[name] = row_length(shape, neuron_axis(axes, name))
         return sizes
     finally:
         reader.close()
