@@ -102,7 +102,7 @@ def make_parser(name: str):
     inherited = {f.name for f in dataclasses.fields(parent)} if dataclasses.is_dataclass(parent) else set()
     own = [f.name for t in (config, *extra) for f in dataclasses.fields(t) if f.name not in inherited]
     description = f"{spec.summary}\n\nhf-align's own fields: {', '.join(own) or 'none'}; the others are TRL's."
-    return CommandParser(
+    parser = CommandParser(
         (ScriptArguments, config, ModelConfig, *mixture, *extra),
         f"hf-align {name}",
         renamed=RENAMED.get(name),
@@ -111,6 +111,10 @@ def make_parser(name: str):
         epilog=LAUNCH_HELP,
         usage=f"hf-align {name} [--config RECIPE.yaml] [--field value ...] [launch flags]",
     )
+    # ModelConfig's dtype defaults to "float32": unset, TRL still loads in float32, but the save keeps the base's
+    # dtype (hf_align.saving); given (command line or recipe), it is the dtype of the saved model too
+    parser.parser.set_defaults(dtype=None)
+    return parser
 
 
 def parse(name: str, argv: list[str]) -> tuple[list, list[str], list[str]]:

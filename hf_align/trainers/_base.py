@@ -229,17 +229,44 @@ class HFAlignTrainerMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def __init__(self, *args, **kwargs):
+        from transformers import TrainingArguments
+
+        from hf_align.saving import save_format_of
+
+        model = args[0] if args else kwargs.get("model")
+        config = kwargs.get("args") or next((a for a in args if isinstance(a, TrainingArguments)), None)
+        init_kwargs = getattr(config, "model_init_kwargs", None)
+        # the base's format, before TRL loads (float32 by default) and the Trainer changes its config
+        self.save_format = save_format_of(model, init_kwargs) if model is not None else None
         super().__init__(*args, **kwargs)
         from hf_align.callbacks.defaults import add_default_callbacks
 
         add_default_callbacks(self)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict)
+        """Every save in the base model's format (:mod:`hf_align.saving`): its dtype (unless the user asked for
+        another) and config; full-weight checkpoints keep the training dtype, which resuming reads back."""
+        from hf_align.saving import restore_saved_config, saving_as
+
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        fmt = self.save_format
+        resumed_from = getattr(self, "_in_checkpoint", False) and not (hasattr(self, "_has_deltas") and self._has_deltas())
+        if fmt is not None and resumed_from:  # a checkpoint's weights (not deltas) are what a resume reads back
+            fmt = dataclasses.replace(fmt, dtype=None)
+        with saving_as(self.accelerator.unwrap_model(self.model), fmt):
+            super()._save(output_dir, state_dict)
         if self.args.should_save:
-            folder = output_dir if output_dir is not None else self.args.output_dir
+            if fmt is not None:
+                restore_saved_config(folder, fmt)
             replace_training_args_pickle(folder, self.args)
             self._write_card(folder, dataset_name=getattr(self, "card_dataset_name", None))
+
+    def _save_checkpoint(self, model, trial):
+        self._in_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._in_checkpoint = False
 
     def _set_trainable_fraction(self) -> float:
         """Trainable parameters over all parameters of the unwrapped model (deltas count as their entries)."""

@@ -356,13 +356,6 @@ class NeuronMaskTrainerMixin:
 
         return has_deltas(self.accelerator.unwrap_model(self.model))
 
-    def _save_checkpoint(self, model, trial):
-        self._in_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._in_checkpoint = False
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._has_deltas():
             return super()._save(output_dir, state_dict)
@@ -386,7 +379,7 @@ class NeuronMaskTrainerMixin:
             output_dir,
             self.neuron_mask,
             save_merged=self.args.save_merged,
-            keep_deltas=getattr(self, "_in_checkpoint", False),
+            keep_deltas=getattr(self, "_in_checkpoint", False),  # set by HFAlignTrainerMixin._save_checkpoint
             deltas_dir=DELTAS_DIR,
             state_dict=state_dict or None,
         )

@@ -143,21 +143,22 @@ TRAINERS: dict[str, TrainerSpec] = {
             columns=LANGUAGE_MODELING,
             tags=("hf-align", "ama", "model-merging"),
         ),
-        # TRL's own trainers, run by the CLI with hf-align's callbacks / adapters (no trainer class of ours)
+        # TRL's own trainers behind HFAlignTrainerMixin (trl_commands.py): the CLI checks their columns
         TrainerSpec(
             "warmup-dpo",
-            "trl:DPOTrainer",
-            "trl:DPOConfig",
+            f"{_T}trl_commands:WarmupDPOTrainer",
+            f"{_T}trl_commands:WarmupDPOConfig",
             "DPO with MaskAccumulationCallback: find the neurons alignment uses (ALLO stage 1).",
             paper=_ALLO,
             trl_parent="trl:DPOTrainer",
             columns=PREFERENCE,
+            tags=("trl", "dpo", "hf-align", "warmup-dpo"),
             own=False,
         ),
         TrainerSpec(
             "aligner-sft",
-            "trl:SFTTrainer",
-            "trl:SFTConfig",
+            f"{_T}trl_commands:AlignerSFTTrainer",
+            f"{_T}trl_commands:AlignerSFTConfig",
             "SFT with an Aligner adapter (N global tokens shared by all layers).",
             paper=Paper(
                 "Aligner: One Global Token is Worth Millions of Parameters When Aligning Large Language Models",
@@ -166,12 +167,13 @@ TRAINERS: dict[str, TrainerSpec] = {
             ),
             trl_parent="trl:SFTTrainer",
             columns=LANGUAGE_MODELING,
+            tags=("trl", "sft", "hf-align", "aligner"),
             own=False,
         ),
         TrainerSpec(
             "aligner-dpo",
-            "trl:DPOTrainer",
-            "trl:DPOConfig",
+            f"{_T}trl_commands:AlignerDPOTrainer",
+            f"{_T}trl_commands:AlignerDPOConfig",
             "DPO with an Aligner adapter (reference = adapter disabled).",
             paper=Paper(
                 "Aligner: One Global Token is Worth Millions of Parameters When Aligning Large Language Models",
@@ -180,6 +182,7 @@ TRAINERS: dict[str, TrainerSpec] = {
             ),
             trl_parent="trl:DPOTrainer",
             columns=PREFERENCE,
+            tags=("trl", "dpo", "hf-align", "aligner"),
             own=False,
         ),
     )
