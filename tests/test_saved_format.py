@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ TINY += ["--per_device_train_batch_size", "2", "--max_length", "64", "--plots", 
 def bf16_base(tmp_path_factory) -> Path:
     """A bf16 Llama checkpoint with tied embeddings (as SmolLM2), its tokenizer beside it."""
     folder = tmp_path_factory.mktemp("bf16_base")
-    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2, intermediate_size=64, tie_word_embeddings=True)
+    model = testbed.load_random_tiny(
+        "llama", hidden_size=32, num_layers=2, intermediate_size=64, tie_word_embeddings=True
+    )
     model.to(torch.bfloat16).save_pretrained(folder)
     testbed.load_tokenizer().save_pretrained(folder)
     assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
@@ -60,7 +63,10 @@ def test_final_save_keeps_the_base_dtype_and_config(bf16_base, tmp_path):
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         assert "lm_head.weight" not in handle.keys()
     loaded = __import__("transformers").AutoModelForCausalLM.from_pretrained(out)
-    assert loaded.dtype == torch.bfloat16 and loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert (
+        loaded.dtype == torch.bfloat16
+        and loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    )
 
 
 def test_an_explicit_dtype_is_what_is_saved(bf16_base, tmp_path):
@@ -79,7 +85,9 @@ def test_python_api_model_object_keeps_its_dtype(bf16_base, tmp_path):
     assert model.dtype == torch.bfloat16
     args = DPOConfig(str(tmp_path / "o"), max_steps=1, report_to="none", use_cpu=True, save_strategy="no",
                      per_device_train_batch_size=2, max_length=64)  # fmt: skip
-    trainer = MaskedDPOTrainer(model, args=args, train_dataset=_preference(), processing_class=testbed.load_tokenizer())
+    trainer = MaskedDPOTrainer(
+        model, args=args, train_dataset=_preference(), processing_class=testbed.load_tokenizer()
+    )
     trainer.train()
     trainer.save_model()
     assert _dtypes(tmp_path / "o") == {"BF16"}
@@ -88,3 +96,61 @@ def test_python_api_model_object_keeps_its_dtype(bf16_base, tmp_path):
 
 def _preference():
     return testbed.preference_dataset(4, seed=0).remove_columns("rejected_wrong_positions")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_failed_final_save_leaves_the_previous_output_as_it_was(bf16_base, tmp_path, monkeypatch, capsys, code):
+    """Fails on main: the writer's error came as a traceback after training and left ``config.json`` (written
+    first) beside the previous weights, or without any."""
+    import transformers.modeling_utils
+
+    from hf_align.cli.errors import run_guarded
+    from hf_align.cli.training import run_command
+
+    out = tmp_path / "out"
+    _train("masked-dpo", bf16_base, out)
+    before = _snapshot(out)
+    real = transformers.modeling_utils.safe_save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")  # mid-save: half a file on disk, then the error
+        raise OSError(code, os.strerror(code), str(filename))
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    argv = ["--model_name_or_path", str(bf16_base), "--dataset_name", "testbed:preference", "--output_dir", str(out)]
+    capsys.readouterr()
+    assert run_guarded("masked-dpo", lambda: run_command("masked-dpo", [*argv, *TINY], launch=False)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"hf-align masked-dpo: saving the model to {str(out)!r} failed: ")
+    assert errno.errorcode[code] in err[0] and "the save needs about " in err[0] and " are free there" in err[0]
+    assert _snapshot(out) == before  # every file as it was, nothing added (no temporary folder left)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real)
+
+
+def test_saving_into_an_empty_folder_on_failure_leaves_no_config_without_weights(tmp_path, monkeypatch):
+    from hf_align.errors import UserError
+    from hf_align.saving import all_or_nothing
+
+    with pytest.raises(UserError, match=r"No space left on device \(ENOSPC\); the save needs about 2\.00 GB"):
+        with all_or_nothing(tmp_path, needed_bytes=2 * 10**9) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_save_replaces_the_weights_of_an_earlier_one(tmp_path):
+    """Shards of an earlier, sharded save are removed once the new weights are in; other files stay."""
+    from hf_align.saving import all_or_nothing
+
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                 "config.json", "trainer_state.json"):  # fmt: skip
+        (tmp_path / name).write_text("old")
+    with all_or_nothing(tmp_path) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+        (tmp / "config.json").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
+    assert (tmp_path / "config.json").read_text() == "new"

@@ -428,11 +428,12 @@ def train(trainer_class, script_args, training_args, model_args, dataset_args, c
 def train_and_save(trainer, training_args, script_args) -> None:
     """Train (resuming if asked), save, optionally push: the tail every command shares."""
     from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback, replace_training_args_pickle
+    from hf_align.trainers._base import save_final
 
     if not any(isinstance(c, JsonTrainingArgsCallback) for c in trainer.callback_handler.callbacks):
         trainer.add_callback(JsonTrainingArgsCallback())
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    save_final(trainer, training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the log history the pipeline summary reads
     if trainer.is_world_process_zero():
         replace_training_args_pickle(training_args.output_dir, trainer.args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from hf_align import _compat
 from hf_align.callbacks.json_training_args import replace_training_args_pickle
@@ -27,6 +28,7 @@ __all__ = [
     "prepare_reference",
     "require_before_trainer",
     "resolve_args",
+    "save_final",
     "upgrade_collator",
 ]
 
@@ -150,6 +152,24 @@ def prepare_reference(trainer, ref_model):
     return trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
 
+def save_final(trainer, output_dir: str) -> None:
+    """The final ``save_model``, all or nothing (:func:`hf_align.saving.all_or_nothing`): written into a
+    temporary folder inside ``output_dir``, then moved in; a failure leaves the previous contents as they were and
+    says in one line what failed and how much space the save needs."""
+    from hf_align.saving import all_or_nothing, estimated_save_bytes
+
+    fmt = getattr(trainer, "save_format", None)
+    weights = getattr(trainer, "final_save_weights", True)
+    needed = estimated_save_bytes(trainer.accelerator.unwrap_model(trainer.model), fmt and fmt.dtype) if weights else 0
+    main = trainer.args.should_save
+    with all_or_nothing(output_dir, needed, main_process=main) as tmp:
+        trainer.accelerator.wait_for_everyone()  # the main process made the folder
+        trainer.save_model(str(tmp), _internal_call=True)  # no push of a half-moved folder: the caller pushes
+        trainer.accelerator.wait_for_everyone()
+    if main and hasattr(trainer, "_write_card"):  # again, in place: the card links files beside it (plots)
+        trainer._write_card(output_dir, dataset_name=getattr(trainer, "card_dataset_name", None))
+
+
 def upgrade_collator(collator, base_class: type, new_class: type):
     """``new_class`` built with *every* dataclass field of ``collator`` when it is exactly TRL's ``base_class``;
     any other collator (a user's own) is returned unchanged. Copying all fields keeps options TRL sets that a
@@ -198,6 +218,9 @@ class HFAlignTrainerMixin:
     """
 
     trainable_fraction: float | None = None
+    final_save_weights: bool = True
+    """False: ``save_model`` writes no weights (the run's product is something else, e.g. warm-up scores);
+    checkpoints still hold them, for resuming."""
     extra_signature_columns: tuple[str, ...] = ()
     weighted_collator: tuple[type, type] | None = None
 
@@ -250,11 +273,16 @@ class HFAlignTrainerMixin:
 
         folder = output_dir if output_dir is not None else self.args.output_dir
         fmt = self.save_format
-        resumed_from = getattr(self, "_in_checkpoint", False) and not (hasattr(self, "_has_deltas") and self._has_deltas())
+        resumed_from = getattr(self, "_in_checkpoint", False) and not (
+            hasattr(self, "_has_deltas") and self._has_deltas()
+        )
         if fmt is not None and resumed_from:  # a checkpoint's weights (not deltas) are what a resume reads back
             fmt = dataclasses.replace(fmt, dtype=None)
-        with saving_as(self.accelerator.unwrap_model(self.model), fmt):
-            super()._save(output_dir, state_dict)
+        if getattr(self, "_in_checkpoint", False) or self.final_save_weights:
+            with saving_as(self.accelerator.unwrap_model(self.model), fmt):
+                super()._save(output_dir, state_dict)
+        else:
+            Path(folder).mkdir(parents=True, exist_ok=True)
         if self.args.should_save:
             if fmt is not None:
                 restore_saved_config(folder, fmt)
@@ -324,6 +352,8 @@ def _card_hyperparameters(trainer) -> dict:
 def _how_to_load(trainer, repo: str) -> str:
     from accelerate.utils import is_peft_model
 
+    from hf_align.hub import hub_id
+
     model = trainer.accelerator.unwrap_model(trainer.model)
     if is_peft_model(model):
         config = next(iter(model.peft_config.values()))
@@ -334,7 +364,7 @@ def _how_to_load(trainer, repo: str) -> str:
         )
         return (
             f"{register}from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-            f'base = AutoModelForCausalLM.from_pretrained("{config.base_model_name_or_path}")\n'
+            f'base = AutoModelForCausalLM.from_pretrained("{hub_id(config.base_model_name_or_path) or "<base model>"}")\n'
             f'model = PeftModel.from_pretrained(base, "{repo}")'
         )
     if getattr(trainer, "neuron_mask", None) is not None and not getattr(trainer.args, "save_merged", True):

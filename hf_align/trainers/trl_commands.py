@@ -30,9 +30,12 @@ class WarmupDPOConfig(PlotArguments, DPOConfig):
 
 
 class WarmupDPOTrainer(HFAlignTrainerMixin, DPOTrainer):
-    """``trl.DPOTrainer`` with hf-align's saves and card (its product is the neuron scores, not the model)."""
+    """``trl.DPOTrainer`` with hf-align's saves and card. Its product is the neuron scores and mask that
+    :class:`~hf_align.callbacks.MaskAccumulationCallback` writes, so the final save writes no copy of the model
+    (checkpoints keep theirs, for resuming)."""
 
     _name = "Warm-up DPO"
+    final_save_weights = False
 
 
 @dataclass
