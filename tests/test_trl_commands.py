@@ -84,10 +84,11 @@ def test_aligner_commands_save_and_push_as_hf_align_does(bf16_base, tmp_path, mo
         assert str(tmp_path).encode() not in pushed[name]
 
 
-def test_aligner_commands_get_hf_align_config_checks(bf16_base, tmp_path):
-    """Fails on main (plain SFTConfig): ``max_steps: 0`` trained a step."""
-    with pytest.raises(UserError, match="max_steps"):
-        _run("aligner-sft", bf16_base, tmp_path / "out", "--max_steps", "0")
+@pytest.mark.parametrize(("command", "flag", "value"), [("aligner-sft", "max_steps", "0"), ("aligner-dpo", "beta", "-0.1")])
+def test_aligner_commands_get_hf_align_config_checks(bf16_base, tmp_path, command, flag, value):
+    """The same config checks as the other commands (kept: main already checked TRL configs at parse time)."""
+    with pytest.raises(UserError, match=flag):
+        _run(command, bf16_base, tmp_path / "out", f"--{flag}", value)
     assert not (tmp_path / "out").exists()
 
 
