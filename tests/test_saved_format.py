@@ -44,17 +44,21 @@ def _weights_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+DATA = {"masked-dpo": "testbed:preference", "npo": "testbed:forget", "masked-kto": "testbed:preference"}
+
+
 def _train(command: str, base: Path, output: Path, *extra: str) -> None:
     from hf_align.cli.training import run_command
 
-    argv = ["--model_name_or_path", str(base), "--dataset_name", "testbed:preference", "--output_dir", str(output)]
+    argv = ["--model_name_or_path", str(base), "--dataset_name", DATA[command], "--output_dir", str(output)]
     assert run_command(command, [*argv, *TINY, *extra], launch=False) == 0
 
 
-def test_final_save_keeps_the_base_dtype_and_config(bf16_base, tmp_path):
+@pytest.mark.parametrize("command", ["masked-dpo", "npo"])
+def test_final_save_keeps_the_base_dtype_and_config(bf16_base, tmp_path, command):
     """Fails on main: TRL loads a name in float32 and the saved model was float32 (twice the size) with
     ``use_cache: false``."""
-    _train("masked-dpo", bf16_base, tmp_path / "out")
+    _train(command, bf16_base, tmp_path / "out")
     out = tmp_path / "out"
     assert _dtypes(out) == {"BF16"}
     config = json.loads((out / "config.json").read_text())

@@ -218,6 +218,8 @@ class HFAlignTrainerMixin:
     """
 
     trainable_fraction: float | None = None
+    save_format = None
+    """The :class:`hf_align.saving.SaveFormat` every save writes (the base model's dtype and config)."""
     final_save_weights: bool = True
     """False: ``save_model`` writes no weights (the run's product is something else, e.g. warm-up scores);
     checkpoints still hold them, for resuming."""
@@ -254,17 +256,21 @@ class HFAlignTrainerMixin:
     def __init__(self, *args, **kwargs):
         from transformers import TrainingArguments
 
-        from hf_align.saving import save_format_of
-
         model = args[0] if args else kwargs.get("model")
         config = kwargs.get("args") or next((a for a in args if isinstance(a, TrainingArguments)), None)
-        init_kwargs = getattr(config, "model_init_kwargs", None)
-        # the base's format, before TRL loads (float32 by default) and the Trainer changes its config
-        self.save_format = save_format_of(model, init_kwargs) if model is not None else None
+        self._record_save_format(model, config)
         super().__init__(*args, **kwargs)
         from hf_align.callbacks.defaults import add_default_callbacks
 
         add_default_callbacks(self)
+
+    def _record_save_format(self, model, args) -> None:
+        """The base's format, before TRL loads it (float32 by default) and the Trainer changes its config; called by
+        ``__init__`` and by the trainers with an ``__init__`` of their own (through ``_load_and_mask``)."""
+        from hf_align.saving import save_format_of
+
+        if self.save_format is None and model is not None:
+            self.save_format = save_format_of(model, getattr(args, "model_init_kwargs", None))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Every save in the base model's format (:mod:`hf_align.saving`): its dtype (unless the user asked for

@@ -317,6 +317,8 @@ class NeuronMaskTrainerMixin:
         the mask resolved into ``self.neuron_mask`` and attached as trainable deltas. ``deltas_reference``: the
         trainer takes a ``ref_model``; without one (and without precomputed reference log-probs) the reference is
         the policy with its deltas off. ``second_forward``: see :func:`attach_mask`."""
+        if hasattr(self, "_record_save_format"):
+            self._record_save_format(model, args)  # before loading: a name is loaded in float32
         wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
         model, ref_model = load_policy_and_reference(model, ref_model, args, wants_mask, trainer_kwargs)
         if ref_model is not None and ref_model is model:
