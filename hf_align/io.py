@@ -299,15 +299,48 @@ def write_json(path: PathLike, data: Any) -> None:
         handle.write("\n")
 
 
-def read_json(path: PathLike) -> Any:
-    """Read JSON with an error that names the file when it is missing or malformed."""
+def read_text(path: PathLike, what: str = "file") -> str:
+    """A text file's contents; one line naming ``what`` and the file when it is missing or not UTF-8 text (a binary
+    file, a wrong encoding), instead of a bare ``UnicodeDecodeError``."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"Expected a JSON file at {str(path)!r}, but it does not exist.") from None
+        raise FileNotFoundError(f"{what} {str(path)!r}: no such file.") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {str(path)!r} is a folder, not a file.") from None
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{what} {str(path)!r} is not a UTF-8 text file (byte 0x{err.object[err.start]:02x} at offset "
+            f"{err.start}); is it the right file?"
+        ) from None
+
+
+def read_json(path: PathLike, what: str | None = None) -> Any:
+    """Read JSON with an error that names the file (and the line and column) when it is missing or malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Expected a JSON file at {str(path)!r}, but it does not exist.")
+    try:
+        return json.loads(read_text(path, what or "JSON file"))
     except json.JSONDecodeError as err:
         raise UserError(f"{str(path)!r} is not valid JSON: {err}") from None
+
+
+def read_yaml(path: PathLike, what: str = "recipe") -> Any:
+    """Read YAML (``safe_load``: no Python objects) with one line naming ``what``, the file, the line and the
+    column of a syntax error (YAML counts from 0, editors from 1)."""
+    import yaml
+
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{what} {str(path)!r}{where}: not valid YAML ({problem}).") from None
 
 
 def require_keys(data: Any, keys: Iterable[str], path: PathLike, what: str = "key") -> None:

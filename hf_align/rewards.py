@@ -50,8 +50,11 @@ __all__ = [
     "RewardFunc",
     "RewardModelScorer",
     "as_score",
+    "call_user_function",
     "check_reward_weights",
+    "check_signature",
     "check_scores",
+    "function_label",
     "import_callable",
     "resolve_reward",
     "resolve_reward_funcs",
@@ -78,6 +81,50 @@ def import_callable(spec: str, what: str = "reward") -> Callable:
     if not callable(func):
         raise UserError(f"{what} {spec!r} is not callable.")
     return func
+
+
+def function_label(func: Any) -> str:
+    """``module:function`` of a user function (what a recipe names it by), else its display name."""
+    module, name = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    return f"{module}:{name}" if module and name else reward_name(func)
+
+
+def check_signature(func: Callable, what: str, *args: Any, label: str | None = None, **kwargs: Any) -> None:
+    """Refuse, before anything runs, a function that cannot take the arguments it will be called with (``os:system``
+    named as a reward: ``system(command)`` takes no ``prompts=``/``completions=``). A signature Python cannot read
+    (some builtins) is let through: the call then says what is wrong."""
+    import inspect
+
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        given = ", ".join([*("…" for _ in args), *(f"{k}=" for k in kwargs)])
+        label = label or function_label(func)
+        raise UserError(
+            f"{what} {label!r} cannot be called as f({given}), as it will be: its signature is {label}{signature} "
+            f"({err})."
+        ) from None
+
+
+def call_user_function(func: Callable, what: str, *args: Any, **kwargs: Any) -> list:
+    """``func(*args, **kwargs)`` as a list (an ``async def`` one run to completion), where an exception or a result
+    that is no sequence is one line naming ``what`` and ``module:function`` (``HF_ALIGN_DEBUG=1``: the traceback)."""
+    from trl.trainer.utils import is_async_callable
+
+    label = function_label(func)
+    try:
+        result = asyncio.run(func(*args, **kwargs)) if is_async_callable(func) else func(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's code: its error, named with the function
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"{what} {label!r} raised {type(err).__name__}: {message}".rstrip(": ")) from err
+    if isinstance(result, str | bytes | dict) or not isinstance(result, Sequence | torch.Tensor):
+        kind = type(result).__name__
+        raise UserError(f"{what} {label!r} returned a {kind}; expected a list with one value per completion.")
+    return list(result)
 
 
 class RewardModelScorer:
@@ -140,6 +187,7 @@ def resolve_reward(spec: Any, what: str = "reward") -> RewardFunc:
     if isinstance(spec, PreTrainedModel):
         return RewardModelScorer(spec)
     if callable(spec):
+        check_signature(spec, what, prompts=[], completions=[])
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"{what} entries must be names, callables or reward models; got {type(spec).__name__}.")
@@ -147,7 +195,9 @@ def resolve_reward(spec: Any, what: str = "reward") -> RewardFunc:
     if os.path.isdir(spec_path):
         return _load_reward_model(spec_path, what)
     if ":" in spec_path or ("." in spec_path and "/" not in spec_path and os.sep not in spec_path):
-        return import_callable(spec_path, what)
+        func = import_callable(spec_path, what)
+        check_signature(func, what, prompts=[], completions=[], label=spec_path)
+        return func
     if _HUB_ID.match(spec_path) and not os.path.exists(spec_path):
         return _load_reward_model(spec_path, what)  # a Hub id: from the cache when offline
     raise UserError(f"unknown {what} {spec!r}: expected {_EXPECTED}.")
@@ -217,15 +267,6 @@ def check_reward_weights(weights: Sequence[float] | None, count: int) -> list[fl
     return [float(w) for w in weights]
 
 
-def _call(func: RewardFunc, **kwargs: Any) -> Sequence[Any]:
-    """A reward function's output; an ``async def`` one is run to completion (GRPO awaits those)."""
-    from trl.trainer.utils import is_async_callable
-
-    if is_async_callable(func):
-        return asyncio.run(func(**kwargs))
-    return func(**kwargs)
-
-
 def score_completions(
     reward_funcs: Sequence[RewardFunc],
     prompts: Sequence[Any],
@@ -242,12 +283,13 @@ def score_completions(
     "does not apply": the sum is over the functions that scored (GRPO's ``nansum``, weights default 1), and a
     completion no function scored has total ``None``.
     """
-    names = list(names) if names is not None else [reward_name(f) for f in reward_funcs]
+    del names  # the log keys; errors name each function by module:function
     weights = check_reward_weights(weights, len(reward_funcs))
     per_func = [
-        check_scores(_call(func, prompts=list(prompts), completions=list(completions), **columns),
-                     len(completions), f"Reward function {name!r}", allow_none=True)
-        for func, name in zip(reward_funcs, names, strict=True)
+        check_scores(call_user_function(func, "reward function", prompts=list(prompts), completions=list(completions),
+                                        **columns),
+                     len(completions), f"reward function {function_label(func)!r}", allow_none=True)
+        for func in reward_funcs
     ]  # fmt: skip
     totals = []
     for vals in zip(*per_func):

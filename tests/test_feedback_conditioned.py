@@ -229,7 +229,8 @@ def test_unknown_category_is_a_clear_error(tmp_path):
         feedback_fn=lambda p, c: ["good", "meh"] * (len(c) // 2),
     )
     with pytest.raises(
-        ValueError, match=r"feedback_fn '<lambda>' returned unknown category 'meh' for completion 1.*\['good', 'bad'\]"
+        ValueError,
+        match=r"feedback_fn '\S+:\S*<lambda>' returned unknown category 'meh' for completion 1.*\['good', 'bad'\]",
     ):
         trainer.train()
 
@@ -242,7 +243,7 @@ def test_non_finite_score_is_a_clear_error(tmp_path):
         _tiny(), _config(tmp_path), PROMPTS, processing_class=load_tokenizer(), reward_funcs=flaky_reward
     )
     with pytest.raises(
-        ValueError, match="Reward function 'flaky_reward' returned a non-finite score nan for completion 7"
+        ValueError, match=r"reward function '\S+:\S*flaky_reward' returned a non-finite score nan for completion 7"
     ):
         trainer.train()
     with pytest.raises(ValueError, match="non-finite score inf"):

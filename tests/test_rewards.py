@@ -136,7 +136,9 @@ def test_score_validation_names_the_function_and_the_row():
     def half(prompts, completions, **kwargs):
         return [0.5, "bad"]
 
-    with pytest.raises(ValueError, match=r"Reward function 'half' returned 'bad' for completion 1; expected a number"):
+    with pytest.raises(
+        ValueError, match=r"reward function '\S+:\S*half' returned 'bad' for completion 1; expected a number"
+    ):
         score_completions([half], ["a", "b"], ["x", "y"])
     with pytest.raises(ValueError, match="returned 1 scores for 2 completions"):
         check_scores([1.0], 2, "Reward function 'f'")

@@ -122,7 +122,7 @@ class CommandParser:
         A ``ValueError`` raised while parsing (a field's check, TRL's config checks) is the user's: a
         :class:`~hf_align.errors.UserError`.
         """
-        argv = list(sys.argv[1:] if argv is None else argv)
+        argv = split_config_flag(list(sys.argv[1:] if argv is None else argv))
         check_recipe(argv)
         drop = (*HIDDEN_SWITCHES, *((ALLOW_RECIPE_ENV,) if "allow_recipe_env" not in self.fields else ()))
         argv = self.modernize([arg for arg in argv if arg not in drop])
@@ -133,6 +133,16 @@ class CommandParser:
             raise
         except ValueError as err:
             raise UserError(str(err)) from err
+
+
+def split_config_flag(argv: list[str]) -> list[str]:
+    """``--config=r.yaml`` as ``--config r.yaml``: TRL's parser looks for the two-word form only, so the ``=`` form
+    was not read as a recipe (nor checked by the recipe gate)."""
+    out: list[str] = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        out += [flag, value] if sep and flag == "--config" else [arg]
+    return out
 
 
 def parse_command(prog: str, types: tuple[type, ...], argv: list[str] | None, **kwargs: Any) -> tuple:
@@ -196,11 +206,11 @@ def check_recipe(argv: list[str]) -> None:
     """The ``--config`` recipe exists and asks for nothing that needs a command-line flag (before TRL applies it)."""
     if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
         return
-    import yaml
+    from hf_align.io import read_yaml
 
     path = Path(argv[argv.index("--config") + 1])
     if not path.is_file():
         raise FileNotFoundError(f"--config {str(path)!r}: no such recipe file.")
-    recipe = yaml.safe_load(path.read_text())
+    recipe = read_yaml(path, "recipe")  # one line for a syntax error or a binary file, before TRL reads it
     if isinstance(recipe, dict):
         check_permissions(recipe_permissions(recipe), given_flags(argv), f"recipe {str(path)!r}")

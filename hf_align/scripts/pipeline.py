@@ -42,11 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hf_align.checkpoints import last_complete_checkpoint
 from hf_align.errors import UserError
-from hf_align.io import hold_lock, read_json, write_json
+from hf_align.io import hold_lock, read_json, read_yaml, write_json
 
 
 STAGE_FILE = "pipeline_stage.json"
@@ -93,7 +91,7 @@ def load_pipeline(path: Path, commands: Collection[str]) -> dict[str, Any]:
     the key."""
     if not path.is_file():
         raise FileNotFoundError(f"Pipeline recipe {str(path)!r} does not exist.")
-    recipe = yaml.safe_load(path.read_text())
+    recipe = read_yaml(path, "pipeline recipe")
     if not isinstance(recipe, dict):
         raise UserError(f"{str(path)!r}: a pipeline recipe is a YAML mapping with a `stages` list.")
     unknown = sorted(set(recipe) - _PIPELINE_KEYS)

@@ -66,8 +66,84 @@ def load_dataset_any(name: str, config: str | None = None, streaming: bool = Fal
                 f"dataset_name {name!r}: unsupported file type {path.suffix!r}; use .json, .jsonl, "
                 ".parquet or .csv, a save_to_disk directory, or a Hub dataset id."
             )
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=streaming)
+        return load_data_file(path, builder, streaming)
     return datasets.load_dataset(name, name=config, streaming=streaming)
+
+
+def load_data_file(path: Path, builder: str, streaming: bool = False) -> DatasetDict:
+    """A ``.json``/``.jsonl``/``.csv``/``.parquet`` file through ``datasets``; a file it cannot read is one line
+    naming the file and, where the format has lines, the first bad one (``datasets`` wraps the parser's error in a
+    ``DatasetGenerationError`` that names neither)."""
+    import datasets
+
+    where = f"dataset_name {str(path)!r}"
+    if path.stat().st_size == 0:
+        raise UserError(f"{where}: the file is empty (no rows).")
+    if builder == "json":
+        _refuse_columns_object(path, where)
+    try:
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=streaming)
+    except Exception as err:  # noqa: BLE001 - whatever the parser raised, named with the file (HF_ALIGN_DEBUG=1: traceback)
+        raise UserError(f"{where}: {_data_file_problem(path, builder, err)}") from err
+
+
+def _refuse_columns_object(path: Path, where: str) -> None:
+    """A ``.json`` file holding one object of columns (``{"prompt": [...], "chosen": [...]}``) reads as ONE row
+    whose cells are lists, which then fails far away as a chat-format error: refused here, with the fix."""
+    import json
+
+    from hf_align.io import read_text
+
+    with open(path, "rb") as handle:
+        head = handle.read(64).lstrip()
+    if path.suffix != ".json" or not head.startswith(b"{"):
+        return
+    try:
+        data = json.loads(read_text(path, "dataset_name"))
+    except json.JSONDecodeError:
+        return  # JSON Lines in a .json file, or broken: the loader (and its diagnosis) decides
+    if not isinstance(data, dict) or len(data) == 0 or not all(isinstance(v, list) for v in data.values()):
+        return
+    lengths = {len(v) for v in data.values()}
+    if len(lengths) == 1 and not any(v and isinstance(v[0], dict) for v in data.values()):
+        columns = ", ".join(f"{k!r}: [{len(v)} values]" for k, v in list(data.items())[:4])
+        raise UserError(
+            f"{where}: one JSON object of columns ({{{columns}}}); a data file holds one row per record: write JSON "
+            "Lines (one object per line) or a JSON list of objects, e.g. datasets.Dataset.from_dict(columns)"
+            ".to_json(path)."
+        )
+
+
+def _data_file_problem(path: Path, builder: str, err: Exception) -> str:
+    """Why ``datasets`` could not read ``path``: the first bad line of a JSON Lines file, else the parser's own
+    message (the innermost cause's first line)."""
+    import json
+
+    from hf_align.io import read_text
+
+    text = read_text(path, "dataset_name")  # a binary file: one line from here
+    if builder == "json" and not text.strip():
+        return "the file holds no rows."
+    if builder == "json" and not text.lstrip().startswith("["):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"line {number}, column {bad.colno}: not valid JSON ({bad.msg}); one JSON object per line."
+            if not isinstance(row, dict):
+                return f"line {number}: a JSON {type(row).__name__}, not an object (one row per line)."
+    if builder == "json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as bad:
+            return f"line {bad.lineno}, column {bad.colno}: not valid JSON ({bad.msg})."
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"cannot be read as {builder}: {message}"
 
 
 def _testbed_dataset(kind: str) -> Dataset:

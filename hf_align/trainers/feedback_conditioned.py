@@ -53,10 +53,12 @@ from hf_align.losses import token_kl
 from hf_align.rewards import (
     RewardFunc,
     as_score,
+    call_user_function,
     check_reward_weights,
+    check_signature,
+    function_label,
     import_callable,
     resolve_reward_funcs,
-    reward_name,
     score_completions,
 )
 from hf_align.trainers._base import HFAlignTrainerMixin, global_token_count, prepare_reference
@@ -171,6 +173,9 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
         self.reward_weights = check_reward_weights(args.reward_weights, len(self.reward_funcs))
         if feedback_fn is None and args.feedback_fn:
             feedback_fn = import_callable(args.feedback_fn, "feedback_fn entry")
+            check_signature(feedback_fn, "feedback_fn", [], [], label=args.feedback_fn)
+        elif feedback_fn is not None:
+            check_signature(feedback_fn, "feedback_fn", [], [])
         self.feedback_fn = feedback_fn
         self.online = bool(self.reward_funcs) or feedback_fn is not None
         if args.feedback_type != "quantile" and self.online and feedback_fn is None:
@@ -426,8 +431,8 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
                 **{**grpo_kwargs, **columns},
             )  # fmt: skip
             return [None] * len(completions), totals, per_func
-        outputs = list(self.feedback_fn(prompts, completions))
-        source = f"feedback_fn {reward_name(self.feedback_fn)!r}"
+        outputs = call_user_function(self.feedback_fn, "feedback_fn", prompts, completions)
+        source = f"feedback_fn {function_label(self.feedback_fn)!r}"
         if len(outputs) != len(completions):
             raise ValueError(f"{source} returned {len(outputs)} values for {len(completions)} completions.")
         if self.args.feedback_type == "quantile":
