@@ -10,27 +10,90 @@ from __future__ import annotations
 
 import re
 import tempfile
-from pathlib import Path
+import textwrap
+from enum import Enum
+from pathlib import Path, PurePath
 from typing import Any
 
 from hf_align.citations import CITATIONS
+from hf_align.errors import UserError
 from hf_align.io import PathLike, atomic_file
 
 
 __all__ = [
     "CITATIONS",
+    "MODEL_FILE_PATTERNS",
     "build_model_card",
     "hub_id",
     "merge_model_card",
     "mask_summary",
     "push_folder",
     "push_neuron_mask",
+    "resolve_local",
+    "split_revision",
     "write_model_card",
 ]
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
+
+
+MODEL_FILE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+"""What a model download needs: weights, configs, tokenizer files (no pickled ``*.bin``, no ``*.pt``)."""
+_REPO_PATH = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(/[\w.-]+)*)$")
+
+
+def split_revision(name_or_path: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``"org/name@rev"`` → ``("org/name", "rev")``: a flag or a recipe names a revision in one string. An explicit
+    ``revision`` must not contradict the suffix."""
+    name, sep, suffix = str(name_or_path).rpartition("@")
+    if not sep or not _REPO_PATH.match(name) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", suffix):
+        return str(name_or_path), revision
+    if revision is not None and revision != suffix:
+        raise UserError(f"{name_or_path!r} names revision {suffix!r} but revision={revision!r} was also given.")
+    return name, suffix
+
+
+def resolve_local(
+    name_or_path: PathLike,
+    revision: str | None = None,
+    allow_patterns: list[str] | str | None = None,
+    what: str = "artifact",
+) -> Path:
+    """A local path for what an hf-align reader reads: the path itself when it exists here, else a Hub repo id
+    fetched with ``huggingface_hub.snapshot_download`` into its cache (``HF_HUB_OFFLINE=1`` reads the cache alone).
+
+    Spellings: ``org/name``, ``org/name@revision``, ``org/name/sub/folder`` (an artifact saved in a subfolder of
+    a repo, e.g. the warm-up's ``neuron_mask`` or the feedback trainer's ``data_pool``). ``allow_patterns``: the
+    files the reader needs (relative to that subfolder), so nothing else is downloaded. Every reader of a mask,
+    deltas, scores, a data pool or a model folder goes through here; ``what`` names the artifact in errors.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        return local
+    patterns = [allow_patterns] if isinstance(allow_patterns, str) else list(allow_patterns or [])
+    name, revision = split_revision(str(name_or_path), revision)
+    match = _REPO_PATH.match(name)
+    if match is None or name.startswith(".") or ".." in name.split("/"):
+        holding = f" with {', '.join(patterns)}" if patterns else ""
+        raise FileNotFoundError(
+            f"{what}: {str(name_or_path)!r} does not exist (expected a folder{holding}, or a Hub repo id org/name)."
+        )
+    from huggingface_hub import snapshot_download
+
+    repo_id, sub = match["repo"], match["sub"].strip("/")
+    wanted = [f"{sub}/{p}" if sub else p for p in patterns] or ([f"{sub}/*"] if sub else None)
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+    except OSError as error:  # huggingface_hub's not-found / offline / HTTP errors are all OSErrors
+        at = f" at revision {revision!r}" if revision else ""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"{what}: {str(name_or_path)!r} does not exist locally, and Hub repo {repo_id!r}{at} could not be "
+            f"downloaded ({first})."
+        ) from error
+    return folder / sub if sub else folder
 
 
 def hub_id(name_or_path: str | None) -> str | None:
@@ -92,6 +155,53 @@ def mask_summary(mask, plot: str | None = None) -> list[str]:
     return [*lines, ""]
 
 
+TRL_CITATION = textwrap.dedent("""\
+    @software{vonwerra2020trl,
+        title   = {{TRL: Transformers Reinforcement Learning}},
+        author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallou{\\'e}dec, Quentin},
+        license = {Apache-2.0},
+        url     = {https://github.com/huggingface/trl},
+        year    = {2020}
+    }""")  # fmt: skip
+"""TRL's own citation, as TRL's model cards give it (hf-align's trainers extend TRL's)."""
+_FRAMEWORKS = {"hf-align": "hf-align", "TRL": "trl", "Transformers": "transformers", "PEFT": "peft",
+               "PyTorch": "torch", "Datasets": "datasets", "Tokenizers": "tokenizers"}  # fmt: skip
+
+
+def framework_versions() -> dict[str, str]:
+    """The installed versions of the libraries an artifact was made with (TRL's "Framework versions")."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for label, package in _FRAMEWORKS.items():
+        try:
+            versions[label] = version(package)
+        except PackageNotFoundError:
+            if package == "hf-align":
+                from hf_align import __version__
+
+                versions[label] = __version__
+    return versions
+
+
+def public_value(value: Any) -> Any:
+    """What a card may print for a setting: an enum's value (``cosine``, not ``SchedulerType.COSINE``), and for a
+    local path its Hub id or, failing that, its last component — never the writer's path."""
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, list | tuple):
+        return type(value)(public_value(v) for v in value)
+    if isinstance(value, PurePath) or (
+        isinstance(value, str) and (value.startswith(("/", "~", "./", "../")) or Path(value).exists())
+    ):
+        return hub_id(str(value)) or Path(str(value)).name
+    return value
+
+
+def _dataset_link(name: str) -> str:
+    return f"[{name}](https://huggingface.co/datasets/{name})" if _REPO_PATH.match(name) else f"`{name}`"
+
+
 def build_model_card(
     title: str,
     method: str,
@@ -104,11 +214,18 @@ def build_model_card(
     library_name: str = "transformers",
     sections: list[str] | None = None,
     base_model_relation: str | None = None,
+    model_name: str | None = None,
+    tracking: dict[str, str] | None = None,
+    needs: str | None = None,
 ):
-    """A ``huggingface_hub.ModelCard`` with hf-align's metadata and sections (unknown citation keys are an error).
+    """A ``huggingface_hub.ModelCard`` laid out as TRL's (model card, quick start, training procedure, framework
+    versions, citations of the method and of TRL) with hf-align's sections.
 
-    ``base_model`` goes through :func:`hub_id`: a local path never reaches the card. ``sections``: extra
-    Markdown lines (e.g. :func:`mask_summary`) placed before "How to load".
+    ``base_model``, ``datasets`` and every hyperparameter go through :func:`public_value`: a local path never
+    reaches the card. ``how_to_load``: the quick start, Python that runs as written. ``sections``: extra Markdown
+    lines (e.g. :func:`mask_summary`) in the training procedure. ``tracking``: ``{"Weights & Biases": url}``
+    links of the run. ``needs``: what loading requires beyond the files (e.g. the base model of a delta repo).
+    Unknown citation keys are an error.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -118,28 +235,39 @@ def build_model_card(
     ids = list(
         dict.fromkeys(i for i in map(hub_id, base_model if isinstance(base_model, list) else [base_model]) if i)
     )
+    names = [str(public_value(d)) for d in datasets or []]
     extra = {"base_model_relation": base_model_relation} if base_model_relation and ids else {}
     data = ModelCardData(
         library_name=library_name,
         base_model=(ids if isinstance(base_model, list) else ids[0]) if ids else None,
-        datasets=datasets or None,
+        datasets=[n for n in names if _REPO_PATH.match(n)] or None,
+        model_name=model_name or title,
         tags=list(dict.fromkeys(["hf-align", *(tags or [])])),
         **extra,
     )
-    lines = [f"# {title}", "", method, ""]
+    lines = [f"# Model Card for {model_name or title}", ""]
     if ids:
-        links = ", ".join(f"[`{i}`](https://huggingface.co/{i})" for i in ids)
-        lines += [f"**Base model{'s' if len(ids) > 1 else ''}:** {links}", ""]
-    if datasets:
-        lines += ["**Data:** " + ", ".join(f"`{d}`" for d in datasets), ""]
+        links = ", ".join(f"[{i}](https://huggingface.co/{i})" for i in ids)
+        on = f" on {', '.join(map(_dataset_link, names))}" if names else ""
+        lines += [f"Base model{'s' if len(ids) > 1 else ''}: {links}{on}.", ""]
+    elif names:
+        lines += ["Data: " + ", ".join(map(_dataset_link, names)) + ".", ""]
+    lines += [method, ""]
+    if needs:
+        lines += [f"**Needs:** {needs}", ""]
+    lines += ["## Quick start", "", "```python", how_to_load.strip(), "```", "", "## Training procedure", ""]
+    lines += [f"- [{label}]({url})" for label, url in (tracking or {}).items()] + ([""] if tracking else [])
     if hyperparameters:
-        lines += ["## Hyperparameters", "", "| name | value |", "|---|---|"]
-        lines += [f"| {key} | `{value}` |" for key, value in sorted(hyperparameters.items())] + [""]
+        lines += ["### Hyperparameters", "", "| name | value |", "|---|---|"]
+        rows = {key: public_value(value) for key, value in hyperparameters.items()}
+        lines += [f"| {key} | `{value}` |" for key, value in sorted(rows.items())] + [""]
     lines += list(sections or [])
-    lines += ["## How to load", "", "```python", how_to_load.strip(), "```", ""]
-    lines += ["Made with [hf-align](https://github.com/hf-align/hf-align).", ""]
+    lines += ["### Framework versions", ""]
+    lines += [f"- {label}: {v}" for label, v in framework_versions().items()] + [""]
+    lines += ["Made with [hf-align](https://github.com/hf-align/hf-align).", "", "## Citations", ""]
     if citations:
-        lines += ["## Citation", "", "```bibtex", *(CITATIONS.get(c, c) for c in citations), "```", ""]
+        lines += ["Cite the method as:", "", "```bibtex", *(CITATIONS.get(c, c) for c in citations), "```", ""]
+    lines += ["Cite TRL as:", "", "```bibtex", TRL_CITATION, "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
@@ -151,14 +279,18 @@ def merge_model_card(base: str, aligned: str, plan, repo: str | None = None):
     lines = ["## α per tensor group", "", "| group | α | tensors |", "|---|---|---|"]
     lines += [f"| {group} | {alpha:g} | {count} |" for (group, alpha), count in sorted(groups.items())] + [""]
     name = hub_id(aligned) or Path(str(aligned)).name
-    target = repo or "<this folder>"
+    target = repo or "<this repo id or folder>"
     return build_model_card(
         title=f"AMA merge of {name}",
         method=(
             "Model averaging (AMA): θ = α·θ_base + (1−α)·θ_aligned, α weighing the pre-alignment model, streamed "
             f"tensor by tensor by hf-align ({plan.description}). The full per-tensor plan is in merge_plan.json."
         ),
-        how_to_load=f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{target}")',
+        how_to_load=(
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{target}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{target}")'
+        ),
         base_model=[aligned, base],
         base_model_relation="merge",
         hyperparameters={"base": hub_id(base) or Path(str(base)).name, "aligned": name, "plan": plan.description},
