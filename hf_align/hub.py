@@ -28,8 +28,13 @@ __all__ = [
     "merge_model_card",
     "mask_summary",
     "push_folder",
+    "artifact_card",
+    "framework_versions",
+    "neuron_mask_card",
+    "public_value",
     "push_neuron_mask",
     "resolve_local",
+    "scores_quick_start",
     "split_revision",
     "write_model_card",
 ]
@@ -126,26 +131,43 @@ def hub_id(name_or_path: str | None) -> str | None:
 
 
 def mask_summary(mask, plot: str | None = None) -> list[str]:
-    """Markdown lines that say what a ``NeuronMask`` trains: granularity, ratio, counts, the fraction per layer;
-    ``plot``: the mask plot's file name next to the card (``mask_plot.png``), shown as an image."""
+    """Markdown lines that say what a ``NeuronMask`` trains: granularity, the fraction of rows *and* of weights
+    (rows differ in length), one row per module type, the fraction per layer; ``plot``: the mask plot's file name
+    next to the card (``mask_plot.png``), shown as an image."""
+    from hf_align.plots import module_order
+
+    sizes = mask.neuron_sizes or {}
+    row = mask.granularity == "row"
     lines = [
-        "## Neuron mask",
+        "### Neuron mask",
         "",
-        f"- granularity: `{mask.granularity}` ({'output features' if mask.granularity == 'row' else 'entries'})",
-        f"- selected: {mask.num_selected} of {mask.num_total} ({mask.ratio:.4%})",
+        f"- granularity: `{mask.granularity}` ({'output features' if row else 'entries'})",
+        f"- {'rows' if row else 'entries'} selected: {mask.num_selected} of {mask.num_total} ({mask.ratio:.4%})",
         *(
             [f"- weights trained: {mask.num_params_selected} of {mask.num_params_total} ({mask.param_ratio:.4%})"]
-            if mask.granularity == "row" and mask.param_ratio is not None
+            if row and mask.param_ratio is not None
             else []
         ),
         *([f"- ratio counted in: {mask.info['budget']}"] if mask.info.get("budget") else []),
         "",
         *([f"![Neurons trained per layer and module]({plot})", ""] if plot else []),
-        "| layer | module | selected fraction |",
-        "|---|---|---|",
     ]
-    from hf_align.plots import module_order
-
+    per_module: dict[str, list[int]] = {}  # module type → [selected, total, weights selected, weights total]
+    for name, selected in mask.masks.items():
+        parts = name.split(".")
+        counts = per_module.setdefault(parts[-2] if len(parts) > 1 else parts[-1], [0, 0, 0, 0])
+        count, size = int(selected.sum()), sizes.get(name, 1) if row else 1
+        counts[0], counts[1] = counts[0] + count, counts[1] + selected.numel()
+        counts[2], counts[3] = counts[2] + count * size, counts[3] + selected.numel() * size
+    weights = row and bool(sizes)
+    lines += [f"| module | selected | fraction{' | fraction of weights' if weights else ''} |"]
+    lines += ["|---|---|---|" + ("---|" if weights else "")]
+    for module in module_order(per_module):
+        sel, total, wsel, wtotal = per_module[module]
+        lines += [f"| {module} | {sel} / {total} | {sel / max(total, 1):.4f} |" + (
+            f" {wsel / max(wtotal, 1):.4f} |" if weights else ""
+        )]  # fmt: skip
+    lines += ["", "| layer | module | selected fraction |", "|---|---|---|"]
     fractions = mask.per_layer_fraction()
     rank = {m: i for i, m in enumerate(module_order(module for _, module in fractions))}
     order = sorted(fractions.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, rank[kv[0][1]]))
@@ -316,18 +338,103 @@ def push_folder(
     token: str | None = None,
     commit_message: str = "Upload with hf-align",
     api=None,
+    revision: str | None = None,
+    base_model: str | None = None,
 ) -> Any:
-    """Create ``repo_id`` if needed and upload ``folder`` (with ``card`` written as its README.md)."""
+    """Create ``repo_id`` if needed and upload ``folder`` with ``card`` as its README.md; without a card, a folder
+    hf-align wrote (a mask, scores, a data pool, a warm-up output) gets :func:`artifact_card` unless it has one."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Nothing to push: {str(folder)!r} is not a directory.")
     api = api or HfApi(token=token)
+    if card is None and not (folder / "README.md").exists():
+        card = artifact_card(folder, repo_id, base_model=base_model)
     if card is not None:
         write_model_card(card, folder)
     api.create_repo(repo_id, private=private, exist_ok=True, token=token)
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token)
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, revision=revision
+    )
+
+
+def neuron_mask_card(mask, repo: str, base_model: str | None = None):
+    """The card of a ``NeuronMask`` on its own (``repo``: its Hub id or ``./folder``)."""
+    info = {k: v for k, v in mask.info.items() if isinstance(v, str | int | float | bool)}
+    return build_model_card(
+        title=f"Neuron mask ({mask.granularity}, {mask.ratio:.2%} of {mask.num_total} neurons)",
+        method=(
+            "A neuron mask from hf-align: the parameter entries (element granularity) or output rows (row "
+            "granularity) that an ALLO stage trains. Bit-packed safetensors plus a JSON header; no pickle. Train "
+            f"with it: `--neuron_mask_path {repo}` (a Hub id may end in `@revision`)."
+        ),
+        how_to_load=f'from hf_align.masks import NeuronMask\n\nmask = NeuronMask.load("{repo}")\nprint(mask)',
+        base_model=base_model,
+        hyperparameters={**info, "num_selected": mask.num_selected, "num_total": mask.num_total},
+        citations=["allo"],
+        sections=mask_summary(mask),
+        tags=["neuron-mask", "allo"],
+        library_name="hf-align",
+        needs="`pip install hf-align` (the mask holds no weights; it selects the neurons of the base model).",
+    )
+
+
+def scores_quick_start(repo: str, with_mask: bool = False) -> str:
+    """Python that loads neuron scores (and the warm-up's selected mask, in ``neuron_mask/``) from ``repo``."""
+    quick = f'from hf_align.scores import load_scores\n\nscores, meta = load_scores("{repo}")'
+    if with_mask:
+        quick += f'\n\nfrom hf_align.masks import NeuronMask\n\nmask = NeuronMask.load("{repo}/neuron_mask")'
+    return quick
+
+
+def artifact_card(folder: PathLike, repo: str, base_model: str | None = None):
+    """The card of a folder hf-align wrote that no trainer card covers: neuron scores (with the warm-up's
+    ``neuron_mask/`` when present), a neuron mask, or a feedback data pool. ``None`` for anything else."""
+    from hf_align.data_pool import POOL_META, DataPool
+    from hf_align.masks import MASK_META_FILE, NeuronMask
+    from hf_align.scores import META_FILE, load_scores
+
+    folder = Path(folder)
+    if (folder / META_FILE).is_file():
+        scores, meta = load_scores(folder)
+        mask_dir = folder / "neuron_mask"
+        quick = scores_quick_start(repo, with_mask=(mask_dir / MASK_META_FILE).is_file())
+        return build_model_card(
+            title=f"Neuron scores ({len(scores)} tensors)",
+            method=(
+                "Neuron scores from hf-align (ALLO stage 1): how much each neuron moved while aligning. Select a mask "
+                f"from them with `hf-align select-mask --neuron_scores_path {repo} --neuron_mask_ratio 0.1`, or "
+                f"train with `--neuron_scores_path {repo}`."
+            ),
+            how_to_load=quick,
+            base_model=base_model,
+            hyperparameters={k: v for k, v in meta.items() if isinstance(v, str | int | float | bool)},
+            citations=["allo"],
+            sections=mask_summary(NeuronMask.load(mask_dir)) if (mask_dir / MASK_META_FILE).is_file() else None,
+            tags=["neuron-scores", "allo"],
+            library_name="hf-align",
+            needs="`pip install hf-align` (scores hold no weights).",
+        )
+    if (folder / MASK_META_FILE).is_file():
+        return neuron_mask_card(NeuronMask.load(folder), repo, base_model)
+    if (folder / POOL_META).is_file():
+        pool = DataPool.load(folder)
+        return build_model_card(
+            title=f"Feedback data pool ({len(pool)} rows)",
+            method=(
+                "The data pool of hf-align's feedback-conditioned training (Quark / ALT): sampled completions with "
+                "their rewards, quantile bins or feedback, as Parquet plus a JSON header."
+            ),
+            how_to_load=f'from hf_align.data_pool import DataPool\n\npool = DataPool.load("{repo}")\nprint(len(pool))',
+            base_model=base_model,
+            hyperparameters={k: v for k, v in pool.state_dict().items() if isinstance(v, str | int | float | bool)},
+            citations=["quark", "alt"],
+            tags=["data-pool", "quark", "alt"],
+            library_name="hf-align",
+            needs="`pip install hf-align`.",
+        )
+    return None
 
 
 def push_neuron_mask(
@@ -339,24 +446,6 @@ def push_neuron_mask(
     api=None,
 ) -> Any:
     """Upload a ``NeuronMask`` alone (``neuron_mask.safetensors`` + ``neuron_mask.json`` + a card)."""
-    info = {k: v for k, v in mask.info.items() if isinstance(v, str | int | float | bool)}
-    card = build_model_card(
-        title=f"Neuron mask ({mask.granularity}, {mask.ratio:.2%} of {mask.num_total} neurons)",
-        method=(
-            "A neuron mask from hf-align: the parameter entries (element granularity) or output rows (row "
-            "granularity) that an ALLO stage trains. Bit-packed safetensors plus a JSON header; no pickle."
-        ),
-        how_to_load=(
-            "from huggingface_hub import snapshot_download\nfrom hf_align.masks import NeuronMask\n\n"
-            f'mask = NeuronMask.load(snapshot_download("{repo_id}"))'
-        ),
-        base_model=base_model,
-        hyperparameters={**info, "num_selected": mask.num_selected, "num_total": mask.num_total},
-        citations=["allo"],
-        sections=mask_summary(mask),
-        tags=["neuron-mask", "allo"],
-        library_name="hf-align",
-    )
     with tempfile.TemporaryDirectory() as tmp:
         mask.save(tmp)
-        return push_folder(tmp, repo_id, card, private=private, token=token, api=api)
+        return push_folder(tmp, repo_id, neuron_mask_card(mask, repo_id, base_model), private, token, api=api)

@@ -412,6 +412,10 @@ def train(trainer_class, script_args, training_args, model_args, dataset_args, c
         **trainer_kwargs,
     )
     add_default_callbacks(trainer)  # TRL's own trainers (warmup-dpo, aligner-*) too: plots, no-op warnings
+    if not hasattr(trainer, "_write_card"):  # TRL's own trainers write (and push) hf-align's card
+        from hf_align.trainers.cards import adopt_card
+
+        adopt_card(trainer)
     if script_args.ignore_bias_buffers:  # TRL's scripts' DDP work-around for boolean buffers
         import torch
 
@@ -427,8 +431,11 @@ def train_and_save(trainer, training_args, script_args) -> None:
 
     if not any(isinstance(c, JsonTrainingArgsCallback) for c in trainer.callback_handler.callbacks):
         trainer.add_callback(JsonTrainingArgsCallback())
+    trainer.card_dataset_name = script_args.dataset_name  # every card (checkpoints too) names the data
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if not hasattr(trainer, "_write_card"):  # TRL's trainers write no card on save
+        trainer.create_model_card()
     trainer.save_state()  # trainer_state.json: the log history the pipeline summary reads
     if trainer.is_world_process_zero():
         replace_training_args_pickle(training_args.output_dir, trainer.args)

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 
-__all__ = ["COMMON_CARD_ARGS", "model_card_for", "tracking_links", "write_card_for"]
+__all__ = ["COMMON_CARD_ARGS", "adopt_card", "model_card_for", "registry_spec", "tracking_links", "write_card_for"]
 
 COMMON_CARD_ARGS = (
     "learning_rate", "lr_scheduler_type", "num_train_epochs", "max_steps", "per_device_train_batch_size",
@@ -68,17 +68,60 @@ def _base_model_id(model) -> str | None:
     return hub_id(get_config_model_id(model.config)) if hasattr(model, "config") else None
 
 
+def registry_spec(trainer):
+    """The registry entry of ``trainer``: its class's for hf-align's trainers; for the TRL trainers the CLI runs,
+    ``warmup-dpo`` (a :class:`~hf_align.callbacks.MaskAccumulationCallback` attached) or ``aligner-sft``/``-dpo``
+    (an Aligner adapter); None otherwise."""
+    from accelerate.utils import is_peft_model
+
+    from hf_align.callbacks import MaskAccumulationCallback
+    from hf_align.trainers.registry import TRAINERS, spec_for
+
+    spec = spec_for(type(trainer))
+    if spec is not None:
+        return spec
+    dpo = any(klass.__name__ == "DPOTrainer" for klass in type(trainer).__mro__)
+    if dpo and any(isinstance(cb, MaskAccumulationCallback) for cb in trainer.callback_handler.callbacks):
+        return TRAINERS["warmup-dpo"]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_peft_model(model) and str(next(iter(model.peft_config.values())).peft_type).endswith("ALIGNER"):
+        return TRAINERS["aligner-dpo" if dpo else "aligner-sft"]
+    return None
+
+
+def adopt_card(trainer, spec=None) -> None:
+    """Make a TRL trainer's ``create_model_card`` (what ``push_to_hub`` calls) write hf-align's card."""
+
+    def create_model_card(model_name=None, dataset_name=None, tags=None, **_):
+        if trainer.is_world_process_zero():
+            write_card_for(trainer, spec=spec, model_name=model_name, dataset_name=dataset_name, tags=tags)
+
+    trainer.create_model_card = create_model_card
+
+
 def _deltas_only(trainer) -> bool:
     return getattr(trainer, "neuron_mask", None) is not None and not getattr(trainer.args, "save_merged", True)
 
 
-def quick_start(trainer, repo: str, base: str | None) -> str:
-    """Python that loads what ``trainer`` saved at ``repo`` (a Hub id, or ``./<folder>`` beside the caller)."""
+def quick_start(trainer, repo: str, base: str | None, spec=None) -> str:
+    """Python that loads what ``trainer`` saved at ``repo`` (a Hub id, or ``./<folder>`` beside the caller), and
+    generates with it when the trainer says how (``card_generate_snippet``: e.g. conditioned on feedback)."""
+    if hasattr(trainer, "card_how_to_load"):
+        return trainer.card_how_to_load(repo)
+    if spec is not None and spec.name == "warmup-dpo":  # what later stages read: the scores and the mask
+        from hf_align.hub import scores_quick_start
+
+        return scores_quick_start(repo, with_mask=True)
+    load = _load_snippet(trainer, repo, base)
+    if hasattr(trainer, "card_generate_snippet"):
+        load += "\n\n" + trainer.card_generate_snippet()
+    return load
+
+
+def _load_snippet(trainer, repo: str, base: str | None) -> str:
     from accelerate.utils import is_peft_model
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(trainer, "card_how_to_load"):
-        return trainer.card_how_to_load(repo)
     base_text = base or "<the base model's Hub id>"
     if is_peft_model(model):
         config = next(iter(model.peft_config.values()))
@@ -122,9 +165,9 @@ def model_card_for(
     """
     from hf_align.hub import build_model_card, mask_summary
     from hf_align.plots import MASK_PLOT_FILE
-    from hf_align.trainers.registry import TRAINERS, spec_for
+    from hf_align.trainers.registry import TRAINERS
 
-    spec = TRAINERS[spec] if isinstance(spec, str) else spec or spec_for(type(trainer))
+    spec = TRAINERS[spec] if isinstance(spec, str) else spec or registry_spec(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = _base_model_id(model)
     paper = spec.paper_dict if spec is not None else getattr(trainer, "_paper", {}) or {}
@@ -149,7 +192,7 @@ def model_card_for(
     return build_model_card(
         title=model_name or out.name,
         method=method + ".",
-        how_to_load=quick_start(trainer, repo, base),
+        how_to_load=quick_start(trainer, repo, base, spec),
         base_model=base,
         base_model_relation="adapter" if deltas_only else None,
         datasets=[dataset_name] if dataset_name else None,
@@ -160,7 +203,9 @@ def model_card_for(
             *(["neuron-deltas"] if deltas_only else []),
             *extra_tags,
         ],
-        library_name="hf-align" if deltas_only else getattr(trainer, "card_library_name", "transformers"),
+        library_name="hf-align"
+        if deltas_only or (spec is not None and spec.name == "warmup-dpo")
+        else getattr(trainer, "card_library_name", "transformers"),
         needs=(
             f"the base model ({f'`{base}`' if base else 'the one it was trained from'}) and `pip install hf-align`: "
             "the repo holds the trained deltas and their neuron mask, no full weights."
