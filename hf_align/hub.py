@@ -213,6 +213,8 @@ def public_value(value: Any) -> Any:
         value = value.value
     if isinstance(value, list | tuple):
         return type(value)(public_value(v) for v in value)
+    if isinstance(value, dict):
+        return {key: public_value(v) for key, v in value.items()}
     if isinstance(value, PurePath) or (
         isinstance(value, str) and (value.startswith(("/", "~", "./", "../")) or Path(value).exists())
     ):
