@@ -159,14 +159,14 @@ def mask_summary(mask, plot: str | None = None) -> list[str]:
         count, size = int(selected.sum()), sizes.get(name, 1) if row else 1
         counts[0], counts[1] = counts[0] + count, counts[1] + selected.numel()
         counts[2], counts[3] = counts[2] + count * size, counts[3] + selected.numel() * size
-    weights = row and bool(sizes)
-    lines += [f"| module | selected | fraction{' | fraction of weights' if weights else ''} |"]
+    weights = row and bool(sizes)  # rows differ in length across modules: where do the trained weights sit?
+    trained = sum(counts[2] for counts in per_module.values())
+    lines += [f"| module | selected | fraction{' | share of the trained weights' if weights else ''} |"]
     lines += ["|---|---|---|" + ("---|" if weights else "")]
     for module in module_order(per_module):
-        sel, total, wsel, wtotal = per_module[module]
-        lines += [f"| {module} | {sel} / {total} | {sel / max(total, 1):.4f} |" + (
-            f" {wsel / max(wtotal, 1):.4f} |" if weights else ""
-        )]  # fmt: skip
+        sel, total, wsel, _ = per_module[module]
+        share = f" {wsel / max(trained, 1):.4f} |" if weights else ""
+        lines += [f"| {module} | {sel} / {total} | {sel / max(total, 1):.4f} |{share}"]
     lines += ["", "| layer | module | selected fraction |", "|---|---|---|"]
     fractions = mask.per_layer_fraction()
     rank = {m: i for i, m in enumerate(module_order(module for _, module in fractions))}

@@ -475,12 +475,16 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
     # ---- model card: how to condition generation on the best feedback --------------------------------------
 
     def _card_conditioning(self) -> tuple[str | None, bool]:
-        """The best feedback (None while a text pool is empty) and whether prompts go through the chat template."""
+        """The best feedback (None while a text pool is empty) and whether prompts go through the chat template
+        (the training prompts were message lists)."""
         try:
             best = self.feedback_format.best(self.pool)
         except (ValueError, IndexError):
             best = None
-        return best, bool(getattr(self.processing_class, "chat_template", None))
+        prompts = list(self.pool.prompt[:1])
+        if not prompts and self.prompt_dataset is not None and len(self.prompt_dataset):
+            prompts = [self.prompt_dataset[0]["prompt"]]
+        return best, bool(prompts) and not isinstance(prompts[0], str)  # message lists: the chat template
 
     def card_sections(self, repo: str) -> list[str]:
         fmt = self.feedback_format
