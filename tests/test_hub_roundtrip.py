@@ -54,11 +54,11 @@ def quick_start(card: str) -> str:
     return match.group(1)
 
 
-def run_quick_start(hub: LocalHub, card: str, kind: str, tmp_path: Path, cwd: Path | None = None) -> Path:
+def run_quick_start(hub: LocalHub, card: str, kind: str, tmp_path: Path, cwd: Path | None = None, dump=None) -> Path:
     """Run the card's quick start as written in a fresh process that sees only ``hub``; return its dump folder."""
     out = tmp_path / f"dump-{kind}-{len(list(tmp_path.glob('dump-*')))}"
     out.mkdir()
-    script = quick_start(card) + "\n" + PRELUDE + DUMP[kind] + "\n"
+    script = quick_start(card) + "\n" + PRELUDE + (dump or DUMP[kind]) + "\n"
     env = {**hub.env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-c", script, str(out)], cwd=cwd or tmp_path, env=env, capture_output=True, text=True,
@@ -126,7 +126,12 @@ def test_a_trained_model_round_trips_merged_or_as_deltas(hub, tmp_path, save_mer
     files = hub.files(repo)
     card, meta = card_of(hub, repo)
     assert hub.repos[-1] == (repo, None) and hub.uploads[-1][0] == repo
-    assert {"README.md", "training_args.json", "tokenizer.json", "config.json" if save_merged else "neuron_mask.json"} <= files
+    assert {
+        "README.md",
+        "training_args.json",
+        "tokenizer.json",
+        "config.json" if save_merged else "neuron_mask.json",
+    } <= files
     assert meta["base_model"] == BASE and meta["datasets"] == ["org/preference-data"] and meta["model_name"]
     assert "| lr_scheduler_type | `cosine` |" in card and "SchedulerType" not in card
     assert "| beta | `0.1` |" in card and "Cite TRL as" in card and "### Framework versions" in card
@@ -148,6 +153,36 @@ def test_a_trained_model_round_trips_merged_or_as_deltas(hub, tmp_path, save_mer
     equal_tensors(dumped, {k: v for k, v in expected.items() if k in dumped})
     assert set(expected) <= set(dumped) | {"lm_head.weight"}  # tied weights are saved once
     assert_no_local_paths(hub, repo, tmp_path, testbed.MODEL_DIR)
+
+
+def test_an_aligner_adapter_round_trips_with_hf_aligns_card(hub, tmp_path):
+    """TRL's SFTTrainer with an Aligner adapter, card adopted (what the CLI's aligner-sft does): hf-align's card,
+    whose quick start loads the adapter on the base by repo id (TRL's card failed with KeyError 'ALIGNER')."""
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_align.peft_tuners import AlignerConfig
+    from hf_align.trainers.cards import adopt_card
+
+    args = SFTConfig(**quiet_training_args(
+        output_dir=str(tmp_path / "aligner"), max_steps=1, per_device_train_batch_size=2, hub_model_id="me/aligner",
+        gradient_checkpointing=False, learning_rate=1e-2,
+    ))  # fmt: skip
+    peft_config = AlignerConfig(num_tokens=2, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=BASE, args=args, train_dataset=testbed.sft_dataset(4), peft_config=peft_config,
+                         processing_class=testbed.load_tokenizer())  # fmt: skip
+    adopt_card(trainer)
+    trainer.train()
+    trainer.push_to_hub(dataset_name="org/sft-data")
+    card, meta = card_of(hub, "me/aligner")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= hub.files("me/aligner")
+    assert meta["base_model"] == BASE and "aligner" in meta["tags"] and "2312.05503" in card
+    adapter = {k: v for k, v in load_file(hub.folder("me/aligner") / "adapter_model.safetensors").items()}
+    dump = "_dump({k: v for k, v in model.state_dict().items() if 'aligner' in k})"
+    out = run_quick_start(hub, card, "model", tmp_path, dump=dump)
+    dumped = load_file(out / "out.safetensors")
+    assert len(dumped) == len(adapter) > 0
+    for (_, got), (_, saved) in zip(sorted(dumped.items()), sorted(adapter.items())):
+        torch.testing.assert_close(got, saved, rtol=0, atol=0)
 
 
 def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):

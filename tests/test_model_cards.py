@@ -156,6 +156,7 @@ def test_a_feedback_card_gives_the_conditioning_prefix_and_a_snippet_that_genera
     _run_card_quick_start(tmp_path / "out")  # loads ./out and generates with the prefix, as written
 
 
+@pytest.mark.slow
 def test_warmup_dpo_writes_a_card_whose_quick_start_loads_its_scores_and_mask(tmp_path):
     """Fails on main: `hf-align warmup-dpo` wrote no card."""
     from hf_align.cli import main

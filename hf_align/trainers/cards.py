@@ -134,7 +134,7 @@ def _load_snippet(trainer, repo: str, base: str | None) -> str:
             f"{register}from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f'base = AutoModelForCausalLM.from_pretrained("{base_text}")\n'
             f'model = PeftModel.from_pretrained(base, "{repo}")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")'
+            f'tokenizer = AutoTokenizer.from_pretrained("{base_text}")  # an adapter keeps the base\'s vocabulary'
         )
     if _deltas_only(trainer):
         return (
