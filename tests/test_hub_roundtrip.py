@@ -7,7 +7,6 @@ The Hub is :class:`hub_standin.LocalHub`: uploads land in a real ``huggingface_h
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -198,7 +197,12 @@ def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):
     assert meta["library_name"] == "hf-align" and meta["base_model"] == BASE
     dumped = load_file(run_quick_start(hub, card, "mask", tmp_path) / "out.safetensors")
     equal_tensors({k: v.bool() for k, v in dumped.items()}, second.masks)  # main: the latest upload
-    for old in (NeuronMask.load("me/mask", revision=first_commit), NeuronMask.load(f"me/mask@{first_commit}")):
+    from types import SimpleNamespace
+
+    from hf_align.trainers._masking import resolve_neuron_mask
+
+    flag = SimpleNamespace(neuron_mask_path=f"me/mask@{first_commit}", neuron_scores_path=None)  # --neuron_mask_path
+    for old in (NeuronMask.load("me/mask", revision=first_commit), resolve_neuron_mask(None, flag)):
         equal_tensors(old.masks, first.masks)
     # an artifact in a subfolder of a repo: org/name/sub
     first.save(tmp_path / "run" / "neuron_mask")
