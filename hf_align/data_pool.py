@@ -397,11 +397,14 @@ class DataPool:
             write_json(meta_tmp, meta)
 
     @classmethod
-    def load(cls, directory: PathLike) -> DataPool:
-        """Inverse of :meth:`save`: same rows, settings and RNG state."""
+    def load(cls, directory: PathLike, revision: str | None = None) -> DataPool:
+        """Inverse of :meth:`save`: same rows, settings and RNG state, from a folder or a Hub repo id
+        (``revision``: branch, tag or commit; :func:`hf_align.hub.resolve_local`)."""
         import pyarrow.parquet as pq
 
-        directory = Path(directory)
+        from hf_align.hub import resolve_local
+
+        directory = resolve_local(directory, revision, [POOL_TABLE, POOL_META], what="data pool")
         meta = read_json(directory / POOL_META)
         require_keys(meta, _META_KEYS, directory / POOL_META)
         path = directory / POOL_TABLE

@@ -10,27 +10,95 @@ from __future__ import annotations
 
 import re
 import tempfile
-from pathlib import Path
+import textwrap
+from enum import Enum
+from pathlib import Path, PurePath
 from typing import Any
 
 from hf_align.citations import CITATIONS
+from hf_align.errors import UserError
 from hf_align.io import PathLike, atomic_file
 
 
 __all__ = [
     "CITATIONS",
+    "MODEL_FILE_PATTERNS",
     "build_model_card",
     "hub_id",
     "merge_model_card",
     "mask_summary",
     "push_folder",
+    "artifact_card",
+    "framework_versions",
+    "neuron_mask_card",
+    "public_value",
     "push_neuron_mask",
+    "resolve_local",
+    "scores_quick_start",
+    "split_revision",
     "write_model_card",
 ]
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
+
+
+MODEL_FILE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+"""What a model download needs: weights, configs, tokenizer files (no pickled ``*.bin``, no ``*.pt``)."""
+_REPO_PATH = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(/[\w.-]+)*)$")
+
+
+def split_revision(name_or_path: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``"org/name@rev"`` → ``("org/name", "rev")``: a flag or a recipe names a revision in one string. An explicit
+    ``revision`` must not contradict the suffix."""
+    name, sep, suffix = str(name_or_path).rpartition("@")
+    if not sep or not _REPO_PATH.match(name) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", suffix):
+        return str(name_or_path), revision
+    if revision is not None and revision != suffix:
+        raise UserError(f"{name_or_path!r} names revision {suffix!r} but revision={revision!r} was also given.")
+    return name, suffix
+
+
+def resolve_local(
+    name_or_path: PathLike,
+    revision: str | None = None,
+    allow_patterns: list[str] | str | None = None,
+    what: str = "artifact",
+) -> Path:
+    """A local path for what an hf-align reader reads: the path itself when it exists here, else a Hub repo id
+    fetched with ``huggingface_hub.snapshot_download`` into its cache (``HF_HUB_OFFLINE=1`` reads the cache alone).
+
+    Spellings: ``org/name``, ``org/name@revision``, ``org/name/sub/folder`` (an artifact saved in a subfolder of
+    a repo, e.g. the warm-up's ``neuron_mask`` or the feedback trainer's ``data_pool``). ``allow_patterns``: the
+    files the reader needs (relative to that subfolder), so nothing else is downloaded. Every reader of a mask,
+    deltas, scores, a data pool or a model folder goes through here; ``what`` names the artifact in errors.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        return local
+    patterns = [allow_patterns] if isinstance(allow_patterns, str) else list(allow_patterns or [])
+    name, revision = split_revision(str(name_or_path), revision)
+    match = _REPO_PATH.match(name)
+    if match is None or name.startswith(".") or ".." in name.split("/"):
+        holding = f" with {', '.join(patterns)}" if patterns else ""
+        raise FileNotFoundError(
+            f"{what}: {str(name_or_path)!r} does not exist (expected a folder{holding}, or a Hub repo id org/name)."
+        )
+    from huggingface_hub import snapshot_download
+
+    repo_id, sub = match["repo"], match["sub"].strip("/")
+    wanted = [f"{sub}/{p}" if sub else p for p in patterns] or ([f"{sub}/*"] if sub else None)
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+    except OSError as error:  # huggingface_hub's not-found / offline / HTTP errors are all OSErrors
+        at = f" at revision {revision!r}" if revision else ""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"{what}: {str(name_or_path)!r} does not exist locally, and Hub repo {repo_id!r}{at} could not be "
+            f"downloaded ({first})."
+        ) from error
+    return folder / sub if sub else folder
 
 
 def hub_id(name_or_path: str | None) -> str | None:
@@ -63,26 +131,43 @@ def hub_id(name_or_path: str | None) -> str | None:
 
 
 def mask_summary(mask, plot: str | None = None) -> list[str]:
-    """Markdown lines that say what a ``NeuronMask`` trains: granularity, ratio, counts, the fraction per layer;
-    ``plot``: the mask plot's file name next to the card (``mask_plot.png``), shown as an image."""
+    """Markdown lines that say what a ``NeuronMask`` trains: granularity, the fraction of rows *and* of weights
+    (rows differ in length), one row per module type, the fraction per layer; ``plot``: the mask plot's file name
+    next to the card (``mask_plot.png``), shown as an image."""
+    from hf_align.plots import module_order
+
+    sizes = mask.neuron_sizes or {}
+    row = mask.granularity == "row"
     lines = [
-        "## Neuron mask",
+        "### Neuron mask",
         "",
-        f"- granularity: `{mask.granularity}` ({'output features' if mask.granularity == 'row' else 'entries'})",
-        f"- selected: {mask.num_selected} of {mask.num_total} ({mask.ratio:.4%})",
+        f"- granularity: `{mask.granularity}` ({'output features' if row else 'entries'})",
+        f"- {'rows' if row else 'entries'} selected: {mask.num_selected} of {mask.num_total} ({mask.ratio:.4%})",
         *(
             [f"- weights trained: {mask.num_params_selected} of {mask.num_params_total} ({mask.param_ratio:.4%})"]
-            if mask.granularity == "row" and mask.param_ratio is not None
+            if row and mask.param_ratio is not None
             else []
         ),
         *([f"- ratio counted in: {mask.info['budget']}"] if mask.info.get("budget") else []),
         "",
         *([f"![Neurons trained per layer and module]({plot})", ""] if plot else []),
-        "| layer | module | selected fraction |",
-        "|---|---|---|",
     ]
-    from hf_align.plots import module_order
-
+    per_module: dict[str, list[int]] = {}  # module type → [selected, total, weights selected, weights total]
+    for name, selected in mask.masks.items():
+        parts = name.split(".")
+        counts = per_module.setdefault(parts[-2] if len(parts) > 1 else parts[-1], [0, 0, 0, 0])
+        count, size = int(selected.sum()), sizes.get(name, 1) if row else 1
+        counts[0], counts[1] = counts[0] + count, counts[1] + selected.numel()
+        counts[2], counts[3] = counts[2] + count * size, counts[3] + selected.numel() * size
+    weights = row and bool(sizes)  # rows differ in length across modules: where do the trained weights sit?
+    trained = sum(counts[2] for counts in per_module.values())
+    lines += [f"| module | selected | fraction{' | share of the trained weights' if weights else ''} |"]
+    lines += ["|---|---|---|" + ("---|" if weights else "")]
+    for module in module_order(per_module):
+        sel, total, wsel, _ = per_module[module]
+        share = f" {wsel / max(trained, 1):.4f} |" if weights else ""
+        lines += [f"| {module} | {sel} / {total} | {sel / max(total, 1):.4f} |{share}"]
+    lines += ["", "| layer | module | selected fraction |", "|---|---|---|"]
     fractions = mask.per_layer_fraction()
     rank = {m: i for i, m in enumerate(module_order(module for _, module in fractions))}
     order = sorted(fractions.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, rank[kv[0][1]]))
@@ -90,6 +175,55 @@ def mask_summary(mask, plot: str | None = None) -> list[str]:
         f"| {'other' if layer is None else layer} | {module} | {fraction:.4f} |" for (layer, module), fraction in order
     ]
     return [*lines, ""]
+
+
+TRL_CITATION = textwrap.dedent("""\
+    @software{vonwerra2020trl,
+        title   = {{TRL: Transformers Reinforcement Learning}},
+        author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallou{\\'e}dec, Quentin},
+        license = {Apache-2.0},
+        url     = {https://github.com/huggingface/trl},
+        year    = {2020}
+    }""")  # fmt: skip
+"""TRL's own citation, as TRL's model cards give it (hf-align's trainers extend TRL's)."""
+_FRAMEWORKS = {"hf-align": "hf-align", "TRL": "trl", "Transformers": "transformers", "PEFT": "peft",
+               "PyTorch": "torch", "Datasets": "datasets", "Tokenizers": "tokenizers"}  # fmt: skip
+
+
+def framework_versions() -> dict[str, str]:
+    """The installed versions of the libraries an artifact was made with (TRL's "Framework versions")."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for label, package in _FRAMEWORKS.items():
+        try:
+            versions[label] = version(package)
+        except PackageNotFoundError:
+            if package == "hf-align":
+                from hf_align import __version__
+
+                versions[label] = __version__
+    return versions
+
+
+def public_value(value: Any) -> Any:
+    """What a card may print for a setting: an enum's value (``cosine``, not ``SchedulerType.COSINE``), and for a
+    local path its Hub id or, failing that, its last component — never the writer's path."""
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, list | tuple):
+        return type(value)(public_value(v) for v in value)
+    if isinstance(value, dict):
+        return {key: public_value(v) for key, v in value.items()}
+    if isinstance(value, PurePath) or (
+        isinstance(value, str) and (value.startswith(("/", "~", "./", "../")) or Path(value).exists())
+    ):
+        return hub_id(str(value)) or Path(str(value)).name
+    return value
+
+
+def _dataset_link(name: str) -> str:
+    return f"[{name}](https://huggingface.co/datasets/{name})" if _REPO_PATH.match(name) else f"`{name}`"
 
 
 def build_model_card(
@@ -104,11 +238,18 @@ def build_model_card(
     library_name: str = "transformers",
     sections: list[str] | None = None,
     base_model_relation: str | None = None,
+    model_name: str | None = None,
+    tracking: dict[str, str] | None = None,
+    needs: str | None = None,
 ):
-    """A ``huggingface_hub.ModelCard`` with hf-align's metadata and sections (unknown citation keys are an error).
+    """A ``huggingface_hub.ModelCard`` laid out as TRL's (model card, quick start, training procedure, framework
+    versions, citations of the method and of TRL) with hf-align's sections.
 
-    ``base_model`` goes through :func:`hub_id`: a local path never reaches the card. ``sections``: extra
-    Markdown lines (e.g. :func:`mask_summary`) placed before "How to load".
+    ``base_model``, ``datasets`` and every hyperparameter go through :func:`public_value`: a local path never
+    reaches the card. ``how_to_load``: the quick start, Python that runs as written. ``sections``: extra Markdown
+    lines (e.g. :func:`mask_summary`) in the training procedure. ``tracking``: ``{"Weights & Biases": url}``
+    links of the run. ``needs``: what loading requires beyond the files (e.g. the base model of a delta repo).
+    Unknown citation keys are an error.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -118,28 +259,39 @@ def build_model_card(
     ids = list(
         dict.fromkeys(i for i in map(hub_id, base_model if isinstance(base_model, list) else [base_model]) if i)
     )
+    names = [str(public_value(d)) for d in datasets or []]
     extra = {"base_model_relation": base_model_relation} if base_model_relation and ids else {}
     data = ModelCardData(
         library_name=library_name,
         base_model=(ids if isinstance(base_model, list) else ids[0]) if ids else None,
-        datasets=datasets or None,
+        datasets=[n for n in names if _REPO_PATH.match(n)] or None,
+        model_name=model_name or title,
         tags=list(dict.fromkeys(["hf-align", *(tags or [])])),
         **extra,
     )
-    lines = [f"# {title}", "", method, ""]
+    lines = [f"# Model Card for {model_name or title}", ""]
     if ids:
-        links = ", ".join(f"[`{i}`](https://huggingface.co/{i})" for i in ids)
-        lines += [f"**Base model{'s' if len(ids) > 1 else ''}:** {links}", ""]
-    if datasets:
-        lines += ["**Data:** " + ", ".join(f"`{d}`" for d in datasets), ""]
+        links = ", ".join(f"[{i}](https://huggingface.co/{i})" for i in ids)
+        on = f" on {', '.join(map(_dataset_link, names))}" if names else ""
+        lines += [f"Base model{'s' if len(ids) > 1 else ''}: {links}{on}.", ""]
+    elif names:
+        lines += ["Data: " + ", ".join(map(_dataset_link, names)) + ".", ""]
+    lines += [method, ""]
+    if needs:
+        lines += [f"**Needs:** {needs}", ""]
+    lines += ["## Quick start", "", "```python", how_to_load.strip(), "```", "", "## Training procedure", ""]
+    lines += [f"- [{label}]({url})" for label, url in (tracking or {}).items()] + ([""] if tracking else [])
     if hyperparameters:
-        lines += ["## Hyperparameters", "", "| name | value |", "|---|---|"]
-        lines += [f"| {key} | `{value}` |" for key, value in sorted(hyperparameters.items())] + [""]
+        lines += ["### Hyperparameters", "", "| name | value |", "|---|---|"]
+        rows = {key: public_value(value) for key, value in hyperparameters.items()}
+        lines += [f"| {key} | `{value}` |" for key, value in sorted(rows.items())] + [""]
     lines += list(sections or [])
-    lines += ["## How to load", "", "```python", how_to_load.strip(), "```", ""]
-    lines += ["Made with [hf-align](https://github.com/hf-align/hf-align).", ""]
+    lines += ["### Framework versions", ""]
+    lines += [f"- {label}: {v}" for label, v in framework_versions().items()] + [""]
+    lines += ["Made with [hf-align](https://github.com/hf-align/hf-align).", "", "## Citations", ""]
     if citations:
-        lines += ["## Citation", "", "```bibtex", *(CITATIONS.get(c, c) for c in citations), "```", ""]
+        lines += ["Cite the method as:", "", "```bibtex", *(CITATIONS.get(c, c) for c in citations), "```", ""]
+    lines += ["Cite TRL as:", "", "```bibtex", TRL_CITATION, "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
@@ -151,14 +303,18 @@ def merge_model_card(base: str, aligned: str, plan, repo: str | None = None):
     lines = ["## α per tensor group", "", "| group | α | tensors |", "|---|---|---|"]
     lines += [f"| {group} | {alpha:g} | {count} |" for (group, alpha), count in sorted(groups.items())] + [""]
     name = hub_id(aligned) or Path(str(aligned)).name
-    target = repo or "<this folder>"
+    target = repo or "<this repo id or folder>"
     return build_model_card(
         title=f"AMA merge of {name}",
         method=(
             "Model averaging (AMA): θ = α·θ_base + (1−α)·θ_aligned, α weighing the pre-alignment model, streamed "
             f"tensor by tensor by hf-align ({plan.description}). The full per-tensor plan is in merge_plan.json."
         ),
-        how_to_load=f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{target}")',
+        how_to_load=(
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{target}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{target}")'
+        ),
         base_model=[aligned, base],
         base_model_relation="merge",
         hyperparameters={"base": hub_id(base) or Path(str(base)).name, "aligned": name, "plan": plan.description},
@@ -184,18 +340,103 @@ def push_folder(
     token: str | None = None,
     commit_message: str = "Upload with hf-align",
     api=None,
+    revision: str | None = None,
+    base_model: str | None = None,
 ) -> Any:
-    """Create ``repo_id`` if needed and upload ``folder`` (with ``card`` written as its README.md)."""
+    """Create ``repo_id`` if needed and upload ``folder`` with ``card`` as its README.md; without a card, a folder
+    hf-align wrote (a mask, scores, a data pool, a warm-up output) gets :func:`artifact_card` unless it has one."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Nothing to push: {str(folder)!r} is not a directory.")
     api = api or HfApi(token=token)
+    if card is None and not (folder / "README.md").exists():
+        card = artifact_card(folder, repo_id, base_model=base_model)
     if card is not None:
         write_model_card(card, folder)
     api.create_repo(repo_id, private=private, exist_ok=True, token=token)
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token)
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, revision=revision
+    )
+
+
+def neuron_mask_card(mask, repo: str, base_model: str | None = None):
+    """The card of a ``NeuronMask`` on its own (``repo``: its Hub id or ``./folder``)."""
+    info = {k: v for k, v in mask.info.items() if isinstance(v, str | int | float | bool)}
+    return build_model_card(
+        title=f"Neuron mask ({mask.granularity}, {mask.ratio:.2%} of {mask.num_total} neurons)",
+        method=(
+            "A neuron mask from hf-align: the parameter entries (element granularity) or output rows (row "
+            "granularity) that an ALLO stage trains. Bit-packed safetensors plus a JSON header; no pickle. Train "
+            f"with it: `--neuron_mask_path {repo}` (a Hub id may end in `@revision`)."
+        ),
+        how_to_load=f'from hf_align.masks import NeuronMask\n\nmask = NeuronMask.load("{repo}")\nprint(mask)',
+        base_model=base_model,
+        hyperparameters={**info, "num_selected": mask.num_selected, "num_total": mask.num_total},
+        citations=["allo"],
+        sections=mask_summary(mask),
+        tags=["neuron-mask", "allo"],
+        library_name="hf-align",
+        needs="`pip install hf-align` (the mask holds no weights; it selects the neurons of the base model).",
+    )
+
+
+def scores_quick_start(repo: str, with_mask: bool = False) -> str:
+    """Python that loads neuron scores (and the warm-up's selected mask, in ``neuron_mask/``) from ``repo``."""
+    quick = f'from hf_align.scores import load_scores\n\nscores, meta = load_scores("{repo}")'
+    if with_mask:
+        quick += f'\n\nfrom hf_align.masks import NeuronMask\n\nmask = NeuronMask.load("{repo}/neuron_mask")'
+    return quick
+
+
+def artifact_card(folder: PathLike, repo: str, base_model: str | None = None):
+    """The card of a folder hf-align wrote that no trainer card covers: neuron scores (with the warm-up's
+    ``neuron_mask/`` when present), a neuron mask, or a feedback data pool. ``None`` for anything else."""
+    from hf_align.data_pool import POOL_META, DataPool
+    from hf_align.masks import MASK_META_FILE, NeuronMask
+    from hf_align.scores import META_FILE, load_scores
+
+    folder = Path(folder)
+    if (folder / META_FILE).is_file():
+        scores, meta = load_scores(folder)
+        mask_dir = folder / "neuron_mask"
+        quick = scores_quick_start(repo, with_mask=(mask_dir / MASK_META_FILE).is_file())
+        return build_model_card(
+            title=f"Neuron scores ({len(scores)} tensors)",
+            method=(
+                "Neuron scores from hf-align (ALLO stage 1): how much each neuron moved while aligning. Select a mask "
+                f"from them with `hf-align select-mask --neuron_scores_path {repo} --neuron_mask_ratio 0.1`, or "
+                f"train with `--neuron_scores_path {repo}`."
+            ),
+            how_to_load=quick,
+            base_model=base_model,
+            hyperparameters={k: v for k, v in meta.items() if isinstance(v, str | int | float | bool)},
+            citations=["allo"],
+            sections=mask_summary(NeuronMask.load(mask_dir)) if (mask_dir / MASK_META_FILE).is_file() else None,
+            tags=["neuron-scores", "allo"],
+            library_name="hf-align",
+            needs="`pip install hf-align` (scores hold no weights).",
+        )
+    if (folder / MASK_META_FILE).is_file():
+        return neuron_mask_card(NeuronMask.load(folder), repo, base_model)
+    if (folder / POOL_META).is_file():
+        pool = DataPool.load(folder)
+        return build_model_card(
+            title=f"Feedback data pool ({len(pool)} rows)",
+            method=(
+                "The data pool of hf-align's feedback-conditioned training (Quark / ALT): sampled completions with "
+                "their rewards, quantile bins or feedback, as Parquet plus a JSON header."
+            ),
+            how_to_load=f'from hf_align.data_pool import DataPool\n\npool = DataPool.load("{repo}")\nprint(len(pool))',
+            base_model=base_model,
+            hyperparameters={k: v for k, v in pool.state_dict().items() if isinstance(v, str | int | float | bool)},
+            citations=["quark", "alt"],
+            tags=["data-pool", "quark", "alt"],
+            library_name="hf-align",
+            needs="`pip install hf-align`.",
+        )
+    return None
 
 
 def push_neuron_mask(
@@ -207,24 +448,6 @@ def push_neuron_mask(
     api=None,
 ) -> Any:
     """Upload a ``NeuronMask`` alone (``neuron_mask.safetensors`` + ``neuron_mask.json`` + a card)."""
-    info = {k: v for k, v in mask.info.items() if isinstance(v, str | int | float | bool)}
-    card = build_model_card(
-        title=f"Neuron mask ({mask.granularity}, {mask.ratio:.2%} of {mask.num_total} neurons)",
-        method=(
-            "A neuron mask from hf-align: the parameter entries (element granularity) or output rows (row "
-            "granularity) that an ALLO stage trains. Bit-packed safetensors plus a JSON header; no pickle."
-        ),
-        how_to_load=(
-            "from huggingface_hub import snapshot_download\nfrom hf_align.masks import NeuronMask\n\n"
-            f'mask = NeuronMask.load(snapshot_download("{repo_id}"))'
-        ),
-        base_model=base_model,
-        hyperparameters={**info, "num_selected": mask.num_selected, "num_total": mask.num_total},
-        citations=["allo"],
-        sections=mask_summary(mask),
-        tags=["neuron-mask", "allo"],
-        library_name="hf-align",
-    )
     with tempfile.TemporaryDirectory() as tmp:
         mask.save(tmp)
-        return push_folder(tmp, repo_id, card, private=private, token=token, api=api)
+        return push_folder(tmp, repo_id, neuron_mask_card(mask, repo_id, base_model), private, token, api=api)

@@ -111,9 +111,14 @@ def save_scores(directory: PathLike, scores: dict[str, torch.Tensor], meta: dict
     return path
 
 
-def load_scores(directory: PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a score set written by :func:`save_scores` (``directory`` or the safetensors file itself)."""
-    path = Path(directory)
+def load_scores(
+    directory: PathLike, device: str = "cpu", revision: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a score set written by :func:`save_scores` (``directory``, the safetensors file itself, or a Hub repo
+    id with ``revision``: :func:`hf_align.hub.resolve_local`)."""
+    from hf_align.hub import resolve_local
+
+    path = resolve_local(directory, revision, [SCORES_FILE, META_FILE], what="neuron scores")
     if path.is_dir():
         path = path / SCORES_FILE
     if not path.exists():

@@ -49,7 +49,7 @@ def test_card_has_metadata_sections_and_citation():
     )  # fmt: skip
     meta = _metadata(card)
     assert meta["base_model"] == "org/base" and meta["datasets"] == ["org/data"] and "hf-align" in meta["tags"]
-    for text in ("# T", "Method text.", "| beta | `0.1` |", "## How to load", "2406.12606", "2404.05868"):
+    for text in ("# T", "Method text.", "| beta | `0.1` |", "## Quick start", "2406.12606", "2404.05868"):
         assert text in card
     with pytest.raises(ValueError, match="Unknown citation key"):
         build_model_card("T", "m", "l", citations=["nope"])
@@ -98,7 +98,11 @@ def test_a_merge_writes_its_own_card_naming_both_inputs_as_hub_ids(tmp_path):
     card = (tmp_path / "merged" / "README.md").read_text()
     meta = _metadata(card)
     assert meta["base_model"] == ["org/tiny-aligned", "org/tiny-base"] and meta["base_model_relation"] == "merge"
-    assert "| all | 0.25 |" in card and "# AMA merge of org/tiny-aligned" in card and str(tmp_path) not in card
+    assert (
+        "| all | 0.25 |" in card
+        and "# Model Card for AMA merge of org/tiny-aligned" in card
+        and str(tmp_path) not in card
+    )
 
 
 @pytest.mark.parametrize("save_merged", [True, False])

@@ -98,3 +98,77 @@ def test_a_raw_bibtex_citation_is_accepted_and_unknown_keys_are_not():
     assert "@misc{x, title={Y}}" in card
     with pytest.raises(ValueError, match="Unknown citation key"):
         build_model_card("T", "m", "l", citations=["nope"])
+
+
+def _run_card_quick_start(folder, extra: str = "") -> str:
+    """Run the card's quick start as written, from the folder's parent (its repo is ``./<folder>``)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_hub_roundtrip import quick_start
+
+    script = quick_start((Path(folder) / "README.md").read_text()) + "\n" + extra
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(folder).parent, env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, f"{script}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_an_npo_card_shows_npos_settings_not_sfts(tmp_path):
+    """Fails on main: the card showed SFT's `loss_type: nll` and no NPO or retain setting."""
+    from hf_align.trainers import NPOConfig, NPOTrainer
+
+    tb = testbed.load()
+    args = NPOConfig(**quiet_training_args(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, gradient_checkpointing=False,
+        npo_level="token", retain_weight=0.5, beta=0.2, lr_scheduler_type="cosine",
+    ))  # fmt: skip
+    trainer = NPOTrainer(model=tb.model, args=args, train_dataset=tb.forget_dataset(4), processing_class=tb.tokenizer)
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    for row in ("| beta | `0.2` |", "| npo_level | `token` |", "| npo_loss_type | `npo` |",
+                "| retain_loss_type | `nll` |", "| retain_weight | `0.5` |", "| lr_scheduler_type | `cosine` |"):  # fmt: skip
+        assert row in card, row
+    assert "| loss_type |" not in card and "SchedulerType" not in card and str(tmp_path) not in card
+    assert "@article{zhang2024npo" in card and "@software{vonwerra2020trl" in card and "- TRL: " in card
+
+
+def test_a_feedback_card_gives_the_conditioning_prefix_and_a_snippet_that_generates_with_it(tmp_path):
+    """Fails on main: the `<|quantile_0|>` prefix was only in training_args.json."""
+    from datasets import Dataset
+
+    from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
+
+    data = Dataset.from_dict({"prompt": ["1+2=", "4+4="], "completion": ["3", "9"], "feedback": [1.0, 0.0]})
+    config = FeedbackConditionedConfig(**quiet_training_args(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, num_quantiles=2, max_completion_length=4,
+    ))  # fmt: skip
+    model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2, intermediate_size=64)
+    trainer = FeedbackConditionedTrainer(model, config, data, processing_class=testbed.load_tokenizer())
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "### Conditioning" in card and "`<|quantile_0|>`, `<|quantile_1|>`" in card
+    assert "'<|quantile_0|> input: Write a short answer.'" in card and "model.generate(" in card
+    _run_card_quick_start(tmp_path / "out")  # loads ./out and generates with the prefix, as written
+
+
+@pytest.mark.slow
+def test_warmup_dpo_writes_a_card_whose_quick_start_loads_its_scores_and_mask(tmp_path):
+    """Fails on main: `hf-align warmup-dpo` wrote no card."""
+    from hf_align.cli import main
+
+    out = tmp_path / "warm"
+    argv = ["warmup-dpo", "--model_name_or_path", "testbed", "--dataset_name", "testbed:preference", "--max_steps",
+            "1", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--report_to", "none", "--output_dir",
+            str(out), "--neuron_mask_ratio", "0.1", "--save_strategy", "no"]  # fmt: skip
+    assert main(argv) == 0
+    card = (out / "README.md").read_text()
+    meta = _meta(card)
+    assert meta["library_name"] == "hf-align" and "allo-warmup" in meta["tags"] and "testbed:preference" in card
+    assert "2406.12606" in card and str(tmp_path) not in card
+    printed = _run_card_quick_start(out, "print(len(scores), mask.num_selected)")
+    assert printed.split() and int(printed.split()[1]) > 0

@@ -7,6 +7,7 @@ checkpoint; :func:`replace_training_args_pickle` does the same for a final ``sav
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,12 +31,20 @@ def replace_training_args_pickle(directory: PathLike, args) -> bool:
         return False
     apply_file_mode(directory)
     with atomic_file(directory / TRAINING_ARGS_JSON, "w") as handle:
-        handle.write(args.to_json_string())
+        handle.write(public_args_json(args))
     pickle_path = directory / TRAINING_ARGS_PICKLE
     if not pickle_path.exists():
         return False
     pickle_path.unlink()
     return True
+
+
+def public_args_json(args) -> str:
+    """``args`` as JSON with every local path replaced by its Hub id or last component (``output_dir`` is
+    ``out``, not ``/home/me/runs/out``): the file is uploaded with the model, and nothing reads it back to resume."""
+    from hf_align.hub import public_value
+
+    return json.dumps(public_value(json.loads(args.to_json_string())), indent=2, sort_keys=True) + "\n"
 
 
 class JsonTrainingArgsCallback(TrainerCallback):

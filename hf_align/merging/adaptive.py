@@ -279,8 +279,11 @@ class LearnedAlphas:
         write_json(directory / ALPHAS_JSON, asdict(self))
 
     @classmethod
-    def load(cls, directory: PathLike) -> LearnedAlphas:
-        directory = Path(directory)
+    def load(cls, directory: PathLike, revision: str | None = None) -> LearnedAlphas:
+        """From a folder or a Hub repo id (:func:`hf_align.hub.resolve_local`)."""
+        from hf_align.hub import resolve_local
+
+        directory = resolve_local(directory, revision, [ALPHAS_JSON, ALPHAS_TENSORS], what="learned α's")
         data = read_json(directory / ALPHAS_JSON)
         tensors = load_tensors(directory / ALPHAS_TENSORS)
         data["block_params"], data["head_param"] = tensors["blocks"].tolist(), float(tensors["head"][0])

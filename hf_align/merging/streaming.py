@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from hf_align.errors import UserError
-from hf_align.hub import merge_model_card, write_model_card
+from hf_align.hub import MODEL_FILE_PATTERNS, merge_model_card, resolve_local, write_model_card
 from hf_align.io import (
     PathLike,
     atomic_dir,
@@ -346,14 +346,7 @@ def resolve_model_dir(name_or_path: PathLike, stack: contextlib.ExitStack, revis
     An adapter directory (``adapter_config.json``) is loaded on its base model, ``merge_and_unload``-ed and
     saved to a temporary directory (this step holds the full model in memory once).
     """
-    path = Path(name_or_path)
-    if not path.exists():
-        if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
-            raise FileNotFoundError(f"Model path {str(name_or_path)!r} does not exist.")
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-        path = Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=patterns))
+    path = resolve_local(name_or_path, revision, MODEL_FILE_PATTERNS, what="model")
     if path.is_dir() and (path / "adapter_config.json").exists():
         return _merge_adapter(path, stack)
     return path
@@ -540,7 +533,8 @@ def merge_models(
             plan.save(tmp / PLAN_FILE)
             if plot:
                 plot_merge_alphas(plan, tmp / ALPHA_PLOT_FILE)
-            write_model_card(merge_model_card(str(base), str(aligned), plan), tmp)  # not the aligned model's card
+            card = merge_model_card(str(base), str(aligned), plan, repo=f"./{output_dir.name}")
+            write_model_card(card, tmp)  # not the aligned model's card
         bar.close()
     return MergeResult(output_dir, plan, len(outputs), len(files), total)
 

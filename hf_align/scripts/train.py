@@ -225,6 +225,7 @@ def train_and_save(trainer, training_args, script_args) -> None:
 
     if not any(isinstance(c, JsonTrainingArgsCallback) for c in trainer.callback_handler.callbacks):
         trainer.add_callback(JsonTrainingArgsCallback())
+    trainer.card_dataset_name = script_args.dataset_name  # every card (checkpoints too) names the data
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_final(trainer, training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the log history the pipeline summary reads

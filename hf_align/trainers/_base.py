@@ -167,7 +167,7 @@ def save_final(trainer, output_dir: str) -> None:
         trainer.save_model(str(tmp), _internal_call=True)  # no push of a half-moved folder: the caller pushes
         trainer.accelerator.wait_for_everyone()
     if main and hasattr(trainer, "_write_card"):  # again, in place: the card links files beside it (plots)
-        trainer._write_card(output_dir, dataset_name=getattr(trainer, "card_dataset_name", None))
+        trainer._write_card(output_dir)
 
 
 def upgrade_collator(collator, base_class: type, new_class: type):
@@ -293,7 +293,7 @@ class HFAlignTrainerMixin:
             if fmt is not None:
                 restore_saved_config(folder, fmt)
             replace_training_args_pickle(folder, self.args)
-            self._write_card(folder, dataset_name=getattr(self, "card_dataset_name", None))
+            self._write_card(folder)
 
     def _save_checkpoint(self, model, trial):
         self._in_checkpoint = True
@@ -322,108 +322,11 @@ class HFAlignTrainerMixin:
             self._write_card(self.args.output_dir, model_name, dataset_name, tags)
 
     def _write_card(self, folder, model_name=None, dataset_name=None, tags=None) -> None:
-        from hf_align.hub import write_model_card
+        from hf_align.trainers.cards import write_card_for
 
-        write_model_card(model_card_for(self, model_name, dataset_name, tags, folder=folder), folder)
+        write_card_for(self, folder, model_name=model_name, dataset_name=dataset_name, tags=tags)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.trainable_fraction is not None and self.model.training and "loss" in logs:
             logs["trainable_fraction"] = self.trainable_fraction
         super().log(logs, start_time)
-
-
-_CARD_ARGS = (
-    "learning_rate", "lr_scheduler_type", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "seed", "beta", "loss_type", "max_length", "warmup_steps", "weight_decay",
-)  # fmt: skip
-
-
-def _card_hyperparameters(trainer) -> dict:
-    """TRL's usual training knobs, the effective batch, and every hf-align field set away from its default."""
-    from hf_align.config_checks import own_fields
-
-    args = trainer.args
-    values = {name: getattr(args, name) for name in _CARD_ARGS if getattr(args, name, None) not in (None, -1)}
-    values["total_train_batch_size"] = (
-        args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
-    )
-    defaults = {f.name: f.default for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING}
-    for name in own_fields(type(args)):
-        value = getattr(args, name, None)
-        if name in defaults and value != defaults[name] and isinstance(value, str | int | float | bool):
-            values[name] = value
-    return values
-
-
-def _how_to_load(trainer, repo: str) -> str:
-    from accelerate.utils import is_peft_model
-
-    from hf_align.hub import hub_id
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if is_peft_model(model):
-        config = next(iter(model.peft_config.values()))
-        register = (
-            "import hf_align  # registers Aligner with PEFT (PEFT has no plugin hook)\n"
-            if str(config.peft_type).endswith("ALIGNER")
-            else ""
-        )
-        return (
-            f"{register}from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-            f'base = AutoModelForCausalLM.from_pretrained("{hub_id(config.base_model_name_or_path) or "<base model>"}")\n'
-            f'model = PeftModel.from_pretrained(base, "{repo}")'
-        )
-    if getattr(trainer, "neuron_mask", None) is not None and not getattr(trainer.args, "save_merged", True):
-        return (
-            "from transformers import AutoModelForCausalLM\nfrom hf_align.sparse_update import load_deltas\n\n"
-            "# the folder holds only the trained deltas + their mask: load the base, then the deltas\n"
-            f'model = load_deltas(AutoModelForCausalLM.from_pretrained("<base model>"), "{repo}")'
-        )
-    return f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{repo}")'
-
-
-def model_card_for(trainer, model_name: str | None = None, dataset_name: str | None = None, tags=None, folder=None):
-    """The model card of what ``trainer`` saves: method and paper, the base model as a Hub id (never a local path),
-    the data, the hyperparameters, the neuron mask it trained (if any, with its plot when ``folder`` holds
-    ``mask_plot.png``) and how to load the result."""
-    from pathlib import Path
-
-    from accelerate.utils import is_peft_model
-    from trl.trainer.utils import get_config_model_id
-
-    from hf_align.hub import build_model_card, mask_summary
-    from hf_align.plots import MASK_PLOT_FILE
-    from hf_align.trainers.registry import spec_for
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if is_peft_model(model):
-        base = next(iter(model.peft_config.values())).base_model_name_or_path
-    else:
-        base = get_config_model_id(model.config) if hasattr(model, "config") else None
-    spec = spec_for(type(trainer))
-    paper = spec.paper_dict if spec is not None else getattr(trainer, "_paper", {}) or {}
-    method = f"Trained with hf-align's `{type(trainer).__name__}` ({getattr(trainer, '_name', 'hf-align')})"
-    if paper.get("id"):
-        method += f", the method of [{paper['title']}](https://huggingface.co/papers/{paper['id']})"
-    if spec is not None:
-        method += f". {spec.summary.rstrip('.')} (`hf-align {spec.name}`)"
-    repo = trainer.args.hub_model_id or f"./{Path(trainer.args.output_dir).name}"
-    mask = getattr(trainer, "neuron_mask", None)
-    extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
-    return build_model_card(
-        title=model_name or Path(trainer.args.output_dir).name,
-        method=method + ".",
-        how_to_load=trainer.card_how_to_load(repo)
-        if hasattr(trainer, "card_how_to_load")
-        else _how_to_load(trainer, repo),
-        base_model=base,
-        datasets=[dataset_name] if dataset_name else None,
-        hyperparameters=_card_hyperparameters(trainer),
-        citations=[paper["citation"]] if paper.get("citation") else None,
-        tags=[*(spec.tags if spec is not None else getattr(trainer, "_tag_names", [])), *extra_tags],
-        sections=mask_summary(
-            mask, plot=MASK_PLOT_FILE if folder and (Path(folder) / MASK_PLOT_FILE).exists() else None
-        )
-        if mask is not None
-        else None,
-    )

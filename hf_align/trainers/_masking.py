@@ -73,10 +73,14 @@ class NeuronMaskArguments(MaskSelectionArguments):
     """Neuron-mask fields of every mask trainer's config; inherit it before the TRL config."""
 
     neuron_mask_path: str | None = option(
-        None, help="Directory of a saved `NeuronMask`; only the selected rows/entries are trained."
+        None,
+        help="A saved `NeuronMask`: a folder or a Hub repo id (`org/name`, `org/name@revision`, "
+        "`org/name/subfolder`); only the selected rows/entries are trained.",
     )
     neuron_scores_path: str | None = option(
-        None, help="Directory of neuron scores (`hf_align.scores`); with `neuron_mask_ratio` selects a mask."
+        None,
+        help="Neuron scores (`hf_align.scores`): a folder or a Hub repo id (as neuron_mask_path); with "
+        "`neuron_mask_ratio` selects a mask.",
     )
     neuron_mask_granularity: str = option(
         "row",

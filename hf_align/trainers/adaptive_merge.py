@@ -180,6 +180,7 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
     """
 
     _name = "AdaptiveMerge"
+    card_library_name = "hf-align"  # the folder holds α's, not a transformers model
 
     def card_how_to_load(self, repo: str) -> str:
         """The folder holds the learned α's, not a model: merge with them (the model card's snippet)."""

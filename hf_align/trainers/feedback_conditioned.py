@@ -477,6 +477,56 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
                 )  # fmt: skip
         return [tokenizer.decode(i, skip_special_tokens=True) for i in ids], ids
 
+    # ---- model card: how to condition generation on the best feedback --------------------------------------
+
+    def _card_conditioning(self) -> tuple[str | None, bool]:
+        """The best feedback (None while a text pool is empty) and whether prompts go through the chat template
+        (the training prompts were message lists)."""
+        try:
+            best = self.feedback_format.best(self.pool)
+        except (ValueError, IndexError):
+            best = None
+        prompts = list(self.pool.prompt[:1])
+        if not prompts and self.prompt_dataset is not None and len(self.prompt_dataset):
+            prompts = [self.prompt_dataset[0]["prompt"]]
+        return best, bool(prompts) and not isinstance(prompts[0], str)  # message lists: the chat template
+
+    def card_sections(self, repo: str) -> list[str]:
+        fmt = self.feedback_format
+        best, chat = self._card_conditioning()
+        template = fmt.chat_feedback_template if chat else fmt.feedback_template
+        where = "the last user message, then the chat template" if chat else "the prompt text"
+        lines = ["### Conditioning", "", f"Prompts are conditioned on feedback through {where}: `{template}`."]
+        if best is not None:
+            lines += [f"Generate with the best feedback, `{best}` (the quick start does)."]
+        if fmt.tokens:
+            lines += [f"Feedback tokens, best first: {', '.join(f'`{t}`' for t in fmt.tokens)}."]
+        return [*lines, ""]
+
+    def card_generate_snippet(self) -> str:
+        """Python (after the quick start's ``model``/``tokenizer``) that generates conditioned on the best feedback."""
+        fmt = self.feedback_format
+        best, chat = self._card_conditioning()
+        best = best if best is not None else "<feedback>"
+        question = "Write a short answer."
+        if chat:
+            content = fmt.chat_feedback_template.format(feedback=best, prompt=question)
+            build = (
+                f"messages = [{{'role': 'user', 'content': {content!r}}}]\n"
+                "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
+                'inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)\n'
+            )
+        else:
+            build = (
+                f"prompt = {fmt.feedback_template.format(feedback=best, prompt=question)!r}"
+                "  # the best feedback, then the prompt\n"
+                'inputs = tokenizer(prompt, return_tensors="pt")\n'
+            )
+        return (
+            build + "output = model.generate(**inputs, max_new_tokens=32)\n"
+            'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))'
+        )
+
     def generate(
         self,
         prompts: list,

@@ -61,6 +61,10 @@ class TrainerSpec:
     tags: tuple[str, ...] = ()
     masked: bool = False
     own: bool = field(default=True, metadata={"help": "hf-align's own trainer (False: a TRL trainer the CLI runs)."})
+    card_fields: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "The method's own config fields its model card always shows (beside the common)."},
+    )
 
     def trainer_class(self) -> type:
         return _import(self.trainer)
@@ -96,6 +100,7 @@ TRAINERS: dict[str, TrainerSpec] = {
             weight_columns=("chosen_weights", "rejected_weights"),
             tags=("trl", "dpo", "hf-align", "masked-dpo"),
             masked=True,
+            card_fields=("beta", "loss_type"),
         ),
         TrainerSpec(
             "masked-kto",
@@ -107,6 +112,7 @@ TRAINERS: dict[str, TrainerSpec] = {
             columns=UNPAIRED,
             tags=("trl", "kto", "hf-align", "masked-kto"),
             masked=True,
+            card_fields=("beta", "desirable_weight", "undesirable_weight"),
         ),
         TrainerSpec(
             "npo",
@@ -122,6 +128,7 @@ TRAINERS: dict[str, TrainerSpec] = {
             weight_columns=("completion_weights", "rejected_weights"),
             tags=("trl", "hf-align", "npo"),
             masked=True,
+            card_fields=("beta", "npo_loss_type", "npo_level", "retain_loss_type", "retain_weight"),
         ),
         TrainerSpec(
             "feedback",
@@ -133,6 +140,7 @@ TRAINERS: dict[str, TrainerSpec] = {
             ),
             columns=(("prompt",), ("prompt", "completion", "feedback")),
             tags=("trl", "hf-align", "alt", "quark"),
+            card_fields=("feedback_type", "num_quantiles", "beta", "num_rounds", "num_generations"),
         ),
         TrainerSpec(
             "adaptive-merge",
@@ -142,6 +150,7 @@ TRAINERS: dict[str, TrainerSpec] = {
             paper=Paper("Mitigating the Alignment Tax of RLHF", "2309.06256", ("ama",)),
             columns=LANGUAGE_MODELING,
             tags=("hf-align", "ama", "model-merging"),
+            card_fields=("mask_level", "init_val", "reg_alpha", "reg_type"),
         ),
         # TRL's own trainers behind HFAlignTrainerMixin (trl_commands.py): the CLI checks their columns
         TrainerSpec(
@@ -154,6 +163,8 @@ TRAINERS: dict[str, TrainerSpec] = {
             columns=PREFERENCE,
             tags=("trl", "dpo", "hf-align", "warmup-dpo"),
             own=False,
+            tags=("trl", "dpo", "hf-align", "allo-warmup"),
+            card_fields=("beta", "loss_type"),
         ),
         TrainerSpec(
             "aligner-sft",
@@ -169,6 +180,7 @@ TRAINERS: dict[str, TrainerSpec] = {
             columns=LANGUAGE_MODELING,
             tags=("trl", "sft", "hf-align", "aligner"),
             own=False,
+            tags=("trl", "sft", "hf-align", "aligner", "peft"),
         ),
         TrainerSpec(
             "aligner-dpo",
@@ -184,6 +196,8 @@ TRAINERS: dict[str, TrainerSpec] = {
             columns=PREFERENCE,
             tags=("trl", "dpo", "hf-align", "aligner"),
             own=False,
+            tags=("trl", "dpo", "hf-align", "aligner", "peft"),
+            card_fields=("beta", "loss_type"),
         ),
     )
 }
