@@ -161,10 +161,12 @@ def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     from trl.cli.accelerate_launcher import launch_training_script
 
     def start(accelerate_args) -> None:
-        if _needs_cpu_processes(accelerate_args):
+        processes = _cpu_processes(accelerate_args)
+        if processes:
             # accelerate's CPU path starts ONE process without an MPI hostfile; its torchrun path starts them all,
             # and each one joins a gloo group when its TrainingArguments ask for the CPU.
             accelerate_args.multi_gpu, accelerate_args.cpu = True, False
+            accelerate_args.num_processes = processes
             if not any(getattr(args, "use_cpu", False) for args in parsed):
                 accelerate_args.training_script_args += ["--use_cpu", "true"]
             print(f"[hf-align] no GPU: {accelerate_args.num_processes} CPU processes (torch.distributed, gloo)")
@@ -205,17 +207,34 @@ def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]
     return remaining
 
 
-def _needs_cpu_processes(accelerate_args) -> bool:
-    """``--num_processes N`` (N > 1) on a machine without accelerators and without a launcher choice of its own."""
+def _cpu_processes(accelerate_args) -> int:
+    """How many CPU processes to start through torchrun (0: leave the launch to accelerate): ``--num_processes N``
+    or an accelerate config file's ``num_processes`` (N > 1, its ``distributed_type`` NO or MULTI_CPU) on a machine
+    without accelerators and without a launcher choice of its own."""
     import torch
 
-    if (accelerate_args.num_processes or 1) < 2:
-        return False
-    own_choice = ("multi_gpu", "use_deepspeed", "use_fsdp", "use_megatron_lm", "tpu", "config_file", "mpirun_hostfile")
+    count = accelerate_args.num_processes
+    if getattr(accelerate_args, "config_file", None):
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        from hf_align.io import read_yaml
+
+        config = read_yaml(accelerate_args.config_file, "--config_file")  # one line for a file that does not parse
+        if not isinstance(config, dict):
+            raise UserError(f"--config_file {accelerate_args.config_file!r}: an accelerate config is a YAML mapping.")
+        defaults = load_config_from_file(accelerate_args.config_file)
+        if str(getattr(defaults.distributed_type, "value", defaults.distributed_type)) not in ("NO", "MULTI_CPU"):
+            return 0
+        count = count or defaults.num_processes
+    if (count or 1) < 2:
+        return 0
+    own_choice = ("multi_gpu", "use_deepspeed", "use_fsdp", "use_megatron_lm", "tpu", "mpirun_hostfile")
     if any(getattr(accelerate_args, flag, None) for flag in own_choice):
-        return False
+        return 0
     backends = (torch.cuda, getattr(torch, "xpu", None), getattr(torch, "npu", None))
-    return not any(b is not None and b.is_available() for b in backends) and not torch.backends.mps.is_available()
+    if any(b is not None and b.is_available() for b in backends) or torch.backends.mps.is_available():
+        return 0
+    return count
 
 
 if __name__ == "__main__":  # each process `accelerate launch` starts runs this file
