@@ -217,6 +217,7 @@ def _cpu_processes(accelerate_args) -> int:
     if getattr(accelerate_args, "config_file", None):
         from accelerate.commands.config.config_args import load_config_from_file
 
+        from hf_align.errors import UserError
         from hf_align.io import read_yaml
 
         config = read_yaml(accelerate_args.config_file, "--config_file")  # one line for a file that does not parse
