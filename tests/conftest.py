@@ -38,3 +38,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def bf16_tied_base(tmp_path_factory):
+    """A bf16 Llama checkpoint with tied embeddings (as SmolLM2), its tokenizer beside it: what a saved model must
+    come back as (dtype, config, size)."""
+    import torch
+
+    from hf_align import testbed
+
+    folder = tmp_path_factory.mktemp("bf16_base")
+    model = testbed.load_random_tiny(
+        "llama", hidden_size=32, num_layers=3, intermediate_size=64, tie_word_embeddings=True
+    )
+    model.to(torch.bfloat16).save_pretrained(folder)
+    testbed.load_tokenizer().save_pretrained(folder)
+    return folder

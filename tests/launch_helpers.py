@@ -159,3 +159,20 @@ class EngineLaunches:
 def read_info(folder: Path, name: str, rank: int = 0) -> dict:
     """The JSON record a worker wrote for configuration ``name`` on ``rank``."""
     return json.loads((folder / f"{name}.rank{rank}.json").read_text())
+
+
+def run_two_cpu_processes(tmp_path: Path, *launch: str) -> dict:
+    """``hf-align aligner-sft`` on 8 rows, batch 2, 2 steps, with the ``launch`` arguments; its stdout and the
+    ``trainer_state.json`` of ``checkpoint-2`` (two processes make it one epoch, one process half of one)."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "hf_align.cli", "aligner-sft", *launch,
+        "--model_name_or_path", "testbed", "--dataset_name", str(data),
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--bf16", "false", "--report_to", "none",
+        "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out), "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"stdout": result.stdout, "state": json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())}

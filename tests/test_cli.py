@@ -67,21 +67,11 @@ def test_num_processes_on_a_cpu_only_machine_starts_that_many_processes(tmp_path
 
     if torch.cuda.is_available():
         pytest.skip("the CPU launch path only applies where no GPU is visible")
-    out = tmp_path / "out"
-    data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
-    cmd = [
-        sys.executable, "-m", "hf_align.cli", "aligner-sft", "--num_processes", "2",
-        "--model_name_or_path", "testbed", "--dataset_name", str(data),
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--bf16", "false", "--report_to", "none",
-        "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out), "--dataloader_num_workers", "0",
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 CPU processes" in result.stdout
-    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    from launch_helpers import run_two_cpu_processes
+
+    run = run_two_cpu_processes(tmp_path, "--num_processes", "2")
+    assert "2 CPU processes" in run["stdout"]
+    state = run["state"]
     assert state["epoch"] == pytest.approx(1.0)
 
 

@@ -4,11 +4,6 @@ half the data per step); a config file that does not parse is one line."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 
@@ -26,30 +21,19 @@ use_cpu: true
 def test_two_processes_from_a_file_start_two_processes(tmp_path, source):
     """Two processes × per-device batch 2 consume 4 rows a step: 2 steps over 8 rows is one epoch (one process: 0.5)."""
     import torch
+    from launch_helpers import run_two_cpu_processes
 
     if torch.cuda.is_available():
         pytest.skip("the CPU launch path only applies where no GPU is visible")
-    data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
     if source == "config_file":
         (tmp_path / "acc.yaml").write_text(ACCELERATE_CPU)
         launch = ["--config_file", str(tmp_path / "acc.yaml")]
     else:
         (tmp_path / "r.yaml").write_text("num_processes: 2\n")
         launch = ["--config", str(tmp_path / "r.yaml")]
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "hf_align.cli", "aligner-sft", *launch,
-        "--model_name_or_path", "testbed", "--dataset_name", str(data),
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--bf16", "false", "--report_to", "none",
-        "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out), "--dataloader_num_workers", "0",
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 CPU processes" in result.stdout
-    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    run = run_two_cpu_processes(tmp_path, *launch)
+    assert "2 CPU processes" in run["stdout"]
+    state = run["state"]
     assert state["epoch"] == pytest.approx(1.0)
 
 

@@ -19,19 +19,6 @@ TINY = ["--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--max_st
 TINY += ["--per_device_train_batch_size", "2", "--max_length", "64", "--plots", "false"]
 
 
-@pytest.fixture(scope="module")
-def bf16_base(tmp_path_factory) -> Path:
-    """A bf16 Llama checkpoint with tied embeddings (as SmolLM2), its tokenizer beside it."""
-    folder = tmp_path_factory.mktemp("bf16_base")
-    model = testbed.load_random_tiny(
-        "llama", hidden_size=32, num_layers=2, intermediate_size=64, tie_word_embeddings=True
-    )
-    model.to(torch.bfloat16).save_pretrained(folder)
-    testbed.load_tokenizer().save_pretrained(folder)
-    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
-    return folder
-
-
 def _dtypes(folder: Path) -> set[torch.dtype]:
     dtypes = set()
     for file in folder.glob("*.safetensors"):
@@ -55,15 +42,15 @@ def _train(command: str, base: Path, output: Path, *extra: str) -> None:
 
 
 @pytest.mark.parametrize("command", ["masked-dpo", "npo"])
-def test_final_save_keeps_the_base_dtype_and_config(bf16_base, tmp_path, command):
+def test_final_save_keeps_the_base_dtype_and_config(bf16_tied_base, tmp_path, command):
     """Fails on main: TRL loads a name in float32 and the saved model was float32 (twice the size) with
     ``use_cache: false``."""
-    _train(command, bf16_base, tmp_path / "out")
+    _train(command, bf16_tied_base, tmp_path / "out")
     out = tmp_path / "out"
     assert _dtypes(out) == {"BF16"}
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["use_cache"] is True and config["tie_word_embeddings"] is True
-    assert _weights_bytes(out) <= _weights_bytes(bf16_base) * 1.01  # tied: the embedding is stored once
+    assert _weights_bytes(out) <= _weights_bytes(bf16_tied_base) * 1.01  # tied: the embedding is stored once
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         assert "lm_head.weight" not in handle.keys()
     loaded = __import__("transformers").AutoModelForCausalLM.from_pretrained(out)
@@ -73,19 +60,19 @@ def test_final_save_keeps_the_base_dtype_and_config(bf16_base, tmp_path, command
     )
 
 
-def test_an_explicit_dtype_is_what_is_saved(bf16_base, tmp_path):
-    _train("masked-dpo", bf16_base, tmp_path / "out", "--dtype", "float32")
+def test_an_explicit_dtype_is_what_is_saved(bf16_tied_base, tmp_path):
+    _train("masked-dpo", bf16_tied_base, tmp_path / "out", "--dtype", "float32")
     assert _dtypes(tmp_path / "out") == {"F32"}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
 
 
-def test_python_api_model_object_keeps_its_dtype(bf16_base, tmp_path):
+def test_python_api_model_object_keeps_its_dtype(bf16_tied_base, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
     from hf_align.trainers import MaskedDPOTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(bf16_base)  # transformers 5: the checkpoint's dtype
+    model = AutoModelForCausalLM.from_pretrained(bf16_tied_base)  # transformers 5: the checkpoint's dtype
     assert model.dtype == torch.bfloat16
     args = DPOConfig(str(tmp_path / "o"), max_steps=1, report_to="none", use_cpu=True, save_strategy="no",
                      per_device_train_batch_size=2, max_length=64)  # fmt: skip
@@ -107,7 +94,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
-def test_a_failed_final_save_leaves_the_previous_output_as_it_was(bf16_base, tmp_path, monkeypatch, capsys, code):
+def test_a_failed_final_save_leaves_the_previous_output_as_it_was(bf16_tied_base, tmp_path, monkeypatch, capsys, code):
     """Fails on main: the writer's error came as a traceback after training and left ``config.json`` (written
     first) beside the previous weights, or without any."""
     import transformers.modeling_utils
@@ -116,7 +103,7 @@ def test_a_failed_final_save_leaves_the_previous_output_as_it_was(bf16_base, tmp
     from hf_align.cli.training import run_command
 
     out = tmp_path / "out"
-    _train("masked-dpo", bf16_base, out)
+    _train("masked-dpo", bf16_tied_base, out)
     before = _snapshot(out)
     real = transformers.modeling_utils.safe_save_file
 
@@ -125,7 +112,14 @@ def test_a_failed_final_save_leaves_the_previous_output_as_it_was(bf16_base, tmp
         raise OSError(code, os.strerror(code), str(filename))
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
-    argv = ["--model_name_or_path", str(bf16_base), "--dataset_name", "testbed:preference", "--output_dir", str(out)]
+    argv = [
+        "--model_name_or_path",
+        str(bf16_tied_base),
+        "--dataset_name",
+        "testbed:preference",
+        "--output_dir",
+        str(out),
+    ]
     capsys.readouterr()
     assert run_guarded("masked-dpo", lambda: run_command("masked-dpo", [*argv, *TINY], launch=False)) == 2
     err = capsys.readouterr().err.strip().splitlines()
