@@ -66,10 +66,17 @@ def test_an_explicit_dtype_is_what_is_saved(bf16_tied_base, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
 
 
-def test_python_api_model_object_keeps_its_dtype(bf16_tied_base, tmp_path):
+def _full_disk(tensors, filename, metadata=None):
+    Path(filename).write_bytes(b"partial")  # mid-save: half a file on disk, then the error
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+
+def test_python_api_model_object_keeps_its_dtype(bf16_tied_base, tmp_path, monkeypatch):
+    import transformers.modeling_utils
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
+    from hf_align.errors import UserError
     from hf_align.trainers import MaskedDPOTrainer
 
     model = AutoModelForCausalLM.from_pretrained(bf16_tied_base)  # transformers 5: the checkpoint's dtype
@@ -83,6 +90,11 @@ def test_python_api_model_object_keeps_its_dtype(bf16_tied_base, tmp_path):
     trainer.save_model()
     assert _dtypes(tmp_path / "o") == {"BF16"}
     assert json.loads((tmp_path / "o" / "config.json").read_text())["use_cache"] is True
+    before = _snapshot(tmp_path / "o")  # the Python API's save_model is all or nothing too
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _full_disk)
+    with pytest.raises(UserError, match="No space left on device"):
+        trainer.save_model()
+    assert _snapshot(tmp_path / "o") == before
 
 
 def _preference():

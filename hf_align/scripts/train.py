@@ -221,13 +221,12 @@ def train(trainer_class, script_args, training_args, model_args, dataset_args, c
 def train_and_save(trainer, training_args, script_args) -> None:
     """Train (resuming if asked), save, optionally push: the tail every command shares."""
     from hf_align.callbacks.json_training_args import JsonTrainingArgsCallback, replace_training_args_pickle
-    from hf_align.trainers._base import save_final
 
     if not any(isinstance(c, JsonTrainingArgsCallback) for c in trainer.callback_handler.callbacks):
         trainer.add_callback(JsonTrainingArgsCallback())
     trainer.card_dataset_name = script_args.dataset_name  # every card (checkpoints too) names the data
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_final(trainer, training_args.output_dir)
+    trainer.save_model(training_args.output_dir, _internal_call=True)  # all or nothing; the push below is the one
     trainer.save_state()  # trainer_state.json: the log history the pipeline summary reads
     if trainer.is_world_process_zero():
         replace_training_args_pickle(training_args.output_dir, trainer.args)

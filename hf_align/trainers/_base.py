@@ -28,7 +28,6 @@ __all__ = [
     "prepare_reference",
     "require_before_trainer",
     "resolve_args",
-    "save_final",
     "upgrade_collator",
 ]
 
@@ -152,24 +151,6 @@ def prepare_reference(trainer, ref_model):
     return trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
 
-def save_final(trainer, output_dir: str) -> None:
-    """The final ``save_model``, all or nothing (:func:`hf_align.saving.all_or_nothing`): written into a
-    temporary folder inside ``output_dir``, then moved in; a failure leaves the previous contents as they were and
-    says in one line what failed and how much space the save needs."""
-    from hf_align.saving import all_or_nothing, estimated_save_bytes
-
-    fmt = getattr(trainer, "save_format", None)
-    weights = getattr(trainer, "final_save_weights", True)
-    needed = estimated_save_bytes(trainer.accelerator.unwrap_model(trainer.model), fmt and fmt.dtype) if weights else 0
-    main = trainer.args.should_save
-    with all_or_nothing(output_dir, needed, main_process=main) as tmp:
-        trainer.accelerator.wait_for_everyone()  # the main process made the folder
-        trainer.save_model(str(tmp), _internal_call=True)  # no push of a half-moved folder: the caller pushes
-        trainer.accelerator.wait_for_everyone()
-    if main and hasattr(trainer, "_write_card"):  # again, in place: the card links files beside it (plots)
-        trainer._write_card(output_dir)
-
-
 def upgrade_collator(collator, base_class: type, new_class: type):
     """``new_class`` built with *every* dataclass field of ``collator`` when it is exactly TRL's ``base_class``;
     any other collator (a user's own) is returned unchanged. Copying all fields keeps options TRL sets that a
@@ -263,6 +244,28 @@ class HFAlignTrainerMixin:
         from hf_align.callbacks.defaults import add_default_callbacks
 
         add_default_callbacks(self)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A save outside checkpoints is all or nothing (:func:`hf_align.saving.all_or_nothing`): written into a
+        temporary folder inside ``output_dir``, then moved in; a failure (disk full, permissions) leaves the previous
+        contents as they were and says in one line what failed and how much space the save needs. Pushes as the
+        Trainer does (``push_to_hub`` and not ``_internal_call``)."""
+        if getattr(self, "_in_checkpoint", False):  # a fresh checkpoint-N folder: nothing to keep
+            return super().save_model(output_dir, _internal_call)
+        from hf_align.saving import all_or_nothing, estimated_save_bytes
+
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        dtype = self.save_format.dtype if self.save_format is not None else None
+        model = self.accelerator.unwrap_model(self.model)
+        needed = estimated_save_bytes(model, dtype) if self.final_save_weights else 0
+        with all_or_nothing(folder, needed, main_process=self.args.should_save) as tmp:
+            self.accelerator.wait_for_everyone()  # the main process made the folder
+            super().save_model(str(tmp), _internal_call=True)
+            self.accelerator.wait_for_everyone()
+        if self.args.should_save:  # again, in place: the card links files beside it (plots)
+            self._write_card(folder)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _record_save_format(self, model, args) -> None:
         """The base's format, before TRL loads it (float32 by default) and the Trainer changes its config; called by
