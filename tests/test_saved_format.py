@@ -164,3 +164,20 @@ def test_a_new_save_replaces_the_weights_of_an_earlier_one(tmp_path):
         (tmp / "config.json").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
     assert (tmp_path / "config.json").read_text() == "new"
+
+
+def test_a_masked_run_saves_merged_weights_in_the_base_dtype_and_keeps_exact_deltas(bf16_tied_base, tmp_path):
+    """The merged final save and a checkpoint's merged weights are bf16 (fails on main: float32); the checkpoint's
+    deltas, which a resume reads back, keep the training dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_align.masks import NeuronMask
+
+    mask = NeuronMask.random(AutoModelForCausalLM.from_pretrained(bf16_tied_base), 0.1, granularity="row")
+    mask.save(tmp_path / "mask")
+    out = tmp_path / "out"
+    _train("masked-dpo", bf16_tied_base, out, "--neuron_mask_path", str(tmp_path / "mask"), "--save_strategy", "steps",
+           "--save_steps", "1")  # fmt: skip
+    assert _dtypes(out) == {"BF16"} and _dtypes(out / "checkpoint-1") == {"BF16"}
+    assert json.loads((out / "checkpoint-1" / "config.json").read_text())["use_cache"] is True
+    assert _dtypes(out / "checkpoint-1" / "neuron_deltas") == {"F32", "U8"}  # the deltas (and the mask's bits)
