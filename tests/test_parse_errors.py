@@ -168,3 +168,19 @@ def test_a_feedback_function_is_checked_and_named():
         check_signature(os.system, "feedback_fn", [], [], label="os:system")
     with pytest.raises(UserError, match=rf"feedback_fn '{__name__}:raises' raised KeyError"):
         call_user_function(raises, "feedback_fn", [], [])
+
+
+@pytest.mark.parametrize("layout", ["path", "data_files"])
+def test_a_broken_file_in_a_datasets_mixture_is_one_line_naming_it(tmp_path, layout):
+    """A recipe's ``datasets:`` mixture goes through TRL's ``get_dataset``: the same one line as ``dataset_name``."""
+    from trl import DatasetMixtureConfig, ScriptArguments
+    from trl.scripts.utils import DatasetConfig
+
+    from hf_align.scripts.train import load_training_data
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(DATA["broken.jsonl"][0])
+    entry = DatasetConfig(path=str(bad)) if layout == "path" else DatasetConfig(path="json", data_files=str(bad))
+    mixture = DatasetMixtureConfig(datasets=[entry])
+    with pytest.raises(UserError, match=rf"`datasets` entry '{bad}': line 2, column 17: not valid JSON"):
+        load_training_data(ScriptArguments(), mixture, __import__("types").SimpleNamespace(eval_strategy="no"))

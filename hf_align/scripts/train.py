@@ -8,6 +8,7 @@ shares.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hf_align.errors import UserError
@@ -153,6 +154,24 @@ def load_model_and_tokenizer(model_args, training_args):
     return model, tokenizer
 
 
+def _get_mixture(get_dataset, dataset_args):
+    """TRL's ``get_dataset``; a local data file of the mixture that does not parse is one line naming it (and the
+    line), as for ``dataset_name`` (:func:`hf_align.scripts.utils.load_data_file`)."""
+    try:
+        return get_dataset(dataset_args)
+    except Exception as err:  # noqa: BLE001 - diagnosed below; anything else keeps its cause
+        from hf_align.scripts.utils import DATA_BUILDERS, load_data_file
+
+        for entry in dataset_args.datasets:
+            files = entry.data_files if entry.data_files is not None else [entry.path]
+            files = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
+            for name in (f for group in files for f in ([group] if isinstance(group, str) else group)):
+                path = Path(name)
+                if path.is_file() and path.suffix in DATA_BUILDERS:
+                    load_data_file(path, DATA_BUILDERS[path.suffix], what="`datasets` entry")  # one line if broken
+        raise UserError(f"the `datasets` mixture could not be loaded: {str(err).strip().splitlines()[0]}") from err
+
+
 def load_training_data(script_args, dataset_args, training_args) -> tuple[Any, Any]:
     """(train, eval) as ``trl dpo``/``trl sft`` choose them: TRL's ``get_dataset`` for a ``datasets:`` mixture (with
     ``test_split_size``), else ``dataset_name`` (``dataset_streaming`` honoured); the eval split
@@ -166,7 +185,7 @@ def load_training_data(script_args, dataset_args, training_args) -> tuple[Any, A
             import warnings
 
             warnings.warn("Both `datasets` and `dataset_name` are given: `datasets` is used.", stacklevel=2)
-        dataset, source = get_dataset(dataset_args), "the `datasets` mixture"
+        dataset, source = _get_mixture(get_dataset, dataset_args), "the `datasets` mixture"
     elif script_args.dataset_name:
         dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
         source = f"dataset_name {script_args.dataset_name!r}"

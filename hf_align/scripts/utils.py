@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 
 TESTBED_KINDS = ("preference", "sft", "prompts", "forget", "retain")
+DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+"""Data file suffix → the ``datasets`` builder that reads it."""
 
 
 def refuse_existing_output(path: str | Path, flag: str, overwrite: bool, names: Iterable[str] | None = None) -> None:
@@ -60,7 +62,7 @@ def load_dataset_any(name: str, config: str | None = None, streaming: bool = Fal
         loaded = datasets.load_from_disk(str(path))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
     if path.is_file():
-        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        builder = DATA_BUILDERS.get(path.suffix)
         if builder is None:
             raise UserError(
                 f"dataset_name {name!r}: unsupported file type {path.suffix!r}; use .json, .jsonl, "
@@ -70,13 +72,13 @@ def load_dataset_any(name: str, config: str | None = None, streaming: bool = Fal
     return datasets.load_dataset(name, name=config, streaming=streaming)
 
 
-def load_data_file(path: Path, builder: str, streaming: bool = False) -> DatasetDict:
+def load_data_file(path: Path, builder: str, streaming: bool = False, what: str = "dataset_name") -> DatasetDict:
     """A ``.json``/``.jsonl``/``.csv``/``.parquet`` file through ``datasets``; a file it cannot read is one line
     naming the file and, where the format has lines, the first bad one (``datasets`` wraps the parser's error in a
     ``DatasetGenerationError`` that names neither)."""
     import datasets
 
-    where = f"dataset_name {str(path)!r}"
+    where = f"{what} {str(path)!r}"
     if path.stat().st_size == 0:
         raise UserError(f"{where}: the file is empty (no rows).")
     if builder == "json":
