@@ -258,12 +258,13 @@ class GenerativeScorer:
 
 def callable_weights(fn: Callable[[Any, Any], Sequence[float]], tokenizer, prompt, response) -> list[float]:
     """``fn(prompt, response)`` checked: one finite non-negative float per completion token of the trainer."""
+    from hf_align.rewards import call_user_function, function_label
     from hf_align.token_weights import normalize_token_weights
 
     ids = completion_token_ids(tokenizer, prompt, response)
-    return normalize_token_weights(
-        fn(prompt, response), ids, column="weights returned by the labeling function", row=0, eos_token_id=None
-    )
+    weights = call_user_function(fn, "labeling function", prompt, response)  # raises: one line naming module:function
+    column = f"weights returned by the labeling function {function_label(fn)!r}"
+    return normalize_token_weights(weights, ids, column=column, row=0, eos_token_id=None)
 
 
 # --------------------------------------------------------------------------------------------------------------

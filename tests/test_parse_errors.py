@@ -184,3 +184,18 @@ def test_a_broken_file_in_a_datasets_mixture_is_one_line_naming_it(tmp_path, lay
     mixture = DatasetMixtureConfig(datasets=[entry])
     with pytest.raises(UserError, match=rf"`datasets` entry '{bad}': line 2, column 17: not valid JSON"):
         load_training_data(ScriptArguments(), mixture, __import__("types").SimpleNamespace(eval_strategy="no"))
+
+
+def test_a_labeling_function_is_checked_and_named(tmp_path):
+    """``label-tokens --method module:function``: refused before it runs when it cannot take (prompt, response);
+    an exception it raises is one line naming it."""
+    from types import SimpleNamespace
+
+    from hf_align import testbed
+    from hf_align.key_tokens import callable_weights
+    from hf_align.scripts.label_tokens import _method
+
+    with pytest.raises(UserError, match=r"--method 'os:getcwd' cannot be called as f\(…, …\)"):
+        _method(SimpleNamespace(method="os:getcwd", scorer=None))
+    with pytest.raises(UserError, match=rf"labeling function '{__name__}:raises' raised KeyError"):
+        callable_weights(raises, testbed.load_tokenizer(), "1+1=", "2")

@@ -35,14 +35,16 @@ def write_dataset(dataset, path: Path, fmt: str) -> None:
 
 
 def _method(args):
-    from hf_align.rewards import import_callable
+    from hf_align.rewards import check_signature, import_callable
 
     if args.method in ("rewrite_diff", "generative"):
         if args.method == "generative" and not args.scorer:
             raise UserError("--method generative needs --scorer (the correcting causal LM).")
         return args.method
     if ":" in args.method or "." in args.method:
-        return import_callable(args.method, "--method")
+        func = import_callable(args.method, "--method")
+        check_signature(func, "--method", "", "", label=args.method)  # (prompt, response), before any data is read
+        return func
     raise UserError(f"--method {args.method!r}: expected 'rewrite_diff', 'generative' or 'package.module:function'.")
 
 
