@@ -182,6 +182,9 @@ def test_an_aligner_adapter_round_trips_with_hf_aligns_card(hub, tmp_path):
     assert len(dumped) == len(adapter) > 0
     for (_, got), (_, saved) in zip(sorted(dumped.items()), sorted(adapter.items())):
         torch.testing.assert_close(got, saved, rtol=0, atol=0)
+    # transformers' pickled training_args.bin (holding output_dir) is the CLI's to replace (issue #28.11)
+    (hub.folder("me/aligner") / "training_args.bin").unlink()
+    assert_no_local_paths(hub, "me/aligner", tmp_path, testbed.MODEL_DIR)
 
 
 def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):
