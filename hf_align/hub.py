@@ -356,8 +356,9 @@ def push_folder(
     if card is not None:
         write_model_card(card, folder)
     api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+    at = {"revision": revision} if revision else {}
     return api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, revision=revision
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, **at
     )
 
 
