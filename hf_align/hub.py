@@ -393,7 +393,8 @@ def scores_quick_start(repo: str, with_mask: bool = False) -> str:
 
 def artifact_card(folder: PathLike, repo: str, base_model: str | None = None):
     """The card of a folder hf-align wrote that no trainer card covers: neuron scores (with the warm-up's
-    ``neuron_mask/`` when present), a neuron mask, or a feedback data pool. ``None`` for anything else."""
+    ``neuron_mask/`` when present), a neuron mask, or a feedback data pool (at the top or in ``neuron_mask/`` /
+    ``data_pool/``, the subfolders hf-align's runs write them to). ``None`` for anything else."""
     from hf_align.data_pool import POOL_META, DataPool
     from hf_align.masks import MASK_META_FILE, NeuronMask
     from hf_align.scores import META_FILE, load_scores
@@ -419,10 +420,13 @@ def artifact_card(folder: PathLike, repo: str, base_model: str | None = None):
             library_name="hf-align",
             needs="`pip install hf-align` (scores hold no weights).",
         )
-    if (folder / MASK_META_FILE).is_file():
-        return neuron_mask_card(NeuronMask.load(folder), repo, base_model)
-    if (folder / POOL_META).is_file():
-        pool = DataPool.load(folder)
+    for sub in ("", "neuron_mask"):  # a mask alone, or a run folder whose artifact is its neuron_mask/
+        if (folder / sub / MASK_META_FILE).is_file():
+            return neuron_mask_card(NeuronMask.load(folder / sub), f"{repo}/{sub}".rstrip("/"), base_model)
+    for sub in ("", "data_pool"):
+        if not (folder / sub / POOL_META).is_file():
+            continue
+        pool, repo = DataPool.load(folder / sub), f"{repo}/{sub}".rstrip("/")
         return build_model_card(
             title=f"Feedback data pool ({len(pool)} rows)",
             method=(
