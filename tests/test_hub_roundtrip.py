@@ -197,7 +197,8 @@ def test_an_aligner_adapter_round_trips_with_hf_aligns_card(hub, tmp_path):
 
 
 def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):
-    from hf_align.hub import push_folder, push_neuron_mask
+    from hf_align.artifacts import push_artifact
+    from hf_align.hub import push_neuron_mask
 
     model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
     first, second = (NeuronMask.random(model, r, "row", seed=s) for r, s in ((0.1, 0), (0.3, 1)))
@@ -218,7 +219,7 @@ def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):
         equal_tensors(old.masks, first.masks)
     # an artifact in a subfolder of a repo: org/name/sub
     first.save(tmp_path / "run" / "neuron_mask")
-    push_folder(tmp_path / "run", "me/run")
+    push_artifact(tmp_path / "run", "me/run")
     assert hub.files("me/run") == {"README.md", "neuron_mask/neuron_mask.json", "neuron_mask/neuron_mask.safetensors"}
     assert [r for r, _ in hub.repos] == [BASE, "me/mask", "me/mask", "me/run"]
     equal_tensors(NeuronMask.load("me/run/neuron_mask").masks, first.masks)
@@ -226,15 +227,15 @@ def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):
 
 
 def test_scores_and_a_data_pool_round_trip(hub, tmp_path):
+    from hf_align.artifacts import push_artifact
     from hf_align.data_pool import DataPool
-    from hf_align.hub import push_folder
     from hf_align.scores import load_scores, save_scores
 
     scores = {"model.layers.0.mlp.up_proj.weight": torch.rand(8), "model.layers.1.mlp.up_proj.weight": torch.rand(8)}
     save_scores(tmp_path / "warm", scores, {"method": "gradient"})
     mask = NeuronMask({k: v > 0.5 for k, v in scores.items()})
     mask.save(tmp_path / "warm" / "neuron_mask")
-    push_folder(tmp_path / "warm", "me/scores", base_model=BASE)
+    push_artifact(tmp_path / "warm", "me/scores", base_model=BASE)
     assert hub.files("me/scores") == {"README.md", "neuron_scores.safetensors", "neuron_scores.json",
                                       "neuron_mask/neuron_mask.json", "neuron_mask/neuron_mask.safetensors"}  # fmt: skip
     card, meta = card_of(hub, "me/scores")
@@ -247,7 +248,7 @@ def test_scores_and_a_data_pool_round_trip(hub, tmp_path):
     pool = DataPool(feedback_type="quantile", num_quantiles=2, seed=0)
     pool.add(["1+2=", "4+4="], ["3", "9"], scores=[1.0, 0.0])
     pool.save(tmp_path / "pool")
-    push_folder(tmp_path / "pool", "me/pool")
+    push_artifact(tmp_path / "pool", "me/pool")
     assert hub.files("me/pool") == {"README.md", "pool.parquet", "pool.json"}
     card, _ = card_of(hub, "me/pool")
     dumped = json.loads((run_quick_start(hub, card, "pool", tmp_path) / "out.json").read_text())
