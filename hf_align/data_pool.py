@@ -420,7 +420,7 @@ class DataPool:
         (``revision``: branch, tag or commit; :func:`hf_align.hub.resolve_local`)."""
         import pyarrow.parquet as pq
 
-        from hf_align.hub import resolve_local
+        from hf_align.hub_download import resolve_local
 
         directory = resolve_local(directory, revision, [POOL_TABLE, POOL_META], what="data pool")
         meta = read_json(directory / POOL_META)

@@ -16,7 +16,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from hf_align.citations import CITATIONS
-from hf_align.errors import UserError
+from hf_align.hub_download import _REPO_PATH, MODEL_FILE_PATTERNS, resolve_local, split_revision
 from hf_align.io import PathLike, atomic_file
 
 
@@ -28,7 +28,6 @@ __all__ = [
     "merge_model_card",
     "mask_summary",
     "push_folder",
-    "artifact_card",
     "framework_versions",
     "neuron_mask_card",
     "public_value",
@@ -42,63 +41,6 @@ __all__ = [
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
-
-
-MODEL_FILE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-"""What a model download needs: weights, configs, tokenizer files (no pickled ``*.bin``, no ``*.pt``)."""
-_REPO_PATH = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(/[\w.-]+)*)$")
-
-
-def split_revision(name_or_path: str, revision: str | None = None) -> tuple[str, str | None]:
-    """``"org/name@rev"`` → ``("org/name", "rev")``: a flag or a recipe names a revision in one string. An explicit
-    ``revision`` must not contradict the suffix."""
-    name, sep, suffix = str(name_or_path).rpartition("@")
-    if not sep or not _REPO_PATH.match(name) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", suffix):
-        return str(name_or_path), revision
-    if revision is not None and revision != suffix:
-        raise UserError(f"{name_or_path!r} names revision {suffix!r} but revision={revision!r} was also given.")
-    return name, suffix
-
-
-def resolve_local(
-    name_or_path: PathLike,
-    revision: str | None = None,
-    allow_patterns: list[str] | str | None = None,
-    what: str = "artifact",
-) -> Path:
-    """A local path for what an hf-align reader reads: the path itself when it exists here, else a Hub repo id
-    fetched with ``huggingface_hub.snapshot_download`` into its cache (``HF_HUB_OFFLINE=1`` reads the cache alone).
-
-    Spellings: ``org/name``, ``org/name@revision``, ``org/name/sub/folder`` (an artifact saved in a subfolder of
-    a repo, e.g. the warm-up's ``neuron_mask`` or the feedback trainer's ``data_pool``). ``allow_patterns``: the
-    files the reader needs (relative to that subfolder), so nothing else is downloaded. Every reader of a mask,
-    deltas, scores, a data pool or a model folder goes through here; ``what`` names the artifact in errors.
-    """
-    local = Path(name_or_path).expanduser()
-    if local.exists():
-        return local
-    patterns = [allow_patterns] if isinstance(allow_patterns, str) else list(allow_patterns or [])
-    name, revision = split_revision(str(name_or_path), revision)
-    match = _REPO_PATH.match(name)
-    if match is None or name.startswith(".") or ".." in name.split("/"):
-        holding = f" with {', '.join(patterns)}" if patterns else ""
-        raise FileNotFoundError(
-            f"{what}: {str(name_or_path)!r} does not exist (expected a folder{holding}, or a Hub repo id org/name)."
-        )
-    from huggingface_hub import snapshot_download
-
-    repo_id, sub = match["repo"], match["sub"].strip("/")
-    wanted = [f"{sub}/{p}" if sub else p for p in patterns] or ([f"{sub}/*"] if sub else None)
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
-    except OSError as error:  # huggingface_hub's not-found / offline / HTTP errors are all OSErrors
-        at = f" at revision {revision!r}" if revision else ""
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(
-            f"{what}: {str(name_or_path)!r} does not exist locally, and Hub repo {repo_id!r}{at} could not be "
-            f"downloaded ({first})."
-        ) from error
-    return folder / sub if sub else folder
 
 
 def hub_id(name_or_path: str | None) -> str | None:
@@ -341,23 +283,21 @@ def push_folder(
     commit_message: str = "Upload with hf-align",
     api=None,
     revision: str | None = None,
-    base_model: str | None = None,
 ) -> Any:
-    """Create ``repo_id`` if needed and upload ``folder`` with ``card`` as its README.md; without a card, a folder
-    hf-align wrote (a mask, scores, a data pool, a warm-up output) gets :func:`artifact_card` unless it has one."""
+    """Create ``repo_id`` if needed and upload ``folder`` (with ``card`` written as its README.md);
+    :func:`hf_align.artifacts.push_artifact` also writes the card of a mask, scores or data-pool folder."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Nothing to push: {str(folder)!r} is not a directory.")
     api = api or HfApi(token=token)
-    if card is None and not (folder / "README.md").exists():
-        card = artifact_card(folder, repo_id, base_model=base_model)
     if card is not None:
         write_model_card(card, folder)
     api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+    at = {"revision": revision} if revision else {}
     return api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, revision=revision
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, **at
     )
 
 
@@ -388,55 +328,6 @@ def scores_quick_start(repo: str, with_mask: bool = False) -> str:
     if with_mask:
         quick += f'\n\nfrom hf_align.masks import NeuronMask\n\nmask = NeuronMask.load("{repo}/neuron_mask")'
     return quick
-
-
-def artifact_card(folder: PathLike, repo: str, base_model: str | None = None):
-    """The card of a folder hf-align wrote that no trainer card covers: neuron scores (with the warm-up's
-    ``neuron_mask/`` when present), a neuron mask, or a feedback data pool. ``None`` for anything else."""
-    from hf_align.data_pool import POOL_META, DataPool
-    from hf_align.masks import MASK_META_FILE, NeuronMask
-    from hf_align.scores import META_FILE, load_scores
-
-    folder = Path(folder)
-    if (folder / META_FILE).is_file():
-        scores, meta = load_scores(folder)
-        mask_dir = folder / "neuron_mask"
-        quick = scores_quick_start(repo, with_mask=(mask_dir / MASK_META_FILE).is_file())
-        return build_model_card(
-            title=f"Neuron scores ({len(scores)} tensors)",
-            method=(
-                "Neuron scores from hf-align (ALLO stage 1): how much each neuron moved while aligning. Select a mask "
-                f"from them with `hf-align select-mask --neuron_scores_path {repo} --neuron_mask_ratio 0.1`, or "
-                f"train with `--neuron_scores_path {repo}`."
-            ),
-            how_to_load=quick,
-            base_model=base_model,
-            hyperparameters={k: v for k, v in meta.items() if isinstance(v, str | int | float | bool)},
-            citations=["allo"],
-            sections=mask_summary(NeuronMask.load(mask_dir)) if (mask_dir / MASK_META_FILE).is_file() else None,
-            tags=["neuron-scores", "allo"],
-            library_name="hf-align",
-            needs="`pip install hf-align` (scores hold no weights).",
-        )
-    if (folder / MASK_META_FILE).is_file():
-        return neuron_mask_card(NeuronMask.load(folder), repo, base_model)
-    if (folder / POOL_META).is_file():
-        pool = DataPool.load(folder)
-        return build_model_card(
-            title=f"Feedback data pool ({len(pool)} rows)",
-            method=(
-                "The data pool of hf-align's feedback-conditioned training (Quark / ALT): sampled completions with "
-                "their rewards, quantile bins or feedback, as Parquet plus a JSON header."
-            ),
-            how_to_load=f'from hf_align.data_pool import DataPool\n\npool = DataPool.load("{repo}")\nprint(len(pool))',
-            base_model=base_model,
-            hyperparameters={k: v for k, v in pool.state_dict().items() if isinstance(v, str | int | float | bool)},
-            citations=["quark", "alt"],
-            tags=["data-pool", "quark", "alt"],
-            library_name="hf-align",
-            needs="`pip install hf-align`.",
-        )
-    return None
 
 
 def push_neuron_mask(

@@ -621,7 +621,7 @@ class NeuronMask:
     def load(cls, directory: PathLike, revision: str | None = None) -> NeuronMask:
         """Read a mask written by :meth:`save` from a folder or a Hub repo id (``revision``: a branch, tag or
         commit; see :func:`hf_align.hub.resolve_local`); errors name the file and what is wrong with it."""
-        from hf_align.hub import resolve_local
+        from hf_align.hub_download import resolve_local
 
         directory = resolve_local(directory, revision, [MASK_FILE, MASK_META_FILE], what="neuron mask")
         if not directory.is_dir():

@@ -116,7 +116,7 @@ def load_scores(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a score set written by :func:`save_scores` (``directory``, the safetensors file itself, or a Hub repo
     id with ``revision``: :func:`hf_align.hub.resolve_local`)."""
-    from hf_align.hub import resolve_local
+    from hf_align.hub_download import resolve_local
 
     path = resolve_local(directory, revision, [SCORES_FILE, META_FILE], what="neuron scores")
     if path.is_dir():

@@ -586,7 +586,7 @@ def _check_same_mask(model: torch.nn.Module, mask: NeuronMask, what: str) -> Non
 def load_deltas(model: torch.nn.Module, directory: PathLike, revision: str | None = None) -> torch.nn.Module:
     """Load deltas saved by :func:`save_deltas` (attaching them first with the saved mask when needed) from a
     folder or a Hub repo id (``revision``: branch, tag or commit; :func:`hf_align.hub.resolve_local`)."""
-    from hf_align.hub import resolve_local
+    from hf_align.hub_download import resolve_local
     from hf_align.masks import MASK_FILE, MASK_META_FILE
 
     directory = resolve_local(directory, revision, [DELTAS_FILE, MASK_FILE, MASK_META_FILE], what="neuron deltas")

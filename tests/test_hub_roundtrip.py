@@ -78,6 +78,11 @@ def assert_no_local_paths(hub: LocalHub, repo_id: str, *paths: Path) -> None:
             assert not found, f"{repo_id}/{file.relative_to(folder)} holds the local path(s) {found}"
 
 
+def assert_no_pickles_or_checkpoints(files: set[str]) -> None:
+    stray = {f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl")) or f.startswith(("checkpoint-", "_"))}
+    assert not stray, f"uploaded: {sorted(stray)}"
+
+
 def card_of(hub: LocalHub, repo_id: str) -> tuple[str, dict]:
     text = (hub.folder(repo_id) / "README.md").read_text()
     return text, yaml.safe_load(text.split("---")[1])
@@ -124,7 +129,10 @@ def test_a_trained_model_round_trips_merged_or_as_deltas(hub, tmp_path, save_mer
     trainer = _masked_dpo(tmp_path, repo, save_merged=save_merged)
     files = hub.files(repo)
     card, meta = card_of(hub, repo)
-    assert hub.repos[-1] == (repo, None) and hub.uploads[-1][0] == repo
+    assert [r for r, _ in hub.repos] == [BASE, repo] and [u[0] for u in hub.uploads[1:]] == [repo] * (
+        len(hub.uploads) - 1
+    )
+    assert_no_pickles_or_checkpoints(files)
     assert {
         "README.md",
         "training_args.json",
@@ -174,6 +182,7 @@ def test_an_aligner_adapter_round_trips_with_hf_aligns_card(hub, tmp_path):
     trainer.push_to_hub(dataset_name="org/sft-data")
     card, meta = card_of(hub, "me/aligner")
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= hub.files("me/aligner")
+    assert [r for r, _ in hub.repos] == [BASE, "me/aligner"]
     assert meta["base_model"] == BASE and "aligner" in meta["tags"] and "2312.05503" in card
     adapter = {k: v for k, v in load_file(hub.folder("me/aligner") / "adapter_model.safetensors").items()}
     dump = "_dump({k: v for k, v in model.state_dict().items() if 'aligner' in k})"
@@ -182,10 +191,14 @@ def test_an_aligner_adapter_round_trips_with_hf_aligns_card(hub, tmp_path):
     assert len(dumped) == len(adapter) > 0
     for (_, got), (_, saved) in zip(sorted(dumped.items()), sorted(adapter.items())):
         torch.testing.assert_close(got, saved, rtol=0, atol=0)
+    # transformers' pickled training_args.bin (holding output_dir) is the CLI's to replace (issue #28.11)
+    (hub.folder("me/aligner") / "training_args.bin").unlink()
+    assert_no_local_paths(hub, "me/aligner", tmp_path, testbed.MODEL_DIR)
 
 
 def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):
-    from hf_align.hub import push_folder, push_neuron_mask
+    from hf_align.artifacts import push_artifact
+    from hf_align.hub import push_neuron_mask
 
     model = testbed.load_random_tiny("llama", hidden_size=32, num_layers=2)
     first, second = (NeuronMask.random(model, r, "row", seed=s) for r, s in ((0.1, 0), (0.3, 1)))
@@ -206,22 +219,25 @@ def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):
         equal_tensors(old.masks, first.masks)
     # an artifact in a subfolder of a repo: org/name/sub
     first.save(tmp_path / "run" / "neuron_mask")
-    push_folder(tmp_path / "run", "me/run")
-    assert "neuron_mask/neuron_mask.json" in hub.files("me/run")
+    push_artifact(tmp_path / "run", "me/run")
+    assert hub.files("me/run") == {"README.md", "neuron_mask/neuron_mask.json", "neuron_mask/neuron_mask.safetensors"}
+    assert [r for r, _ in hub.repos] == [BASE, "me/mask", "me/mask", "me/run"]
     equal_tensors(NeuronMask.load("me/run/neuron_mask").masks, first.masks)
     assert_no_local_paths(hub, "me/mask", tmp_path)
 
 
 def test_scores_and_a_data_pool_round_trip(hub, tmp_path):
+    from hf_align.artifacts import push_artifact
     from hf_align.data_pool import DataPool
-    from hf_align.hub import push_folder
     from hf_align.scores import load_scores, save_scores
 
     scores = {"model.layers.0.mlp.up_proj.weight": torch.rand(8), "model.layers.1.mlp.up_proj.weight": torch.rand(8)}
     save_scores(tmp_path / "warm", scores, {"method": "gradient"})
     mask = NeuronMask({k: v > 0.5 for k, v in scores.items()})
     mask.save(tmp_path / "warm" / "neuron_mask")
-    push_folder(tmp_path / "warm", "me/scores", base_model=BASE)
+    push_artifact(tmp_path / "warm", "me/scores", base_model=BASE)
+    assert hub.files("me/scores") == {"README.md", "neuron_scores.safetensors", "neuron_scores.json",
+                                      "neuron_mask/neuron_mask.json", "neuron_mask/neuron_mask.safetensors"}  # fmt: skip
     card, meta = card_of(hub, "me/scores")
     assert meta["library_name"] == "hf-align" and "neuron-scores" in meta["tags"]
     out = run_quick_start(hub, card, "scores", tmp_path)
@@ -232,7 +248,8 @@ def test_scores_and_a_data_pool_round_trip(hub, tmp_path):
     pool = DataPool(feedback_type="quantile", num_quantiles=2, seed=0)
     pool.add(["1+2=", "4+4="], ["3", "9"], scores=[1.0, 0.0])
     pool.save(tmp_path / "pool")
-    push_folder(tmp_path / "pool", "me/pool")
+    push_artifact(tmp_path / "pool", "me/pool")
+    assert hub.files("me/pool") == {"README.md", "pool.parquet", "pool.json"}
     card, _ = card_of(hub, "me/pool")
     dumped = json.loads((run_quick_start(hub, card, "pool", tmp_path) / "out.json").read_text())
     again = DataPool.load("me/pool")
@@ -258,6 +275,10 @@ def test_a_merge_of_repo_ids_round_trips(hub, tmp_path, monkeypatch):
     argv = ["merge", "--base_model_name_or_path", BASE, "--model_name_or_path", "me/aligned", "--alpha", "0.5"]
     assert main([*argv, "--output_dir", str(tmp_path / "merged"), "--no-progress", "--push_to_hub", "me/merged"]) == 0
     card, meta = card_of(hub, "me/merged")
+    assert {"README.md", "config.json", "model.safetensors", "merge_plan.json", "tokenizer.json"} <= hub.files(
+        "me/merged"
+    )
+    assert_no_pickles_or_checkpoints(hub.files("me/merged"))
     assert meta["base_model"] == ["me/aligned", BASE] and meta["base_model_relation"] == "merge"
     dumped = load_file(run_quick_start(hub, card, "model", tmp_path) / "out.safetensors")
     equal_tensors({k: v for k, v in load_file(tmp_path / "merged" / "model.safetensors").items()}, dumped)

@@ -172,3 +172,15 @@ def test_warmup_dpo_writes_a_card_whose_quick_start_loads_its_scores_and_mask(tm
     assert "2406.12606" in card and str(tmp_path) not in card
     printed = _run_card_quick_start(out, "print(len(scores), mask.num_selected)")
     assert printed.split() and int(printed.split()[1]) > 0
+
+
+def test_a_card_links_the_tracking_run(monkeypatch):
+    import trl.trainer.utils
+
+    from hf_align.trainers.cards import tracking_links
+
+    monkeypatch.setattr(trl.trainer.utils, "get_trackio_space_url", lambda: "https://huggingface.co/spaces/me/trackio")
+    links = tracking_links()
+    assert links["Trackio"] == "https://huggingface.co/spaces/me/trackio"
+    card = str(build_model_card("T", "m", "load()", tracking=links))
+    assert "- [Trackio](https://huggingface.co/spaces/me/trackio)" in card

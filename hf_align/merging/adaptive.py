@@ -280,7 +280,7 @@ class LearnedAlphas:
     @classmethod
     def load(cls, directory: PathLike, revision: str | None = None) -> LearnedAlphas:
         """From a folder or a Hub repo id (:func:`hf_align.hub.resolve_local`)."""
-        from hf_align.hub import resolve_local
+        from hf_align.hub_download import resolve_local
 
         directory = resolve_local(directory, revision, [ALPHAS_JSON, ALPHAS_TENSORS], what="learned α's")
         data = read_json(directory / ALPHAS_JSON)

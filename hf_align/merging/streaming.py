@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from hf_align.errors import UserError
-from hf_align.hub import MODEL_FILE_PATTERNS, merge_model_card, resolve_local, write_model_card
+from hf_align.hub import merge_model_card, write_model_card
+from hf_align.hub_download import MODEL_FILE_PATTERNS, resolve_local
 from hf_align.io import (
     PathLike,
     atomic_dir,

@@ -103,15 +103,17 @@ def _deltas_only(trainer) -> bool:
     return getattr(trainer, "neuron_mask", None) is not None and not getattr(trainer.args, "save_merged", True)
 
 
-def quick_start(trainer, repo: str, base: str | None, spec=None) -> str:
+def quick_start(trainer, repo: str, base: str | None, spec=None, folder=None) -> str:
     """Python that loads what ``trainer`` saved at ``repo`` (a Hub id, or ``./<folder>`` beside the caller), and
     generates with it when the trainer says how (``card_generate_snippet``: e.g. conditioned on feedback)."""
     if hasattr(trainer, "card_how_to_load"):
         return trainer.card_how_to_load(repo)
-    if spec is not None and spec.name == "warmup-dpo":  # what later stages read: the scores and the mask
+    if spec is not None and spec.name == "warmup-dpo":  # what later stages read: the scores and the selected mask
         from hf_align.hub import scores_quick_start
+        from hf_align.masks import MASK_META_FILE
 
-        return scores_quick_start(repo, with_mask=True)
+        selected = folder is not None and (Path(folder) / "neuron_mask" / MASK_META_FILE).is_file()
+        return scores_quick_start(repo, with_mask=selected)
     load = _load_snippet(trainer, repo, base)
     if hasattr(trainer, "card_generate_snippet"):
         load += "\n\n" + trainer.card_generate_snippet()
@@ -192,12 +194,15 @@ def model_card_for(
     return build_model_card(
         title=model_name or out.name,
         method=method + ".",
-        how_to_load=quick_start(trainer, repo, base, spec),
+        how_to_load=quick_start(trainer, repo, base, spec, folder or trainer.args.output_dir),
         base_model=base,
         base_model_relation="adapter" if deltas_only else None,
         datasets=[dataset_name] if dataset_name else None,
         hyperparameters=card_hyperparameters(trainer, spec),
-        citations=[paper["citation"]] if paper.get("citation") else None,
+        citations=[
+            *([paper["citation"]] if paper.get("citation") else []),
+            *(["allo"] if mask is not None and "chen2024allo" not in paper.get("citation", "") else []),
+        ],
         tags=[
             *(spec.tags if spec is not None else getattr(trainer, "_tag_names", [])),
             *(["neuron-deltas"] if deltas_only else []),
