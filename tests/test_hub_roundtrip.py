@@ -162,6 +162,7 @@ def test_a_trained_model_round_trips_merged_or_as_deltas(hub, tmp_path, save_mer
     assert_no_local_paths(hub, repo, tmp_path, testbed.MODEL_DIR)
 
 
+@pytest.mark.slow
 def test_an_aligner_adapter_round_trips_with_hf_aligns_card(hub, tmp_path):
     """TRL's SFTTrainer with an Aligner adapter, card adopted (what the CLI's aligner-sft does): hf-align's card,
     whose quick start loads the adapter on the base by repo id (TRL's card failed with KeyError 'ALIGNER')."""
