@@ -464,7 +464,8 @@ def merge_models(
     Give either ``alpha`` (linear) or ``plan``: a :class:`MergePlan` or a function ``(tensor_names, config) →
     MergePlan`` (how the CLI builds partwise plans once the names are known). ``base``/``aligned``: local
     directories, ``.safetensors`` files, Hub ids or PEFT adapter directories. Config, generation config and
-    tokenizer files are copied from ``aligned``; the plan is saved as ``merge_plan.json`` (and with ``plot``, its α
+    tokenizer files are copied from ``aligned`` (with the base's ``use_cache``); ``dtype`` ``None``/``"auto"``: the
+    base model's dtype, per tensor; the plan is saved as ``merge_plan.json`` (and with ``plot``, its α
     per block as ``merge_alphas.png``, which needs matplotlib). Peak memory: about two input tensors plus one output tensor (the largest ones).
     """
     if (alpha is None) == (plan is None):
