@@ -104,7 +104,10 @@ def restore_saved_config(folder: PathLike, fmt: SaveFormat) -> None:
     config_path = folder / "config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
-        updates = {**fmt.config, **({"dtype": str(fmt.dtype).removeprefix("torch.")} if fmt.dtype else {})}
+        dtype = {"dtype": str(fmt.dtype).removeprefix("torch.")} if fmt.dtype else {}
+        if dtype and "torch_dtype" in config:  # an older config's spelling, kept in step
+            dtype["torch_dtype"] = dtype["dtype"]
+        updates = {**fmt.config, **dtype}
         if any(config.get(k) != v for k, v in updates.items()):
             _write_json(config_path, {**config, **updates})
     adapter_path = folder / "adapter_config.json"

@@ -17,6 +17,7 @@ use_cpu: true
 """
 
 
+@pytest.mark.slow  # ~40 s each: two processes started through torchrun
 @pytest.mark.parametrize("source", ["config_file", "recipe"])
 def test_two_processes_from_a_file_start_two_processes(tmp_path, source):
     """Two processes × per-device batch 2 consume 4 rows a step: 2 steps over 8 rows is one epoch (one process: 0.5)."""

@@ -103,13 +103,28 @@ def test_bf16_output_dtype_and_mixed_input_dtypes(pair, tmp_path):
         exact = 0.5 * b[name].double() + 0.5 * a[name].double()
         torch.testing.assert_close(tensor.double(), exact, rtol=2**-8, atol=1e-8, msg=name)  # one bf16 rounding
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
-    # base in bf16, aligned in fp32: computed in fp32, output keeps the aligned dtype
+    # base in bf16, aligned in fp32 (a model trained in float32): computed in fp32, output in the base's dtype,
+    # rounded once (issue #29.3: was float32, twice the base's size), and config.json says so
     merge_models(tmp_path / "bf16", aligned, tmp_path / "mixed", alpha=0.25, progress=False)
     mixed = _state(tmp_path / "mixed")
     for name, tensor in mixed.items():
-        assert tensor.dtype == torch.float32
+        assert tensor.dtype == torch.bfloat16
         expected = 0.25 * merged[name].double() + 0.75 * a[name].double()
-        torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tensor.double(), expected, rtol=2**-8, atol=1e-8, msg=name)
+    assert json.loads((tmp_path / "mixed" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_merge_takes_use_cache_from_the_base(pair, tmp_path):
+    """An aligned model saved while training (``use_cache: false``) does not pass that on to the merge (#29.3)."""
+    import shutil
+
+    base, aligned = pair
+    trained = tmp_path / "trained"
+    shutil.copytree(aligned, trained)
+    config = json.loads((trained / "config.json").read_text())
+    (trained / "config.json").write_text(json.dumps({**config, "use_cache": False}))
+    merge_models(base, trained, tmp_path / "out", alpha=0.5, progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
 
 
 @pytest.fixture(scope="module")

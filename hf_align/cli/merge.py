@@ -45,7 +45,7 @@ class MergeArguments(CheckedConfig):
         choices=TIED_BLOCKS,
     )
     plot: bool = option(False, help="Also write merge_alphas.png (α per block) next to merge_plan.json.")
-    dtype: str = option("auto", help="Output dtype: auto (aligned's), bfloat16, float16, float32.")
+    dtype: str = option("auto", help="Output dtype: auto (the base model's), bfloat16, float16, float32.")
     max_shard_size: str = option("500MB", help="Largest output shard, e.g. 500MB, 2GB.")
     revision: str | None = option(None, help="Hub revision for Hub ids.")
     overwrite: bool = option(False, help="Replace --output_dir if it exists (atomically).")

@@ -43,6 +43,7 @@ from hf_align.io import (
 )
 from hf_align.loading import parse_dtype
 from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
+from hf_align.saving import RESTORED_CONFIG, SaveFormat, restore_saved_config
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -416,11 +417,22 @@ def merge_tensor(
 
 
 def _output_dtype(info: TensorInfo, base_info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` when asked; else the base model's (issue #29.3: an aligned copy saved in float32 does not double
+    the merge); mixed inputs are computed in the wider dtype and rounded once."""
     if not info.dtype.is_floating_point:
         return info.dtype
     if dtype is not None:
         return dtype
-    return info.dtype  # the aligned model's dtype (mixed inputs are computed in fp32 and cast back)
+    return base_info.dtype if base_info.dtype.is_floating_point else info.dtype
+
+
+def _base_config_values(base_dir: Path, out_dtype: torch.dtype | None, outputs: list) -> SaveFormat:
+    """What the merge's ``config.json`` (copied from the aligned model) takes from the base: the dtype of the merged
+    weights and ``use_cache`` (an aligned model saved while training may carry ``use_cache: false``)."""
+    stored = read_json(base_dir / "config.json") if (base_dir / "config.json").is_file() else {}
+    floating = [t.dtype for t in outputs if t.dtype.is_floating_point]
+    dtype = out_dtype or (max(set(floating), key=floating.count) if floating else None)
+    return SaveFormat(dtype, {k: stored[k] for k in RESTORED_CONFIG if k in stored})
 
 
 def _copy_side_files(files: list[Path], target: Path, dtype: torch.dtype | None) -> None:
@@ -452,7 +464,8 @@ def merge_models(
     Give either ``alpha`` (linear) or ``plan``: a :class:`MergePlan` or a function ``(tensor_names, config) →
     MergePlan`` (how the CLI builds partwise plans once the names are known). ``base``/``aligned``: local
     directories, ``.safetensors`` files, Hub ids or PEFT adapter directories. Config, generation config and
-    tokenizer files are copied from ``aligned``; the plan is saved as ``merge_plan.json`` (and with ``plot``, its α
+    tokenizer files are copied from ``aligned`` (with the base's ``use_cache``); ``dtype`` ``None``/``"auto"``: the
+    base model's dtype, per tensor; the plan is saved as ``merge_plan.json`` (and with ``plot``, its α
     per block as ``merge_alphas.png``, which needs matplotlib). Peak memory: about two input tensors plus one output tensor (the largest ones).
     """
     if (alpha is None) == (plan is None):
@@ -519,6 +532,7 @@ def merge_models(
                 weight_map = {t.name: file for file, shard in zip(files, shards) for t in shard}
                 write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
             _copy_side_files(copied, tmp, out_dtype)
+            restore_saved_config(tmp, _base_config_values(base_ckpt.directory, out_dtype, outputs))
             plan.save(tmp / PLAN_FILE)
             if plot:
                 plot_merge_alphas(plan, tmp / ALPHA_PLOT_FILE)
