@@ -49,10 +49,10 @@ class EvalArguments(CheckedConfig):
     batch_size: int = option(64, help="Prompts per generation batch.", range=AT_LEAST_ONE)
     seed: int = option(0, help="Sampling seed (batch i uses seed + i).")
     overwrite: bool = option(False, help="Replace an existing --output_file.")
-    no_progress: bool = option(False, help="Hide the progress bars.")
 
 
 RENAMED = {
+    "--no_progress": "--disable_tqdm",
     "--output": "--output_file",
     "--retain_dataset": "--retain_dataset_name",
     "--retain_split": "--retain_dataset_split",
@@ -76,6 +76,7 @@ def run(args: EvalArguments) -> dict[str, Any]:
     from hf_align.evaluation import eval_prompts, evaluate_model, format_table, retain_format
     from hf_align.io import write_json
     from hf_align.loading import load_tokenizer
+    from hf_align.progress import progress_enabled
     from hf_align.rewards import check_reward_weights, resolve_reward_funcs
 
     refuse_existing_output(args.output_file, "--output_file", args.overwrite)
@@ -112,7 +113,7 @@ def run(args: EvalArguments) -> dict[str, Any]:
         reference_model=reference,
         retain=retain,
         reward_columns=extra,
-        progress=not args.no_progress,
+        progress=progress_enabled(),
         reward_weights=args.reward_weights,
         **generation,
     )
