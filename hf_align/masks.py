@@ -37,6 +37,7 @@ from hf_align.io import (
     save_tensors,
     write_json,
 )
+from hf_align.progress import progress_bar
 from hf_align.scores import GRANULARITIES, ScoreOptions
 
 
@@ -370,6 +371,7 @@ class NeuronMask:
         ratio: float | None = None,
         budget: str | None = None,
         neuron_sizes: Mapping[str, int] | None = None,
+        progress: bool = False,
     ) -> NeuronMask:
         """Keep ``round(ratio * n)`` neurons ranked by score, skipping the top ``round(exclude_top * n)`` first.
 
@@ -408,16 +410,13 @@ class NeuronMask:
             )
         descending = select != "bottom"
         sizes = _budget_sizes(values, selection.budget, neuron_sizes)
-        if scope == "tensor":  # one tensor's rows are all one length: a parameter budget selects the same rows
-            masks = {
-                name: _band({name: _order_keys(v, descending)}, ratio, exclude_top)[name].view(v.shape)
-                for name, v in values.items()
-            }
-        else:
-            shapes = {name: v.shape for name, v in values.items()}
-            keys = {}
-            for name in names:  # keys replace the float copies one tensor at a time
-                keys[name] = _order_keys(values.pop(name), descending)
+        shapes = {name: v.shape for name, v in values.items()}
+        keys, masks = {}, {}
+        for name in progress_bar(names, desc="selecting", unit="tensor", enabled=progress):
+            keys[name] = _order_keys(values.pop(name), descending)  # keys replace the float copies one at a time
+            if scope == "tensor":  # one tensor's rows are all one length: a parameter budget selects the same rows
+                masks[name] = _band({name: keys.pop(name)}, ratio, exclude_top)[name].view(shapes[name])
+        if scope != "tensor":
             chosen = _band(keys, ratio, exclude_top, sizes)
             masks = {name: chosen[name].view(shapes[name]) for name in names}
         if not any(bool(mask.any()) for mask in masks.values()):

@@ -65,6 +65,11 @@ def quiet_backend_notices() -> None:
     for name, starts in BACKEND_NOTICES.items():
         _filters[name] = _DropNotices(starts)
         logging.getLogger(name).addFilter(_filters[name])
+    ignore_backend_warnings()
+
+
+def ignore_backend_warnings() -> None:
+    """The warnings filters of :data:`BACKEND_WARNINGS` (each scoped to its message and module)."""
     for category, message, module in BACKEND_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 

@@ -35,6 +35,7 @@ from hf_align.io import (
     save_tensors,
     write_json,
 )
+from hf_align.progress import progress_bar
 
 
 SCORES_FILE = "neuron_scores.safetensors"
@@ -224,8 +225,10 @@ def weight_diff_scores(
     target: str | Iterable[str] | None = None,
     dtype: torch.dtype = torch.float32,
     axes: dict[str, int] | None = None,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """``|θ_trained − θ_init|`` per entry or summed per row, streamed one tensor at a time (ALLO's statistic).
+    """``|θ_trained − θ_init|`` per entry or summed per row, streamed one tensor at a time (ALLO's statistic);
+    ``progress``: a bar, one step per tensor of ``trained`` (of ``init`` matching ``target`` for pairs).
 
     ``axes``: the output-feature axis of each weight not on axis 0 (:func:`hf_align.architectures.neuron_axes`);
     ``None`` reads it from the initial checkpoint's ``config.json`` (GPT-2's ``Conv1D`` rows are columns).
@@ -240,9 +243,13 @@ def weight_diff_scores(
         axes = checkpoint_neuron_axes(init_reader.path)
     if isinstance(trained, (str, Path)):
         trained = CheckpointReader(trained)
-    pairs = trained.items() if isinstance(trained, CheckpointReader) else trained
+    reader = trained if isinstance(trained, CheckpointReader) else None
+    pairs = reader.items() if reader is not None else trained
+    names = reader.keys() if reader is not None else [n for n in init_reader.keys() if matches_target(n, target)]
     scores: dict[str, torch.Tensor] = {}
-    for name, tensor in pairs:
+    for name, tensor in progress_bar(
+        pairs, desc="scoring weight diff", unit="tensor", total=len(names), enabled=progress
+    ):
         if not tensor.is_floating_point() or not matches_target(name, target):
             continue
         if name not in init_reader:

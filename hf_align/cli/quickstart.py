@@ -65,6 +65,7 @@ def run(args: QuickstartArguments) -> dict:
 
     from hf_align import testbed
     from hf_align.cli.common import refuse_existing_output
+    from hf_align.progress import progress_enabled
 
     if args.output_dir:
         refuse_existing_output(args.output_dir, "--output_dir", args.overwrite)
@@ -84,9 +85,9 @@ def run(args: QuickstartArguments) -> dict:
         report_to="none",
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers' name (TRL's configs still default the old one)
         seed=args.seed,
-        disable_tqdm=True,
+        disable_tqdm=not progress_enabled(),  # the Trainer's own bar: minutes on a busy machine
     )
     dataset = tb.preference_dataset(args.num_pairs)
     start = time.time()

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         scores, sizes = _load_or_compute_scores(args)
     except KeyError as err:  # a tensor missing from a checkpoint
         raise UserError(err.args[0]) from None
-    mask = NeuronMask.from_scores(scores, selection, neuron_sizes=sizes)
+    mask = NeuronMask.from_scores(scores, selection, neuron_sizes=sizes, progress=True)
     output = Path(args.output_dir)
     mask.save(output)
     if args.init:
@@ -133,7 +133,9 @@ def _load_or_compute_scores(args) -> tuple[dict[str, torch.Tensor], dict[str, in
             if not scores:
                 raise UserError(f"--target {args.target!r} matches no parameter in {args.neuron_scores_path!r}.")
         return scores, meta.get("neuron_sizes")
-    scores = weight_diff_scores(args.init, args.trained, granularity=args.neuron_mask_granularity, target=args.target)
+    scores = weight_diff_scores(
+        args.init, args.trained, granularity=args.neuron_mask_granularity, target=args.target, progress=True
+    )
     return scores, checkpoint_neuron_sizes(args.init)
 
 
