@@ -62,11 +62,15 @@ def test_readme_command_families_print_no_backend_noise_and_show_progress(comman
         assert BARS[command] not in result.stderr and "%|" not in result.stderr
 
 
-def test_verbose_shows_the_deprecation_a_user_asked_to_see(tmp_path):
-    result = _run(["masked-dpo", *COMMANDS["masked-dpo"], "--verbose", "--disable_tqdm", "true"], tmp_path)
+def test_verbose_shows_the_deprecation_and_a_no_op_run_says_so_on_the_console(tmp_path):
+    """A run at learning rate 0 trains nothing: the one line reaches the user's terminal (not only a log record)."""
+    lr0 = ["--learning_rate", "0", "--logging_steps", "1"]
+    result = _run(["masked-dpo", *COMMANDS["masked-dpo"], *lr0, "--verbose", "--disable_tqdm", "true"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`gradient_checkpointing` is deprecated" in result.stderr
     assert "%|" not in result.stderr  # the Trainer's bar too is off
+    (line,) = [line for line in result.stderr.splitlines() if "no trainable parameter changed" in line]
+    assert line.startswith("hf-align: no trainable parameter changed in the first 1 step(s)"), line
 
 
 def test_filters_drop_only_the_backends_notices_and_verbose_replays_them(caplog, monkeypatch):
