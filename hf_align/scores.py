@@ -20,11 +20,18 @@ from typing import Any
 
 import torch
 
-from hf_align.architectures import checkpoint_neuron_axes, neuron_axis, row_length
+from hf_align.architectures import (
+    checkpoint_neuron_axes,
+    checkpoint_parameter_order,
+    in_order,
+    neuron_axis,
+    row_length,
+)
 from hf_align.architectures import plain_name as plain_name  # re-exported: its home was here
 from hf_align.config_checks import CheckedConfig, check_option, option
 from hf_align.errors import UserError
 from hf_align.io import (
+    PARAMETER_ORDER,
     PathLike,
     atomic_files,
     check_same_save,
@@ -33,6 +40,7 @@ from hf_align.io import (
     read_json,
     safetensors_metadata,
     save_tensors,
+    saved_order,
     write_json,
 )
 from hf_align.progress import progress_bar
@@ -100,7 +108,7 @@ def save_scores(directory: PathLike, scores: dict[str, torch.Tensor], meta: dict
             raise TypeError(
                 f"save_scores: score {name!r} must be a floating-point tensor, got {type(tensor).__name__}."
             )
-    meta = dict(meta or {})
+    meta = {**(meta or {}), PARAMETER_ORDER: list(scores)}  # the files sort their keys: the caller's order, kept
     save_id = new_save_id()
     header = json.dumps(meta, sort_keys=True)  # fails early (before writing) on non-serialisable meta
     directory = Path(directory)
@@ -125,11 +133,12 @@ def load_scores(directory: PathLike, device: str = "cpu") -> tuple[dict[str, tor
     scores = load_tensors(path, device=device)
     header = safetensors_metadata(path)
     meta_path = path.parent / META_FILE
-    if not meta_path.exists():
-        return scores, json.loads(header.get("hf_align_scores", "{}"))
-    meta = read_json(meta_path)
-    check_same_save(path, meta_path, meta.pop(_SAVE_ID, None), metadata=header)
-    return scores, meta
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        check_same_save(path, meta_path, meta.pop(_SAVE_ID, None), metadata=header)
+    else:
+        meta_path, meta = path, json.loads(header.get("hf_align_scores", "{}"))
+    return in_order(scores, saved_order(meta, meta_path)), meta
 
 
 # ----------------------------------------------------------------------------------------- parameter names
@@ -267,4 +276,4 @@ def weight_diff_scores(
         scores[name] = score.to("cpu", dtype=dtype if granularity == "element" else torch.float32)
     if not scores:
         raise UserError(f"No parameter matched target={target!r}; nothing to score.")
-    return scores
+    return scores if reader is None else in_order(scores, checkpoint_parameter_order(init_reader.path))
