@@ -373,3 +373,48 @@ def test_the_aligner_commands_get_the_default_callbacks(tmp_path, caplog):
         assert run_command("aligner-dpo", argv, launch=False) == 0
     assert (out / "reward_kl.png").is_file()
     assert any("changed" in record.getMessage() for record in caplog.records)
+
+
+def test_plots_reach_a_real_tensorboard_event_file(tmp_path):
+    """With tensorboard installed, the Trainer's own TensorBoardCallback (its real SummaryWriter) receives the
+    figures: the event file holds one image per plot under ``plots/<name>`` at the run's last step."""
+    pytest.importorskip(
+        "tensorboard", reason="tensorboard is not installed here; the FakeWriter test above covers the calls"
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import TrainerControl
+    from transformers.integrations import TensorBoardCallback
+
+    from hf_align.callbacks import TrainingPlotsCallback
+
+    board = TensorBoardCallback()
+    trainer = types.SimpleNamespace(callback_handler=types.SimpleNamespace(callbacks=[board]))
+    args = types.SimpleNamespace(output_dir=str(tmp_path), logging_dir=str(tmp_path / "runs"))
+    board.logging_dir = str(tmp_path / "runs")
+    board._init_summary_writer(args)
+    state = _state(DPO_LOGS, step=4)
+    TrainingPlotsCallback(trainer=trainer).on_train_end(args, state, TrainerControl(), model=None)
+    board.tb_writer.close()
+    events = EventAccumulator(str(tmp_path / "runs"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["plots/reward_kl"]
+    (image,) = events.Images("plots/reward_kl")
+    assert image.step == 4 and image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and image.width > 100
+
+
+def test_a_pushed_mask_card_shows_its_plot(tmp_path):
+    """`push_neuron_mask` uploads mask_plot.png beside the mask and its card links it."""
+    from hf_align.hub import push_neuron_mask
+
+    uploaded = {}
+
+    class Api:
+        def create_repo(self, *args, **kwargs):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded.update({p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).iterdir()})
+
+    push_neuron_mask(_mask(ROWS), "me/mask", api=Api())
+    assert uploaded[plots.MASK_PLOT_FILE][:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![Neurons trained per layer and module]({plots.MASK_PLOT_FILE})" in uploaded["README.md"].decode()
