@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from hf_align.cli import main
-from hf_align.cli.pipeline import STAGE_FILE
+from hf_align.scripts.pipeline import STAGE_FILE
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 @pytest.fixture
 def no_training(monkeypatch):
     """masked-dpo's `run` records its parsed arguments instead of loading a model and training."""
-    import hf_align.cli.training as training
+    import hf_align.scripts.train as training
 
     calls = []
 
@@ -163,10 +163,10 @@ def test_pipeline_takes_over_a_stale_lock_with_a_warning(tmp_path, capsys):
 
 
 def test_pipeline_holds_the_lock_while_stages_run(tmp_path, monkeypatch):
-    import hf_align.cli.pipeline as pipeline
+    import hf_align.scripts.pipeline as pipeline
 
     seen = []
-    monkeypatch.setattr(pipeline, "run_stage", lambda stage, argv, launch: seen.append(_lock_content(tmp_path)))
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, argv, run: seen.append(_lock_content(tmp_path)))
     recipe = _pipeline(
         tmp_path,
         [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}],
@@ -259,14 +259,14 @@ def test_resume_true_without_a_complete_checkpoint_is_refused(tmp_path, capsys, 
 
 
 def test_pipeline_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypatch):
-    import hf_align.cli.pipeline as pipeline
+    import hf_align.scripts.pipeline as pipeline
 
     recipe = _pipeline(tmp_path, [{"name": "train", "command": "masked-dpo"}])
     stage = tmp_path / "out" / "train"
     _checkpoints(stage)
     (stage / STAGE_FILE).write_text(json.dumps({"status": "running"}))
     argvs = []
-    monkeypatch.setattr(pipeline, "run_stage", lambda stage, argv, launch: argvs.append(argv))
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, argv, run: argvs.append(argv))
     with pytest.warns(UserWarning, match="checkpoint-4"):
         assert _run_pipeline(recipe, tmp_path / "out") == 0
     resume = argvs[0][argvs[0].index("--resume_from_checkpoint") + 1]
@@ -306,7 +306,7 @@ def test_command_line_flags_allow_what_the_recipe_asks(tmp_path, monkeypatch, no
     "where", [{"set": {"trust_remote_code": True}}, {"args": {"model_init_kwargs": '{"trust_remote_code": true}'}}]
 )
 def test_pipeline_recipe_cannot_switch_on_remote_code(tmp_path, capsys, monkeypatch, where):
-    import hf_align.cli.pipeline as pipeline
+    import hf_align.scripts.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "run_stage", lambda *a: pytest.fail("a stage ran"))
     stage = {"name": "train", "command": "masked-dpo", **({"args": where["args"]} if "args" in where else {})}
@@ -318,10 +318,10 @@ def test_pipeline_recipe_cannot_switch_on_remote_code(tmp_path, capsys, monkeypa
 
 
 def test_pipeline_flags_reach_the_training_stages(tmp_path, monkeypatch):
-    import hf_align.cli.pipeline as pipeline
+    import hf_align.scripts.pipeline as pipeline
 
     argvs = []
-    monkeypatch.setattr(pipeline, "run_stage", lambda stage, argv, launch: argvs.append(argv))
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, argv, run: argvs.append(argv))
     recipe = _pipeline(tmp_path, [{"name": "train", "command": "masked-dpo", "args": {"trust_remote_code": True}}])
     assert _run_pipeline(recipe, tmp_path / "out", "--trust_remote_code", "--allow_recipe_env") == 0
     assert "--trust_remote_code" in argvs[0] and "--allow_recipe_env" in argvs[0]

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_align.cli import main
-from hf_align.cli.pipeline import STAGE_FILE, load_pipeline
+from hf_align.cli.pipeline import stage_commands
+from hf_align.scripts.pipeline import STAGE_FILE, load_pipeline
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def _argv(recipe: Path, out: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", ["pipeline.yaml", "pipeline_testbed.yaml"])
 def test_shipped_recipe_is_a_valid_pipeline(name):
-    recipe = load_pipeline(ALLO / name)
+    recipe = load_pipeline(ALLO / name, stage_commands().names)
     names = [stage["name"] for stage in recipe["stages"]]
     assert names == ["warmup", "mask_forget", "mask_improve", "labels", "forget", "improve"]
 
@@ -170,7 +171,7 @@ def test_a_failed_pipeline_prints_the_summary_of_what_finished(tmp_path, capsys)
 
 
 def test_set_reaches_one_stage_of_any_command(tmp_path):
-    from hf_align.cli.pipeline import stage_argv
+    from hf_align.scripts.pipeline import stage_argv
 
     stage = {"name": "labels", "command": "select-mask", "args": {"neuron_scores_path": "s"}}
     outputs = {"labels": str(tmp_path / "labels")}

@@ -64,6 +64,7 @@ def test_readme_lines_that_need_gpus_or_the_hub_still_parse(line, tmp_path, monk
 
         parse(name, [*rest, "--bf16", "false", "--use_cpu", "true"])
     elif name == "pipeline":
-        from hf_align.cli.pipeline import load_pipeline, parse
+        from hf_align.cli.pipeline import parse, stage_commands
+        from hf_align.scripts.pipeline import load_pipeline
 
-        load_pipeline(Path(parse(rest).recipe))
+        load_pipeline(Path(parse(rest).recipe), stage_commands().names)

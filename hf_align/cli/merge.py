@@ -61,9 +61,10 @@ RENAMED = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_align.cli.common import parse_command, refuse_existing_output, resolve_model_path
+    from hf_align.cli.common import parse_command
     from hf_align.merging import merge_models, partwise_builder
     from hf_align.progress import progress_enabled
+    from hf_align.scripts.utils import refuse_existing_output, resolve_model_path
 
     (args,) = parse_command("hf-align merge", (MergeArguments,), argv, renamed=RENAMED, description=__doc__)
     partwise = args.pivots is not None or args.alphas is not None

@@ -1,58 +1,21 @@
 """``hf-align pipeline --config recipe.yaml``: run a multi-stage recipe (ALLO's four stages) as one resumable command.
 
-A pipeline recipe lists stages; each runs one hf-align command with its own recipe and arguments, writing into
-``<output_dir>/<stage name>``::
-
-    # command: hf-align pipeline
-    output_dir: outputs/allo
-    model_name_or_path: meta-llama/Llama-2-7b-hf
-    set: {bf16: true}                  # fields given to every training stage
-    stages:
-      - {name: warmup, command: warmup-dpo, recipe: warmup_dpo.yaml, args: {dataset_name: ...}}
-      - {name: mask_improve, command: select-mask, args: {neuron_scores_path: "{warmup}", neuron_mask_ratio: 0.1}}
-      - {name: improve, command: masked-dpo, recipe: improve_dpo.yaml,
-         args: {model_name_or_path: "{model}", neuron_mask_path: "{mask_improve}"}}
-
-``{stage}`` in an argument is that (earlier, or the same) stage's output folder, ``{model}`` the pipeline's model.
-Training stages get ``--model_name_or_path {model}``, and every stage ``--output_dir``, unless their args say
-otherwise (or give an ``output_file``). ``--set FIELD=VALUE`` reaches every training stage, ``--set STAGE.FIELD=VALUE`` one stage of any
-command. A stage is complete only once ``pipeline_stage.json`` in its folder says so (written atomically after
-the command returned), and that file keeps the stage's resolved arguments: re-running skips a completed stage whose
-resolved arguments are unchanged, re-runs it from scratch (and every stage after it) when they changed, and resumes
-an interrupted training stage from its last ``checkpoint-*`` (the last *complete* one, see
-:mod:`hf_align.checkpoints`); ``--force`` re-runs every stage. A summary table ends the run, a failed one too.
-
-The pipeline only ever removes a folder it wrote itself: an existing stage folder without its
-``pipeline_stage.json`` is refused, naming it. ``output_dir`` is locked while a pipeline runs (``.pipeline.lock``,
-created exclusively, holding host and pid); a lock left by a dead process on this host is taken over with a
-warning. ``trust_remote_code`` or ``allow_recipe_env`` in the pipeline recipe's ``set``/``args`` is refused unless the
-pipeline itself got ``--trust_remote_code`` / ``--allow_recipe_env``, which it then passes to every training stage.
+The recipe format, resume and locking are the engine's (:mod:`hf_align.scripts.pipeline`); this command parses its flags
+and refuses what the recipe may not switch on: ``trust_remote_code`` or ``allow_recipe_env`` in the pipeline
+recipe's ``set``/``args`` is refused unless the pipeline itself got ``--trust_remote_code`` / ``--allow_recipe_env``,
+which it then passes to every training stage.
 """
 
 from __future__ import annotations
 
-import re
-import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from hf_align.checkpoints import last_complete_checkpoint
 from hf_align.cli.common import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions, recipe_permissions
 from hf_align.config_checks import CheckedConfig, option
 from hf_align.errors import UserError
-from hf_align.io import hold_lock, read_json, write_json
-
-
-STAGE_FILE = "pipeline_stage.json"
-LOCK_FILE = ".pipeline.lock"
-PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
-_STAGE_KEYS = {"name", "command", "recipe", "args"}
-_PIPELINE_KEYS = {"output_dir", "model_name_or_path", "set", "stages"}
+from hf_align.scripts import pipeline as engine
 
 
 @dataclass
@@ -93,115 +56,17 @@ def parse(argv: list[str]) -> PipelineArguments:
     return args
 
 
-class StageFailed(RuntimeError):
-    """A stage's command returned a non-zero exit code (it printed its own error)."""
+def stage_commands() -> engine.Commands:
+    """The dispatcher's commands for the engine: stages run in this process, their errors printed as one line."""
+    from hf_align.cli import COMMANDS, all_commands, run_command
+    from hf_align.cli.errors import run_guarded
 
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-def load_pipeline(path: Path) -> dict[str, Any]:
-    """Read and check a pipeline recipe; errors name the file, the stage and the key."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Pipeline recipe {str(path)!r} does not exist.")
-    recipe = yaml.safe_load(path.read_text())
-    if not isinstance(recipe, dict):
-        raise UserError(f"{str(path)!r}: a pipeline recipe is a YAML mapping with a `stages` list.")
-    unknown = sorted(set(recipe) - _PIPELINE_KEYS)
-    if unknown:
-        raise UserError(f"{str(path)!r}: unknown key(s) {unknown}; expected some of {sorted(_PIPELINE_KEYS)}.")
-    stages = recipe.get("stages")
-    if not isinstance(stages, list) or not stages:
-        raise UserError(f"{str(path)!r}: `stages` must be a non-empty list.")
-    from hf_align.cli import all_commands
-
-    commands, names = all_commands(), []
-    for index, stage in enumerate(stages):
-        where = f"{str(path)!r}, stage {index}"
-        if not isinstance(stage, dict) or "name" not in stage or "command" not in stage:
-            raise UserError(f"{where}: each stage needs `name` and `command`.")
-        unknown = sorted(set(stage) - _STAGE_KEYS)
-        if unknown:
-            raise UserError(f"{where} ({stage['name']}): unknown key(s) {unknown}; expected {sorted(_STAGE_KEYS)}.")
-        if stage["command"] not in commands:
-            raise UserError(f"{where} ({stage['name']}): unknown command {stage['command']!r}.")
-        if stage["command"] == "pipeline":
-            raise UserError(f"{where} ({stage['name']}): a pipeline cannot run a pipeline.")
-        if stage["name"] in names or not re.fullmatch(r"[A-Za-z0-9_-]+", str(stage["name"])):
-            raise UserError(f"{where}: stage name {stage['name']!r} must be unique and use [A-Za-z0-9_-].")
-        for value in (stage.get("args") or {}).values():
-            for ref in PLACEHOLDER.findall(str(value)):
-                if ref not in names and ref not in ("model", "output_dir", stage["name"]):
-                    raise UserError(
-                        f"{where} ({stage['name']}): {{{ref}}} does not name an earlier stage (have {names})."
-                    )
-        if stage.get("recipe") and not (path.parent / stage["recipe"]).is_file():
-            raise FileNotFoundError(f"{where} ({stage['name']}): recipe {stage['recipe']!r} not found next to it.")
-        names.append(stage["name"])
-    return recipe
-
-
-def _substitute(value: Any, outputs: dict[str, str]) -> str:
-    return PLACEHOLDER.sub(lambda m: outputs[m.group(1)], str(value))
-
-
-def _flag_args(args: dict[str, Any], outputs: dict[str, str]) -> list[str]:
-    argv: list[str] = []
-    for key, value in args.items():
-        if isinstance(value, list):
-            argv += [f"--{key}", *(_substitute(v, outputs) for v in value)]
-        else:
-            argv += [f"--{key}", _substitute(value, outputs)]
-    return argv
-
-
-def _check_ours(directory: Path) -> None:
-    """A stage folder that exists with content but without our marker belongs to someone else: refuse."""
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / STAGE_FILE).exists():
-        raise FileExistsError(
-            f"{str(directory)!r} exists and was not written by the pipeline (no {STAGE_FILE}); move it away or "
-            "choose another --output_dir."
-        )
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{str(directory)!r} exists and is not a folder; choose another --output_dir.")
-
-
-def _metric(directory: Path) -> str:
-    state = directory / "trainer_state.json"
-    if state.exists():
-        losses = [e["train_loss"] for e in read_json(state).get("log_history", []) if "train_loss" in e]
-        if losses:
-            return f"train_loss={losses[-1]:.4f}"
-    mask = directory / "neuron_mask.json"
-    if mask.exists():
-        return f"mask ratio={read_json(mask)['ratio']:.4f}"
-    return "-"
-
-
-def stage_argv(
-    stage: dict, recipe_dir: Path, outputs: dict[str, str], defaults: dict[str, str], overrides: dict[str, str]
-) -> list[str]:
-    """The resolved command line of one stage (without resume flags).
-
-    Training stages: the recipe's ``set`` < the stage's ``args`` < ``--set`` on the command line.
-    """
-    from hf_align.cli import COMMANDS
-
-    training = stage["command"] not in COMMANDS
-    args = dict(stage.get("args") or {})
-    prefix = f"{stage['name']}."
-    own = {key.removeprefix(prefix): value for key, value in overrides.items() if key.startswith(prefix)}
-    if training:
-        common = {key: value for key, value in overrides.items() if "." not in key}
-        args = {**defaults, **args, **common, **own}
-        args.setdefault("model_name_or_path", "{model}")
-    else:
-        args.update(own)
-    if not {"output_dir", "output_file", "output"} & set(args):
-        args["output_dir"] = outputs[stage["name"]]
-    argv = ["--config", str(recipe_dir / stage["recipe"])] if stage.get("recipe") else []
-    return argv + _flag_args(args, outputs)
+    names = set(all_commands())
+    return engine.Commands(
+        names=names,
+        training=names - set(COMMANDS),
+        run=lambda name, argv: run_guarded(name, lambda: run_command(name, argv, launch=None)),
+    )
 
 
 def _check_recipe_permissions(recipe: dict, path: Path, flags: set[str]) -> None:
@@ -215,113 +80,12 @@ def _check_recipe_permissions(recipe: dict, path: Path, flags: set[str]) -> None
         check_permissions(needed, flags, f"{str(path)!r}, {where}")
 
 
-def run_stage(stage: dict, argv: list[str], launch: bool | None) -> None:
-    """Run one stage's command; its own errors print as one line (``run_guarded``), then :class:`StageFailed`."""
-    from hf_align.cli import run_command
-    from hf_align.cli.errors import run_guarded
-
-    name = stage["command"]
-    code = run_guarded(name, lambda: run_command(name, argv, launch=launch))
-    if code:
-        raise StageFailed(f"stage {stage['name']!r} ({stage['command']}) failed with exit code {code}.", int(code))
-
-
 def run(args: PipelineArguments) -> list[dict]:
-    path = Path(args.recipe)
-    recipe = load_pipeline(path)
-    output_dir = Path(args.output_dir or recipe.get("output_dir") or "outputs/pipeline")
-    model = args.model_name_or_path or recipe.get("model_name_or_path")
-    if model is None:
-        raise UserError(f"{str(path)!r}: give model_name_or_path in the recipe or on the command line.")
-    defaults = {k: str(v) for k, v in (recipe.get("set") or {}).items()}
-    overrides: dict[str, str] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set expects FIELD=VALUE, got {item!r}.")
-        overrides[key] = value
+    commands = stage_commands()
+    plan = engine.plan(Path(args.recipe), commands.names, args.output_dir, args.model_name_or_path, args.set)
     flags = {flag for flag in (ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE) if getattr(args, flag.lstrip("-"))}
-    _check_recipe_permissions(recipe, path, flags)
-    outputs = {"model": str(model), "output_dir": str(output_dir)}
-    outputs.update({stage["name"]: str(output_dir / stage["name"]) for stage in recipe["stages"]})
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with hold_lock(output_dir / LOCK_FILE, "pipeline"):
-        for stage in recipe["stages"]:  # before anything runs: refuse folders someone else made
-            _check_ours(output_dir / stage["name"])
-        summary: list[dict] = []
-        try:
-            _run_stages(recipe, path, outputs, defaults, overrides, sorted(flags), args.force, summary)
-        except BaseException:
-            _print_summary(summary)  # what finished, and which stage failed
-            raise
-    _print_summary(summary)
-    return summary
-
-
-def _run_stages(
-    recipe: dict,
-    path: Path,
-    outputs: dict[str, str],
-    defaults: dict[str, str],
-    overrides: dict[str, str],
-    flags: list[str],
-    force: bool,
-    summary: list[dict],
-) -> None:
-    """Run (or skip) each stage in order, appending its summary row to ``summary`` as soon as it is known."""
-    from hf_align.cli import COMMANDS
-
-    rerun_rest = force  # once a stage re-runs, the stages after it read new inputs: they re-run too
-    for stage in recipe["stages"]:
-        directory = Path(outputs[stage["name"]])
-        marker = directory / STAGE_FILE
-        done = read_json(marker) if marker.exists() else {}
-        resolved = stage_argv(stage, path.parent, outputs, defaults, overrides)
-        changed = done.get("resolved_args", resolved) != resolved
-        if done.get("status") == "complete" and not (changed or rerun_rest):
-            metric = done.get("metric") or _metric(directory)
-            summary.append(_row(stage, "skipped (complete)", 0.0, directory, metric))
-            continue
-        training = stage["command"] not in COMMANDS
-        if done and (changed or rerun_rest):
-            why = "--force" if force else "its arguments changed" if changed else "an earlier stage re-ran"
-            print(f"[pipeline] {stage['name']}: re-running from scratch ({why}).", flush=True)
-            shutil.rmtree(directory)  # ours (_check_ours): a stale result or a run with other arguments
-        rerun_rest = True
-        argv = list(resolved)
-        checkpoint = last_complete_checkpoint(directory) if training and directory.exists() else None
-        if training:
-            argv += flags
-        if checkpoint is not None:
-            argv += ["--resume_from_checkpoint", str(checkpoint)]
-        elif directory.exists() and not training:
-            shutil.rmtree(directory)  # our own half-written selection or labelling (_check_ours): redo it
-        record = {"name": stage["name"], "command": stage["command"], "argv": argv, "status": "running"}
-        record["resolved_args"] = resolved  # what a re-run compares against (without resume and permission flags)
-        write_json(marker, record)
-        print(f"[pipeline] {stage['name']}: hf-align {stage['command']} {' '.join(argv)}", flush=True)
-        start = time.time()
-        try:
-            run_stage(stage, argv, launch=None)
-        except BaseException:
-            summary.append(_row(stage, "FAILED", time.time() - start, directory, "-"))
-            raise
-        seconds, metric = time.time() - start, _metric(directory)
-        write_json(marker, {**record, "status": "complete", "seconds": seconds, "metric": metric})
-        status = f"resumed from {checkpoint.name}" if checkpoint is not None else "ran"
-        summary.append(_row(stage, status, seconds, directory, metric))
-
-
-def _row(stage: dict, status: str, seconds: float, directory: Path, metric: str) -> dict:
-    return {"stage": stage["name"], "status": status, "seconds": seconds, "dir": directory, "metric": metric}
-
-
-def _print_summary(rows: list[dict]) -> None:
-    header = ("stage", "status", "time", "output", "metric")
-    table = [(r["stage"], r["status"], f"{r['seconds']:.0f}s", str(r["dir"]), r["metric"]) for r in rows]
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-    for row in (header, *table):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    _check_recipe_permissions(plan.recipe, plan.path, flags)
+    return engine.run_pipeline(plan, commands, sorted(flags), args.force)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
-    except StageFailed as err:  # the stage printed its own error; say which stage it was
+    except engine.StageFailed as err:  # the stage printed its own error; say which stage it was
         print(f"hf-align pipeline: {err}", file=sys.stderr, flush=True)
         return err.code
     return 0
