@@ -32,9 +32,11 @@ COMMANDS = {
                     "--output_dir", "mask"],
     "label-tokens": ["--dataset_name", "testbed:preference", "--tokenizer", "testbed", "--max_rows", "4",
                      "--output", "labeled.jsonl"],
+    "quickstart": ["--max_steps", "2", "--warmup_steps", "2", "--num_pairs", "32", "--eval_prompts", "8",
+                   "--output_dir", "qs"],
 }  # fmt: skip
 BARS = {"masked-dpo": "1/1", "eval": "sampling policy", "merge": "merging", "select-mask": "selecting",
-        "label-tokens": "Labeling key tokens"}  # fmt: skip
+        "label-tokens": "Labeling key tokens", "quickstart": "2/2"}  # fmt: skip
 
 
 def _run(argv: list[str], cwd, **env) -> subprocess.CompletedProcess:
@@ -49,7 +51,12 @@ def _run(argv: list[str], cwd, **env) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+SLOW = {"quickstart"}  # ~25 s on 2 busy cores (warm-up, mask, alignment, two evaluations)
+
+
+@pytest.mark.parametrize(
+    "command", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in sorted(COMMANDS)]
+)
 def test_readme_command_families_print_no_backend_noise_and_show_progress(command, tmp_path):
     result = _run([command, *COMMANDS[command]], tmp_path)
     output = result.stdout + result.stderr
