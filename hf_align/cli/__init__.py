@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("merge", "Average base and aligned weights (linear or partwise AMA), streamed tensor by tensor."),
     "adaptive-merge": ("adaptive_merge", "Learn per-block averaging ratios on data (adaptive AMA), then merge."),
     "pipeline": ("pipeline", "Run a multi-stage recipe (ALLO: warm-up, masks, forget, improve); resumable."),
+    "recipes": ("recipes", "List the shipped recipes; `--config NAME` (e.g. allo/improve_dpo) runs one by name."),
 }
 """name -> (module under hf_align.cli with ``main(argv)``, one-line help); the training commands come from the
 trainer registry (:func:`hf_align.cli.training.training_commands`)."""
@@ -44,6 +45,9 @@ def all_commands() -> dict[str, str]:
 
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     """Run command ``name`` (exceptions propagate; :func:`run_guarded` turns user errors into one line)."""
+    from hf_align.cli.common import find_config
+
+    argv = find_config(argv)  # a recipe's name or a missing file fails here, before a command imports anything
     if name in COMMANDS:
         return int(importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}").main(argv) or 0)
     from hf_align.cli import training

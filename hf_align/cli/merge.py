@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from hf_align.config_checks import UNIT, CheckedConfig, option
 from hf_align.errors import UserError
+from hf_align.merging.plan import TIED_BLOCKS
 
 
 @dataclass
@@ -41,7 +42,7 @@ class MergeArguments(CheckedConfig):
         None,
         help="Partwise, tied embeddings (one tensor for embedding and lm_head): the block whose α it takes, merged "
         "once: 'embed' or 'head' (default: the one whose α you gave, else embed).",
-        choices=("embed", "head"),
+        choices=TIED_BLOCKS,
     )
     plot: bool = option(False, help="Also write merge_alphas.png (α per block) next to merge_plan.json.")
     dtype: str = option("auto", help="Output dtype: auto (aligned's), bfloat16, float16, float32.")
