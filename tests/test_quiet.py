@@ -34,9 +34,11 @@ COMMANDS = {
                      "--output", "labeled.jsonl"],
     "quickstart": ["--max_steps", "2", "--warmup_steps", "2", "--num_pairs", "32", "--eval_prompts", "8",
                    "--output_dir", "qs"],
+    "pipeline": ["--config", "allo/pipeline_testbed", "--output_dir", "allo", "--set", "max_steps=2"],
 }  # fmt: skip
 BARS = {"masked-dpo": "1/1", "eval": "sampling policy", "merge": "merging", "select-mask": "selecting",
-        "label-tokens": "Labeling key tokens", "quickstart": "2/2"}  # fmt: skip
+        "label-tokens": "Labeling key tokens", "quickstart": "2/2",
+        "pipeline": "2/2"}  # fmt: skip
 
 
 def _run(argv: list[str], cwd, **env) -> subprocess.CompletedProcess:
@@ -51,7 +53,7 @@ def _run(argv: list[str], cwd, **env) -> subprocess.CompletedProcess:
     )
 
 
-SLOW = {"quickstart"}  # ~25 s on 2 busy cores (warm-up, mask, alignment, two evaluations)
+SLOW = {"quickstart", "pipeline"}  # 25-35 s each on 2 busy cores (several training runs)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +65,7 @@ def test_readme_command_families_print_no_backend_noise_and_show_progress(comman
     assert result.returncode == 0, output[-3000:]
     assert not [noise for noise in NOISE if noise in output], output[-3000:]
     assert BARS[command] in result.stderr  # a bar by default ...
-    if command in ("select-mask", "label-tokens"):  # ... and none with --disable_tqdm (cheap ones)
+    if command == "label-tokens":  # ... and none with --disable_tqdm (datasets' bar; the others: test_progress.py)
         result = _run([command, *COMMANDS[command], "--disable_tqdm", "--overwrite"], tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         assert BARS[command] not in result.stderr and "%|" not in result.stderr
