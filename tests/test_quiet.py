@@ -121,3 +121,28 @@ def test_filters_drop_only_the_backends_notices_and_verbose_replays_them(caplog,
         warnings.filters[:] = saved_filters
         os.environ.pop(quiet.VERBOSE_ENV, None)
         quiet.quiet_backend_notices()
+
+
+@pytest.mark.parametrize("trainer_name", ["MaskedDPOTrainer", "NPOTrainer"])
+def test_a_masked_trainer_that_loads_the_model_itself_does_not_say_its_init_kwargs_were_ignored(
+    trainer_name, tmp_path, caplog
+):
+    """The masked trainers load a model path themselves (the mask is checked against it) with ``model_init_kwargs``;
+    TRL then saw an instance plus those kwargs and warned they "will be ignored" (they were not). The recipe's
+    kwargs stay on the saved arguments."""
+    from hf_align import testbed, trainers
+    from hf_align.masks import NeuronMask
+
+    tb = testbed.load()
+    config = getattr(trainers, trainer_name.replace("Trainer", "Config"))
+    args = config(**testbed.quiet_training_args(output_dir=str(tmp_path), model_init_kwargs={"dtype": "float32"}))
+    data = (
+        tb.preference_dataset(8) if trainer_name == "MaskedDPOTrainer" else testbed.forget_dataset().select(range(8))
+    )
+    mask = NeuronMask.random(tb.model, 0.1, "row", seed=0)
+    with caplog.at_level(logging.WARNING):
+        trainer = getattr(trainers, trainer_name)(
+            model=str(MODEL_DIR), args=args, train_dataset=data, processing_class=tb.tokenizer, neuron_mask=mask
+        )
+    assert not [r for r in caplog.records if "model_init_kwargs" in r.getMessage()]
+    assert trainer.args.model_init_kwargs == {"dtype": "float32"}
