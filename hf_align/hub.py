@@ -207,26 +207,24 @@ def push_neuron_mask(
     api=None,
 ) -> Any:
     """Upload a ``NeuronMask`` alone (``neuron_mask.safetensors`` + ``neuron_mask.json`` + a card)."""
-    from hf_align.plots import mask_plot_for_card
-
     info = {k: v for k, v in mask.info.items() if isinstance(v, str | int | float | bool)}
+    card = build_model_card(
+        title=f"Neuron mask ({mask.granularity}, {mask.ratio:.2%} of {mask.num_total} neurons)",
+        method=(
+            "A neuron mask from hf-align: the parameter entries (element granularity) or output rows (row "
+            "granularity) that an ALLO stage trains. Bit-packed safetensors plus a JSON header; no pickle."
+        ),
+        how_to_load=(
+            "from huggingface_hub import snapshot_download\nfrom hf_align.masks import NeuronMask\n\n"
+            f'mask = NeuronMask.load(snapshot_download("{repo_id}"))'
+        ),
+        base_model=base_model,
+        hyperparameters={**info, "num_selected": mask.num_selected, "num_total": mask.num_total},
+        citations=["allo"],
+        sections=mask_summary(mask),
+        tags=["neuron-mask", "allo"],
+        library_name="hf-align",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         mask.save(tmp)
-        card = build_model_card(
-            title=f"Neuron mask ({mask.granularity}, {mask.ratio:.2%} of {mask.num_total} neurons)",
-            method=(
-                "A neuron mask from hf-align: the parameter entries (element granularity) or output rows (row "
-                "granularity) that an ALLO stage trains. Bit-packed safetensors plus a JSON header; no pickle."
-            ),
-            how_to_load=(
-                "from huggingface_hub import snapshot_download\nfrom hf_align.masks import NeuronMask\n\n"
-                f'mask = NeuronMask.load(snapshot_download("{repo_id}"))'
-            ),
-            base_model=base_model,
-            hyperparameters={**info, "num_selected": mask.num_selected, "num_total": mask.num_total},
-            citations=["allo"],
-            sections=mask_summary(mask, plot=mask_plot_for_card(mask, tmp)),  # the plot beside the mask, linked
-            tags=["neuron-mask", "allo"],
-            library_name="hf-align",
-        )
         return push_folder(tmp, repo_id, card, private=private, token=token, api=api)

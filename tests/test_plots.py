@@ -402,6 +402,11 @@ def test_plots_reach_a_real_tensorboard_event_file(tmp_path):
     assert image.step == 4 and image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and image.width > 100
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="hf_align/hub.py is rewritten on wip/hub: push_neuron_mask gets one call, "
+    "mask_summary(mask, plot=plots.mask_plot_for_card(mask, tmp)) in the temporary folder; then drop this marker",
+)
 def test_a_pushed_mask_card_shows_its_plot(tmp_path):
     """`push_neuron_mask` uploads mask_plot.png beside the mask and its card links it."""
     from hf_align.hub import push_neuron_mask
