@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,8 @@ __all__ = [
     "LAYER_PATTERN",
     "ROW_TARGET",
     "checkpoint_neuron_axes",
+    "checkpoint_parameter_order",
+    "in_order",
     "layer_index",
     "neuron_axes",
     "neuron_axis",
@@ -85,19 +88,41 @@ def row_length(shape: tuple[int, ...], axis: int) -> int:
 
 
 def checkpoint_neuron_axes(path: str | Path) -> dict[str, int]:
-    """:func:`neuron_axes` for a saved checkpoint folder, from its ``config.json`` alone: the model is built on the
-    meta device (no weights read, no remote code run). A folder without a config, or with a config transformers
-    cannot build without remote code, has no Conv1D weights we know of: ``{}``."""
+    """:func:`neuron_axes` for a saved checkpoint folder, from its ``config.json`` alone (:func:`_meta_model`). A
+    folder without a config, or with a config transformers cannot build without remote code, has no Conv1D weights
+    we know of: ``{}``."""
+    model = _meta_model(path)
+    return neuron_axes(model) if model is not None else {}
+
+
+def checkpoint_parameter_order(path: str | Path) -> list[str] | None:
+    """The plain parameter names of a saved checkpoint in the model's order (``model.named_parameters()``; a
+    safetensors file lists them alphabetically), from its ``config.json`` alone; None when it cannot be built."""
+    model = _meta_model(path)
+    return None if model is None else [n for n in (plain_name(name) for name, _ in model.named_parameters()) if n]
+
+
+def in_order(mapping: Mapping[str, Any], order: Sequence[str] | None) -> dict[str, Any]:
+    """``mapping`` with its keys in ``order`` (parameter names in model order); keys ``order`` lacks follow, as
+    they were. Masks and scores are saved with their order, as JSON headers and safetensors sort their keys."""
+    if not order:
+        return dict(mapping)
+    rank = {name: i for i, name in enumerate(order)}
+    return {name: mapping[name] for name in sorted(mapping, key=lambda name: rank.get(name, len(rank)))}
+
+
+def _meta_model(path: str | Path) -> torch.nn.Module | None:
+    """The causal LM of checkpoint folder ``path`` built on the meta device from its ``config.json`` (no weights
+    read, no remote code run); None without a config or for an architecture transformers does not ship."""
     folder = Path(path)
     folder = folder if folder.is_dir() else folder.parent
     if not (folder / "config.json").is_file():
-        return {}
+        return None
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (ValueError, KeyError, OSError):  # an architecture transformers does not ship: nothing to tell
-        return {}
-    return neuron_axes(model)
+        return None

@@ -30,6 +30,7 @@ import torch
 
 from hf_align.errors import UserError
 from hf_align.generation import sample, sample_ids
+from hf_align.progress import progress_bar
 from hf_align.rewards import RewardFunc, check_reward_weights, resolve_reward_funcs, score_completions
 
 
@@ -146,32 +147,40 @@ def _encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str],
 
 
 def completion_logprobs(
-    model, tokenizer, rows: Sequence[tuple[list[int], list[int]]], batch_size: int = 64
+    model,
+    tokenizer,
+    rows: Sequence[tuple[list[int], list[int]]],
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "log-probs",
 ) -> list[torch.Tensor]:
-    """Per-token log πθ(c_t | p, c_<t) for each (prompt ids, completion ids) row (fp32, on CPU)."""
+    """Per-token log πθ(c_t | p, c_<t) for each (prompt ids, completion ids) row (fp32, on CPU); ``progress``: a bar
+    (``desc``, one step per sequence)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[torch.Tensor] = []
     try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            length = max(len(p) + len(c) for p, c in chunk)
-            ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-            attn = torch.zeros((len(chunk), length), dtype=torch.long)
-            for j, (p, c) in enumerate(chunk):  # right padding: positions are the same as unpadded
-                seq = p + c
-                ids[j, : len(seq)] = torch.tensor(seq)
-                attn[j, : len(seq)] = 1
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-            logps = torch.log_softmax(logits[:, :-1], dim=-1)
-            token_logps = logps.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-            for j, (p, c) in enumerate(chunk):
-                if not p:
-                    raise ValueError("completion_logprobs: every row needs at least one prompt token.")
-                out.append(token_logps[j, len(p) - 1 : len(p) - 1 + len(c)])
+        with progress_bar(desc=desc, unit="seq", total=len(rows), enabled=progress) as bar:
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                length = max(len(p) + len(c) for p, c in chunk)
+                ids = torch.full((len(chunk), length), pad, dtype=torch.long)
+                attn = torch.zeros((len(chunk), length), dtype=torch.long)
+                for j, (p, c) in enumerate(chunk):  # right padding: positions are the same as unpadded
+                    seq = p + c
+                    ids[j, : len(seq)] = torch.tensor(seq)
+                    attn[j, : len(seq)] = 1
+                with torch.no_grad():
+                    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+                logps = torch.log_softmax(logits[:, :-1], dim=-1)
+                token_logps = logps.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+                for j, (p, c) in enumerate(chunk):
+                    if not p:
+                        raise ValueError("completion_logprobs: every row needs at least one prompt token.")
+                    out.append(token_logps[j, len(p) - 1 : len(p) - 1 + len(c)])
+                bar.update(len(chunk))
     finally:
         model.train(was_training)
     return out
@@ -185,6 +194,7 @@ def sequence_kl(
     completions: Sequence[str],
     max_new_tokens: int | None = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> dict[str, float]:
     """KL(πθ‖π_ref) estimated on samples of πθ: mean over samples of Σ_t log πθ(y_t) − log π_ref(y_t).
 
@@ -198,8 +208,8 @@ def sequence_kl(
         for c in completions
     ]
     rows = _encode_pairs(tokenizer, prompts, completions, add_eos)
-    policy = completion_logprobs(model, tokenizer, rows, batch_size)
-    reference = completion_logprobs(reference_model, tokenizer, rows, batch_size)
+    policy = completion_logprobs(model, tokenizer, rows, batch_size, progress, desc="KL: policy log-probs")
+    reference = completion_logprobs(reference_model, tokenizer, rows, batch_size, progress, "KL: reference log-probs")
     per_sample = [float((p - r).sum()) for p, r in zip(policy, reference)]
     mean = sum(per_sample) / len(per_sample)
     std = math.sqrt(sum((x - mean) ** 2 for x in per_sample) / max(len(per_sample) - 1, 1))
@@ -213,6 +223,7 @@ def perplexity(
     completions: Sequence[str],
     append_eos: bool = True,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Corpus perplexity exp(Σ NLL / #tokens) over completion tokens (given the prompt) plus EOS.
 
@@ -232,7 +243,7 @@ def perplexity(
     rows = [(p, c) for p, c in rows if c]
     if not rows:
         raise ValueError("perplexity: no tokens to score.")
-    logps = completion_logprobs(model, tokenizer, rows, batch_size)
+    logps = completion_logprobs(model, tokenizer, rows, batch_size, progress, desc="retain perplexity")
     total = -sum(float(lp.double().sum()) for lp in logps)
     count = sum(lp.numel() for lp in logps)
     nll = total / count
@@ -335,13 +346,13 @@ def evaluate_model(
                 overall = _compare(totals, ref_totals)
                 result["reference_mean_reward"] = overall.pop("reference_mean")
                 result.update(overall)
-        kl = sequence_kl(model, reference_model, tokenizer, texts, completions, max_new_tokens, batch_size)
+        kl = sequence_kl(model, reference_model, tokenizer, texts, completions, max_new_tokens, batch_size, progress)
         result.update(kl)
     if retain is not None:
         if not isinstance(retain, dict):
             retain = retain_texts(retain, tokenizer, "retain dataset")
         ppl = perplexity(model, tokenizer, retain.get("prompts"), retain["completions"],
-                         retain.get("append_eos", True), batch_size)  # fmt: skip
+                         retain.get("append_eos", True), batch_size, progress)  # fmt: skip
         result.update(perplexity=ppl["perplexity"], retain_nll=ppl["nll"], retain_tokens=ppl["tokens"])
     result["samples"] = [{"prompt": p, "completion": c} for p, c in zip(texts[:5], completions[:5])]
     return result

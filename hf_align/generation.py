@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from trl.trainer.utils import pad
+
+from hf_align.progress import progress_bar
 
 
 __all__ = ["generate_texts", "sample", "sample_ids", "sample_token_ids", "seeded", "until_eos", "vllm_generation"]
@@ -59,11 +60,14 @@ def sample_token_ids(
     top_p: float | None = 1.0,
     top_k: int | None = 0,
     max_new_tokens: int = 64,
+    progress: bool = False,
+    desc: str = "sampling",
     **generate_kwargs: Any,
 ) -> list[list[int]]:
     """Completion ids (up to and including EOS) for each prompt, left-padded batches, seeded once for all.
 
     Greedy decoding (``do_sample=False``) drops the sampling settings, so ``generate`` does not warn about them.
+    ``progress``: a bar (``desc``, one step per prompt) that goes away when done (it runs inside training loops).
     """
     if not do_sample:
         temperature = top_p = top_k = None
@@ -71,8 +75,9 @@ def sample_token_ids(
     was_training = model.training
     model.eval()
     out: list[list[int]] = []
+    bar = progress_bar(desc=desc, unit="prompt", total=len(prompt_ids), enabled=progress, leave=False)
     try:
-        with seeded(seed, device):
+        with seeded(seed, device), bar:
             for start in range(0, len(prompt_ids), batch_size):
                 chunk = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids[start : start + batch_size]]
                 input_ids = pad(chunk, padding_value=pad_token_id, padding_side="left").to(device)
@@ -92,6 +97,7 @@ def sample_token_ids(
                 out.extend(
                     until_eos(row, eos_token_id, pad_token_id) for row in generated[:, input_ids.shape[1] :].tolist()
                 )
+                bar.update(len(chunk))
     finally:
         model.train(was_training)
     return out
@@ -123,15 +129,16 @@ def sample_ids(
     """Completion ids (up to and including EOS) for ``prompts`` (text), batch ``i`` drawn with seed ``seed + i``:
     same seed ⇒ same samples, whatever else runs before (``hf-align eval``'s protocol)."""
     out: list[list[int]] = []
-    starts = range(0, len(prompts), batch_size)
-    for i, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
-        chunk = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
-        out.extend(
-            sample_token_ids(
-                model, chunk, tokenizer.pad_token_id, tokenizer.eos_token_id, seed=seed + i, batch_size=batch_size,
-                do_sample=do_sample, temperature=temperature, max_new_tokens=max_new_tokens,
-            )
-        )  # fmt: skip
+    with progress_bar(desc=desc, unit="prompt", total=len(prompts), enabled=progress) as bar:
+        for i, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
+            out.extend(
+                sample_token_ids(
+                    model, chunk, tokenizer.pad_token_id, tokenizer.eos_token_id, seed=seed + i,
+                    batch_size=batch_size, do_sample=do_sample, temperature=temperature, max_new_tokens=max_new_tokens,
+                )
+            )  # fmt: skip
+            bar.update(len(chunk))
     return out
 
 

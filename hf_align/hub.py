@@ -301,8 +301,9 @@ def push_folder(
     )
 
 
-def neuron_mask_card(mask, repo: str, base_model: str | None = None):
-    """The card of a ``NeuronMask`` on its own (``repo``: its Hub id or ``./folder``)."""
+def neuron_mask_card(mask, repo: str, base_model: str | None = None, plot: str | None = None):
+    """The card of a ``NeuronMask`` on its own (``repo``: its Hub id or ``./folder``; ``plot``: the mask plot's file
+    name beside the card, linked from it)."""
     info = {k: v for k, v in mask.info.items() if isinstance(v, str | int | float | bool)}
     return build_model_card(
         title=f"Neuron mask ({mask.granularity}, {mask.ratio:.2%} of {mask.num_total} neurons)",
@@ -315,7 +316,7 @@ def neuron_mask_card(mask, repo: str, base_model: str | None = None):
         base_model=base_model,
         hyperparameters={**info, "num_selected": mask.num_selected, "num_total": mask.num_total},
         citations=["allo"],
-        sections=mask_summary(mask),
+        sections=mask_summary(mask, plot=plot),
         tags=["neuron-mask", "allo"],
         library_name="hf-align",
         needs="`pip install hf-align` (the mask holds no weights; it selects the neurons of the base model).",
@@ -341,4 +342,7 @@ def push_neuron_mask(
     """Upload a ``NeuronMask`` alone (``neuron_mask.safetensors`` + ``neuron_mask.json`` + a card)."""
     with tempfile.TemporaryDirectory() as tmp:
         mask.save(tmp)
-        return push_folder(tmp, repo_id, neuron_mask_card(mask, repo_id, base_model), private, token, api=api)
+        from hf_align.plots import mask_plot_for_card
+
+        card = neuron_mask_card(mask, repo_id, base_model, plot=mask_plot_for_card(mask, tmp))
+        return push_folder(tmp, repo_id, card, private, token, api=api)

@@ -299,6 +299,18 @@ def write_json(path: PathLike, data: Any) -> None:
         handle.write("\n")
 
 
+PARAMETER_ORDER = "parameter_order"
+"""Header key of a mask or score set: its parameter names in the model's order (the files list them sorted)."""
+
+
+def saved_order(header: dict[str, Any], path: PathLike) -> list[str] | None:
+    """The ``parameter_order`` list of a header (None in files written before it existed); checked."""
+    order = header.get(PARAMETER_ORDER)
+    if order is not None and not (isinstance(order, list) and all(isinstance(name, str) for name in order)):
+        raise UserError(f"{str(path)!r}: {PARAMETER_ORDER} must be a list of parameter names, got {order!r}.")
+    return order
+
+
 def read_text(path: PathLike, what: str = "file") -> str:
     """A text file's contents; one line naming ``what`` and the file when it is missing or not UTF-8 text (a binary
     file, a wrong encoding), instead of a bare ``UnicodeDecodeError``."""

@@ -24,10 +24,19 @@ from typing import Any
 
 import torch
 
-from hf_align.architectures import ROW_TARGET, layer_index, neuron_axes, neuron_axis, plain_name, row_length
+from hf_align.architectures import (
+    ROW_TARGET,
+    in_order,
+    layer_index,
+    neuron_axes,
+    neuron_axis,
+    plain_name,
+    row_length,
+)
 from hf_align.config_checks import BELOW_ONE, FRACTION, CheckedConfig, check_choice, check_option, option
 from hf_align.errors import UserError
 from hf_align.io import (
+    PARAMETER_ORDER,
     PathLike,
     atomic_files,
     check_same_save,
@@ -35,8 +44,10 @@ from hf_align.io import (
     new_save_id,
     read_json,
     save_tensors,
+    saved_order,
     write_json,
 )
+from hf_align.progress import progress_bar
 from hf_align.scores import GRANULARITIES, ScoreOptions
 
 
@@ -370,6 +381,7 @@ class NeuronMask:
         ratio: float | None = None,
         budget: str | None = None,
         neuron_sizes: Mapping[str, int] | None = None,
+        progress: bool = False,
     ) -> NeuronMask:
         """Keep ``round(ratio * n)`` neurons ranked by score, skipping the top ``round(exclude_top * n)`` first.
 
@@ -408,16 +420,13 @@ class NeuronMask:
             )
         descending = select != "bottom"
         sizes = _budget_sizes(values, selection.budget, neuron_sizes)
-        if scope == "tensor":  # one tensor's rows are all one length: a parameter budget selects the same rows
-            masks = {
-                name: _band({name: _order_keys(v, descending)}, ratio, exclude_top)[name].view(v.shape)
-                for name, v in values.items()
-            }
-        else:
-            shapes = {name: v.shape for name, v in values.items()}
-            keys = {}
-            for name in names:  # keys replace the float copies one tensor at a time
-                keys[name] = _order_keys(values.pop(name), descending)
+        shapes = {name: v.shape for name, v in values.items()}
+        keys, masks = {}, {}
+        for name in progress_bar(names, desc="selecting", unit="tensor", enabled=progress):
+            keys[name] = _order_keys(values.pop(name), descending)  # keys replace the float copies one at a time
+            if scope == "tensor":  # one tensor's rows are all one length: a parameter budget selects the same rows
+                masks[name] = _band({name: keys.pop(name)}, ratio, exclude_top)[name].view(shapes[name])
+        if scope != "tensor":
             chosen = _band(keys, ratio, exclude_top, sizes)
             masks = {name: chosen[name].view(shapes[name]) for name in names}
         if not any(bool(mask.any()) for mask in masks.values()):
@@ -428,6 +437,7 @@ class NeuronMask:
             )
         info = {"ratio_requested": ratio, "scope": scope, "select": select, "exclude_top": exclude_top, "seed": seed}
         info["budget"] = selection.budget
+        masks = in_order(masks, list(scores))  # ranked in sorted order (ties), kept in the caller's order
         known = {name: (neuron_sizes or {}).get(name) for name, mask in masks.items() if mask.dim() == 1}
         if known and all(isinstance(size, int) for size in known.values()):  # the mask can say what it trains
             info["neuron_sizes"] = known
@@ -609,6 +619,7 @@ class NeuronMask:
             "num_total": self.num_total,
             "shapes": {name: list(mask.shape) for name, mask in self.masks.items()},
             **{k: v for k, v in self.info.items() if k != "granularity"},
+            PARAMETER_ORDER: list(self.masks),  # JSON and safetensors sort their keys: the model's order, kept
         }
         header["save_id"] = save_id = new_save_id()
         packed = {name: _pack(mask) for name, mask in self.masks.items()}
@@ -643,7 +654,7 @@ class NeuronMask:
                 f"({sorted(set(packed) ^ set(shapes))[:3]}…)."
             )
         masks = {}
-        for name, shape in shapes.items():
+        for name, shape in in_order(shapes, saved_order(header, meta_path)).items():
             if packed[name].dtype != torch.uint8 or packed[name].numel() != math.ceil(math.prod(shape) / 8):
                 raise UserError(
                     f"Mask {name!r} in {str(directory / MASK_FILE)!r} does not match its shape {shape} "
@@ -670,7 +681,7 @@ class NeuronMask:
         info = {
             k: v
             for k, v in header.items()
-            if k not in ("format", "version", "shapes", "ratio", "num_total", "save_id")
+            if k not in ("format", "version", "shapes", "ratio", "num_total", "save_id", PARAMETER_ORDER)
         }
         info.pop("num_selected", None)
         sizes = info.get("neuron_sizes")

@@ -152,6 +152,14 @@ def plot_selection_heatmap(
     return save_figure(mask_figure(selection, order, title), path)
 
 
+def mask_plot_for_card(mask: Any, folder: PathLike, order: Iterable[str] | None = None) -> str | None:
+    """Write :data:`MASK_PLOT_FILE` into ``folder`` (a card's folder) and return its name for the card's link
+    (``hub.mask_summary(mask, plot=...)``); None, and nothing written, without matplotlib."""
+    if not matplotlib_available():
+        return None
+    return plot_selection_heatmap(mask, Path(folder) / MASK_PLOT_FILE, order=order).name
+
+
 def score_sample(scores: Mapping[str, torch.Tensor], max_points: int = 1_000_000) -> torch.Tensor:
     """An evenly strided sample of all score values (fp32, CPU), at most about ``max_points`` long."""
     total = sum(t.numel() for t in scores.values())

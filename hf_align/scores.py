@@ -20,11 +20,18 @@ from typing import Any
 
 import torch
 
-from hf_align.architectures import checkpoint_neuron_axes, neuron_axis, row_length
+from hf_align.architectures import (
+    checkpoint_neuron_axes,
+    checkpoint_parameter_order,
+    in_order,
+    neuron_axis,
+    row_length,
+)
 from hf_align.architectures import plain_name as plain_name  # re-exported: its home was here
 from hf_align.config_checks import CheckedConfig, check_option, option
 from hf_align.errors import UserError
 from hf_align.io import (
+    PARAMETER_ORDER,
     PathLike,
     atomic_files,
     check_same_save,
@@ -33,8 +40,10 @@ from hf_align.io import (
     read_json,
     safetensors_metadata,
     save_tensors,
+    saved_order,
     write_json,
 )
+from hf_align.progress import progress_bar
 
 
 SCORES_FILE = "neuron_scores.safetensors"
@@ -99,7 +108,7 @@ def save_scores(directory: PathLike, scores: dict[str, torch.Tensor], meta: dict
             raise TypeError(
                 f"save_scores: score {name!r} must be a floating-point tensor, got {type(tensor).__name__}."
             )
-    meta = dict(meta or {})
+    meta = {**(meta or {}), PARAMETER_ORDER: list(scores)}  # the files sort their keys: the caller's order, kept
     save_id = new_save_id()
     header = json.dumps(meta, sort_keys=True)  # fails early (before writing) on non-serialisable meta
     directory = Path(directory)
@@ -129,11 +138,12 @@ def load_scores(
     scores = load_tensors(path, device=device)
     header = safetensors_metadata(path)
     meta_path = path.parent / META_FILE
-    if not meta_path.exists():
-        return scores, json.loads(header.get("hf_align_scores", "{}"))
-    meta = read_json(meta_path)
-    check_same_save(path, meta_path, meta.pop(_SAVE_ID, None), metadata=header)
-    return scores, meta
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        check_same_save(path, meta_path, meta.pop(_SAVE_ID, None), metadata=header)
+    else:
+        meta_path, meta = path, json.loads(header.get("hf_align_scores", "{}"))
+    return in_order(scores, saved_order(meta, meta_path)), meta
 
 
 # ----------------------------------------------------------------------------------------- parameter names
@@ -229,8 +239,10 @@ def weight_diff_scores(
     target: str | Iterable[str] | None = None,
     dtype: torch.dtype = torch.float32,
     axes: dict[str, int] | None = None,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """``|θ_trained − θ_init|`` per entry or summed per row, streamed one tensor at a time (ALLO's statistic).
+    """``|θ_trained − θ_init|`` per entry or summed per row, streamed one tensor at a time (ALLO's statistic);
+    ``progress``: a bar, one step per tensor of ``trained`` (of ``init`` matching ``target`` for pairs).
 
     ``axes``: the output-feature axis of each weight not on axis 0 (:func:`hf_align.architectures.neuron_axes`);
     ``None`` reads it from the initial checkpoint's ``config.json`` (GPT-2's ``Conv1D`` rows are columns).
@@ -245,9 +257,13 @@ def weight_diff_scores(
         axes = checkpoint_neuron_axes(init_reader.path)
     if isinstance(trained, (str, Path)):
         trained = CheckpointReader(trained)
-    pairs = trained.items() if isinstance(trained, CheckpointReader) else trained
+    reader = trained if isinstance(trained, CheckpointReader) else None
+    pairs = reader.items() if reader is not None else trained
+    names = reader.keys() if reader is not None else [n for n in init_reader.keys() if matches_target(n, target)]
     scores: dict[str, torch.Tensor] = {}
-    for name, tensor in pairs:
+    for name, tensor in progress_bar(
+        pairs, desc="scoring weight diff", unit="tensor", total=len(names), enabled=progress
+    ):
         if not tensor.is_floating_point() or not matches_target(name, target):
             continue
         if name not in init_reader:
@@ -265,4 +281,4 @@ def weight_diff_scores(
         scores[name] = score.to("cpu", dtype=dtype if granularity == "element" else torch.float32)
     if not scores:
         raise UserError(f"No parameter matched target={target!r}; nothing to score.")
-    return scores
+    return scores if reader is None else in_order(scores, checkpoint_parameter_order(init_reader.path))

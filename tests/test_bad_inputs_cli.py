@@ -428,7 +428,7 @@ def test_merge_refuses_an_existing_output_naming_the_flag(tmp_path, capsys):
         "--output_dir",
         str(out),
     ]
-    assert main([*argv, "--alpha", "0.3", "--no_progress"]) == 2
+    assert main([*argv, "--alpha", "0.3", "--disable_tqdm"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "--output_dir" in line and "--overwrite" in line and str(out) in line and "overwrite=True" not in line
     assert (out / "mine.txt").read_text() == "the user's notes" and sorted(p.name for p in out.iterdir()) == [
@@ -463,7 +463,7 @@ def test_eval_refuses_to_replace_a_results_file_naming_the_flag(tmp_path, capsys
         "--output_file",
         str(results),
     ]
-    assert main([*argv, "--num_prompts", "2", "--max_new_tokens", "2", "--no_progress"]) == 2
+    assert main([*argv, "--num_prompts", "2", "--max_new_tokens", "2", "--disable_tqdm"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "--output_file" in line and "--overwrite" in line and str(results) in line
     assert results.read_text() == '{"mine": 1}'

@@ -136,7 +136,7 @@ def test_reward_resolution_and_bad_names():
 def _eval(tmp_path, name: str, *extra: str) -> tuple[int, dict | None]:
     out = tmp_path / name
     argv = ["eval", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts", "--num_prompts", "24"]
-    argv += ["--max_new_tokens", "10", "--batch_size", "16", "--no_progress", "--output_file", str(out), *extra]
+    argv += ["--max_new_tokens", "10", "--batch_size", "16", "--disable_tqdm", "--output_file", str(out), *extra]
     code = cli_main(argv)
     return code, (json.loads(out.read_text()) if out.exists() else None)
 

@@ -192,7 +192,7 @@ def test_cli_conversational_retain_set_and_reward_weights(tmp_path, tb):
             f.write(json.dumps(row) + "\n")
     out = tmp_path / "r.json"
     argv = ["eval", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts", "--num_prompts", "8",
-            "--max_new_tokens", "5", "--no_progress", "--output", str(out), "--retain_dataset", str(retain),
+            "--max_new_tokens", "5", "--disable_tqdm", "--output", str(out), "--retain_dataset", str(retain),
             "--reward", "testbed", "--reward", f"{__name__}.length_reward", "--reward_weights", "1", "0.25"]  # fmt: skip
     assert cli_main(argv) == 0
     metrics = json.loads(out.read_text())["metrics"]

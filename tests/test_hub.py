@@ -60,7 +60,7 @@ def test_push_neuron_mask_uploads_the_mask_and_a_card(tmp_path):
     mask = NeuronMask.random(testbed.load_random_tiny("llama", hidden_size=32, num_layers=2), 0.1, "row", seed=0)
     push_neuron_mask(mask, "me/mask", base_model="org/base", private=True, api=api)
     assert api.repos == [("me/mask", True)]
-    assert api.files() == {"README.md", "neuron_mask.safetensors", "neuron_mask.json"}
+    assert api.files() == {"README.md", "neuron_mask.safetensors", "neuron_mask.json", "mask_plot.png"}
     folder = api.uploads[0][1]
     again = NeuronMask.load(folder)
     assert all(torch.equal(again.masks[k], mask.masks[k]) for k in mask.masks)

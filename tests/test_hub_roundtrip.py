@@ -206,7 +206,7 @@ def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):
     push_neuron_mask(first, "me/mask", base_model=BASE)
     first_commit = hub.commit("me/mask")
     push_neuron_mask(second, "me/mask", base_model=BASE)
-    assert hub.files("me/mask") == {"README.md", "neuron_mask.safetensors", "neuron_mask.json"}
+    assert hub.files("me/mask") == {"README.md", "neuron_mask.safetensors", "neuron_mask.json", "mask_plot.png"}
     card, meta = card_of(hub, "me/mask")
     assert meta["library_name"] == "hf-align" and meta["base_model"] == BASE
     dumped = load_file(run_quick_start(hub, card, "mask", tmp_path) / "out.safetensors")

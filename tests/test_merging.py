@@ -347,7 +347,7 @@ def test_merge_cli_linear_partwise_and_recipe(pair, tmp_path, capsys):
     from hf_align.cli import main
 
     base, aligned = pair
-    common = ["merge", "--base_model_name_or_path", str(base), "--model_name_or_path", str(aligned), "--no_progress"]
+    common = ["merge", "--base_model_name_or_path", str(base), "--model_name_or_path", str(aligned), "--disable_tqdm"]
     argv = [*common, "--alpha", "0.3", "--output_dir", str(tmp_path / "lin"), "--max_shard_size", "30KB"]
     assert main(argv) == 0
     _assert_formula(tmp_path / "lin", base, aligned, lambda name: 0.3)

@@ -220,3 +220,26 @@ def test_config_is_a_trl_config_with_help_on_every_field(tmp_path):
     assert isinstance(args, _BaseConfig)
     assert [f.name for f in dataclasses.fields(AdaptiveMergeConfig) if not f.metadata.get("help")] == []
     assert args.bf16 is False and args.mask_level == "block3" and args.learning_rate == 2e-5  # kept defaults
+
+
+def test_adaptive_merge_cli_says_in_one_line_that_no_alpha_moved(tmp_path, capsys, caplog):
+    """At learning rate 0 the α's keep their start value: the printed α line marks each (not "learned") and the
+    merge warns once, naming them."""
+    import logging
+
+    from hf_align.cli import main
+
+    argv = [
+        "adaptive-merge", "--config", "recipes/ama/adaptive.yaml", "--model_name_or_path", "testbed",
+        "--base_model_name_or_path", "testbed", "--dataset_name", "testbed:sft", "--max_steps", "1",
+        "--learning_rate", "0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+        "--bf16", "false", "--use_cpu", "true", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hf_align.merging.adaptive"):
+        assert main(argv) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("α per block")]
+    blocks = LearnedAlphas.load(tmp_path / "out").block_alphas
+    assert line.count("(start value, not learned)") >= len(blocks) > 0
+    (warning,) = [r.getMessage() for r in caplog.records if "did not move" in r.getMessage()]
+    assert "block 0" in warning

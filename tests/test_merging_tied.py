@@ -264,7 +264,7 @@ def test_cli_merge_takes_the_tied_block_and_plots_the_alphas(tied_pair, tmp_path
     out = tmp_path / "out"
     argv = ["merge", "--base_model_name_or_path", str(base), "--model_name_or_path", str(aligned),
             "--pivots", "1", "--alphas", PARTS, "--embed_alpha", str(EMBED), "--head_alpha", str(HEAD),
-            "--tied_block", "head", "--plot", "--no_progress", "--output_dir", str(out)]  # fmt: skip
+            "--tied_block", "head", "--plot", "--disable_tqdm", "--output_dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     formula = HEAD * _embedding(base).double() + (1 - HEAD) * _embedding(aligned).double()
     torch.testing.assert_close(_embedding(out).double(), formula, rtol=0, atol=1e-6)

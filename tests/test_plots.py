@@ -60,13 +60,55 @@ def test_mask_plot_columns_follow_the_model_and_show_rows_and_fraction(tmp_path)
     assert rows[2][7] == 1 and fraction[2][7] == 0.25 and fraction.mask[2][0]  # lm_head: row "other"; NaN elsewhere
 
 
-def test_a_saved_mask_reads_back_alphabetically_and_still_plots_in_model_order(tmp_path):
-    loaded = NeuronMask.load(_mask(ROWS).save(tmp_path / "mask"))
-    assert list(loaded.masks) == sorted(loaded.masks)  # the file's order is alphabetical (down_proj before q_proj)
-    axes = _panels(plots.mask_figure(loaded))["fraction trained"]
+def test_a_saved_mask_reads_back_in_model_order_and_an_old_one_still_plots_in_model_order(tmp_path):
+    import json
+
+    mask = _mask(ROWS)
+    folder = mask.save(tmp_path / "mask")
+    header = json.loads((folder / "neuron_mask.json").read_text())
+    assert list(header["shapes"]) == sorted(mask.masks)  # the header's keys are sorted (down_proj before q_proj) ...
+    assert header["parameter_order"] == list(mask.masks)  # ... the model's order is kept beside them
+    loaded = NeuronMask.load(folder)
+    assert list(loaded.masks) == list(mask.masks) and "parameter_order" not in loaded.info
+    del header["parameter_order"]  # a mask written before: alphabetical, the plot still in model order
+    (folder / "neuron_mask.json").write_text(json.dumps(header))
+    old = NeuronMask.load(folder)
+    assert list(old.masks) == sorted(old.masks)
+    axes = _panels(plots.mask_figure(old))["fraction trained"]
     assert _ticks(axes.get_xticklabels()) == [*MODEL_ORDER, "lm_head"]
-    path = plots.plot_selection_heatmap(loaded, tmp_path / "mask.png")
+    path = plots.plot_selection_heatmap(old, tmp_path / "mask.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header["parameter_order"] = "q_proj"
+    (folder / "neuron_mask.json").write_text(json.dumps(header))
+    with pytest.raises(Exception, match="parameter_order must be a list of parameter names"):
+        NeuronMask.load(folder)
+
+
+def test_scores_and_masks_keep_the_model_order_through_files_and_select_mask(tmp_path, monkeypatch):
+    """A checkpoint's scores come in the model's order (its config), survive save/load, and select-mask --plot
+    draws its heatmap with that order (a module type the plot does not know comes where the model has it)."""
+    from hf_align import testbed
+    from hf_align.cli import main
+    from hf_align.scores import load_scores, save_scores, weight_diff_scores
+
+    model_order = [name for name, _ in testbed.load().model.named_parameters()]
+    assert model_order != sorted(model_order)
+    scores = weight_diff_scores(testbed.MODEL_DIR, testbed.MODEL_DIR)
+    assert list(scores) == [name for name in model_order if name in scores]
+    save_scores(tmp_path / "scores", scores, {"method": "weight_diff"})
+    assert list(load_scores(tmp_path / "scores")[0]) == list(scores)
+    mask = NeuronMask.from_scores({name: torch.rand(3) for name in reversed(model_order)}, 0.5)
+    assert list(mask.masks) == list(reversed(model_order))  # the caller's order, whatever the ranking's
+
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_selection_heatmap", lambda mask, path, order=None: drawn.update(order=order))
+    monkeypatch.setattr(plots, "plot_score_distribution", lambda *args, **kwargs: None)
+    argv = ["select-mask", "--init", str(testbed.MODEL_DIR), "--trained", str(testbed.MODEL_DIR), "--plot",
+            "--neuron_mask_ratio", "0.5", "--output_dir", str(tmp_path / "mask")]  # fmt: skip
+    with pytest.warns(UserWarning, match="Every score is equal"):
+        assert main(argv) == 0
+    assert drawn["order"] == list(scores)
+    assert list(NeuronMask.load(tmp_path / "mask").masks) == list(scores)
 
 
 def test_explicit_parameter_order_wins_and_unknown_modules_keep_their_order():
@@ -331,3 +373,48 @@ def test_the_aligner_commands_get_the_default_callbacks(tmp_path, caplog):
         assert run_command("aligner-dpo", argv, launch=False) == 0
     assert (out / "reward_kl.png").is_file()
     assert any("changed" in record.getMessage() for record in caplog.records)
+
+
+def test_plots_reach_a_real_tensorboard_event_file(tmp_path):
+    """With tensorboard installed, the Trainer's own TensorBoardCallback (its real SummaryWriter) receives the
+    figures: the event file holds one image per plot under ``plots/<name>`` at the run's last step."""
+    pytest.importorskip(
+        "tensorboard", reason="tensorboard is not installed here; the FakeWriter test above covers the calls"
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import TrainerControl
+    from transformers.integrations import TensorBoardCallback
+
+    from hf_align.callbacks import TrainingPlotsCallback
+
+    board = TensorBoardCallback()
+    trainer = types.SimpleNamespace(callback_handler=types.SimpleNamespace(callbacks=[board]))
+    args = types.SimpleNamespace(output_dir=str(tmp_path), logging_dir=str(tmp_path / "runs"))
+    board.logging_dir = str(tmp_path / "runs")
+    board._init_summary_writer(args)
+    state = _state(DPO_LOGS, step=4)
+    TrainingPlotsCallback(trainer=trainer).on_train_end(args, state, TrainerControl(), model=None)
+    board.tb_writer.close()
+    events = EventAccumulator(str(tmp_path / "runs"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["plots/reward_kl"]
+    (image,) = events.Images("plots/reward_kl")
+    assert image.step == 4 and image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and image.width > 100
+
+
+def test_a_pushed_mask_card_shows_its_plot(tmp_path):
+    """`push_neuron_mask` uploads mask_plot.png beside the mask and its card links it."""
+    from hf_align.hub import push_neuron_mask
+
+    uploaded = {}
+
+    class Api:
+        def create_repo(self, *args, **kwargs):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded.update({p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).iterdir()})
+
+    push_neuron_mask(_mask(ROWS), "me/mask", api=Api())
+    assert uploaded[plots.MASK_PLOT_FILE][:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![Neurons trained per layer and module]({plots.MASK_PLOT_FILE})" in uploaded["README.md"].decode()

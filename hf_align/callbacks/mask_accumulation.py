@@ -214,6 +214,7 @@ class MaskAccumulationCallback(TrainerCallback):
         self._max_grad_norm: float | None = None
         self._args = None
         self._final_scores: dict[str, torch.Tensor] | None = None
+        self._progress = False  # a bar for the weight-diff pass at save: the Trainer's disable_tqdm, main process
         self._neuron_sizes: dict[str, int] | None = None  # set at train begin
         self._wrapped_step: tuple[Any, Any] | None = None  # (DeepSpeed ZeRO optimizer, its own step)
         self._sharded = False
@@ -223,6 +224,7 @@ class MaskAccumulationCallback(TrainerCallback):
         if model is None:
             raise ValueError("MaskAccumulationCallback needs the Trainer to pass `model` to callbacks.")
         self._final_scores = None
+        self._progress = not args.disable_tqdm and state.is_world_process_zero
         self._sharded = is_sharded_model(model)
         from hf_align.masks import neuron_sizes
 
@@ -287,7 +289,13 @@ class MaskAccumulationCallback(TrainerCallback):
         weights = effective_weights(model, self.target)
         dtype = SCORE_DTYPES[self.score_dtype]
         return weight_diff_scores(
-            init, weights, self.granularity, self.statistic, dtype=dtype, axes=neuron_axes(model)
+            init,
+            weights,
+            self.granularity,
+            self.statistic,
+            dtype=dtype,
+            axes=neuron_axes(model),
+            progress=self._progress,
         )
 
     def select_mask(self, scores: dict[str, torch.Tensor]):

@@ -15,7 +15,7 @@ import importlib
 import os
 import sys
 
-from hf_align.cli.errors import DEBUG_ENV, USER_ERRORS, quiet_optional_kernel_notice, run_guarded  # noqa: F401
+from hf_align.cli.errors import DEBUG_ENV, USER_ERRORS, run_guarded  # noqa: F401
 
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -80,7 +80,6 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_optional_kernel_notice()
     if argv is None and not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
         sys.path.pop(0)  # `python -m hf_align.cli` puts the current folder first on sys.path; the console script not
     argv = list(sys.argv[1:] if argv is None else argv)

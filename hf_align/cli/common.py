@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from hf_align.errors import UserError
+from hf_align.progress import apply_output_switches
+from hf_align.quiet import show_backend_notices
 
 
 ALLOW_RECIPE_ENV = "--allow_recipe_env"
@@ -67,6 +69,12 @@ class CommandParser:
 
         self.command = prog.removeprefix("hf-align ")
         self.renamed = dict(renamed or {})
+        from hf_align.progress import ProgressArguments
+        from hf_align.quiet import VerboseArguments
+
+        given = {f.name for t in types for f in dataclasses.fields(t)}
+        self.switches = (VerboseArguments, *((ProgressArguments,) if "disable_tqdm" not in given else ()))
+        types = (*types, *self.switches)
         fields = [f for t in types for f in dataclasses.fields(t)]
         self.fields = {f.name for f in fields}
         self.list_flags = {f"--{f.name}" for f in fields if "list[" in str(f.type).lower()}
@@ -126,13 +134,17 @@ class CommandParser:
         check_recipe(argv)
         drop = (*HIDDEN_SWITCHES, *((ALLOW_RECIPE_ENV,) if "allow_recipe_env" not in self.fields else ()))
         argv = self.modernize([arg for arg in argv if arg not in drop])
+        if switch_on(argv, "--verbose"):  # before parsing: TrainingArguments warns while it is built
+            show_backend_notices()
         kwargs = {"return_remaining_strings": True, "separate_remaining_strings": True} if remaining else {}
         try:
-            return self.parser.parse_args_and_config(argv, **kwargs)
+            parsed = self.parser.parse_args_and_config(argv, **kwargs)
         except UserError:
             raise
         except ValueError as err:
             raise UserError(str(err)) from err
+        apply_output_switches(parsed)
+        return tuple(obj for obj in parsed if not isinstance(obj, self.switches))
 
 
 def split_config_flag(argv: list[str]) -> list[str]:
@@ -181,17 +193,18 @@ def _truthy(value: Any) -> bool:
 
 def given_flags(argv: list[str]) -> set[str]:
     """The permission flags switched on in ``argv`` (``--trust_remote_code`` alone, ``=true`` or ``true``)."""
-    flags = set()
+    return {ALLOW_RECIPE_ENV} & set(argv) | ({TRUST_REMOTE_CODE} if switch_on(argv, TRUST_REMOTE_CODE) else set())
+
+
+def switch_on(argv: list[str], flag: str) -> bool:
+    """Whether boolean ``flag`` is switched on in ``argv`` (alone, ``=true`` or followed by ``true``)."""
+    on = False
     for index, arg in enumerate(argv):
-        flag, sep, value = arg.partition("=")
-        if flag == ALLOW_RECIPE_ENV:
-            flags.add(flag)
-        elif flag == TRUST_REMOTE_CODE:
+        name, sep, value = arg.partition("=")
+        if name == flag:
             following = argv[index + 1] if index + 1 < len(argv) else "--"
-            value = value if sep else ("true" if following.startswith("--") else following)
-            if _truthy(value):
-                flags.add(flag)
-    return flags
+            on = _truthy(value if sep else ("true" if following.startswith("--") else following))
+    return on
 
 
 def check_permissions(needed: list[tuple[str, str]], flags: set[str], where: str) -> None:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from hf_align.errors import UserError
+from hf_align.progress import close_progress_bars
 
 
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
@@ -28,15 +29,8 @@ def run_guarded(name: str, func: Callable[[], int | None]) -> int:
             return int(err.code or 0)  # argparse's own exit: --help, or usage + code 2 already printed
         if os.environ.get(DEBUG_ENV) == "1":
             raise
+        close_progress_bars()  # the error on a line of its own, not after a half-drawn bar
         message = " ".join(str(err).split()) or type(err).__name__
         prefix = f"hf-align {name}: "
         print(message if message.startswith(prefix) else prefix + message, file=sys.stderr, flush=True)
         return 2
-
-
-def quiet_optional_kernel_notice() -> None:
-    """bitsandbytes (imported by PEFT) logs, on every import on a CPU with AVX512-BF16, that an optional Hub kernel
-    is missing; on the command line that line would stand before every one-line error."""
-    import logging
-
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -48,10 +48,10 @@ class EvalArguments(CheckedConfig):
     batch_size: int = option(64, help="Prompts per generation batch.", range=AT_LEAST_ONE)
     seed: int = option(0, help="Sampling seed (batch i uses seed + i).")
     overwrite: bool = option(False, help="Replace an existing --output_file.")
-    no_progress: bool = option(False, help="Hide the progress bars.")
 
 
 RENAMED = {
+    "--no_progress": "--disable_tqdm",
     "--output": "--output_file",
     "--retain_dataset": "--retain_dataset_name",
     "--retain_split": "--retain_dataset_split",

@@ -49,17 +49,22 @@ class MergeArguments(CheckedConfig):
     max_shard_size: str = option("500MB", help="Largest output shard, e.g. 500MB, 2GB.")
     revision: str | None = option(None, help="Hub revision for Hub ids.")
     overwrite: bool = option(False, help="Replace --output_dir if it exists (atomically).")
-    no_progress: bool = option(False, help="No progress bar.")
     push_to_hub: str | None = option(None, help="Upload the merged model (with a card) to this repo id.")
     private: bool = option(False, help="With --push_to_hub: create the repo private.")
 
 
-RENAMED = {"--base": "--base_model_name_or_path", "--aligned": "--model_name_or_path", "--output": "--output_dir"}
+RENAMED = {
+    "--base": "--base_model_name_or_path",
+    "--aligned": "--model_name_or_path",
+    "--output": "--output_dir",
+    "--no_progress": "--disable_tqdm",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     from hf_align.cli.common import parse_command
     from hf_align.merging import merge_models, partwise_builder
+    from hf_align.progress import progress_enabled
     from hf_align.scripts.utils import refuse_existing_output, resolve_model_path
 
     (args,) = parse_command("hf-align merge", (MergeArguments,), argv, renamed=RENAMED, description=__doc__)
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=progress_enabled(),
         revision=args.revision,
         plot=args.plot,
     )

@@ -239,9 +239,8 @@ def _cpu_processes(accelerate_args) -> int:
 
 
 if __name__ == "__main__":  # each process `accelerate launch` starts runs this file
-    from hf_align.cli.errors import quiet_optional_kernel_notice, run_guarded
+    from hf_align.cli.errors import run_guarded
     from hf_align.cli.training import run_command as _run_command  # the module, not this __main__ copy
 
-    quiet_optional_kernel_notice()
     command, *rest = sys.argv[1:]
     sys.exit(run_guarded(command, lambda: _run_command(command, rest, launch=False)))

@@ -43,6 +43,7 @@ from hf_align.io import (
 )
 from hf_align.loading import parse_dtype
 from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
+from hf_align.progress import progress_bar
 from hf_align.saving import RESTORED_CONFIG, SaveFormat, restore_saved_config
 
 
@@ -508,7 +509,7 @@ def merge_models(
         shards = plan_shards(outputs, shard_limit)
         files = shard_names(len(shards))
         total = sum(t.nbytes for t in outputs)
-        bar = _progress_bar(total, progress)
+        bar = progress_bar(desc="merging", unit="B", total=total, enabled=progress, unit_scale=True)
         with atomic_dir(output_dir, overwrite=overwrite) as tmp:
             for file, shard in zip(files, shards):
                 writer = ShardWriter(tmp / file, shard)
@@ -540,12 +541,6 @@ def merge_models(
             write_model_card(card, tmp)  # not the aligned model's card
         bar.close()
     return MergeResult(output_dir, plan, len(outputs), len(files), total)
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not enabled or None)
 
 
 def iter_tensors(path: PathLike) -> Iterator[tuple[str, torch.Tensor]]:

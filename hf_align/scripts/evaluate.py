@@ -24,6 +24,7 @@ def run(args) -> dict[str, Any]:
     from hf_align.evaluation import eval_prompts, evaluate_model, format_table, retain_format
     from hf_align.io import write_json
     from hf_align.loading import load_tokenizer
+    from hf_align.progress import progress_enabled
     from hf_align.rewards import check_reward_weights, resolve_reward_funcs
     from hf_align.scripts.utils import load_split, refuse_existing_output, resolve_model_path
 
@@ -61,7 +62,7 @@ def run(args) -> dict[str, Any]:
         reference_model=reference,
         retain=retain,
         reward_columns=extra,
-        progress=not args.no_progress,
+        progress=progress_enabled(),
         reward_weights=args.reward_weights,
         **generation,
     )

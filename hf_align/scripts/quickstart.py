@@ -37,6 +37,7 @@ def run(args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from hf_align import testbed
+    from hf_align.progress import progress_enabled
     from hf_align.scripts.utils import refuse_existing_output
 
     if args.output_dir:
@@ -57,9 +58,9 @@ def run(args) -> dict:
         report_to="none",
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers' name (TRL's configs still default the old one)
         seed=args.seed,
-        disable_tqdm=True,
+        disable_tqdm=not progress_enabled(),  # the Trainer's own bar: minutes on a busy machine
     )
     dataset = tb.preference_dataset(args.num_pairs)
     start = time.time()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from hf_align.architectures import checkpoint_parameter_order
 from hf_align.errors import UserError
+from hf_align.io import PARAMETER_ORDER
 from hf_align.masks import MaskSelection, NeuronMask
 from hf_align.scores import META_FILE as SCORES_META
 from hf_align.scores import SCORES_FILE, checkpoint_neuron_sizes, load_scores, save_scores, weight_diff_scores
@@ -30,10 +32,10 @@ def run(args, selection: MaskSelection, granularity: str = "element") -> NeuronM
     written += [HEATMAP_FILE, DISTRIBUTION_FILE] if args.plot else []
     refuse_existing_output(args.output_dir, "--output_dir", args.overwrite, names=written)  # before any work
     try:
-        scores, sizes = _load_or_compute_scores(args, granularity)
+        scores, sizes, model_order = _load_or_compute_scores(args, granularity)
     except KeyError as err:  # a tensor missing from a checkpoint
         raise UserError(err.args[0]) from None
-    mask = NeuronMask.from_scores(scores, selection, neuron_sizes=sizes)
+    mask = NeuronMask.from_scores(scores, selection, neuron_sizes=sizes, progress=True)
     output = Path(args.output_dir)
     mask.save(output)
     if args.init:
@@ -44,7 +46,7 @@ def run(args, selection: MaskSelection, granularity: str = "element") -> NeuronM
     if args.plot:
         from hf_align.plots import plot_score_distribution, plot_selection_heatmap
 
-        plot_selection_heatmap(mask, output / HEATMAP_FILE)
+        plot_selection_heatmap(mask, output / HEATMAP_FILE, order=list(mask.masks) if model_order else None)
         threshold = selection_threshold(scores, mask.masks) if selection.select == "top" else None
         plot_score_distribution(scores, output / DISTRIBUTION_FILE, threshold=threshold)
         print(f"plots: {output / HEATMAP_FILE}, {output / DISTRIBUTION_FILE}")
@@ -57,17 +59,18 @@ def run(args, selection: MaskSelection, granularity: str = "element") -> NeuronM
     return mask
 
 
-def _load_or_compute_scores(args, granularity: str) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
-    """The scores, and the row lengths ``budget="params"`` counts (from the checkpoint, or the scores' header)."""
+def _load_or_compute_scores(args, granularity: str) -> tuple[dict[str, torch.Tensor], dict[str, int] | None, bool]:
+    """The scores, the row lengths ``budget="params"`` counts (from the checkpoint, or the scores' header), and
+    whether the scores are in the model's parameter order (saved with it, or read from the checkpoint's config)."""
     if args.neuron_scores_path:
         scores, meta = load_scores(args.neuron_scores_path)
         if args.target:
             scores = {k: v for k, v in scores.items() if re.search(args.target, k)}
             if not scores:
                 raise UserError(f"--target {args.target!r} matches no parameter in {args.neuron_scores_path!r}.")
-        return scores, meta.get("neuron_sizes")
-    scores = weight_diff_scores(args.init, args.trained, granularity=granularity, target=args.target)
-    return scores, checkpoint_neuron_sizes(args.init)
+        return scores, meta.get("neuron_sizes"), PARAMETER_ORDER in meta
+    scores = weight_diff_scores(args.init, args.trained, granularity=granularity, target=args.target, progress=True)
+    return scores, checkpoint_neuron_sizes(args.init), checkpoint_parameter_order(args.init) is not None
 
 
 def module_type(name: str) -> str:

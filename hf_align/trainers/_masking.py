@@ -257,6 +257,19 @@ def _is_sharded(trainer) -> bool:
     return bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
 
 
+@contextlib.contextmanager
+def init_kwargs_applied(args, loaded_here: bool):
+    """``args.model_init_kwargs`` hidden from the TRL trainer's ``__init__`` when the model was loaded here with them:
+    TRL, handed an instance, would warn that they "will be ignored". They stay on the saved arguments."""
+    saved = args.model_init_kwargs
+    if loaded_here:
+        args.model_init_kwargs = None
+    try:
+        yield
+    finally:
+        args.model_init_kwargs = saved
+
+
 class NeuronMaskTrainerMixin:
     """A TRL trainer that trains only the neurons of a mask (``self.neuron_mask``, or None: all parameters train).
 
@@ -324,7 +337,9 @@ class NeuronMaskTrainerMixin:
         if hasattr(self, "_record_save_format"):
             self._record_save_format(model, args)  # before loading: a name is loaded in float32
         wants_mask = neuron_mask is not None or bool(args.neuron_mask_path or args.neuron_scores_path)
+        path = isinstance(model, str)
         model, ref_model = load_policy_and_reference(model, ref_model, args, wants_mask, trainer_kwargs)
+        self._loaded_here = path and not isinstance(model, str)  # with args.model_init_kwargs, already applied
         if ref_model is not None and ref_model is model:
             raise UserError("`model` and `ref_model` cannot be the same object; omit ref_model or pass a copy.")
         self.neuron_mask = mask = resolve_neuron_mask(neuron_mask, args, model)
@@ -345,8 +360,13 @@ class NeuronMaskTrainerMixin:
         from hf_align.sparse_update import quantized_training_allowed
 
         library = super().__init__  # the next class after this mixin: the TRL trainer
+        builds_reference = "ref_model" in kwargs and kwargs["ref_model"] is None  # TRL's copy reads the init kwargs
         trl_module = sys.modules[library_trainer(type(self)).__module__]  # where TRL looks up prepare_deepspeed
-        with quantized_training_allowed(model), deltas_reference_unwrapped(trl_module):
+        with (
+            quantized_training_allowed(model),
+            deltas_reference_unwrapped(trl_module),
+            init_kwargs_applied(kwargs["args"], getattr(self, "_loaded_here", False) and not builds_reference),
+        ):
             library(model, **kwargs)
         from hf_align.callbacks.defaults import add_default_callbacks
 

@@ -473,7 +473,8 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
                 ids = sample_token_ids(
                     unwrapped, encoded, tokenizer.pad_token_id, tokenizer.eos_token_id,
                     seed=seed + accelerator.process_index, batch_size=args.generation_batch_size,
-                    device=accelerator.device, **{**settings, **overrides},
+                    device=accelerator.device, progress=not args.disable_tqdm and accelerator.is_main_process,
+                    **{**settings, **overrides},
                 )  # fmt: skip
         return [tokenizer.decode(i, skip_special_tokens=True) for i in ids], ids
 

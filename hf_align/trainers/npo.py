@@ -32,7 +32,6 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from trl import SFTConfig, SFTTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -41,6 +40,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 from hf_align import _compat
 from hf_align.errors import UserError
 from hf_align.losses import npo_sequence_loss, npo_token_loss, retain_kl, retain_nll, simnpo_loss
+from hf_align.progress import progress_bar
 from hf_align.token_weights import check_weight_columns, normalize_token_weights
 from hf_align.trainers._base import (
     HFAlignTrainerMixin,
@@ -302,7 +302,10 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         self.model.eval()
         rows: list[list[float]] = []
         try:
-            for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=self.args.disable_tqdm):
+            bar = progress_bar(
+                loader, desc=f"reference log-probs ({name})", unit="batch", enabled=not self.args.disable_tqdm
+            )
+            for batch in bar:
                 logps = self.accelerator.pad_across_processes(self._reference_log_probs(batch, policy).float(), dim=1)
                 logps, lengths = self.accelerator.gather_for_metrics((logps, batch["attention_mask"].sum(dim=1)))
                 rows.extend([0.0, *logps[i, : n - 1].tolist()] for i, n in enumerate(lengths.tolist()))
