@@ -43,12 +43,16 @@ def all_commands() -> dict[str, str]:
 
 
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
-    """Run command ``name`` (exceptions propagate; :func:`run_guarded` turns user errors into one line)."""
-    if name in COMMANDS:
-        return int(importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}").main(argv) or 0)
-    from hf_align.cli import training
+    """Run command ``name`` (exceptions propagate; :func:`run_guarded` turns user errors into one line), holding
+    the locks of its outputs (:func:`hf_align.cli.common.command_scope`) until it returns."""
+    from hf_align.cli.common import command_scope
 
-    return training.run_command(name, argv, launch=launch)
+    with command_scope():
+        if name in COMMANDS:
+            return int(importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}").main(argv) or 0)
+        from hf_align.cli import training
+
+        return training.run_command(name, argv, launch=launch)
 
 
 def _usage() -> str:

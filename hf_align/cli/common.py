@@ -18,9 +18,11 @@ or ``testbed:<kind>`` with kind one of ``preference``, ``sft``, ``prompts``, ``f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,11 +139,14 @@ class CommandParser:
         argv = self.modernize([arg for arg in argv if arg not in drop])
         kwargs = {"return_remaining_strings": True, "separate_remaining_strings": True} if remaining else {}
         try:
-            return self.parser.parse_args_and_config(argv, **kwargs)
+            parsed = self.parser.parse_args_and_config(argv, **kwargs)
         except UserError:
             raise
         except ValueError as err:
             raise UserError(str(err)) from err
+        check_parsed_permissions(parsed, argv)
+        guard_outputs(parsed, self.command)
+        return parsed
 
 
 def parse_command(prog: str, types: tuple[type, ...], argv: list[str] | None, **kwargs: Any) -> tuple:
@@ -149,70 +154,113 @@ def parse_command(prog: str, types: tuple[type, ...], argv: list[str] | None, **
     return CommandParser(types, prog, **kwargs).parse(argv)
 
 
-def recipe_permissions(recipe: dict[str, Any]) -> list[tuple[str, str]]:
-    """(key, command-line flag) for each thing in ``recipe`` that only a command-line flag may switch on."""
-    needed = []
-    if recipe.get("env"):
-        needed.append(("env", ALLOW_RECIPE_ENV))
-    if _truthy(recipe.get("trust_remote_code")):
-        needed.append(("trust_remote_code", TRUST_REMOTE_CODE))
-    for key, value in recipe.items():
-        if str(key).endswith("init_kwargs") and _truthy(_as_mapping(value).get("trust_remote_code")):
-            needed.append((f"{key}.trust_remote_code", TRUST_REMOTE_CODE))
+def recipe_permissions(recipe: dict[str, Any], argv: list[str]) -> list[tuple[str, str]]:
+    """(key, command-line flag) for each thing in ``recipe`` that only a command-line flag may switch on and
+    ``argv`` does not: ``env`` and every ``trust_remote_code`` its reader takes as true (:mod:`hf_align.trust`)."""
+    from hf_align import trust
+
+    env_allowed = any(arg.partition("=")[0] == ALLOW_RECIPE_ENV for arg in argv)
+    needed = [("env", ALLOW_RECIPE_ENV)] if recipe.get("env") and not env_allowed else []
+    if not trust.flag_given(argv):
+        needed += [(f"{key}` = `{value!r}", TRUST_REMOTE_CODE) for key, value in trust.code_requests(recipe)]
     return needed
 
 
-def _as_mapping(value: Any) -> dict:
-    """A ``*_init_kwargs`` value: a mapping in YAML, a JSON string once it is a command-line argument."""
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _truthy(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "yes", "1")
-
-
-def given_flags(argv: list[str]) -> set[str]:
-    """The permission flags switched on in ``argv`` (``--trust_remote_code`` alone, ``=true`` or ``true``)."""
-    flags = set()
-    for index, arg in enumerate(argv):
-        flag, sep, value = arg.partition("=")
-        if flag == ALLOW_RECIPE_ENV:
-            flags.add(flag)
-        elif flag == TRUST_REMOTE_CODE:
-            following = argv[index + 1] if index + 1 < len(argv) else "--"
-            value = value if sep else ("true" if following.startswith("--") else following)
-            if _truthy(value):
-                flags.add(flag)
-    return flags
-
-
-def check_permissions(needed: list[tuple[str, str]], flags: set[str], where: str) -> None:
-    """Refuse, in one line naming the key and the flag, what ``where`` asks for without its flag."""
+def check_permissions(needed: list[tuple[str, str]], where: str) -> None:
+    """Refuse, in one line naming ``where`` (the file), the key and the flag, the first of ``needed``."""
     for key, flag in needed:
-        if flag not in flags:
-            what = "sets environment variables" if flag == ALLOW_RECIPE_ENV else "runs code from the model folder"
-            raise PermissionError(f"{where}: `{key}` {what}; pass {flag} on the command line to allow it.")
+        what = "sets environment variables" if flag == ALLOW_RECIPE_ENV else "would run code from the model folder"
+        raise PermissionError(f"{where}: `{key}` {what}; only {flag} on the command line allows it.")
 
 
 def check_recipe(argv: list[str]) -> None:
-    """The ``--config`` recipe exists and asks for nothing that needs a command-line flag (before TRL applies it)."""
+    """The ``--config`` recipe exists, has no key twice and asks for nothing that needs a command-line flag (before
+    TRL applies it)."""
     if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
         return
-    import yaml
+    from hf_align.trust import load_recipe
 
     path = Path(argv[argv.index("--config") + 1])
     if not path.is_file():
         raise FileNotFoundError(f"--config {str(path)!r}: no such recipe file.")
-    recipe = yaml.safe_load(path.read_text())
+    recipe = load_recipe(path)
     if isinstance(recipe, dict):
-        check_permissions(recipe_permissions(recipe), given_flags(argv), f"recipe {str(path)!r}")
+        check_permissions(recipe_permissions(recipe, argv), f"recipe {str(path)!r}")
+
+
+def check_parsed_permissions(parsed: Iterable[Any], argv: list[str]) -> None:
+    """After parsing: a ``trust_remote_code`` nested in a field given on the command line (``--model_init_kwargs
+    '{"trust_remote_code": true}'``) needs the flag too; the recipe's were refused, naming the file, before."""
+    from hf_align import trust
+
+    for args in parsed:
+        if dataclasses.is_dataclass(args):
+            values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(args) if f.name != trust.FIELD}
+            trust.check_code_requests(values, trust.flag_given(argv), "command line")
+
+
+OUTPUT_FIELDS = ("output_dir", "output_file", "merged_output_dir")
+"""The fields that name what a command writes (each is locked while it runs, and kept apart from every input)."""
+INPUT_FIELDS = (
+    "model_name_or_path", "base_model_name_or_path", "reference_model", "adapter", "init", "trained", "scorer",
+    "scorer_tokenizer", "chat_template_path", "dataset_name", "retain_dataset_name", "datasets", "neuron_mask_path",
+    "reward", "reward_funcs",
+)  # fmt: skip
+"""The fields that name a model, reference, adapter, dataset, mask or reward model a command reads (a local path
+counts; a Hub id or ``module:function`` does not). Saved scores are not protected: ``select-mask`` may write its
+mask beside them."""
+_SCOPES: list[contextlib.ExitStack] = []
+
+
+@contextlib.contextmanager
+def command_scope() -> Iterator[None]:
+    """Where a command's output locks live: taken while its arguments are parsed (:func:`guard_outputs`), released
+    when the command returns. The dispatcher opens one per command (a pipeline's stages get theirs); outside one (a
+    process ``accelerate launch`` started, whose parent holds the lock) nothing is locked."""
+    with contextlib.ExitStack() as stack:
+        _SCOPES.append(stack)
+        try:
+            yield
+        finally:
+            _SCOPES.pop()
+
+
+def io_paths(parsed: Iterable[Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """``({--field: output}, {--field: input})`` of the parsed dataclasses (:data:`OUTPUT_FIELDS`,
+    :data:`INPUT_FIELDS`; a list field's items as ``--field[i]``, a ``datasets`` mixture entry's ``path``)."""
+    outputs: dict[str, str] = {}
+    inputs: dict[str, str] = {}
+    for args in parsed:
+        if not dataclasses.is_dataclass(args):
+            continue
+        for field in dataclasses.fields(args):
+            value = getattr(args, field.name, None)
+            if field.name in OUTPUT_FIELDS and isinstance(value, str | os.PathLike):
+                outputs[f"--{field.name}"] = os.fspath(value)
+            elif field.name in INPUT_FIELDS:
+                items = value if isinstance(value, list | tuple) else [value]
+                for index, item in enumerate(items):
+                    item = getattr(item, "path", None) or (item.get("path") if isinstance(item, dict) else item)
+                    if isinstance(item, str | os.PathLike) and os.fspath(item) != "testbed":  # the package's own
+                        label = f"--{field.name}" + (f"[{index}]" if isinstance(value, list | tuple) else "")
+                        inputs[label] = os.fspath(item)
+    return outputs, inputs
+
+
+def guard_outputs(parsed: Iterable[Any], command: str, outputs: dict | None = None, inputs: dict | None = None):
+    """Before anything loads: no output is, contains or lies inside an input (:func:`hf_align.io.refuse_overlap`),
+    then each output is locked for this command (:func:`hf_align.io.output_lock`) inside the current
+    :func:`command_scope`. ``outputs``/``inputs``: more ``{label: path}`` beyond the parsed fields'."""
+    from hf_align.io import output_lock, refuse_overlap
+
+    found_outputs, found_inputs = io_paths(parsed)
+    found_outputs.update(outputs or {})
+    found_inputs.update(inputs or {})
+    refuse_overlap(found_outputs, found_inputs)
+    if not _SCOPES:
+        return
+    for output in found_outputs.values():
+        _SCOPES[-1].enter_context(output_lock(output, f"hf-align {command}"))
 
 
 def refuse_existing_output(path: str | Path, flag: str, overwrite: bool, names: Iterable[str] | None = None) -> None:

@@ -26,9 +26,9 @@ an interrupted training stage from its last ``checkpoint-*`` (the last *complete
 :mod:`hf_align.checkpoints`); ``--force`` re-runs every stage. A summary table ends the run, a failed one too.
 
 The pipeline only ever removes a folder it wrote itself: an existing stage folder without its
-``pipeline_stage.json`` is refused, naming it. ``output_dir`` is locked while a pipeline runs (``.pipeline.lock``,
-created exclusively, holding host and pid); a lock left by a dead process on this host is taken over with a
-warning. The permission flags the command line got (``--trust_remote_code`` / ``--allow_recipe_env``) are passed to
+``pipeline_stage.json`` is refused, naming it. ``output_dir`` is locked while a pipeline runs, with the lock every
+command takes on its output (:func:`hf_align.io.output_lock`: ``.<output_dir name>.lock`` beside it, naming the
+holder's pid); a lock left by a dead process is taken over with a warning. Each stage locks its own folder. The permission flags the command line got (``--trust_remote_code`` / ``--allow_recipe_env``) are passed to
 every training stage.
 """
 
@@ -42,15 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hf_align.checkpoints import last_complete_checkpoint
 from hf_align.errors import UserError
-from hf_align.io import hold_lock, read_json, write_json
+from hf_align.io import output_lock, read_json, write_json
+from hf_align.trust import load_recipe
 
 
 STAGE_FILE = "pipeline_stage.json"
-LOCK_FILE = ".pipeline.lock"
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 _STAGE_KEYS = {"name", "command", "recipe", "args"}
 _PIPELINE_KEYS = {"output_dir", "model_name_or_path", "set", "stages"}
@@ -93,7 +91,7 @@ def load_pipeline(path: Path, commands: Collection[str]) -> dict[str, Any]:
     the key."""
     if not path.is_file():
         raise FileNotFoundError(f"Pipeline recipe {str(path)!r} does not exist.")
-    recipe = yaml.safe_load(path.read_text())
+    recipe = load_recipe(path)
     if not isinstance(recipe, dict):
         raise UserError(f"{str(path)!r}: a pipeline recipe is a YAML mapping with a `stages` list.")
     unknown = sorted(set(recipe) - _PIPELINE_KEYS)
@@ -226,7 +224,7 @@ def run_pipeline(plan: Plan, commands: Commands, flags: list[str], force: bool) 
     outputs = {"model": plan.model, "output_dir": str(output_dir)}
     outputs.update({stage["name"]: str(output_dir / stage["name"]) for stage in plan.recipe["stages"]})
     output_dir.mkdir(parents=True, exist_ok=True)
-    with hold_lock(output_dir / LOCK_FILE, "pipeline"):
+    with output_lock(output_dir, "hf-align pipeline"):
         for stage in plan.recipe["stages"]:  # before anything runs: refuse folders someone else made
             _check_ours(output_dir / stage["name"])
         summary: list[dict] = []
