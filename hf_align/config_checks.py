@@ -208,6 +208,12 @@ def check_option(owner: type, name: str, value: Any, label: str | None = None) -
     _check_value(label or f"{owner.__name__}.{name}", value, *_declaration(owner, name))
 
 
+def check_choice(label: str, value: Any, choices: Iterable[Any]) -> None:
+    """The choices rule of :func:`option` for choices declared outside a dataclass field (a file header's keys, a
+    function argument no config carries): the same one-line :class:`~hf_align.errors.UserError` as a field's."""
+    _check_value(label, value, None, True, tuple(choices), None)
+
+
 @functools.cache
 def _declaration(owner: type, name: str) -> tuple[str | None, bool, tuple | None, Range | None]:
     """``(kind, optional, choices, range)`` of a field (cached: some options are checked in a per-step path)."""

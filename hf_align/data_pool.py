@@ -38,11 +38,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hf_align.config_checks import check_option, option
+from hf_align.feedback_format import FeedbackFormat
 from hf_align.io import PathLike, atomic_files, check_same_save, new_save_id, read_json, require_keys, write_json
 
 
@@ -95,6 +98,24 @@ def quark_quantile_bins(scores: np.ndarray, num_quantiles: int, seq: np.ndarray 
 
 
 QUANTILE_RULES = ("shared_ties", "quark")
+POOL_KEEP = ("newest", "best")
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """The pool's choices, declared once: :class:`DataPool` checks its arguments against them and
+    ``FeedbackConditionedConfig`` carries them as fields."""
+
+    quantile_rule: str = option(
+        "shared_ties",
+        help="How scores become bins. 'shared_ties': equal scores share a bin (the last bins can stay empty "
+        "when many samples tie at the bottom); 'quark': Quark's data_pool.py, rank order with ties in insertion "
+        "order, N // K per bin and the remainder in the last bin.",
+        choices=QUANTILE_RULES,
+    )
+    pool_keep: str = option(
+        "newest", help="Which rows a full prompt keeps: 'newest' or 'best' (highest score).", choices=POOL_KEEP
+    )
 
 
 def _length_buckets(lengths: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -120,12 +141,9 @@ class DataPool:
         seed: int = 0,
         quantile_rule: str = "shared_ties",
     ):
-        if feedback_type not in ("quantile", "category", "text"):
-            raise ValueError(f"feedback_type must be 'quantile', 'category' or 'text', got {feedback_type!r}.")
-        if quantile_rule not in QUANTILE_RULES:
-            raise ValueError(f"quantile_rule must be one of {QUANTILE_RULES}, got {quantile_rule!r}.")
-        if keep not in ("newest", "best"):
-            raise ValueError(f"keep must be 'newest' or 'best', got {keep!r}.")
+        check_option(FeedbackFormat, "feedback_type", feedback_type, label="feedback_type")
+        check_option(PoolOptions, "quantile_rule", quantile_rule, label="quantile_rule")
+        check_option(PoolOptions, "pool_keep", keep, label="keep")
         if feedback_type == "category" and not categories:
             raise ValueError("feedback_type='category' needs a non-empty `categories` list (best first).")
         for name, value in (("max_per_prompt", max_per_prompt), ("max_size", max_size)):

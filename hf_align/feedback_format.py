@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_align.config_checks import AT_LEAST_ONE, check_config_values, option
 from hf_align.rewards import as_score
 
 
@@ -25,23 +26,51 @@ __all__ = ["FEEDBACK_TYPES", "FeedbackFormat", "add_quantile_tokens"]
 
 @dataclass(frozen=True)
 class FeedbackFormat:
-    """The conditioning format; the fields mean what the same-named ``FeedbackConditionedConfig`` fields mean."""
+    """The conditioning format, declared once: ``FeedbackConditionedConfig`` carries these fields (same names,
+    defaults, help and choices) and the trainer builds its format from them (:meth:`from_args`)."""
 
-    feedback_type: str = "quantile"
-    num_quantiles: int = 5
-    quantile_token_format: str = "<|quantile_{i}|>"
-    quantile_words: list[str] | None = None
-    categories: list[str] | None = None
-    best_feedback: str | None = None
-    feedback_template: str = "{feedback} input: {prompt}"
-    unconditioned_template: str | None = None
-    chat_feedback_template: str = "{feedback} {prompt}"
+    feedback_type: str = option(
+        "quantile",
+        help="'quantile' (Quark / ALT_RM: rewards → bins), 'category' (ALT_LMC) or 'text' (ALT_LMU).",
+        choices=FEEDBACK_TYPES,
+    )
+    num_quantiles: int = option(
+        5, help="Number of quantile bins K over the whole data pool (bin 0 = best).", range=AT_LEAST_ONE
+    )
+    quantile_token_format: str = option(
+        "<|quantile_{i}|>",
+        help="Special token of bin i (added to the tokenizer; embeddings resized, new rows = mean row).",
+    )
+    quantile_words: list[str] | None = option(
+        None,
+        help="Render bins as words instead of tokens (ALT_RM), best first, one per bin, e.g. "
+        "['Excellent.', 'Good.', 'Average.', 'Bad.', 'Terrible.']. No tokens are added then.",
+    )
+    categories: list[str] | None = option(
+        None, help="Allowed categories for feedback_type='category', listed best first."
+    )
+    best_feedback: str | None = option(
+        None,
+        help="Feedback that sampling and inference condition on. Default: bin 0 (quantile), categories[0] "
+        "(category), the feedback of the top-scoring pool row (text).",
+    )
+    feedback_template: str = option(
+        "{feedback} input: {prompt}",
+        help="How feedback and a plain-text prompt are joined (ALT: '{feedback} input: {prompt}').",
+    )
+    unconditioned_template: str | None = option(
+        None,
+        help="Prompt without feedback (first-iteration sampling, reference model input). Default: "
+        "feedback_template with '{feedback}' removed and leading whitespace stripped.",
+    )
+    chat_feedback_template: str = option(
+        "{feedback} {prompt}",
+        help="For conversational prompts: new content of the last user message ('{prompt}' = its content); "
+        "the tokenizer's chat template is applied afterwards.",
+    )
 
     def __post_init__(self):
-        if self.feedback_type not in FEEDBACK_TYPES:
-            raise ValueError(f"feedback_type must be one of {FEEDBACK_TYPES}, got {self.feedback_type!r}.")
-        if self.num_quantiles < 1:
-            raise ValueError(f"num_quantiles must be >= 1, got {self.num_quantiles}.")
+        check_config_values(self)  # every field's type, choices and range, as declared above
         if self.quantile_words is not None and len(self.quantile_words) != self.num_quantiles:
             raise ValueError(
                 f"quantile_words has {len(self.quantile_words)} entries but num_quantiles is {self.num_quantiles}."

@@ -15,20 +15,28 @@ from typing import Any
 
 import torch
 
+from hf_align.config_checks import check_choice
 from hf_align.errors import UserError
 
 
-__all__ = ["DTYPES", "convert_gguf", "load_model", "load_tokenizer"]
+__all__ = ["DTYPES", "convert_gguf", "load_model", "load_tokenizer", "parse_dtype"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""The dtypes a model loads in (``auto``: the checkpoint's)."""
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
-def _dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+def parse_dtype(
+    dtype: str | torch.dtype | None, choices: tuple[str, ...] = (*DTYPES, "float64"), label: str = "dtype"
+) -> torch.dtype | None:
+    """The one dtype rule (loading, merging, conversion): ``None``/``"auto"`` → ``None`` (keep the weights' dtype), a
+    ``torch.dtype`` as it is, a name or alias (``bf16``, ``fp16``, ``half``, ``fp32``, ``float``) among ``choices`` →
+    its ``torch.dtype``; anything else is one line naming ``label`` and the choices."""
+    if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {DTYPES} or a torch.dtype, got {dtype!r}.")
-    return getattr(torch, dtype)
+    name = DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    check_choice(label, name, choices)
+    return None if name == "auto" else getattr(torch, name)
 
 
 def load_model(
@@ -49,7 +57,7 @@ def load_model(
     if architecture is None:
         from transformers import AutoModelForCausalLM as architecture
     if dtype is not None:
-        kwargs["dtype"] = _dtype(dtype)
+        kwargs["dtype"] = parse_dtype(dtype, DTYPES) or "auto"
     if revision is not None:
         kwargs["revision"] = revision
     name_or_path = _gguf_source(name_or_path, kwargs, model=True)
@@ -98,8 +106,7 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike, dt
     from hf_align.gguf import gguf_card, read_gguf_info
     from hf_align.io import atomic_dir
 
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise UserError(f"dtype must be one of 'bfloat16', 'float16', 'float32', got {dtype!r}.")
+    parse_dtype(dtype, ("bfloat16", "float16", "float32"))  # before the file is read
     info = read_gguf_info(gguf_path)
     model = load_model(gguf_path, dtype=dtype)
     tokenizer = load_tokenizer(gguf_path)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from hf_align.architectures import ROW_TARGET, layer_index, neuron_axes, neuron_axis, plain_name, row_length
-from hf_align.config_checks import BELOW_ONE, FRACTION, CheckedConfig, check_option, option
+from hf_align.config_checks import BELOW_ONE, FRACTION, CheckedConfig, check_choice, check_option, option
 from hf_align.errors import UserError
 from hf_align.io import (
     PathLike,
@@ -652,8 +652,7 @@ class NeuronMask:
         if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
             raise UserError(f"{str(meta_path)!r}: num_selected must be an integer, got {expected!r}.")
         granularity = header.get("granularity")
-        if granularity is not None and granularity not in GRANULARITIES:
-            raise UserError(f"{str(meta_path)!r}: granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+        check_choice(f"{str(meta_path)!r}: granularity", granularity, GRANULARITIES)
         if granularity == "row" and any(m.dim() != 1 for m in masks.values()):
             name = next(n for n, m in masks.items() if m.dim() != 1)
             raise UserError(

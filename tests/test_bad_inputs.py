@@ -124,14 +124,14 @@ def test_recipe_typo_names_the_field(tmp_path):
 
 
 def test_unknown_testbed_dataset(tmp_path):
-    from hf_align.cli.common import load_dataset_any
+    from hf_align.scripts.utils import load_dataset_any
 
     with pytest.raises(ValueError, match="'testbed:preferences': unknown testbed dataset"):
         load_dataset_any("testbed:preferences")
 
 
 def test_unsupported_data_file_type(tmp_path):
-    from hf_align.cli.common import load_dataset_any
+    from hf_align.scripts.utils import load_dataset_any
 
     path = tmp_path / "pairs.txt"
     path.write_text("hello")
@@ -140,7 +140,7 @@ def test_unsupported_data_file_type(tmp_path):
 
 
 def test_missing_split_is_named():
-    from hf_align.cli.common import load_dataset_any, split
+    from hf_align.scripts.utils import load_dataset_any, split
 
     with pytest.raises(ValueError, match="split 'validation' not found; available splits: \\['train'\\]"):
         split(load_dataset_any("testbed:sft"), "validation", "dataset_name 'testbed:sft'")

@@ -45,7 +45,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 @pytest.fixture
 def no_training(monkeypatch):
     """masked-dpo's `run` records its parsed arguments instead of loading a model and training."""
-    import hf_align.cli.training as training
+    import hf_align.scripts.train as training
 
     calls = []
 

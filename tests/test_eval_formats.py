@@ -202,7 +202,7 @@ def test_cli_conversational_retain_set_and_reward_weights(tmp_path, tb):
 
 
 def test_cli_refuses_a_weight_count_before_loading_a_model(tmp_path, capsys, monkeypatch):
-    import hf_align.cli.evaluate as evaluate
+    import hf_align.scripts.evaluate as evaluate
 
     monkeypatch.setattr(evaluate, "_load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     argv = ["eval", "--model_name_or_path", "testbed", "--dataset_name", "testbed:prompts", "--reward", "testbed",

@@ -54,7 +54,7 @@ def never_load(monkeypatch):
         (datasets, "load_from_disk"),
     ]:
         monkeypatch.setattr(owner, name, fail)
-    import hf_align.cli.training as training
+    import hf_align.scripts.train as training
 
     monkeypatch.setattr(training, "run", fail)
 

@@ -3,7 +3,8 @@
 import pytest
 
 from hf_align.cli import main
-from hf_align.cli.quickstart import QuickstartArguments, run
+from hf_align.cli.quickstart import QuickstartArguments
+from hf_align.scripts.quickstart import run
 
 
 def test_masked_dpo_quickstart_raises_reward_and_trains_only_its_rows(tmp_path):

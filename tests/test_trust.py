@@ -58,7 +58,7 @@ def _loader_reads_true(value) -> bool:
 
 @pytest.fixture
 def no_training(monkeypatch):
-    import hf_align.cli.training as training
+    import hf_align.scripts.train as training
 
     calls = []
     monkeypatch.setattr(training, "run", lambda name, *args: calls.append(args[1]) or 0)

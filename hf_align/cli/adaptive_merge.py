@@ -33,7 +33,8 @@ class MergeOutputArguments(CheckedConfig):
 def main(argv: list[str] | None = None) -> int:
     from trl import ModelConfig, ScriptArguments
 
-    from hf_align.cli.common import load_split, parse_command, refuse_existing_output, resolve_model_path
+    from hf_align.cli.common import parse_command
+    from hf_align.scripts.utils import load_split, refuse_existing_output, resolve_model_path
     from hf_align.trainers.registry import TRAINERS
 
     spec = TRAINERS["adaptive-merge"]

@@ -19,7 +19,6 @@ Same arguments and seed ⇒ the same JSON, byte for byte. The JSON is written at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from hf_align.config_checks import AT_LEAST_ONE, CheckedConfig, option
 
@@ -59,83 +58,11 @@ RENAMED = {
 }
 
 
-def _load_model(name: str, adapter: str | None = None):
-    from hf_align.cli.common import resolve_model_path
-    from hf_align.loading import load_model
-
-    model = load_model(resolve_model_path(name))
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval()
-
-
-def run(args: EvalArguments) -> dict[str, Any]:
-    from hf_align.cli.common import load_split, refuse_existing_output, resolve_model_path
-    from hf_align.evaluation import eval_prompts, evaluate_model, format_table, retain_format
-    from hf_align.io import write_json
-    from hf_align.loading import load_tokenizer
-    from hf_align.rewards import check_reward_weights, resolve_reward_funcs
-
-    refuse_existing_output(args.output_file, "--output_file", args.overwrite)
-    # Cheap checks first: a bad reward name or column fails before any model is loaded.
-    funcs, names = resolve_reward_funcs(args.reward) if args.reward else ([], [])
-    if args.reward_weights is not None:
-        check_reward_weights(args.reward_weights, len(funcs))
-    dataset = load_split(args.dataset_name, args.dataset_split, "dataset_name", args.dataset_config, args.num_prompts)
-    prompts, extra = eval_prompts(dataset, args.prompt_column, f"dataset_name {args.dataset_name!r}")
-    retain = None
-    if args.retain_dataset_name:
-        retain = load_split(
-            args.retain_dataset_name, args.retain_dataset_split, "retain_dataset_name", limit=args.num_retain
-        )
-        retain_format(retain.column_names, f"retain_dataset_name {args.retain_dataset_name!r}")  # before any model
-
-    tokenizer = load_tokenizer(resolve_model_path(args.model_name_or_path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = _load_model(args.model_name_or_path, args.adapter)
-    reference, reference_name = None, args.reference_model
-    if reference_name is not None:
-        reference = _load_model(reference_name)
-    elif args.adapter is not None:
-        reference, reference_name = _load_model(args.model_name_or_path), f"{args.model_name_or_path} (no adapter)"
-    generation = {"seed": args.seed, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    generation["batch_size"] = args.batch_size
-    metrics = evaluate_model(
-        model,
-        tokenizer,
-        prompts,
-        reward_funcs=funcs,
-        reward_names=names,
-        reference_model=reference,
-        retain=retain,
-        reward_columns=extra,
-        progress=not args.no_progress,
-        reward_weights=args.reward_weights,
-        **generation,
-    )
-    result = {
-        "model": args.model_name_or_path,
-        "adapter": args.adapter,
-        "reference_model": reference_name,
-        "dataset": {"name": args.dataset_name, "split": args.dataset_split, "prompt_column": args.prompt_column},
-        "retain_dataset": args.retain_dataset_name,
-        "reward": names,
-        "reward_weights": args.reward_weights,
-        "generation": generation,
-        "metrics": metrics,
-    }
-    write_json(args.output_file, result)
-    print(format_table(metrics))
-    print(f"results written to {args.output_file}")
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     from hf_align.cli.common import parse_command
 
     (args,) = parse_command("hf-align eval", (EvalArguments,), argv, renamed=RENAMED, description=__doc__)
+    from hf_align.scripts.evaluate import run
+
     run(args)
     return 0

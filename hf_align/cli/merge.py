@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from hf_align.config_checks import UNIT, CheckedConfig, option
 from hf_align.errors import UserError
+from hf_align.merging.plan import TIED_BLOCKS
 
 
 @dataclass
@@ -41,7 +42,7 @@ class MergeArguments(CheckedConfig):
         None,
         help="Partwise, tied embeddings (one tensor for embedding and lm_head): the block whose α it takes, merged "
         "once: 'embed' or 'head' (default: the one whose α you gave, else embed).",
-        choices=("embed", "head"),
+        choices=TIED_BLOCKS,
     )
     plot: bool = option(False, help="Also write merge_alphas.png (α per block) next to merge_plan.json.")
     dtype: str = option("auto", help="Output dtype: auto (aligned's), bfloat16, float16, float32.")
@@ -57,8 +58,9 @@ RENAMED = {"--base": "--base_model_name_or_path", "--aligned": "--model_name_or_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_align.cli.common import parse_command, refuse_existing_output, resolve_model_path
+    from hf_align.cli.common import parse_command
     from hf_align.merging import merge_models, partwise_builder
+    from hf_align.scripts.utils import refuse_existing_output, resolve_model_path
 
     (args,) = parse_command("hf-align merge", (MergeArguments,), argv, renamed=RENAMED, description=__doc__)
     partwise = args.pivots is not None or args.alphas is not None

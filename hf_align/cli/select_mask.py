@@ -18,29 +18,14 @@ mask inside the trainer).
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
+from dataclasses import dataclass, fields
 
 from hf_align.config_checks import CheckedConfig, from_prefixed, option, prefixed_dataclass
 from hf_align.errors import UserError
 from hf_align.masks import MaskSelection
-from hf_align.scores import (
-    GRANULARITIES,
-    SCORES_FILE,
-    checkpoint_neuron_sizes,
-    load_scores,
-    save_scores,
-    weight_diff_scores,
-)
-from hf_align.scores import META_FILE as SCORES_META
+from hf_align.scores import ScoreOptions
 
 
-HEATMAP_FILE = "selection_heatmap.png"
-DISTRIBUTION_FILE = "score_distribution.png"
 RENAMED = {
     "--scores": "--neuron_scores_path",
     "--output": "--output_dir",
@@ -59,9 +44,6 @@ class SelectMaskArguments(CheckedConfig):
     )
     init: str | None = option(None, help="Initial checkpoint (folder or .safetensors) for |θ_trained − θ_init|.")
     trained: str | None = option(None, help="Trained checkpoint (with --init).")
-    neuron_mask_granularity: str = option(
-        "element", help="With --init/--trained: score per entry or per row.", choices=GRANULARITIES
-    )
     target: str | None = option(None, help="Regex on parameter names to restrict the selection.")
     overwrite: bool = option(False, help="Replace a mask, scores or plots already in --output_dir.")
     plot: bool = option(False, help="Also write the heatmap and score-distribution PNGs.")
@@ -75,14 +57,21 @@ SelectionArguments = prefixed_dataclass(
     __name__,
     doc="MaskSelection's fields, as the trainers name them.",
 )
+GranularityArguments = prefixed_dataclass(
+    "GranularityArguments",
+    ScoreOptions,
+    "neuron_mask_",
+    __name__,
+    exclude=[f.name for f in fields(ScoreOptions) if f.name != "granularity"],
+    doc="With --init/--trained: ScoreOptions.granularity, how |θ_trained − θ_init| is scored.",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_align.cli.common import parse_command, refuse_existing_output
-    from hf_align.masks import MASK_FILE, MASK_META_FILE, NeuronMask
+    from hf_align.cli.common import parse_command
 
-    types = (SelectMaskArguments, SelectionArguments)
-    args, selection = parse_command("hf-align select-mask", types, argv, renamed=RENAMED, description=__doc__)
+    types = (SelectMaskArguments, SelectionArguments, GranularityArguments)
+    args, selection, scoring = parse_command("hf-align select-mask", types, argv, renamed=RENAMED, description=__doc__)
     selection = from_prefixed(MaskSelection, selection, "neuron_mask_")  # ALLO's band checked before any work
     if (args.neuron_scores_path is None) == (args.init is None):
         raise UserError("give either --neuron_scores_path or --init with --trained, not both or neither.")
@@ -93,88 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install 'hf-align[plots]'") from None
-    written = [MASK_FILE, MASK_META_FILE, *((SCORES_FILE, SCORES_META) if args.init else ())]
-    written += [HEATMAP_FILE, DISTRIBUTION_FILE] if args.plot else []
-    refuse_existing_output(args.output_dir, "--output_dir", args.overwrite, names=written)  # before any work
-    try:
-        scores, sizes = _load_or_compute_scores(args)
-    except KeyError as err:  # a tensor missing from a checkpoint
-        raise UserError(err.args[0]) from None
-    mask = NeuronMask.from_scores(scores, selection, neuron_sizes=sizes)
-    output = Path(args.output_dir)
-    mask.save(output)
-    if args.init:
-        meta = {"method": "weight_diff", "granularity": args.neuron_mask_granularity, "statistic": "abs"}
-        meta["neuron_sizes"] = {name: sizes[name] for name in scores if scores[name].dim() == 1}
-        save_scores(output, scores, meta)
-    print(format_summary(mask))
-    if args.plot:
-        from hf_align.plots import plot_score_distribution, plot_selection_heatmap
+    from hf_align.scripts.select_mask import run
 
-        plot_selection_heatmap(mask, output / HEATMAP_FILE)
-        threshold = selection_threshold(scores, mask.masks) if selection.select == "top" else None
-        plot_score_distribution(scores, output / DISTRIBUTION_FILE, threshold=threshold)
-        print(f"plots: {output / HEATMAP_FILE}, {output / DISTRIBUTION_FILE}")
-    print(f"mask written to {output}")
-    if args.push_to_hub:
-        from hf_align.hub import push_neuron_mask
-
-        push_neuron_mask(mask, args.push_to_hub)
-        print(f"mask pushed to {args.push_to_hub}")
+    run(args, selection, scoring.neuron_mask_granularity)
     return 0
-
-
-def _load_or_compute_scores(args) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
-    """The scores, and the row lengths ``budget="params"`` counts (from the checkpoint, or the scores' header)."""
-    if args.neuron_scores_path:
-        scores, meta = load_scores(args.neuron_scores_path)
-        if args.target:
-            scores = {k: v for k, v in scores.items() if re.search(args.target, k)}
-            if not scores:
-                raise UserError(f"--target {args.target!r} matches no parameter in {args.neuron_scores_path!r}.")
-        return scores, meta.get("neuron_sizes")
-    scores = weight_diff_scores(args.init, args.trained, granularity=args.neuron_mask_granularity, target=args.target)
-    return scores, checkpoint_neuron_sizes(args.init)
-
-
-def module_type(name: str) -> str:
-    """``model.layers.3.mlp.down_proj.weight`` → ``down_proj``; ``model.norm.weight`` → ``norm``."""
-    parts = name.split(".")
-    if parts[-1] in ("weight", "bias") and len(parts) > 1:
-        return parts[-2]
-    return parts[-1]
-
-
-def format_summary(mask) -> str:
-    """Per module type: selected / total units (rows or entries, as stored), their fraction and -- when the row
-    lengths are known -- the fraction of the *weights* trained (a row counts its length)."""
-    sizes = mask.neuron_sizes
-    selected: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # units, of units, params, of params
-    for name, tensor in mask.masks.items():
-        row = selected[module_type(name)]
-        size = sizes[name] if sizes else 1
-        row[0] += int(tensor.sum())
-        row[1] += tensor.numel()
-        row[2] += int(tensor.sum()) * size
-        row[3] += tensor.numel() * size
-    rows = sorted(selected.items())
-    rows.append(("all", [sum(r[i] for _, r in rows) for i in range(4)]))
-    width = max(len("module"), *(len(k) for k, _ in rows))
-    params = "  params" if sizes else ""
-    lines = [f"{'module':<{width}}  {'selected':>12}  {'total':>12}  fraction{params}"]
-    for kind, (units, of_units, weights, of_weights) in rows:
-        share = f"  {weights / max(of_weights, 1):.4f}" if sizes else ""
-        lines.append(
-            f"{kind:<{width}}  {units:>12,}  {of_units:>12,}  {units / max(of_units, 1):.4f}  {share}".rstrip()
-        )
-    return "\n".join(lines)
-
-
-def selection_threshold(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> float | None:
-    """The smallest selected score (where masks and scores have the same shape), for the histogram."""
-    values = []
-    for name, mask in masks.items():
-        score = scores.get(name)
-        if score is not None and score.shape == mask.shape and bool((mask != 0).any()):
-            values.append(score[mask != 0].min())
-    return float(torch.stack(values).min()) if values else None

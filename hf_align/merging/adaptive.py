@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_align.architectures import layer_index
+from hf_align.config_checks import check_choice
 from hf_align.errors import UserError
 from hf_align.io import PathLike, load_tensors, read_json, save_tensors, write_json
-from hf_align.merging.plan import MergePlan, check_alpha
+from hf_align.merging.plan import TIED_BLOCKS, MergePlan, check_alpha
 
 
 ALPHAS_TENSORS = "ama_alphas.safetensors"
 ALPHAS_JSON = "ama_alphas.json"
-TIED_BLOCKS = ("head", "embed")
 logger = logging.getLogger(__name__)
 
 
@@ -168,8 +168,7 @@ def wrap_for_adaptive_merge(
     """Freeze both models, replace every Linear of ``model`` by an :class:`InterpolatedLinear`, set the other
     parameters to ``non_linear_alpha``·θ0 + (1−α)·θ1 in place; returns (alphas, module → block, num_layers, the
     module name of a tied input embedding or ``None``). ``tied_block``: see the module docstring."""
-    if tied_block not in TIED_BLOCKS:
-        raise ValueError(f"tied_block must be one of {TIED_BLOCKS}, got {tied_block!r}.")
+    check_choice("tied_block", tied_block, TIED_BLOCKS)
     base_modules = dict(base_model.named_modules())
     base_params = dict(base_model.named_parameters())
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_align.architectures import layer_index
+from hf_align.config_checks import check_choice
 from hf_align.errors import UserError
 from hf_align.io import PathLike, read_json, require_keys, write_json
 
@@ -66,8 +67,7 @@ def _tied_choice(
     tied: bool, tied_block: str | None, embed_alpha: float | None, head_alpha: float | None
 ) -> str | None:
     """Which block's α the tied embedding/head tensor takes: the one named, else the one whose α was given."""
-    if tied_block is not None and tied_block not in TIED_BLOCKS:
-        raise ValueError(f"tied_block must be one of {TIED_BLOCKS}, got {tied_block!r}.")
+    check_choice("tied_block", tied_block, TIED_BLOCKS)
     if not tied:
         return None
     if tied_block is not None:

@@ -40,6 +40,7 @@ from hf_align.io import (
     scratch_dir,
     write_json,
 )
+from hf_align.loading import parse_dtype
 from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
 
 
@@ -81,19 +82,6 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"max_shard_size must be positive, got {size!r}.")
     return value
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` → ``torch.bfloat16``; ``None``/``"auto"`` keep the input dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    name = aliases.get(dtype.lower(), dtype.lower())
-    if name == "auto":
-        return None
-    if name not in ("bfloat16", "float16", "float32", "float64"):
-        raise ValueError(f"dtype must be one of auto, bfloat16, float16, float32, float64; got {dtype!r}.")
-    return getattr(torch, name)
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -27,7 +27,7 @@ from hf_align.merging.adaptive import (
     reg_weight,
     wrap_for_adaptive_merge,
 )
-from hf_align.merging.plan import check_alpha
+from hf_align.merging.plan import TIED_BLOCKS, check_alpha
 from hf_align.trainers._base import HFAlignTrainerMixin, PlotArguments
 
 
@@ -65,7 +65,7 @@ class AdaptiveMergeConfig(PlotArguments, _BaseConfig):
         "head",
         help="With tied embeddings (one tensor for embedding and lm_head): the block whose α it takes, merged once. "
         "'head': learned as lm_head's α (the lookup is interpolated too); 'embed': non_linear_alpha.",
-        choices=("head", "embed"),
+        choices=TIED_BLOCKS,
     )
     merge_head_alpha: float | None = field(
         default=None, metadata={"help": "α for lm_head in the final merge; default the learned one (code: init_val)."}

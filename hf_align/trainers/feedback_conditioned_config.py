@@ -7,9 +7,18 @@ from dataclasses import dataclass, field
 
 from trl.trainer.base_config import _BaseConfig
 
-from hf_align.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, move_renamed_fields, option
-from hf_align.data_pool import QUANTILE_RULES
-from hf_align.feedback_format import FEEDBACK_TYPES, FeedbackFormat
+from hf_align.config_checks import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    move_renamed_fields,
+    option,
+    prefixed_dataclass,
+)
+from hf_align.data_pool import PoolOptions
+from hf_align.feedback_format import FeedbackFormat
 from hf_align.trainers._base import PlotArguments
 
 
@@ -25,69 +34,22 @@ RENAMED_FIELDS = {
 next release."""
 
 
+FeedbackArguments = prefixed_dataclass(
+    "FeedbackArguments", FeedbackFormat, "", __name__, doc="FeedbackFormat's fields (declared there, once)."
+)
+PoolArguments = prefixed_dataclass(
+    "PoolArguments", PoolOptions, "", __name__, doc="DataPool's choices (declared in hf_align.data_pool.PoolOptions)."
+)
+
+
 @dataclass
-class FeedbackConditionedConfig(PlotArguments, _BaseConfig):
+class FeedbackConditionedConfig(PlotArguments, FeedbackArguments, PoolArguments, _BaseConfig):
     """Configuration of :class:`FeedbackConditionedTrainer` (ALT / Quark). Recipes map 1:1 onto these fields.
 
     On TRL's base config like every other hf-align trainer (``logging_steps=10``, ``bf16`` on unless ``fp16``,
     gradient checkpointing on).
     """
 
-    # ---- feedback -------------------------------------------------------------------------------------
-    feedback_type: str = option(
-        "quantile",
-        help="'quantile' (Quark / ALT_RM: rewards → bins), 'category' (ALT_LMC) or 'text' (ALT_LMU).",
-        choices=FEEDBACK_TYPES,
-    )
-    num_quantiles: int = option(
-        5, help="Number of quantile bins K over the whole data pool (bin 0 = best).", range=AT_LEAST_ONE
-    )
-    quantile_rule: str = option(
-        "shared_ties",
-        help="How scores become bins. 'shared_ties': equal scores share a bin (the last bins can stay empty "
-        "when many samples tie at the bottom); 'quark': Quark's data_pool.py, rank order with ties in insertion "
-        "order, N // K per bin and the remainder in the last bin.",
-        choices=QUANTILE_RULES,
-    )
-    quantile_token_format: str = field(
-        default="<|quantile_{i}|>",
-        metadata={"help": "Special token of bin i (added to the tokenizer; embeddings resized, new rows = mean row)."},
-    )
-    quantile_words: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Render bins as words instead of tokens (ALT_RM), best first, one per bin, e.g. "
-            "['Excellent.', 'Good.', 'Average.', 'Bad.', 'Terrible.']. No tokens are added then."
-        },
-    )
-    categories: list[str] | None = field(
-        default=None, metadata={"help": "Allowed categories for feedback_type='category', listed best first."}
-    )
-    best_feedback: str | None = field(
-        default=None,
-        metadata={
-            "help": "Feedback that sampling and inference condition on. Default: bin 0 (quantile), categories[0] "
-            "(category), the feedback of the top-scoring pool row (text)."
-        },
-    )
-    feedback_template: str = field(
-        default="{feedback} input: {prompt}",
-        metadata={"help": "How feedback and a plain-text prompt are joined (ALT: '{feedback} input: {prompt}')."},
-    )
-    unconditioned_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Prompt without feedback (first-iteration sampling, reference model input). Default: "
-            "feedback_template with '{feedback}' removed and leading whitespace stripped."
-        },
-    )
-    chat_feedback_template: str = field(
-        default="{feedback} {prompt}",
-        metadata={
-            "help": "For conversational prompts: new content of the last user message ('{prompt}' = its content); "
-            "the tokenizer's chat template is applied afterwards."
-        },
-    )
     # ---- loss -----------------------------------------------------------------------------------------
     beta: float = option(
         0.05,
@@ -170,11 +132,6 @@ class FeedbackConditionedConfig(PlotArguments, _BaseConfig):
     # ---- data pool ------------------------------------------------------------------------------------
     max_samples_per_prompt: int | None = option(
         None, help="Keep at most this many pool rows per prompt (None = unbounded).", range=AT_LEAST_ONE
-    )
-    pool_keep: str = option(
-        "newest",
-        help="Which rows a full prompt keeps: 'newest' or 'best' (highest score).",
-        choices=("newest", "best"),
     )
     max_pool_size: int | None = option(
         None, help="Keep at most this many pool rows overall (oldest dropped first).", range=AT_LEAST_ONE
