@@ -56,10 +56,17 @@ def code_requests(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple
     mapping, a list, or a JSON string of one) as ``from_pretrained`` reads it."""
     for key, value in values.items():
         name = f"{prefix}{key}"
-        if key == FIELD and enables_code(value, LOADER if prefix else PARSER):
-            yield name, value
-        elif key != FIELD:
+        if _is_field(key):
+            if enables_code(value, LOADER if prefix else PARSER):
+                yield name, value
+        else:
             yield from _nested(value, f"{name}.")
+
+
+def _is_field(key: Any) -> bool:
+    """``trust_remote_code`` in any spelling its reader accepts (``trust-remote-code``: a kebab-case recipe key and
+    flag are read as the snake-case one)."""
+    return str(key).replace("-", "_") == FIELD
 
 
 def _nested(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
@@ -93,7 +100,7 @@ def flag_given(argv: list[str]) -> bool:
     given = False
     for index, arg in enumerate(argv):
         flag, sep, value = arg.partition("=")
-        if flag != FLAG:
+        if not (flag.startswith("--") and _is_field(flag[2:])):
             continue
         following = argv[index + 1] if index + 1 < len(argv) else "--"
         given = enables_code(value if sep else (True if following.startswith("-") else following), PARSER)

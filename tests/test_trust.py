@@ -137,11 +137,20 @@ def test_command_line_kwargs_need_the_flag_too(tmp_path, capsys, no_training):
     assert main(argv) == 0 and no_training[0].trust_remote_code is True
 
 
+@pytest.mark.parametrize("flag", ["--trust_remote_code", "--trust-remote-code"])
 @pytest.mark.parametrize("raw", ["t", "Y", "yes", "1"])
-def test_flag_spelled_as_the_parser_reads_it(tmp_path, no_training, raw):
+def test_flag_spelled_as_the_parser_reads_it(tmp_path, no_training, raw, flag):
     """`--trust_remote_code t` is the flag as HfArgumentParser reads it: the gate and the parser agree."""
-    assert main(_argv(tmp_path, "trust_remote_code: true\n", "--trust_remote_code", raw)) == 0
+    assert main(_argv(tmp_path, "trust_remote_code: true\n", flag, raw)) == 0
     assert no_training[0].trust_remote_code is True
+
+
+@pytest.mark.parametrize("text", ["trust-remote-code: t\n", "model_init_kwargs: {trust-remote-code: 1}\n"])
+def test_kebab_case_recipe_key_is_the_same_field(tmp_path, capsys, no_training, text):
+    """A kebab-case recipe key is read as the snake-case field (with a warning): the gate reads it so too (nested,
+    where ``from_pretrained`` would not read it, it is refused all the same: no spelling is left to argue about)."""
+    assert main(_argv(tmp_path, text)) == 2
+    assert "trust-remote-code" in _one_line(capsys.readouterr().err) and no_training == []
 
 
 def test_python_api_takes_only_true_or_false(monkeypatch):
