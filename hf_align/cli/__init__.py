@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("merge", "Average base and aligned weights (linear or partwise AMA), streamed tensor by tensor."),
     "adaptive-merge": ("adaptive_merge", "Learn per-block averaging ratios on data (adaptive AMA), then merge."),
     "pipeline": ("pipeline", "Run a multi-stage recipe (ALLO: warm-up, masks, forget, improve); resumable."),
+    "recipes": ("recipes", "List the shipped recipes; `--config NAME` (e.g. allo/improve_dpo) runs one by name."),
 }
 """name -> (module under hf_align.cli with ``main(argv)``, one-line help); the training commands come from the
 trainer registry (:func:`hf_align.cli.training.training_commands`)."""
@@ -45,7 +46,9 @@ def all_commands() -> dict[str, str]:
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     """Run command ``name`` (exceptions propagate; :func:`run_guarded` turns user errors into one line), holding
     the locks of its outputs (:func:`hf_align.cli.common.command_scope`) until it returns."""
-    from hf_align.cli.common import command_scope
+    from hf_align.cli.common import command_scope, find_config
+
+    argv = find_config(argv)  # a recipe's name or a missing file fails here, before a command imports anything
 
     with command_scope():
         if name in COMMANDS:

@@ -125,7 +125,7 @@ class CommandParser:
         A ``ValueError`` raised while parsing (a field's check, TRL's config checks) is the user's: a
         :class:`~hf_align.errors.UserError`.
         """
-        argv = list(sys.argv[1:] if argv is None else argv)
+        argv = find_config(list(sys.argv[1:] if argv is None else argv))
         check_recipe(argv)
         drop = (*HIDDEN_SWITCHES, *((ALLOW_RECIPE_ENV,) if "allow_recipe_env" not in self.fields else ()))
         argv = self.modernize([arg for arg in argv if arg not in drop])
@@ -163,6 +163,17 @@ def check_permissions(needed: list[tuple[str, str]], where: str) -> None:
     for key, flag in needed:
         what = "sets environment variables" if flag == ALLOW_RECIPE_ENV else "would run code from the model folder"
         raise PermissionError(f"{where}: `{key}` {what}; only {flag} on the command line allows it.")
+
+
+def find_config(argv: list[str]) -> list[str]:
+    """``argv`` with its ``--config`` value made a path: a file that exists, else a shipped recipe's name
+    (:func:`hf_align.scripts.recipes.find_recipe`)."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return argv
+    from hf_align.scripts.recipes import find_recipe
+
+    index = argv.index("--config") + 1
+    return [*argv[:index], str(find_recipe(argv[index])), *argv[index + 1 :]]
 
 
 def check_recipe(argv: list[str]) -> None:

@@ -52,7 +52,9 @@ def parse(argv: list[str]) -> PipelineArguments:
     (args,) = parse_command("hf-align pipeline", (PipelineArguments,), argv, description=__doc__)
     if recipe is None:
         raise UserError("--config (the pipeline recipe, e.g. recipes/allo/pipeline.yaml) is required.")
-    args.recipe = recipe
+    from hf_align.scripts.recipes import find_recipe
+
+    args.recipe = str(find_recipe(recipe))
     return args
 
 

@@ -113,12 +113,12 @@ def make_parser(name: str):
 
 def parse(name: str, argv: list[str]) -> tuple[list, list[str], list[str]]:
     """(dataclass instances, the recipe's and the command line's launch arguments); an unknown field is an error."""
-    from accelerate.commands.launch import launch_command_parser
-    from trl.cli.accelerate_config import resolve_accelerate_config_argument
-
     from hf_align.cli.common import TRUST_REMOTE_CODE
 
     *parsed, config_remaining, cli_remaining = make_parser(name).parse(argv, remaining=True)
+    from accelerate.commands.launch import launch_command_parser  # after `--help` has printed and exited
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
     for where, remaining in (("in the recipe", config_remaining), ("on the command line", cli_remaining)):
         launch = resolve_accelerate_config_argument([a for a in remaining if a.split("=")[0] != TRUST_REMOTE_CODE])
         _, unknown = launch_command_parser().parse_known_args([*launch, "-"])
