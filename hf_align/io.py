@@ -439,6 +439,7 @@ def output_lock(output: PathLike, who: str = "hf-align") -> Iterator[Path]:
         finally:
             _HELD[path] -= 1
         return
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), timeout=0)
     try:
@@ -464,6 +465,9 @@ def output_lock(output: PathLike, who: str = "hf-align") -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()
         lock.release()
+        for folder in created:  # a refused command leaves no empty folders behind (rmdir keeps a non-empty one)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _lock_holder(lock: Path) -> dict:

@@ -271,6 +271,14 @@ def test_stale_lock_is_taken_over_with_a_warning(tmp_path):
     assert (out / "neuron_mask.safetensors").exists() and not lock.exists()  # released: nothing left behind
 
 
+def test_a_refused_command_leaves_no_lock_and_no_folder_behind(tmp_path, capsys):
+    """The lock's folders are made for it; a command refused after taking the lock removes them again."""
+    argv = ["select-mask", "--neuron_scores_path", str(tmp_path / "none"), "--neuron_mask_ratio", "0.5"]
+    assert main([*argv, "--output_dir", str(tmp_path / "a" / "b" / "mask")]) == 2
+    assert "No neuron scores" in _one_line(capsys.readouterr().err)
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_pipeline_holds_its_lock_and_each_stage_its_own(tmp_path, monkeypatch):
     import hf_align.scripts.pipeline as engine
 
