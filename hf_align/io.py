@@ -440,10 +440,15 @@ def output_lock(output: PathLike, who: str = "hf-align") -> Iterator[Path]:
             _HELD[path] -= 1
         return
     created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), timeout=0)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+    except PermissionError as err:
+        raise UserError(
+            f"{str(output)!r}: cannot create its lock {str(path)!r} ({err.strerror}); every output is locked beside "
+            "it, so its folder must be writable."
+        ) from None
     except Timeout:
         holder = _lock_holder(path)
         raise FileExistsError(
