@@ -175,6 +175,34 @@ def test_python_api_takes_only_true_or_false(monkeypatch):
             trainer_load_model("some/model", args)
 
 
+def _own_configs() -> list[type]:
+    import dataclasses
+
+    from hf_align.config_checks import CheckedConfig
+    from hf_align.trainers.registry import TRAINERS
+
+    configs = {spec.config_class() for spec in TRAINERS.values()}
+    takes_kwargs = [c for c in configs if any(f.name.endswith("init_kwargs") for f in dataclasses.fields(c))]
+    return sorted((c for c in takes_kwargs if issubclass(c, CheckedConfig)), key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("config_class", _own_configs(), ids=lambda c: c.__name__)
+def test_every_hf_align_config_takes_only_true_or_false_in_init_kwargs(tmp_path, config_class):
+    """A trainer given a model path hands model_init_kwargs to from_pretrained (TRL's loader for an unmasked run):
+    the config refuses what from_pretrained would read as true without it being True."""
+    import dataclasses
+
+    from hf_align.errors import UserError
+
+    fields = [f.name for f in dataclasses.fields(config_class) if f.name.endswith("init_kwargs")]
+    base = {"output_dir": str(tmp_path), "use_cpu": True, "bf16": False, "report_to": "none"}
+    for field in fields:
+        for bad in ("false", "t", 1):
+            with pytest.raises(UserError, match=rf"{config_class.__name__}\.{field}.*True or False"):
+                config_class(**base, **{field: {"trust_remote_code": bad}})
+        assert getattr(config_class(**base, **{field: {"trust_remote_code": False}}), field) is not None
+
+
 # ----------------------------------------------------------------------------------- duplicate keys in a recipe
 @pytest.mark.parametrize(
     ("text", "suffix", "key"),
