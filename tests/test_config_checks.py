@@ -237,3 +237,27 @@ def test_library_ranges_reach_a_config_on_another_trl_parent(tmp_path):
         with pytest.raises(ValueError) as error:
             KTOLike(output_dir=str(tmp_path), **BASE, **{name: value})
         assert str(error.value) == expected
+
+
+def test_the_feedback_fields_are_feedback_format_s_declarations():
+    """FeedbackConditionedConfig carries FeedbackFormat's and PoolOptions' fields, declared there once."""
+    import dataclasses
+
+    from hf_align.data_pool import PoolOptions
+    from hf_align.feedback_format import FeedbackFormat
+
+    config = {f.name: f for f in dataclasses.fields(FeedbackConditionedConfig)}
+    for owner in (FeedbackFormat, PoolOptions):
+        for field in dataclasses.fields(owner):
+            ours = config[field.name]
+            assert (ours.default, ours.metadata["help"]) == (field.default, field.metadata["help"])
+            assert ours.metadata.get("choices") == field.metadata.get("choices")
+
+
+def test_must_be_one_of_is_written_once():
+    from pathlib import Path
+
+    import hf_align
+
+    root = Path(hf_align.__file__).parent
+    assert [p.name for p in sorted(root.rglob("*.py")) if "must be one of" in p.read_text()] == ["config_checks.py"]

@@ -53,3 +53,16 @@ def test_no_model_is_loaded_elsewhere_outside_the_cli():
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained":
                 offenders.append(f"{relative}:{node.lineno}")
     assert offenders == []
+
+
+def test_one_dtype_rule_for_loading_merging_and_conversion(tmp_path):
+    from hf_align.loading import convert_gguf, parse_dtype
+    from hf_align.merging import streaming
+
+    assert streaming.parse_dtype is parse_dtype
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("Float16") is torch.float16
+    assert parse_dtype("auto") is None and parse_dtype(None) is None and parse_dtype(torch.float32) is torch.float32
+    with pytest.raises(ValueError, match=r"^dtype must be one of \('bfloat16', 'float16', 'float32'\), got 'float64'"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "out", dtype="float64")  # before the file is read
+    with pytest.raises(ValueError, match=r"^dtype must be one of .*'float64'\), got 'int8'"):
+        parse_dtype("int8")

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from hf_align.scripts.select_mask import format_summary, module_type, selection_threshold
 from hf_align.io import save_tensors
 from hf_align.masks import NeuronMask
 from hf_align.scores import load_scores, save_scores, weight_diff_scores
+from hf_align.scripts.select_mask import format_summary, module_type, selection_threshold
 from hf_align.testbed import quiet_training_args
 
 
