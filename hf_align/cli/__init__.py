@@ -45,8 +45,9 @@ def all_commands() -> dict[str, str]:
 
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
     """Run command ``name`` (exceptions propagate; :func:`run_guarded` turns user errors into one line), holding
-    the locks of its outputs (:func:`hf_align.cli.common.command_scope`) until it returns."""
-    from hf_align.cli.common import command_scope, find_config
+    the locks of its outputs (:func:`hf_align.scripts.outputs.command_scope`) until it returns."""
+    from hf_align.cli.common import find_config
+    from hf_align.scripts.outputs import command_scope
 
     argv = find_config(argv)  # a recipe's name or a missing file fails here, before a command imports anything
 

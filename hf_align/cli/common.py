@@ -15,11 +15,9 @@ Model and dataset names, splits, columns and outputs: :mod:`hf_align.scripts.uti
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +135,9 @@ class CommandParser:
         except ValueError as err:
             raise UserError(str(err)) from err
         check_parsed_permissions(parsed, argv)
-        guard_outputs(parsed, self.command)
+        from hf_align.scripts.outputs import guard_outputs
+
+        guard_outputs(parsed, self.command)  # before anything loads: outputs apart from inputs, then locked
         return parsed
 
 
@@ -200,67 +200,3 @@ def check_parsed_permissions(parsed: Iterable[Any], argv: list[str]) -> None:
         if dataclasses.is_dataclass(args):
             values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(args) if f.name != trust.FIELD}
             trust.check_code_requests(values, trust.flag_given(argv), "command line")
-
-
-OUTPUT_FIELDS = ("output_dir", "output_file", "merged_output_dir")
-"""The fields that name what a command writes (each is locked while it runs, and kept apart from every input)."""
-INPUT_FIELDS = (
-    "model_name_or_path", "base_model_name_or_path", "reference_model", "adapter", "init", "trained", "scorer",
-    "scorer_tokenizer", "chat_template_path", "dataset_name", "retain_dataset_name", "datasets", "neuron_mask_path",
-    "reward", "reward_funcs",
-)  # fmt: skip
-"""The fields that name a model, reference, adapter, dataset, mask or reward model a command reads (a local path
-counts; a Hub id or ``module:function`` does not). Saved scores are not protected: ``select-mask`` may write its
-mask beside them."""
-_SCOPES: list[contextlib.ExitStack] = []
-
-
-@contextlib.contextmanager
-def command_scope() -> Iterator[None]:
-    """Where a command's output locks live: taken while its arguments are parsed (:func:`guard_outputs`), released
-    when the command returns. The dispatcher opens one per command (a pipeline's stages get theirs); outside one (a
-    process ``accelerate launch`` started, whose parent holds the lock) nothing is locked."""
-    with contextlib.ExitStack() as stack:
-        _SCOPES.append(stack)
-        try:
-            yield
-        finally:
-            _SCOPES.pop()
-
-
-def io_paths(parsed: Iterable[Any]) -> tuple[dict[str, str], dict[str, str]]:
-    """``({--field: output}, {--field: input})`` of the parsed dataclasses (:data:`OUTPUT_FIELDS`,
-    :data:`INPUT_FIELDS`; a list field's items as ``--field[i]``, a ``datasets`` mixture entry's ``path``)."""
-    outputs: dict[str, str] = {}
-    inputs: dict[str, str] = {}
-    for args in parsed:
-        if not dataclasses.is_dataclass(args):
-            continue
-        for field in dataclasses.fields(args):
-            value = getattr(args, field.name, None)
-            if field.name in OUTPUT_FIELDS and isinstance(value, str | os.PathLike):
-                outputs[f"--{field.name}"] = os.fspath(value)
-            elif field.name in INPUT_FIELDS:
-                items = value if isinstance(value, list | tuple) else [value]
-                for index, item in enumerate(items):
-                    item = getattr(item, "path", None) or (item.get("path") if isinstance(item, dict) else item)
-                    if isinstance(item, str | os.PathLike) and os.fspath(item) != "testbed":  # the package's own
-                        label = f"--{field.name}" + (f"[{index}]" if isinstance(value, list | tuple) else "")
-                        inputs[label] = os.fspath(item)
-    return outputs, inputs
-
-
-def guard_outputs(parsed: Iterable[Any], command: str, outputs: dict | None = None, inputs: dict | None = None):
-    """Before anything loads: no output is, contains or lies inside an input (:func:`hf_align.io.refuse_overlap`),
-    then each output is locked for this command (:func:`hf_align.io.output_lock`) inside the current
-    :func:`command_scope`. ``outputs``/``inputs``: more ``{label: path}`` beyond the parsed fields'."""
-    from hf_align.io import output_lock, refuse_overlap
-
-    found_outputs, found_inputs = io_paths(parsed)
-    found_outputs.update(outputs or {})
-    found_inputs.update(inputs or {})
-    refuse_overlap(found_outputs, found_inputs)
-    if not _SCOPES:
-        return
-    for output in found_outputs.values():
-        _SCOPES[-1].enter_context(output_lock(output, f"hf-align {command}"))

@@ -86,7 +86,7 @@ def _check_recipe_permissions(plan: engine.Plan, flags: set[str]) -> None:
 
 
 def run(args: PipelineArguments) -> list[dict]:
-    from hf_align.cli.common import guard_outputs
+    from hf_align.scripts.outputs import guard_outputs
 
     commands = stage_commands()
     plan = engine.plan(Path(args.recipe), commands.names, args.output_dir, args.model_name_or_path, args.set)
