@@ -80,7 +80,7 @@ def _check_recipe_permissions(plan: engine.Plan, flags: set[str]) -> None:
     sources += [(f"{str(plan.path)!r}, stage {s['name']!r} args", s.get("args") or {}) for s in plan.recipe["stages"]]
     sources.append(("--set", {key.rpartition(".")[2]: value for key, value in plan.overrides.items()}))
     for where, args in sources:
-        if ("allow_recipe_env" in args or "env" in args) and ALLOW_RECIPE_ENV not in flags:
+        if "allow_recipe_env" in args and ALLOW_RECIPE_ENV not in flags:
             check_permissions([("allow_recipe_env", ALLOW_RECIPE_ENV)], where)
         trust.check_code_requests(args, TRUST_REMOTE_CODE in flags, where)
 

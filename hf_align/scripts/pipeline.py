@@ -28,8 +28,9 @@ an interrupted training stage from its last ``checkpoint-*`` (the last *complete
 The pipeline only ever removes a folder it wrote itself: an existing stage folder without its
 ``pipeline_stage.json`` is refused, naming it. ``output_dir`` is locked while a pipeline runs, with the lock every
 command takes on its output (:func:`hf_align.io.output_lock`: ``.<output_dir name>.lock`` beside it, naming the
-holder's pid); a lock left by a dead process is taken over with a warning. Each stage locks its own folder. The permission flags the command line got (``--trust_remote_code`` / ``--allow_recipe_env``) are passed to
-every training stage.
+holder's pid); a lock left by a dead process is taken over with a warning. Each stage locks its own folder. The
+permission flags the command line got (``--trust_remote_code`` / ``--allow_recipe_env``) are passed to every
+training stage.
 """
 
 from __future__ import annotations
