@@ -355,6 +355,17 @@ def check_training_length(config) -> None:
         )
 
 
+def check_trust(config) -> None:
+    """``trust_remote_code`` inside every ``*_init_kwargs`` mapping is ``True`` or ``False``: a trainer given a model
+    path hands these to ``from_pretrained``, which reads ``"false"`` as true (:mod:`hf_align.trust`)."""
+    from hf_align.trust import FIELD, require_bool
+
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name, None)
+        if field.name.endswith("init_kwargs") and isinstance(value, dict) and FIELD in value:
+            require_bool(value[FIELD], f"{type(config).__name__}.{field.name}")
+
+
 @dataclass
 class CheckedConfig:
     """A base of every hf-align config and option set: every field's type, choices and range is checked on the
@@ -371,6 +382,7 @@ class CheckedConfig:
     def __post_init__(self):
         check_training_length(self)
         check_config_values(self)
+        check_trust(self)
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()

@@ -339,20 +339,52 @@ def read_json(path: PathLike, what: str | None = None) -> Any:
         raise UserError(f"{str(path)!r} is not valid JSON: {err}") from None
 
 
+def _strict_yaml_loader():
+    """``yaml.SafeLoader`` (what TRL reads recipes with: no Python objects) that refuses a key given twice in one
+    mapping, which a plain loader silently resolves to the last value; YAML's own ``<<:`` override stays allowed."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        source = "<yaml>"
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise UserError(
+                            f"{self.source!r}, line {line}: key {key!r} is given twice (first on line {seen[key]}); "
+                            "a YAML/JSON loader would silently keep the last one. Remove one."
+                        )
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the constructor says so
+                    continue
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def read_yaml(path: PathLike, what: str = "recipe") -> Any:
-    """Read YAML (``safe_load``: no Python objects) with one line naming ``what``, the file, the line and the
-    column of a syntax error (YAML counts from 0, editors from 1)."""
+    """Read YAML or JSON (``safe_load``'s rules, no Python objects) with one line naming ``what``, the file, the line
+    and the column of a syntax error (YAML counts from 0, editors from 1) or of a key given twice."""
     import yaml
 
     path = Path(path)
-    text = read_text(path, what)
+    loader = _strict_yaml_loader()(read_text(path, what))
+    loader.source = str(path)
     try:
-        return yaml.safe_load(text)
+        return loader.get_single_data()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{what} {str(path)!r}{where}: not valid YAML ({problem}).") from None
+    finally:
+        loader.dispose()
 
 
 def require_keys(data: Any, keys: Iterable[str], path: PathLike, what: str = "key") -> None:
@@ -425,50 +457,104 @@ def load_tensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Tensor]
     return tensors
 
 
+# ------------------------------------------------------------------------------------- inputs stay read-only
+def overlap(output: PathLike, source: PathLike) -> str | None:
+    """How ``output`` relates to the local input ``source`` (symlinks resolved): ``"is"``, ``"contains"``, ``"lies
+    inside"``, or ``None`` when apart or when ``source`` is not a local path (a Hub id)."""
+    if not os.fspath(source) or not Path(source).exists():
+        return None
+    out, src = Path(output).resolve(), Path(source).resolve()
+    if out == src:
+        return "is"
+    if src.is_relative_to(out):
+        return "contains"
+    return "lies inside" if out.is_relative_to(src) else None
+
+
+def refuse_overlap(outputs: dict[str, PathLike | None], inputs: dict[str, PathLike | None]) -> None:
+    """Refuse, naming both, an output (``{label: path}``) that is, contains or lies inside an input: writing it
+    would replace (or, for an ``atomic_dir`` swap, remove) what the command reads. Called before anything loads."""
+    for out_label, output in outputs.items():
+        for in_label, source in inputs.items():
+            relation = overlap(output, source) if output and source else None
+            if relation:
+                raise UserError(
+                    f"{out_label} {str(output)!r} {relation} the input {in_label} {str(source)!r}: hf-align never "
+                    f"writes over what it reads; choose another {out_label}."
+                )
+
+
+# --------------------------------------------------------------------------------------- one writer per output
+def lock_path(output: PathLike) -> Path:
+    """The lock of ``output`` (a folder or a file, existing or not): ``.<name>.lock`` beside it, symlinks resolved,
+    so that every spelling of one output shares one lock and replacing the output as a whole keeps it."""
+    real = Path(output).resolve()
+    return real.parent / f".{real.name}.lock"
+
+
+_HELD: dict[Path, int] = {}
+"""The output locks this process holds (lock path → depth): a command inside a command (a pipeline naming its
+folder twice) re-enters its own lock instead of waiting on itself."""
+
+
 @contextlib.contextmanager
-def hold_lock(lock: Path, who: str = "process") -> Iterator[Path]:
-    """Hold the lock file ``lock`` (created exclusively, holding host and pid) so two writers never write one folder
-    at once; a lock left by a dead process on this host is taken over with a warning. ``who``: the writer's kind,
-    for the messages."""
+def output_lock(output: PathLike, who: str = "hf-align") -> Iterator[Path]:
+    """Hold the lock of ``output`` (:func:`lock_path`, a ``filelock.FileLock``: the OS frees it when its holder
+    dies) while writing it; the lock file holds the writer's host, pid and command. A second writer gets one line
+    naming that pid; a lock file left by a process that no longer holds it is taken over with a warning. Re-entrant
+    within one process. ``who``: the writer's command, for the other writer's message."""
     import socket
     import warnings
 
-    owner = {"host": socket.gethostname(), "pid": os.getpid()}
-    if not _try_create(lock, owner):
-        holder = _lock_holder(lock)
-        if holder.get("host") != owner["host"] or process_alive(holder.get("pid")):
-            raise FileExistsError(
-                f"{str(lock)!r} is held by pid {holder.get('pid')} on {holder.get('host')!r}: another {who} is "
-                f"writing {str(lock.parent)!r}; wait for it, or delete the lock file if that process is gone."
+    from filelock import FileLock, Timeout
+
+    path = lock_path(output)
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield path
+        finally:
+            _HELD[path] -= 1
+        return
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    lock = FileLock(str(path), timeout=0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except PermissionError as err:
+        raise UserError(
+            f"{str(output)!r}: cannot create its lock {str(path)!r} ({err.strerror}); every output is locked beside "
+            "it, so its folder must be writable."
+        ) from None
+    except Timeout:
+        holder = _lock_holder(path)
+        raise FileExistsError(
+            f"{str(output)!r} is being written by pid {holder.get('pid', '?')} on {holder.get('host', '?')!r} "
+            f"({holder.get('who', 'another writer')}; lock {str(path)!r}): one writer per output, wait for it."
+        ) from None
+    _HELD[path] = 1
+    try:
+        stale = _lock_holder(path)
+        if stale.get("pid") not in (None, os.getpid()):
+            state = "no longer running" if not process_alive(stale.get("pid")) else "no longer holding it"
+            warnings.warn(
+                f"Taking over the stale lock {str(path)!r} of pid {stale.get('pid')} ({state}).", stacklevel=3
             )
-        warnings.warn(
-            f"Taking over the stale lock {str(lock)!r} of pid {holder.get('pid')} (no longer running).", stacklevel=2
-        )
-        lock.unlink(missing_ok=True)
-        if not _try_create(lock, owner):
-            raise FileExistsError(f"{str(lock)!r} was taken by another {who} just now; wait for it.")
-    try:
-        yield lock
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "who": who}))
+        yield path
     finally:
-        if _lock_holder(lock) == owner:
-            lock.unlink(missing_ok=True)
-
-
-def _try_create(lock: Path, owner: dict) -> bool:
-    try:
-        fd = os.open(
-            lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666
-        )  # the umask decides, as for every file we write
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as handle:
-        json.dump(owner, handle)
-    return True
+        del _HELD[path]
+        with contextlib.suppress(OSError):
+            path.unlink()
+        lock.release()
+        for folder in created:  # a refused command leaves no empty folders behind (rmdir keeps a non-empty one)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _lock_holder(lock: Path) -> dict:
     try:
         holder = json.loads(lock.read_text())
-    except (OSError, ValueError):  # unreadable or half-written: treat as held by an unknown process
+    except (OSError, ValueError):  # empty, unreadable or half-written: no pid to name
         return {}
     return holder if isinstance(holder, dict) else {}

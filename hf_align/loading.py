@@ -51,6 +51,9 @@ def load_model(
     """``architecture.from_pretrained(name_or_path, ...)`` (default ``AutoModelForCausalLM``; e.g.
     ``AutoModelForSequenceClassification`` for a reward model, ``peft.AutoPeftModelForCausalLM`` for an adapter).
     ``dtype=None`` leaves transformers' default; other ``kwargs`` go to ``from_pretrained`` unchanged."""
+    from hf_align.trust import require_bool
+
+    require_bool(trust_remote_code, f"load_model({os.fspath(name_or_path)!r})")
     if architecture is None:
         from transformers import AutoModelForCausalLM as architecture
     if dtype is not None:
@@ -67,6 +70,9 @@ def load_tokenizer(
     """``AutoTokenizer.from_pretrained(name_or_path, ...)`` with ``trust_remote_code`` False unless passed."""
     from transformers import AutoTokenizer
 
+    from hf_align.trust import require_bool
+
+    require_bool(trust_remote_code, f"load_tokenizer({os.fspath(name_or_path)!r})")
     if revision is not None:
         kwargs["revision"] = revision
     name_or_path = _gguf_source(name_or_path, kwargs, model=False)

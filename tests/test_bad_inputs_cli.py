@@ -21,7 +21,6 @@ from hf_align.scripts.pipeline import STAGE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_ENV = "HF_ALIGN_DEBUG"  # spelled out (not imported) so that each test fails for its own reason without the fix
-LOCK_FILE = ".pipeline.lock"
 PARAM = "model.layers.0.mlp.down_proj.weight"
 
 
@@ -119,65 +118,7 @@ def test_pipeline_redoes_its_own_interrupted_selection(tmp_path, capsys):
     assert (ours / "neuron_mask.safetensors").exists()
 
 
-def test_pipeline_lock_held_by_a_live_process_is_refused(tmp_path, capsys):
-    recipe = _pipeline(
-        tmp_path,
-        [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}],
-    )
-    out = tmp_path / "out"
-    out.mkdir()
-    lock = out / LOCK_FILE
-    import socket
-
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))
-    before = _snapshot(out)
-    assert _run_pipeline(recipe, out) == 2
-    line = _one_line(capsys.readouterr().err)
-    assert str(lock) in line and str(os.getppid()) in line
-    assert _snapshot(out) == before  # no stage folder, the other pipeline's lock untouched
-
-
-def test_pipeline_takes_over_a_stale_lock_with_a_warning(tmp_path, capsys):
-    scores = _scores(tmp_path)
-    recipe = _pipeline(
-        tmp_path,
-        [
-            {
-                "name": "mask",
-                "command": "select-mask",
-                "args": {"neuron_scores_path": str(scores), "neuron_mask_ratio": 0.5},
-            }
-        ],
-    )
-    out = tmp_path / "out"
-    out.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    import socket
-
-    (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
-    with pytest.warns(UserWarning, match=rf"stale lock .*{LOCK_FILE}.*{dead.pid}"):
-        assert _run_pipeline(recipe, out) == 0
-    assert not (out / LOCK_FILE).exists()  # released at the end
-    assert (out / "mask" / "neuron_mask.safetensors").exists()
-
-
-def test_pipeline_holds_the_lock_while_stages_run(tmp_path, monkeypatch):
-    import hf_align.scripts.pipeline as pipeline
-
-    seen = []
-    monkeypatch.setattr(pipeline, "run_stage", lambda stage, argv, run: seen.append(_lock_content(tmp_path)))
-    recipe = _pipeline(
-        tmp_path,
-        [{"name": "mask", "command": "select-mask", "args": {"neuron_scores_path": "x", "neuron_mask_ratio": 0.5}}],
-    )
-    assert _run_pipeline(recipe, tmp_path / "out") == 0
-    assert seen == [{"host": __import__("socket").gethostname(), "pid": os.getpid()}]
-    assert not (tmp_path / "out" / LOCK_FILE).exists()
-
-
-def _lock_content(tmp_path: Path) -> dict:
-    return json.loads((tmp_path / "out" / LOCK_FILE).read_text())
+# The pipeline's lock is every command's lock now: tests/test_outputs.py (held by another process, stale).
 
 
 def test_select_mask_refuses_to_replace_a_mask_without_overwrite(tmp_path, capsys):

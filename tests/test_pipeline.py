@@ -178,3 +178,41 @@ def test_set_reaches_one_stage_of_any_command(tmp_path):
     overrides = {"labels.neuron_scores_path": "t", "x": "1"}
     argv = stage_argv(stage, tmp_path, outputs, {"bf16": "true"}, overrides)
     assert argv == ["--neuron_scores_path", "t", "--output_dir", str(tmp_path / "labels")]
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores: two short trainings of the testbed model
+def test_kill_during_a_save_resumes_the_stage_from_its_last_complete_checkpoint(tmp_path, monkeypatch, capsys):
+    """Issue 28: a kill while `checkpoint-4` is being written leaves it without `trainer_state.json`; the re-run
+    resumes from `checkpoint-2` (steps 3 and 4 only), not from scratch, and ends at step 4."""
+    import transformers
+
+    recipe, out = _one_stage(tmp_path), tmp_path / "out"
+    argv = ["pipeline", "--config", str(recipe), "--output_dir", str(out)]
+    argv += [a for item in TINY for a in ("--set", item)]
+    original = transformers.Trainer._save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def die_while_saving(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.state.global_step == 4:  # the Trainer writes trainer_state.json last: a kill just before it
+            (Path(self.args.output_dir) / "checkpoint-4" / "trainer_state.json").unlink()
+            raise Killed
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", die_while_saving)
+    with pytest.raises(Killed):
+        main(argv)
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", original)
+    assert '"status": "running"' in (out / "train" / STAGE_FILE).read_text()
+
+    steps = []
+    training_step = transformers.Trainer.training_step
+    monkeypatch.setattr(
+        transformers.Trainer, "training_step", lambda self, *a, **k: steps.append(1) or training_step(self, *a, **k)
+    )
+    with pytest.warns(UserWarning, match="Skipping incomplete checkpoint .*checkpoint-4"):
+        assert main(argv) == 0
+    assert "resumed from checkpoint-2" in capsys.readouterr().out
+    assert len(steps) == 2 and _steps(out / "train") == 4
+    assert '"status": "complete"' in (out / "train" / STAGE_FILE).read_text()

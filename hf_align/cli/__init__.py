@@ -44,15 +44,19 @@ def all_commands() -> dict[str, str]:
 
 
 def run_command(name: str, argv: list[str], launch: bool | None = None) -> int:
-    """Run command ``name`` (exceptions propagate; :func:`run_guarded` turns user errors into one line)."""
+    """Run command ``name`` (exceptions propagate; :func:`run_guarded` turns user errors into one line), holding
+    the locks of its outputs (:func:`hf_align.scripts.outputs.command_scope`) until it returns."""
     from hf_align.cli.common import find_config
+    from hf_align.scripts.outputs import command_scope
 
     argv = find_config(argv)  # a recipe's name or a missing file fails here, before a command imports anything
-    if name in COMMANDS:
-        return int(importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}").main(argv) or 0)
-    from hf_align.cli import training
 
-    return training.run_command(name, argv, launch=launch)
+    with command_scope():
+        if name in COMMANDS:
+            return int(importlib.import_module(f"hf_align.cli.{COMMANDS[name][0]}").main(argv) or 0)
+        from hf_align.cli import training
+
+        return training.run_command(name, argv, launch=launch)
 
 
 def _usage() -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,13 @@ class CommandParser:
             raise
         except ValueError as err:
             raise UserError(str(err)) from err
+        check_parsed_permissions(parsed, argv)
         apply_output_switches(parsed)
-        return tuple(obj for obj in parsed if not isinstance(obj, self.switches))
+        parsed = tuple(obj for obj in parsed if not isinstance(obj, self.switches))
+        from hf_align.scripts.outputs import guard_outputs
+
+        guard_outputs(parsed, self.command)  # before anything loads: outputs apart from inputs, then locked
+        return parsed
 
 
 def split_config_flag(argv: list[str]) -> list[str]:
@@ -162,57 +168,37 @@ def parse_command(prog: str, types: tuple[type, ...], argv: list[str] | None, **
     return CommandParser(types, prog, **kwargs).parse(argv)
 
 
-def recipe_permissions(recipe: dict[str, Any]) -> list[tuple[str, str]]:
-    """(key, command-line flag) for each thing in ``recipe`` that only a command-line flag may switch on."""
-    needed = []
-    if recipe.get("env"):
-        needed.append(("env", ALLOW_RECIPE_ENV))
-    if _truthy(recipe.get("trust_remote_code")):
-        needed.append(("trust_remote_code", TRUST_REMOTE_CODE))
-    for key, value in recipe.items():
-        if str(key).endswith("init_kwargs") and _truthy(_as_mapping(value).get("trust_remote_code")):
-            needed.append((f"{key}.trust_remote_code", TRUST_REMOTE_CODE))
+def recipe_permissions(recipe: dict[str, Any], argv: list[str]) -> list[tuple[str, str]]:
+    """(key, command-line flag) for each thing in ``recipe`` that only a command-line flag may switch on and
+    ``argv`` does not: ``env`` and every ``trust_remote_code`` its reader takes as true (:mod:`hf_align.trust`)."""
+    from hf_align import trust
+
+    env_allowed = any(arg.partition("=")[0] == ALLOW_RECIPE_ENV for arg in argv)
+    needed = [("env", ALLOW_RECIPE_ENV)] if recipe.get("env") and not env_allowed else []
+    if not trust.flag_given(argv):
+        needed += [(f"{key}` = `{value!r}", TRUST_REMOTE_CODE) for key, value in trust.code_requests(recipe)]
     return needed
 
 
-def _as_mapping(value: Any) -> dict:
-    """A ``*_init_kwargs`` value: a mapping in YAML, a JSON string once it is a command-line argument."""
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _truthy(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "yes", "1")
-
-
-def given_flags(argv: list[str]) -> set[str]:
-    """The permission flags switched on in ``argv`` (``--trust_remote_code`` alone, ``=true`` or ``true``)."""
-    return {ALLOW_RECIPE_ENV} & set(argv) | ({TRUST_REMOTE_CODE} if switch_on(argv, TRUST_REMOTE_CODE) else set())
-
-
 def switch_on(argv: list[str], flag: str) -> bool:
-    """Whether boolean ``flag`` is switched on in ``argv`` (alone, ``=true`` or followed by ``true``)."""
+    """Whether boolean ``flag`` is switched on in ``argv`` (alone, ``=true`` or followed by a value the parser
+    reads as true)."""
+    from hf_align.trust import PARSER, enables_code
+
     on = False
     for index, arg in enumerate(argv):
         name, sep, value = arg.partition("=")
         if name == flag:
             following = argv[index + 1] if index + 1 < len(argv) else "--"
-            on = _truthy(value if sep else ("true" if following.startswith("--") else following))
+            on = enables_code(value if sep else (True if following.startswith("-") else following), PARSER)
     return on
 
 
-def check_permissions(needed: list[tuple[str, str]], flags: set[str], where: str) -> None:
-    """Refuse, in one line naming the key and the flag, what ``where`` asks for without its flag."""
+def check_permissions(needed: list[tuple[str, str]], where: str) -> None:
+    """Refuse, in one line naming ``where`` (the file), the key and the flag, the first of ``needed``."""
     for key, flag in needed:
-        if flag not in flags:
-            what = "sets environment variables" if flag == ALLOW_RECIPE_ENV else "runs code from the model folder"
-            raise PermissionError(f"{where}: `{key}` {what}; pass {flag} on the command line to allow it.")
+        what = "sets environment variables" if flag == ALLOW_RECIPE_ENV else "would run code from the model folder"
+        raise PermissionError(f"{where}: `{key}` {what}; only {flag} on the command line allows it.")
 
 
 def find_config(argv: list[str]) -> list[str]:
@@ -228,7 +214,8 @@ def find_config(argv: list[str]) -> list[str]:
 
 
 def check_recipe(argv: list[str]) -> None:
-    """The ``--config`` recipe exists and asks for nothing that needs a command-line flag (before TRL applies it)."""
+    """The ``--config`` recipe exists, has no key twice and asks for nothing that needs a command-line flag (before
+    TRL applies it)."""
     if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
         return
     from hf_align.io import read_yaml
@@ -238,4 +225,15 @@ def check_recipe(argv: list[str]) -> None:
         raise FileNotFoundError(f"--config {str(path)!r}: no such recipe file.")
     recipe = read_yaml(path, "recipe")  # one line for a syntax error or a binary file, before TRL reads it
     if isinstance(recipe, dict):
-        check_permissions(recipe_permissions(recipe), given_flags(argv), f"recipe {str(path)!r}")
+        check_permissions(recipe_permissions(recipe, argv), f"recipe {str(path)!r}")
+
+
+def check_parsed_permissions(parsed: Iterable[Any], argv: list[str]) -> None:
+    """After parsing: a ``trust_remote_code`` nested in a field given on the command line (``--model_init_kwargs
+    '{"trust_remote_code": true}'``) needs the flag too; the recipe's were refused, naming the file, before."""
+    from hf_align import trust
+
+    for args in parsed:
+        if dataclasses.is_dataclass(args):
+            values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(args) if f.name != trust.FIELD}
+            trust.check_code_requests(values, trust.flag_given(argv), "command line")

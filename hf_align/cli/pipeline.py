@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hf_align.cli.common import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions, recipe_permissions
+from hf_align.cli.common import ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE, check_permissions
 from hf_align.config_checks import CheckedConfig, option
 from hf_align.errors import UserError
 from hf_align.scripts import pipeline as engine
@@ -71,22 +71,29 @@ def stage_commands() -> engine.Commands:
     )
 
 
-def _check_recipe_permissions(recipe: dict, path: Path, flags: set[str]) -> None:
-    """``set`` and each stage's ``args`` come from a file: they cannot switch on what needs a command-line flag."""
-    sources = [("set", recipe.get("set") or {})]
-    sources += [(f"stage {stage['name']!r} args", stage.get("args") or {}) for stage in recipe["stages"]]
+def _check_recipe_permissions(plan: engine.Plan, flags: set[str]) -> None:
+    """``set``, each stage's ``args`` (from a file) and ``--set`` (which reaches a stage's command line as any field
+    does) cannot switch on what needs the pipeline's own flag: a stage would read ``--trust_remote_code t`` as it."""
+    from hf_align import trust
+
+    sources = [(f"{str(plan.path)!r}, set", plan.recipe.get("set") or {})]
+    sources += [(f"{str(plan.path)!r}, stage {s['name']!r} args", s.get("args") or {}) for s in plan.recipe["stages"]]
+    sources.append(("--set", {key.rpartition(".")[2]: value for key, value in plan.overrides.items()}))
     for where, args in sources:
-        needed = recipe_permissions(args)
-        if "allow_recipe_env" in args:
-            needed.append(("allow_recipe_env", ALLOW_RECIPE_ENV))
-        check_permissions(needed, flags, f"{str(path)!r}, {where}")
+        if "allow_recipe_env" in args and ALLOW_RECIPE_ENV not in flags:
+            check_permissions([("allow_recipe_env", ALLOW_RECIPE_ENV)], where)
+        trust.check_code_requests(args, TRUST_REMOTE_CODE in flags, where)
 
 
 def run(args: PipelineArguments) -> list[dict]:
+    from hf_align.scripts.outputs import guard_outputs
+
     commands = stage_commands()
     plan = engine.plan(Path(args.recipe), commands.names, args.output_dir, args.model_name_or_path, args.set)
     flags = {flag for flag in (ALLOW_RECIPE_ENV, TRUST_REMOTE_CODE) if getattr(args, flag.lstrip("-"))}
-    _check_recipe_permissions(plan.recipe, plan.path, flags)
+    _check_recipe_permissions(plan, flags)
+    model = {"--model_name_or_path": plan.model} if plan.model != "testbed" else {}
+    guard_outputs((), "pipeline", outputs={"--output_dir": plan.output_dir}, inputs=model)
     return engine.run_pipeline(plan, commands, sorted(flags), args.force)
 
 

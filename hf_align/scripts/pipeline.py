@@ -26,10 +26,11 @@ an interrupted training stage from its last ``checkpoint-*`` (the last *complete
 :mod:`hf_align.checkpoints`); ``--force`` re-runs every stage. A summary table ends the run, a failed one too.
 
 The pipeline only ever removes a folder it wrote itself: an existing stage folder without its
-``pipeline_stage.json`` is refused, naming it. ``output_dir`` is locked while a pipeline runs (``.pipeline.lock``,
-created exclusively, holding host and pid); a lock left by a dead process on this host is taken over with a
-warning. The permission flags the command line got (``--trust_remote_code`` / ``--allow_recipe_env``) are passed to
-every training stage.
+``pipeline_stage.json`` is refused, naming it. ``output_dir`` is locked while a pipeline runs, with the lock every
+command takes on its output (:func:`hf_align.io.output_lock`: ``.<output_dir name>.lock`` beside it, naming the
+holder's pid); a lock left by a dead process is taken over with a warning. Each stage locks its own folder. The
+permission flags the command line got (``--trust_remote_code`` / ``--allow_recipe_env``) are passed to every
+training stage.
 """
 
 from __future__ import annotations
@@ -44,11 +45,10 @@ from typing import Any
 
 from hf_align.checkpoints import last_complete_checkpoint
 from hf_align.errors import UserError
-from hf_align.io import hold_lock, read_json, read_yaml, write_json
+from hf_align.io import output_lock, read_json, read_yaml, write_json
 
 
 STAGE_FILE = "pipeline_stage.json"
-LOCK_FILE = ".pipeline.lock"
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 _STAGE_KEYS = {"name", "command", "recipe", "args"}
 _PIPELINE_KEYS = {"output_dir", "model_name_or_path", "set", "stages"}
@@ -224,7 +224,7 @@ def run_pipeline(plan: Plan, commands: Commands, flags: list[str], force: bool) 
     outputs = {"model": plan.model, "output_dir": str(output_dir)}
     outputs.update({stage["name"]: str(output_dir / stage["name"]) for stage in plan.recipe["stages"]})
     output_dir.mkdir(parents=True, exist_ok=True)
-    with hold_lock(output_dir / LOCK_FILE, "pipeline"):
+    with output_lock(output_dir, "hf-align pipeline"):
         for stage in plan.recipe["stages"]:  # before anything runs: refuse folders someone else made
             _check_ours(output_dir / stage["name"])
         summary: list[dict] = []

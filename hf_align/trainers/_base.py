@@ -99,7 +99,7 @@ def load_model(model, args, like=None, quantization_config=None):
                 "quantization_config is set both as a trainer argument and in args.model_init_kwargs: set it once."
             )
         kwargs["quantization_config"] = quantization_config
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    trusted_kwargs(kwargs, args, model)
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         kwargs["device_map"] = None
     if like is not None:
@@ -110,6 +110,16 @@ def load_model(model, args, like=None, quantization_config=None):
 
         return load_by_name(model, **kwargs)
     return create_model_from_path(model, **kwargs)
+
+
+def trusted_kwargs(kwargs: dict, args, model: str) -> dict:
+    """``kwargs`` (a copy of ``args.model_init_kwargs``) with ``trust_remote_code`` set from the config and checked
+    to be ``True``/``False``: ``from_pretrained`` would read ``"false"`` as true (:mod:`hf_align.trust`)."""
+    from hf_align.trust import require_bool
+
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    require_bool(kwargs["trust_remote_code"], f"loading {model!r} (model_init_kwargs / trust_remote_code)")
+    return kwargs
 
 
 def load_policy_and_reference(model, ref_model, args, load_policy: bool, trainer_kwargs: dict):

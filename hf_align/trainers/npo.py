@@ -47,6 +47,7 @@ from hf_align.trainers._base import (
     global_token_count,
     prepare_reference,
     resolve_args,
+    trusted_kwargs,
 )
 from hf_align.trainers._data_checks import check_dataset, column_names, drop_truncated_away
 from hf_align.trainers._masking import NeuronMaskTrainerMixin
@@ -236,7 +237,7 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
             init_kwargs["device_map"] = None  # "auto" fails under distributed training
         config = self.accelerator.unwrap_model(self.model).config
-        init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        trusted_kwargs(init_kwargs, self.args, get_config_model_id(config))
         init_kwargs.setdefault("dtype", self.model.dtype)
         init_kwargs.setdefault("attn_implementation", _compat.attn_implementation(config))
         self.ref_model = self._prepare_ref_model(create_model_from_path(get_config_model_id(config), **init_kwargs))
