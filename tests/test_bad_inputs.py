@@ -521,7 +521,7 @@ def test_disk_full_while_saving_scores_keeps_previous_scores(tmp_path, monkeypat
         scores.save_scores(tmp_path, {"w": torch.full((3,), 5.0)}, {"num_steps": 7})
     monkeypatch.undo()
     loaded, meta = scores.load_scores(tmp_path)
-    assert torch.equal(loaded["w"], torch.ones(3)) and meta == {"num_steps": 1}
+    assert torch.equal(loaded["w"], torch.ones(3)) and meta["num_steps"] == 1
 
 
 def test_mask_and_score_pairs_from_different_saves_are_refused(tmp_path):

@@ -606,7 +606,7 @@ class FeedbackConditionedTrainer(HFAlignTrainerMixin, _BaseTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
-        if not _internal_call and self.args.should_save and len(self.pool):
+        if self.args.should_save and len(self.pool) and not getattr(self, "_in_checkpoint", False):
             self.pool.save(os.path.join(output_dir or self.args.output_dir, POOL_DIR))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
