@@ -89,10 +89,14 @@ def function_label(func: Any) -> str:
     return f"{module}:{name}" if module and name else reward_name(func)
 
 
-def check_signature(func: Callable, what: str, *args: Any, label: str | None = None, **kwargs: Any) -> None:
+def check_signature(
+    func: Callable, what: str, *args: Any, label: str | None = None, partial: bool = False, **kwargs: Any
+) -> None:
     """Refuse, before anything runs, a function that cannot take the arguments it will be called with (``os:system``
-    named as a reward: ``system(command)`` takes no ``prompts=``/``completions=``). A signature Python cannot read
-    (some builtins) is let through: the call then says what is wrong."""
+    named as a reward: ``system(command)`` takes no ``prompts=``/``completions=``). ``partial``: the call passes more
+    than ``args``/``kwargs`` (a reward also gets ``completion_ids``, ``trainer_state`` and the dataset's columns, as
+    GRPO passes them), so only what is given must fit. A signature Python cannot read (some builtins) is let through:
+    the call then says what is wrong."""
     import inspect
 
     try:
@@ -100,7 +104,7 @@ def check_signature(func: Callable, what: str, *args: Any, label: str | None = N
     except (TypeError, ValueError):
         return
     try:
-        signature.bind(*args, **kwargs)
+        (signature.bind_partial if partial else signature.bind)(*args, **kwargs)
     except TypeError as err:
         given = ", ".join([*("…" for _ in args), *(f"{k}=" for k in kwargs)])
         label = label or function_label(func)
@@ -187,7 +191,7 @@ def resolve_reward(spec: Any, what: str = "reward") -> RewardFunc:
     if isinstance(spec, PreTrainedModel):
         return RewardModelScorer(spec)
     if callable(spec):
-        check_signature(spec, what, prompts=[], completions=[])
+        check_signature(spec, what, prompts=[], completions=[], partial=True)
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"{what} entries must be names, callables or reward models; got {type(spec).__name__}.")
@@ -196,7 +200,7 @@ def resolve_reward(spec: Any, what: str = "reward") -> RewardFunc:
         return _load_reward_model(spec_path, what)
     if ":" in spec_path or ("." in spec_path and "/" not in spec_path and os.sep not in spec_path):
         func = import_callable(spec_path, what)
-        check_signature(func, what, prompts=[], completions=[], label=spec_path)
+        check_signature(func, what, prompts=[], completions=[], label=spec_path, partial=True)
         return func
     if _HUB_ID.match(spec_path) and not os.path.exists(spec_path):
         return _load_reward_model(spec_path, what)  # a Hub id: from the cache when offline
