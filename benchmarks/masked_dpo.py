@@ -14,12 +14,19 @@ in the same run, under the same allocator.
     python -m benchmarks.masked_dpo --quick      # tiny model, a few seconds per configuration (smoke run only)
     python -m benchmarks.masked_dpo --size medium # ~6M-param Llama, a few minutes in all
     python -m benchmarks.masked_dpo              # ~60M-param Llama, batch 4 x ~192 tokens
+    python -m benchmarks.masked_dpo --model ~/.cache/huggingface/hf_align/SmolLM2-135M-Instruct   # a real model
+
+``--model PATH`` takes a transformers folder (its own tokenizer; e.g. ``make real-model``'s SmolLM2-135M-Instruct:
+30 layers, tied embeddings, 49k vocabulary) instead of a random-init size, at batch 2 x ~64 tokens, with a live
+reference and glibc's allocator by default, in each ``--dtype``: ``bfloat16`` (bf16 weights, TRL's bf16 autocast)
+and ``float32`` (fp32 weights, no autocast). Ratios compare configurations of the same dtype.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import random
@@ -56,6 +63,10 @@ SIZES = {
     "full": dict(hidden_size=768, num_layers=8, intermediate_size=2048, num_heads=12, num_kv_heads=4, digits=95),
     "large": dict(hidden_size=1024, num_layers=16, intermediate_size=2816, num_heads=16, num_kv_heads=4, digits=95),
 }
+MODEL_CONFIGS = ["trl_full", "trl_lora_r8", "masked_row0.1", "masked_element0.1", "npo_token_row0.1"]
+MODEL_BATCH = 2  # pairs per step on a model folder: with MODEL_DIGITS, ~64 tokens per sequence (digits: one token each)
+MODEL_DIGITS = 30
+MODEL_DTYPES = ("bfloat16", "float32")
 
 
 def _dataset(n: int, digits: int, seed: int = 0):
@@ -74,29 +85,56 @@ def _bytes_of(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def make_trainer(name: str, size: str, precompute: bool, steps: int, callbacks: list, digits: int | None = None):
-    """The configuration ``name`` on the ``size`` model, ready to train ``steps + 2`` steps (shared with
-    ``benchmarks/profile_masked_dpo.py``)."""
+def _load_model(size: str, model_path: str | None, dtype: str | None):
+    """The random-init ``size`` Llama with the testbed's tokenizer, or the folder ``model_path`` (and its own
+    tokenizer) in ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_align import testbed
+
+    if model_path is None:
+        spec = dict(SIZES[size])
+        spec.pop("digits")
+        model = testbed.load_random_tiny("llama", **spec)
+        model.config.max_position_embeddings = 512
+        return model, testbed.load_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype or "bfloat16"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def make_trainer(
+    name: str,
+    size: str,
+    precompute: bool,
+    steps: int,
+    callbacks: list,
+    digits: int | None = None,
+    model_path: str | None = None,
+    dtype: str | None = None,
+):
+    """The configuration ``name`` on the ``size`` model (or the folder ``model_path`` in ``dtype``), ready to train
+    ``steps + 2`` steps (shared with ``benchmarks/profile_masked_dpo.py``)."""
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from hf_align import testbed
     from hf_align.testbed import quiet_training_args
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    spec = dict(SIZES[size])
-    size_digits = spec.pop("digits")
-    digits = digits or size_digits
-    tokenizer = testbed.load_tokenizer()
-    model = testbed.load_random_tiny("llama", **spec)
-    model.config.max_position_embeddings = 512
+    digits = digits or (MODEL_DIGITS if model_path else SIZES[size]["digits"])
+    model, tokenizer = _load_model(size, model_path, dtype)
     model.train()
-    batch = 4
+    batch = MODEL_BATCH if model_path else 4
     data = _dataset(batch * (steps + 2), digits)
     tmp = tempfile.mkdtemp()
     common = quiet_training_args(
-        bf16=True,  # TRL's default, kept: the committed numbers were measured with bf16 autocast
+        # TRL's default, kept: the committed numbers were measured with bf16 autocast; a model folder's "float32"
+        # runs without autocast
+        bf16=model_path is None or dtype != "float32",
         output_dir=tmp,
         per_device_train_batch_size=batch,
         max_steps=steps + 2,
@@ -158,7 +196,15 @@ def make_trainer(name: str, size: str, precompute: bool, steps: int, callbacks: 
     return trainer, model
 
 
-def run_one(name: str, size: str, precompute: bool, steps: int, digits: int | None = None) -> dict:
+def run_one(
+    name: str,
+    size: str,
+    precompute: bool,
+    steps: int,
+    digits: int | None = None,
+    model_path: str | None = None,
+    dtype: str | None = None,
+) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -176,7 +222,7 @@ def run_one(name: str, size: str, precompute: bool, steps: int, digits: int | No
             cpu_times.append(time.process_time() - self.cpu)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults)
 
-    trainer, model = make_trainer(name, size, precompute, steps, [Timer()], digits)
+    trainer, model = make_trainer(name, size, precompute, steps, [Timer()], digits, model_path, dtype)
     trainer.train()
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
@@ -190,6 +236,7 @@ def run_one(name: str, size: str, precompute: bool, steps: int, digits: int | No
         "config": name,
         "reference": "precomputed" if precompute else "live",
         "allocator": os.environ.get("BENCH_ALLOCATOR", "glibc"),
+        "dtype": dtype or "float32 + bf16 autocast",
         "step_time_s": timed(times),
         "step_cpu_s": timed(cpu_times),
         "page_faults_per_step": timed(faults),
@@ -219,18 +266,28 @@ def allocator_env(allocator: str) -> dict[str, str]:
     return dict(os.environ, BENCH_ALLOCATOR=allocator, **(RETAIN_ENV if allocator == "retain" else {}))
 
 
-def _run_single(name: str, size: str, steps: int, precompute: bool, allocator: str, digits: int | None) -> dict:
+def _run_single(
+    name: str,
+    size: str,
+    steps: int,
+    precompute: bool,
+    allocator: str,
+    digits: int | None,
+    model_path: str | None = None,
+    dtype: str | None = None,
+) -> dict:
     """One configuration in a fresh process (its own peak RSS; the allocator's tunables are read at start-up)."""
     command = module_command("masked_dpo", "--single", name, "--steps", str(steps), "--size", size)
     command += ["--precompute"] if precompute else []
     command += ["--digits", str(digits)] if digits else []
+    command += ["--model", model_path, "--dtype", dtype or "bfloat16"] if model_path else []
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=allocator_env(allocator))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
     reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
     reference = "precomputed" if precompute else "live"
-    return {"config": name, "reference": reference, "allocator": allocator, "error": reason}
+    return {"config": name, "reference": reference, "allocator": allocator, "dtype": dtype, "error": reason}
 
 
 def measure(
@@ -241,26 +298,23 @@ def measure(
     precomputes=(False, True),
     digits: int | None = None,
     allocators=("glibc",),
+    model_path: str | None = None,
+    dtypes=(None,),
 ):
     """Each configuration in its own subprocess, ``repeats`` times, interleaved (a change in the machine's load hits
     every configuration alike); the medians, with every repeat's values and the 1-minute load after each run.
-    Ratios compare configurations measured with the same reference and the same allocator."""
-    runs: dict[tuple[str, bool, str], list[dict]] = {}
+    Ratios compare configurations measured with the same reference, allocator and dtype."""
+    runs: dict[tuple, list[dict]] = {}
     for repeat in range(repeats):
-        for allocator in allocators:
-            for precompute in precomputes:
-                for name in names:
-                    row = _run_single(name, size, steps, precompute, allocator, digits)
-                    row["load_average_1min"] = os.getloadavg()[0]
-                    runs.setdefault((name, precompute, allocator), []).append(row)
-                    print(f"{size} repeat {repeat + 1}/{repeats}: {row}", flush=True)
+        for allocator, dtype, precompute, name in itertools.product(allocators, dtypes, precomputes, names):
+            row = _run_single(name, size, steps, precompute, allocator, digits, model_path, dtype)
+            row["load_average_1min"] = os.getloadavg()[0]
+            runs.setdefault((name, precompute, allocator, dtype), []).append(row)
+            print(f"{size} repeat {repeat + 1}/{repeats}: {row}", flush=True)
     results = [_median_of(rows) for rows in runs.values()]
+    same = ("reference", "allocator", "dtype")
     for row in results:
-        base = {
-            r["config"]: r
-            for r in results
-            if r["reference"] == row["reference"] and r["allocator"] == row["allocator"] and "error" not in r
-        }
+        base = {r["config"]: r for r in results if all(r[k] == row[k] for k in same) and "error" not in r}
         if "error" in row:
             continue
         for anchor in ("trl_full", "trl_lora_r8", "trl_lora_r8_all", "masked_row0.1"):
@@ -290,27 +344,31 @@ TARGETS = [
 
 
 def check_targets(results: list[dict]) -> list[dict]:
-    """Each target, per allocator, with the measured ratio (wall time, median of the repeats) and whether it is met;
-    peak RSS of the 10 % masks against LoRA's RSS plus their trainable + optimizer bytes, + 10 % (and, not a target,
+    """Each target of a configuration that ran, per allocator and dtype, with the measured ratio (wall time, median
+    of the repeats) and whether it is met; peak RSS of the 10 % masks against LoRA's RSS plus their trainable + optimizer bytes, + 10 % (and, not a target,
     the same bound on LoRA over every Linear the masks cover: the layers whose inputs backward must keep)."""
-    found = {(r["config"], r["reference"], r["allocator"]): r for r in results if "error" not in r}
+    found = {(r["config"], r["reference"], (r["allocator"], r.get("dtype"))): r for r in results if "error" not in r}
     checks = []
-    for allocator in sorted({key[2] for key in found}):
+    for setting in sorted({key[2] for key in found}, key=str):
+        allocator, dtype = setting
         for config, reference, anchor, bound in TARGETS:
-            row = found.get((config, reference, allocator))
-            value = row.get(f"step_time_vs_{anchor}") if row else None
+            row = found.get((config, reference, setting))
+            if row is None:
+                continue
+            value = row.get(f"step_time_vs_{anchor}")
             checks.append(
                 {
                     "target": f"{config} ({reference} ref) step <= {bound}x {anchor}",
                     "allocator": allocator,
+                    "dtype": dtype,
                     "value": value,
                     "met": value is not None and value <= bound,
                 }
             )
         for lora_name, is_target in (("trl_lora_r8", True), ("trl_lora_r8_all", False)):
-            lora = found.get((lora_name, "live", allocator))
+            lora = found.get((lora_name, "live", setting))
             for config in ("masked_row0.1", "masked_element0.1"):
-                row = found.get((config, "live", allocator))
+                row = found.get((config, "live", setting))
                 if not (row and lora):
                     continue
                 extra = (row["trainable_bytes"] + row["optimizer_state_bytes"]) / 2**20
@@ -321,6 +379,7 @@ def check_targets(results: list[dict]) -> list[dict]:
                         "target": f"{config} peak RSS <= 1.1 x ({lora_name} RSS + trainable/optimizer MB) = "
                         f"{bound:.0f} MB{label}",
                         "allocator": allocator,
+                        "dtype": dtype,
                         "value": row["peak_rss_mb"],
                         "met": row["peak_rss_mb"] <= bound,
                     }
