@@ -63,8 +63,25 @@ SIZES = {
     "full": dict(hidden_size=768, num_layers=8, intermediate_size=2048, num_heads=12, num_kv_heads=4, digits=95),
     "large": dict(hidden_size=1024, num_layers=16, intermediate_size=2816, num_heads=16, num_kv_heads=4, digits=95),
 }
-MODEL_CONFIGS = ["trl_full", "trl_lora_r8", "masked_row0.1", "masked_element0.1", "npo_token_row0.1"]
-MODEL_BATCH = 2  # pairs per step on a model folder: with MODEL_DIGITS, ~64 tokens per sequence (digits: one token each)
+MODEL_CONFIGS = [
+    "trl_full",
+    "trl_lora_r8",
+    "masked_row0.1",
+    "masked_element0.1",
+    "masked_element0.1_sampled",
+    "masked_element_permodule",
+    "masked_element_permodule_sampled",
+    "npo_token_row0.1",
+]
+# "_sampled": element-masked Linear layers at most this dense take the sampled weight gradient, per the dtype of
+# their GEMMs (benchmarks/results/sampled_gradient.json: the sampled GEMM wins up to ~0.1 in fp32, ~0.05 in bf16)
+SAMPLED_DENSITY = {"float32": 0.1, "bfloat16": 0.05}
+# "permodule": an element mask with the per-module densities a top-10 % entry mask from accumulated gradients gives
+# SmolLM2-135M (issue #32), random within each module; parameters not listed (embeddings, norms) at 10 %
+PERMODULE_DENSITY = {"q_proj": 0.04, "k_proj": 0.10, "v_proj": 0.37, "o_proj": 0.22, "_proj": 0.08}
+MODEL_BATCH = (
+    2  # pairs per step on a model folder: with MODEL_DIGITS, ~64 tokens per sequence (digits: one token each)
+)
 MODEL_DIGITS = 30
 MODEL_DTYPES = ("bfloat16", "float32")
 
@@ -104,6 +121,22 @@ def _load_model(size: str, model_path: str | None, dtype: str | None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _permodule_mask(model):
+    """A seeded random element mask at :data:`PERMODULE_DENSITY` per module (the first key a name contains)."""
+    import torch
+
+    from hf_align.masks import NeuronMask
+
+    generator = torch.Generator().manual_seed(0)
+    masks = {}
+    for name, param in model.named_parameters():
+        density = next((d for key, d in PERMODULE_DENSITY.items() if key in name), 0.1)
+        masks[name] = torch.rand(param.shape, generator=generator) < density
+    mask = NeuronMask(masks, {"granularity": "element"})
+    mask.validate(model)
+    return mask
 
 
 def make_trainer(
@@ -189,9 +222,15 @@ def make_trainer(
 
         if name == "masked_ratio1.0":
             mask = NeuronMask.full(model, "element")
+        elif name.startswith("masked_element_permodule"):
+            mask = _permodule_mask(model)
         else:
             granularity = "row" if "row" in name else "element"
             mask = NeuronMask.random(model, 0.1, granularity, seed=0)
+        if name.endswith("_sampled"):
+            common["neuron_sampled_gradient_density"] = SAMPLED_DENSITY[
+                "float32" if dtype == "float32" else "bfloat16"
+            ]
         trainer = MaskedDPOTrainer(model=model, args=MaskedDPOConfig(**common), neuron_mask=mask, **kwargs)
     return trainer, model
 
@@ -277,7 +316,8 @@ def _run_single(
     dtype: str | None = None,
 ) -> dict:
     """One configuration in a fresh process (its own peak RSS; the allocator's tunables are read at start-up)."""
-    command = module_command("masked_dpo", "--single", name, "--steps", str(steps), "--size", size)
+    command = module_command("masked_dpo", "--single", name, "--steps", str(steps))
+    command += ["--size", size] if model_path is None else []
     command += ["--precompute"] if precompute else []
     command += ["--digits", str(digits)] if digits else []
     command += ["--model", model_path, "--dtype", dtype or "bfloat16"] if model_path else []
@@ -396,6 +436,23 @@ def load_record() -> dict:
     }
 
 
+def _model_record(path: str) -> dict:
+    """What the model folder is (for the results file): its path and the shapes that set the step's cost."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
+    keys += ("num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "dtype")
+    return {"path": str(Path(path).expanduser()), **{key: config.get(key) for key in keys}}
+
+
+def _machine_record() -> dict:
+    import platform
+
+    import torch
+
+    return {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, for a smoke run (same as --size quick)")
@@ -404,52 +461,75 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
     parser.add_argument("configs", nargs="*", help=f"configurations (default: all of {CONFIGS})")
     parser.add_argument(
-        "--reference", choices=("live", "precomputed", "both"), default="both", help="reference log-probs"
+        "--reference",
+        choices=("live", "precomputed", "both"),
+        default=None,
+        help="reference log-probs (default: both; live with --model)",
     )
     parser.add_argument(
-        "--allocator", choices=(*ALLOCATORS, "both"), default="both", help="host allocator settings (module doc)"
+        "--allocator",
+        choices=(*ALLOCATORS, "both"),
+        default=None,
+        help="host allocator settings (module doc; default: both, glibc with --model)",
     )
+    parser.add_argument("--model", help="a transformers model folder instead of a random-init size (module doc)")
+    parser.add_argument("--dtype", choices=(*MODEL_DTYPES, "both"), default="both", help="with --model: weights dtype")
     parser.add_argument("--digits", type=int, default=None, help="digits per answer (default: the size's)")
     parser.add_argument("--output", help="JSON file (default: benchmarks/results/masked_dpo[_size].json)")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    size = args.size or ("quick" if args.quick else "full")
-    steps = args.steps or (3 if size == "quick" else 5)
+    size = "model" if args.model else args.size or ("quick" if args.quick else "full")
+    steps = args.steps or (3 if size in ("quick", "model") else 5)
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: expected a transformers model folder (with a config.json)")
     if args.single:
-        print(json.dumps(run_one(args.single, size, args.precompute, steps, args.digits)))
+        print(json.dumps(run_one(args.single, size, args.precompute, steps, args.digits, args.model, args.dtype)))
         return
     load_before = load_record()
-    precomputes = {"live": (False,), "precomputed": (True,), "both": (False, True)}[args.reference]
-    allocators = ALLOCATORS if args.allocator == "both" else (args.allocator,)
-    results = measure(args.configs or CONFIGS, size, steps, args.repeats, precomputes, args.digits, allocators)
+    reference = args.reference or ("live" if args.model else "both")
+    precomputes = {"live": (False,), "precomputed": (True,), "both": (False, True)}[reference]
+    allocator = args.allocator or ("glibc" if args.model else "both")
+    allocators = ALLOCATORS if allocator == "both" else (allocator,)
+    dtypes = (None,) if not args.model else MODEL_DTYPES if args.dtype == "both" else (args.dtype,)
+    configs = args.configs or (MODEL_CONFIGS if args.model else CONFIGS)
+    results = measure(configs, size, steps, args.repeats, precomputes, args.digits, allocators, args.model, dtypes)
     print(
-        f"{'config':22} {'ref':12} {'alloc':7} {'s/step':>8} {'xfull':>6} {'xlora':>6} {'train+opt MB':>12} "
+        f"{'config':32} {'dtype':8} {'ref':12} {'alloc':7} {'s/step':>8} {'xfull':>6} {'xlora':>6} {'train+opt MB':>12} "
         f"{'xfull':>6} {'RSS MB':>8} {'faults':>8}"
     )
     for r in results:
         if "error" in r:
-            print(f"{r['config']:22} {r['reference']:12} {r['allocator']:7} ERROR {r['error']}")
+            print(
+                f"{r['config']:32} {str(r.get('dtype')):8} {r['reference']:12} {r['allocator']:7} ERROR {r['error']}"
+            )
             continue
         mb = (r["trainable_bytes"] + r["optimizer_state_bytes"]) / 2**20
         print(
-            f"{r['config']:22} {r['reference']:12} {r['allocator']:7} {r['step_time_s']:8.3f} "
+            f"{r['config']:32} {r['dtype'][:8]:8} {r['reference']:12} {r['allocator']:7} {r['step_time_s']:8.3f} "
             f"{r.get('step_time_vs_trl_full', 0):6.2f} {r.get('step_time_vs_trl_lora_r8', 0):6.2f} {mb:12.2f} "
             f"{r.get('train_opt_bytes_vs_trl_full', 0):6.3f} {r['peak_rss_mb']:8.0f} {r['page_faults_per_step']:8.0f}"
         )
     targets = check_targets(results)
     for check in targets:
         value = "n/a" if check["value"] is None else f"{check['value']:.3f}"
-        print(f"{'met    ' if check['met'] else 'NOT MET'} [{check['allocator']}] {check['target']}: {value}")
+        setting = check["allocator"] + (f", {check['dtype']}" if check["dtype"] else "")
+        print(f"{'met    ' if check['met'] else 'NOT MET'} [{setting}] {check['target']}: {value}")
     from hf_align.io import write_json
 
-    default = RESULTS_DIR / f"masked_dpo{'' if size == 'full' else '_' + size}.json"
+    name = "real_model_benchmark" if args.model else f"masked_dpo{'' if size == 'full' else '_' + size}"
+    default = RESULTS_DIR / f"{name}.json"
     out = Path(args.output) if args.output else default
     load = {"before": load_before, "after": load_record()}
     print(f"load average before/after: {load['before']['load_average']} / {load['after']['load_average']}")
     if max(load["before"]["load_average"][0], load["after"]["load_average"][0]) > (os.cpu_count() or 1):
         print("WARNING: the machine was busy with other work; step times are not comparable.")
-    record = {"size": size, "spec": SIZES[size], "digits": args.digits or SIZES[size]["digits"], "batch": 4}
+    if args.model:
+        record = {"size": size, "model": _model_record(args.model), "digits": args.digits or MODEL_DIGITS}
+        record.update(batch=MODEL_BATCH, dtypes=list(dtypes), sampled_density=SAMPLED_DENSITY)
+        record.update(permodule_density=PERMODULE_DENSITY, machine=_machine_record())
+    else:
+        record = {"size": size, "spec": SIZES[size], "digits": args.digits or SIZES[size]["digits"], "batch": 4}
     record.update(steps=steps, repeats=args.repeats, allocators=list(allocators), retain_env=RETAIN_ENV)
     record.update(load_average=load, targets=targets, results=results)
     write_json(out, record)

@@ -111,7 +111,9 @@ def crossover(rows: list[dict]) -> list[dict]:
         best = found.setdefault(key, 0.0)
         if r["sddmm_vs_dense"] < 1.0 and r["density"] > best:
             found[key] = r["density"]
-    return [{"shape": list(k[0]), "tokens": k[1], "dtype": k[2], "sddmm_wins_up_to_density": v} for k, v in found.items()]
+    return [
+        {"shape": list(k[0]), "tokens": k[1], "dtype": k[2], "sddmm_wins_up_to_density": v} for k, v in found.items()
+    ]
 
 
 def main() -> None:
