@@ -14,12 +14,19 @@ in the same run, under the same allocator.
     python -m benchmarks.masked_dpo --quick      # tiny model, a few seconds per configuration (smoke run only)
     python -m benchmarks.masked_dpo --size medium # ~6M-param Llama, a few minutes in all
     python -m benchmarks.masked_dpo              # ~60M-param Llama, batch 4 x ~192 tokens
+    python -m benchmarks.masked_dpo --model ~/.cache/huggingface/hf_align/SmolLM2-135M-Instruct   # a real model
+
+``--model PATH`` takes a transformers folder (its own tokenizer; e.g. ``make real-model``'s SmolLM2-135M-Instruct:
+30 layers, tied embeddings, 49k vocabulary) instead of a random-init size, at batch 2 x ~64 tokens, with a live
+reference and glibc's allocator by default, in each ``--dtype``: ``bfloat16`` (bf16 weights, TRL's bf16 autocast)
+and ``float32`` (fp32 weights, no autocast). Ratios compare configurations of the same dtype.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import random
@@ -56,6 +63,27 @@ SIZES = {
     "full": dict(hidden_size=768, num_layers=8, intermediate_size=2048, num_heads=12, num_kv_heads=4, digits=95),
     "large": dict(hidden_size=1024, num_layers=16, intermediate_size=2816, num_heads=16, num_kv_heads=4, digits=95),
 }
+MODEL_CONFIGS = [
+    "trl_full",
+    "trl_lora_r8",
+    "masked_row0.1",
+    "masked_element0.1",
+    "masked_element0.1_sampled",
+    "masked_element_permodule",
+    "masked_element_permodule_sampled",
+    "npo_token_row0.1",
+]
+# "_sampled": element-masked Linear layers at most this dense take the sampled weight gradient, per the dtype of
+# their GEMMs (benchmarks/results/sampled_gradient.json: the sampled GEMM wins up to ~0.1 in fp32, ~0.05 in bf16)
+SAMPLED_DENSITY = {"float32": 0.1, "bfloat16": 0.05}
+# "permodule": an element mask with the per-module densities a top-10 % entry mask from accumulated gradients gives
+# SmolLM2-135M (issue #32), random within each module; parameters not listed (embeddings, norms) at 10 %
+PERMODULE_DENSITY = {"q_proj": 0.04, "k_proj": 0.10, "v_proj": 0.37, "o_proj": 0.22, "_proj": 0.08}
+MODEL_BATCH = (
+    2  # pairs per step on a model folder: with MODEL_DIGITS, ~64 tokens per sequence (digits: one token each)
+)
+MODEL_DIGITS = 30
+MODEL_DTYPES = ("bfloat16", "float32")
 
 
 def _dataset(n: int, digits: int, seed: int = 0):
@@ -74,29 +102,72 @@ def _bytes_of(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def make_trainer(name: str, size: str, precompute: bool, steps: int, callbacks: list, digits: int | None = None):
-    """The configuration ``name`` on the ``size`` model, ready to train ``steps + 2`` steps (shared with
-    ``benchmarks/profile_masked_dpo.py``)."""
+def _load_model(size: str, model_path: str | None, dtype: str | None):
+    """The random-init ``size`` Llama with the testbed's tokenizer, or the folder ``model_path`` (and its own
+    tokenizer) in ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_align import testbed
+
+    if model_path is None:
+        spec = dict(SIZES[size])
+        spec.pop("digits")
+        model = testbed.load_random_tiny("llama", **spec)
+        model.config.max_position_embeddings = 512
+        return model, testbed.load_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype or "bfloat16"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _permodule_mask(model):
+    """A seeded random element mask at :data:`PERMODULE_DENSITY` per module (the first key a name contains)."""
+    import torch
+
+    from hf_align.masks import NeuronMask
+
+    generator = torch.Generator().manual_seed(0)
+    masks = {}
+    for name, param in model.named_parameters():
+        density = next((d for key, d in PERMODULE_DENSITY.items() if key in name), 0.1)
+        masks[name] = torch.rand(param.shape, generator=generator) < density
+    mask = NeuronMask(masks, {"granularity": "element"})
+    mask.validate(model)
+    return mask
+
+
+def make_trainer(
+    name: str,
+    size: str,
+    precompute: bool,
+    steps: int,
+    callbacks: list,
+    digits: int | None = None,
+    model_path: str | None = None,
+    dtype: str | None = None,
+):
+    """The configuration ``name`` on the ``size`` model (or the folder ``model_path`` in ``dtype``), ready to train
+    ``steps + 2`` steps (shared with ``benchmarks/profile_masked_dpo.py``)."""
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from hf_align import testbed
     from hf_align.testbed import quiet_training_args
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    spec = dict(SIZES[size])
-    size_digits = spec.pop("digits")
-    digits = digits or size_digits
-    tokenizer = testbed.load_tokenizer()
-    model = testbed.load_random_tiny("llama", **spec)
-    model.config.max_position_embeddings = 512
+    digits = digits or (MODEL_DIGITS if model_path else SIZES[size]["digits"])
+    model, tokenizer = _load_model(size, model_path, dtype)
     model.train()
-    batch = 4
+    batch = MODEL_BATCH if model_path else 4
     data = _dataset(batch * (steps + 2), digits)
     tmp = tempfile.mkdtemp()
     common = quiet_training_args(
-        bf16=True,  # TRL's default, kept: the committed numbers were measured with bf16 autocast
+        # TRL's default, kept: the committed numbers were measured with bf16 autocast; a model folder's "float32"
+        # runs without autocast
+        bf16=model_path is None or dtype != "float32",
         output_dir=tmp,
         per_device_train_batch_size=batch,
         max_steps=steps + 2,
@@ -151,14 +222,28 @@ def make_trainer(name: str, size: str, precompute: bool, steps: int, callbacks: 
 
         if name == "masked_ratio1.0":
             mask = NeuronMask.full(model, "element")
+        elif name.startswith("masked_element_permodule"):
+            mask = _permodule_mask(model)
         else:
             granularity = "row" if "row" in name else "element"
             mask = NeuronMask.random(model, 0.1, granularity, seed=0)
+        if name.endswith("_sampled"):
+            common["neuron_sampled_gradient_density"] = SAMPLED_DENSITY[
+                "float32" if dtype == "float32" else "bfloat16"
+            ]
         trainer = MaskedDPOTrainer(model=model, args=MaskedDPOConfig(**common), neuron_mask=mask, **kwargs)
     return trainer, model
 
 
-def run_one(name: str, size: str, precompute: bool, steps: int, digits: int | None = None) -> dict:
+def run_one(
+    name: str,
+    size: str,
+    precompute: bool,
+    steps: int,
+    digits: int | None = None,
+    model_path: str | None = None,
+    dtype: str | None = None,
+) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -176,7 +261,7 @@ def run_one(name: str, size: str, precompute: bool, steps: int, digits: int | No
             cpu_times.append(time.process_time() - self.cpu)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults)
 
-    trainer, model = make_trainer(name, size, precompute, steps, [Timer()], digits)
+    trainer, model = make_trainer(name, size, precompute, steps, [Timer()], digits, model_path, dtype)
     trainer.train()
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
@@ -190,6 +275,7 @@ def run_one(name: str, size: str, precompute: bool, steps: int, digits: int | No
         "config": name,
         "reference": "precomputed" if precompute else "live",
         "allocator": os.environ.get("BENCH_ALLOCATOR", "glibc"),
+        "dtype": dtype or "float32 + bf16 autocast",
         "step_time_s": timed(times),
         "step_cpu_s": timed(cpu_times),
         "page_faults_per_step": timed(faults),
@@ -219,18 +305,29 @@ def allocator_env(allocator: str) -> dict[str, str]:
     return dict(os.environ, BENCH_ALLOCATOR=allocator, **(RETAIN_ENV if allocator == "retain" else {}))
 
 
-def _run_single(name: str, size: str, steps: int, precompute: bool, allocator: str, digits: int | None) -> dict:
+def _run_single(
+    name: str,
+    size: str,
+    steps: int,
+    precompute: bool,
+    allocator: str,
+    digits: int | None,
+    model_path: str | None = None,
+    dtype: str | None = None,
+) -> dict:
     """One configuration in a fresh process (its own peak RSS; the allocator's tunables are read at start-up)."""
-    command = module_command("masked_dpo", "--single", name, "--steps", str(steps), "--size", size)
+    command = module_command("masked_dpo", "--single", name, "--steps", str(steps))
+    command += ["--size", size] if model_path is None else []
     command += ["--precompute"] if precompute else []
     command += ["--digits", str(digits)] if digits else []
+    command += ["--model", model_path, "--dtype", dtype or "bfloat16"] if model_path else []
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=allocator_env(allocator))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
     reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
     reference = "precomputed" if precompute else "live"
-    return {"config": name, "reference": reference, "allocator": allocator, "error": reason}
+    return {"config": name, "reference": reference, "allocator": allocator, "dtype": dtype, "error": reason}
 
 
 def measure(
@@ -241,26 +338,23 @@ def measure(
     precomputes=(False, True),
     digits: int | None = None,
     allocators=("glibc",),
+    model_path: str | None = None,
+    dtypes=(None,),
 ):
     """Each configuration in its own subprocess, ``repeats`` times, interleaved (a change in the machine's load hits
     every configuration alike); the medians, with every repeat's values and the 1-minute load after each run.
-    Ratios compare configurations measured with the same reference and the same allocator."""
-    runs: dict[tuple[str, bool, str], list[dict]] = {}
+    Ratios compare configurations measured with the same reference, allocator and dtype."""
+    runs: dict[tuple, list[dict]] = {}
     for repeat in range(repeats):
-        for allocator in allocators:
-            for precompute in precomputes:
-                for name in names:
-                    row = _run_single(name, size, steps, precompute, allocator, digits)
-                    row["load_average_1min"] = os.getloadavg()[0]
-                    runs.setdefault((name, precompute, allocator), []).append(row)
-                    print(f"{size} repeat {repeat + 1}/{repeats}: {row}", flush=True)
+        for allocator, dtype, precompute, name in itertools.product(allocators, dtypes, precomputes, names):
+            row = _run_single(name, size, steps, precompute, allocator, digits, model_path, dtype)
+            row["load_average_1min"] = os.getloadavg()[0]
+            runs.setdefault((name, precompute, allocator, dtype), []).append(row)
+            print(f"{size} repeat {repeat + 1}/{repeats}: {row}", flush=True)
     results = [_median_of(rows) for rows in runs.values()]
+    same = ("reference", "allocator", "dtype")
     for row in results:
-        base = {
-            r["config"]: r
-            for r in results
-            if r["reference"] == row["reference"] and r["allocator"] == row["allocator"] and "error" not in r
-        }
+        base = {r["config"]: r for r in results if all(r[k] == row[k] for k in same) and "error" not in r}
         if "error" in row:
             continue
         for anchor in ("trl_full", "trl_lora_r8", "trl_lora_r8_all", "masked_row0.1"):
@@ -290,27 +384,31 @@ TARGETS = [
 
 
 def check_targets(results: list[dict]) -> list[dict]:
-    """Each target, per allocator, with the measured ratio (wall time, median of the repeats) and whether it is met;
-    peak RSS of the 10 % masks against LoRA's RSS plus their trainable + optimizer bytes, + 10 % (and, not a target,
+    """Each target of a configuration that ran, per allocator and dtype, with the measured ratio (wall time, median
+    of the repeats) and whether it is met; peak RSS of the 10 % masks against LoRA's RSS plus their trainable + optimizer bytes, + 10 % (and, not a target,
     the same bound on LoRA over every Linear the masks cover: the layers whose inputs backward must keep)."""
-    found = {(r["config"], r["reference"], r["allocator"]): r for r in results if "error" not in r}
+    found = {(r["config"], r["reference"], (r["allocator"], r.get("dtype"))): r for r in results if "error" not in r}
     checks = []
-    for allocator in sorted({key[2] for key in found}):
+    for setting in sorted({key[2] for key in found}, key=str):
+        allocator, dtype = setting
         for config, reference, anchor, bound in TARGETS:
-            row = found.get((config, reference, allocator))
-            value = row.get(f"step_time_vs_{anchor}") if row else None
+            row = found.get((config, reference, setting))
+            if row is None:
+                continue
+            value = row.get(f"step_time_vs_{anchor}")
             checks.append(
                 {
                     "target": f"{config} ({reference} ref) step <= {bound}x {anchor}",
                     "allocator": allocator,
+                    "dtype": dtype,
                     "value": value,
                     "met": value is not None and value <= bound,
                 }
             )
         for lora_name, is_target in (("trl_lora_r8", True), ("trl_lora_r8_all", False)):
-            lora = found.get((lora_name, "live", allocator))
+            lora = found.get((lora_name, "live", setting))
             for config in ("masked_row0.1", "masked_element0.1"):
-                row = found.get((config, "live", allocator))
+                row = found.get((config, "live", setting))
                 if not (row and lora):
                     continue
                 extra = (row["trainable_bytes"] + row["optimizer_state_bytes"]) / 2**20
@@ -321,6 +419,7 @@ def check_targets(results: list[dict]) -> list[dict]:
                         "target": f"{config} peak RSS <= 1.1 x ({lora_name} RSS + trainable/optimizer MB) = "
                         f"{bound:.0f} MB{label}",
                         "allocator": allocator,
+                        "dtype": dtype,
                         "value": row["peak_rss_mb"],
                         "met": row["peak_rss_mb"] <= bound,
                     }
@@ -337,6 +436,23 @@ def load_record() -> dict:
     }
 
 
+def _model_record(path: str) -> dict:
+    """What the model folder is (for the results file): its path and the shapes that set the step's cost."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
+    keys += ("num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "dtype")
+    return {"path": str(Path(path).expanduser()), **{key: config.get(key) for key in keys}}
+
+
+def _machine_record() -> dict:
+    import platform
+
+    import torch
+
+    return {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, for a smoke run (same as --size quick)")
@@ -345,52 +461,75 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
     parser.add_argument("configs", nargs="*", help=f"configurations (default: all of {CONFIGS})")
     parser.add_argument(
-        "--reference", choices=("live", "precomputed", "both"), default="both", help="reference log-probs"
+        "--reference",
+        choices=("live", "precomputed", "both"),
+        default=None,
+        help="reference log-probs (default: both; live with --model)",
     )
     parser.add_argument(
-        "--allocator", choices=(*ALLOCATORS, "both"), default="both", help="host allocator settings (module doc)"
+        "--allocator",
+        choices=(*ALLOCATORS, "both"),
+        default=None,
+        help="host allocator settings (module doc; default: both, glibc with --model)",
     )
+    parser.add_argument("--model", help="a transformers model folder instead of a random-init size (module doc)")
+    parser.add_argument("--dtype", choices=(*MODEL_DTYPES, "both"), default="both", help="with --model: weights dtype")
     parser.add_argument("--digits", type=int, default=None, help="digits per answer (default: the size's)")
     parser.add_argument("--output", help="JSON file (default: benchmarks/results/masked_dpo[_size].json)")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    size = args.size or ("quick" if args.quick else "full")
-    steps = args.steps or (3 if size == "quick" else 5)
+    size = "model" if args.model else args.size or ("quick" if args.quick else "full")
+    steps = args.steps or (3 if size in ("quick", "model") else 5)
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: expected a transformers model folder (with a config.json)")
     if args.single:
-        print(json.dumps(run_one(args.single, size, args.precompute, steps, args.digits)))
+        print(json.dumps(run_one(args.single, size, args.precompute, steps, args.digits, args.model, args.dtype)))
         return
     load_before = load_record()
-    precomputes = {"live": (False,), "precomputed": (True,), "both": (False, True)}[args.reference]
-    allocators = ALLOCATORS if args.allocator == "both" else (args.allocator,)
-    results = measure(args.configs or CONFIGS, size, steps, args.repeats, precomputes, args.digits, allocators)
+    reference = args.reference or ("live" if args.model else "both")
+    precomputes = {"live": (False,), "precomputed": (True,), "both": (False, True)}[reference]
+    allocator = args.allocator or ("glibc" if args.model else "both")
+    allocators = ALLOCATORS if allocator == "both" else (allocator,)
+    dtypes = (None,) if not args.model else MODEL_DTYPES if args.dtype == "both" else (args.dtype,)
+    configs = args.configs or (MODEL_CONFIGS if args.model else CONFIGS)
+    results = measure(configs, size, steps, args.repeats, precomputes, args.digits, allocators, args.model, dtypes)
     print(
-        f"{'config':22} {'ref':12} {'alloc':7} {'s/step':>8} {'xfull':>6} {'xlora':>6} {'train+opt MB':>12} "
+        f"{'config':32} {'dtype':8} {'ref':12} {'alloc':7} {'s/step':>8} {'xfull':>6} {'xlora':>6} {'train+opt MB':>12} "
         f"{'xfull':>6} {'RSS MB':>8} {'faults':>8}"
     )
     for r in results:
         if "error" in r:
-            print(f"{r['config']:22} {r['reference']:12} {r['allocator']:7} ERROR {r['error']}")
+            print(
+                f"{r['config']:32} {str(r.get('dtype')):8} {r['reference']:12} {r['allocator']:7} ERROR {r['error']}"
+            )
             continue
         mb = (r["trainable_bytes"] + r["optimizer_state_bytes"]) / 2**20
         print(
-            f"{r['config']:22} {r['reference']:12} {r['allocator']:7} {r['step_time_s']:8.3f} "
+            f"{r['config']:32} {r['dtype'][:8]:8} {r['reference']:12} {r['allocator']:7} {r['step_time_s']:8.3f} "
             f"{r.get('step_time_vs_trl_full', 0):6.2f} {r.get('step_time_vs_trl_lora_r8', 0):6.2f} {mb:12.2f} "
             f"{r.get('train_opt_bytes_vs_trl_full', 0):6.3f} {r['peak_rss_mb']:8.0f} {r['page_faults_per_step']:8.0f}"
         )
     targets = check_targets(results)
     for check in targets:
         value = "n/a" if check["value"] is None else f"{check['value']:.3f}"
-        print(f"{'met    ' if check['met'] else 'NOT MET'} [{check['allocator']}] {check['target']}: {value}")
+        setting = check["allocator"] + (f", {check['dtype']}" if check["dtype"] else "")
+        print(f"{'met    ' if check['met'] else 'NOT MET'} [{setting}] {check['target']}: {value}")
     from hf_align.io import write_json
 
-    default = RESULTS_DIR / f"masked_dpo{'' if size == 'full' else '_' + size}.json"
+    name = "real_model_benchmark" if args.model else f"masked_dpo{'' if size == 'full' else '_' + size}"
+    default = RESULTS_DIR / f"{name}.json"
     out = Path(args.output) if args.output else default
     load = {"before": load_before, "after": load_record()}
     print(f"load average before/after: {load['before']['load_average']} / {load['after']['load_average']}")
     if max(load["before"]["load_average"][0], load["after"]["load_average"][0]) > (os.cpu_count() or 1):
         print("WARNING: the machine was busy with other work; step times are not comparable.")
-    record = {"size": size, "spec": SIZES[size], "digits": args.digits or SIZES[size]["digits"], "batch": 4}
+    if args.model:
+        record = {"size": size, "model": _model_record(args.model), "digits": args.digits or MODEL_DIGITS}
+        record.update(batch=MODEL_BATCH, dtypes=list(dtypes), sampled_density=SAMPLED_DENSITY)
+        record.update(permodule_density=PERMODULE_DENSITY, machine=_machine_record())
+    else:
+        record = {"size": size, "spec": SIZES[size], "digits": args.digits or SIZES[size]["digits"], "batch": 4}
     record.update(steps=steps, repeats=args.repeats, allocators=list(allocators), retain_env=RETAIN_ENV)
     record.update(load_average=load, targets=targets, results=results)
     write_json(out, record)

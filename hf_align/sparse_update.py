@@ -9,7 +9,10 @@ state, weight decay moves "frozen" entries and the reference needs a second mode
   It is a ``torch.nn.utils.parametrize`` parametrization, so anything that reads ``module.weight`` (TRL's fused
   ``lm_head``, tied embeddings) sees it;
 * row-masked ``nn.Linear`` layers run one fused autograd function: a single GEMM forward, one for the input
-  gradient and a ``k``-row GEMM for ``Δ`` -- the full weight gradient is never formed;
+  gradient and a ``k``-row GEMM for ``Δ`` -- the full weight gradient is never formed; an element-masked one whose
+  density is at most ``sampled_gradient_density`` computes only its selected entries of ``dW = dYᵀ X`` (a sampled
+  GEMM, ``torch.sparse.sampled_addmm``), the others form ``dW`` and gather (``benchmarks/sampled_gradient.py``:
+  the sampled one wins only on sparse modules, and in fp32 far more often than in bf16);
 * :func:`deltas_disabled` switches every delta off: the model *is* its own reference policy, no copy in memory;
 * optimizer state and weight decay only ever touch ``Δ``;
 * a bitsandbytes 4-bit base (``Linear4bit``) takes row masks like QLoRA takes adapters: the delta lives in the
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +83,7 @@ class _Delta(torch.nn.Module):
         device: torch.device,
         row: bool,
         axis: int = 0,
+        sampled: bool = False,
     ):
         super().__init__()
         self.param_name = name
@@ -97,11 +102,44 @@ class _Delta(torch.nn.Module):
         else:
             delta_shape = [index.numel()]
         self.delta = torch.nn.Parameter(torch.zeros(delta_shape, dtype=dtype, device=device))
+        self.sampled = sampled and not row
+        crow, col = _csr_pattern(index, shape, device) if self.sampled else (None, None)
+        self.register_buffer("crow", crow, persistent=False)  # moves with the model; None when dense
+        self.register_buffer("col", col, persistent=False)
+
+    @property
+    def pattern(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sampled gradient's CSR pattern, or None (the dense weight gradient, gathered)."""
+        return (self.crow, self.col) if self.sampled else None
+
+    def extra_repr(self) -> str:
+        return "sampled gradient" if self.sampled else ""
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled or _is_partitioned(weight):
             return weight
         return _effective(weight, self.index, self.delta, self.row, self.axis)
+
+
+def _csr_pattern(index: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Row pointers and column indices (int32) of the sorted flat ``index`` in a 2-D ``shape``: the sampled
+    gradient's CSR pattern, whose values come out in ``index``'s (row-major) order."""
+    rows, columns = shape
+    crow = torch.zeros(rows + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(index // columns, minlength=rows).cumsum(0)
+    return crow.to(torch.int32).to(device), (index % columns).to(torch.int32).to(device)
+
+
+def _sampled_weight_grad(grad_2d: torch.Tensor, inputs: torch.Tensor, pattern: tuple[torch.Tensor, ...]):
+    """``(dYᵀ X)`` at the pattern's entries only (fp32: CPU's sampled GEMM has no bf16 kernel; bf16 operands cast
+    up exactly, so this is the dense GEMM's sum in another order, without rounding ``dW`` to bf16 first)."""
+    crow, col = pattern
+    size = (grad_2d.shape[1], inputs.shape[1])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": once per process, not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        values = grad_2d.new_zeros(col.numel(), dtype=torch.float32)
+        sparse = torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+        return torch.sparse.sampled_addmm(sparse, grad_2d.t().float(), inputs.float(), beta=0.0).values()
 
 
 def _is_partitioned(weight: torch.Tensor) -> bool:
@@ -160,13 +198,14 @@ class _DeltaLinear(torch.autograd.Function):
 
     No merged weight is allocated or kept for backward: around each GEMM ``W`` holds ``W + scatter(Δ)`` in place
     and is restored exactly after (:func:`_delta_in_place`). Row deltas: ``∂Δ = g[..., rows]ᵀ x``, a ``k``-row GEMM
-    instead of the full weight gradient. Element deltas: the full weight gradient at the selected entries (element
-    masks cannot avoid computing it).
+    instead of the full weight gradient. Element deltas: the full weight gradient at the selected entries, or, for
+    a holder with a sampled ``pattern``, only those entries (:func:`_sampled_weight_grad`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, delta, row):
+    def forward(ctx, x, weight, bias, index, delta, row, pattern=None):
         ctx.row = row
+        ctx.pattern = pattern
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         autocast = torch.is_autocast_enabled(x.device.type)
@@ -195,10 +234,12 @@ class _DeltaLinear(torch.autograd.Function):
             elif ctx.row:
                 rows = grad_2d.index_select(-1, index)
                 grad_delta = (rows.t() @ inputs.to(rows.dtype)).to(delta.dtype)
+            elif ctx.pattern is not None:
+                grad_delta = _sampled_weight_grad(grad_2d, inputs, ctx.pattern).to(delta.dtype)
             else:
                 grad_weight = grad_2d.t() @ inputs.to(grad_2d.dtype)
                 grad_delta = grad_weight.view(-1).gather(0, index.long()).to(delta.dtype)
-        return grad_x, None, grad_bias, None, grad_delta, None
+        return grad_x, None, grad_bias, None, grad_delta, None, None
 
 
 _last_cast: tuple | None = None  # (weakref to the input, its version, dtype, weakref to its cast)
@@ -231,7 +272,7 @@ def _delta_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tenso
     weight = self.parametrizations.weight.original
     if not holder.enabled:
         return F.linear(x, weight, self.bias)
-    return _DeltaLinear.apply(x, weight, self.bias, holder.index, holder.delta, holder.row)
+    return _DeltaLinear.apply(x, weight, self.bias, holder.index, holder.delta, holder.row, holder.pattern)
 
 
 def _plain_linear_forward(cls: type) -> bool:
@@ -286,12 +327,19 @@ def _owners(model: torch.nn.Module, param: torch.Tensor) -> list[tuple[torch.nn.
     return owners
 
 
-def attach_deltas(model: torch.nn.Module, mask: NeuronMask, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def attach_deltas(
+    model: torch.nn.Module,
+    mask: NeuronMask,
+    dtype: torch.dtype | None = None,
+    sampled_gradient_density: float = 0.0,
+) -> torch.nn.Module:
     """Freeze ``model`` and give each masked parameter a trainable delta at its selected rows/entries (in place).
 
     Deltas take the parameter's dtype (a 4-bit layer's: its compute dtype), or ``dtype`` when given: e.g. fp32
     deltas on a bf16 base keep small Adam updates that bf16 would round away, for 10 % of the weights' memory.
-    Returns ``model``.
+    ``sampled_gradient_density``: an element-masked ``nn.Linear`` whose selected fraction is at most this computes
+    only its selected entries of the weight gradient (equal to the dense gradient up to float summation order;
+    0 never, the default). Returns ``model``.
     """
     if has_deltas(model):
         raise ValueError("This model already has neuron deltas attached; merge or remove them first.")
@@ -326,10 +374,14 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask, dtype: torch.dtype |
             module.add_module(_DELTA_CHILD, _Delta(name, selected, shape, delta_dtype, param.device, row=True))
             module.forward = _row_4bit_forward.__get__(module)
             continue
-        holder = _Delta(name, selected, shape, dtype or param.dtype, param.device, row, neuron_axis(axes, name))
-        for module, attr in _owners(model, param):
-            plain_type = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
-            fast = attr == "weight" and _plain_linear_forward(plain_type) and module is not output_embeddings
+        owners = _owners(model, param)
+        sampled = not row and len(owners) == 1 and _fused_linear(owners[0], output_embeddings)
+        sampled = sampled and float(selected.float().mean()) <= sampled_gradient_density
+        holder = _Delta(
+            name, selected, shape, dtype or param.dtype, param.device, row, neuron_axis(axes, name), sampled
+        )
+        for module, attr in owners:
+            fast = _fused_linear((module, attr), output_embeddings)
             # A ZeRO-3 weight is a partitioned slice here: torch's check (one call of the parametrization) would
             # add the full-shape delta to it; the parametrization keeps shape and dtype by construction.
             parametrize.register_parametrization(module, attr, holder, unsafe=hasattr(param, "ds_shape"))
@@ -339,6 +391,14 @@ def attach_deltas(model: torch.nn.Module, mask: NeuronMask, dtype: torch.dtype |
             if fast:  # TRL's fused head reads lm_head.weight, not forward: it keeps the parametrization
                 module.forward = _delta_linear_forward.__get__(module)
     return model
+
+
+def _fused_linear(owner: tuple[torch.nn.Module, str], output_embeddings: torch.nn.Module | None) -> bool:
+    """Whether the owner's forward becomes the fused :class:`_DeltaLinear` (a plain Linear's weight, not the
+    output head, whose weight TRL's fused loss reads directly)."""
+    module, attr = owner
+    plain_type = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    return attr == "weight" and _plain_linear_forward(plain_type) and module is not output_embeddings
 
 
 def iter_deltas(model: torch.nn.Module) -> Iterator[_Delta]:

@@ -68,6 +68,7 @@ BAD = [
     (MaskedDPOConfig, "neuron_mask_select", "best", "one of ('top', 'bottom', 'random')"),
     (MaskedDPOConfig, "neuron_mask_granularity", "column", "one of ('row', 'element')"),
     (MaskedDPOConfig, "neuron_delta_dtype", "int8", "one of ('auto', 'float32', 'bfloat16', 'float16')"),
+    (MaskedDPOConfig, "neuron_sampled_gradient_density", 1.5, "in [0, 1]"),
     (NPOConfig, "neuron_mask_scope", "layer", "one of ('global', 'tensor')"),
     (NPOConfig, "npo_loss_type", "dpo", "one of ('npo', 'simnpo')"),
     (NPOConfig, "npo_level", "word", "one of ('sequence', 'token')"),

@@ -574,3 +574,24 @@ def test_a_neuron_mask_and_a_peft_adapter_are_refused_together(tmp_path, spec):
             copy.deepcopy(tb.model), args=args, train_dataset=_data(4), processing_class=tb.tokenizer,
             neuron_mask=mask, peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
         )  # fmt: skip
+
+
+def test_sampled_gradient_density_reaches_the_deltas(tmp_path, tokenizer):
+    """neuron_sampled_gradient_density: the element-masked Linear layers at most that dense take the sampled weight
+    gradient (the tied embedding does not) and train; the gradient's exactness is tested in test_sparse_update.py
+    (trained deltas are no test of it: Adam's first step is sign(g), which flips where g is zero up to rounding)."""
+    NeuronMask, sparse = _mask_api()
+    model = _model()
+    mask = NeuronMask.random(model, 0.1, "element", seed=0)
+    for density in (0.0, 0.5):
+        args = _args(tmp_path / str(density), max_steps=2, learning_rate=1e-3, neuron_sampled_gradient_density=density)
+        trainer = MaskedDPOTrainer(
+            model=copy.deepcopy(model), args=args, train_dataset=_data(8), processing_class=tokenizer,
+            neuron_mask=mask,
+        )  # fmt: skip
+        holders = list(sparse.iter_deltas(trainer.model))
+        sampled = {h.param_name for h in holders if h.pattern is not None}
+        linear = {h.param_name for h in holders if h.param_name.endswith("_proj.weight")}
+        assert sampled == (linear if density else set()) and linear
+    trainer.train()
+    assert all(h.delta.isfinite().all() for h in holders) and any(h.delta.abs().max() > 0 for h in holders)

@@ -88,18 +88,48 @@ def test_row_function_forward_and_grads_equal_autograd_reference():
     torch.testing.assert_close(grad_bias, grad_out.sum(dim=(0, 1)))
 
 
-def test_element_function_forward_and_grads_equal_autograd_reference():
-    """Element deltas on a Linear: same outputs and gradients as autograd through W + scatter(Δ)."""
+def _pattern(index, shape):
+    from hf_align.sparse_update import _csr_pattern
+
+    return _csr_pattern(index, shape, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_element_function_forward_and_grads_equal_autograd_reference(sampled):
+    """Element deltas on a Linear: same outputs and gradients as autograd through W + scatter(Δ). ``sampled``: only
+    the selected entries of dYᵀX are computed, the same T-term sums in another order (fp32: a few ulps)."""
     weight, bias, _, _, x, grad_out = _row_case()
     index = torch.tensor([0, 3, 8, 17, 34])
+    pattern = _pattern(index, (7, 5)) if sampled else None
     delta = (torch.randn(5, generator=torch.Generator().manual_seed(1)) * 0.1).requires_grad_()
-    out = _DeltaLinear.apply(x, weight, bias, index.to(torch.int32), delta, False)
+    out = _DeltaLinear.apply(x, weight, bias, index.to(torch.int32), delta, False, pattern)
     grad_x, grad_delta = torch.autograd.grad(out, (x, delta), grad_out)
     ref = F.linear(x, weight.reshape(-1).index_add(0, index, delta).view_as(weight), bias)
     ref_x, ref_delta = torch.autograd.grad(ref, (x, delta), grad_out)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_x, ref_x, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_delta, ref_delta, rtol=1e-6, atol=1e-6)
+    # written out: dW[r, c] = sum over tokens of dY[t, r] * X[t, c], in float64
+    g, inputs = grad_out.reshape(-1, 7).double(), x.detach().reshape(-1, 5).double()
+    by_hand = torch.stack([(g[:, int(i) // 5] * inputs[:, int(i) % 5]).sum() for i in index])
+    torch.testing.assert_close(grad_delta.double(), by_hand, rtol=1e-6, atol=1e-6)
+
+
+def test_sampled_element_gradient_in_bf16_is_the_rounded_exact_sum():
+    """bf16 operands: the products are exact in fp32 and summed there, then rounded once to the bf16 delta, so
+    each entry is within one bf16 ulp (2**-8 relative) of the float64 sum; the dense bf16 GEMM is held to the same."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(12, 16, generator=generator).bfloat16()
+    x = torch.randn(3, 40, 16, generator=generator).bfloat16().requires_grad_()
+    grad_out = torch.randn(3, 40, 12, generator=generator).bfloat16()
+    index = torch.randperm(12 * 16, generator=generator)[:30].sort().values
+    exact = (grad_out.reshape(-1, 12).double().t() @ x.detach().reshape(-1, 16).double()).view(-1)[index]
+    for pattern in (None, _pattern(index, (12, 16))):
+        delta = torch.zeros(30, dtype=torch.bfloat16, requires_grad=True)
+        out = _DeltaLinear.apply(x, weight, None, index.to(torch.int32), delta, False, pattern)
+        (grad_delta,) = torch.autograd.grad(out, (delta,), grad_out)
+        assert grad_delta.dtype == torch.bfloat16
+        assert ((grad_delta.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-30).all(), pattern is None
 
 
 @pytest.mark.parametrize("row", [True, False])
@@ -191,11 +221,11 @@ def test_autocast_input_is_cast_once_and_saved_in_the_autocast_dtype(row):
 
 
 @pytest.mark.parametrize("granularity", ["row", "element"])
-def test_model_with_deltas_equals_plain_model_with_merged_weights(granularity):
+def test_model_with_deltas_equals_plain_model_with_merged_weights(granularity, sampled=0.0):
     base = _tiny()
     model = copy.deepcopy(base)
     mask = NeuronMask.random(model, 0.2, granularity, seed=1)
-    attach_deltas(model, mask)
+    attach_deltas(model, mask, sampled_gradient_density=sampled)
     if granularity == "row":  # the fused function, not the parametrization, runs the Linear
         assert "forward" in model.model.layers[0].mlp.up_proj.__dict__
     _randomize_deltas(model)
@@ -213,6 +243,41 @@ def test_model_with_deltas_equals_plain_model_with_merged_weights(granularity):
     # only the deltas train
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".delta") for n in trainable)
+
+
+def test_sampled_gradient_is_chosen_per_module_by_density_and_matches_the_plain_model():
+    """Only element-masked Linear layers whose selected fraction is <= the threshold take the sampled gradient
+    (not the tied embedding / head, not norms, not row masks); their gradients equal the plain model's."""
+    base = _tiny()
+    model = copy.deepcopy(base)
+    densities = {"q_proj": 0.05, "v_proj": 0.4}  # the other parameters: 0.2
+
+    def density(name):
+        return next((d for key, d in densities.items() if key in name), 0.2)
+
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    mask = NeuronMask(
+        {n: torch.rand(shape, generator=generator) < density(n) for n, shape in shapes.items()},
+        {"granularity": "element"},
+    )
+    attach_deltas(model, mask, sampled_gradient_density=0.3)
+    chosen = {h.param_name for h in iter_deltas(model) if h.pattern is not None}
+    linear = {n for n in shapes if n.endswith("_proj.weight")}
+    assert chosen == {n for n in linear if "v_proj" not in n}
+    assert "sampled gradient" in repr(model.model.layers[0].self_attn.q_proj)
+    _randomize_deltas(model)
+    plain = _plain_copy(base, model)
+    _loss(model(IDS).logits).backward()
+    _loss(plain(IDS).logits).backward()
+    ref_params = dict(plain.named_parameters())
+    for holder in iter_deltas(model):
+        expected = ref_params[holder.param_name].grad.reshape(-1)[holder.index.long()]
+        torch.testing.assert_close(holder.delta.grad, expected, rtol=1e-5, atol=1e-6, msg=holder.param_name)
+    # a threshold every module exceeds: the dense gradient everywhere (the default, 0, never samples)
+    other = copy.deepcopy(base)
+    attach_deltas(other, mask, sampled_gradient_density=0.01)
+    assert all(h.pattern is None for h in iter_deltas(other))
 
 
 def test_model_deltas_under_bf16_autocast_match_plain_model():

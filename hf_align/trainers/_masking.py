@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from hf_align.config_checks import from_prefixed, option, prefixed_dataclass
+from hf_align.config_checks import Range, from_prefixed, option, prefixed_dataclass
 from hf_align.errors import UserError
 from hf_align.masks import MaskSelection
 from hf_align.scores import GRANULARITIES
@@ -93,6 +93,14 @@ class NeuronMaskArguments(MaskSelectionArguments):
         help="dtype of the trainable deltas: 'auto' (the weights' dtype; a 4-bit layer's compute dtype) or "
         "'float32' / 'bfloat16' / 'float16'. 'float32' on a bf16 base keeps small updates bf16 would round away.",
         choices=DELTA_DTYPES,
+    )
+    neuron_sampled_gradient_density: float = option(
+        0.0,
+        help="Element masks: a Linear layer whose selected fraction is at most this computes only its selected "
+        "entries of the weight gradient (a sampled GEMM) instead of the whole gradient; equal up to float summation "
+        "order. It pays on sparse modules only (fp32: up to ~0.1, bf16: ~0.02 on CPU; see "
+        "benchmarks/sampled_gradient.py). 0 never samples.",
+        range=Range(0, 1),
     )
     save_merged: bool = option(
         True,
@@ -197,7 +205,9 @@ def attach_mask(model, mask, args, peft_config=None, second_forward: bool = Fals
         )
     _refuse_zero3_output_embeddings(model, mask)
     dtype = getattr(args, "neuron_delta_dtype", "auto")
-    return attach_deltas(model, mask, None if dtype == "auto" else getattr(torch, dtype))  # validates the mask too
+    sampled = getattr(args, "neuron_sampled_gradient_density", 0.0)
+    # validates the mask too
+    return attach_deltas(model, mask, None if dtype == "auto" else getattr(torch, dtype), sampled)
 
 
 def _refuse_zero3_output_embeddings(model, mask) -> None:
