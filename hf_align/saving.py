@@ -156,13 +156,23 @@ def estimated_save_bytes(model: torch.nn.Module, dtype: torch.dtype | None = Non
     tensors = tensors.values() if isinstance(tensors, dict) else tensors
     seen, total = set(), 0
     for tensor in tensors:
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        key = _storage_key(tensor)
         if key in seen:
             continue
         seen.add(key)
         size = torch.empty((), dtype=dtype).element_size() if dtype and tensor.is_floating_point() else None
         total += tensor.numel() * (size or tensor.element_size())
     return total
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """What identifies a tensor's memory, so tied tensors count once: a sharded (FSDP2) ``DTensor`` by its local
+    shard (the wrapper has no storage of its own); a tensor whose storage cannot be read, by identity."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    try:
+        return (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(tensor.shape))
+    except RuntimeError:
+        return (id(tensor),)
 
 
 def _gb(size: int) -> str:
