@@ -19,7 +19,7 @@ keeps the last silently).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from hf_align.errors import UserError
@@ -95,14 +95,19 @@ def check_code_requests(values: Mapping[str, Any], allowed: bool, where: str) ->
 def flag_given(argv: list[str]) -> bool:
     """Whether ``argv`` switches ``--trust_remote_code`` on, as ``HfArgumentParser`` reads it (a bare flag, or a
     value after it or after ``=`` that ``string_to_bool`` takes as true); the last one counts."""
-    given = False
+    return switched_on(argv, lambda flag: flag.startswith("--") and _is_field(flag[2:]))
+
+
+def switched_on(argv: list[str], is_flag: Callable[[str], bool]) -> bool:
+    """Whether the boolean flag that ``is_flag`` recognises is on in ``argv`` as the parser reads it: alone, or with
+    a value (after it or after ``=``) that ``string_to_bool`` takes as true; the last one counts."""
+    on = False
     for index, arg in enumerate(argv):
         flag, sep, value = arg.partition("=")
-        if not (flag.startswith("--") and _is_field(flag[2:])):
-            continue
-        following = argv[index + 1] if index + 1 < len(argv) else "--"
-        given = enables_code(value if sep else (True if following.startswith("-") else following), PARSER)
-    return given
+        if is_flag(flag):
+            following = argv[index + 1] if index + 1 < len(argv) else "--"
+            on = enables_code(value if sep else (True if following.startswith("-") else following), PARSER)
+    return on
 
 
 def require_bool(value: Any, where: str) -> bool:

@@ -181,17 +181,10 @@ def recipe_permissions(recipe: dict[str, Any], argv: list[str]) -> list[tuple[st
 
 
 def switch_on(argv: list[str], flag: str) -> bool:
-    """Whether boolean ``flag`` is switched on in ``argv`` (alone, ``=true`` or followed by a value the parser
-    reads as true)."""
-    from hf_align.trust import PARSER, enables_code
+    """Whether boolean ``flag`` is switched on in ``argv``, as the parser reads it (:func:`trust.switched_on`)."""
+    from hf_align.trust import switched_on
 
-    on = False
-    for index, arg in enumerate(argv):
-        name, sep, value = arg.partition("=")
-        if name == flag:
-            following = argv[index + 1] if index + 1 < len(argv) else "--"
-            on = enables_code(value if sep else (True if following.startswith("-") else following), PARSER)
-    return on
+    return switched_on(argv, lambda name: name == flag)
 
 
 def check_permissions(needed: list[tuple[str, str]], where: str) -> None:
