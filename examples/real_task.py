@@ -48,10 +48,17 @@ QUIET = dict(report_to="none", save_strategy="no", use_cpu=True, bf16=False, dis
 GENERATION = {"max_new_tokens": 32}  # replies' length; --smoke shortens it (see setup)
 
 
-def make_prompts(count: int, seed: int, held_out: bool = False) -> list[dict[str, Any]]:
-    """``count`` task rows: ``prompt`` (chat messages), ``kind``, ``limit`` or ``answer``."""
+def make_prompts(
+    count: int,
+    seed: int,
+    held_out: bool = False,
+    topics: list[str] | None = None,
+    numbers: tuple[int, int] | None = None,
+) -> list[dict[str, Any]]:
+    """``count`` task rows: ``prompt`` (chat messages), ``kind``, ``limit`` or ``answer``. ``topics`` / ``numbers``
+    (inclusive range) override the split's own, so a study can cut the held-out split into disjoint parts."""
     rng = random.Random(seed + (10_000 if held_out else 0))
-    topics = HELD_OUT_TOPICS if held_out else TOPICS
+    topics = topics or (HELD_OUT_TOPICS if held_out else TOPICS)
     rows = []
     for i in range(count):
         if i % 2 == 0:
@@ -61,7 +68,7 @@ def make_prompts(count: int, seed: int, held_out: bool = False) -> list[dict[str
                 {"prompt": [{"role": "user", "content": text}], "kind": "length", "limit": limit, "answer": -1}
             )
         else:
-            low, high = (50, 99) if held_out else (2, 49)
+            low, high = numbers or ((50, 99) if held_out else (2, 49))
             a, b = rng.randint(low, high), rng.randint(low, high)
             text = f"What is {a} plus {b}? Reply with the number only."
             rows.append({"prompt": [{"role": "user", "content": text}], "kind": "sum", "limit": -1, "answer": a + b})
@@ -159,9 +166,12 @@ def on_policy_pairs(model, tokenizer, rows, samples: int = 4, seed: int = 0):
     return Dataset.from_dict(data)
 
 
-def train_dpo(model, tokenizer, pairs, args, output_dir: str, steps: int, lr: float, **trainer_kwargs):
+def train_dpo(
+    model, tokenizer, pairs, args, output_dir: str, steps: int, lr: float, config_kwargs=None, **trainer_kwargs
+):
     """One DPO run from ``model`` on ``pairs``: ``trl.DPOTrainer``, or ``MaskedDPOTrainer`` with ``neuron_mask``;
-    ``peft_config`` / ``callbacks`` pass through. Returns the trained model."""
+    ``config_kwargs`` go to the config (e.g. ``rejected_token_ratio``), ``peft_config`` / ``callbacks`` pass
+    through. Returns the trained model."""
     import trl
 
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
@@ -170,7 +180,7 @@ def train_dpo(model, tokenizer, pairs, args, output_dir: str, steps: int, lr: fl
     config_cls, trainer_cls = (MaskedDPOConfig, MaskedDPOTrainer) if masked else (trl.DPOConfig, trl.DPOTrainer)
     config = config_cls(
         output_dir=output_dir, max_steps=steps, learning_rate=lr, per_device_train_batch_size=4, beta=0.1,
-        lr_scheduler_type="constant", max_length=160, seed=args.seed, **QUIET,
+        lr_scheduler_type="constant", max_length=160, seed=args.seed, **QUIET, **(config_kwargs or {}),
     )  # fmt: skip
     trainer = trainer_cls(model=model, args=config, train_dataset=pairs, processing_class=tokenizer, **trainer_kwargs)
     trainer.train()

@@ -502,6 +502,8 @@ def markdown(report: dict, suffix: str) -> str:
         lines += [*section_module("adapters").markdown(sections["adapters"]), ""]
     if "feedback" in report["summary"]:
         lines += [*_feedback_lines(report), "", "Findings (feedback):", "", *report["findings"]["feedback"], ""]
+    if report.get("real_model"):
+        lines += [*section_module("real_model").markdown(report["real_model"]), ""]
     missing = [name for name in report.get("planned_sections", []) if name not in sections]
     lines += [
         "## Not shown here / caveats",
@@ -645,6 +647,10 @@ def write_report(
         section_module(name).plot(section, results / section["plot"])
         report["plots"].append(section["plot"])
     write_json(results / f"fidelity{suffix}.json", {**report, "sections": {n: s["plot"] for n, s in sections.items()}})
+    real = results / f"fidelity_real_model{suffix}.json"  # its own run (python -m benchmarks.fidelity.real_model)
+    if real.exists():
+        report["real_model"] = read_json(real)
+        report["plots"].append(report["real_model"]["plot"])
     text = markdown({**report, "sections": sections}, suffix)
     with atomic_file(results / f"fidelity{suffix}.md", "w") as handle:
         handle.write(text)

@@ -1,0 +1,142 @@
+"""The real-model fidelity section's own logic (benchmarks/fidelity/real_model.py): disjoint splits, the checker's
+key-token labels, equal-forget-rate reading, the verdicts and the report splice. The training runs themselves are
+the examples' (tests/test_examples.py runs them in smoke mode)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from benchmarks.fidelity import real_model as rm
+
+
+def test_prompt_splits_are_disjoint_in_prompts_topics_and_numbers():
+    task = rm.examples()
+    splits = {name: rm.prompt_split(task, name, 60, seed=3) for name in ("train", "selection", "test")}
+    texts = {name: {r["prompt"][0]["content"] for r in rows} for name, rows in splits.items()}
+    assert not texts["train"] & texts["selection"] and not texts["train"] & texts["test"]
+    assert not texts["selection"] & texts["test"]
+    for name, (low, high) in {"train": (2, 49), "selection": (50, 74), "test": (75, 99)}.items():
+        numbers = [int(n) for t in texts[name] if "plus" in t for n in re.findall(r"\d+", t)]
+        assert numbers and min(numbers) >= low and max(numbers) <= high, name
+    topics = {
+        name: {re.search(r"Describe (.+) in at most", t).group(1) for t in texts[name] if "Describe" in t}
+        for name in splits
+    }
+    assert not topics["selection"] & topics["test"] and not topics["train"] & topics["test"]
+
+
+def test_fact_split_halves_without_overlap():
+    facts = [{"country": str(i)} for i in range(7)]
+    selection, test = rm.fact_split(facts)
+    assert [f["country"] for f in selection + test] == [str(i) for i in range(7)]
+    assert len(selection) == 3
+
+
+def test_at_forget_rate_reads_the_first_evaluation_that_reaches_the_target():
+    curve = [
+        {"step": 4, "forget_rate": 0.2, "test_accuracy": 1.0},
+        {"step": 8, "forget_rate": 0.5, "test_accuracy": 0.75},
+        {"step": 12, "forget_rate": 1.0, "test_accuracy": 0.25},
+    ]
+    assert rm.at_forget_rate(curve, 0.5, "test_accuracy") == 0.75
+    assert rm.at_forget_rate(curve, 0.4, "test_accuracy") == 0.75
+    assert math.isnan(rm.at_forget_rate(curve[:1], 0.5, "test_accuracy"))
+
+
+def _real_tokenizer():
+    from transformers import AutoTokenizer
+
+    from hf_align.testbed import real_model
+
+    folder = real_model.model_dir()
+    if not (folder / "tokenizer.json").is_file():
+        import os
+
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{folder} holds no converted model: CI must run `make real-model` first")
+        pytest.skip(f"the real model is not converted at {folder} (make real-model)")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _weighted_text(tokenizer, prompt: str, reply: str) -> str:
+    """The completion tokens the labeler weights 1, decoded (the trainer's tokenization of the completion)."""
+    from hf_align.key_tokens import completion_token_ids
+
+    messages, response = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": reply}]
+    weights = rm.key_token_weights(tokenizer)(messages, response)
+    ids = completion_token_ids(tokenizer, messages, response)
+    assert len(weights) == len(ids)
+    return tokenizer.decode([i for i, w in zip(ids, weights) if w == 1.0])
+
+
+def test_key_tokens_are_the_words_past_the_limit_and_the_wrong_number():
+    tok = _real_tokenizer()
+    assert _weighted_text(tok, "Describe tea in at most 3 words.", "Hot leaves steeped gently today").split() == [
+        "gently",
+        "today",
+    ]
+    assert _weighted_text(tok, "What is 20 plus 22? Reply with the number only.", "41").strip() == "41"
+    # the right number followed by chatter: only the chatter is to blame
+    assert _weighted_text(tok, "What is 20 plus 22? Reply with the number only.", "42 is the sum").split() == [
+        "is",
+        "the",
+        "sum",
+    ]
+
+
+def _seed(allo_rewards: dict, knowledge: float = 0.8, jitter: float = 0.0) -> dict:
+    variants = {n: {"lr": 1e-5, "reward": r + jitter, "knowledge": knowledge} for n, r in allo_rewards.items()}
+    point = {"reward": 0.5 + jitter, "knowledge": 0.7}
+    return {
+        "before": {"reward": 0.3, "knowledge": 1.0},
+        "variants": variants,
+        "ama": {
+            "aligned": {"reward": 0.6, "knowledge": 0.5},
+            "linear": {
+                "0.25": {"reward": 0.4, "knowledge": 0.9},
+                "0.5": point,
+                "0.75": {"reward": 0.35, "knowledge": 1},
+            },
+            "partwise": {"reward": 0.55 + jitter, "knowledge": 0.75},  # above α = 0.5 in both
+            "adaptive": {"reward": 0.3 + jitter, "knowledge": 0.6},  # below α = 0.5 in both
+        },
+    }
+
+
+def test_summary_verdicts_follow_the_separation_rule():
+    rewards = {"dpo": 0.4, "lora": 0.45, "mask_top10": 0.6, "mask_random10": 0.7, "mask_bottom10": 0.59,
+               "allo_full": 0.61}  # fmt: skip
+    seeds = {str(i): _seed(rewards, jitter=0.01 * i) for i in range(3)}
+    summary = rm.summarize({"allo": {"seeds": seeds, "chosen_lrs": {}}})
+    verdicts = {c["claim"]: c["verdict"] for c in summary["claims"]}
+    assert verdicts["top-10 % mask > full DPO (reward)"] == "shown"
+    assert verdicts["top-10 % mask > random 10 %"] == "shown not to hold"
+    assert verdicts["top-10 % mask > bottom 10 %"] == "not shown"  # 0.01 apart, stds 0.01 each
+    assert verdicts["partwise merge above the linear front"] == "shown"
+    assert verdicts["adaptive merge above the linear front"] == "shown not to hold"
+    assert summary["allo"]["mask_top10"]["reward"] == pytest.approx((0.61, 0.01, 3))
+
+
+def test_markdown_and_splice_keep_the_testbed_sections():
+    rewards = {"dpo": 0.4, "lora": 0.45, "mask_top10": 0.6, "mask_random10": 0.5, "mask_bottom10": 0.45,
+               "allo_full": 0.61}  # fmt: skip
+    parts = {"allo": {"seeds": {"0": _seed(rewards)}, "chosen_lrs": {"dpo": 5e-6}}}
+    result = {
+        "summary": rm.summarize(parts), "parts": parts, "settings": {"seeds": [0]}, "wall_s": 60.0,
+        "plot": "fidelity_real_model.png",
+        "machine": {"cpus": 2, "jobs": 2, "threads": 1, "load_start": 0.1, "load_end": 2.0, "torch": "x"},
+    }  # fmt: skip
+    section = rm.markdown(result)
+    assert section[0] == "## On a real model: SmolLM2-135M-Instruct"
+    # one seed: the numbers, but no verdict (the rule needs a spread)
+    assert "| top-10 % mask > full DPO (reward) | 0.600 vs 0.400 | **1 seed(s): no verdict** | shown |" in section
+    report = "# Report\n\n## ALLO\n\ntestbed allo\n\n## Not shown here / caveats\n\n- c\n"
+    once = rm.splice_section(report, section)
+    assert once.index("## ALLO") < once.index(section[0]) < once.index("## Not shown here")
+    section2 = [section[0], "", "new numbers"]
+    twice = rm.splice_section(once, section2)
+    assert "new numbers" in twice and "0.600 vs 0.400" not in twice
+    assert twice.count(section[0]) == 1 and "testbed allo" in twice and "- c" in twice
