@@ -471,13 +471,16 @@ def overlap(output: PathLike, source: PathLike) -> str | None:
     return "lies inside" if out.is_relative_to(src) else None
 
 
-def refuse_overlap(outputs: dict[str, PathLike | None], inputs: dict[str, PathLike | None]) -> None:
+def refuse_overlap(
+    outputs: dict[str, PathLike | None], inputs: dict[str, PathLike | None], allow_inside: bool = False
+) -> None:
     """Refuse, naming both, an output (``{label: path}``) that is, contains or lies inside an input: writing it
-    would replace (or, for an ``atomic_dir`` swap, remove) what the command reads. Called before anything loads."""
+    would replace (or, for an ``atomic_dir`` swap, remove) what the command reads. Called before anything loads.
+    ``allow_inside``: a new subfolder of an input is fine (the Python API; a callback writes beside its checkpoints)."""
     for out_label, output in outputs.items():
         for in_label, source in inputs.items():
             relation = overlap(output, source) if output and source else None
-            if relation:
+            if relation and not (allow_inside and relation == "lies inside"):
                 raise UserError(
                     f"{out_label} {str(output)!r} {relation} the input {in_label} {str(source)!r}: hf-align never "
                     f"writes over what it reads; choose another {out_label}."

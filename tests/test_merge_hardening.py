@@ -208,3 +208,40 @@ def test_temporary_files_of_a_killed_merge_are_removed_by_the_next_run(models, o
 
     merge_models(base, aligned, out, alpha=0.5, progress=False)
     assert sorted(p.name for p in out_root.iterdir()) == sorted(["merged", mine.name, theirs.name])
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("which", ["base", "aligned"])
+@pytest.mark.parametrize("relation", ["is", "contains"])
+def test_python_merge_refuses_an_output_that_would_replace_an_input(models, tmp_path, which, relation):
+    """merge_models(..., overwrite=True) into an input (or a folder holding it) swapped the merge in and deleted the
+    user's model; only the commands refused it. Now the function refuses, naming both, and the input is intact."""
+    base, aligned = _copy(models[0], tmp_path, "base"), _copy(models[1], tmp_path, "aligned")
+    if relation == "contains":  # the output is a folder holding the input
+        holder = tmp_path / "holder"
+        holder.mkdir()
+        moved = holder / which
+        shutil.move(str(base if which == "base" else aligned), moved)
+        base, aligned = (moved, aligned) if which == "base" else (base, moved)
+        output = holder
+    else:
+        output = base if which == "base" else aligned
+    target = base if which == "base" else aligned
+    before = _snapshot(target)
+    with pytest.raises(ValueError) as info:
+        merge_models(base, aligned, output, alpha=0.5, progress=False, overwrite=True)
+    message = str(info.value)
+    assert "\n" not in message and str(output) in message and str(target) in message
+    assert _snapshot(target) == before
+
+
+def test_python_merge_may_write_inside_an_input_folder(models, tmp_path):
+    """AMAMergeCallback writes `<run>/merged` beside the checkpoints it merges: a subfolder of an input is fine."""
+    aligned = _copy(models[1], tmp_path, "aligned")
+    before = _snapshot(aligned)
+    merge_models(models[0], aligned, aligned / "merged", alpha=0.5, progress=False)
+    assert (aligned / "merged" / "config.json").is_file()
+    assert {k: v for k, v in _snapshot(aligned).items() if k.parts[0] != "merged"} == before

@@ -37,6 +37,7 @@ from hf_align.io import (
     copy_file,
     is_finite,
     read_json,
+    refuse_overlap,
     resolve_inside,
     scratch_dir,
     write_json,
@@ -479,6 +480,8 @@ def merge_models(
     out_dtype = parse_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
     output_dir = Path(output_dir)
+    # overwrite=True swaps the merge in: an output that is (or holds) an input would delete the user's model
+    refuse_overlap({"output_dir": output_dir}, {"base": base, "aligned": aligned}, allow_inside=True)
     if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(
             f"Output directory {str(output_dir)!r} already exists and is not empty; pass overwrite=True."
