@@ -99,6 +99,14 @@ MASK_RATIO = 0.1  # the masked configurations' "10 %"
 LEARNING_RATE = 1e-5
 
 
+def default_configs(model_path: str | None, source: str) -> list[str]:
+    """The configurations run when none is named: :data:`CONFIGS` on a random-init size, :data:`MODEL_CONFIGS` on a
+    model folder; "permodule" stands in for accumulated masks with random ones, so it runs only with random masks."""
+    if model_path is None:
+        return list(CONFIGS)
+    return [c for c in MODEL_CONFIGS if source == "random" or "permodule" not in c]
+
+
 def _dataset(n: int, digits: int, seed: int = 0):
     from datasets import Dataset
 
@@ -590,9 +598,7 @@ def main() -> None:
     allocators = ALLOCATORS if allocator == "both" else (allocator,)
     dtypes = model_dtypes(args)
     source = mask_source(args, args.model)
-    # "permodule" stands in for accumulated masks with random ones: run by default only when the masks are random
-    model_configs = [c for c in MODEL_CONFIGS if source == "random" or "permodule" not in c]
-    configs = args.configs or (model_configs if args.model else CONFIGS)
+    configs = args.configs or default_configs(args.model, source)
     masks, mask_record = masks_for(source, size, args.model, args.digits, args.warmup_steps)
     results = measure(
         configs, size, steps, args.repeats, precomputes, args.digits, allocators, args.model, dtypes, masks
