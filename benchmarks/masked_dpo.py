@@ -141,7 +141,7 @@ def _permodule_mask(model):
 
 def _mask(model, granularity: str, masks: str | None):
     """The 10 % ``granularity`` mask of a configuration: the one saved in ``masks/<granularity>`` (accumulated
-    gradients, :func:`accumulated_masks`), or a seeded random one."""
+    gradients, :func:`build_masks`), or a seeded random one."""
     from hf_align.masks import NeuronMask
 
     if masks is None:
