@@ -20,6 +20,12 @@ in the same run, under the same allocator.
 30 layers, tied embeddings, 49k vocabulary) instead of a random-init size, at batch 2 x ~64 tokens, with a live
 reference and glibc's allocator by default, in each ``--dtype``: ``bfloat16`` (bf16 weights, TRL's bf16 autocast)
 and ``float32`` (fp32 weights, no autocast). Ratios compare configurations of the same dtype.
+
+``--mask_source`` sets where the 10 % masks come from: ``random`` (seeded; the default on a random-init size) or
+``accumulated`` (the default with ``--model``): ALLO's masks, the top 10 % of entries (and of decoder rows) by the
+|gradient| a ``--warmup_steps``-step DPO run accumulates with ``MaskAccumulationCallback``, built once in their own
+process and shared by every configuration and dtype. The JSON's ``masks`` records each parameter's and each module
+kind's density and the fractions of rows and columns it touches; each run records the digest of the mask it trained.
 """
 
 from __future__ import annotations
