@@ -31,6 +31,7 @@ kind's density and the fractions of rows and columns it touches; each run record
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import hashlib
 import itertools
@@ -38,6 +39,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -308,6 +310,7 @@ def build_masks(
     row granularity sums). Both are saved under ``directory`` (``row/``, ``element/``); returns their statistics."""
     from hf_align.architectures import neuron_axes, neuron_axis
     from hf_align.callbacks import MaskAccumulationCallback
+    from hf_align.callbacks.mask_accumulation import MASK_DIR
     from hf_align.masks import NeuronMask
     from hf_align.scores import reduce_magnitude
 
@@ -320,9 +323,11 @@ def build_masks(
     )  # fmt: skip
     trainer.train()
     seconds = time.perf_counter() - start
+    output = Path(trainer.args.output_dir)
+    element = NeuronMask.load(output / MASK_DIR)  # what the callback selected at train end (select_ratio)
     scores = callback.scores()
+    shutil.rmtree(output, ignore_errors=True)  # the callback's score files: one value per parameter
     axes = neuron_axes(model)
-    element = callback.select_mask(scores)
     rows = NeuronMask.full(model, "row").masks  # the tensors a row mask covers (decoder matrices)
     row_scores = {name: reduce_magnitude(scores[name], "row", "abs", neuron_axis(axes, name)) for name in rows}
     row = NeuronMask.from_scores(row_scores, MASK_RATIO)
@@ -344,6 +349,7 @@ def masks_for(
     if source == "random":
         return None, {"source": "random", "ratio": MASK_RATIO, "seed": 0}
     directory = tempfile.mkdtemp(prefix="bench-masks-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     command = module_command("masked_dpo", "--build_masks", directory, "--warmup_steps", str(warmup_steps))
     command += ["--size", size] if model_path is None else ["--model", model_path]
     command += ["--digits", str(digits)] if digits else []

@@ -110,7 +110,7 @@ def test_mask_statistics_counts_density_and_the_rows_and_columns_a_mask_touches(
     assert stats["density"] == mask.ratio and len(stats["digest"]) == 16
 
 
-@pytest.mark.slow  # ~40 s: the warm-up and one configuration, each in a subprocess (on 2 busy cores)
+@pytest.mark.slow  # 21-40 s (idle-busy 2 cores): the warm-up and one configuration, each in a subprocess
 def test_masked_dpo_on_a_model_folder_trains_with_masks_from_accumulated_gradients(model_folder, tmp_path):
     """The default on a model folder: a warm-up DPO's accumulated |gradient| ranks the entries (ALLO); each
     configuration's process trains with that very mask (its digest), and the JSON says what the mask touches."""
@@ -145,7 +145,7 @@ def test_masked_dpo_on_a_model_folder_trains_with_masks_from_accumulated_gradien
     assert record["machine"]["torch_threads"] >= 1 and {"before", "after"} <= set(record["load_average"])
 
 
-@pytest.mark.slow  # ~40 s: the warm-up, one configuration, the plot (on 2 busy cores)
+@pytest.mark.slow  # 23-42 s: the warm-up, one configuration, the plot
 def test_scaling_adds_a_model_folder_with_its_accumulated_masks(model_folder, tmp_path):
     out = tmp_path / "scaling.json"
     _run("scaling", "--model", str(model_folder), "--dtype", "float32", "--sizes", "--repeats", "1", "--steps", "1",
@@ -159,7 +159,7 @@ def test_scaling_adds_a_model_folder_with_its_accumulated_masks(model_folder, tm
     assert {"before", "after"} <= set(record["load_average"]) and out.with_suffix(".png").is_file()
 
 
-@pytest.mark.slow  # ~25 s: one profiled configuration in a subprocess (on 2 busy cores)
+@pytest.mark.slow  # ~25 s (2 busy cores): one profiled configuration in a subprocess
 def test_profile_takes_a_model_folder_and_dtype(model_folder, tmp_path):
     out = tmp_path / "profile.json"
     _run("profile_masked_dpo", "--model", str(model_folder), "--dtype", "float32", "--mask_source", "random",
