@@ -20,24 +20,44 @@ in the same run, under the same allocator.
 30 layers, tied embeddings, 49k vocabulary) instead of a random-init size, at batch 2 x ~64 tokens, with a live
 reference and glibc's allocator by default, in each ``--dtype``: ``bfloat16`` (bf16 weights, TRL's bf16 autocast)
 and ``float32`` (fp32 weights, no autocast). Ratios compare configurations of the same dtype.
+
+``--mask_source`` sets where the 10 % masks come from: ``random`` (seeded; the default on a random-init size) or
+``accumulated`` (the default with ``--model``): ALLO's masks, the top 10 % of entries (and of decoder rows) by the
+|gradient| a ``--warmup_steps``-step DPO run accumulates with ``MaskAccumulationCallback``, built once in their own
+process and shared by every configuration and dtype. The JSON's ``masks`` records each parameter's and each module
+kind's density and the fractions of rows and columns it touches; each run records the digest of the mask it trained.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
+import hashlib
 import itertools
 import json
 import os
 import random
 import resource
+import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import RESULTS_DIR, ROOT, module_command
+from benchmarks import RESULTS_DIR, module_command
+from benchmarks.common import (
+    add_model_arguments,
+    bench_threads,
+    check_model_arguments,
+    load_model,
+    load_record,
+    mask_source,
+    model_dtypes,
+    model_record,
+    run_child,
+    run_record,
+)
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,7 +103,16 @@ MODEL_BATCH = (
     2  # pairs per step on a model folder: with MODEL_DIGITS, ~64 tokens per sequence (digits: one token each)
 )
 MODEL_DIGITS = 30
-MODEL_DTYPES = ("bfloat16", "float32")
+MASK_RATIO = 0.1  # the masked configurations' "10 %"
+LEARNING_RATE = 1e-5
+
+
+def default_configs(model_path: str | None, source: str) -> list[str]:
+    """The configurations run when none is named: :data:`CONFIGS` on a random-init size, :data:`MODEL_CONFIGS` on a
+    model folder; "permodule" stands in for accumulated masks with random ones, so it runs only with random masks."""
+    if model_path is None:
+        return list(CONFIGS)
+    return [c for c in MODEL_CONFIGS if source == "random" or "permodule" not in c]
 
 
 def _dataset(n: int, digits: int, seed: int = 0):
@@ -102,27 +131,6 @@ def _bytes_of(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _load_model(size: str, model_path: str | None, dtype: str | None):
-    """The random-init ``size`` Llama with the testbed's tokenizer, or the folder ``model_path`` (and its own
-    tokenizer) in ``dtype``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_align import testbed
-
-    if model_path is None:
-        spec = dict(SIZES[size])
-        spec.pop("digits")
-        model = testbed.load_random_tiny("llama", **spec)
-        model.config.max_position_embeddings = 512
-        return model, testbed.load_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype or "bfloat16"))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
 def _permodule_mask(model):
     """A seeded random element mask at :data:`PERMODULE_DENSITY` per module (the first key a name contains)."""
     import torch
@@ -139,6 +147,27 @@ def _permodule_mask(model):
     return mask
 
 
+def _mask(model, granularity: str, masks: str | None):
+    """The 10 % ``granularity`` mask of a configuration: the one saved in ``masks/<granularity>`` (accumulated
+    gradients, :func:`build_masks`), or a seeded random one."""
+    from hf_align.masks import NeuronMask
+
+    if masks is None:
+        return NeuronMask.random(model, MASK_RATIO, granularity, seed=0)
+    mask = NeuronMask.load(Path(masks) / granularity)
+    mask.validate(model)
+    return mask
+
+
+def mask_digest(mask) -> str:
+    """A short fingerprint of a mask's selection: which mask a configuration's process trained with."""
+    digest = hashlib.sha256()
+    for name in sorted(mask.masks):
+        digest.update(name.encode())
+        digest.update(mask.masks[name].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def make_trainer(
     name: str,
     size: str,
@@ -148,21 +177,28 @@ def make_trainer(
     digits: int | None = None,
     model_path: str | None = None,
     dtype: str | None = None,
+    *,
+    masks: str | None = None,
+    batch: int | None = None,
+    untimed: int = 2,
+    data_seed: int = 0,
 ):
     """The configuration ``name`` on the ``size`` model (or the folder ``model_path`` in ``dtype``), ready to train
-    ``steps + 2`` steps (shared with ``benchmarks/profile_masked_dpo.py``)."""
+    ``steps + untimed`` steps, with the 10 % masks saved in ``masks`` (else random); returns the trainer, the model
+    and the mask (or ``None``). Shared with ``benchmarks/profile_masked_dpo.py``."""
     import torch
     from trl import DPOConfig, DPOTrainer
 
     from hf_align.testbed import quiet_training_args
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(bench_threads())
     digits = digits or (MODEL_DIGITS if model_path else SIZES[size]["digits"])
-    model, tokenizer = _load_model(size, model_path, dtype)
+    spec = None if model_path else {k: v for k, v in SIZES[size].items() if k != "digits"}
+    model, tokenizer = load_model(spec, model_path, dtype)
     model.train()
-    batch = MODEL_BATCH if model_path else 4
-    data = _dataset(batch * (steps + 2), digits)
+    batch = batch or (MODEL_BATCH if model_path else 4)
+    data = _dataset(batch * (steps + untimed), digits, seed=data_seed)
     tmp = tempfile.mkdtemp()
     common = quiet_training_args(
         # TRL's default, kept: the committed numbers were measured with bf16 autocast; a model folder's "float32"
@@ -170,14 +206,15 @@ def make_trainer(
         bf16=model_path is None or dtype != "float32",
         output_dir=tmp,
         per_device_train_batch_size=batch,
-        max_steps=steps + 2,
-        learning_rate=1e-5,
+        max_steps=steps + untimed,
+        learning_rate=LEARNING_RATE,
         logging_steps=1000,
         precompute_ref_log_probs=precompute,
         gradient_checkpointing=False,
         seed=0,
     )
     ref = None if precompute else copy.deepcopy(model)
+    mask = None
     kwargs = dict(train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
     if name in ("trl_full", "trl_lora_r8", "trl_lora_r8_all", "allo_masked_adamw"):
         peft_config = None
@@ -189,10 +226,9 @@ def make_trainer(
             peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM")
             ref = None
         if name == "allo_masked_adamw":
-            from hf_align.masks import NeuronMask
             from hf_align.sparse_update import MaskedAdamW
 
-            mask = NeuronMask.random(model, 0.1, "element", seed=0)
+            mask = _mask(model, "element", masks)
             groups = [{"params": [p], "mask": mask.masks[n]} for n, p in model.named_parameters() if n in mask.masks]
             optimizers = (MaskedAdamW(groups, lr=1e-5), None)
         trainer = DPOTrainer(
@@ -204,10 +240,10 @@ def make_trainer(
             **kwargs,
         )
     elif name == "npo_token_row0.1":  # NPO's forgetting stage on the same pairs: the rejected completions only
-        from hf_align.masks import NeuronMask
         from hf_align.trainers import NPOConfig, NPOTrainer
 
         common.pop("precompute_ref_log_probs")
+        mask = _mask(model, "row", masks)
         forget = data.map(lambda row: {"completion": row["rejected"]}, remove_columns=["chosen", "rejected"])
         trainer = NPOTrainer(
             model=model,
@@ -215,7 +251,7 @@ def make_trainer(
             train_dataset=forget,
             processing_class=tokenizer,
             callbacks=callbacks,
-            neuron_mask=NeuronMask.random(model, 0.1, "row", seed=0),
+            neuron_mask=mask,
         )
     else:
         from hf_align.masks import NeuronMask
@@ -225,14 +261,103 @@ def make_trainer(
         elif name.startswith("masked_element_permodule"):
             mask = _permodule_mask(model)
         else:
-            granularity = "row" if "row" in name else "element"
-            mask = NeuronMask.random(model, 0.1, granularity, seed=0)
+            mask = _mask(model, "row" if "row" in name else "element", masks)
         if name.endswith("_sampled"):
             common["neuron_sampled_gradient_density"] = SAMPLED_DENSITY[
                 "float32" if dtype == "float32" else "bfloat16"
             ]
         trainer = MaskedDPOTrainer(model=model, args=MaskedDPOConfig(**common), neuron_mask=mask, **kwargs)
-    return trainer, model
+    return trainer, model, mask
+
+
+def _touched(mask, axis: int) -> tuple[int, int, int, int]:
+    """``(rows touched, rows, columns touched, columns)`` of one tensor's mask (rows: output features on ``axis``);
+    a row mask touches every column of its rows, a 1-D parameter is one column."""
+    if mask.dim() == 1:
+        selected = int(mask.sum())
+        return selected, mask.numel(), int(selected > 0), 1
+    mask = mask.movedim(axis, 0).reshape(mask.shape[axis], -1)
+    return int(mask.any(1).sum()), mask.shape[0], int(mask.any(0).sum()), mask.shape[1]
+
+
+def mask_statistics(mask, axes: dict[str, int] | None = None) -> dict:
+    """Per parameter and per module kind (``q_proj``, ``embed_tokens``, ...): the density of the mask and the
+    fractions of rows and columns it touches (what a row-restricted weight gradient would have to form)."""
+    from hf_align.architectures import neuron_axis
+
+    per_parameter, kinds = {}, {}
+    for name, values in mask.masks.items():
+        rows, num_rows, cols, num_cols = _touched(values, neuron_axis(axes, name))
+        selected = int(values.sum())
+        per_parameter[name] = {"shape": list(values.shape), "density": selected / values.numel(),
+                               "rows_touched": rows / num_rows, "columns_touched": cols / num_cols}  # fmt: skip
+        parts = name.split(".")
+        kind = parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "bias") else parts[-1]
+        counts = kinds.setdefault(kind, [0, 0, 0, 0, 0, 0])
+        for i, value in enumerate((selected, values.numel(), rows, num_rows, cols, num_cols)):
+            counts[i] += value
+    per_kind = {kind: {"density": c[0] / c[1], "rows_touched": c[2] / c[3], "columns_touched": c[4] / c[5]}
+                for kind, c in kinds.items()}  # fmt: skip
+    return {"density": mask.ratio, "digest": mask_digest(mask), "per_kind": per_kind, "per_parameter": per_parameter}
+
+
+def build_masks(
+    size: str, model_path: str | None, digits: int | None, warmup_steps: int, directory: str, batch: int | None = None
+) -> dict:
+    """ALLO's masks for the benchmark: ``warmup_steps`` of TRL's full DPO (fp32 weights for a model folder) with
+    :class:`~hf_align.callbacks.MaskAccumulationCallback` summing |gradient| per entry; the entry mask keeps the top
+    10 % of entries, the row mask the top 10 % of decoder rows by their entries' summed scores (what the callback's
+    row granularity sums). Both are saved under ``directory`` (``row/``, ``element/``); returns their statistics."""
+    from hf_align.architectures import neuron_axes, neuron_axis
+    from hf_align.callbacks import MaskAccumulationCallback
+    from hf_align.callbacks.mask_accumulation import MASK_DIR
+    from hf_align.masks import NeuronMask
+    from hf_align.scores import reduce_magnitude
+
+    callback = MaskAccumulationCallback(method="gradient", granularity="element", select_ratio=MASK_RATIO)
+    dtype = "float32" if model_path else None
+    start = time.perf_counter()
+    trainer, model, _ = make_trainer(
+        "trl_full", size, False, warmup_steps, [callback], digits, model_path, dtype,
+        batch=batch, untimed=0, data_seed=1,
+    )  # fmt: skip
+    trainer.train()
+    seconds = time.perf_counter() - start
+    output = Path(trainer.args.output_dir)
+    element = NeuronMask.load(output / MASK_DIR)  # what the callback selected at train end (select_ratio)
+    scores = callback.scores()
+    shutil.rmtree(output, ignore_errors=True)  # the callback's score files: one value per parameter
+    axes = neuron_axes(model)
+    rows = NeuronMask.full(model, "row").masks  # the tensors a row mask covers (decoder matrices)
+    row_scores = {name: reduce_magnitude(scores[name], "row", "abs", neuron_axis(axes, name)) for name in rows}
+    row = NeuronMask.from_scores(row_scores, MASK_RATIO)
+    record = {"method": "gradient (MaskAccumulationCallback, pre-clip |g| summed over steps)", "ratio": MASK_RATIO,
+              "warmup_steps": warmup_steps, "warmup_dtype": dtype or "float32 + bf16 autocast",
+              "warmup_learning_rate": LEARNING_RATE, "warmup_data_seed": 1, "warmup_seconds": seconds}  # fmt: skip
+    for granularity, mask in (("element", element), ("row", row)):
+        mask.validate(model)
+        mask.save(Path(directory) / granularity)
+        record[granularity] = mask_statistics(mask, axes)
+    return record
+
+
+def masks_for(
+    source: str, size: str, model_path: str | None, digits: int | None, warmup_steps: int, batch: int | None = None
+) -> tuple[str | None, dict]:
+    """The masks folder the configurations load (``None``: random masks) and what the results file says of them;
+    the accumulated masks are built in their own process, once for every configuration and dtype."""
+    if source == "random":
+        return None, {"source": "random", "ratio": MASK_RATIO, "seed": 0}
+    directory = tempfile.mkdtemp(prefix="bench-masks-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    command = module_command("masked_dpo", "--build_masks", directory, "--warmup_steps", str(warmup_steps))
+    command += ["--size", size] if model_path is None else ["--model", model_path]
+    command += ["--digits", str(digits)] if digits else []
+    command += ["--batch", str(batch)] if batch else []
+    record = run_child(command)
+    if "error" in record:
+        raise RuntimeError(f"building the accumulated masks failed: {record['error']}")
+    return directory, {"source": "accumulated", **record}
 
 
 def run_one(
@@ -243,6 +368,8 @@ def run_one(
     digits: int | None = None,
     model_path: str | None = None,
     dtype: str | None = None,
+    masks: str | None = None,
+    batch: int | None = None,
 ) -> dict:
     import torch
     from transformers import TrainerCallback
@@ -261,7 +388,9 @@ def run_one(
             cpu_times.append(time.process_time() - self.cpu)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults)
 
-    trainer, model = make_trainer(name, size, precompute, steps, [Timer()], digits, model_path, dtype)
+    trainer, model, mask = make_trainer(
+        name, size, precompute, steps, [Timer()], digits, model_path, dtype, masks=masks, batch=batch
+    )
     trainer.train()
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
@@ -283,6 +412,8 @@ def run_one(
         "optimizer_state_bytes": _bytes_of(state) + _bytes_of(extra),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "num_params": sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".delta")),
+        "torch_threads": torch.get_num_threads(),
+        "mask": None if mask is None else {"density": mask.ratio, "digest": mask_digest(mask)},
     }
 
 
@@ -314,6 +445,8 @@ def _run_single(
     digits: int | None,
     model_path: str | None = None,
     dtype: str | None = None,
+    masks: str | None = None,
+    batch: int | None = None,
 ) -> dict:
     """One configuration in a fresh process (its own peak RSS; the allocator's tunables are read at start-up)."""
     command = module_command("masked_dpo", "--single", name, "--steps", str(steps))
@@ -321,13 +454,13 @@ def _run_single(
     command += ["--precompute"] if precompute else []
     command += ["--digits", str(digits)] if digits else []
     command += ["--model", model_path, "--dtype", dtype or "bfloat16"] if model_path else []
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=allocator_env(allocator))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
-    reference = "precomputed" if precompute else "live"
-    return {"config": name, "reference": reference, "allocator": allocator, "dtype": dtype, "error": reason}
+    command += ["--masks", masks] if masks else []
+    command += ["--batch", str(batch)] if batch else []
+    row = run_child(command, allocator_env(allocator))
+    if "error" in row:
+        reference = "precomputed" if precompute else "live"
+        row = {"config": name, "reference": reference, "allocator": allocator, "dtype": dtype, **row}
+    return row
 
 
 def measure(
@@ -340,14 +473,17 @@ def measure(
     allocators=("glibc",),
     model_path: str | None = None,
     dtypes=(None,),
+    masks: str | None = None,
+    batch: int | None = None,
 ):
     """Each configuration in its own subprocess, ``repeats`` times, interleaved (a change in the machine's load hits
     every configuration alike); the medians, with every repeat's values and the 1-minute load after each run.
-    Ratios compare configurations measured with the same reference, allocator and dtype."""
+    Ratios compare configurations measured with the same reference, allocator and dtype. ``masks``: the folder of
+    :func:`masks_for` (else random masks)."""
     runs: dict[tuple, list[dict]] = {}
     for repeat in range(repeats):
         for allocator, dtype, precompute, name in itertools.product(allocators, dtypes, precomputes, names):
-            row = _run_single(name, size, steps, precompute, allocator, digits, model_path, dtype)
+            row = _run_single(name, size, steps, precompute, allocator, digits, model_path, dtype, masks, batch)
             row["load_average_1min"] = os.getloadavg()[0]
             runs.setdefault((name, precompute, allocator, dtype), []).append(row)
             print(f"{size} repeat {repeat + 1}/{repeats}: {row}", flush=True)
@@ -427,32 +563,6 @@ def check_targets(results: list[dict]) -> list[dict]:
     return checks
 
 
-def load_record() -> dict:
-    return {
-        "load_average": list(os.getloadavg()),
-        "cpus": os.cpu_count(),
-        "threads": os.environ.get("BENCH_THREADS", "2"),
-        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
-
-
-def _model_record(path: str) -> dict:
-    """What the model folder is (for the results file): its path and the shapes that set the step's cost."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
-    keys += ("num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "dtype")
-    return {"path": str(Path(path).expanduser()), **{key: config.get(key) for key in keys}}
-
-
-def _machine_record() -> dict:
-    import platform
-
-    import torch
-
-    return {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, for a smoke run (same as --size quick)")
@@ -472,28 +582,39 @@ def main() -> None:
         default=None,
         help="host allocator settings (module doc; default: both, glibc with --model)",
     )
-    parser.add_argument("--model", help="a transformers model folder instead of a random-init size (module doc)")
-    parser.add_argument("--dtype", choices=(*MODEL_DTYPES, "both"), default="both", help="with --model: weights dtype")
+    add_model_arguments(parser)
     parser.add_argument("--digits", type=int, default=None, help="digits per answer (default: the size's)")
     parser.add_argument("--output", help="JSON file (default: benchmarks/results/masked_dpo[_size].json)")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--masks", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--build_masks", help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = "model" if args.model else args.size or ("quick" if args.quick else "full")
     steps = args.steps or (3 if size in ("quick", "model") else 5)
-    if args.model and not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model {args.model}: expected a transformers model folder (with a config.json)")
+    check_model_arguments(parser, args)
+    if args.build_masks:
+        print(json.dumps(build_masks(size, args.model, args.digits, args.warmup_steps, args.build_masks, args.batch)))
+        return
     if args.single:
-        print(json.dumps(run_one(args.single, size, args.precompute, steps, args.digits, args.model, args.dtype)))
+        row = run_one(
+            args.single, size, args.precompute, steps, args.digits, args.model, args.dtype, args.masks, args.batch
+        )
+        print(json.dumps(row))
         return
     load_before = load_record()
     reference = args.reference or ("live" if args.model else "both")
     precomputes = {"live": (False,), "precomputed": (True,), "both": (False, True)}[reference]
     allocator = args.allocator or ("glibc" if args.model else "both")
     allocators = ALLOCATORS if allocator == "both" else (allocator,)
-    dtypes = (None,) if not args.model else MODEL_DTYPES if args.dtype == "both" else (args.dtype,)
-    configs = args.configs or (MODEL_CONFIGS if args.model else CONFIGS)
-    results = measure(configs, size, steps, args.repeats, precomputes, args.digits, allocators, args.model, dtypes)
+    dtypes = model_dtypes(args)
+    source = mask_source(args, args.model)
+    configs = args.configs or default_configs(args.model, source)
+    masks, mask_record = masks_for(source, size, args.model, args.digits, args.warmup_steps)
+    results = measure(
+        configs, size, steps, args.repeats, precomputes, args.digits, allocators, args.model, dtypes, masks
+    )
     print(
         f"{'config':32} {'dtype':8} {'ref':12} {'alloc':7} {'s/step':>8} {'xfull':>6} {'xlora':>6} {'train+opt MB':>12} "
         f"{'xfull':>6} {'RSS MB':>8} {'faults':>8}"
@@ -520,18 +641,14 @@ def main() -> None:
     name = "real_model_benchmark" if args.model else f"masked_dpo{'' if size == 'full' else '_' + size}"
     default = RESULTS_DIR / f"{name}.json"
     out = Path(args.output) if args.output else default
-    load = {"before": load_before, "after": load_record()}
-    print(f"load average before/after: {load['before']['load_average']} / {load['after']['load_average']}")
-    if max(load["before"]["load_average"][0], load["after"]["load_average"][0]) > (os.cpu_count() or 1):
-        print("WARNING: the machine was busy with other work; step times are not comparable.")
     if args.model:
-        record = {"size": size, "model": _model_record(args.model), "digits": args.digits or MODEL_DIGITS}
+        record = {"size": size, "model": model_record(args.model), "digits": args.digits or MODEL_DIGITS}
         record.update(batch=MODEL_BATCH, dtypes=list(dtypes), sampled_density=SAMPLED_DENSITY)
-        record.update(permodule_density=PERMODULE_DENSITY, machine=_machine_record())
+        record.update(permodule_density=PERMODULE_DENSITY)
     else:
         record = {"size": size, "spec": SIZES[size], "digits": args.digits or SIZES[size]["digits"], "batch": 4}
     record.update(steps=steps, repeats=args.repeats, allocators=list(allocators), retain_env=RETAIN_ENV)
-    record.update(load_average=load, targets=targets, results=results)
+    record.update(run_record(load_before), masks=mask_record, targets=targets, results=results)
     write_json(out, record)
     print(f"wrote {out}")
 
