@@ -216,3 +216,41 @@ def test_kill_during_a_save_resumes_the_stage_from_its_last_complete_checkpoint(
     assert "resumed from checkpoint-2" in capsys.readouterr().out
     assert len(steps) == 2 and _steps(out / "train") == 4
     assert '"status": "complete"' in (out / "train" / STAGE_FILE).read_text()
+
+
+@pytest.mark.parametrize("where", ["set", "args", "list"])
+def test_a_mapping_in_a_recipe_reaches_the_stage_as_json(tmp_path, where):
+    """A recipe's `set:` or a stage's `args:` holding a mapping (model_init_kwargs) or a list item that is one went
+    to the stage as Python's repr ({'dtype': 'float32'}), which TrainingArguments' JSON reader refuses."""
+    import json
+
+    from hf_align.scripts.pipeline import plan, stage_argv
+    from hf_align.trainers import MaskedDPOConfig
+
+    value = {"dtype": "float32", "low_cpu_mem_usage": True}
+    stage = {"name": "train", "command": "masked-dpo"}
+    if where == "args":
+        stage["args"] = {"model_init_kwargs": value}
+    if where == "list":
+        stage["args"] = {"report_to": [value]}
+    recipe = tmp_path / "pipeline.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "model_name_or_path": "m",
+                "stages": [stage],
+                **({"set": {"model_init_kwargs": value}} if where == "set" else {}),
+            }
+        )
+    )
+    p = plan(recipe, {"masked-dpo"}, str(tmp_path / "out"), None, [])
+    argv = stage_argv(stage, tmp_path, {"train": str(tmp_path / "out" / "train"), "model": "m"}, p.defaults, {}, True)
+    if where == "list":
+        assert json.loads(argv[argv.index("--report_to") + 1]) == value
+        return
+    text = argv[argv.index("--model_init_kwargs") + 1]
+    assert json.loads(text) == value
+    config = MaskedDPOConfig(
+        output_dir=str(tmp_path / "o"), model_init_kwargs=text, report_to="none", use_cpu=True, bf16=False
+    )
+    assert config.model_init_kwargs == value

@@ -35,6 +35,7 @@ training stage.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -126,8 +127,14 @@ def load_pipeline(path: Path, commands: Collection[str]) -> dict[str, Any]:
     return recipe
 
 
+def _as_flag_value(value: Any) -> str:
+    """A recipe value as the command line gives it: a mapping or a list as JSON (what TrainingArguments' dict
+    fields parse; Python's repr is not JSON), anything else as its text."""
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
 def _substitute(value: Any, outputs: dict[str, str]) -> str:
-    return PLACEHOLDER.sub(lambda m: outputs[m.group(1)], str(value))
+    return PLACEHOLDER.sub(lambda m: outputs[m.group(1)], _as_flag_value(value))
 
 
 def _flag_args(args: dict[str, Any], outputs: dict[str, str]) -> list[str]:
@@ -206,7 +213,7 @@ def plan(
     model = model or recipe.get("model_name_or_path")
     if model is None:
         raise UserError(f"{str(path)!r}: give model_name_or_path in the recipe or on the command line.")
-    defaults = {k: str(v) for k, v in (recipe.get("set") or {}).items()}
+    defaults = {k: _as_flag_value(v) for k, v in (recipe.get("set") or {}).items()}
     overrides: dict[str, str] = {}
     for item in set_items:
         key, sep, value = item.partition("=")
