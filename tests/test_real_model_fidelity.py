@@ -140,3 +140,33 @@ def test_markdown_and_splice_keep_the_testbed_sections():
     twice = rm.splice_section(once, section2)
     assert "new numbers" in twice and "0.600 vs 0.400" not in twice
     assert twice.count(section[0]) == 1 and "testbed allo" in twice and "- c" in twice
+
+
+def test_schedule_runs_first_seeds_first_and_skips_seeds_of_a_failed_sweep(tmp_path):
+    """Later seeds rerun the lrs the first seed chose: they start only after it succeeded, never after it failed."""
+    import sys
+
+    log = tmp_path / "log"
+
+    def command(part: str, seed: int) -> list[str]:
+        code = 1 if (part, seed) == ("b", 0) else 0
+        script = (f"import time; open({str(log)!r}, 'a').write('start {part} {seed}\\n'); time.sleep(0.3); "
+                  f"open({str(log)!r}, 'a').write('end {part} {seed}\\n'); raise SystemExit({code})")  # fmt: skip
+        return [sys.executable, "-c", script]
+
+    codes = rm.schedule({"seeds": [0, 1, 2]}, ["a", "b"], 2, command)
+    assert codes == {"a/seed0": 0, "b/seed0": 1, "a/seed1": 0, "a/seed2": 0}
+    events = log.read_text().split("\n")
+    assert events.index("end a 0") < events.index("start a 1") and events.index("end a 0") < events.index("start a 2")
+    assert not any(e.startswith("start b 1") or e.startswith("start b 2") for e in events)
+
+
+def test_read_part_merges_a_part_file_and_seed_files(tmp_path):
+    from hf_align.io import write_json
+
+    write_json(rm.part_path(tmp_path, "quark", False, 0), {"seeds": {"0": {"x": 0}}, "chosen_lrs": {"quark": 1.0}})
+    write_json(rm.part_path(tmp_path, "quark", False, 10), {"seeds": {"10": {"x": 10}}, "chosen_lrs": {"quark": 1.0}})
+    write_json(rm.part_path(tmp_path, "quark", False, 2), {"seeds": {"2": {"x": 2}}, "chosen_lrs": {"quark": 1.0}})
+    merged = rm.read_part(tmp_path, "quark", False)
+    assert list(merged["seeds"]) == ["0", "2", "10"] and merged["chosen_lrs"] == {"quark": 1.0}
+    assert rm.read_part(tmp_path, "allo", False) is None

@@ -11,7 +11,8 @@ reproduced one method at a time with ``examples/*.py``. Prompts come in three di
 (the examples' topics, numbers 2-49), **selection** prompts (half the held-out topics, numbers 50-74) on which each
 method's learning rate is chosen, and **test** prompts (the other held-out topics, numbers 75-99) that the tables
 show. Facts are split per seed the same way. Every method gets the same three-point lr sweep (its base lr × ⅓, 1,
-3) on the first seed, chosen on the selection split; the other seeds rerun the chosen lr. Parts:
+3) on the first seed, chosen on the selection split; the other seeds rerun the chosen lr. The mask controls and the
+full ALLO pipeline are masked DPO too: they take the top-10 % mask's chosen lr (``FOLLOWS``). Parts:
 
 * **allo**: full DPO (``trl.DPOTrainer``), LoRA r=8, and ``MaskedDPOTrainer`` with the top / random / bottom 10 %
   of rows by a warm-up DPO's accumulated |gradient| (ALLO's headline and mask order); ALLO's stages on top of the
@@ -31,7 +32,8 @@ show. Facts are split per seed the same way. Every method gets the same three-po
 
 Writes ``benchmarks/results/fidelity_real_model.json`` (runs, chosen lrs, summary, verdicts, machine, threads and
 load) and ``fidelity_real_model.png``; ``python -m benchmarks.fidelity --rewrite`` puts the section into
-``fidelity.md``. The parts run as two processes of one thread each (``--jobs 1`` runs them in one).
+``fidelity.md``. Each part × seed is a process of one thread, two at a time (``--jobs``); a part's later seeds
+start when its first seed has chosen the lrs.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ from benchmarks.fidelity.common import RESULTS, best_lr, fmt, mean_std, verdict
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PARTS = ("allo", "unlearning", "adapters", "quark")
-JOB_GROUPS = (("allo",), ("unlearning", "adapters", "quark"))  # about equal halves of the work
 NAME = "real_model"
 SWEEP = (1 / 3, 1.0, 3.0)
 
@@ -108,8 +109,18 @@ def fact_split(facts: list[dict]) -> tuple[list[dict], list[dict]]:
     return facts[: len(facts) // 2], facts[len(facts) // 2 :]
 
 
-def lrs(method: str, cfg: dict, chosen: dict | None) -> list[float]:
-    return [chosen[method]] if chosen else [BASE_LR[method] * f for f in cfg["sweep"]]
+FOLLOWS = {"mask_random10": "mask_top10", "mask_bottom10": "mask_top10", "allo_full": "mask_top10"}
+"""Variants of one method that take its chosen lr instead of a sweep of their own: the mask controls and the full
+pipeline are masked DPO too (the budget buys three seeds rather than three more sweeps)."""
+
+
+def lrs(method: str, cfg: dict, chosen: dict | None, variants: dict | None = None) -> list[float]:
+    """The lrs a method trains with: the chosen one on a later seed, else its sweep (or its leader's choice)."""
+    if chosen:
+        return [chosen[method]]
+    if method in FOLLOWS and variants is not None:
+        return [variants[FOLLOWS[method]]["lr"]]
+    return [BASE_LR[method] * f for f in cfg["sweep"]]
 
 
 def key_token_weights(tokenizer):
@@ -231,7 +242,7 @@ def run_allo(run: Run, chosen: dict | None) -> dict:
 
     for name in ("dpo", "lora", *masks, "allo_full"):
         models, out["sweep"][name] = {}, {}
-        for lr in lrs(name, cfg, chosen):
+        for lr in lrs(name, cfg, chosen, out["variants"]):
             models[f"{lr:g}"] = run.timed(f"{name}_{lr:g}", train, name, lr)
             out["sweep"][name][f"{lr:g}"] = run.reward(models[f"{lr:g}"], run.selection)
         lr = best_lr(out["sweep"][name])
@@ -443,10 +454,10 @@ def chosen_lrs(part: str, first: dict) -> dict[str, float]:
     return {name: v["lr"] for name, v in first["variants"].items()}
 
 
-def run_part(part: str, path: str, cfg: dict, log=print, save=None) -> dict:
-    """Every seed of one part: the first sweeps, the others rerun its choices. ``save(result)`` after each seed,
-    so that a run stopped early keeps the seeds it finished."""
-    seeds, chosen = {}, None
+def run_part(part: str, path: str, cfg: dict, log=print, save=None, chosen: dict | None = None) -> dict:
+    """Every seed of one part: the first sweeps (unless ``chosen`` gives the lrs), the others rerun its choices.
+    ``save(result)`` after each seed, so that a run stopped early keeps the seeds it finished."""
+    seeds = {}
     for seed in cfg["seeds"]:
         start = time.time()
         with tempfile.TemporaryDirectory(prefix=f"real_{part}_") as tmp:
@@ -655,8 +666,48 @@ def plot(result: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def part_path(results: Path, part: str, quick: bool) -> Path:
-    return results / f"fidelity_{NAME}{'_quick' if quick else ''}.{part}.json"
+def part_path(results: Path, part: str, quick: bool, seed: int | None = None) -> Path:
+    """A worker's JSON: one part, all its seeds or (``seed``) one of them."""
+    return results / f"fidelity_{NAME}{'_quick' if quick else ''}.{part}{'' if seed is None else f'.seed{seed}'}.json"
+
+
+def read_part(results: Path, part: str, quick: bool) -> dict | None:
+    """A part's seeds from its workers' files (one file per seed, or one for all), first seed's choices kept."""
+    from hf_align.io import read_json
+
+    files = sorted(results.glob(part_path(results, part, quick).name.replace(".json", ".seed*.json")))
+    files = [part_path(results, part, quick)] * part_path(results, part, quick).exists() + files
+    if not files:
+        return None
+    merged = {"part": part, "seeds": {}, "chosen_lrs": None}
+    for data in map(read_json, files):
+        merged["seeds"].update(data["seeds"])
+        merged["chosen_lrs"] = merged["chosen_lrs"] or data["chosen_lrs"]
+    merged["seeds"] = dict(sorted(merged["seeds"].items(), key=lambda kv: int(kv[0])))
+    return merged
+
+
+def schedule(cfg: dict, parts: list[str], jobs: int, command) -> dict[str, int]:
+    """Run every (part, seed) as its own process, ``jobs`` at a time: each part's first seed (the sweep) first,
+    longest part first; a later seed starts once its part's first seed has chosen the lrs. Returns exit codes."""
+    first, rest = cfg["seeds"][0], cfg["seeds"][1:]
+    pending = [(p, first) for p in parts] + [(p, s) for s in rest for p in parts]
+    running: dict[tuple[str, int], subprocess.Popen] = {}
+    codes: dict[str, int] = {}
+    while pending or running:
+        for key, proc in list(running.items()):
+            if proc.poll() is not None:
+                codes[f"{key[0]}/seed{key[1]}"] = proc.returncode
+                del running[key]
+        # a later seed needs its part's first seed to have succeeded (and never runs if it failed)
+        pending = [k for k in pending if k[1] == first or codes.get(f"{k[0]}/seed{first}", 0) == 0]
+        ready = [k for k in pending if k[1] == first or codes.get(f"{k[0]}/seed{first}") == 0]
+        while ready and len(running) < jobs:
+            key = ready.pop(0)
+            pending.remove(key)
+            running[key] = subprocess.Popen(command(*key))
+        time.sleep(2)
+    return codes
 
 
 def machine(jobs: int, threads: int, load_start: float) -> dict:
@@ -668,10 +719,10 @@ def machine(jobs: int, threads: int, load_start: float) -> dict:
 
 def combine(results: Path, quick: bool, extra: dict) -> dict:
     """The section JSON from the parts' JSON files, with summary, verdicts and plot."""
-    from hf_align.io import read_json, write_json
+    from hf_align.io import write_json
 
     suffix = "_quick" if quick else ""
-    parts = {p: read_json(part_path(results, p, quick)) for p in PARTS if part_path(results, p, quick).exists()}
+    parts = {p: data for p in PARTS if (data := read_part(results, p, quick)) is not None}
     result = {**extra, "parts": parts, "summary": summarize(parts), "plot": f"fidelity{suffix}_{NAME}.png"}
     plot(result, results / result["plot"])
     write_json(results / f"fidelity_{NAME}{suffix}.json", result)
@@ -685,12 +736,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: one seed, one lr, a step or two")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (the first sweeps)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--jobs", type=int, default=2, help="processes (the parts split in two halves)")
+    parser.add_argument("--jobs", type=int, default=2, help="processes at once (one per part and seed)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--model", default=None, help="model folder (default: make real-model's)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--rewrite", action="store_true", help="only rebuild summary and plot from the JSON")
     parser.add_argument("--part_only", action="store_true", help=argparse.SUPPRESS)  # a worker: run, write, exit
+    parser.add_argument("--chosen_from", type=Path, default=None, help=argparse.SUPPRESS)  # the first seed's JSON
     args = parser.parse_args(argv)
     import torch
 
@@ -709,18 +761,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     path = args.model or str(real_model.prepare())
     if args.part_only:
+        chosen = read_json(args.chosen_from)["chosen_lrs"] if args.chosen_from else None
         for part in args.parts:
-            target = part_path(args.results, part, args.quick)
-            run_part(part, path, cfg, save=lambda result, target=target: write_json(target, result))
+            seed = cfg["seeds"][0] if len(cfg["seeds"]) == 1 else None
+            target = part_path(args.results, part, args.quick, seed)
+            run_part(part, path, cfg, save=lambda result, target=target: write_json(target, result), chosen=chosen)
         return 0
     start, load_start = time.time(), os.getloadavg()[0]
-    groups = [[p for p in group if p in args.parts] for group in JOB_GROUPS] if args.jobs > 1 else [args.parts]
-    base = [sys.executable, "-m", "benchmarks.fidelity.real_model", "--part_only", "--threads", str(args.threads),
-            "--model", path, "--results", str(args.results)] + (["--quick"] if args.quick else []) + (
-            ["--seeds", *map(str, cfg["seeds"])])  # fmt: skip
-    procs = [subprocess.Popen([*base, "--parts", *g]) for g in groups if g]
-    codes = [p.wait() for p in procs]
-    extra = {"settings": cfg, "machine": machine(len(procs), args.threads, load_start),
+    for part in args.parts:  # an earlier run's files would mix into this one's
+        for stale in [part_path(args.results, part, args.quick), *args.results.glob(
+                part_path(args.results, part, args.quick).name.replace(".json", ".seed*.json"))]:  # fmt: skip
+            stale.unlink(missing_ok=True)
+
+    def command(part: str, seed: int) -> list[str]:
+        first = part_path(args.results, part, args.quick, cfg["seeds"][0])
+        return [sys.executable, "-m", "benchmarks.fidelity.real_model", "--part_only", "--threads",
+                str(args.threads), "--model", path, "--results", str(args.results), "--parts", part, "--seeds",
+                str(seed)] + (["--quick"] if args.quick else []) + (
+                ["--chosen_from", str(first)] if seed != cfg["seeds"][0] else [])  # fmt: skip
+
+    codes = schedule(cfg, args.parts, max(1, args.jobs), command)
+    extra = {"settings": cfg, "machine": machine(args.jobs, args.threads, load_start),
              "wall_s": round(time.time() - start, 1)}  # fmt: skip
     result = combine(args.results, args.quick, extra)
     print("\n".join(markdown(result)))
@@ -729,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     if report_md.exists():
         report_md.write_text(splice_section(report_md.read_text(encoding="utf-8"), markdown(result)), encoding="utf-8")
         print(f"updated the real-model section of {report_md}")
-    return 0 if all(c == 0 for c in codes) else 1
+    return 0 if all(c == 0 for c in codes.values()) else 1
 
 
 if __name__ == "__main__":
