@@ -154,7 +154,7 @@ def test_schedule_runs_first_seeds_first_and_skips_seeds_of_a_failed_sweep(tmp_p
                   f"open({str(log)!r}, 'a').write('end {part} {seed}\\n'); raise SystemExit({code})")  # fmt: skip
         return [sys.executable, "-c", script]
 
-    codes = rm.schedule({"seeds": [0, 1, 2]}, ["a", "b"], 2, command)
+    codes = rm.schedule({"seeds": [0, 1, 2]}, ["a", "b"], 3, command)  # a free slot must not start a seed early
     assert codes == {"a/seed0": 0, "b/seed0": 1, "a/seed1": 0, "a/seed2": 0}
     events = log.read_text().split("\n")
     assert events.index("end a 0") < events.index("start a 1") and events.index("end a 0") < events.index("start a 2")
