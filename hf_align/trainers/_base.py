@@ -23,6 +23,7 @@ __all__ = [
     "PlotArguments",
     "TokenWeightArguments",
     "global_token_count",
+    "gguf_stand_ins",
     "library_trainer",
     "load_model",
     "prepare_reference",
@@ -128,12 +129,38 @@ def load_policy_and_reference(model, ref_model, args, load_policy: bool, trainer
     alike, following the policy's dtype and attention, quantized alike). ``trainer_kwargs``: the trainer's other
     keyword arguments; their ``quantization_config`` is applied here when the policy is loaded here (and taken out),
     else left for TRL, which loads the policy path."""
+    from hf_align.gguf import gguf_file_of
+    from hf_align.loading import check_gguf_inputs
+
+    check_gguf_inputs(*(m for m in (model, ref_model) if isinstance(m, str)))  # a bad file before any load
     quantization = trainer_kwargs.get("quantization_config")
-    if isinstance(model, str) and (load_policy or isinstance(ref_model, str)):
+    gguf_policy = isinstance(model, str) and gguf_file_of(model) is not None  # TRL's loader knows no GGUF
+    if isinstance(model, str) and (load_policy or gguf_policy or isinstance(ref_model, str)):
         model = load_model(model, args, quantization_config=trainer_kwargs.pop("quantization_config", None))
     if isinstance(ref_model, str):
         ref_model = load_model(ref_model, args, like=model, quantization_config=quantization)
     return model, ref_model
+
+
+def gguf_stand_ins(model, trainer_kwargs: dict) -> None:
+    """For a policy loaded from a ``.gguf`` file (``config._name_or_path`` names it: :mod:`hf_align.loading`), what
+    TRL would load by that name and cannot (it knows no GGUF): the tokenizer, and the reference copy a DPO-style
+    trainer builds when ``ref_model`` is None without PEFT or precomputed log-probs. Put into ``trainer_kwargs``."""
+    from accelerate.utils import is_peft_model
+
+    from hf_align.gguf import gguf_file_of
+
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or ""
+    if not source.lower().endswith(".gguf") or gguf_file_of(source) is None:
+        return
+    if trainer_kwargs.get("processing_class") is None:
+        from hf_align.loading import load_tokenizer
+
+        trainer_kwargs["processing_class"] = load_tokenizer(source)
+    args = trainer_kwargs["args"]
+    builds_reference = "ref_model" in trainer_kwargs and trainer_kwargs["ref_model"] is None
+    if builds_reference and not is_peft_model(model) and not getattr(args, "precompute_ref_log_probs", False):
+        trainer_kwargs["ref_model"] = load_model(source, args, like=model)
 
 
 def global_token_count(trainer, selected):

@@ -32,6 +32,7 @@ from hf_align.masks import MaskSelection
 from hf_align.scores import GRANULARITIES
 from hf_align.trainers._base import (
     HFAlignTrainerMixin,
+    gguf_stand_ins,
     library_trainer,
     load_policy_and_reference,
     require_before_trainer,
@@ -370,6 +371,7 @@ class NeuronMaskTrainerMixin:
         from hf_align.sparse_update import quantized_training_allowed
 
         library = super().__init__  # the next class after this mixin: the TRL trainer
+        gguf_stand_ins(model, kwargs)
         builds_reference = "ref_model" in kwargs and kwargs["ref_model"] is None  # TRL's copy reads the init kwargs
         trl_module = sys.modules[library_trainer(type(self)).__module__]  # where TRL looks up prepare_deepspeed
         with (
