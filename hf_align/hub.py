@@ -231,7 +231,8 @@ def build_model_card(
         lines += [f"Base model{'s' if len(ids) > 1 else ''}: {links}{on}.", ""]
     elif names:
         lines += ["Data: " + ", ".join(map(_dataset_link, names)) + ".", ""]
-    lines += [line for source in sources for line in (_gguf_source(source), "") if line]
+    for line in filter(None, map(_gguf_source, sources)):
+        lines += [line, ""]
     lines += [method, ""]
     if needs:
         lines += [f"**Needs:** {needs}", ""]

@@ -27,7 +27,9 @@ TOP_LEVEL = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "ou
 
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's q/k row order (what transformers' loader undoes)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def write_gguf(path: Path, folder: Path | None = None, quant: str | None = None, **metadata: str) -> Path:
