@@ -191,3 +191,18 @@ def test_a_bad_gguf_reference_is_refused_before_the_policy_loads(tmp_path, files
     with pytest.raises(UserError, match="bad.gguf: not a readable GGUF"):
         MaskedDPOTrainer(str(files["plain"]), ref_model=str(files["bad"]), args=args,
                          train_dataset=testbed.preference_dataset(2))  # fmt: skip
+
+
+def test_adaptive_merge_takes_a_gguf_base(tmp_path, files):
+    """θ0 from the GGUF: the learned α's (untrained: init_val) merge the testbed's weights with the aligned ones."""
+    from hf_align.trainers import AdaptiveMergeConfig, AdaptiveMergeTrainer
+
+    args = AdaptiveMergeConfig(**quiet_training_args(output_dir=str(tmp_path / "ama"), max_steps=1), epsilon=0.0)
+    trainer = AdaptiveMergeTrainer(str(files["aligned"]), base_model=str(files["plain"]), args=args)
+    out = trainer.merge(tmp_path / "merged", progress=False, plot=False).output_dir
+    merged, aligned = load_file(out / "model.safetensors"), load_file(files["aligned"] / "model.safetensors")
+    plan = json.loads((out / "merge_plan.json").read_text())
+    name = "model.layers.2.mlp.down_proj.weight"
+    alpha = plan["alphas"][name]
+    torch.testing.assert_close(merged[name], alpha * TESTBED[name] + (1 - alpha) * aligned[name])
+    assert "org/tiny-gguf" in (out / "README.md").read_text()
