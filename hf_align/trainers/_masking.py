@@ -371,8 +371,9 @@ class NeuronMaskTrainerMixin:
         from hf_align.sparse_update import quantized_training_allowed
 
         library = super().__init__  # the next class after this mixin: the TRL trainer
-        gguf_stand_ins(model, kwargs)
         builds_reference = "ref_model" in kwargs and kwargs["ref_model"] is None  # TRL's copy reads the init kwargs
+        gguf_stand_ins(model, kwargs, kwargs["args"], builds_reference)  # what TRL would load by a GGUF's name
+        builds_reference = "ref_model" in kwargs and kwargs["ref_model"] is None
         trl_module = sys.modules[library_trainer(type(self)).__module__]  # where TRL looks up prepare_deepspeed
         with (
             quantized_training_allowed(model),
