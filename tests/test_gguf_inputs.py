@@ -206,3 +206,46 @@ def test_adaptive_merge_takes_a_gguf_base(tmp_path, files):
     alpha = plan["alphas"][name]
     torch.testing.assert_close(merged[name], alpha * TESTBED[name] + (1 - alpha) * aligned[name])
     assert "org/tiny-gguf" in (out / "README.md").read_text()
+
+
+def test_quark_from_a_gguf_names_it_in_its_card(tmp_path, files):
+    """Feedback-conditioned training (offline rows) from the GGUF: tokenizer from the same file, card names it."""
+    from datasets import Dataset
+
+    from hf_align.trainers import FeedbackConditionedConfig, FeedbackConditionedTrainer
+
+    rows = {"prompt": ["1+2=", "4+4="], "completion": ["3", "9"], "feedback": [1.0, 0.0]}
+    config = FeedbackConditionedConfig(**quiet_training_args(
+        output_dir=str(tmp_path / "quark"), per_device_train_batch_size=2, num_rounds=1, steps_per_round=1,
+        num_quantiles=2, max_completion_length=4,
+    ))  # fmt: skip
+    trainer = FeedbackConditionedTrainer(str(files["plain"]), config, Dataset.from_dict(rows))
+    trainer.train()
+    trainer.save_model()
+    card, config_text = _card_and_config(tmp_path / "quark")
+    assert "base_model: org/tiny-gguf" in card and "`tiny.F32.gguf` (quantization F32" in card
+    assert str(files["plain"].parent) not in card + config_text
+
+
+@pytest.mark.parametrize("command, data", [("warmup-dpo", "testbed:preference"), ("aligner-sft", "testbed:sft")])
+def test_trl_commands_take_a_gguf(tmp_path, files, command, data):
+    """TRL's trainers behind warm-up DPO and Aligner get the GGUF loaded by hf-align (TRL's loader knows none):
+    the warm-up's reference and tokenizer, the Aligner's config check, read from the same file."""
+    from hf_align.cli import main
+
+    out = tmp_path / command
+    argv = [command, "--model_name_or_path", str(files["q8"]), "--dataset_name", data, "--max_steps", "1"]
+    argv += [
+        "--per_device_train_batch_size",
+        "2",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+    ]
+    argv += ["--bf16", "false", "--save_strategy", "no", "--plots", "false"]
+    assert main(argv) == 0
+    card = (out / "README.md").read_text()
+    assert "`tiny.Q8_0.gguf` (quantization Q8_0" in card and str(files["q8"].parent) not in card
