@@ -249,3 +249,30 @@ def test_trl_commands_take_a_gguf(tmp_path, files, command, data):
     assert main(argv) == 0
     card = (out / "README.md").read_text()
     assert "`tiny.Q8_0.gguf` (quantization Q8_0" in card and str(files["q8"].parent) not in card
+
+
+@pytest.mark.slow
+def test_the_allo_pipeline_runs_on_a_gguf(tmp_path, files):
+    """Every stage of the testbed ALLO pipeline (warm-up DPO, masks, key-token labels, NPO, masked DPO) takes the
+    GGUF as the pipeline's model; the last stage's card names the GGUF's Hub id through the stages' cards."""
+    from hf_align.cli import main
+
+    out = tmp_path / "allo"
+    argv = ["pipeline", "--config", str(Path(__file__).resolve().parents[1] / "recipes/allo/pipeline_testbed.yaml")]
+    argv += ["--output_dir", str(out), "--model_name_or_path", str(files["plain"]), "--no_launch"]
+    for item in ("max_steps=1", "per_device_train_batch_size=2", "bf16=false", "use_cpu=true", "report_to=none",
+                 "gradient_checkpointing=false", "max_length=64", "disable_tqdm=true", "save_strategy=no",
+                 "warmup_steps=0", "dataloader_num_workers=0", "plots=false"):  # fmt: skip
+        argv += ["--set", item]
+    assert main(argv) == 0
+    assert "`tiny.F32.gguf`" in (out / "forget" / "README.md").read_text()
+    assert "base_model: org/tiny-gguf" in (out / "improve" / "README.md").read_text()
+
+
+def test_a_converted_folder_keeps_the_gguf_hub_id(tmp_path, files):
+    """convert_gguf's card states the header's Hub id, so a model trained from the folder names it too."""
+    from hf_align.hub import hub_id
+    from hf_align.loading import convert_gguf
+
+    assert hub_id(str(convert_gguf(files["plain"], tmp_path / "with", dtype="float32"))) == "org/tiny-gguf"
+    assert hub_id(str(convert_gguf(files["q8"], tmp_path / "without", dtype="float32"))) is None
