@@ -276,3 +276,43 @@ def test_a_converted_folder_keeps_the_gguf_hub_id(tmp_path, files):
 
     assert hub_id(str(convert_gguf(files["plain"], tmp_path / "with", dtype="float32"))) == "org/tiny-gguf"
     assert hub_id(str(convert_gguf(files["q8"], tmp_path / "without", dtype="float32"))) is None
+
+
+def test_a_bad_gguf_is_one_line_at_every_other_entry_point(tmp_path, files, monkeypatch):
+    """adaptive-merge, a TRL command's trainer and eval: the damaged file named, before any model is loaded."""
+    import hf_align.loading
+    from hf_align.cli.evaluate import main as eval_main
+    from hf_align.trainers import AdaptiveMergeConfig, AdaptiveMergeTrainer
+    from hf_align.trainers.trl_commands import WarmupDPOConfig, WarmupDPOTrainer
+
+    monkeypatch.setattr(hf_align.loading, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(hf_align.loading, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+    bad = str(files["bad"])
+    attempts = [
+        lambda: AdaptiveMergeTrainer(
+            str(files["plain"]),
+            base_model=bad,
+            args=AdaptiveMergeConfig(**quiet_training_args(output_dir=str(tmp_path / "a"))),
+        ),  # fmt: skip
+        lambda: WarmupDPOTrainer(
+            str(files["plain"]),
+            ref_model=bad,
+            args=WarmupDPOConfig(**quiet_training_args(output_dir=str(tmp_path / "w"))),
+        ),  # fmt: skip
+        lambda: eval_main(
+            [
+                "--model_name_or_path",
+                bad,
+                "--dataset_name",
+                "testbed:prompts",
+                "--reward",
+                "testbed",
+                "--output_file",
+                str(tmp_path / "e.json"),
+            ]
+        ),  # fmt: skip
+    ]
+    for attempt in attempts:
+        with pytest.raises(UserError) as info:
+            attempt()
+        assert bad in str(info.value) and "truncated or damaged" in str(info.value) and "\n" not in str(info.value)
