@@ -43,6 +43,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
 
+def _gguf_info(name_or_path: str | None):
+    """The checked header of the ``.gguf`` file ``name_or_path`` names (what a model loaded from one records as its
+    ``name_or_path``), else ``None``."""
+    from hf_align.gguf import gguf_file_of, read_gguf_info
+
+    path = gguf_file_of(name_or_path) if name_or_path else None
+    return read_gguf_info(path) if path is not None and path.is_file() else None
+
+
 def hub_id(name_or_path: str | None) -> str | None:
     """The Hub id of a model, never a local path.
 
@@ -55,10 +64,9 @@ def hub_id(name_or_path: str | None) -> str | None:
         return None
     text = str(name_or_path)
     folder = Path(text)
-    if folder.suffix.lower() == ".gguf" and folder.is_file():  # a model loaded from a GGUF: what its header says
-        from hf_align.gguf import read_gguf_info
-
-        return read_gguf_info(folder).hub_id
+    gguf = _gguf_info(text)
+    if gguf is not None:  # a model loaded from a GGUF: what its header says
+        return gguf.hub_id
     if not folder.is_dir():
         return text if _HUB_ID.match(text) and not text.startswith((".", "/")) else None
     cached = _CACHE_SNAPSHOT.search(folder.resolve().as_posix())
@@ -175,11 +183,10 @@ def _dataset_link(name: str) -> str:
 
 def _gguf_source(name_or_path: str | None) -> str | None:
     """The card line of a base loaded from a ``.gguf`` file (its file name and quantization), else ``None``."""
-    if not name_or_path or Path(str(name_or_path)).suffix.lower() != ".gguf" or not Path(name_or_path).is_file():
-        return None
-    from hf_align.gguf import gguf_source_line, read_gguf_info
+    from hf_align.gguf import gguf_source_line
 
-    return gguf_source_line(read_gguf_info(name_or_path))
+    info = _gguf_info(name_or_path)
+    return None if info is None else gguf_source_line(info)
 
 
 def build_model_card(
@@ -202,10 +209,11 @@ def build_model_card(
     versions, citations of the method and of TRL) with hf-align's sections.
 
     ``base_model``, ``datasets`` and every hyperparameter go through :func:`public_value`: a local path never
-    reaches the card; a base that is a ``.gguf`` file gets a line naming the file and its quantization. ``how_to_load``: the quick start, Python that runs as written. ``sections``: extra Markdown
-    lines (e.g. :func:`mask_summary`) in the training procedure. ``tracking``: ``{"Weights & Biases": url}``
-    links of the run. ``needs``: what loading requires beyond the files (e.g. the base model of a delta repo).
-    Unknown citation keys are an error.
+    reaches the card; a base that is a ``.gguf`` file gets a line naming the file and its quantization.
+    ``how_to_load``: the quick start, Python that runs as written. ``sections``: extra Markdown lines (e.g.
+    :func:`mask_summary`) in the training procedure. ``tracking``: ``{"Weights & Biases": url}`` links of the run.
+    ``needs``: what loading requires beyond the files (e.g. the base model of a delta repo). Unknown citation keys
+    are an error.
     """
     from huggingface_hub import ModelCard, ModelCardData
 

@@ -151,8 +151,8 @@ def gguf_stand_ins(model, trainer_kwargs: dict, config, builds_reference: bool) 
 
     from hf_align.gguf import gguf_file_of
 
-    source = getattr(getattr(model, "config", None), "_name_or_path", None) or ""
-    if not source.lower().endswith(".gguf") or gguf_file_of(source) is None:
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source or gguf_file_of(source) is None:
         return
     if trainer_kwargs.get("processing_class") is None:
         from hf_align.loading import load_tokenizer
