@@ -465,7 +465,7 @@ def merge_models(
     Give either ``alpha`` (linear) or ``plan``: a :class:`MergePlan` or a function ``(tensor_names, config) →
     MergePlan`` (how the CLI builds partwise plans once the names are known). ``base``/``aligned``: local
     directories, ``.safetensors`` files, Hub ids, PEFT adapter directories or ``.gguf`` files (converted once into
-    a temporary float32 folder, removed at the end). Config, generation config and
+    a temporary float32 folder, removed at the end; like an adapter's merge, this holds the model in memory once). Config, generation config and
     tokenizer files are copied from ``aligned`` (with the base's ``use_cache``); ``dtype`` ``None``/``"auto"``: the
     base model's dtype, per tensor; the plan is saved as ``merge_plan.json`` (and with ``plot``, its α
     per block as ``merge_alphas.png``, which needs matplotlib). Peak memory: about two input tensors plus one output tensor (the largest ones).
