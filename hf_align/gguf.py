@@ -13,6 +13,7 @@ deep inside the loader.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,15 @@ from typing import Any
 from hf_align.errors import UserError
 
 
-__all__ = ["GGUFInfo", "gguf_card", "gguf_file_of", "gguf_load_kwargs", "read_gguf_info"]
+__all__ = ["GGUFInfo", "gguf_card", "gguf_file_of", "gguf_load_kwargs", "gguf_source_line", "read_gguf_info"]
 
 SUFFIX = ".gguf"
 PLAIN_TYPES = ("F32", "F16", "BF16")
+HUB_URL_KEYS = ("general.repo_url", "general.url", "general.source.repo_url", "general.source.url")
+"""Header fields that may hold this model's (or the release it was converted from) Hub address, in that order.
+``general.base_model.*`` names the model's *parents* (the base it was fine-tuned from): never this model's id."""
+_HUB_URL = re.compile(r"^https?://huggingface\.co/(?P<id>[A-Za-z0-9][\w.-]*/[\w.-]+)/?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,11 @@ class GGUFInfo:
     name: str | None
     license: str | None
     tensor_types: tuple[str, ...]
+    hub_id: str | None = None
+    """The model's Hub id when the header gives one (:data:`HUB_URL_KEYS`, or a ``general.name`` of the form
+    ``org/name``); never guessed from the other fields."""
+    quant: str | None = None
+    """The file's quantization (``general.file_type``: ``Q4_1``, ``F16``...), else its non-float tensor types."""
 
 
 def gguf_file_of(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> Path | None:
@@ -66,6 +77,26 @@ def _unpackable(type_name: str) -> bool:
     return True
 
 
+def _hub_id(reader: Any) -> str | None:
+    for key in HUB_URL_KEYS:
+        match = _HUB_URL.match(str(_field(reader, key) or "").strip())
+        if match:
+            return match["id"]
+    name = str(_field(reader, "general.name") or "").strip()
+    return name if _HUB_ID.match(name) else None
+
+
+def _quant(reader: Any, types: tuple[str, ...]) -> str | None:
+    from gguf import LlamaFileType
+
+    file_type = _field(reader, "general.file_type")
+    try:
+        return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):  # absent, or a type this gguf version does not know
+        quantized = [name for name in types if name not in PLAIN_TYPES]
+        return ", ".join(quantized or types) or None
+
+
 def read_gguf_info(path: str | os.PathLike) -> GGUFInfo:
     """Parse and check a GGUF header; every problem is a one-line :class:`UserError` naming the file."""
     path = Path(path)
@@ -93,7 +124,8 @@ def read_gguf_info(path: str | os.PathLike) -> GGUFInfo:
     unsupported = [name for name in types if not _unpackable(name)]
     if unsupported:
         raise UserError(f"{path}: GGUF quantization type(s) {unsupported} cannot be dequantized.")
-    return GGUFInfo(str(path), architecture, _field(reader, "general.name"), _field(reader, "general.license"), types)
+    name, licence = _field(reader, "general.name"), _field(reader, "general.license")
+    return GGUFInfo(str(path), architecture, name, licence, types, _hub_id(reader), _quant(reader, types))
 
 
 def gguf_load_kwargs(gguf_path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
@@ -108,13 +140,23 @@ def gguf_load_kwargs(gguf_path: str | os.PathLike) -> tuple[str, dict[str, Any]]
     return str(path.parent), {"gguf_file": path.name, "quantization_config": GgufConfig(dequantize=True)}
 
 
+def gguf_source_line(info: GGUFInfo) -> str:
+    """The card line naming a GGUF source: its file and quantization, baked into whatever was made from it."""
+    return (
+        f"Loaded from the GGUF file `{Path(info.path).name}` (quantization {info.quant or 'unknown'}, architecture "
+        f"`{info.architecture}`), dequantized: its weights are the GGUF's, not the full-precision release's."
+    )
+
+
 def gguf_card(info: GGUFInfo, dtype: str) -> str:
-    """The README of a folder converted from a GGUF file: its source, tensor types, dtype and licence."""
+    """The README of a folder converted from a GGUF file: its source (``base_model`` when the header gives its Hub
+    id, so that a model trained from the folder names it too), tensor types, dtype and licence."""
     source = Path(info.path).name
     return "\n".join(
         [
             "---",
             f"license: {info.license or 'other'}",
+            *([f"base_model: {info.hub_id}"] if info.hub_id else []),
             "library_name: transformers",
             "tags:",
             "- gguf-conversion",

@@ -43,17 +43,30 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
 
+def _gguf_info(name_or_path: str | None):
+    """The checked header of the ``.gguf`` file ``name_or_path`` names (what a model loaded from one records as its
+    ``name_or_path``), else ``None``."""
+    from hf_align.gguf import gguf_file_of, read_gguf_info
+
+    path = gguf_file_of(name_or_path) if name_or_path else None
+    return read_gguf_info(path) if path is not None and path.is_file() else None
+
+
 def hub_id(name_or_path: str | None) -> str | None:
     """The Hub id of a model, never a local path.
 
     ``name_or_path`` itself when it is no local folder and reads as an id (``org/name``); a Hub cache snapshot
     (``…/models--org--name/snapshots/<rev>``) gives ``org/name``; another local folder gives the ``base_model`` of
-    its own model card when it has one (a model hf-align or TRL trained from a Hub model); else ``None``.
+    its own model card when it has one (a model hf-align or TRL trained from a Hub model); a ``.gguf`` file gives the
+    Hub id its header states (:attr:`hf_align.gguf.GGUFInfo.hub_id`); else ``None``.
     """
     if not name_or_path:
         return None
     text = str(name_or_path)
     folder = Path(text)
+    gguf = _gguf_info(text)
+    if gguf is not None:  # a model loaded from a GGUF: what its header says
+        return gguf.hub_id
     if not folder.is_dir():
         return text if _HUB_ID.match(text) and not text.startswith((".", "/")) else None
     cached = _CACHE_SNAPSHOT.search(folder.resolve().as_posix())
@@ -168,6 +181,14 @@ def _dataset_link(name: str) -> str:
     return f"[{name}](https://huggingface.co/datasets/{name})" if _REPO_PATH.match(name) else f"`{name}`"
 
 
+def _gguf_source(name_or_path: str | None) -> str | None:
+    """The card line of a base loaded from a ``.gguf`` file (its file name and quantization), else ``None``."""
+    from hf_align.gguf import gguf_source_line
+
+    info = _gguf_info(name_or_path)
+    return None if info is None else gguf_source_line(info)
+
+
 def build_model_card(
     title: str,
     method: str,
@@ -188,19 +209,19 @@ def build_model_card(
     versions, citations of the method and of TRL) with hf-align's sections.
 
     ``base_model``, ``datasets`` and every hyperparameter go through :func:`public_value`: a local path never
-    reaches the card. ``how_to_load``: the quick start, Python that runs as written. ``sections``: extra Markdown
-    lines (e.g. :func:`mask_summary`) in the training procedure. ``tracking``: ``{"Weights & Biases": url}``
-    links of the run. ``needs``: what loading requires beyond the files (e.g. the base model of a delta repo).
-    Unknown citation keys are an error.
+    reaches the card; a base that is a ``.gguf`` file gets a line naming the file and its quantization.
+    ``how_to_load``: the quick start, Python that runs as written. ``sections``: extra Markdown lines (e.g.
+    :func:`mask_summary`) in the training procedure. ``tracking``: ``{"Weights & Biases": url}`` links of the run.
+    ``needs``: what loading requires beyond the files (e.g. the base model of a delta repo). Unknown citation keys
+    are an error.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     unknown = sorted(c for c in set(citations or []) - set(CITATIONS) if not c.lstrip().startswith("@"))
     if unknown:
         raise ValueError(f"Unknown citation key(s) {unknown}; known: {sorted(CITATIONS)} (or a BibTeX entry).")
-    ids = list(
-        dict.fromkeys(i for i in map(hub_id, base_model if isinstance(base_model, list) else [base_model]) if i)
-    )
+    sources = base_model if isinstance(base_model, list) else [base_model]
+    ids = list(dict.fromkeys(i for i in map(hub_id, sources) if i))
     names = [str(public_value(d)) for d in datasets or []]
     extra = {"base_model_relation": base_model_relation} if base_model_relation and ids else {}
     data = ModelCardData(
@@ -218,6 +239,8 @@ def build_model_card(
         lines += [f"Base model{'s' if len(ids) > 1 else ''}: {links}{on}.", ""]
     elif names:
         lines += ["Data: " + ", ".join(map(_dataset_link, names)) + ".", ""]
+    for line in filter(None, map(_gguf_source, sources)):
+        lines += [line, ""]
     lines += [method, ""]
     if needs:
         lines += [f"**Needs:** {needs}", ""]

@@ -9,7 +9,9 @@ a folder path is a ``str`` for the Hub client), and a ``dtype`` given as a strin
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,15 @@ from hf_align.config_checks import check_choice
 from hf_align.errors import UserError
 
 
-__all__ = ["DTYPES", "convert_gguf", "load_model", "load_tokenizer", "parse_dtype"]
+__all__ = [
+    "DTYPES",
+    "check_gguf_inputs",
+    "convert_gguf",
+    "gguf_as_checkpoints",
+    "load_model",
+    "load_tokenizer",
+    "parse_dtype",
+]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """The dtypes a model loads in (``auto``: the checkpoint's)."""
@@ -60,8 +70,12 @@ def load_model(
         kwargs["dtype"] = parse_dtype(dtype, DTYPES) or "auto"
     if revision is not None:
         kwargs["revision"] = revision
+    gguf = _gguf_file(name_or_path, kwargs)
     name_or_path = _gguf_source(name_or_path, kwargs, model=True)
-    return architecture.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+    model = architecture.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+    if gguf is not None:  # the file, not its folder: cards name the GGUF source (hub.hub_id), a reload finds it
+        model.config._name_or_path = model.name_or_path = str(gguf)
+    return model
 
 
 def load_tokenizer(
@@ -79,11 +93,17 @@ def load_tokenizer(
     return AutoTokenizer.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
 
 
+def _gguf_file(name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> Path | None:
+    from hf_align.gguf import gguf_file_of
+
+    return gguf_file_of(name_or_path, kwargs.get("gguf_file"))
+
+
 def _gguf_source(name_or_path: str | os.PathLike, kwargs: dict[str, Any], model: bool) -> str | os.PathLike:
     """For a GGUF file: its folder, with ``gguf_file`` (and, for a model, dequantization) put into ``kwargs``."""
-    from hf_align.gguf import gguf_file_of, gguf_load_kwargs
+    from hf_align.gguf import gguf_load_kwargs
 
-    path = gguf_file_of(name_or_path, kwargs.get("gguf_file"))
+    path = _gguf_file(name_or_path, kwargs)
     if path is None:
         return name_or_path
     folder, gguf_kwargs = gguf_load_kwargs(path)
@@ -116,3 +136,33 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike, dt
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "README.md").write_text(gguf_card(info, dtype), encoding="utf-8")
     return Path(output_dir)
+
+
+def check_gguf_inputs(*names_or_paths: str | os.PathLike | None) -> list[Path | None]:
+    """The GGUF file each argument names (``None`` for any other model), every one's header checked first: a
+    command taking several models fails on a bad file before it loads or converts any of them."""
+    from hf_align.gguf import gguf_file_of, read_gguf_info
+
+    files = [None if name is None else gguf_file_of(name) for name in names_or_paths]
+    for file in files:
+        if file is not None:
+            read_gguf_info(file)
+    return files
+
+
+def gguf_as_checkpoints(
+    stack: contextlib.ExitStack, *names_or_paths: str | os.PathLike | None
+) -> list[str | os.PathLike | None]:
+    """``names_or_paths`` with each ``.gguf`` file replaced by a safetensors folder converted from it, for readers of
+    safetensors checkpoints (the streaming merge, weight-diff scores); every header is checked before any is
+    converted. The folders are temporary: ``stack`` removes them. float32: a dequantized GGUF is exact in it."""
+    from hf_align.io import scratch_dir
+
+    files = check_gguf_inputs(*names_or_paths)
+    converted = []
+    for name, file in zip(names_or_paths, files):
+        if file is not None:
+            folder = stack.enter_context(scratch_dir(Path(tempfile.gettempdir()) / f"hf_align_gguf_{file.stem}"))
+            name = convert_gguf(file, folder / "model", dtype="float32")
+        converted.append(name)
+    return converted

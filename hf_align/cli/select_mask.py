@@ -42,8 +42,10 @@ class SelectMaskArguments(CheckedConfig):
     neuron_scores_path: str | None = option(
         None, help="Folder with neuron_scores.safetensors (MaskAccumulationCallback output)."
     )
-    init: str | None = option(None, help="Initial checkpoint (folder or .safetensors) for |θ_trained − θ_init|.")
-    trained: str | None = option(None, help="Trained checkpoint (with --init).")
+    init: str | None = option(
+        None, help="Initial checkpoint (folder, .safetensors or .gguf file) for |θ_trained − θ_init|."
+    )
+    trained: str | None = option(None, help="Trained checkpoint (with --init): folder, .safetensors or .gguf file.")
     target: str | None = option(None, help="Regex on parameter names to restrict the selection.")
     overwrite: bool = option(False, help="Replace a mask, scores or plots already in --output_dir.")
     plot: bool = option(False, help="Also write the heatmap and score-distribution PNGs.")

@@ -42,7 +42,7 @@ from hf_align.io import (
     scratch_dir,
     write_json,
 )
-from hf_align.loading import parse_dtype
+from hf_align.loading import gguf_as_checkpoints, parse_dtype
 from hf_align.merging.plan import PLAN_FILE, MergePlan, linear_plan
 from hf_align.progress import progress_bar
 from hf_align.saving import RESTORED_CONFIG, SaveFormat, restore_saved_config
@@ -465,7 +465,8 @@ def merge_models(
 
     Give either ``alpha`` (linear) or ``plan``: a :class:`MergePlan` or a function ``(tensor_names, config) →
     MergePlan`` (how the CLI builds partwise plans once the names are known). ``base``/``aligned``: local
-    directories, ``.safetensors`` files, Hub ids or PEFT adapter directories. Config, generation config and
+    directories, ``.safetensors`` files, Hub ids, PEFT adapter directories or ``.gguf`` files (converted once into
+    a temporary float32 folder, removed at the end; like an adapter's merge, this holds the model in memory once). Config, generation config and
     tokenizer files are copied from ``aligned`` (with the base's ``use_cache``); ``dtype`` ``None``/``"auto"``: the
     base model's dtype, per tensor; the plan is saved as ``merge_plan.json`` (and with ``plot``, its α
     per block as ``merge_alphas.png``, which needs matplotlib). Peak memory: about two input tensors plus one output tensor (the largest ones).
@@ -487,8 +488,9 @@ def merge_models(
             f"Output directory {str(output_dir)!r} already exists and is not empty; pass overwrite=True."
         )
     with contextlib.ExitStack() as stack:
-        base_ckpt = stack.enter_context(Checkpoint(resolve_model_dir(base, stack, revision)))
-        aligned_ckpt = stack.enter_context(Checkpoint(resolve_model_dir(aligned, stack, revision)))
+        base_dir, aligned_dir = gguf_as_checkpoints(stack, base, aligned)  # both headers checked, then converted
+        base_ckpt = stack.enter_context(Checkpoint(resolve_model_dir(base_dir, stack, revision)))
+        aligned_ckpt = stack.enter_context(Checkpoint(resolve_model_dir(aligned_dir, stack, revision)))
         validate_pair(base_ckpt, aligned_ckpt)
         copied = side_files(aligned_ckpt.directory)  # checked before anything is written
         names = sorted(

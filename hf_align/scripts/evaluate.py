@@ -23,12 +23,13 @@ def run(args) -> dict[str, Any]:
     """Evaluate as ``args`` (:class:`hf_align.cli.evaluate.EvalArguments`) asks; returns what the JSON holds."""
     from hf_align.evaluation import eval_prompts, evaluate_model, format_table, retain_format
     from hf_align.io import write_json
-    from hf_align.loading import load_tokenizer
+    from hf_align.loading import check_gguf_inputs, load_tokenizer
     from hf_align.progress import progress_enabled
     from hf_align.rewards import check_reward_weights, resolve_reward_funcs
     from hf_align.scripts.utils import load_split, refuse_existing_output, resolve_model_path
 
     refuse_existing_output(args.output_file, "--output_file", args.overwrite)
+    check_gguf_inputs(args.model_name_or_path, args.reference_model)  # a bad .gguf before anything is loaded
     # Cheap checks first: a bad reward name or column fails before any model is loaded.
     funcs, names = resolve_reward_funcs(args.reward) if args.reward else ([], [])
     if args.reward_weights is not None:

@@ -3,6 +3,7 @@ checkpoints, :meth:`NeuronMask.from_scores`, the per-module summary, the plots a
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -69,8 +70,12 @@ def _load_or_compute_scores(args, granularity: str) -> tuple[dict[str, torch.Ten
             if not scores:
                 raise UserError(f"--target {args.target!r} matches no parameter in {args.neuron_scores_path!r}.")
         return scores, meta.get("neuron_sizes"), PARAMETER_ORDER in meta
-    scores = weight_diff_scores(args.init, args.trained, granularity=granularity, target=args.target, progress=True)
-    return scores, checkpoint_neuron_sizes(args.init), checkpoint_parameter_order(args.init) is not None
+    from hf_align.loading import gguf_as_checkpoints
+
+    with contextlib.ExitStack() as stack:  # a .gguf checkpoint is read from a temporary safetensors copy
+        init, trained = gguf_as_checkpoints(stack, args.init, args.trained)
+        scores = weight_diff_scores(init, trained, granularity=granularity, target=args.target, progress=True)
+        return scores, checkpoint_neuron_sizes(init), checkpoint_parameter_order(init) is not None
 
 
 def module_type(name: str) -> str:

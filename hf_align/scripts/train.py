@@ -65,6 +65,7 @@ def _aligner_config(aligner_args, model_args, training_args):
     """The Aligner adapter, checked against the model's config alone, before any weight is loaded."""
     from transformers import AutoConfig
 
+    from hf_align.loading import check_gguf_inputs
     from hf_align.peft_tuners import AlignerConfig
     from hf_align.peft_tuners.aligner.model import check_model_config
     from hf_align.scripts.utils import resolve_model_path
@@ -76,8 +77,12 @@ def _aligner_config(aligner_args, model_args, training_args):
         task_type="CAUSAL_LM",
     )
     path = resolve_model_path(model_args.model_name_or_path)
+    gguf = check_gguf_inputs(path)[0]  # a GGUF's config is read from its header
     config = AutoConfig.from_pretrained(
-        path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        str(gguf.parent) if gguf else path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        **({"gguf_file": gguf.name} if gguf else {}),
     )
     check_model_config(peft_config, config.to_dict())
     return peft_config

@@ -23,6 +23,7 @@ __all__ = [
     "PlotArguments",
     "TokenWeightArguments",
     "global_token_count",
+    "gguf_stand_ins",
     "library_trainer",
     "load_model",
     "prepare_reference",
@@ -128,12 +129,38 @@ def load_policy_and_reference(model, ref_model, args, load_policy: bool, trainer
     alike, following the policy's dtype and attention, quantized alike). ``trainer_kwargs``: the trainer's other
     keyword arguments; their ``quantization_config`` is applied here when the policy is loaded here (and taken out),
     else left for TRL, which loads the policy path."""
+    from hf_align.gguf import gguf_file_of
+    from hf_align.loading import check_gguf_inputs
+
+    check_gguf_inputs(*(m for m in (model, ref_model) if isinstance(m, str)))  # a bad file before any load
     quantization = trainer_kwargs.get("quantization_config")
-    if isinstance(model, str) and (load_policy or isinstance(ref_model, str)):
+    gguf_policy = isinstance(model, str) and gguf_file_of(model) is not None  # TRL's loader knows no GGUF
+    if isinstance(model, str) and (load_policy or gguf_policy or isinstance(ref_model, str)):
         model = load_model(model, args, quantization_config=trainer_kwargs.pop("quantization_config", None))
     if isinstance(ref_model, str):
         ref_model = load_model(ref_model, args, like=model, quantization_config=quantization)
     return model, ref_model
+
+
+def gguf_stand_ins(model, trainer_kwargs: dict, config, builds_reference: bool) -> None:
+    """For a policy loaded from a ``.gguf`` file (``config._name_or_path`` names it: :mod:`hf_align.loading`), what
+    TRL would load by that name and cannot (it knows no GGUF), put into ``trainer_kwargs``: the tokenizer, and the
+    reference copy a DPO-style trainer builds (``builds_reference``) unless PEFT (the adapter off is the reference)
+    or precomputed log-probs make it unneeded."""
+    from accelerate.utils import is_peft_model
+
+    from hf_align.gguf import gguf_file_of
+
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source or gguf_file_of(source) is None:
+        return
+    if trainer_kwargs.get("processing_class") is None:
+        from hf_align.loading import load_tokenizer
+
+        trainer_kwargs["processing_class"] = load_tokenizer(source)
+    peft = is_peft_model(model) or trainer_kwargs.get("peft_config") is not None
+    if builds_reference and not peft and not getattr(config, "precompute_ref_log_probs", False):
+        trainer_kwargs["ref_model"] = load_model(source, config, like=model)
 
 
 def global_token_count(trainer, selected):
@@ -216,6 +243,41 @@ class HFAlignTrainerMixin:
     checkpoints still hold them, for resuming."""
     extra_signature_columns: tuple[str, ...] = ()
     weighted_collator: tuple[type, type] | None = None
+    gguf_by_name: bool = False
+    """True where the TRL trainer behind loads a model given by name (no hf-align loader in between): a ``.gguf``
+    name is loaded here first, with its tokenizer and the reference TRL would build by that name."""
+
+    def _load_gguf_policy(self, model, config, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with a ``.gguf`` policy or ``ref_model`` given by name loaded here (TRL's loader knows
+        no GGUF; both headers checked first) and :func:`gguf_stand_ins` filled in; other models unchanged."""
+        import inspect
+
+        from hf_align.loading import check_gguf_inputs
+
+        takes_reference = "ref_model" in inspect.signature(library_trainer(type(self)).__init__).parameters
+        reference = kwargs.get("ref_model") if takes_reference and len(args) < 2 else None
+        policy_file, reference_file = check_gguf_inputs(
+            *(m if isinstance(m, str) else None for m in (model, reference))
+        )
+        if policy_file is not None:
+            model = load_model(model, config, quantization_config=kwargs.pop("quantization_config", None))
+            if args:
+                args = (model, *args[1:])
+            else:
+                kwargs = {**kwargs, "model": model}
+            builds_reference = takes_reference and len(args) < 2 and kwargs.get("ref_model") is None
+            gguf_stand_ins(model, kwargs, config, builds_reference)
+        if reference_file is not None:
+            kwargs["ref_model"] = load_model(reference, config, like=None if isinstance(model, str) else model)
+        return args, kwargs
+        check_gguf_inputs(model, *(r for r in [kwargs.get("ref_model")] if isinstance(r, str)))
+        loaded = load_model(model, config, quantization_config=kwargs.pop("quantization_config", None))
+        kwargs = {**kwargs, "args": config}
+        args = (loaded, *args[1:]) if args else args
+        if not args:
+            kwargs["model"] = loaded
+        gguf_stand_ins(loaded, kwargs)
+        return args, kwargs
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -250,6 +312,8 @@ class HFAlignTrainerMixin:
         model = args[0] if args else kwargs.get("model")
         config = kwargs.get("args") or next((a for a in args if isinstance(a, TrainingArguments)), None)
         self._record_save_format(model, config)
+        if self.gguf_by_name and config is not None:
+            args, kwargs = self._load_gguf_policy(model, config, args, kwargs)
         super().__init__(*args, **kwargs)
         from hf_align.callbacks.defaults import add_default_callbacks
 

@@ -32,6 +32,7 @@ from hf_align.masks import MaskSelection
 from hf_align.scores import GRANULARITIES
 from hf_align.trainers._base import (
     HFAlignTrainerMixin,
+    gguf_stand_ins,
     library_trainer,
     load_policy_and_reference,
     require_before_trainer,
@@ -371,6 +372,8 @@ class NeuronMaskTrainerMixin:
 
         library = super().__init__  # the next class after this mixin: the TRL trainer
         builds_reference = "ref_model" in kwargs and kwargs["ref_model"] is None  # TRL's copy reads the init kwargs
+        gguf_stand_ins(model, kwargs, kwargs["args"], builds_reference)  # what TRL would load by a GGUF's name
+        builds_reference = "ref_model" in kwargs and kwargs["ref_model"] is None
         trl_module = sys.modules[library_trainer(type(self)).__module__]  # where TRL looks up prepare_deepspeed
         with (
             quantized_training_allowed(model),

@@ -191,10 +191,12 @@ class AdaptiveMergeTrainer(HFAlignTrainerMixin, _AlphasOnlySave, Trainer):
 
     def __init__(self, model, base_model=None, args: AdaptiveMergeConfig | None = None, train_dataset=None,
                  processing_class=None, data_collator=None, **kwargs):  # fmt: skip
-        from hf_align.loading import load_model, load_tokenizer
+        from hf_align.loading import check_gguf_inputs, load_model, load_tokenizer
 
         args = args or AdaptiveMergeConfig(output_dir="adaptive_merge")
         _refuse_sharded_parameters(args)
+        paths = [m for m in (model, base_model or args.base_model_name_or_path) if isinstance(m, str | os.PathLike)]
+        check_gguf_inputs(*paths)  # both .gguf headers before either model is loaded
         self.aligned_path = model if isinstance(model, str | os.PathLike) else getattr(model, "name_or_path", None)
         if isinstance(model, str | os.PathLike):
             model = load_model(model)

@@ -57,15 +57,14 @@ def tracking_links() -> dict[str, str]:
     return links
 
 
-def _base_model_id(model) -> str | None:
+def _base_model_source(model) -> str | None:
+    """What the model was loaded from (a Hub id, a folder or a ``.gguf`` file): the card keeps only its Hub id."""
     from accelerate.utils import is_peft_model
     from trl.trainer.utils import get_config_model_id
 
-    from hf_align.hub import hub_id
-
     if is_peft_model(model):
-        return hub_id(next(iter(model.peft_config.values())).base_model_name_or_path)
-    return hub_id(get_config_model_id(model.config)) if hasattr(model, "config") else None
+        return next(iter(model.peft_config.values())).base_model_name_or_path
+    return get_config_model_id(model.config) if hasattr(model, "config") else None
 
 
 def registry_spec(trainer):
@@ -171,7 +170,10 @@ def model_card_for(
 
     spec = TRAINERS[spec] if isinstance(spec, str) else spec or registry_spec(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    base = _base_model_id(model)
+    from hf_align.hub import hub_id
+
+    source = _base_model_source(model)
+    base = hub_id(source)
     paper = spec.paper_dict if spec is not None else getattr(trainer, "_paper", {}) or {}
     trainer_name = getattr(trainer, "_name", None) or type(trainer).__name__
     method = f"Trained with hf-align's `{type(trainer).__name__}` ({trainer_name})"
@@ -195,7 +197,7 @@ def model_card_for(
         title=model_name or out.name,
         method=method + ".",
         how_to_load=quick_start(trainer, repo, base, spec, folder or trainer.args.output_dir),
-        base_model=base,
+        base_model=source,
         base_model_relation="adapter" if deltas_only else None,
         datasets=[dataset_name] if dataset_name else None,
         hyperparameters=card_hyperparameters(trainer, spec),

@@ -47,7 +47,6 @@ from hf_align.trainers._base import (
     global_token_count,
     prepare_reference,
     resolve_args,
-    trusted_kwargs,
 )
 from hf_align.trainers._data_checks import check_dataset, column_names, drop_truncated_away
 from hf_align.trainers._masking import NeuronMaskTrainerMixin
@@ -231,16 +230,14 @@ class NPOTrainer(HFAlignTrainerMixin, NeuronMaskTrainerMixin, SFTTrainer):
         # FSDP shards the policy only in `train`: as DPOTrainer, precompute with a copy (dropped once done).
         if self.args.precompute_ref_log_probs and not kl_retain and not self.is_fsdp_enabled:
             return "policy"  # valid only before the first update: used for precomputing, then dropped
-        from trl.trainer.utils import create_model_from_path, get_config_model_id
+        from trl.trainer.utils import get_config_model_id
 
-        init_kwargs = dict(self.args.model_init_kwargs or {})
-        if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-            init_kwargs["device_map"] = None  # "auto" fails under distributed training
-        config = self.accelerator.unwrap_model(self.model).config
-        trusted_kwargs(init_kwargs, self.args, get_config_model_id(config))
-        init_kwargs.setdefault("dtype", self.model.dtype)
-        init_kwargs.setdefault("attn_implementation", _compat.attn_implementation(config))
-        self.ref_model = self._prepare_ref_model(create_model_from_path(get_config_model_id(config), **init_kwargs))
+        from hf_align.trainers._base import load_model
+
+        policy = self.accelerator.unwrap_model(self.model)  # reloaded as TRL builds a reference (a GGUF too)
+        self.ref_model = self._prepare_ref_model(
+            load_model(get_config_model_id(policy.config), self.args, like=policy)
+        )
         return "model"
 
     def _prepare_ref_model(self, ref_model):

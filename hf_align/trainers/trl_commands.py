@@ -35,6 +35,7 @@ class WarmupDPOTrainer(HFAlignTrainerMixin, DPOTrainer):
     (checkpoints keep theirs, for resuming)."""
 
     _name = "Warm-up DPO"
+    gguf_by_name = True
     final_save_weights = False
 
 
@@ -47,6 +48,7 @@ class AlignerSFTTrainer(HFAlignTrainerMixin, SFTTrainer):
     """``trl.SFTTrainer`` training an Aligner adapter, with hf-align's saves and card."""
 
     _name = "Aligner SFT"
+    gguf_by_name = True
 
 
 @dataclass
@@ -58,3 +60,4 @@ class AlignerDPOTrainer(HFAlignTrainerMixin, DPOTrainer):
     """``trl.DPOTrainer`` training an Aligner adapter, with hf-align's saves and card."""
 
     _name = "Aligner DPO"
+    gguf_by_name = True
