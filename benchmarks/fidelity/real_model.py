@@ -569,7 +569,7 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
         f"{m['cpus']} CPU cores, {m['jobs']} process(es) × {m['threads']} thread, load {m['load_start']:.1f} → "
         f"{m['load_end']:.1f}; torch {m['torch']}). The examples' tasks (examples/real_task.py); lrs chosen on a "
         "selection split, tables on a disjoint test split; mean ± std over seeds; *shown* needs the two means apart "
-        "by more than both stds together.",
+        "by more than both stds together." + (f" {m['note']}" if m.get("note") else ""),
         "",
         "| claim | real model | verdict | testbed verdict |",
         "|---|---|---|---|",
