@@ -170,3 +170,20 @@ def test_read_part_merges_a_part_file_and_seed_files(tmp_path):
     merged = rm.read_part(tmp_path, "quark", False)
     assert list(merged["seeds"]) == ["0", "2", "10"] and merged["chosen_lrs"] == {"quark": 1.0}
     assert rm.read_part(tmp_path, "allo", False) is None
+
+
+def test_ga_and_npo_start_with_the_same_forget_to_retain_balance():
+    """GA is token-level NPO at a tiny β; its forget gradient at Δ = 0 is β/2, so its retain weight must shrink by the
+    same factor, or GA's forget term is drowned by the retain NLL (Adam ignores the common scale)."""
+    import torch
+
+    from hf_align.losses import npo_token_loss
+
+    ratios = {}
+    for method in ("npo", "ga"):
+        loss = rm.unlearning_loss(method)
+        delta = torch.zeros(1, 1, requires_grad=True)
+        npo_token_loss(delta, torch.zeros(1, 1), torch.ones(1, 1), loss["beta"]).backward()
+        ratios[method] = delta.grad.item() / loss["retain_weight"]
+    assert ratios["ga"] == pytest.approx(ratios["npo"]) and ratios["npo"] == pytest.approx(0.05)
+    assert rm.NPO_BETA["ga"] <= 1e-3  # σ(βΔ) ≈ ½ while Δ > -100: the β → 0 limit

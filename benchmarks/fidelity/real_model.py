@@ -21,9 +21,12 @@ full ALLO pipeline are masked DPO too: they take the top-10 % mask's chosen lr (
   then the improving stage with its token selection ε = 0.5. Measures: test
   reward (greedy) and knowledge (share of known capitals still answered right). **AMA** runs here too, on a full DPO
   at 3× its chosen lr (an aligned model that costs knowledge): linear α ∈ {¼, ½, ¾}, partwise and adaptive merges.
-* **unlearning**: NPO vs gradient ascent (NPO at β = 0.001: its β → 0 limit; the forget gradient's weight
-  2σ(βΔ) stays ≥ 0.95 while a token's log-ratio Δ is above -100) on the capital token of six known facts, each with
-  a retain NLL term; forget rate and retained accuracy on test facts every few steps, compared at equal forget rate
+* **unlearning**: NPO vs gradient ascent on the capital token of six known facts, each with a retain NLL term.
+  hf-align's token-level NPO (ALLO's) is ``-log σ(-βΔ)`` per token: its gradient is ``β σ(βΔ) ∇Δ``, ``β/2 ∇Δ`` at
+  the start. GA is its β → 0 limit (β = 0.001, where ``σ(βΔ)`` stays ≈ ½ while Δ > -100) with the retain weight
+  scaled by the same 0.001 / 0.1, so both start with the same update (Adam ignores the common scale) and differ
+  only by NPO's weight ``σ(βΔ)`` shrinking as a token is forgotten. Forget rate and retained accuracy on test facts
+  every few steps, compared at equal forget rate
   (the first evaluation reaching ``forget_target``).
 * **adapters**: Aligner N=1 / N=10, LoRA r=8 and PEFT's LLaMA-Adapter learning a global style (" Cheers!" after
   the model's own first line): style rate and fact accuracy on test prompts.
@@ -85,9 +88,10 @@ def settings(quick: bool) -> dict:
 
 BASE_LR = {  # each method's base lr (the examples' defaults); the sweep multiplies it by SWEEP
     "dpo": 5e-6, "lora": 1e-4, "mask_top10": 5e-5, "mask_random10": 5e-5, "mask_bottom10": 5e-5,
-    "allo_full": 5e-5, "npo": 3e-5, "ga": 3e-5, "aligner_n1": 9e-3, "aligner_n10": 3e-3,
+    "allo_full": 5e-5, "npo": 1e-5, "ga": 1e-5, "aligner_n1": 9e-3, "aligner_n10": 3e-3,
     "lora_r8": 1e-3, "llama_adapter": 9e-3, "quark": 1e-5,
 }  # fmt: skip
+NPO_BETA = {"npo": 0.1, "ga": 0.001}  # GA: token-level NPO's β → 0 limit, retain weight scaled alike (docstring)
 FORGET_LR = 5e-5  # ALLO's forgetting stage (masked, token-level NPO): fixed, not swept
 EPSILON = 0.5
 
@@ -317,6 +321,11 @@ def at_forget_rate(curve: list[dict], target: float, key: str) -> float:
     return next((p[key] for p in curve if p["forget_rate"] >= target), math.nan)
 
 
+def unlearning_loss(method: str) -> dict[str, float]:
+    """β and retain weight of NPO or GA (GA's retain weight shrinks with its β: see the module docstring)."""
+    return {"beta": NPO_BETA[method], "retain_weight": NPO_BETA[method] / NPO_BETA["npo"]}
+
+
 def run_unlearning(run: Run, chosen: dict | None) -> dict:
     sys.path.insert(0, str(EXAMPLES))
     import npo_unlearning
@@ -335,8 +344,8 @@ def run_unlearning(run: Run, chosen: dict | None) -> dict:
         probe = FactProbe(task, tok, {"forget": forget, "selection": selection, "test": test}, cfg["npo_eval_every"])
         config = NPOConfig(
             output_dir=f"{run.tmp}/{method}", max_steps=cfg["npo_steps"], learning_rate=lr,
-            per_device_train_batch_size=2, beta=0.1 if method == "npo" else 0.001, npo_level="token",
-            retain_loss_type="nll", retain_weight=1.0, lr_scheduler_type="constant", max_length=96, seed=run.seed,
+            per_device_train_batch_size=2, npo_level="token", retain_loss_type="nll", lr_scheduler_type="constant",
+            max_length=96, seed=run.seed, **unlearning_loss(method),
             **task.QUIET,
         )  # fmt: skip
         trainer = NPOTrainer(
