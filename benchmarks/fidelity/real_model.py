@@ -440,18 +440,18 @@ def run_quark(run: Run, chosen: dict | None) -> dict:
     def conditioned(trainer, rows, **kw) -> float:
         return task.mean_reward(rows, trainer.generate([r["prompt"] for r in rows], do_sample=False, **kw))
 
-    trainers = {}
+    measured = {}  # every lr's test measures, so that only one trainer (policy + reference) is held at a time
     for lr in lrs("quark", cfg, chosen):
-        trainers[f"{lr:g}"] = run.timed(f"quark_{lr:g}", train, lr)
-        out["sweep"][f"{lr:g}"] = conditioned(trainers[f"{lr:g}"], run.selection)
-    lr = best_lr(out["sweep"])
-    trainer = trainers[lr]
-    worst = int(np.flatnonzero(trainer.pool.bin_counts())[-1])
-    out["variants"] = {"quark": {
-        "lr": float(lr), "best_bin": conditioned(trainer, run.test), "worst_bin": conditioned(trainer, run.test, feedback=worst),
-        "unconditioned": conditioned(trainer, run.test, unconditioned=True), "worst_bin_index": worst,
-        "bin_counts": trainer.pool.bin_counts().tolist(),
-    }}  # fmt: skip
+        trainer = run.timed(f"quark_{lr:g}", train, lr)
+        out["sweep"][f"{lr:g}"] = conditioned(trainer, run.selection)
+        worst = int(np.flatnonzero(trainer.pool.bin_counts())[-1])
+        measured[f"{lr:g}"] = {
+            "lr": lr, "best_bin": conditioned(trainer, run.test), "worst_bin": conditioned(trainer, run.test, feedback=worst),
+            "unconditioned": conditioned(trainer, run.test, unconditioned=True), "worst_bin_index": worst,
+            "bin_counts": trainer.pool.bin_counts().tolist(),
+        }  # fmt: skip
+        del trainer
+    out["variants"] = {"quark": measured[best_lr(out["sweep"])]}
     return out
 
 
