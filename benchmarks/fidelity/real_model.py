@@ -500,7 +500,7 @@ def summarize(parts: dict) -> dict:
 
     def claim(text: str, a, b, testbed: str):
         judged = verdict(a, b) if min(a[2], b[2]) > 1 else f"{min(a[2], b[2])} seed(s): no verdict"
-        s["claims"].append({"claim": text, "a": a[:2], "b": b[:2], "verdict": judged, "testbed": testbed})
+        s["claims"].append({"claim": text, "a": a, "b": b, "verdict": judged, "testbed": testbed})
 
     if "allo" in parts:
         seeds = parts["allo"]["seeds"]
@@ -526,9 +526,11 @@ def summarize(parts: dict) -> dict:
         for name in ("partwise", "adaptive"):
             above = [a for a in ama if a.startswith("linear") and _dominates(ama[name], ama[a])]
             beaten = [a for a in ama if a.startswith("linear") and _dominates(ama[a], ama[name])]
+            seeds_n = ama[name]["reward"][2]
             s["claims"].append({
                 "claim": f"{name} merge above the linear front", "verdict":
-                ("shown" if above and not beaten else "shown not to hold" if beaten and not above else "not shown"),
+                (f"{seeds_n} seed(s): no verdict" if seeds_n < 2 else "shown" if above and not beaten
+                 else "shown not to hold" if beaten and not above else "not shown"),
                 "detail": f"dominates {above or 'no linear α'}; dominated by {beaten or 'none'}",
                 "testbed": "not shown",
             })  # fmt: skip
@@ -569,12 +571,18 @@ def _dominates(a: dict, b: dict) -> bool:
 
 # ------------------------------------------------------------------------------------------------ report
 def markdown(result: dict, heading: str = "##") -> list[str]:
-    s, n = result["summary"], len(result["settings"]["seeds"])
+    s = result["summary"]
+    counts = {p: len(d["seeds"]) for p, d in result["parts"].items()}
+
+    def ms(v) -> str:  # mean ± std over the seeds that gave it (the mean alone for one)
+        return fmt(v, n=v[2])
+
     m = result["machine"]
     lines = [
         f"{heading} On a real model: SmolLM2-135M-Instruct",
         "",
-        f"`python -m benchmarks.fidelity.real_model` ({n} seed{'s' * (n > 1)}, {result['wall_s'] / 60:.0f} min wall on "
+        f"`python -m benchmarks.fidelity.real_model` (seeds per part: {', '.join(f'{p} {c}' for p, c in counts.items())}; "
+        f"{result['wall_s'] / 60:.0f} min wall on "
         f"{m['cpus']} CPU cores, {m['jobs']} process(es) × {m['threads']} thread, load {m['load_start']:.1f} → "
         f"{m['load_end']:.1f}; torch {m['torch']}). The examples' tasks (examples/real_task.py); lrs chosen on a "
         "selection split, tables on a disjoint test split; mean ± std over seeds; *shown* needs the two means apart "
@@ -584,32 +592,32 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
         "|---|---|---|---|",
     ]
     for c in s["claims"]:
-        shown = c.get("detail") or f"{fmt(c['a'], n=n)} vs {fmt(c['b'], n=n)}"
+        shown = c.get("detail") or f"{ms(c['a'])} vs {ms(c['b'])}"
         lines.append(f"| {c['claim']} | {shown} | **{c['verdict']}** | {c['testbed']} |")
     if "allo" in s:
         lines += ["", "| ALLO part | test reward | knowledge (known capitals kept) | lr |", "|---|---|---|---|"]
         chosen = result["parts"]["allo"]["chosen_lrs"]
         for name, v in s["allo"].items():
-            lines.append(f"| {name} | {fmt(v['reward'], n=n)} | {fmt(v['knowledge'], n=n)} | {chosen.get(name, '')} |")
+            lines.append(f"| {name} | {ms(v['reward'])} | {ms(v['knowledge'])} | {chosen.get(name, '')} |")
     if "ama" in s:
         lines += ["", "| AMA (α·base + (1−α)·DPO) | test reward | knowledge |", "|---|---|---|"]
-        lines += [f"| {k} | {fmt(v['reward'], n=n)} | {fmt(v['knowledge'], n=n)} |" for k, v in s["ama"].items()]
+        lines += [f"| {k} | {ms(v['reward'])} | {ms(v['knowledge'])} |" for k, v in s["ama"].items()]
     if "unlearning" in s:
         lines += ["", "| unlearning (retain NLL) | test facts kept at forget rate ≥ 0.5 | final forget rate | "
                   "final test facts |", "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {k} | {fmt(v['test_accuracy_at_target'], n=n)} | {fmt(v['final_forget_rate'], n=n)} | "
-                  f"{fmt(v['final_test_accuracy'], n=n)} |" for k, v in s["unlearning"].items()]  # fmt: skip
+        lines += [f"| {k} | {ms(v['test_accuracy_at_target'])} | {ms(v['final_forget_rate'])} | "
+                  f"{ms(v['final_test_accuracy'])} |" for k, v in s["unlearning"].items()]  # fmt: skip
     if "adapters" in s:
         lines += [
             "",
             '| style (" Cheers!") | style rate | fact accuracy | trainable parameters |',
             "|---|---|---|---|",
         ]
-        lines += [f"| {k} | {fmt(v['style_rate'], n=n)} | {fmt(v['fact_accuracy'], n=n)} | "
+        lines += [f"| {k} | {ms(v['style_rate'])} | {ms(v['fact_accuracy'])} | "
                   f"{v.get('parameters', (math.nan,))[0]:.0f} |" for k, v in s["adapters"].items()]  # fmt: skip
     if "quark" in s:
         lines += ["", "| Quark | test reward |", "|---|---|"]
-        lines += [f"| {k} | {fmt(v, n=n)} |" for k, v in s["quark"].items()]
+        lines += [f"| {k} | {ms(v)} |" for k, v in s["quark"].items()]
     lines += ["", f"![real model]({result['plot']})"]
     return lines
 
