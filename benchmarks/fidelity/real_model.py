@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.fidelity.common import RESULTS, best_lr, fmt, mean_std, verdict
+from benchmarks.fidelity.common import RESULTS, below, best_lr, fmt, mean_std, verdict
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -564,9 +564,9 @@ def summarize(parts: dict) -> dict:
 
 
 def _dominates(a: dict, b: dict) -> bool:
-    """a at least as good as b in reward and knowledge (means) and better in one."""
-    ra, ka, rb, kb = a["reward"][0], a["knowledge"][0], b["reward"][0], b["knowledge"][0]
-    return ra >= rb and ka >= kb and (ra > rb or ka > kb)
+    """a at least b's mean in reward and knowledge, and better in one by the separation rule."""
+    measures = ("reward", "knowledge")
+    return all(a[m][0] >= b[m][0] for m in measures) and any(below(b[m], a[m]) for m in measures)
 
 
 # ------------------------------------------------------------------------------------------------ report
