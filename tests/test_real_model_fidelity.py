@@ -187,3 +187,39 @@ def test_ga_and_npo_start_with_the_same_forget_to_retain_balance():
         ratios[method] = delta.grad.item() / loss["retain_weight"]
     assert ratios["ga"] == pytest.approx(ratios["npo"]) and ratios["npo"] == pytest.approx(0.05)
     assert rm.NPO_BETA["ga"] <= 1e-3  # σ(βΔ) ≈ ½ while Δ > -100: the β → 0 limit
+
+
+def _machine(note: str = "") -> dict:
+    return {"cpus": 2, "jobs": 2, "threads": 1, "load_start": 0.1, "load_end": 0.2, "torch": "x", "note": note}
+
+
+def test_a_run_of_one_part_keeps_the_other_parts_of_the_section(tmp_path):
+    """The workers' part files are not committed: ``--parts quark`` on a fresh clone must replace Quark only, and
+    ``--rewrite`` must rebuild from the JSON alone."""
+    from hf_align.io import read_json, write_json
+
+    allo = {"seeds": {str(i): _seed({"dpo": 0.4, "lora": 0.45, "mask_top10": 0.6, "mask_random10": 0.5,
+                                     "mask_bottom10": 0.45, "allo_full": 0.61}, jitter=0.01 * i) for i in range(3)},
+            "chosen_lrs": {"dpo": 5e-6}, "part": "allo"}  # fmt: skip
+    quark_seed = {"before": 0.2, "variants": {"quark": {"best_bin": 0.3, "worst_bin": 0.1, "unconditioned": 0.2}}}
+    old_quark = {"seeds": {"0": quark_seed}, "chosen_lrs": {"quark": 1e-5}, "part": "quark"}
+    previous = {"parts": {"allo": allo, "quark": old_quark}, "settings": {"seeds": [0, 1, 2]},
+                "machine": _machine("first run"), "wall_s": 600.0}  # fmt: skip
+    for seed in (0, 1):
+        better = {**quark_seed, "variants": {"quark": {**quark_seed["variants"]["quark"], "best_bin": 0.5 + seed}}}
+        write_json(rm.part_path(tmp_path, "quark", False, seed), {"seeds": {str(seed): better}, "chosen_lrs": {}})
+    run = {"parts": ["quark"], "settings": {"seeds": [0, 1]}, "machine": _machine("quark run"), "wall_s": 60.0}
+    result = rm.combine(tmp_path, False, run, previous)
+    assert result["parts"]["allo"] == allo and list(result["parts"]["quark"]["seeds"]) == ["0", "1"]
+    assert [r["parts"] for r in result["runs"]] == [["allo"], ["quark"]]
+    assert result["summary"]["allo"]["mask_top10"]["reward"] == pytest.approx((0.61, 0.01, 3))
+    header = rm.markdown(result)[2]
+    assert "allo: 10 min wall" in header and "quark: 1 min wall" in header and "first run" in header
+    assert read_json(tmp_path / "fidelity_real_model.json")["parts"].keys() == {"allo", "quark"}
+
+    for stale in tmp_path.glob("fidelity_real_model.quark.seed*.json"):  # a fresh clone: only the section JSON
+        stale.unlink()
+    rewritten = rm.combine(tmp_path, False, {"parts": []}, previous=result)
+    assert rewritten["parts"] == result["parts"] and rewritten["runs"] == result["runs"]
+    failed = rm.combine(tmp_path, False, {**run, "parts": ["allo"]}, previous=result)  # its workers wrote nothing
+    assert failed["parts"]["allo"] == allo and failed["runs"] == result["runs"]

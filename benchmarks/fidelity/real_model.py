@@ -54,6 +54,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from benchmarks.fidelity.common import RESULTS, below, best_lr, fmt, mean_std, verdict
 
 
@@ -295,21 +297,16 @@ def run_ama(run: Run, pairs, lr: float, measure) -> dict:
     return out
 
 
-class FactProbe:
-    """A TrainerCallback that answers the fact questions every ``every`` steps (greedy) and keeps the curve."""
+class FactProbe(TrainerCallback):
+    """Answers the fact questions every ``every`` steps (greedy) and keeps the curve."""
 
     def __init__(self, task, tokenizer, sets: dict[str, list[dict]], every: int):
-        from transformers import TrainerCallback
-
-        probe = self
         self.curve: list[dict] = []
+        self.task, self.tokenizer, self.sets, self.every = task, tokenizer, sets, every
 
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, model=None, **kwargs):
-                if state.global_step % every == 0:
-                    probe.curve.append({"step": state.global_step, **probe.measure(model)})
-
-        self.callback, self.task, self.tokenizer, self.sets = Callback(), task, tokenizer, sets
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self.curve.append({"step": state.global_step, **self.measure(model)})
 
     def measure(self, model) -> dict:
         acc = {name: self.task.fact_accuracy(model, self.tokenizer, rows) for name, rows in self.sets.items()}
@@ -327,7 +324,6 @@ def unlearning_loss(method: str) -> dict[str, float]:
 
 
 def run_unlearning(run: Run, chosen: dict | None) -> dict:
-    sys.path.insert(0, str(EXAMPLES))
     import npo_unlearning
 
     from hf_align.trainers import NPOConfig, NPOTrainer
@@ -350,7 +346,7 @@ def run_unlearning(run: Run, chosen: dict | None) -> dict:
         )  # fmt: skip
         trainer = NPOTrainer(
             run.fresh(), ref_model=run.fresh(), args=config, train_dataset=npo_unlearning.statements(forget, tok),
-            retain_dataset=npo_unlearning.statements(retain), processing_class=tok, callbacks=[probe.callback],
+            retain_dataset=npo_unlearning.statements(retain), processing_class=tok, callbacks=[probe],
         )  # fmt: skip
         trainer.train()
         return probe.curve
@@ -373,7 +369,6 @@ def run_unlearning(run: Run, chosen: dict | None) -> dict:
 
 
 def run_adapters(run: Run, chosen: dict | None) -> dict:
-    sys.path.insert(0, str(EXAMPLES))
     import aligner_style
     from peft import AdaptionPromptConfig, LoraConfig
 
@@ -413,7 +408,6 @@ def run_adapters(run: Run, chosen: dict | None) -> dict:
 
 
 def run_quark(run: Run, chosen: dict | None) -> dict:
-    sys.path.insert(0, str(EXAMPLES))
     import numpy as np
     import quark_feedback
     from datasets import Dataset
@@ -458,7 +452,7 @@ def run_quark(run: Run, chosen: dict | None) -> dict:
 RUNNERS = {"allo": run_allo, "unlearning": run_unlearning, "adapters": run_adapters, "quark": run_quark}
 
 
-def chosen_lrs(part: str, first: dict) -> dict[str, float]:
+def chosen_lrs(first: dict) -> dict[str, float]:
     """The lrs the first seed chose, per method of a part."""
     return {name: v["lr"] for name, v in first["variants"].items()}
 
@@ -474,7 +468,7 @@ def run_part(part: str, path: str, cfg: dict, log=print, save=None, chosen: dict
             result = RUNNERS[part](run, chosen)
         result["timings"], result["wall_s"] = run.timings, round(time.time() - start, 1)
         seeds[str(seed)] = result
-        chosen = chosen or chosen_lrs(part, result)
+        chosen = chosen or chosen_lrs(result)
         log(f"[{part}] seed {seed} done in {result['wall_s'] / 60:.1f} min")
         if save is not None:
             save({"part": part, "seeds": seeds, "chosen_lrs": chosen})
@@ -577,16 +571,21 @@ def markdown(result: dict, heading: str = "##") -> list[str]:
     def ms(v) -> str:  # mean ± std over the seeds that gave it (the mean alone for one)
         return fmt(v, n=v[2])
 
-    m = result["machine"]
+    def ran(r: dict) -> str:
+        m = r["machine"]
+        return (f"{', '.join(r['parts'])}: {r['wall_s'] / 60:.0f} min wall on {m['cpus']} CPU cores, {m['jobs']} "
+                f"process(es) × {m['threads']} thread, load {m['load_start']:.1f} → {m['load_end']:.1f}, "
+                f"torch {m['torch']}")  # fmt: skip
+
+    runs = runs_of(result)
+    notes = "".join(f" {r['machine']['note']}" for r in runs if r["machine"].get("note"))
     lines = [
         f"{heading} On a real model: SmolLM2-135M-Instruct",
         "",
         f"`python -m benchmarks.fidelity.real_model` (seeds per part: {', '.join(f'{p} {c}' for p, c in counts.items())}; "
-        f"{result['wall_s'] / 60:.0f} min wall on "
-        f"{m['cpus']} CPU cores, {m['jobs']} process(es) × {m['threads']} thread, load {m['load_start']:.1f} → "
-        f"{m['load_end']:.1f}; torch {m['torch']}). The examples' tasks (examples/real_task.py); lrs chosen on a "
+        f"{'; '.join(map(ran, runs))}). The examples' tasks (examples/real_task.py); lrs chosen on a "
         "selection split, tables on a disjoint test split; mean ± std over seeds; *shown* needs the two means apart "
-        "by more than both stds together." + (f" {m['note']}" if m.get("note") else ""),
+        "by more than both stds together." + notes,
         "",
         "| claim | real model | verdict | testbed verdict |",
         "|---|---|---|---|",
@@ -734,13 +733,28 @@ def machine(jobs: int, threads: int, load_start: float) -> dict:
             "platform": platform.platform(), "load_start": load_start, "load_end": os.getloadavg()[0]}  # fmt: skip
 
 
-def combine(results: Path, quick: bool, extra: dict) -> dict:
-    """The section JSON from the parts' JSON files, with summary, verdicts and plot."""
+def runs_of(section: dict) -> list[dict]:
+    """The runs that gave a section's parts (a section written before runs were recorded is one run of them all)."""
+    keys = ("settings", "machine", "wall_s")
+    return section.get("runs") or [
+        {"parts": [p for p in PARTS if p in section["parts"]], **{k: section[k] for k in keys}}
+    ]
+
+
+def combine(results: Path, quick: bool, run: dict, previous: dict | None = None) -> dict:
+    """The section JSON: the parts ``run`` redid from their workers' files, every other part as ``previous`` (the
+    section already on disk) has it, so that a run of one part never drops the others; summary, verdicts and plot."""
     from hf_align.io import write_json
 
     suffix = "_quick" if quick else ""
-    parts = {p: data for p in PARTS if (data := read_part(results, p, quick)) is not None}
-    result = {**extra, "parts": parts, "summary": summarize(parts), "plot": f"fidelity{suffix}_{NAME}.png"}
+    redone = {p: data for p in run["parts"] if (data := read_part(results, p, quick)) is not None}
+    kept = {p: d for p, d in (previous or {}).get("parts", {}).items() if p not in redone}  # a failed redo keeps it
+    parts = {p: redone.get(p) or kept[p] for p in PARTS if p in redone or p in kept}
+    earlier = [{**r, "parts": [p for p in r["parts"] if p in kept]} for r in runs_of(previous)] if previous else []
+    runs = [r for r in earlier if r["parts"]] + [{**run, "parts": list(redone)}] * bool(redone)
+    latest = runs[-1] if runs else run
+    result = {"settings": latest["settings"], "machine": latest["machine"], "wall_s": latest["wall_s"], "runs": runs,
+              "parts": parts, "summary": summarize(parts), "plot": f"fidelity{suffix}_{NAME}.png"}  # fmt: skip
     plot(result, results / result["plot"])
     write_json(results / f"fidelity_{NAME}{suffix}.json", result)
     return result
@@ -772,8 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["seeds"] = list(args.seeds)
     section = args.results / f"fidelity_{NAME}{'_quick' if args.quick else ''}.json"
     if args.rewrite:
-        old = read_json(section)
-        result = combine(args.results, args.quick, {k: old[k] for k in ("settings", "machine", "wall_s")})
+        old = read_json(section)  # every part as the JSON has it: the workers' files are not committed
+        result = combine(args.results, args.quick, {"parts": []}, previous=old)
         print("\n".join(markdown(result)))
         return 0
     path = args.model or str(real_model.prepare())
@@ -784,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
             target = part_path(args.results, part, args.quick, seed)
             run_part(part, path, cfg, save=lambda result, target=target: write_json(target, result), chosen=chosen)
         return 0
+    previous = read_json(section) if section.exists() else None  # its other parts stay as they are
     start, load_start = time.time(), os.getloadavg()[0]
     for part in args.parts:  # an earlier run's files would mix into this one's
         for stale in [part_path(args.results, part, args.quick), *args.results.glob(
@@ -798,9 +813,9 @@ def main(argv: list[str] | None = None) -> int:
                 ["--chosen_from", str(first)] if seed != cfg["seeds"][0] else [])  # fmt: skip
 
     codes = schedule(cfg, args.parts, max(1, args.jobs), command)
-    extra = {"settings": cfg, "machine": machine(args.jobs, args.threads, load_start),
-             "wall_s": round(time.time() - start, 1)}  # fmt: skip
-    result = combine(args.results, args.quick, extra)
+    run = {"parts": list(args.parts), "settings": cfg, "machine": machine(args.jobs, args.threads, load_start),
+           "wall_s": round(time.time() - start, 1)}  # fmt: skip
+    result = combine(args.results, args.quick, run, previous)
     print("\n".join(markdown(result)))
     print(json.dumps({"returncodes": codes}))
     report_md = args.results / f"fidelity{'_quick' if args.quick else ''}.md"
