@@ -72,17 +72,22 @@ def hub_id(name_or_path: str | None) -> str | None:
     cached = _CACHE_SNAPSHOT.search(folder.resolve().as_posix())
     if cached:
         return f"{cached['org']}/{cached['name']}"
-    readme = folder / "README.md"
-    if readme.is_file():
-        from huggingface_hub import ModelCard
+    return card_base_model(folder)
 
-        try:
-            base = ModelCard.load(readme).data.base_model
-        except Exception:  # a README that is no model card: nothing to learn from it
-            return None
-        base = base[0] if isinstance(base, list) and base else base
-        return base if isinstance(base, str) and _HUB_ID.match(base) else None
-    return None
+
+def card_base_model(folder: str | Path) -> str | None:
+    """The ``base_model`` a local folder's model card names (the first of a list), when it is a Hub id."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        base = ModelCard.load(readme).data.base_model
+    except Exception:  # a README that is no model card: nothing to learn from it
+        return None
+    base = base[0] if isinstance(base, list) and base else base
+    return base if isinstance(base, str) and _HUB_ID.match(base) else None
 
 
 def mask_summary(mask, plot: str | None = None) -> list[str]:
@@ -362,7 +367,9 @@ def push_neuron_mask(
     token: str | None = None,
     api=None,
 ) -> Any:
-    """Upload a ``NeuronMask`` alone (``neuron_mask.safetensors`` + ``neuron_mask.json`` + a card)."""
+    """Upload a ``NeuronMask`` alone (``neuron_mask.safetensors`` + ``neuron_mask.json`` + a card); ``base_model``
+    defaults to the one the mask knows (:meth:`NeuronMask.from_weight_diff` records its init's Hub id)."""
+    base_model = base_model or mask.info.get("base_model")
     with tempfile.TemporaryDirectory() as tmp:
         mask.save(tmp)
         from hf_align.plots import mask_plot_for_card

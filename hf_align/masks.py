@@ -472,7 +472,10 @@ class NeuronMask:
             target = "^(" + "|".join(target) + ")$"
         scores = weight_diff_scores(reader, trained, granularity=granularity, target=target)
         mask = cls.from_scores(scores, ratio, **selection)
-        mask.info.update(granularity=granularity, base_model=str(init))
+        from hf_align.hub import hub_id
+
+        base = hub_id(str(init))  # the header is uploaded with the mask: a Hub id, never the writer's path
+        mask.info.update(granularity=granularity, **({"base_model": base} if base else {}))
         return mask
 
     @classmethod

@@ -227,6 +227,46 @@ def test_a_mask_round_trips_with_revisions_and_subfolders(hub, tmp_path):
     assert_no_local_paths(hub, "me/mask", tmp_path)
 
 
+def test_select_mask_pushes_its_base_model_and_no_local_path(hub, tmp_path):
+    """`select-mask --push_to_hub` names the base the mask selects neurons of (the --init checkpoint, or the run the
+    scores came from), and neither its card nor its JSON header holds the writer's paths."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from hf_align.cli import main
+    from hf_align.hub import push_neuron_mask
+
+    init = hub.folder(BASE)  # the base as the Hub cache holds it (a local folder a user passes as --init)
+    trained = tmp_path / "trained"
+    shutil.copytree(init, trained)
+    weights = {k: v + 0.01 * torch.randn_like(v) for k, v in load_file(init / "model.safetensors").items()}
+    save_file(weights, trained / "model.safetensors", metadata={"format": "pt"})
+    flags = ["--neuron_mask_ratio", "0.1", "--output_dir"]
+    argv = ["select-mask", "--init", str(init), "--trained", str(trained), *flags, str(tmp_path / "m1")]
+    assert main([*argv, "--push_to_hub", "me/diff-mask"]) == 0
+    assert card_of(hub, "me/diff-mask")[1]["base_model"] == BASE
+
+    run = tmp_path / "warm"  # a warm-up run's folder: scores beside the trainer's card, which names the base
+    save_scores_like_a_run(run, weights)
+    argv = ["select-mask", "--neuron_scores_path", str(run), *flags, str(tmp_path / "m2")]
+    assert main([*argv, "--push_to_hub", "me/score-mask"]) == 0
+    assert card_of(hub, "me/score-mask")[1]["base_model"] == BASE
+
+    push_neuron_mask(NeuronMask.from_weight_diff(init, trained, 0.1), "me/api-mask")  # the Python API alike
+    assert card_of(hub, "me/api-mask")[1]["base_model"] == BASE
+    for repo in ("me/diff-mask", "me/score-mask", "me/api-mask"):
+        assert_no_local_paths(hub, repo, tmp_path, hub.root)
+
+
+def save_scores_like_a_run(folder: Path, weights: dict) -> None:
+    from hf_align.hub import build_model_card
+    from hf_align.scores import save_scores
+
+    save_scores(folder, {k: v.abs().flatten() for k, v in weights.items() if v.dim() == 2}, {"method": "gradient"})
+    build_model_card(title="warm-up", method="DPO warm-up", how_to_load="", base_model=BASE).save(folder / "README.md")
+
+
 def test_scores_and_a_data_pool_round_trip(hub, tmp_path):
     from hf_align.artifacts import push_artifact
     from hf_align.data_pool import DataPool

@@ -55,9 +55,19 @@ def run(args, selection: MaskSelection, granularity: str = "element") -> NeuronM
     if args.push_to_hub:
         from hf_align.hub import push_neuron_mask
 
-        push_neuron_mask(mask, args.push_to_hub)
+        push_neuron_mask(mask, args.push_to_hub, base_model=base_model_of(args))
         print(f"mask pushed to {args.push_to_hub}")
     return mask
+
+
+def base_model_of(args) -> str | None:
+    """The Hub id of the model the mask selects neurons of: the --init checkpoint's, or the one named by the card
+    of the run folder the scores are in (a warm-up's output_dir); ``None`` when neither says."""
+    from hf_align.hub import card_base_model, hub_id
+
+    if args.init:
+        return hub_id(str(args.init))
+    return card_base_model(args.neuron_scores_path) if Path(args.neuron_scores_path).is_dir() else None
 
 
 def _load_or_compute_scores(args, granularity: str) -> tuple[dict[str, torch.Tensor], dict[str, int] | None, bool]:
