@@ -316,3 +316,33 @@ def test_a_bad_gguf_is_one_line_at_every_other_entry_point(tmp_path, files, monk
         with pytest.raises(UserError) as info:
             attempt()
         assert bad in str(info.value) and "truncated or damaged" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_mask_accumulation_takes_a_gguf_init_path(tmp_path, files):
+    """weight_diff scores against a GGUF θ_start equal |θ − θ_testbed|; the conversion lands in the run's snapshot
+    folder once (a resume reuses it); a bad file is refused when the callback is built, before any training."""
+    from types import SimpleNamespace
+
+    from hf_align.callbacks import MaskAccumulationCallback
+    from hf_align.callbacks.mask_accumulation import INIT_SNAPSHOT_DIR
+    from hf_align.testbed import load
+
+    model = load().model
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01)
+    callback = MaskAccumulationCallback(method="weight_diff", granularity="element", init_path=str(files["plain"]))
+    args = SimpleNamespace(output_dir=str(tmp_path / "run"), disable_tqdm=True, max_grad_norm=1.0)
+    callback.on_train_begin(args, SimpleNamespace(global_step=0, is_world_process_zero=True), None, model=model)
+    scores = callback.scores(model)
+    trained = dict(model.named_parameters())
+    for name, score in scores.items():
+        torch.testing.assert_close(score, (trained[name].detach() - TESTBED[name]).abs(), rtol=0, atol=0)
+    snapshot = tmp_path / "run" / INIT_SNAPSHOT_DIR / "model.safetensors"
+    written = snapshot.stat().st_mtime_ns
+    again = MaskAccumulationCallback(method="weight_diff", granularity="element", init_path=str(files["plain"]))
+    again.on_train_begin(args, SimpleNamespace(global_step=2, is_world_process_zero=True), None, model=model)
+    assert snapshot.stat().st_mtime_ns == written
+    assert again._meta(SimpleNamespace(global_step=2))["init_path"] == "org/tiny-gguf"  # the header's Hub id
+    with pytest.raises(UserError, match="bad.gguf: not a readable GGUF"):
+        MaskAccumulationCallback(method="weight_diff", init_path=str(files["bad"]))

@@ -102,7 +102,7 @@ def hub(tmp_path, monkeypatch) -> LocalHub:
     return hub
 
 
-def _masked_dpo(tmp_path, repo: str, **overrides):
+def _masked_dpo(tmp_path, repo: str, callbacks=None, **overrides):
     from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
 
     tb = testbed.load()
@@ -114,7 +114,7 @@ def _masked_dpo(tmp_path, repo: str, **overrides):
     trainer = MaskedDPOTrainer(
         model=BASE,  # --model_name_or_path as a repo id, through the Hub cache
         args=args, train_dataset=tb.preference_dataset(4), processing_class=tb.tokenizer,
-        neuron_mask=NeuronMask.random(tb.model, 0.1, "row", seed=0),
+        neuron_mask=NeuronMask.random(tb.model, 0.1, "row", seed=0), callbacks=callbacks,
     )  # fmt: skip
     trainer.train()
     trainer.push_to_hub(dataset_name="org/preference-data")
@@ -265,6 +265,20 @@ def save_scores_like_a_run(folder: Path, weights: dict) -> None:
 
     save_scores(folder, {k: v.abs().flatten() for k, v in weights.items() if v.dim() == 2}, {"method": "gradient"})
     build_model_card(title="warm-up", method="DPO warm-up", how_to_load="", base_model=BASE).save(folder / "README.md")
+
+
+def test_a_weight_diff_run_pushes_its_scores_but_not_its_start_snapshot(hub, tmp_path):
+    """The callback's θ_start snapshot is a copy of the model's weights kept for resuming: the run's push must not
+    upload it, and the scores' header must not name the writer's folders."""
+    from hf_align.callbacks import MaskAccumulationCallback
+    from hf_align.scores import load_scores
+
+    _masked_dpo(tmp_path, "me/warm", callbacks=[MaskAccumulationCallback(method="weight_diff", granularity="row")])
+    files = hub.files("me/warm")
+    assert {"neuron_scores.safetensors", "neuron_scores.json"} <= files
+    assert not [f for f in files if "init" in f.split("/")[0]], sorted(files)
+    assert load_scores("me/warm")[1]["method"] == "weight_diff"
+    assert_no_local_paths(hub, "me/warm", tmp_path)
 
 
 def test_scores_and_a_data_pool_round_trip(hub, tmp_path):

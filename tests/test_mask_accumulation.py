@@ -177,7 +177,7 @@ def test_weight_diff_equals_hand_delta(tmp_path):
         torch.testing.assert_close(scores[name], (param.detach() - start[name]).abs())
     assert scores["proj.weight"].sum() > 0
     assert meta["method"] == "weight_diff"
-    assert (tmp_path / "neuron_scores_init" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "_neuron_scores_init" / "model.safetensors.index.json").exists()
     # An explicit init checkpoint on disk and row granularity: Σ_row |ΔW|.
     init = tmp_path / "init.safetensors"
     from hf_align.io import save_tensors
@@ -185,10 +185,28 @@ def test_weight_diff_equals_hand_delta(tmp_path):
     save_tensors(init, {k: torch.zeros_like(v) for k, v in start.items()})
     rows = MaskAccumulationCallback(method="weight_diff", granularity="row", init_path=str(init))
     rows.on_train_begin(_args(tmp_path / "rows"), _State(), None, model=model)
-    assert not (tmp_path / "rows" / "neuron_scores_init").exists()
+    assert not (tmp_path / "rows" / "_neuron_scores_init").exists()
     for name, param in model.named_parameters():
         expected = param.detach().abs().sum(-1) if param.dim() > 1 else param.detach().abs()
         torch.testing.assert_close(rows.scores(model)[name], expected)
+
+
+def test_weight_diff_resumes_a_run_whose_snapshot_has_the_earlier_name(tmp_path):
+    """The snapshot folder got a leading "_" (so a push skips it): a run started before still finds θ_start."""
+    import shutil
+
+    model = Toy(linear=False)
+    first = MaskAccumulationCallback(method="weight_diff", granularity="element")
+    first.on_train_begin(_args(tmp_path), _State(), None, model=model)
+    shutil.move(tmp_path / "_neuron_scores_init", tmp_path / "neuron_scores_init")  # as the earlier version wrote it
+    with torch.no_grad():
+        model.proj.weight.add_(1.0)
+    resumed = MaskAccumulationCallback(method="weight_diff", granularity="element")
+    state = _State()
+    state.global_step = 2
+    resumed.on_train_begin(_args(tmp_path), state, None, model=model)
+    assert not (tmp_path / "_neuron_scores_init").exists()
+    torch.testing.assert_close(resumed.scores(model)["proj.weight"], torch.ones(3, 4))
 
 
 class _State:

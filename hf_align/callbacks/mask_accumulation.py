@@ -17,9 +17,9 @@ Two statistics:
   Needs trainable weights: with a frozen PEFT base the base weights have no gradient — use
   ``method="weight_diff"``, which scores the merged (base + LoRA delta) weights.
 * ``method="weight_diff"``: |θ_end − θ_start| as ALLO's ``gen_neuron_mask.py``, computed at each save and
-  at train end. θ_start is read tensor by tensor from ``init_path`` (a safetensors checkpoint), or from a
-  snapshot the callback writes at train begin into ``<output_dir>/neuron_scores_init/`` — never kept in
-  memory.
+  at train end. θ_start is read tensor by tensor from ``init_path`` (a safetensors checkpoint, or a GGUF
+  file converted once), or from a snapshot the callback writes at train begin into
+  ``<output_dir>/_neuron_scores_init/`` — never kept in memory, never pushed with the run (``_``).
 
 Sharded training (DeepSpeed ZeRO-1/2/3, FSDP2): parameters and gradients are slices, so every score is computed
 from the full tensor, gathered per parameter (a collective every rank joins: the callback calls it on all ranks).
@@ -72,7 +72,10 @@ from hf_align.scores import (
 __all__ = ["GRAD_STAGES", "METHODS", "SCORE_DTYPES", "MaskAccumulationCallback", "effective_weights", "write_snapshot"]
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # ScoreOptions'
-INIT_SNAPSHOT_DIR = "neuron_scores_init"
+INIT_SNAPSHOT_DIR = (
+    "_neuron_scores_init"  # "_": a Trainer's push_to_hub skips it (a copy of the weights, for resuming)
+)
+_OLD_SNAPSHOT_DIR = "neuron_scores_init"  # its earlier name: a run started with it still resumes
 MASK_DIR = "neuron_mask"
 _SHARD_BYTES = 1 << 30
 
@@ -161,7 +164,8 @@ class MaskAccumulationCallback(TrainerCallback):
             (:class:`~hf_align.masks.MaskSelection`); ``select_ratio``, ``select_scope``, ``select``,
             ``exclude_top`` and ``seed`` override its fields.
         target: which plain-model parameters to score: ``None`` (all), a regex, or a list of module names.
-        init_path: θ_start for ``weight_diff`` (a safetensors file/folder); default: snapshot at train begin.
+        init_path: θ_start for ``weight_diff``: a safetensors file/folder, or a ``.gguf`` file (converted once into
+            the run's snapshot folder); default: a snapshot at train begin.
         save_to_checkpoints: also write the scores into every ``checkpoint-N`` folder (needed for resuming).
         resume_from: folder holding the scores to continue from when resuming; default: the checkpoint the
             Trainer resumes from (``args.resume_from_checkpoint`` or ``output_dir/checkpoint-<global_step>``).
@@ -204,6 +208,7 @@ class MaskAccumulationCallback(TrainerCallback):
         self.select_ratio = self.selection.ratio
         self.target = target
         self.init_path = init_path
+        self._init_gguf = _checked_gguf(init_path)
         self.save_to_checkpoints = save_to_checkpoints
         self.resume_from = resume_from
 
@@ -430,14 +435,24 @@ class MaskAccumulationCallback(TrainerCallback):
 
     # --------------------------------------------------------------------------------------- weight diff
     def _snapshot_dir(self, args) -> Path:
-        return Path(self.init_path) if self.init_path else Path(args.output_dir) / INIT_SNAPSHOT_DIR
+        if self.init_path and self._init_gguf is None:
+            return Path(self.init_path)
+        snapshot, old = Path(args.output_dir) / INIT_SNAPSHOT_DIR, Path(args.output_dir) / _OLD_SNAPSHOT_DIR
+        return old if old.is_dir() and not snapshot.exists() else snapshot
 
     def _setup_weight_diff(self, model, args, state) -> None:
         self._init_dir = self._snapshot_dir(args)
+        if self._init_gguf is not None:  # θ_start from a GGUF: converted once (float32 is exact) into the snapshot
+            if state.is_world_process_zero and not (self._init_dir / "config.json").is_file():
+                from hf_align.loading import convert_gguf
+
+                convert_gguf(self._init_gguf, self._init_dir, dtype="float32")
+            _barrier()
+            return
         if self.init_path:
             if not self._init_dir.exists():
                 raise FileNotFoundError(
-                    f"init_path {self.init_path!r} does not exist (expected a safetensors checkpoint)."
+                    f"init_path {self.init_path!r} does not exist (expected a safetensors checkpoint or a .gguf file)."
                 )
             return
         if state.global_step > 0:
@@ -488,6 +503,13 @@ class MaskAccumulationCallback(TrainerCallback):
         self.skipped_steps = int(meta.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _public_init(self) -> str:
+        """θ_start as the scores' header names it: the user's checkpoint by Hub id or file name, or the run's own
+        snapshot folder by its name, never the writer's path (the header is uploaded with the scores)."""
+        from hf_align.hub import public_value
+
+        return public_value(str(self.init_path)) if self.init_path else self._init_dir.name
+
     def _meta(self, state) -> dict[str, Any]:
         return {
             "method": self.method,
@@ -499,7 +521,7 @@ class MaskAccumulationCallback(TrainerCallback):
             "num_steps": self.num_steps,
             "skipped_steps": self.skipped_steps,
             "global_step": int(state.global_step),
-            "init_path": str(self._init_dir) if self.method == "weight_diff" else None,
+            "init_path": self._public_init() if self.method == "weight_diff" else None,
             "neuron_sizes": self._neuron_sizes if self.granularity == "row" else None,
         }
 
@@ -515,6 +537,15 @@ def _with(options, given: dict[str, Any]):
     """``options`` with the arguments that were given (not None) in place of its fields; checked when built."""
     given = {name: value for name, value in given.items() if value is not None}
     return dataclasses.replace(options, **given) if given else options
+
+
+def _checked_gguf(init_path: str | None) -> Path | None:
+    """The GGUF file ``init_path`` names (its header checked now, before training), else ``None``."""
+    if init_path is None:
+        return None
+    from hf_align.loading import check_gguf_inputs
+
+    return check_gguf_inputs(init_path)[0]
 
 
 def _barrier() -> None:
