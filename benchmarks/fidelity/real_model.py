@@ -641,7 +641,7 @@ def plot(result: dict, path: Path) -> None:
     from hf_align.io import atomic_file
 
     s = result["summary"]
-    panels = [k for k in ("allo", "ama", "unlearning", "adapters") if k in s]
+    panels = [k for k in ("allo", "ama", "unlearning", "adapters", "quark") if k in s]
     if not panels:
         return
     fig = Figure(figsize=(4.5 * len(panels), 3.8), dpi=100)
@@ -661,14 +661,19 @@ def plot(result: dict, path: Path) -> None:
             ax.legend(fontsize=6)
             ax.set_title("AMA merges", fontsize=9)
         elif key == "unlearning":
-            first = next(iter(result["parts"]["unlearning"]["seeds"].values()))
+            seed, first = next(iter(result["parts"]["unlearning"]["seeds"].items()))
             for method, v in first["variants"].items():
                 ax.plot([p["forget_rate"] for p in v["curve"]], [p["test_accuracy"] for p in v["curve"]], marker="o",
-                        label=f"{method} (seed {result['settings']['seeds'][0]})")  # fmt: skip
+                        label=f"{method} (seed {seed})")  # fmt: skip
             ax.set_xlabel("forget rate")
             ax.set_ylabel("test facts kept")
             ax.legend(fontsize=7)
             ax.set_title("NPO vs GA", fontsize=9)
+        elif key == "quark":
+            names = list(s["quark"])
+            ax.barh(names, [s["quark"][n][0] for n in names], xerr=[s["quark"][n][1] for n in names])
+            ax.set_xlabel("test reward")
+            ax.set_title("Quark: conditioned on a bin", fontsize=9)
         else:
             names = list(s["adapters"])
             ax.barh(names, [s["adapters"][n]["style_rate"][0] for n in names],
