@@ -340,6 +340,22 @@ def test_a_merge_of_repo_ids_round_trips(hub, tmp_path, monkeypatch):
     assert_no_local_paths(hub, "me/merged", tmp_path, testbed.MODEL_DIR)
 
 
+def test_the_ama_callback_pushes_a_card_for_its_repo(hub, tmp_path):
+    """AMAMergeCallback(push_to_hub=True): the merged model's card names the repo it lands in (its quick start runs
+    as written from the Hub) and the base by Hub id; no file holds the writer's paths."""
+    from hf_align.callbacks import AMAMergeCallback
+
+    ama = AMAMergeCallback(BASE, alpha=0.5, merge_on="end", push_to_hub=True, hub_repo_id="me/ama")
+    _masked_dpo(tmp_path, "me/policy", callbacks=[ama], push_to_hub=True)  # the run pushes: its id may be named
+    card, meta = card_of(hub, "me/ama")
+    assert BASE in meta["base_model"] and meta["base_model_relation"] == "merge"
+    assert "me/policy" in card  # the aligned model: the run's Hub id, not its scratch folder
+    dumped = load_file(run_quick_start(hub, card, "model", tmp_path) / "out.safetensors")
+    equal_tensors(load_file(tmp_path / "policy" / "ama_merged" / "model.safetensors"), dumped)
+    assert_no_local_paths(hub, "me/ama", tmp_path, testbed.MODEL_DIR)
+    assert "ama_final" not in (tmp_path / "policy" / "ama_merged" / "README.md").read_text()  # the local card alike
+
+
 def test_a_missing_repo_is_one_line_naming_it(hub):
     with pytest.raises(FileNotFoundError, match=r"neuron mask: 'me/nothing' does not exist locally, and Hub repo"):
         NeuronMask.load("me/nothing")

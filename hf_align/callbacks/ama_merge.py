@@ -49,7 +49,9 @@ class AMAMergeCallback(TrainerCallback):
         self.push_to_hub, self.hub_repo_id, self.hub_private = push_to_hub, hub_repo_id, hub_private
         self.merged_dirs: list[Path] = []
 
-    def merge(self, trained: PathLike, output_dir: PathLike) -> Path:
+    def merge(self, trained: PathLike, output_dir: PathLike, aligned: str | None = None) -> Path:
+        """Merge ``trained`` with the base into ``output_dir`` (and push it); ``aligned``: what the card calls the
+        trained model (the run's Hub id or name) when ``trained`` is a folder of the run's."""
         from hf_align.merging.streaming import merge_models
 
         result = merge_models(
@@ -57,28 +59,42 @@ class AMAMergeCallback(TrainerCallback):
             max_shard_size=self.max_shard_size, overwrite=True, progress=False,
         )  # fmt: skip
         self.merged_dirs.append(result.output_dir)
-        if self.push_to_hub:
-            from hf_align.hub import push_folder
+        from hf_align.hub import merge_model_card, push_folder, write_model_card
 
+        repo = self.hub_repo_id if self.push_to_hub else f"./{Path(output_dir).name}"  # what its quick start loads
+        card = merge_model_card(self.base_model, aligned or str(trained), result.plan, repo=repo)
+        write_model_card(card, result.output_dir)  # names the run, not the scratch folder it was merged from
+        if self.push_to_hub:
             message = f"AMA merge of {Path(trained).name}"
-            push_folder(result.output_dir, self.hub_repo_id, private=self.hub_private, commit_message=message)
+            push_folder(result.output_dir, self.hub_repo_id, card, self.hub_private, commit_message=message)
         return result.output_dir
+
+    @staticmethod
+    def _run_name(args, step: int | None = None) -> str:
+        """The trained model as a card names it: the run's Hub id when the run pushes there (the Hub refuses a
+        ``base_model`` that does not exist), else its output folder's name; and the checkpoint."""
+        name = args.hub_model_id if args.push_to_hub and args.hub_model_id else Path(args.output_dir).name
+        return name if step is None else f"{name} (checkpoint-{step})"
 
     def on_save(self, args, state, control, **kwargs):
         if self.merge_on in ("save", "both") and state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
-                self.merge(checkpoint, checkpoint / self.subdir)
+                self.merge(checkpoint, checkpoint / self.subdir, self._run_name(args, state.global_step))
         return control
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.merge_on not in ("end", "both") or not state.is_world_process_zero or model is None:
             return control
         with scratch_dir(Path(args.output_dir) / "ama_final") as tmp:  # a killed run leaves it; the next removes it
-            model.save_pretrained(tmp)  # the final weights may not be on disk yet (save_model comes later)
+            # the final weights may not be on disk yet (save_model comes later); a masked trainer's model holds
+            # neuron deltas as parametrizations: save the plain weights they make
+            from hf_align.sparse_update import has_deltas, merged_state_dict
+
+            model.save_pretrained(tmp, state_dict=merged_state_dict(model) if has_deltas(model) else None)
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(tmp)
-            self.merge(tmp, Path(args.output_dir) / self.subdir)
+            self.merge(tmp, Path(args.output_dir) / self.subdir, self._run_name(args))
         return control
 
 
