@@ -64,3 +64,34 @@ def test_callback_arguments_are_checked():
         AMAMergeCallback("base", alpha=2.0)
     with pytest.raises(ValueError, match="hub_repo_id"):
         AMAMergeCallback("base", alpha=0.1, push_to_hub=True)
+
+
+@pytest.mark.parametrize("save_merged", [True, False])
+def test_callback_merges_a_masked_trainers_checkpoints_and_final_model(tmp_path, save_merged):
+    """A masked trainer's model holds neuron deltas (parametrizations), and with save_merged=False its checkpoints
+    hold only the deltas: every merge still averages the base with the plain weights the deltas make."""
+    from hf_align import testbed
+    from hf_align.callbacks import AMAMergeCallback
+    from hf_align.masks import NeuronMask
+    from hf_align.sparse_update import merged_state_dict
+    from hf_align.trainers import MaskedDPOConfig, MaskedDPOTrainer
+
+    tb = testbed.load()
+    base = load_file(testbed.MODEL_DIR / "model.safetensors")
+    callback = AMAMergeCallback(testbed.MODEL_DIR, alpha=0.5)
+    args = MaskedDPOConfig(**quiet_training_args(
+        output_dir=str(tmp_path / "run"), max_steps=1, save_steps=1, save_strategy="steps",
+        per_device_train_batch_size=2, gradient_checkpointing=False, learning_rate=1e-2, save_merged=save_merged,
+    ))  # fmt: skip
+    trainer = MaskedDPOTrainer(
+        model=str(testbed.MODEL_DIR), args=args, train_dataset=tb.preference_dataset(4),
+        processing_class=tb.tokenizer, neuron_mask=NeuronMask.random(tb.model, 0.1, "row", seed=0),
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    trained = {k: v.detach() for k, v in merged_state_dict(trainer.accelerator.unwrap_model(trainer.model)).items()}
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    for folder in (tmp_path / "run" / "checkpoint-1" / "ama_merged", tmp_path / "run" / "ama_merged"):
+        merged = load_file(folder / "model.safetensors")
+        for name in base:
+            torch.testing.assert_close(merged[name], 0.5 * base[name] + 0.5 * trained[name], rtol=0, atol=1e-6)

@@ -5,8 +5,10 @@ After each checkpoint save (``merge_on="save"``), at train end (``"end"``) or bo
 ``alpha`` or a plan (a :class:`~hf_align.merging.MergePlan` or a builder ``(names, config) → MergePlan``,
 e.g. ``partwise_builder("10#20", "0.4|0.3|0.2")``, which reads the layer count and tied embeddings from the
 checkpoint's config), into ``<checkpoint>/<subdir>`` and
-``<output_dir>/<subdir>``. PEFT checkpoints (adapter folders) are merged into their base first. With
-``push_to_hub`` the merged folder is uploaded with :func:`hf_align.hub.push_folder`. Needs no mergekit.
+``<output_dir>/<subdir>``. PEFT checkpoints (adapter folders) are merged into their base first; a masked
+trainer's model gives the plain weights its neuron deltas make (from memory when ``save_merged=False`` left only
+the deltas on disk). Each merged folder gets a card naming the run; with ``push_to_hub`` it is uploaded with
+:func:`hf_align.hub.push_folder`, its card naming ``hub_repo_id``. Needs no mergekit.
 """
 
 from __future__ import annotations
@@ -76,26 +78,44 @@ class AMAMergeCallback(TrainerCallback):
         name = args.hub_model_id if args.push_to_hub and args.hub_model_id else Path(args.output_dir).name
         return name if step is None else f"{name} (checkpoint-{step})"
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.merge_on in ("save", "both") and state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if checkpoint.is_dir():
-                self.merge(checkpoint, checkpoint / self.subdir, self._run_name(args, state.global_step))
+            if not checkpoint.is_dir():
+                return control
+            name = self._run_name(args, state.global_step)
+            if _holds_deltas_only(model, args):  # a masked trainer's save_merged=False: no full weights on disk
+                self._merge_live(model, processing_class, args, checkpoint / self.subdir, name)
+            else:
+                self.merge(checkpoint, checkpoint / self.subdir, name)
         return control
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.merge_on not in ("end", "both") or not state.is_world_process_zero or model is None:
             return control
-        with scratch_dir(Path(args.output_dir) / "ama_final") as tmp:  # a killed run leaves it; the next removes it
-            # the final weights may not be on disk yet (save_model comes later); a masked trainer's model holds
-            # neuron deltas as parametrizations: save the plain weights they make
-            from hf_align.sparse_update import has_deltas, merged_state_dict
+        # the final weights may not be on disk yet (save_model comes later)
+        self._merge_live(model, processing_class, args, Path(args.output_dir) / self.subdir, self._run_name(args))
+        return control
 
+    def _merge_live(self, model, processing_class, args, output_dir: Path, aligned: str) -> None:
+        """Merge the model as it is in memory: saved into a scratch folder first, as plain weights (a masked
+        trainer's model holds its neuron deltas as parametrizations)."""
+        from hf_align.sparse_update import has_deltas, merged_state_dict
+
+        with scratch_dir(Path(args.output_dir) / "ama_final") as tmp:  # a killed run leaves it; the next removes it
             model.save_pretrained(tmp, state_dict=merged_state_dict(model) if has_deltas(model) else None)
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(tmp)
-            self.merge(tmp, Path(args.output_dir) / self.subdir, self._run_name(args))
-        return control
+            self.merge(tmp, output_dir, aligned)
+
+
+def _holds_deltas_only(model, args) -> bool:
+    """Whether the checkpoint just saved holds a masked trainer's deltas but no merged weights."""
+    if model is None or getattr(args, "save_merged", True):
+        return False
+    from hf_align.sparse_update import has_deltas
+
+    return has_deltas(model)
 
 
 __all__ = ["AMAMergeCallback"]

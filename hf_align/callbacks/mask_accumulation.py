@@ -72,9 +72,8 @@ from hf_align.scores import (
 __all__ = ["GRAD_STAGES", "METHODS", "SCORE_DTYPES", "MaskAccumulationCallback", "effective_weights", "write_snapshot"]
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # ScoreOptions'
-INIT_SNAPSHOT_DIR = (
-    "_neuron_scores_init"  # "_": a Trainer's push_to_hub skips it (a copy of the weights, for resuming)
-)
+# θ_start's snapshot, a copy of the weights kept for resuming: "_" because a Trainer's push_to_hub skips such names
+INIT_SNAPSHOT_DIR = "_neuron_scores_init"
 _OLD_SNAPSHOT_DIR = "neuron_scores_init"  # its earlier name: a run started with it still resumes
 MASK_DIR = "neuron_mask"
 _SHARD_BYTES = 1 << 30
