@@ -252,10 +252,16 @@ def test_select_mask_pushes_its_base_model_and_no_local_path(hub, tmp_path):
     argv = ["select-mask", "--neuron_scores_path", str(run), *flags, str(tmp_path / "m2")]
     assert main([*argv, "--push_to_hub", "me/score-mask"]) == 0
     assert card_of(hub, "me/score-mask")[1]["base_model"] == BASE
+    from hf_align.artifacts import push_artifact
+
+    push_artifact(run, "me/warm-scores")  # the scores by repo id: the base from the repo's card
+    argv = ["select-mask", "--neuron_scores_path", "me/warm-scores", *flags, str(tmp_path / "m3")]
+    assert main([*argv, "--push_to_hub", "me/hub-score-mask"]) == 0
+    assert card_of(hub, "me/hub-score-mask")[1]["base_model"] == BASE
 
     push_neuron_mask(NeuronMask.from_weight_diff(init, trained, 0.1), "me/api-mask")  # the Python API alike
     assert card_of(hub, "me/api-mask")[1]["base_model"] == BASE
-    for repo in ("me/diff-mask", "me/score-mask", "me/api-mask"):
+    for repo in ("me/diff-mask", "me/score-mask", "me/hub-score-mask", "me/api-mask"):
         assert_no_local_paths(hub, repo, tmp_path, hub.root)
 
 

@@ -62,12 +62,17 @@ def run(args, selection: MaskSelection, granularity: str = "element") -> NeuronM
 
 def base_model_of(args) -> str | None:
     """The Hub id of the model the mask selects neurons of: the --init checkpoint's, or the one named by the card
-    of the run folder the scores are in (a warm-up's output_dir); ``None`` when neither says."""
+    beside the scores (a warm-up's output_dir, or a scores repo's card); ``None`` when neither says."""
     from hf_align.hub import card_base_model, hub_id
+    from hf_align.hub_download import resolve_local
 
     if args.init:
         return hub_id(str(args.init))
-    return card_base_model(args.neuron_scores_path) if Path(args.neuron_scores_path).is_dir() else None
+    try:  # the scores are already read, so only a missing card can fail here
+        folder = resolve_local(args.neuron_scores_path, None, ["README.md"], what="neuron scores card")
+    except FileNotFoundError:
+        return None
+    return card_base_model(folder)
 
 
 def _load_or_compute_scores(args, granularity: str) -> tuple[dict[str, torch.Tensor], dict[str, int] | None, bool]:
