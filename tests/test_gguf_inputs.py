@@ -346,3 +346,35 @@ def test_mask_accumulation_takes_a_gguf_init_path(tmp_path, files):
     assert again._meta(SimpleNamespace(global_step=2))["init_path"] == "org/tiny-gguf"  # the header's Hub id
     with pytest.raises(UserError, match="bad.gguf: not a readable GGUF"):
         MaskAccumulationCallback(method="weight_diff", init_path=str(files["bad"]))
+
+
+def test_the_ama_callback_converts_a_gguf_base_once_per_run(tmp_path, files, monkeypatch):
+    """Three merges (two checkpoints and the end) against a GGUF base: one conversion, removed at train end; every
+    merge averages with the testbed's weights; a bad base is refused when the callback is built."""
+    from transformers import Trainer, TrainingArguments
+
+    import hf_align.loading
+    from hf_align.callbacks import AMAMergeCallback
+    from hf_align.testbed import load
+
+    conversions = []
+    convert = hf_align.loading.convert_gguf
+    monkeypatch.setattr(hf_align.loading, "convert_gguf", lambda *a, **k: conversions.append(a) or convert(*a, **k))
+    before = _leftovers()
+    tb = load()
+    callback = AMAMergeCallback(str(files["plain"]), alpha=0.5)
+    ids = tb.tokenizer(["1+2=3"] * 4)["input_ids"]
+    args = TrainingArguments(**quiet_training_args(
+        output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1, save_strategy="steps", learning_rate=1e-2,
+        per_device_train_batch_size=2,
+    ))  # fmt: skip
+    trainer = Trainer(tb.model, args, train_dataset=[{"input_ids": i, "labels": i} for i in ids], callbacks=[callback])
+    trainer.train()
+    assert len(callback.merged_dirs) == 3 and len(conversions) == 1
+    assert _leftovers() == before
+    trained = {k: v.detach() for k, v in tb.model.state_dict().items()}
+    merged = load_file(tmp_path / "run" / "ama_merged" / "model.safetensors")
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, 0.5 * TESTBED[name] + 0.5 * trained[name], rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="bad.gguf: not a readable GGUF"):
+        AMAMergeCallback(str(files["bad"]), alpha=0.5)

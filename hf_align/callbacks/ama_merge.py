@@ -13,6 +13,7 @@ the deltas on disk). Each merged folder gets a card naming the run; with ``push_
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,11 @@ class AMAMergeCallback(TrainerCallback):
         self.merge_on, self.subdir, self.dtype, self.max_shard_size = merge_on, subdir, dtype, max_shard_size
         self.push_to_hub, self.hub_repo_id, self.hub_private = push_to_hub, hub_repo_id, hub_private
         self.merged_dirs: list[Path] = []
+        from hf_align.loading import check_gguf_inputs
+
+        self._base_gguf = check_gguf_inputs(self.base_model)[0]  # a bad file: one line now, not at the first save
+        self._converted: contextlib.ExitStack | None = None
+        self._base_checkpoint: str | None = None
 
     def merge(self, trained: PathLike, output_dir: PathLike, aligned: str | None = None) -> Path:
         """Merge ``trained`` with the base into ``output_dir`` (and push it); ``aligned``: what the card calls the
@@ -57,7 +63,7 @@ class AMAMergeCallback(TrainerCallback):
         from hf_align.merging.streaming import merge_models
 
         result = merge_models(
-            self.base_model, trained, output_dir, alpha=self.alpha, plan=self.plan, dtype=self.dtype,
+            self._base_for_merge(), trained, output_dir, alpha=self.alpha, plan=self.plan, dtype=self.dtype,
             max_shard_size=self.max_shard_size, overwrite=True, progress=False,
         )  # fmt: skip
         self.merged_dirs.append(result.output_dir)
@@ -91,11 +97,30 @@ class AMAMergeCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if self.merge_on not in ("end", "both") or not state.is_world_process_zero or model is None:
-            return control
-        # the final weights may not be on disk yet (save_model comes later)
-        self._merge_live(model, processing_class, args, Path(args.output_dir) / self.subdir, self._run_name(args))
+        try:
+            if self.merge_on in ("end", "both") and state.is_world_process_zero and model is not None:
+                # the final weights may not be on disk yet (save_model comes later)
+                output_dir = Path(args.output_dir) / self.subdir
+                self._merge_live(model, processing_class, args, output_dir, self._run_name(args))
+        finally:
+            self._release_base()
         return control
+
+    def _base_for_merge(self) -> str:
+        """The base as the merge reads it: a GGUF is converted once per run (float32, exact), not at every save."""
+        if self._base_gguf is None:
+            return self.base_model
+        if self._base_checkpoint is None:
+            from hf_align.loading import gguf_as_checkpoints
+
+            self._converted = contextlib.ExitStack()
+            self._base_checkpoint = str(gguf_as_checkpoints(self._converted, self.base_model)[0])
+        return self._base_checkpoint
+
+    def _release_base(self) -> None:
+        if self._converted is not None:
+            self._converted.close()  # removes the converted folder
+        self._converted = self._base_checkpoint = None
 
     def _merge_live(self, model, processing_class, args, output_dir: Path, aligned: str) -> None:
         """Merge the model as it is in memory: saved into a scratch folder first, as plain weights (a masked
