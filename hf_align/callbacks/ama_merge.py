@@ -71,10 +71,10 @@ class AMAMergeCallback(TrainerCallback):
 
         repo = self.hub_repo_id if self.push_to_hub else f"./{Path(output_dir).name}"  # what its quick start loads
         card = merge_model_card(self.base_model, aligned or str(trained), result.plan, repo=repo)
-        write_model_card(card, result.output_dir)  # names the run, not the scratch folder it was merged from
+        write_model_card(card, result.output_dir)  # names the run, not its scratch folder; uploaded with it
         if self.push_to_hub:
             message = f"AMA merge of {Path(trained).name}"
-            push_folder(result.output_dir, self.hub_repo_id, card, self.hub_private, commit_message=message)
+            push_folder(result.output_dir, self.hub_repo_id, private=self.hub_private, commit_message=message)
         return result.output_dir
 
     @staticmethod

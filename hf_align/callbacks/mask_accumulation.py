@@ -207,7 +207,9 @@ class MaskAccumulationCallback(TrainerCallback):
         self.select_ratio = self.selection.ratio
         self.target = target
         self.init_path = init_path
-        self._init_gguf = _checked_gguf(init_path)
+        from hf_align.loading import check_gguf_inputs
+
+        self._init_gguf = check_gguf_inputs(init_path)[0]  # a GGUF's header checked now, before training
         self.save_to_checkpoints = save_to_checkpoints
         self.resume_from = resume_from
 
@@ -536,15 +538,6 @@ def _with(options, given: dict[str, Any]):
     """``options`` with the arguments that were given (not None) in place of its fields; checked when built."""
     given = {name: value for name, value in given.items() if value is not None}
     return dataclasses.replace(options, **given) if given else options
-
-
-def _checked_gguf(init_path: str | None) -> Path | None:
-    """The GGUF file ``init_path`` names (its header checked now, before training), else ``None``."""
-    if init_path is None:
-        return None
-    from hf_align.loading import check_gguf_inputs
-
-    return check_gguf_inputs(init_path)[0]
 
 
 def _barrier() -> None:
